@@ -1,0 +1,122 @@
+"""JSON Web Tokens: HS256 with a shared secret, or RS256/ES256 with a PEM public key.
+
+The token itself is never logged: errors name what is wrong with it, not what it is.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from auth.permissions import PatternSet
+
+MAX_INFO_BYTES = 4096
+
+
+class AuthError(Exception):
+    """A token that cannot be used. ``expired`` tells the two close reasons apart."""
+
+    def __init__(self, message: str, *, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+@dataclass(slots=True, frozen=True)
+class Claims:
+    user: str
+    expires_at: float | None = None
+    subscribe: PatternSet = field(default_factory=PatternSet)
+    publish: PatternSet = field(default_factory=PatternSet)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def can_subscribe(self, channel: str) -> bool:
+        return self.subscribe(channel)
+
+    def can_publish(self, channel: str) -> bool:
+        return self.publish(channel)
+
+
+def _patterns(payload: dict[str, Any], claim: str) -> PatternSet:
+    value = payload.get(claim, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise AuthError(f"claim {claim!r} must be a list of channel patterns")
+    return PatternSet(value)
+
+
+class TokenVerifier:
+    def __init__(self, *, secret: str = "", public_key: str = "", leeway: float = 5.0) -> None:
+        if public_key:
+            self._key: Any = public_key
+            self._algorithms = ["RS256", "ES256"]
+        elif secret:
+            self._key = secret
+            self._algorithms = ["HS256"]
+        else:
+            raise ValueError("a JWT secret or public key is required")
+        self.leeway = leeway
+
+    def verify(self, token: str | None) -> Claims:
+        if not token:
+            raise AuthError("token required")
+        try:
+            payload = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                leeway=self.leeway,
+                options={"require": ["sub"], "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired", expired=True) from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc.__class__.__name__}") from None
+        sub = payload.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise AuthError("claim 'sub' must be a non-empty string")
+        info = payload.get("info", {})
+        if not isinstance(info, dict):
+            raise AuthError("claim 'info' must be a JSON object")
+        exp = payload.get("exp")
+        return Claims(
+            user=sub,
+            expires_at=float(exp) if isinstance(exp, int | float) else None,
+            subscribe=_patterns(payload, "subscribe"),
+            publish=_patterns(payload, "publish"),
+            info=info,
+        )
+
+    def deadline(self, claims: Claims) -> float | None:
+        """Wall-clock time after which a connection holding these claims must close."""
+        return None if claims.expires_at is None else claims.expires_at + self.leeway
+
+
+def make_token(
+    secret: str,
+    user: str,
+    *,
+    subscribe: list[str] | None = None,
+    publish: list[str] | None = None,
+    info: dict[str, Any] | None = None,
+    ttl: float | None = 86_400,
+) -> str:
+    """An HS256 token (dev mode, tests, tools)."""
+    payload: dict[str, Any] = {"sub": user}
+    if subscribe is not None:
+        payload["subscribe"] = subscribe
+    if publish is not None:
+        payload["publish"] = publish
+    if info is not None:
+        payload["info"] = info
+    if ttl is not None:
+        payload["exp"] = int(time.time() + ttl)
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def new_dev_secret() -> str:
+    return secrets.token_urlsafe(32)

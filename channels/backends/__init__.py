@@ -1,0 +1,1 @@
+"""Broker backends, chosen by URL scheme in ``channels.broker.create_broker``."""

@@ -1,0 +1,96 @@
+"""The interface every broker implements, and the factory that picks one by URL.
+
+A broker assigns offsets (one sequence per channel for the whole cluster),
+keeps history, fans publications out to every worker that subscribed to a
+channel, and stores presence. The hub is its only user.
+
+Delivery guarantee a broker must give to its handler: the publications of one
+channel arrive in offset order. A broker that may have missed some (a lost
+connection) says so with ``on_resync``; the hub then recovers from history.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from channels.publication import Message, Publication, StreamPosition
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached; nothing was published."""
+
+
+@dataclass(slots=True)
+class HistoryPage:
+    """Publications of one channel, oldest first, and the stream's current top."""
+
+    publications: list[Publication]
+    position: StreamPosition
+    # With ``since``: True when ``publications`` holds every publication after it
+    # (same epoch, still inside history) - up to ``limit`` when one was given.
+    complete: bool = True
+
+
+@dataclass(slots=True, frozen=True)
+class BrokerOptions:
+    history_size: int = 100
+    history_ttl: float = 300.0
+    presence_ttl: float = 30.0
+    key_prefix: str = "gw"
+
+
+MessageHandler = Callable[[Message], None]
+ResyncHandler = Callable[[], None]
+
+
+class Broker(Protocol):
+    async def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> None:
+        """Connect; from now on publications of subscribed channels reach ``on_message``."""
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool:
+        """True when the broker is reachable (for ``/readyz``)."""
+
+    async def publish(self, channel: str, data: bytes) -> Publication:
+        """Assign the next offset, store in history, fan out. Raises ``BrokerUnavailable``."""
+
+    async def publish_event(self, channel: str, event: str, client: bytes) -> None:
+        """Fan out a presence event (join/leave) to subscribers; not stored."""
+
+    async def subscribe(self, channel: str) -> None: ...
+
+    async def unsubscribe(self, channel: str) -> None: ...
+
+    async def history(
+        self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
+        """Without ``since``: the last ``limit`` publications (all kept when None).
+        With ``since``: the first ``limit`` publications after it."""
+
+    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> None:
+        """Add or refresh one client's entry (expires after the presence TTL)."""
+
+    async def presence_remove(self, channel: str, client_id: str) -> None: ...
+
+    async def presence(self, channel: str) -> list[bytes]: ...
+
+
+def create_broker(url: str, options: BrokerOptions) -> Broker:
+    """Pick the backend by URL scheme; its module is imported only when used."""
+    scheme = urlsplit(url).scheme
+    backends = {
+        "memory": ("channels.backends.memory", "MemoryBroker"),
+        "redis": ("channels.backends.redis", "RedisBroker"),
+        "rediss": ("channels.backends.redis", "RedisBroker"),
+    }
+    if scheme not in backends:
+        raise ValueError(f"unsupported broker URL scheme {scheme!r} (use memory:// or redis://)")
+    module_name, class_name = backends[scheme]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    broker: Broker = cls(url, options)
+    return broker

@@ -1,0 +1,100 @@
+"""The app factory and its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from gateway import api, demo, ops, sse, ws
+from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError
+from gateway.logs import install_redaction
+from gateway.runtime import Gateway
+from gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+STATUS_CODES = {status: code for code, status in HTTP_STATUS.items() if code != "limit_exceeded"}
+
+
+def error_response(code: ErrorCode, message: str, status: int | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": str(code), "message": message}},
+        status_code=status or HTTP_STATUS[code],
+    )
+
+
+async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc.code, exc.message)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()
+    )
+    return error_response(ErrorCode.BAD_REQUEST, problems or "bad request")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = STATUS_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
+    return error_response(code, str(exc.detail), exc.status_code)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    install_redaction()
+    gateway = Gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        demo_task = None
+        if gateway.dev_secret is not None and settings.demo:
+            demo_task = asyncio.create_task(demo.run_demo_publisher(gateway), name="demo")
+        try:
+            yield
+        finally:
+            # Shutdown, in order: not ready, sessions closed (1012 / end of stream) with a
+            # bounded wait, background work stopped, broker closed. `python -m gateway` runs
+            # the drain before uvicorn closes its sockets (gateway.__main__.DrainingServer).
+            await gateway.drain(settings.drain_seconds)
+            if demo_task is not None:
+                demo_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await demo_task
+            await gateway.close()
+
+    app = FastAPI(
+        title="Streaming gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.gateway = gateway
+    app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.origins,
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        max_age=600,
+    )
+    app.include_router(ws.router)
+    app.include_router(sse.router)
+    app.include_router(api.router)
+    app.include_router(ops.router)
+    app.include_router(demo.router)
+    app.mount("/static", demo.static_files(), name="static")
+    return app

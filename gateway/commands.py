@@ -1,0 +1,105 @@
+"""Parse WebSocket command frames into typed commands.
+
+``parse_command`` either returns a ``Command`` or raises ``BadFrame``. A frame
+that is not a JSON object of the contract's shape (bad JSON, not an object,
+missing or unknown ``op``, a field of the wrong type) is *malformed* and counts
+toward ``GATEWAY_MAX_BAD_FRAMES``; a well-formed command naming an invalid
+channel is rejected with ``bad_request`` too but is not counted (see
+docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from channels.names import is_valid_channel
+from channels.publication import StreamPosition
+
+CommandId = int | str | None
+
+OPS = frozenset({"subscribe", "unsubscribe", "publish", "presence", "history", "ping", "refresh"})
+CHANNEL_OPS = frozenset({"subscribe", "unsubscribe", "publish", "presence", "history"})
+MAX_OFFSET = 2**63 - 1
+
+
+class BadFrame(Exception):
+    def __init__(self, message: str, id: CommandId = None, *, malformed: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.id = id
+        self.malformed = malformed
+
+
+@dataclass(slots=True, frozen=True)
+class Command:
+    op: str
+    id: CommandId = None
+    channel: str = ""
+    since: StreamPosition | None = None
+    limit: int | None = None
+    data: bytes = b"null"  # publish: the payload, re-encoded once with orjson
+    token: str = ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_since(value: Any, id: CommandId) -> StreamPosition | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadFrame("'since' must be an object {offset, epoch}", id)
+    offset, epoch = value.get("offset"), value.get("epoch")
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_OFFSET:
+        raise BadFrame("'since.offset' must be a non-negative integer", id)
+    if not isinstance(epoch, str):
+        raise BadFrame("'since.epoch' must be a string", id)
+    return StreamPosition(offset, epoch)
+
+
+def parse_command(frame: str | bytes) -> Command:
+    try:
+        message = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise BadFrame("frame is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise BadFrame("frame must be a JSON object")
+    raw_id = message.get("id")
+    id: CommandId = raw_id if (_is_int(raw_id) or isinstance(raw_id, str)) else None
+    if raw_id is not None and id is None:
+        raise BadFrame("'id' must be an integer or a string")
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise BadFrame("'op' is required and must be a string", id)
+    if op not in OPS:
+        raise BadFrame(f"unknown op {op[:32]!r}", id)
+
+    if op == "ping":
+        return Command(op, id)
+    if op == "refresh":
+        tok = message.get("token")
+        if not isinstance(tok, str) or not tok:
+            raise BadFrame("'token' must be a non-empty string", id)
+        return Command(op, id, token=tok)
+
+    channel = message.get("channel")
+    if not isinstance(channel, str):
+        raise BadFrame("'channel' is required and must be a string", id)
+    if not is_valid_channel(channel):
+        raise BadFrame("invalid channel name", id, malformed=False)
+
+    if op == "publish":
+        if "data" not in message:
+            raise BadFrame("'data' is required", id)
+        return Command(op, id, channel, data=orjson.dumps(message["data"]))
+    since = _parse_since(message.get("since"), id) if op in ("subscribe", "history") else None
+    limit = None
+    if op == "history":
+        limit = message.get("limit")
+        if limit is not None and (not _is_int(limit) or limit < 0):
+            raise BadFrame("'limit' must be a non-negative integer", id)
+    return Command(op, id, channel, since=since, limit=limit)

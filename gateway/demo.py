@@ -1,0 +1,79 @@
+"""Demo pages and, in dev mode only, a demo publisher and a dev token endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from importlib import resources
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from auth.tokens import make_token
+from channels.broker import BrokerUnavailable
+from gateway.deps import GatewayDep
+from gateway.errors import ErrorCode, GatewayError
+from gateway.runtime import Gateway
+
+logger = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+STATIC = resources.files("gateway") / "static"
+SYMBOLS = {"ACME": 101.0, "GLOBEX": 55.0, "INITECH": 12.5, "UMBRELLA": 230.0}
+
+
+def static_files() -> StaticFiles:
+    return StaticFiles(directory=str(STATIC))
+
+
+def _page(name: str) -> HTMLResponse:
+    return HTMLResponse((STATIC / name).read_text(encoding="utf-8"))
+
+
+@router.get("/")
+async def dashboard() -> HTMLResponse:
+    return _page("index.html")
+
+
+@router.get("/chat")
+async def chat() -> HTMLResponse:
+    return _page("chat.html")
+
+
+@router.get("/dev/token")
+async def dev_token(
+    gateway: GatewayDep, user: str = Query("guest", min_length=1, max_length=64)
+) -> dict[str, Any]:
+    """Dev mode only: a token for ``user`` that may subscribe and publish anywhere."""
+    if gateway.dev_secret is None:
+        raise GatewayError(ErrorCode.NOT_FOUND, "dev tokens exist only in dev mode")
+    token = make_token(gateway.dev_secret, user, subscribe=["*"], publish=["*"], ttl=3600)
+    return {"token": token, "user": user}
+
+
+async def run_demo_publisher(gateway: Gateway, interval: float = 0.25) -> None:
+    """Random-walk prices on ``demo:ticker`` and a stats line on ``demo:stats`` every second."""
+    prices = dict(SYMBOLS)
+    started = time.monotonic()
+    ticks = 0
+    while True:
+        await asyncio.sleep(interval)
+        symbol = random.choice(list(prices))
+        prices[symbol] = round(max(1.0, prices[symbol] * (1 + random.gauss(0, 0.004))), 2)
+        payload = {"symbol": symbol, "price": prices[symbol], "ts": time.time()}
+        try:
+            await gateway.hub.publish("demo:ticker", orjson.dumps(payload))
+            ticks += 1
+            if ticks % max(1, round(1 / interval)) == 0:
+                stats = {
+                    "connections": sum(gateway.connections.values()),
+                    "publications": gateway.hub.stats.publications_in,
+                    "uptime": round(time.monotonic() - started, 1),
+                }
+                await gateway.hub.publish("demo:stats", orjson.dumps(stats))
+        except BrokerUnavailable:
+            logger.debug("demo publisher: broker unavailable")

@@ -1,0 +1,53 @@
+"""FastAPI dependencies: the runtime, and the token (``?token=`` or ``Authorization: Bearer``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query
+from starlette.requests import HTTPConnection
+
+from auth import AuthError, Claims
+from gateway.errors import ErrorCode, GatewayError
+from gateway.runtime import Gateway
+
+
+def get_gateway(conn: HTTPConnection) -> Gateway:
+    gateway: Gateway = conn.app.state.gateway
+    return gateway
+
+
+def bearer_or_query_token(
+    conn: HTTPConnection,
+    token: Annotated[str | None, Query(description="JWT (browsers cannot set headers)")] = None,
+) -> str | None:
+    if token:
+        return token
+    header = conn.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def verified_claims(
+    gateway: Annotated[Gateway, Depends(get_gateway)],
+    token: Annotated[str | None, Depends(bearer_or_query_token)],
+) -> Claims | AuthError:
+    """For WebSockets the error is returned, not raised: the endpoint accepts, then closes 4001."""
+    try:
+        return gateway.verifier.verify(token)
+    except AuthError as exc:
+        return exc
+
+
+def require_claims(claims: Annotated[Claims | AuthError, Depends(verified_claims)]) -> Claims:
+    """For HTTP: a bad token is a 401 with a JSON error body."""
+    if isinstance(claims, AuthError):
+        raise GatewayError(ErrorCode.UNAUTHORIZED, str(claims))
+    return claims
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+ClaimsDep = Annotated[Claims, Depends(require_claims)]
+MaybeClaimsDep = Annotated[Claims | AuthError, Depends(verified_claims)]

@@ -1,0 +1,64 @@
+"""Error codes and close codes of the wire contract, as named tables."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import NamedTuple
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    INTERNAL = "internal"
+    UNAVAILABLE = "unavailable"  # HTTP 503 only: the broker cannot be reached
+
+
+HTTP_STATUS = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.LIMIT_EXCEEDED: 400,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
+}
+
+
+class GatewayError(Exception):
+    """An error a client sees: a WebSocket error reply or an HTTP error body."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": str(self.code), "message": self.message}}
+
+
+class Close(NamedTuple):
+    code: int
+    reason: str
+
+
+class CloseCode:
+    UNAUTHORIZED = Close(4001, "unauthorized")
+    TOKEN_EXPIRED = Close(4001, "token expired")
+    BAD_REQUEST = Close(4002, "bad request")
+    SLOW_CONSUMER = Close(4008, "slow consumer")
+    ORIGIN_NOT_ALLOWED = Close(1008, "origin not allowed")
+    MESSAGE_TOO_BIG = Close(1009, "message too big")
+    SERVICE_RESTART = Close(1012, "service restart")
+    TRY_AGAIN_LATER = Close(1013, "try again later")
+    NORMAL = Close(1000, "")

@@ -1,0 +1,54 @@
+"""Logging set-up, and the filter that keeps tokens out of every log line.
+
+uvicorn logs request lines with their query string (``GET /sse?token=...``)
+on ``uvicorn.access`` and WebSocket handshakes on ``uvicorn.error``. The
+filter replaces every ``token=`` query value, ``Bearer`` credential and
+anything shaped like a JWT before a handler formats the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+REDACTED = "[redacted]"
+_PATTERNS = (
+    re.compile(r"(?i)((?:^|[?&;\s])(?:access_)?token=)[^&\s\"']*"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
+)
+
+
+def redact(text: str) -> str:
+    for pattern in _PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED if m.lastindex else REDACTED, text)
+    return text
+
+
+class RedactTokens(logging.Filter):
+    """Redacts the message template and each string argument (formatters such as
+    uvicorn's access formatter read ``record.args`` themselves)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+
+_FILTER = RedactTokens()
+_GUARDED = ("uvicorn.access", "uvicorn.error", "uvicorn", "httpx", "gateway", "channels", "")
+
+
+def install_redaction() -> None:
+    """Attach the filter to the loggers that may see URLs, and to the root handlers."""
+    for name in _GUARDED:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+        for handler in logger.handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)

@@ -1,0 +1,30 @@
+"""Operations: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.deps import GatewayDep
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(gateway: GatewayDep) -> Response:
+    if gateway.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not await gateway.hub.broker.ready():
+        return JSONResponse({"status": "broker unavailable"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+async def metrics(gateway: GatewayDep) -> Response:
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,106 @@
+"""The per-app runtime: settings, verifier, hub, metrics, connection accounting, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections import Counter
+from typing import ClassVar
+
+from auth import PatternSet, TokenVerifier
+from auth.tokens import make_token, new_dev_secret
+from channels.broker import BrokerOptions, create_broker
+from channels.hub import Hub
+from channels.session import Session
+from gateway.errors import CloseCode
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Gateway:
+    # Every runtime in this process, so the server's SIGTERM handling can drain them.
+    instances: ClassVar[weakref.WeakSet[Gateway]] = weakref.WeakSet()
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dev_token: str | None = None
+        secret = settings.jwt_secret
+        if settings.dev_mode:
+            if settings.env == "production":
+                raise RuntimeError(
+                    "GATEWAY_ENV=production needs GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY"
+                )
+            secret = new_dev_secret()
+            self.dev_secret: str | None = secret
+            logger.warning(
+                "no GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY: dev mode with an ephemeral "
+                "secret; tokens die with this process. Never run this in production."
+            )
+            self.dev_token = make_token(secret, "dev", subscribe=["*"], publish=["*"])
+        else:
+            self.dev_secret = None
+        self.verifier = TokenVerifier(
+            secret=secret, public_key=settings.jwt_public_key, leeway=settings.jwt_leeway
+        )
+        self.origins = settings.origins
+        broker = create_broker(
+            settings.broker_url,
+            BrokerOptions(
+                history_size=settings.history_size,
+                history_ttl=settings.history_ttl,
+                presence_ttl=settings.presence_ttl,
+            ),
+        )
+        self.hub = Hub(
+            broker,
+            presence_enabled=PatternSet(settings.presence_patterns),
+            presence_ttl=settings.presence_ttl,
+            max_channels_per_session=settings.max_channels_per_connection,
+        )
+        self.connections: Counter[str] = Counter({"websocket": 0, "sse": 0})
+        self.slow_closes: Counter[str] = Counter({"websocket": 0, "sse": 0})
+        self.draining = False
+        self.metrics = Metrics(self)
+        Gateway.instances.add(self)
+
+    def broker_reconnects(self) -> int:
+        return int(getattr(self.hub.broker, "reconnects", 0))
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """No ``Origin`` header means not a browser: allowed."""
+        return origin is None or "*" in self.origins or origin in self.origins
+
+    @property
+    def at_capacity(self) -> bool:
+        return sum(self.connections.values()) >= self.settings.max_connections
+
+    def opened(self, session: Session) -> None:
+        self.connections[session.transport_name] += 1
+        self.hub.register(session)
+
+    async def closed(self, session: Session) -> None:
+        self.connections[session.transport_name] -= 1
+        if session.slow:
+            self.slow_closes[session.transport_name] += 1
+        await self.hub.unregister(session)
+
+    async def start(self) -> None:
+        await self.hub.start()
+
+    async def drain(self, timeout: float) -> None:
+        """Report not ready, ask every session to close (1012 / end of stream), wait for them."""
+        self.draining = True
+        sessions = list(self.hub.sessions)
+        logger.info("draining %d connections", len(sessions))
+        for session in sessions:
+            session.close(*CloseCode.SERVICE_RESTART)
+        try:
+            await asyncio.wait_for(self.hub.wait_idle(), timeout)
+        except TimeoutError:
+            logger.warning("%d connections still open after the drain", len(self.hub.sessions))
+
+    async def close(self) -> None:
+        await self.hub.close()

@@ -1,0 +1,67 @@
+"""Settings, read from ``GATEWAY_*`` environment variables (pydantic-settings).
+
+Every limit the gateway enforces is here; README.md has the table.
+Comma-separated lists stay strings in the environment (as the contract
+writes them) and are split by the properties below.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def split_csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    broker_url: str = "memory://"
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_leeway: float = Field(5.0, ge=0, le=5)
+
+    history_size: int = Field(100, ge=0)
+    history_ttl: float = Field(300.0, gt=0)
+
+    max_connections: int = Field(100_000, ge=1)
+    max_message_bytes: int = Field(65_536, ge=64)
+    max_bad_frames: int = Field(3, ge=1)
+    max_channels_per_connection: int = Field(128, ge=1)
+    client_queue_bytes: int = Field(1_048_576, ge=1024)
+    client_publish_rate: float = Field(0.0, ge=0)
+    api_publish_rate: float = Field(0.0, ge=0)
+    allowed_origins: str = "*"
+
+    ping_interval: float = Field(20.0, gt=0)
+    ping_timeout: float = Field(20.0, gt=0)
+    sse_heartbeat: float = Field(15.0, gt=0)
+    sse_retry_ms: int = Field(2000, ge=0)
+
+    presence_channels: str = "chat:*"
+    presence_ttl: float = Field(30.0, gt=0)
+
+    drain_seconds: float = Field(20.0, ge=0)
+    llm_idle_cancel: float = Field(10.0, gt=0)
+    llm_upstreams: str = "{}"
+
+    demo: bool = True
+    log_level: str = "info"
+
+    @property
+    def origins(self) -> list[str]:
+        return split_csv(self.allowed_origins)
+
+    @property
+    def presence_patterns(self) -> list[str]:
+        return split_csv(self.presence_channels)
+
+    @property
+    def dev_mode(self) -> bool:
+        """No key configured: an ephemeral secret is made and a dev token printed."""
+        return not (self.jwt_secret or self.jwt_public_key)

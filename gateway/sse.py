@@ -1,0 +1,203 @@
+"""``GET /sse``: Server-Sent Events, a one-way transport over the same hub.
+
+Everything that can fail (token, channel names, permissions, cursor, broker)
+fails before the response starts, as an HTTP error with a JSON body. Then the
+stream opens with ``retry:`` and the ``id:`` of the starting position of every
+channel, so that a client that has not received any publication yet still
+resumes losslessly.
+
+Each event's ``id:`` is the cursor of all channels of the stream after that
+event (``gateway.cursor``). A stream with one channel caches the whole event
+on the publication, so it is encoded once for all such streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from channels.broker import BrokerUnavailable
+from channels.hub import SubscribeError, SubscribeResult
+from channels.names import is_valid_channel
+from channels.publication import Publication, StreamPosition
+from channels.session import Gap, Outgoing, Session
+from gateway import cursor
+from gateway.deps import ClaimsDep, GatewayDep
+from gateway.errors import ErrorCode, GatewayError
+from gateway.runtime import Gateway
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+RAW_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+HEARTBEAT = ": ping\n\n"
+
+
+class SSETransport:
+    """Formats queued items as SSE events and keeps the stream's cursor."""
+
+    __slots__ = ("positions", "send", "single")
+
+    def __init__(self, channels: list[str]) -> None:
+        self.positions: dict[str, StreamPosition] = {}
+        self.single = len(channels) == 1
+        self.send: Send | None = None
+
+    def cursor(self) -> str:
+        return cursor.encode(self.positions)
+
+    def event(self, item: Outgoing) -> bytes:
+        if isinstance(item, Publication):
+            self.positions[item.channel] = item.position
+            if self.single:
+                cached = item.sse
+                if cached is None:
+                    cached = item.sse = b"id: %s\ndata: %s\n\n" % (
+                        self.cursor().encode(),
+                        item.json,
+                    )
+                return cached
+            return b"id: %s\ndata: %s\n\n" % (self.cursor().encode(), item.json)
+        if isinstance(item, Gap):
+            data = orjson.dumps({"channel": item.channel})
+            return b"event: gap\nid: %s\ndata: %s\n\n" % (self.cursor().encode(), data)
+        if isinstance(item, str):
+            return item.encode()
+        return b"event: %s\ndata: %s\n\n" % (item.event.encode(), item.json)
+
+    async def write(self, batch: list[Outgoing]) -> None:
+        assert self.send is not None
+        body = b"".join([self.event(item) for item in batch])
+        await self.send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+class EventStream(Response):
+    """The streaming response: a writer task, a heartbeat timer, and a disconnect watch."""
+
+    def __init__(self, gateway: Gateway, session: Session, transport: SSETransport) -> None:
+        super().__init__(status_code=200)
+        self.raw_headers = list(RAW_HEADERS)  # no content-length: the body is a stream
+        self.gateway = gateway
+        self.session = session
+        self.transport = transport
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session, settings = self.session, self.gateway.settings
+        self.transport.send = send
+        loop = asyncio.get_running_loop()
+        heartbeat: asyncio.TimerHandle | None = None
+
+        def beat() -> None:
+            nonlocal heartbeat
+            session.push(HEARTBEAT)
+            heartbeat = loop.call_later(settings.sse_heartbeat, beat)
+
+        writer = asyncio.create_task(session.run_writer(), name=f"sse-writer:{session.client_id}")
+        session.abort = writer.cancel
+        watch = asyncio.create_task(_wait_disconnect(receive), name="sse-disconnect")
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            opening = f"retry: {settings.sse_retry_ms}\nid: {self.transport.cursor()}\n\n"
+            await send({"type": "http.response.body", "body": opening.encode(), "more_body": True})
+            heartbeat = loop.call_later(settings.sse_heartbeat, beat)
+            await asyncio.wait({writer, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+            session.close(1000, "")
+            watch.cancel()
+            if not writer.done():
+                if not watch.done() or watch.cancelled():
+                    # Ending normally (drain, slow consumer): give queued events a moment.
+                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                        await asyncio.wait_for(asyncio.shield(writer), 1.0)
+                writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+            await self.gateway.closed(session)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    send({"type": "http.response.body", "body": b"", "more_body": False}), 1.0
+                )
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _positions_from(request: Request) -> dict[str, StreamPosition]:
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if not raw:
+        return {}
+    try:
+        return cursor.decode(raw.strip())
+    except ValueError as exc:
+        raise GatewayError(ErrorCode.BAD_REQUEST, f"bad Last-Event-ID: {exc}") from None
+
+
+@router.get("/sse", response_class=Response)
+async def sse_endpoint(request: Request, gateway: GatewayDep, claims: ClaimsDep) -> Any:
+    channels = list(dict.fromkeys(request.query_params.getlist("channel")))
+    if not channels:
+        raise GatewayError(ErrorCode.BAD_REQUEST, "at least one ?channel= is required")
+    for channel in channels:
+        if not is_valid_channel(channel):
+            raise GatewayError(ErrorCode.BAD_REQUEST, f"invalid channel name {channel[:140]!r}")
+    for channel in channels:
+        if not claims.can_subscribe(channel):
+            raise GatewayError(
+                ErrorCode.FORBIDDEN, f"token does not allow subscribing to {channel}"
+            )
+    if len(channels) > gateway.settings.max_channels_per_connection:
+        raise GatewayError(ErrorCode.LIMIT_EXCEEDED, "too many channels on one stream")
+    positions = _positions_from(request)
+    if gateway.draining or gateway.at_capacity:
+        raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
+
+    transport = SSETransport(channels)
+    session = Session(
+        transport,
+        user=claims.user,
+        info=claims.info,
+        max_queue_bytes=gateway.settings.client_queue_bytes,
+        transport_name="sse",
+        observe_latency=gateway.metrics.latency.observe,
+    )
+    gateway.opened(session)
+    try:
+        for channel in channels:
+            since = positions.get(channel)
+
+            def on_ready(
+                result: SubscribeResult,
+                channel: str = channel,
+                since: StreamPosition | None = since,
+            ) -> None:
+                resumed = since is not None and result.recovered
+                transport.positions[channel] = since if resumed and since else result.position
+                if since is not None and not result.recovered:
+                    session.push(Gap(channel))
+
+            await gateway.hub.subscribe(session, channel, since, on_ready=on_ready)
+    except BrokerUnavailable:
+        await gateway.closed(session)
+        raise GatewayError(ErrorCode.UNAVAILABLE, "broker unavailable") from None
+    except SubscribeError as exc:
+        await gateway.closed(session)
+        raise GatewayError(ErrorCode(exc.code), str(exc)) from None
+    except BaseException:
+        await gateway.closed(session)
+        raise
+    return EventStream(gateway, session, transport)

@@ -1,0 +1,289 @@
+"""``GET /ws``: the WebSocket transport, a thin adapter between frames and the hub.
+
+One connection = the endpoint's own task (reading commands) + one writer task
+(``Session.run_writer``) that owns every outbound frame, the close frame
+included. Anything that ends a session (slow consumer, token expiry, drain, too
+many bad frames, a frame too big) calls ``Session.close``; the writer flushes
+what is queued (except for a slow consumer, whose queue is dropped) and sends
+the close frame; the reader then sees the disconnect and cleans up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from auth import AuthError, Claims
+from channels.broker import BrokerUnavailable
+from channels.hub import SubscribeError, SubscribeResult
+from channels.publication import Publication
+from channels.session import Gap, Outgoing, Session
+from gateway.commands import BadFrame, Command, CommandId, parse_command
+from gateway.deps import MaybeClaimsDep
+from gateway.errors import Close, CloseCode, ErrorCode, GatewayError
+from gateway.ratelimit import RateLimiter
+from gateway.runtime import Gateway
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class WebSocketTransport:
+    """Writes queued items as text frames; ``Gap`` markers are SSE-only and skipped."""
+
+    __slots__ = ("_websocket",)
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._websocket = websocket
+
+    async def write(self, batch: list[Outgoing]) -> None:
+        send = self._websocket.send
+        for item in batch:
+            if isinstance(item, str):
+                await send({"type": "websocket.send", "text": item})
+            elif not isinstance(item, Gap):
+                await send({"type": "websocket.send", "text": item.frame})
+
+
+def encode_reply(id: CommandId, result: Any) -> str:
+    reply: dict[str, Any] = {} if id is None else {"id": id}
+    reply["ok"] = True
+    reply["result"] = result
+    return orjson.dumps(reply).decode()
+
+
+def encode_error(id: CommandId, code: ErrorCode, message: str) -> str:
+    reply: dict[str, Any] = {} if id is None else {"id": id}
+    reply["ok"] = False
+    reply["error"] = {"code": str(code), "message": message}
+    return orjson.dumps(reply).decode()
+
+
+class Connection:
+    """The command side of one WebSocket client."""
+
+    def __init__(self, gateway: Gateway, websocket: WebSocket, claims: Claims) -> None:
+        self.gateway = gateway
+        self.hub = gateway.hub
+        self.websocket = websocket
+        self.claims = claims
+        settings = gateway.settings
+        self.session = Session(
+            WebSocketTransport(websocket),
+            user=claims.user,
+            info=claims.info,
+            max_queue_bytes=settings.client_queue_bytes,
+            transport_name="websocket",
+            observe_latency=gateway.metrics.latency.observe,
+        )
+        self.bad_frames = 0
+        self.max_message_bytes = settings.max_message_bytes
+        self.publish_limiter = RateLimiter(settings.client_publish_rate)
+        self._expiry: asyncio.TimerHandle | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        session = self.session
+        self.gateway.opened(session)
+        self._arm_expiry()
+        self._writer = asyncio.create_task(self._write(), name=f"ws-writer:{session.client_id}")
+        try:
+            await self._read()
+        finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
+            session.close(*CloseCode.NORMAL)
+            await self.gateway.closed(session)
+            if not self._writer.done():
+                self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    async def _write(self) -> None:
+        session = self.session
+        writer_task = asyncio.current_task()
+        assert writer_task is not None
+        session.abort = writer_task.cancel  # a slow consumer's in-flight write is abandoned
+        try:
+            await session.run_writer()
+        except asyncio.CancelledError:
+            if not session.slow:
+                raise
+            writer_task.uncancel()
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            return  # the client went away mid-write
+        code, reason = session.close_reason or CloseCode.NORMAL
+        if code != CloseCode.NORMAL.code:
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code, reason)
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        deadline = self.gateway.verifier.deadline(self.claims)
+        if deadline is not None:
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(0.0, deadline - time.time()), self.session.close, *CloseCode.TOKEN_EXPIRED
+            )
+
+    # -- reading ---------------------------------------------------------------
+
+    async def _read(self) -> None:
+        receive = self.websocket.receive
+        session = self.session
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if session.close_reason is not None:
+                continue  # closing: ignore what the client still sends
+            text = message.get("text")
+            frame: str | bytes = text if text is not None else message.get("bytes") or b""
+            if self._too_big(frame):
+                session.close(*CloseCode.MESSAGE_TOO_BIG)
+                continue
+            if text is None:
+                self._bad_frame(BadFrame("binary frames are not accepted; send JSON text frames"))
+                continue
+            try:
+                command = parse_command(text)
+            except BadFrame as exc:
+                self._bad_frame(exc)
+                continue
+            await self._handle(command)
+
+    def _too_big(self, frame: str | bytes) -> bool:
+        limit = self.max_message_bytes
+        if len(frame) > limit:
+            return True
+        return isinstance(frame, str) and len(frame) * 4 > limit and len(frame.encode()) > limit
+
+    def _bad_frame(self, exc: BadFrame) -> None:
+        if exc.malformed:
+            self.bad_frames += 1
+            if self.bad_frames >= self.gateway.settings.max_bad_frames:
+                self.session.close(*CloseCode.BAD_REQUEST)
+                return
+        self.session.push(encode_error(exc.id, ErrorCode.BAD_REQUEST, exc.message))
+
+    async def _handle(self, command: Command) -> None:
+        try:
+            handler = getattr(self, f"op_{command.op}")
+            result = await handler(command)
+        except GatewayError as exc:
+            self.session.push(encode_error(command.id, exc.code, exc.message))
+        except SubscribeError as exc:
+            self.session.push(encode_error(command.id, ErrorCode(exc.code), str(exc)))
+        except BrokerUnavailable:
+            self.session.push(
+                encode_error(command.id, ErrorCode.INTERNAL, "broker unavailable, retry later")
+            )
+        except Exception:
+            logger.exception("op %s failed", command.op)
+            self.session.push(encode_error(command.id, ErrorCode.INTERNAL, "internal error"))
+        else:
+            if result is not None:
+                self.session.push(encode_reply(command.id, result))
+
+    # -- ops (each returns the reply's result, or None when it queued the reply itself) --
+
+    def _require(self, allowed: bool, action: str, channel: str) -> None:
+        if not allowed:
+            raise GatewayError(ErrorCode.FORBIDDEN, f"token does not allow {action} {channel}")
+
+    async def op_subscribe(self, command: Command) -> None:
+        channel = command.channel
+        self._require(self.claims.can_subscribe(channel), "subscribing to", channel)
+        session = self.session
+
+        def reply(result: SubscribeResult) -> None:
+            position = result.position
+            session.push(
+                encode_reply(
+                    command.id,
+                    {
+                        "offset": position.offset,
+                        "epoch": position.epoch,
+                        "recovered": result.recovered,
+                    },
+                )
+            )
+
+        await self.hub.subscribe(session, channel, command.since, on_ready=reply)
+
+    async def op_unsubscribe(self, command: Command) -> dict[str, Any]:
+        await self.hub.unsubscribe(self.session, command.channel)
+        return {}
+
+    async def op_publish(self, command: Command) -> dict[str, Any]:
+        channel = command.channel
+        self._require(self.claims.can_publish(channel), "publishing to", channel)
+        if not self.publish_limiter.allow():
+            raise GatewayError(ErrorCode.RATE_LIMITED, "publishing too fast")
+        publication: Publication = await self.hub.publish(channel, command.data)
+        return {"offset": publication.offset, "epoch": publication.epoch}
+
+    async def op_presence(self, command: Command) -> dict[str, Any]:
+        channel = command.channel
+        self._require(self.claims.can_subscribe(channel), "presence of", channel)
+        entries = await self.hub.presence(channel)
+        return {"clients": [orjson.Fragment(entry) for entry in entries]}
+
+    async def op_history(self, command: Command) -> dict[str, Any]:
+        channel = command.channel
+        self._require(self.claims.can_subscribe(channel), "history of", channel)
+        page = await self.hub.history(channel, since=command.since, limit=command.limit)
+        if not page.complete:
+            raise GatewayError(ErrorCode.NOT_FOUND, "history no longer covers that position")
+        return {
+            "publications": [pub.history_entry() for pub in page.publications],
+            "offset": page.position.offset,
+            "epoch": page.position.epoch,
+        }
+
+    async def op_ping(self, command: Command) -> dict[str, Any]:
+        return {}
+
+    async def op_refresh(self, command: Command) -> dict[str, Any]:
+        try:
+            claims = self.gateway.verifier.verify(command.token)
+        except AuthError as exc:
+            raise GatewayError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+        if claims.user != self.claims.user:
+            raise GatewayError(ErrorCode.FORBIDDEN, "a refreshed token must be for the same user")
+        self.claims = claims
+        self._arm_expiry()
+        return {}
+
+
+async def _refuse(websocket: WebSocket, close: Close) -> None:
+    """Accept, then close with ``close``: browsers can only read the code after a handshake."""
+    await websocket.accept()
+    await websocket.close(close.code, close.reason)
+
+
+@router.websocket("/ws")
+async def websocket_endpoint(websocket: WebSocket, claims: MaybeClaimsDep) -> None:
+    gateway: Gateway = websocket.app.state.gateway
+    if not gateway.origin_allowed(websocket.headers.get("origin")):
+        return await _refuse(websocket, CloseCode.ORIGIN_NOT_ALLOWED)
+    if gateway.draining:
+        return await _refuse(websocket, CloseCode.SERVICE_RESTART)
+    if gateway.at_capacity:
+        return await _refuse(websocket, CloseCode.TRY_AGAIN_LATER)
+    if isinstance(claims, AuthError):
+        close = CloseCode.TOKEN_EXPIRED if claims.expired else CloseCode.UNAUTHORIZED
+        return await _refuse(websocket, close)
+    await websocket.accept()
+    await Connection(gateway, websocket, claims).run()
+    return None

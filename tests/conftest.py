@@ -1,0 +1,137 @@
+"""Shared fixtures: a real uvicorn server on a free port, tokens, clients.
+
+``make_server(**settings)`` starts the gateway app in this test's event loop
+(uvicorn ``Server.serve`` as a task, as uvicorn's own tests do) and returns a
+``RunningServer``; it is stopped at teardown. ``server`` is one with defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+
+from auth.tokens import make_token
+from gateway.app import create_app
+from gateway.settings import Settings
+
+SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+
+
+def token(
+    user: str = "alice",
+    *,
+    subscribe: list[str] | None = None,
+    publish: list[str] | None = None,
+    info: dict[str, Any] | None = None,
+    ttl: float | None = 3600,
+    secret: str = SECRET,
+) -> str:
+    """A valid HS256 token; by default it may subscribe and publish anywhere."""
+    return make_token(
+        secret,
+        user,
+        subscribe=["*"] if subscribe is None else subscribe,
+        publish=["*"] if publish is None else publish,
+        info=info,
+        ttl=ttl,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    url: str  # http://127.0.0.1:PORT
+    ws_url: str  # ws://127.0.0.1:PORT
+    port: int
+    app: Any
+    settings: Settings
+    server: uvicorn.Server
+
+    def ws(self, tok: str | None = None, path: str = "/ws") -> str:
+        """URL of the WebSocket endpoint with ``token`` (a fresh default one when None)."""
+        return f"{self.ws_url}{path}?token={tok if tok is not None else token()}"
+
+    @property
+    def gateway(self) -> Any:
+        """The app's internals (hub, settings, ...), for assertions on server state."""
+        return self.app.state.gateway
+
+
+def uvicorn_config(app: Any, settings: Settings, port: int, **kw: Any) -> uvicorn.Config:
+    from gateway.__main__ import uvicorn_options
+
+    return uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_options(settings), **kw)
+
+
+@pytest.fixture
+async def make_server() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+    started: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(**overrides: Any) -> RunningServer:
+        values: dict[str, Any] = {"jwt_secret": SECRET, "demo": False}
+        values.update(overrides)
+        settings = Settings(**values)
+        app = create_app(settings)
+        port = free_port()
+        server = uvicorn.Server(uvicorn_config(app, settings, port, log_config=None))
+        task = asyncio.create_task(server.serve())
+        started.append((server, task))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            await asyncio.sleep(0.01)
+        return RunningServer(
+            url=f"http://127.0.0.1:{port}",
+            ws_url=f"ws://127.0.0.1:{port}",
+            port=port,
+            app=app,
+            settings=settings,
+            server=server,
+        )
+
+    yield start
+    for server, task in reversed(started):
+        server.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        if not task.done():
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+@pytest.fixture
+async def server(make_server: Callable[..., Awaitable[RunningServer]]) -> RunningServer:
+    return await make_server()
+
+
+async def eventually(
+    predicate: Callable[[], Any], *, timeout: float = 5.0, interval: float = 0.01
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
