@@ -1,0 +1,104 @@
+"""Token verification: HS256, RS256, ES256, required claims, leeway, patterns."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from auth import AuthError, PatternSet, TokenVerifier, make_token
+
+K = "k" * 32
+
+
+def pem_pair(private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> tuple[bytes, str]:
+    private = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public.decode()
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "key"),
+    [
+        ("RS256", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        ("ES256", ec.generate_private_key(ec.SECP256R1())),
+    ],
+)
+def test_public_key_tokens_are_verified(algorithm: str, key: object) -> None:
+    private, public = pem_pair(key)  # type: ignore[arg-type]
+    verifier = TokenVerifier(public_key=public)
+    token = jwt.encode({"sub": "alice", "subscribe": ["a:*"]}, private, algorithm=algorithm)
+    claims = verifier.verify(token)
+    assert claims.user == "alice" and claims.can_subscribe("a:b") and not claims.can_publish("a:b")
+    forged = jwt.encode({"sub": "alice"}, "not-the-key" * 4, algorithm="HS256")
+    with pytest.raises(AuthError):
+        verifier.verify(forged)
+
+
+def test_hs256_token_with_claims() -> None:
+    verifier = TokenVerifier(secret=K)
+    claims = verifier.verify(
+        make_token(K, "bob", subscribe=["chat:*"], publish=["chat:lobby"], info={"n": 1})
+    )
+    assert claims.user == "bob" and claims.info == {"n": 1}
+    assert claims.can_subscribe("chat:x") and claims.can_publish("chat:lobby")
+    assert not claims.can_publish("chat:other") and not claims.can_subscribe("prices")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},  # no sub
+        {"sub": ""},
+        {"sub": 5},
+        {"sub": "a", "info": [1]},
+        {"sub": "a", "subscribe": "x", "publish": [1]},
+    ],
+)
+def test_tokens_with_bad_claims_are_refused(payload: dict[str, object]) -> None:
+    with pytest.raises(AuthError):
+        TokenVerifier(secret=K).verify(jwt.encode(payload, K, algorithm="HS256"))
+
+
+def test_expiry_has_at_most_five_seconds_of_leeway() -> None:
+    verifier = TokenVerifier(secret=K, leeway=5)
+    recent = jwt.encode({"sub": "a", "exp": int(time.time()) - 2}, K, algorithm="HS256")
+    assert verifier.verify(recent).user == "a"
+    old = jwt.encode({"sub": "a", "exp": int(time.time()) - 10}, K, algorithm="HS256")
+    with pytest.raises(AuthError) as info:
+        verifier.verify(old)
+    assert info.value.expired
+
+
+def test_missing_token_is_refused() -> None:
+    with pytest.raises(AuthError):
+        TokenVerifier(secret=K).verify(None)
+
+
+def test_none_algorithm_is_refused() -> None:
+    unsigned = jwt.encode({"sub": "a"}, None, algorithm="none")  # type: ignore[arg-type]
+    with pytest.raises(AuthError):
+        TokenVerifier(secret=K).verify(unsigned)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "name", "allowed"),
+    [
+        (["chat:*"], "chat:lobby", True),
+        (["chat:*"], "chat:a:b", True),
+        (["chat:*"], "chatroom", False),
+        (["*"], "anything", True),
+        (["a.b"], "axb", False),  # '.' is literal
+        (["*:admin"], "x:admin", True),
+        ([], "x", False),
+    ],
+)
+def test_patterns(patterns: list[str], name: str, allowed: bool) -> None:
+    assert PatternSet(patterns)(name) is allowed

@@ -1,0 +1,131 @@
+"""``python -m gateway`` as a user runs it: dev mode, production refusal, workers, SIGTERM drain,
+and no token in any log line."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import SECRET, eventually, token
+from tests.procs import ROOT, GatewayProcess
+
+JWT = re.compile(r"^(eyJ[\w-]+\.[\w-]+\.[\w-]+)$", re.M)
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_dev_mode_prints_a_working_token_and_serves_the_demo(
+    procs: list[GatewayProcess],
+) -> None:
+    proc = GatewayProcess()
+    procs.append(proc)
+    await proc.wait_ready()
+    dev_token = JWT.search(proc.output())
+    assert dev_token, proc.output()
+    assert "dev mode" in proc.output().lower()
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        for page in ("/", "/chat"):
+            response = await client.get(page)
+            assert response.status_code == 200 and "<html" in response.text.lower()
+        minted = (await client.get("/dev/token", params={"user": "zoe"})).json()
+        assert minted["user"] == "zoe"
+    async with connect(f"{proc.ws_url}/ws?token={dev_token.group(1)}") as ws:
+        await ws.send('{"id": 1, "op": "subscribe", "channel": "demo:ticker"}')
+        reply = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert reply["ok"] is True
+        push = orjson.loads(await asyncio.wait_for(ws.recv(), 5))  # the demo publisher
+        assert push["channel"] == "demo:ticker" and set(push["data"]) == {"symbol", "price", "ts"}
+
+
+def test_production_without_a_key_refuses_to_start() -> None:
+    result = run_cli({"GATEWAY_ENV": "production"}, "--port", "1")
+    assert result.returncode != 0
+    assert "GATEWAY_JWT_SECRET" in result.stderr
+
+
+def test_several_workers_with_the_memory_broker_are_refused_with_a_reason() -> None:
+    result = run_cli({"GATEWAY_JWT_SECRET": SECRET}, "--workers", "2", "--port", "1")
+    assert result.returncode == 2
+    assert "memory://" in result.stderr and "redis://" in result.stderr
+
+
+async def test_sigterm_closes_websockets_with_1012_ends_sse_and_exits(
+    procs: list[GatewayProcess],
+) -> None:
+    proc = GatewayProcess({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_DRAIN_SECONDS": "5"})
+    procs.append(proc)
+    await proc.wait_ready()
+    async with (
+        connect(f"{proc.ws_url}/ws?token={token()}") as ws,
+        httpx.AsyncClient(timeout=10) as client,
+        client.stream("GET", f"{proc.url}/sse?channel=news&token={token()}") as stream,
+    ):
+        await ws.send('{"id": 1, "op": "subscribe", "channel": "news"}')
+        assert orjson.loads(await ws.recv())["ok"] is True
+        lines = stream.aiter_lines()
+        assert (await anext(lines)).startswith("retry:")
+        proc.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "service restart")
+
+        async def drain_sse() -> None:
+            async for _ in lines:
+                pass
+
+        await asyncio.wait_for(drain_sse(), 10)  # the stream ends
+    # uvicorn re-raises the captured SIGTERM once shut down, as a service manager expects.
+    assert await proc.wait_exit(10) in (0, -signal.SIGTERM)
+
+
+async def test_tokens_never_appear_in_logs(procs: list[GatewayProcess]) -> None:
+    proc = GatewayProcess({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_LOG_LEVEL": "debug"})
+    procs.append(proc)
+    await proc.wait_ready()
+    secret_tokens = [token("logcheck") for _ in range(4)]
+    async with connect(f"{proc.ws_url}/ws?token={secret_tokens[0]}") as ws:
+        await ws.send(orjson.dumps({"id": 1, "op": "refresh", "token": secret_tokens[1]}).decode())
+        await ws.recv()
+    async with httpx.AsyncClient(base_url=proc.url, timeout=5) as client:
+        async with client.stream("GET", f"/sse?channel=x&token={secret_tokens[2]}") as stream:
+            await anext(stream.aiter_lines())
+        await client.post(
+            "/api/publish",
+            json={"channel": "x", "data": 1},
+            headers={"Authorization": f"Bearer {secret_tokens[3]}"},
+        )
+        await client.get("/api/channels/bad channel/history", params={"token": secret_tokens[3]})
+        await client.get("/sse?channel=x&token=not-a-valid-token-but-secret")
+    await eventually(lambda: "/api/channels/" in proc.output())
+    output = proc.output()
+    assert "GET /sse?channel=x&token=[redacted]" in output
+    for tok in [*secret_tokens, "not-a-valid-token-but-secret"]:
+        assert tok not in output

@@ -1,0 +1,169 @@
+"""The hub in-process over the memory broker: joining a live channel loses and repeats nothing.
+
+The transport here records what the session writes; the real transports are
+covered end to end in test_ws_*.py and test_sse.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from channels.backends.memory import MemoryBroker
+from channels.broker import BrokerOptions
+from channels.hub import Hub, SubscribeResult
+from channels.publication import Publication, StreamPosition
+from channels.session import Gap, Outgoing, Session
+from tests.conftest import eventually
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.items: list[Outgoing] = []
+
+    async def write(self, batch: list[Outgoing]) -> None:
+        self.items.extend(batch)
+
+    def offsets(self, channel: str) -> list[int]:
+        return [i.offset for i in self.items if isinstance(i, Publication) and i.channel == channel]
+
+
+class Broker(MemoryBroker):
+    """The memory broker with a slow history read, to widen the join race."""
+
+    async def history(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.002)
+        return await super().history(*args, **kwargs)
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[Hub]:
+    hub = Hub(Broker(options=BrokerOptions(history_size=1000)), presence_enabled=lambda c: False)
+    await hub.start()
+    yield hub
+    await hub.close()
+
+
+def new_session(max_queue_bytes: int = 10_000_000) -> tuple[Session, Recorder, asyncio.Task[None]]:
+    recorder = Recorder()
+    session = Session(
+        recorder, user="u", info={}, max_queue_bytes=max_queue_bytes, transport_name="test"
+    )
+    return session, recorder, asyncio.create_task(session.run_writer())
+
+
+async def test_sessions_joining_during_a_burst_get_each_offset_once_in_order(hub: Hub) -> None:
+    async def publish_all() -> None:
+        for i in range(600):
+            await hub.publish("c", b"%d" % i)
+            if i % 5 == 0:
+                await asyncio.sleep(0.001)  # spread the burst over the joins
+
+    publisher = asyncio.create_task(publish_all())
+    joined: list[tuple[Recorder, SubscribeResult]] = []
+    writers = []
+    while not publisher.done():
+        session, recorder, writer = new_session()
+        writers.append(writer)
+        joined.append((recorder, await hub.subscribe(session, "c")))
+    await publisher
+    for recorder, result in joined:
+        expected = list(range(result.position.offset + 1, 601))
+        await eventually(lambda r=recorder, e=expected: r.offsets("c") == e or None, timeout=5)
+    assert len(joined) > 5
+    for writer in writers:
+        writer.cancel()
+
+
+async def test_recovery_from_since_replays_history_then_live_without_duplicates(hub: Hub) -> None:
+    first = [await hub.publish("c", b"%d" % i) for i in range(20)]
+    epoch = first[0].epoch
+
+    async def publish_more() -> None:
+        for i in range(200):
+            await hub.publish("c", b"%d" % i)
+            await asyncio.sleep(0)
+
+    publisher = asyncio.create_task(publish_more())
+    session, recorder, writer = new_session()
+    replies: list[SubscribeResult] = []
+    result = await hub.subscribe(session, "c", StreamPosition(7, epoch), on_ready=replies.append)
+    await publisher
+    assert result.recovered and replies == [result]
+    await eventually(lambda: recorder.offsets("c") == list(range(8, 221)))
+    writer.cancel()
+
+
+async def test_a_lost_position_is_not_recovered(hub: Hub) -> None:
+    await hub.publish("c", b"1")
+    session, recorder, writer = new_session()
+    result = await hub.subscribe(session, "c", StreamPosition(1, "another-epoch"))
+    assert not result.recovered
+    await hub.publish("c", b"2")
+    await eventually(lambda: recorder.offsets("c") == [2])
+    writer.cancel()
+
+
+async def test_one_broker_subscription_per_channel_however_many_sessions(hub: Hub) -> None:
+    sessions = [new_session() for _ in range(20)]
+    for session, _, _ in sessions:
+        await hub.subscribe(session, "shared")
+    assert hub.channel_count == 1 and hub.local_subscribers("shared") == 20
+    for session, _, writer in sessions:
+        await hub.unregister(session)
+        writer.cancel()
+    assert hub.channel_count == 0
+    assert "shared" not in hub.broker._subscribed  # type: ignore[attr-defined]
+
+
+async def test_publication_is_encoded_once_for_all_subscribers(hub: Hub) -> None:
+    sessions = [new_session() for _ in range(5)]
+    for session, _, _ in sessions:
+        await hub.subscribe(session, "c")
+    await hub.publish("c", b'{"x":1}')
+    await eventually(lambda: all(r.offsets("c") == [1] for _, r, _ in sessions))
+    delivered = [r.items[0] for _, r, _ in sessions]
+    assert all(item is delivered[0] for item in delivered)
+    assert delivered[0].json is delivered[0].json  # type: ignore[union-attr]
+    for _, _, writer in sessions:
+        writer.cancel()
+
+
+async def test_a_full_queue_closes_only_that_session(hub: Hub) -> None:
+    blocked = asyncio.Event()
+
+    class Stuck:
+        async def write(self, batch: list[Outgoing]) -> None:
+            blocked.set()
+            await asyncio.Future()  # never completes: a client that stopped reading
+
+    slow = Session(Stuck(), user="s", info={}, max_queue_bytes=2000, transport_name="test")
+    slow_writer = asyncio.create_task(slow.run_writer())
+    slow.abort = slow_writer.cancel
+    fast, recorder, fast_writer = new_session()
+    await hub.subscribe(slow, "c")
+    await hub.subscribe(fast, "c")
+    for i in range(100):
+        await hub.publish("c", b'"%s"' % (b"x" * 100))
+        if i == 0:
+            await blocked.wait()
+    assert slow.close_reason == (4008, "slow consumer") and slow.queued_bytes == 0
+    with contextlib.suppress(asyncio.CancelledError):
+        await slow_writer
+    await eventually(lambda: len(recorder.offsets("c")) == 100)
+    fast_writer.cancel()
+
+
+async def test_epoch_change_gives_live_sessions_a_gap_first(hub: Hub) -> None:
+    session, recorder, writer = new_session()
+    await hub.subscribe(session, "c")
+    await hub.publish("c", b"1")
+    await eventually(lambda: recorder.offsets("c") == [1])
+    hub._on_message(Publication("c", 1, "new-epoch", b"2"))
+    await eventually(lambda: len(recorder.items) == 3)
+    assert recorder.items[1] == Gap("c")
+    assert isinstance(recorder.items[2], Publication) and recorder.items[2].epoch == "new-epoch"
+    writer.cancel()
