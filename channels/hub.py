@@ -224,6 +224,7 @@ class Hub:
             for pub in page.publications:
                 session.push(pub)
                 last = pub.position
+            self.stats.deliveries += len(page.publications)
             last = page.position if page.position.epoch == last.epoch else last
         for message in join.buffer:
             if isinstance(message, Publication):
@@ -233,6 +234,7 @@ class Hub:
                 else:
                     session.push(Gap(channel))
                 last = message.position
+                self.stats.deliveries += 1
             session.push(message)
         if lc.epoch == last.epoch and lc.offset >= last.offset:
             lc.live[session] = None
@@ -364,6 +366,7 @@ class Hub:
             else:
                 session.push(Gap(lc.name))
             session.push(message)
+            self.stats.deliveries += 1
             del lc.catching_up[session]
             lc.live[session] = None
 

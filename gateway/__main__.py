@@ -17,15 +17,15 @@ import uvicorn
 
 from auth.tokens import make_token, new_dev_secret
 from gateway.settings import Settings
+from gateway.wsprotocol import GatewayWebSocketProtocol
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """The uvicorn configuration the gateway's settings imply (also used by the tests)."""
     options: dict[str, Any] = {
-        "ws": "websockets-sansio",
-        # Frames somewhat over the limit reach the app, which closes with 1009 "message too
-        # big"; uvicorn itself refuses anything over 4x the limit (also with 1009).
-        "ws_max_size": settings.max_message_bytes * 4,
+        "ws": GatewayWebSocketProtocol,
+        # The parser refuses bigger messages before buffering them: 1009 "message too big".
+        "ws_max_size": settings.max_message_bytes,
         "ws_ping_interval": settings.ping_interval,
         "ws_ping_timeout": settings.ping_timeout,
         "ws_per_message_deflate": False,

@@ -11,18 +11,17 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import ORJSONResponse
 
 from auth import Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
 from channels.names import is_valid_channel
 from gateway.deps import ClaimsDep, GatewayDep
-from gateway.errors import ErrorCode, GatewayError
+from gateway.errors import ErrorCode, GatewayError, JSONBody
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
 
-router = APIRouter(prefix="/api", default_response_class=ORJSONResponse)
+router = APIRouter(prefix="/api", default_response_class=JSONBody)
 MAX_BROADCAST_CHANNELS = 1000
 
 
@@ -90,7 +89,7 @@ def unavailable() -> GatewayError:
 
 
 @router.post("/publish")
-async def publish(request: Request, gateway: GatewayDep, claims: PublisherDep) -> dict[str, Any]:
+async def publish(request: Request, gateway: GatewayDep, claims: PublisherDep) -> JSONBody:
     body = await json_object(request, gateway)
     channel = checked_channel(body.get("channel"))
     if "data" not in body:
@@ -100,11 +99,11 @@ async def publish(request: Request, gateway: GatewayDep, claims: PublisherDep) -
         publication = await gateway.hub.publish(channel, orjson.dumps(body["data"]))
     except BrokerUnavailable:
         raise unavailable() from None
-    return {"offset": publication.offset, "epoch": publication.epoch}
+    return JSONBody({"offset": publication.offset, "epoch": publication.epoch})
 
 
 @router.post("/broadcast")
-async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep) -> dict[str, Any]:
+async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep) -> JSONBody:
     body = await json_object(request, gateway)
     channels = body.get("channels")
     if not isinstance(channels, list) or not channels:
@@ -126,7 +125,7 @@ async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep)
             )
     except BrokerUnavailable:
         raise unavailable() from None
-    return {"results": results}
+    return JSONBody({"results": results})
 
 
 @router.get("/channels/{channel}/history")
@@ -136,7 +135,7 @@ async def history(
     claims: ClaimsDep,
     since_offset: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int | None, Query(ge=0)] = None,
-) -> dict[str, Any]:
+) -> JSONBody:
     checked_channel(channel)
     require(claims.can_subscribe(channel), "reading history of", channel)
     try:
@@ -148,15 +147,17 @@ async def history(
             page.publications = after if limit is None else after[:limit]
     except BrokerUnavailable:
         raise unavailable() from None
-    return {
-        "publications": [pub.history_entry() for pub in page.publications],
-        "offset": page.position.offset,
-        "epoch": page.position.epoch,
-    }
+    return JSONBody(
+        {
+            "publications": [pub.history_entry() for pub in page.publications],
+            "offset": page.position.offset,
+            "epoch": page.position.epoch,
+        }
+    )
 
 
 @router.get("/channels/{channel}/presence")
-async def presence(channel: str, gateway: GatewayDep, claims: ClaimsDep) -> dict[str, Any]:
+async def presence(channel: str, gateway: GatewayDep, claims: ClaimsDep) -> JSONBody:
     checked_channel(channel)
     require(claims.can_subscribe(channel), "reading presence of", channel)
     try:
@@ -165,4 +166,4 @@ async def presence(channel: str, gateway: GatewayDep, claims: ClaimsDep) -> dict
         raise GatewayError(ErrorCode(exc.code), str(exc)) from None
     except BrokerUnavailable:
         raise unavailable() from None
-    return {"clients": [orjson.Fragment(entry) for entry in entries]}
+    return JSONBody({"clients": [orjson.Fragment(entry) for entry in entries]})

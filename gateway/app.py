@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from gateway import api, demo, ops, sse, ws
-from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError
+from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
 from gateway.logs import install_redaction
 from gateway.runtime import Gateway
 from gateway.settings import Settings
@@ -23,19 +22,19 @@ logger = logging.getLogger(__name__)
 STATUS_CODES = {status: code for code, status in HTTP_STATUS.items() if code != "limit_exceeded"}
 
 
-def error_response(code: ErrorCode, message: str, status: int | None = None) -> JSONResponse:
-    return JSONResponse(
+def error_response(code: ErrorCode, message: str, status: int | None = None) -> JSONBody:
+    return JSONBody(
         {"error": {"code": str(code), "message": message}},
         status_code=status or HTTP_STATUS[code],
     )
 
 
-async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
+async def _gateway_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, GatewayError)
     return error_response(exc.code, exc.message)
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, RequestValidationError)
     problems = "; ".join(
         f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()
@@ -43,7 +42,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ErrorCode.BAD_REQUEST, problems or "bad request")
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, HTTPException)
     code = STATUS_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
     return error_response(code, str(exc.detail), exc.status_code)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import orjson
+from starlette.responses import Response
 
 
 class ErrorCode(StrEnum):
@@ -62,3 +65,12 @@ class CloseCode:
     SERVICE_RESTART = Close(1012, "service restart")
     TRY_AGAIN_LATER = Close(1013, "try again later")
     NORMAL = Close(1000, "")
+
+
+class JSONBody(Response):
+    """A JSON response encoded with orjson (``orjson.Fragment`` passes pre-encoded JSON through)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)

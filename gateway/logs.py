@@ -35,7 +35,8 @@ class RedactTokens(logging.Filter):
         if isinstance(record.args, tuple):
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.args, dict):
-            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+            args = record.args.items()
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in args}
         return True
 
 
