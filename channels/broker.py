@@ -39,6 +39,10 @@ class HistoryPage:
 class BrokerOptions:
     history_size: int = 100
     history_ttl: float = 300.0
+    # How long a shared broker keeps a channel's epoch and top offset after its last
+    # publication (longer than the history, so offsets continue and a client whose
+    # position is the top still recovers). The memory broker has its own rule.
+    history_meta_ttl: float = 86400.0
     presence_ttl: float = 30.0
     key_prefix: str = "gw"
 
@@ -78,6 +82,9 @@ class Broker(Protocol):
     async def presence_remove(self, channel: str, client_id: str) -> None: ...
 
     async def presence(self, channel: str) -> list[bytes]: ...
+
+    async def has_subscribers(self, channel: str) -> bool:
+        """Whether any worker of the cluster is subscribed to ``channel`` right now."""
 
 
 def create_broker(url: str, options: BrokerOptions) -> Broker:

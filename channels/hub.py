@@ -236,6 +236,10 @@ class Hub:
                 last = message.position
                 self.stats.deliveries += 1
             session.push(message)
+        if lc.epoch is None:
+            # Nothing has arrived live yet: remember where this subscriber starts, so that
+            # a later gap or a broker resync can recover the channel from here.
+            lc.epoch, lc.offset = last.epoch, last.offset
         if lc.epoch == last.epoch and lc.offset >= last.offset:
             lc.live[session] = None
         else:
@@ -312,13 +316,14 @@ class Hub:
             for lc in list(self._channels.values()):
                 if not self.presence_enabled(lc.name):
                     continue
-                for session in [*lc.live, *lc.catching_up]:
-                    try:
+                try:
+                    for session in [*lc.live, *lc.catching_up]:
                         await self.broker.presence_add(
                             lc.name, session.client_id, session.presence_entry
                         )
-                    except BrokerUnavailable:
-                        return
+                except BrokerUnavailable:
+                    # Try again next round: the entries come back once the broker does.
+                    logger.debug("presence refresh of %s: broker unavailable", lc.name)
 
     # -- delivery (hot path) -----------------------------------------------------
 
@@ -335,7 +340,7 @@ class Hub:
                 if message.offset <= lc.offset:
                     self.stats.drops += 1
                     return  # a duplicate, already delivered
-                if message.offset > lc.offset + 1 and lc.offset:
+                if message.offset > lc.offset + 1:
                     lc.recovering = [message]
                     self._spawn(self._recover(lc), f"recover:{lc.name}")
                     return

@@ -14,6 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from gateway import api, demo, ops, sse, ws
 from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
+from gateway.llm import routes as llm_routes
 from gateway.logs import install_redaction
 from gateway.runtime import Gateway
 from gateway.settings import Settings
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(ws.router)
     app.include_router(sse.router)
+    app.include_router(llm_routes.router)
     app.include_router(api.router)
     app.include_router(ops.router)
     app.include_router(demo.router)

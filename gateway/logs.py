@@ -15,7 +15,9 @@ REDACTED = "[redacted]"
 _PATTERNS = (
     re.compile(r"(?i)((?:^|[?&;\s])(?:access_)?token=)[^&\s\"']*"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
-    re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
+    re.compile(r"(\"(?:access_)?token\"\s*:\s*\")[^\"]*"),
+    # JWTs anywhere, whole or truncated by a frame logger ("eyJhbGc...Zk2"): header onwards.
+    re.compile(r"eyJ[A-Za-z0-9_-]{2,}[A-Za-z0-9_.~+/=-]*(?:\.\.\.|…)?[A-Za-z0-9_.~+/=-]*"),
 )
 
 

@@ -8,12 +8,17 @@ import weakref
 from collections import Counter
 from typing import ClassVar
 
+import httpx
+
 from auth import PatternSet, TokenVerifier
 from auth.tokens import make_token, new_dev_secret
 from channels.broker import BrokerOptions, create_broker
 from channels.hub import Hub
 from channels.session import Session
 from gateway.errors import CloseCode
+from gateway.llm.fake import FakeLLMTransport
+from gateway.llm.relay import RelayManager
+from gateway.llm.upstreams import Upstream, load_upstreams
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 
@@ -51,7 +56,9 @@ class Gateway:
             BrokerOptions(
                 history_size=settings.history_size,
                 history_ttl=settings.history_ttl,
+                history_meta_ttl=settings.history_meta_ttl,
                 presence_ttl=settings.presence_ttl,
+                key_prefix=settings.broker_prefix,
             ),
         )
         self.hub = Hub(
@@ -59,6 +66,15 @@ class Gateway:
             presence_enabled=PatternSet(settings.presence_patterns),
             presence_ttl=settings.presence_ttl,
             max_channels_per_session=settings.max_channels_per_connection,
+        )
+        upstreams = load_upstreams(settings.llm_upstreams, allow_fake=self.dev_secret is not None)
+        mounts: dict[str, httpx.AsyncBaseTransport] = {}
+        if self.dev_secret is not None:  # the /llm demo works with no network and no key
+            mounts["fake://"] = FakeLLMTransport()
+            upstreams.setdefault("demo", Upstream("demo", "fake://demo/v1", timeout=10))
+        self.http = httpx.AsyncClient(mounts=mounts, follow_redirects=False)
+        self.relays = RelayManager(
+            self.hub, upstreams, idle_cancel=settings.llm_idle_cancel, client=self.http
         )
         self.connections: Counter[str] = Counter({"websocket": 0, "sse": 0})
         self.slow_closes: Counter[str] = Counter({"websocket": 0, "sse": 0})
@@ -82,6 +98,9 @@ class Gateway:
         self.hub.register(session)
 
     async def closed(self, session: Session) -> None:
+        """The session leaves every channel and stops counting. Idempotent."""
+        if session not in self.hub.sessions:
+            return
         self.connections[session.transport_name] -= 1
         if session.slow:
             self.slow_closes[session.transport_name] += 1
@@ -103,4 +122,6 @@ class Gateway:
             logger.warning("%d connections still open after the drain", len(self.hub.sessions))
 
     async def close(self) -> None:
+        await self.relays.close()
+        await self.http.aclose()
         await self.hub.close()

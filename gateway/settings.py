@@ -22,12 +22,15 @@ class Settings(BaseSettings):
 
     env: Literal["development", "production"] = "development"
     broker_url: str = "memory://"
+    # Namespace of every Redis key and pub/sub topic (several gateways can share one Redis).
+    broker_prefix: str = Field("gw", pattern=r"^[^{}]+$")
     jwt_secret: str = ""
     jwt_public_key: str = ""
     jwt_leeway: float = Field(5.0, ge=0, le=5)
 
     history_size: int = Field(100, ge=0)
     history_ttl: float = Field(300.0, gt=0)
+    history_meta_ttl: float = Field(86400.0, gt=0)
 
     max_connections: int = Field(100_000, ge=1)
     max_message_bytes: int = Field(65_536, ge=64)

@@ -121,6 +121,9 @@ class Connection:
             writer_task.uncancel()
         except (WebSocketDisconnect, OSError, RuntimeError):
             return  # the client went away mid-write
+        # Closing: stop taking deliveries now, even if the close frame waits behind a
+        # client that does not read (the slow consumer's state is freed at once).
+        await self.gateway.closed(session)
         code, reason = session.close_reason or CloseCode.NORMAL
         if code != CloseCode.NORMAL.code:
             with contextlib.suppress(Exception):

@@ -134,6 +134,9 @@ class MemoryBroker:
     async def presence(self, channel: str) -> list[bytes]:
         return list(self._presence.get(channel, {}).values())
 
+    async def has_subscribers(self, channel: str) -> bool:
+        return channel in self._subscribed
+
     async def _sweep_forever(self) -> None:
         """Free the history of idle channels so memory stays bounded."""
         interval = min(60.0, max(self._options.history_ttl / 2, 0.05))

@@ -1,0 +1,193 @@
+"""The relay: call an OpenAI-compatible upstream with streaming on, publish each delta.
+
+Publications on the channel, in order: ``{"type": "token", "text": …}`` per
+non-empty content delta, then exactly one of ``{"type": "end",
+"finish_reason": …, "usage": …}`` or ``{"type": "error", "message": …}``.
+Every way a relay can end leads to that single last publication: the
+upstream finishing (``data: [DONE]``), an HTTP or connection error, a stall
+longer than the upstream's timeout between two chunks, a stream that ends
+without ``[DONE]``, ``DELETE /api/streams/{id}``, and nobody subscribed to
+the channel (on any worker) for ``GATEWAY_LLM_IDLE_CANCEL`` seconds.
+Cancelling leaves the ``async with client.stream(...)`` block, which closes
+the upstream connection at once, so no more tokens are paid for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from channels.broker import BrokerUnavailable
+from channels.hub import Hub
+from gateway.llm.upstreams import Upstream
+
+logger = logging.getLogger(__name__)
+
+
+class UpstreamError(Exception):
+    """The upstream misbehaved; the message is published to subscribers."""
+
+
+@dataclass(slots=True)
+class Relay:
+    stream_id: str
+    channel: str
+    upstream: Upstream
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str = ""
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class RelayManager:
+    """Owns every relay of this worker (strong references, crashes logged, idempotent close)."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        upstreams: dict[str, Upstream],
+        *,
+        idle_cancel: float,
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.hub = hub
+        self.upstreams = upstreams
+        self.idle_cancel = idle_cancel
+        self.client = client
+        self.relays: dict[str, Relay] = {}
+
+    def start(self, channel: str, upstream: Upstream, request: dict[str, Any]) -> Relay:
+        relay = Relay("s-" + secrets.token_hex(8), channel, upstream)
+        relay.task = asyncio.create_task(self._run(relay, request), name=f"relay:{relay.stream_id}")
+        self.relays[relay.stream_id] = relay
+        relay.task.add_done_callback(lambda task: self._done(relay, task))
+        return relay
+
+    def _done(self, relay: Relay, task: asyncio.Task[None]) -> None:
+        self.relays.pop(relay.stream_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("relay %s crashed", relay.stream_id, exc_info=task.exception())
+
+    def cancel(self, stream_id: str, reason: str = "cancelled") -> bool:
+        relay = self.relays.get(stream_id)
+        if relay is None or relay.task is None:
+            return False
+        relay.cancel_reason = relay.cancel_reason or reason
+        relay.task.cancel()
+        return True
+
+    async def close(self) -> None:
+        tasks = [r.task for r in self.relays.values() if r.task is not None]
+        for stream_id in list(self.relays):
+            self.cancel(stream_id, "gateway shutting down")
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _publish(self, channel: str, value: dict[str, Any]) -> None:
+        await self.hub.publish(channel, orjson.dumps(value))
+
+    async def _run(self, relay: Relay, request: dict[str, Any]) -> None:
+        watcher = asyncio.create_task(self._watch_idle(relay), name=f"idle:{relay.stream_id}")
+        final: dict[str, Any]
+        try:
+            final = await self._stream(relay, request)
+        except asyncio.CancelledError:
+            final = {"type": "error", "message": relay.cancel_reason or "cancelled"}
+        except httpx.TimeoutException:
+            final = {
+                "type": "error",
+                "message": f"upstream {relay.upstream.name!r} stalled: no data for "
+                f"{relay.upstream.timeout:g} s",
+            }
+        except httpx.HTTPError as exc:
+            final = {
+                "type": "error",
+                "message": f"upstream {relay.upstream.name!r} unreachable: "
+                f"{exc.__class__.__name__}: {exc}",
+            }
+        except UpstreamError as exc:
+            final = {"type": "error", "message": str(exc)}
+        except BrokerUnavailable:
+            logger.warning("relay %s: broker unavailable, stream abandoned", relay.stream_id)
+            return
+        finally:
+            watcher.cancel()
+        try:
+            await self._publish(relay.channel, final)
+        except BrokerUnavailable:
+            logger.warning("relay %s: could not publish its %s", relay.stream_id, final["type"])
+
+    async def _stream(self, relay: Relay, request: dict[str, Any]) -> dict[str, Any]:
+        upstream = relay.upstream
+        headers = {"accept": "text/event-stream"}
+        if upstream.api_key:
+            headers["authorization"] = f"Bearer {upstream.api_key}"
+        body = {**request, "stream": True}
+        timeout = httpx.Timeout(upstream.timeout, connect=min(upstream.timeout, 10.0))
+        finish_reason: str | None = None
+        usage: Any = None
+        async with self.client.stream(
+            "POST",
+            f"{upstream.url}/chat/completions",
+            content=orjson.dumps(body),
+            headers={**headers, "content-type": "application/json"},
+            timeout=timeout,
+        ) as response:
+            if response.status_code >= 400:
+                detail = (await response.aread())[:300].decode(errors="replace")
+                raise UpstreamError(
+                    f"upstream {upstream.name!r} answered HTTP {response.status_code}: {detail}"
+                )
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return {"type": "end", "finish_reason": finish_reason, "usage": usage or {}}
+                try:
+                    chunk = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError(f"upstream {upstream.name!r} sent invalid JSON") from None
+                if not isinstance(chunk, dict):
+                    continue
+                if isinstance(chunk.get("error"), dict | str):
+                    raise UpstreamError(f"upstream {upstream.name!r} error: {chunk['error']}")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") if isinstance(delta, dict) else None
+                    if isinstance(text, str) and text:
+                        await self._publish(relay.channel, {"type": "token", "text": text})
+                        relay.tokens += 1
+                    finish_reason = choice.get("finish_reason") or finish_reason
+        raise UpstreamError(f"upstream {upstream.name!r} ended the stream without [DONE]")
+
+    async def _watch_idle(self, relay: Relay) -> None:
+        """Cancel the relay once its channel has had no subscriber anywhere for idle_cancel s."""
+        interval = min(1.0, self.idle_cancel / 4)
+        idle_since: float | None = time.monotonic()  # a grace period for the first subscriber
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                watched = await self.hub.broker.has_subscribers(relay.channel)
+            except BrokerUnavailable:
+                continue
+            now = time.monotonic()
+            if watched:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= self.idle_cancel:
+                self.cancel(
+                    relay.stream_id, f"cancelled: no subscribers for {self.idle_cancel:g} s"
+                )
+                return

@@ -1,0 +1,106 @@
+"""``POST /api/publish/stream`` (NDJSON), ``POST /api/streams`` and ``DELETE /api/streams/{id}``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query, Request
+
+from channels.broker import BrokerUnavailable
+from channels.publication import Publication
+from gateway.api import PublisherDep, checked_channel, json_object, require, unavailable
+from gateway.deps import ClaimsDep, GatewayDep
+from gateway.errors import ErrorCode, GatewayError, JSONBody
+
+router = APIRouter(prefix="/api", default_response_class=JSONBody)
+
+
+def _stream_result(published: int, last: Publication | None) -> dict[str, Any]:
+    return {
+        "published": published,
+        "offset": last.offset if last else None,
+        "epoch": last.epoch if last else None,
+    }
+
+
+@router.post("/publish/stream")
+async def publish_stream(
+    request: Request,
+    gateway: GatewayDep,
+    claims: PublisherDep,
+    channel: Annotated[str, Query()],
+) -> JSONBody:
+    """Each NDJSON line becomes one publication as soon as it has arrived.
+
+    A bad line stops the stream with an error naming its line number; the lines
+    before it stay published and the body says how many.
+    """
+    checked_channel(channel)
+    require(claims.can_publish(channel), "publishing to", channel)
+    limit = gateway.settings.max_message_bytes
+    published, line_no = 0, 0
+    last: Publication | None = None
+    pending = bytearray()
+
+    async def publish_line(line: bytes) -> None:
+        nonlocal published, last
+        if not line.strip():
+            return
+        if len(line) > limit:
+            raise GatewayError(ErrorCode.TOO_LARGE, f"line {line_no}: over {limit} bytes")
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise GatewayError(ErrorCode.BAD_REQUEST, f"line {line_no}: not valid JSON") from None
+        last = await gateway.hub.publish(channel, orjson.dumps(value))
+        published += 1
+
+    try:
+        async for chunk in request.stream():
+            pending += chunk
+            start = 0
+            while (end := pending.find(b"\n", start)) >= 0:
+                line_no += 1
+                await publish_line(bytes(pending[start:end]))
+                start = end + 1
+            del pending[:start]
+            if len(pending) > limit:
+                line_no += 1
+                raise GatewayError(ErrorCode.TOO_LARGE, f"line {line_no}: over {limit} bytes")
+        if pending:
+            line_no += 1
+            await publish_line(bytes(pending))
+    except GatewayError as exc:
+        body = exc.body() | _stream_result(published, last)
+        return JSONBody(body, status_code=exc.status)
+    except BrokerUnavailable:
+        error = unavailable()
+        return JSONBody(error.body() | _stream_result(published, last), status_code=503)
+    return JSONBody(_stream_result(published, last))
+
+
+@router.post("/streams", status_code=202)
+async def start_stream(request: Request, gateway: GatewayDep, claims: ClaimsDep) -> JSONBody:
+    body = await json_object(request, gateway)
+    channel = checked_channel(body.get("channel"))
+    require(claims.can_publish(channel), "publishing to", channel)
+    name = body.get("upstream", "default")
+    upstream = gateway.relays.upstreams.get(name) if isinstance(name, str) else None
+    if upstream is None:
+        raise GatewayError(ErrorCode.BAD_REQUEST, f"unknown upstream {str(name)[:64]!r}")
+    llm_request = body.get("request", {})
+    if not isinstance(llm_request, dict):
+        raise GatewayError(ErrorCode.BAD_REQUEST, "'request' must be a JSON object")
+    relay = gateway.relays.start(channel, upstream, llm_request)
+    return JSONBody({"stream_id": relay.stream_id, "channel": channel}, status_code=202)
+
+
+@router.delete("/streams/{stream_id}")
+async def cancel_stream(stream_id: str, gateway: GatewayDep, claims: ClaimsDep) -> JSONBody:
+    relay = gateway.relays.relays.get(stream_id)
+    if relay is None:
+        raise GatewayError(ErrorCode.NOT_FOUND, "no such stream on this worker")
+    require(claims.can_publish(relay.channel), "cancelling a stream of", relay.channel)
+    gateway.relays.cancel(stream_id, "cancelled by request")
+    return JSONBody({"stream_id": stream_id, "cancelled": True})

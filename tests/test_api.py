@@ -1,0 +1,482 @@
+"""The backend HTTP API and the operational endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from auth.tokens import make_token
+from tests.conftest import SECRET, token
+from tests.helpers import (
+    api_client,
+    api_history,
+    api_publish,
+    bearer,
+    open_sse,
+    poll,
+    ws_client,
+)
+
+OTHER_SECRET = "another-secret-0123456789abcdef0123456789abcdef"
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].split(";")[0] == "application/json", r.headers
+    body = r.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    assert body == {"error": {"code": code, "message": body["error"]["message"]}}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+# --------------------------------------------------------------------------- publish
+
+
+async def test_publish_returns_offset_and_epoch(server):
+    async with api_client(server) as http:
+        r = await http.post(
+            "/api/publish", json={"channel": "prices", "data": {"bid": 1.01}}, headers=bearer()
+        )
+        assert r.status_code == 200
+        assert r.headers["content-type"].split(";")[0] == "application/json"
+        body = r.json()
+        assert body == {"offset": 1, "epoch": body["epoch"]}
+        assert isinstance(body["epoch"], str) and body["epoch"]
+        r2 = await http.post(
+            "/api/publish", json={"channel": "prices", "data": 2}, headers=bearer()
+        )
+        assert r2.json() == {"offset": 2, "epoch": body["epoch"]}
+        # Channels count independently.
+        assert (await api_publish(http, "other", 1))["offset"] == 1
+
+
+async def test_publish_is_delivered_to_ws_and_sse_subscribers(server):
+    async with api_client(server) as http, ws_client(server) as c, open_sse(http, ["prices"]) as s:
+        await c.subscribe("prices")
+        await s.event()  # opening block
+        r = await api_publish(http, "prices", {"bid": 1})
+        push = {"channel": "prices", "offset": 1, "epoch": r["epoch"], "data": {"bid": 1}}
+        assert await c.recv() == push
+        [e] = await s.publications(1)
+        assert e["json"] == push
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, 0, "s", [1, 2], {"a": {"b": [True, None]}}, "é😀"],
+    ids=["null", "zero", "string", "list", "nested", "unicode"],
+)
+async def test_publish_keeps_any_json_value(server, data):
+    async with api_client(server) as http:
+        r = await api_publish(http, "v", data)
+        assert await api_history(http, "v") == {
+            "publications": [{"offset": 1, "data": data}],
+            "offset": 1,
+            "epoch": r["epoch"],
+        }
+
+
+# --------------------------------------------------------------------------- broadcast
+
+
+async def test_broadcast_returns_results_in_request_order(server):
+    async with api_client(server) as http, ws_client(server) as c:
+        for ch in ("b2", "b3"):
+            await c.subscribe(ch)
+        await api_publish(http, "b2", "earlier")
+        await api_publish(http, "b2", "earlier")
+        r = await http.post(
+            "/api/broadcast",
+            json={"channels": ["b3", "b1", "b2"], "data": {"x": 1}},
+            headers=bearer(),
+        )
+        assert r.status_code == 200
+        body = r.json()
+        results = body["results"]
+        assert body == {
+            "results": [
+                {"channel": "b3", "offset": 1, "epoch": results[0]["epoch"]},
+                {"channel": "b1", "offset": 1, "epoch": results[1]["epoch"]},
+                {"channel": "b2", "offset": 3, "epoch": results[2]["epoch"]},
+            ]
+        }
+        got = {}
+        while len(got) < 2:
+            f = await c.recv()
+            if f.get("data") == {"x": 1}:
+                got[f["channel"]] = f
+        assert got == {
+            "b2": {"channel": "b2", "offset": 3, "epoch": results[2]["epoch"], "data": {"x": 1}},
+            "b3": {"channel": "b3", "offset": 1, "epoch": results[0]["epoch"], "data": {"x": 1}},
+        }
+        h = await api_history(http, "b1")
+        assert h == {
+            "publications": [{"offset": 1, "data": {"x": 1}}],
+            "offset": 1,
+            "epoch": results[1]["epoch"],
+        }
+
+
+async def test_broadcast_with_a_forbidden_channel_is_403_and_publishes_nothing(server):
+    tok = token("backend", publish=["ok:*"])
+    async with api_client(server) as http:
+        r = await http.post(
+            "/api/broadcast",
+            json={"channels": ["ok:1", "secret", "ok:2"], "data": 1},
+            headers=bearer(tok),
+        )
+        assert_error(r, 403, "forbidden")
+        for ch in ("ok:1", "ok:2", "secret"):
+            assert (await api_history(http, ch))["offset"] == 0
+
+
+async def test_broadcast_with_an_invalid_channel_is_400_and_publishes_nothing(server):
+    async with api_client(server) as http:
+        r = await http.post(
+            "/api/broadcast", json={"channels": ["fine", "not fine"], "data": 1}, headers=bearer()
+        )
+        assert_error(r, 400, "bad_request")
+        assert (await api_history(http, "fine"))["offset"] == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"data": 1},
+        {"channels": "a", "data": 1},
+        {"channels": [1, 2], "data": 1},
+        {"channels": ["a"]},
+        [],
+    ],
+    ids=["no_channels", "channels_string", "channels_not_strings", "no_data", "array"],
+)
+async def test_broadcast_with_bad_body_is_400(server, body):
+    async with api_client(server) as http:
+        r = await http.post("/api/broadcast", json=body, headers=bearer())
+        assert_error(r, 400, "bad_request")
+
+
+# --------------------------------------------------------------------------- history, presence
+
+
+async def test_history_since_offset_returns_later_publications_oldest_first(server):
+    async with api_client(server) as http:
+        results = [await api_publish(http, "h", {"n": n}) for n in range(1, 11)]
+        epoch = results[0]["epoch"]
+        r = await http.get("/api/channels/h/history", params={"since_offset": 6}, headers=bearer())
+        assert r.status_code == 200
+        assert r.json() == {
+            "publications": [{"offset": n, "data": {"n": n}} for n in range(7, 11)],
+            "offset": 10,
+            "epoch": epoch,
+        }
+        r = await http.get("/api/channels/h/history", params={"since_offset": 10}, headers=bearer())
+        assert r.json() == {"publications": [], "offset": 10, "epoch": epoch}
+
+
+async def test_history_limit_returns_the_last_publications_oldest_first(server):
+    async with api_client(server) as http:
+        results = [await api_publish(http, "h", n) for n in range(1, 11)]
+        r = await http.get("/api/channels/h/history", params={"limit": 3}, headers=bearer())
+        assert r.status_code == 200
+        assert r.json() == {
+            "publications": [{"offset": n, "data": n} for n in (8, 9, 10)],
+            "offset": 10,
+            "epoch": results[0]["epoch"],
+        }
+
+
+async def test_history_since_offset_and_limit_stay_inside_the_range_oldest_first(server):
+    async with api_client(server) as http:
+        for n in range(1, 11):
+            await api_publish(http, "h", n)
+        r = await http.get(
+            "/api/channels/h/history", params={"since_offset": 4, "limit": 3}, headers=bearer()
+        )
+        assert r.status_code == 200
+        offsets = [p["offset"] for p in r.json()["publications"]]
+        assert len(offsets) == 3
+        assert (
+            offsets == sorted(offsets)
+            and offsets[0] > 4
+            and offsets == list(range(offsets[0], offsets[0] + 3))
+        )
+
+
+async def test_history_of_unknown_channel_is_empty(server):
+    async with api_client(server) as http:
+        body = await api_history(http, "never-used")
+        assert body == {"publications": [], "offset": 0, "epoch": body["epoch"]}
+
+
+async def test_presence_lists_clients_on_presence_channel(server):
+    async with (
+        api_client(server) as http,
+        ws_client(server, token("alice", info={"a": 1})) as a,
+        ws_client(server, token("bob")) as b,
+    ):
+        await a.subscribe("chat:api")
+        ja = await a.presence_push("chat:api", "join", user="alice")
+        await b.subscribe("chat:api")
+        jb = await b.presence_push("chat:api", "join", user="bob")
+        r = await http.get("/api/channels/chat:api/presence", headers=bearer())
+        assert r.status_code == 200
+        assert sorted(r.json()["clients"], key=lambda e: e["user"]) == [ja["client"], jb["client"]]
+        assert set(r.json()) == {"clients"}
+        assert ja["client"]["info"] == {"a": 1}
+    async with api_client(server) as http:
+
+        async def empty() -> bool:
+            r = await http.get("/api/channels/chat:api/presence", headers=bearer())
+            return bool(r.json() == {"clients": []})
+
+        await poll(empty)
+
+
+async def test_presence_of_channel_without_subscribers_is_empty(server):
+    async with api_client(server) as http:
+        r = await http.get("/api/channels/chat:nobody/presence", headers=bearer())
+        assert r.status_code == 200
+        assert r.json() == {"clients": []}
+
+
+async def test_presence_on_non_presence_channel_is_404_not_found(server):
+    async with api_client(server) as http:
+        r = await http.get("/api/channels/prices/presence", headers=bearer())
+        assert_error(r, 404, "not_found")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"", b"[]", b'"x"', b"null", b'{"channel": "x", "data": 1'],
+    ids=["malformed", "empty", "array", "string", "null", "truncated"],
+)
+async def test_publish_bad_json_is_400(server, content):
+    async with api_client(server) as http:
+        r = await http.post(
+            "/api/publish",
+            content=content,
+            headers={**bearer(), "Content-Type": "application/json"},
+        )
+        assert_error(r, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"data": 1},
+        {"channel": "x"},
+        {"channel": 5, "data": 1},
+        {"channel": None, "data": 1},
+        {"channel": ["x"], "data": 1},
+    ],
+    ids=["no_channel", "no_data", "channel_number", "channel_null", "channel_list"],
+)
+async def test_publish_missing_or_wrong_fields_is_400(server, body):
+    async with api_client(server) as http:
+        r = await http.post("/api/publish", json=body, headers=bearer())
+        assert_error(r, 400, "bad_request")
+
+
+@pytest.mark.parametrize("name", ["a b", "a/b", "", "é", "x" * 129, "chat:*", "abc\n"])
+async def test_publish_invalid_channel_is_400(server, name):
+    async with api_client(server) as http:
+        r = await http.post("/api/publish", json={"channel": name, "data": 1}, headers=bearer())
+        assert_error(r, 400, "bad_request")
+
+
+@pytest.mark.parametrize("name", ["a%20b", "%C3%A9", "x" * 129, "a*b", "abc%0A"])
+async def test_history_and_presence_invalid_channel_is_400(server, name):
+    async with api_client(server) as http:
+        for what in ("history", "presence"):
+            r = await http.get(f"/api/channels/{name}/{what}", headers=bearer())
+            assert_error(r, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"since_offset": "abc"}, {"limit": "x"}, {"since_offset": "1.5"}],
+    ids=["since_text", "limit_text", "since_float"],
+)
+async def test_history_bad_query_parameters_are_400(server, params):
+    async with api_client(server) as http:
+        r = await http.get("/api/channels/h/history", params=params, headers=bearer())
+        assert_error(r, 400, "bad_request")
+
+
+def _bad_auth(kind: str) -> dict[str, str]:
+    if kind == "missing":
+        return {}
+    if kind == "garbage":
+        return {"Authorization": "Bearer garbage"}
+    if kind == "bearer_without_token":
+        return {"Authorization": "Bearer"}
+    if kind == "basic":
+        return {"Authorization": "Basic dXNlcjpwYXNz"}
+    if kind == "other_secret":
+        return bearer(token("eve", secret=OTHER_SECRET))
+    if kind == "expired":
+        return bearer(token("eve", ttl=-60))
+    raise AssertionError(kind)
+
+
+BAD_AUTH = ["missing", "garbage", "bearer_without_token", "basic", "other_secret", "expired"]
+
+
+@pytest.mark.parametrize("kind", BAD_AUTH)
+async def test_bad_or_missing_token_is_401_on_every_api_endpoint(server, kind):
+    headers = _bad_auth(kind)
+    async with api_client(server) as http:
+        responses = [
+            await http.post("/api/publish", json={"channel": "x", "data": 1}, headers=headers),
+            await http.post("/api/broadcast", json={"channels": ["x"], "data": 1}, headers=headers),
+            await http.get("/api/channels/x/history", headers=headers),
+            await http.get("/api/channels/chat:x/presence", headers=headers),
+        ]
+        for r in responses:
+            assert_error(r, 401, "unauthorized")
+        assert (await api_history(http, "x"))["offset"] == 0
+
+
+async def test_publish_not_allowed_by_claims_is_403(server):
+    async with api_client(server) as http:
+        for tok in (
+            token("b", publish=[]),
+            token("b", publish=["chat:*"]),
+            make_token(SECRET, "bare"),
+        ):
+            r = await http.post(
+                "/api/publish", json={"channel": "prices", "data": 1}, headers=bearer(tok)
+            )
+            assert_error(r, 403, "forbidden")
+            r = await http.post(
+                "/api/broadcast", json={"channels": ["prices"], "data": 1}, headers=bearer(tok)
+            )
+            assert_error(r, 403, "forbidden")
+        assert (await api_history(http, "prices"))["offset"] == 0
+        ok = await http.post(
+            "/api/publish",
+            json={"channel": "chat:x", "data": 1},
+            headers=bearer(token("b", publish=["chat:*"])),
+        )
+        assert ok.status_code == 200
+
+
+async def test_history_and_presence_need_the_subscribe_claim(server):
+    tok = token("b", subscribe=["other:*"], publish=["*"])
+    async with api_client(server) as http:
+        assert_error(
+            await http.get("/api/channels/h/history", headers=bearer(tok)), 403, "forbidden"
+        )
+        assert_error(
+            await http.get("/api/channels/chat:x/presence", headers=bearer(tok)), 403, "forbidden"
+        )
+        r = await http.get("/api/channels/other:1/history", headers=bearer(tok))
+        assert r.status_code == 200
+
+
+async def test_publish_body_over_max_message_bytes_is_413(make_server):
+    server = await make_server(max_message_bytes=1024)
+    async with api_client(server) as http:
+        r = await http.post(
+            "/api/publish", json={"channel": "big", "data": "x" * 2000}, headers=bearer()
+        )
+        assert_error(r, 413, "too_large")
+        r = await http.post(
+            "/api/broadcast", json={"channels": ["big"], "data": "x" * 2000}, headers=bearer()
+        )
+        assert_error(r, 413, "too_large")
+        assert (await api_history(http, "big"))["offset"] == 0
+        ok = await http.post(
+            "/api/publish", json={"channel": "big", "data": "x" * 500}, headers=bearer()
+        )
+        assert ok.status_code == 200
+
+
+async def test_publish_chunked_body_over_max_message_bytes_is_413(make_server):
+    server = await make_server(max_message_bytes=1024)
+
+    async def body():
+        yield b'{"channel": "big", "data": "'
+        for _ in range(10):
+            yield b"x" * 500
+        yield b'"}'
+
+    async with api_client(server) as http:
+        r = await http.post(
+            "/api/publish", content=body(), headers={**bearer(), "Content-Type": "application/json"}
+        )
+        assert_error(r, 413, "too_large")
+
+
+# --------------------------------------------------------------------------- operations
+
+
+async def test_healthz_and_readyz_are_200(server):
+    async with api_client(server) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        assert (await http.get("/readyz")).status_code == 200
+
+
+def _families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _total(
+    families: dict[str, Any], word: str, *, kinds: tuple[str, ...] = ("counter", "gauge")
+) -> float:
+    total = 0.0
+    for name, fam in families.items():
+        if name.startswith("gateway_") and word in name and fam.type in kinds:
+            for s in fam.samples:
+                if not s.name.endswith("_created"):
+                    total += s.value
+    return total
+
+
+async def test_metrics_are_prometheus_text_with_gateway_families_that_move(server):
+    async with api_client(server) as http:
+        r = await http.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        before = _families(r.text)
+        names = [n for n in before if n.startswith("gateway_")]
+        assert any("connection" in n for n in names), names
+        assert any("publication" in n for n in names), names
+        assert any("deliver" in n for n in names), names
+        assert any(
+            fam.type == "histogram" for n, fam in before.items() if n.startswith("gateway_")
+        ), names
+
+        async with ws_client(server) as c, open_sse(http, ["m"]) as s:
+            await c.subscribe("m")
+            await s.event()
+            during = _families((await http.get("/metrics")).text)
+            conn_samples = [
+                smp
+                for n, fam in during.items()
+                if n.startswith("gateway_") and "connection" in n and fam.type == "gauge"
+                for smp in fam.samples
+            ]
+            transports = {v for smp in conn_samples if smp.value >= 1 for v in smp.labels.values()}
+            assert {"ws", "sse"} <= transports or {"websocket", "sse"} <= transports, conn_samples
+
+            for n in range(5):
+                await api_publish(http, "m", n)
+            await c.publications("m", 5)
+            await s.publications(5)
+            after = _families((await http.get("/metrics")).text)
+        assert _total(after, "publication") >= _total(before, "publication") + 5
+        assert _total(after, "deliver") >= _total(before, "deliver") + 10
+
+
+async def test_metrics_count_slow_consumer_closes_family_exists(server):
+    async with api_client(server) as http:
+        fams = _families((await http.get("/metrics")).text)
+        assert any(n.startswith("gateway_") and "slow" in n for n in fams), list(fams)

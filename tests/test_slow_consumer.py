@@ -1,0 +1,235 @@
+"""Backpressure: a client that stops reading is cut off (4008 / stream ended) without
+slowing the others or making the server's memory grow."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+import httpx
+import orjson
+
+from tests.conftest import RunningServer, eventually, token
+from tests.helpers import (
+    WsClient,
+    api_client,
+    parse_sse,
+    small_rcvbuf_socket,
+    sse_params,
+    ws_client,
+)
+
+QUEUE_BYTES = 65536
+MESSAGES = 2000
+PAD = "x" * 4000  # ~4 KB per publication
+
+
+def _sessions_of(server: RunningServer, user: str) -> list[Any]:
+    return [s for s in server.gateway.hub.sessions if getattr(s, "user", None) == user]
+
+
+async def _publish_many(
+    http: httpx.AsyncClient, channel: str, count: int, workers: int = 8
+) -> dict[int, int]:
+    """Publish ``count`` messages over the HTTP API; returns data index -> offset."""
+    indices = iter(range(count))
+    offsets: dict[int, int] = {}
+    headers = {"Authorization": f"Bearer {token('backend')}"}
+
+    async def worker() -> None:
+        for i in indices:
+            r = await http.post(
+                "/api/publish",
+                json={"channel": channel, "data": {"i": i, "pad": PAD}},
+                headers=headers,
+            )
+            assert r.status_code == 200, r.text
+            offsets[i] = r.json()["offset"]
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return offsets
+
+
+class QueueWatch:
+    """Samples the largest outbound queue of any session while the test runs."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.max_bytes = 0
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            for s in list(self.server.gateway.hub.sessions):
+                self.max_bytes = max(self.max_bytes, int(getattr(s, "queued_bytes", 0)))
+            self.samples += 1
+            await asyncio.sleep(0.005)
+
+    async def __aenter__(self) -> QueueWatch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def _assert_in_order_prefix(offsets: list[int]) -> None:
+    assert offsets == list(range(1, len(offsets) + 1)), offsets[:20]
+
+
+async def test_slow_ws_consumer_is_closed_with_4008_while_fast_readers_get_everything(make_server):
+    server = await make_server(client_queue_bytes=QUEUE_BYTES)
+    sock = small_rcvbuf_socket(server.port)
+    async with (
+        api_client(server) as http,
+        ws_client(server, token("slow"), sock=sock, max_queue=1, compression=None) as slow,
+        ws_client(server, token("fast1"), compression=None) as r1,
+        ws_client(server, token("fast2"), compression=None) as r2,
+        QueueWatch(server) as watch,
+    ):
+        for c in (slow, r1, r2):
+            await c.subscribe("feed")
+        # From here on the slow client does not read.
+
+        async def read_all(c: WsClient) -> list[dict[str, Any]]:
+            return await c.publications("feed", MESSAGES, timeout=60)
+
+        readers = [asyncio.create_task(read_all(r)) for r in (r1, r2)]
+        offsets = await _publish_many(http, "feed", MESSAGES)
+        assert sorted(offsets.values()) == list(range(1, MESSAGES + 1))
+        results = await asyncio.gather(*readers)
+        for got in results:
+            assert [f["offset"] for f in got] == list(range(1, MESSAGES + 1))
+            assert {f["data"]["i"]: f["offset"] for f in got} == offsets
+        for r in (r1, r2):
+            await r.ping_ok()
+        # No session ever held more than the configured queue.
+        assert watch.samples > 0
+        assert watch.max_bytes <= QUEUE_BYTES
+
+        # Reading again: some publications (an in-order prefix), then the close.
+        code, reason, frames = await slow.expect_close(timeout=30)
+        assert (code, reason) == (4008, "slow consumer")
+        pushes = [f for f in frames if isinstance(f, dict) and f.get("channel") == "feed"]
+        assert len(pushes) < MESSAGES
+        _assert_in_order_prefix([f["offset"] for f in pushes])
+        await eventually(lambda: not _sessions_of(server, "slow"))
+        assert {s.user for s in server.gateway.hub.sessions} == {"fast1", "fast2"}
+
+    await eventually(lambda: len(server.gateway.hub.sessions) == 0)
+
+
+async def test_slow_ws_consumer_is_dropped_from_the_hub_before_it_reads_again(make_server):
+    server = await make_server(client_queue_bytes=QUEUE_BYTES)
+    sock = small_rcvbuf_socket(server.port)
+    async with api_client(server) as http:
+        async with ws_client(
+            server, token("slow"), sock=sock, max_queue=1, compression=None
+        ) as slow:
+            await slow.subscribe("flood")
+            await _publish_many(http, "flood", MESSAGES)
+            # Still not reading: the server has already let go of this client's session
+            # (and with it its queue and subscriptions).
+            await eventually(lambda: not _sessions_of(server, "slow"), timeout=5)
+            assert server.gateway.hub.local_subscribers("flood") == 0
+            code, reason, _ = await slow.expect_close(timeout=30)
+            assert (code, reason) == (4008, "slow consumer")
+        # A new client can subscribe and recover from history right away.
+        async with ws_client(server) as c:
+            epoch = await _epoch(http, "flood")
+            since = {"offset": MESSAGES - 5, "epoch": epoch}
+            result = await c.subscribe("flood", since=since)
+            assert result == {"offset": MESSAGES, "epoch": epoch, "recovered": True}
+            got = await c.publications("flood", 5)
+            assert [f["offset"] for f in got] == list(range(MESSAGES - 4, MESSAGES + 1))
+
+
+async def _epoch(http: httpx.AsyncClient, channel: str) -> str:
+    r = await http.get(
+        f"/api/channels/{channel}/history", headers={"Authorization": f"Bearer {token()}"}
+    )
+    assert r.status_code == 200
+    epoch = r.json()["epoch"]
+    assert isinstance(epoch, str)
+    return epoch
+
+
+async def test_slow_sse_reader_stream_is_ended_by_the_server(make_server):
+    server = await make_server(client_queue_bytes=QUEUE_BYTES)
+    transport = httpx.AsyncHTTPTransport(
+        socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]
+    )
+    async with (
+        httpx.AsyncClient(
+            base_url=server.url,
+            transport=transport,
+            trust_env=False,
+            timeout=httpx.Timeout(10, read=30),
+        ) as slow_http,
+        api_client(server) as http,
+        ws_client(server, token("fast"), compression=None) as fast,
+        QueueWatch(server) as watch,
+    ):
+        await fast.subscribe("feed")
+        params = sse_params(["feed"], token("slow-sse"))
+        async with slow_http.stream(
+            "GET", "/sse", params=params, headers={"Accept": "text/event-stream"}
+        ) as resp:
+            assert resp.status_code == 200
+            await eventually(lambda: _sessions_of(server, "slow-sse"))
+            # The SSE client reads nothing while thousands of publications go out.
+            reader = asyncio.create_task(fast.publications("feed", MESSAGES, timeout=60))
+            offsets = await _publish_many(http, "feed", MESSAGES)
+            got = await reader
+            assert [f["offset"] for f in got] == list(range(1, MESSAGES + 1))
+            assert {f["data"]["i"]: f["offset"] for f in got} == offsets
+            assert watch.max_bytes <= QUEUE_BYTES
+
+            # Reading again: what was already on the wire, then the end of the stream.
+            events: list[dict[str, Any]] = []
+
+            async def drain() -> None:
+                with contextlib.suppress(httpx.RemoteProtocolError, httpx.ReadError):
+                    async for item in parse_sse(resp.aiter_lines()):
+                        events.append(item)
+
+            await asyncio.wait_for(drain(), 30)
+        pubs = [e for e in events if "data" in e and "event" not in e]
+        assert len(pubs) < MESSAGES
+        _assert_in_order_prefix([orjson.loads(e["data"])["offset"] for e in pubs])
+    await eventually(lambda: len(server.gateway.hub.sessions) == 0)
+
+
+async def test_slow_sse_reader_is_dropped_from_the_hub_before_it_reads_again(make_server):
+    server = await make_server(client_queue_bytes=QUEUE_BYTES)
+    transport = httpx.AsyncHTTPTransport(
+        socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]
+    )
+    async with (
+        httpx.AsyncClient(base_url=server.url, transport=transport, trust_env=False) as slow_http,
+        api_client(server) as http,
+    ):
+        params = sse_params(["feed"], token("slow-sse"))
+        async with slow_http.stream("GET", "/sse", params=params) as resp:
+            assert resp.status_code == 200
+            await eventually(lambda: _sessions_of(server, "slow-sse"))
+            await _publish_many(http, "feed", MESSAGES)
+            await eventually(lambda: not _sessions_of(server, "slow-sse"), timeout=5)
+            assert server.gateway.hub.local_subscribers("feed") == 0
+
+
+async def test_reader_that_keeps_up_is_never_cut_off_with_small_queue(make_server):
+    server = await make_server(client_queue_bytes=QUEUE_BYTES)
+    async with api_client(server) as http, ws_client(server, compression=None) as c:
+        await c.subscribe("steady")
+        reader = asyncio.create_task(c.publications("steady", 500, timeout=30))
+        await _publish_many(http, "steady", 500, workers=4)
+        got = await reader
+        assert [f["offset"] for f in got] == list(range(1, 501))
+        await c.ping_ok()
