@@ -103,17 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["GATEWAY_JWT_SECRET"], "dev", subscribe=["*"], publish=["*"]
             )
             _announce_dev(token, base)
-        # Each worker process builds its own app; uvicorn closes their WebSockets with 1012
-        # on shutdown and the lifespan then drains what is left.
-        uvicorn.run(
-            "gateway.app:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            **options,
+        # Each worker process builds its own app (gateway.workers): same socket, same
+        # drain on SIGTERM as a single worker.
+        from gateway.workers import APP_FACTORY, run_workers
+
+        config = uvicorn.Config(
+            APP_FACTORY, factory=True, host=args.host, port=args.port, **options
         )
-        return 0
+        return run_workers(config, args.workers, settings.drain_seconds)
 
     from gateway.app import create_app
 

@@ -135,3 +135,9 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+# --------------------------------------------------------------------------- Redis
+# Real redis-server processes (tests/redis_server.py): ``redis_server`` (one per run, keep
+# apart with ``redis_prefix``) and ``own_redis_server`` (one per test, to stop or restart).
+from tests.redis_server import own_redis_server, redis_prefix, redis_server  # noqa: E402, F401

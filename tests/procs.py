@@ -23,7 +23,9 @@ class GatewayProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="gateway-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+            prefix="gateway-", suffix=".log", delete=False
+        )
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(

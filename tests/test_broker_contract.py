@@ -1,18 +1,22 @@
 """One contract suite for every broker backend (parametrized), as uvicorn does for its
-WebSocket implementations. Each test gets a fresh broker with a unique key prefix."""
+WebSocket implementations. Each test gets a fresh broker with a unique key prefix; the
+Redis backend runs against a real redis-server (tests/redis_server.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from channels.broker import Broker, BrokerOptions, create_broker
 from channels.publication import Message, PresenceEvent, Publication, StreamPosition
 from tests.conftest import eventually
+from tests.redis_server import RedisServer
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 
 
 class Received:
@@ -32,8 +36,11 @@ class Received:
 
 @pytest.fixture(params=BACKENDS)
 def backend_url(request: pytest.FixtureRequest) -> str:
-    assert request.param == "memory"
-    return "memory://"
+    if request.param == "memory":
+        return "memory://"
+    assert request.param == "redis"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
 
 
 @pytest.fixture
@@ -41,17 +48,31 @@ async def received() -> Received:
     return Received()
 
 
-async def open_broker(url: str, received: Received, **options: object) -> Broker:
-    broker = create_broker(url, BrokerOptions(**options))  # type: ignore[arg-type]
-    await broker.start(received.on_message, received.on_resync)
-    return broker
+MakeBroker = Callable[..., Awaitable[Broker]]
 
 
 @pytest.fixture
-async def broker(backend_url: str, received: Received) -> AsyncIterator[Broker]:
-    broker = await open_broker(backend_url, received, history_size=5)
-    yield broker
-    await broker.close()
+async def make_broker(backend_url: str, redis_prefix: str) -> AsyncIterator[MakeBroker]:
+    """Started brokers of this test's backend, all on one key prefix (like workers of one
+    deployment), closed at teardown."""
+    opened: list[Broker] = []
+
+    async def make(received: Received | None = None, **options: Any) -> Broker:
+        options.setdefault("key_prefix", redis_prefix)
+        broker = create_broker(backend_url, BrokerOptions(**options))
+        sink = received or Received()
+        await broker.start(sink.on_message, sink.on_resync)
+        opened.append(broker)
+        return broker
+
+    yield make
+    for broker in opened:
+        await broker.close()
+
+
+@pytest.fixture
+async def broker(make_broker: MakeBroker, received: Received) -> Broker:
+    return await make_broker(received, history_size=5)
 
 
 async def test_offsets_start_at_one_and_have_no_gaps(broker: Broker) -> None:
@@ -153,18 +174,71 @@ async def test_presence_entries_are_added_listed_and_removed(broker: Broker) -> 
     assert await broker.presence("chat:empty") == []
 
 
-async def test_history_expires_after_the_ttl(backend_url: str, received: Received) -> None:
-    broker = await open_broker(backend_url, received, history_size=5, history_ttl=0.3)
-    try:
-        await broker.publish("c", b"1")
-        assert len((await broker.history("c")).publications) == 1
-        deadline = asyncio.get_running_loop().time() + 5
-        while (await broker.history("c")).publications:
-            assert asyncio.get_running_loop().time() < deadline, "history did not expire"
-            await asyncio.sleep(0.05)
-    finally:
-        await broker.close()
+async def test_history_expires_after_the_ttl(make_broker: MakeBroker) -> None:
+    broker = await make_broker(history_size=5, history_ttl=0.3)
+    await broker.publish("c", b"1")
+    assert len((await broker.history("c")).publications) == 1
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await broker.history("c")).publications:
+        assert asyncio.get_running_loop().time() < deadline, "history did not expire"
+        await asyncio.sleep(0.05)
 
 
 async def test_ready_is_true_when_connected(broker: Broker) -> None:
     assert await broker.ready()
+
+
+async def test_close_is_idempotent(make_broker: MakeBroker) -> None:
+    broker = await make_broker()
+    await broker.close()
+    await broker.close()
+
+
+async def test_a_publication_carries_the_publishers_timestamp(
+    broker: Broker, received: Received
+) -> None:
+    await broker.subscribe("c")
+    before = time.time()
+    publication = await broker.publish("c", b"1")
+    assert before <= publication.published_at <= time.time()
+    delivered = await eventually(lambda: received.publications("c"))
+    assert delivered[0].published_at == pytest.approx(publication.published_at, abs=1e-5)
+    (stored,) = (await broker.history("c")).publications
+    assert stored.published_at == pytest.approx(publication.published_at, abs=1e-5)
+    assert (stored.offset, stored.epoch, stored.data) == (1, publication.epoch, b"1")
+
+
+async def test_channel_names_with_colons_do_not_collide(broker: Broker) -> None:
+    names = ["a", "a:b", "a:b:c", "b:a", "a.b", "a:", ":a"]
+    for i, name in enumerate(names):
+        for _ in range(i + 1):
+            await broker.publish(name, b'"%s"' % name.encode())
+    for i, name in enumerate(names):
+        page = await broker.history(name)
+        assert page.position.offset == i + 1
+        assert {p.data for p in page.publications} == {b'"%s"' % name.encode()}
+
+
+async def test_presence_and_join_events_are_per_channel(broker: Broker, received: Received) -> None:
+    await broker.subscribe("chat:a")
+    await broker.presence_add("chat:a", "c-1", b'{"client":"c-1"}')
+    await broker.publish_event("chat:b", "join", b'{"client":"c-2"}')
+    await broker.publish_event("chat:a", "leave", b'{"client":"c-1"}')
+    events = await eventually(
+        lambda: [m for m in received.messages if isinstance(m, PresenceEvent)]
+    )
+    assert [(e.channel, e.event, e.client) for e in events] == [
+        ("chat:a", "leave", b'{"client":"c-1"}')
+    ]
+    assert await broker.presence("chat:b") == []
+
+
+async def test_has_subscribers_follows_subscribe_and_unsubscribe(broker: Broker) -> None:
+    assert not await broker.has_subscribers("watched")
+    await broker.subscribe("watched")
+    assert await broker.has_subscribers("watched")
+    await broker.unsubscribe("watched")
+    deadline = asyncio.get_running_loop().time() + 5
+    while await broker.has_subscribers("watched"):
+        assert asyncio.get_running_loop().time() < deadline, "still subscribed"
+        await asyncio.sleep(0.02)

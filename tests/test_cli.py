@@ -4,11 +4,14 @@ and no token in any log line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -18,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SECRET, eventually, token
 from tests.procs import ROOT, GatewayProcess
+from tests.redis_server import RedisServer
 
 JWT = re.compile(r"^(eyJ[\w-]+\.[\w-]+\.[\w-]+)$", re.M)
 
@@ -129,3 +133,78 @@ async def test_tokens_never_appear_in_logs(procs: list[GatewayProcess]) -> None:
     assert "GET /sse?channel=x&token=[redacted]" in output
     for tok in [*secret_tokens, "not-a-valid-token-but-secret"]:
         assert tok not in output
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The supervisor's worker children (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    pids = []
+    for pid in map(int, children):
+        with contextlib.suppress(FileNotFoundError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+    return pids
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def start_workers(
+    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
+) -> tuple[GatewayProcess, list[int]]:
+    env = {
+        "GATEWAY_JWT_SECRET": SECRET,
+        "GATEWAY_BROKER_URL": redis_server.url,
+        "GATEWAY_BROKER_PREFIX": redis_prefix,
+        "GATEWAY_DRAIN_SECONDS": "5",
+    }
+    proc = GatewayProcess(env, args=["--workers", "2"])
+    procs.append(proc)
+    await proc.wait_ready()
+    pids = await eventually(lambda: len(worker_pids(proc.proc.pid)) == 2, timeout=10)
+    assert pids
+    return proc, worker_pids(proc.proc.pid)
+
+
+async def test_two_workers_with_redis_serve_one_port_and_each_drains_on_sigterm(
+    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
+) -> None:
+    proc, workers = await start_workers(procs, redis_server, redis_prefix)
+    url = f"{proc.ws_url}/ws?token={token()}"
+    async with contextlib.AsyncExitStack() as stack:
+        # Several connections (which worker accepts each is up to the kernel).
+        clients = [await stack.enter_async_context(connect(url)) for _ in range(6)]
+        for client in clients:
+            await client.send('{"id": 1, "op": "subscribe", "channel": "news"}')
+            assert orjson.loads(await asyncio.wait_for(client.recv(), 5))["ok"] is True
+        await clients[0].send('{"id": 2, "op": "publish", "channel": "news", "data": "hi"}')
+        for client in clients:  # the publisher's reply may come first on its connection
+            frame = orjson.loads(await asyncio.wait_for(client.recv(), 5))
+            if "ok" in frame:
+                frame = orjson.loads(await asyncio.wait_for(client.recv(), 5))
+            assert (frame["channel"], frame["offset"], frame["data"]) == ("news", 1, "hi")
+
+        proc.proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(client.recv(), 10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "service restart")
+    assert await proc.wait_exit(15) == 0
+    assert not any(running(pid) for pid in workers)
+
+
+async def test_a_worker_that_dies_unasked_stops_the_group_with_an_error(
+    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
+) -> None:
+    proc, workers = await start_workers(procs, redis_server, redis_prefix)
+    os.kill(workers[0], signal.SIGKILL)
+    assert await proc.wait_exit(15) == 1
+    assert not any(running(pid) for pid in workers)
+    assert "exited unasked" in proc.output()

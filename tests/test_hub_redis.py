@@ -1,0 +1,149 @@
+"""The hub over the Redis broker: what a lost pub/sub connection must not cost a subscriber.
+
+Sessions record what they are sent (as in test_hub.py). The subscriber's broker is held
+disconnected with a gate on its reconnect, so publications certainly happen while it is
+cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from channels.backends.redis import RedisBroker
+from channels.broker import BrokerOptions, BrokerUnavailable
+from channels.hub import Hub
+from channels.session import Gap
+from tests.conftest import eventually
+from tests.redis_server import RedisServer
+from tests.test_hub import new_session
+from tests.test_redis_broker import kill_connections
+
+
+class GatedBroker(RedisBroker):
+    """Reconnects only once ``gate`` is set."""
+
+    def __init__(self, url: str, options: BrokerOptions) -> None:
+        super().__init__(url, options)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.reconnect_base, self.reconnect_cap = 0.02, 0.2
+
+        self.failing_presence_adds = 0
+
+    async def _open_pubsub(self):  # type: ignore[no-untyped-def]
+        await self.gate.wait()
+        return await super()._open_pubsub()
+
+    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> None:
+        if self.failing_presence_adds:
+            self.failing_presence_adds -= 1
+            raise BrokerUnavailable("simulated outage")
+        await super().presence_add(channel, client_id, entry)
+
+
+@pytest.fixture
+async def broker(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator[GatedBroker]:
+    broker = GatedBroker(redis_server.url, BrokerOptions(key_prefix=redis_prefix))
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture
+async def hub(broker: GatedBroker) -> AsyncIterator[Hub]:
+    hub = Hub(broker, presence_enabled=lambda c: c.startswith("chat:"), presence_ttl=0.6)
+    await hub.start()
+    yield hub
+    await hub.close()
+
+
+@pytest.fixture
+async def admin(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def cut_off(broker: GatedBroker, admin: Redis) -> None:
+    """Drop the broker's pub/sub connection and keep it down until ``broker.gate`` is set."""
+    broker.gate.clear()
+    assert await kill_connections(admin, broker) >= 1
+    await eventually(lambda: not broker._connected.is_set())
+
+
+async def test_publications_missed_while_disconnected_are_recovered_on_a_quiet_channel(
+    hub: Hub, broker: GatedBroker, admin: Redis
+) -> None:
+    """Regression: a channel with subscribers but no publication received yet had no
+    position in the hub, so the resync skipped it and what was published while the
+    pub/sub connection was down never reached its subscribers."""
+    session, recorder, writer = new_session()
+    await hub.subscribe(session, "quiet")  # nothing published yet
+    await cut_off(broker, admin)
+    await hub.publish("quiet", b"1")  # commands still work; pub/sub is down
+    await hub.publish("quiet", b"2")
+    broker.gate.set()
+    await eventually(lambda: broker.reconnects == 1)
+    await hub.publish("quiet", b"3")
+    await eventually(lambda: recorder.offsets("quiet") == [1, 2, 3])
+    writer.cancel()
+
+
+async def test_publications_missed_while_disconnected_are_recovered_once_in_order(
+    hub: Hub, broker: GatedBroker, admin: Redis
+) -> None:
+    sessions = [new_session() for _ in range(3)]
+    for session, _, _ in sessions:
+        await hub.subscribe(session, "busy")
+    for i in range(5):
+        await hub.publish("busy", b"%d" % i)
+    await eventually(lambda: all(r.offsets("busy") == [1, 2, 3, 4, 5] for _, r, _ in sessions))
+    await cut_off(broker, admin)
+    for i in range(5, 20):
+        await hub.publish("busy", b"%d" % i)
+    broker.gate.set()
+    for i in range(20, 25):
+        await hub.publish("busy", b"%d" % i)
+    expected = list(range(1, 26))
+    await eventually(lambda: all(r.offsets("busy") == expected for _, r, _ in sessions))
+    assert not any(isinstance(item, Gap) for _, r, _ in sessions for item in r.items)
+    for _, _, writer in sessions:
+        writer.cancel()
+
+
+async def test_a_subscribe_while_disconnected_fails_and_leaves_nothing_behind(
+    hub: Hub, broker: GatedBroker, admin: Redis
+) -> None:
+    await cut_off(broker, admin)
+    session, _, writer = new_session()
+    with pytest.raises(BrokerUnavailable):
+        await hub.subscribe(session, "later")
+    assert hub.local_subscribers("later") == 0 and not session.channels
+    broker.gate.set()
+    await eventually(lambda: broker._connected.is_set())
+    await hub.subscribe(session, "later")
+    await hub.publish("later", b"1")
+    writer.cancel()
+
+
+async def test_presence_refresh_survives_a_broker_outage(
+    hub: Hub, broker: GatedBroker, admin: Redis, redis_prefix: str
+) -> None:
+    """Regression: the hub's presence refresh loop ended for good at the first
+    ``BrokerUnavailable``, so after a Redis outage every entry expired and never came back."""
+    session, _, writer = new_session()
+    await hub.subscribe(session, "chat:room")
+    assert len(await hub.presence("chat:room")) == 1
+    broker.failing_presence_adds = 2  # the next refresh rounds hit an outage
+    await eventually(lambda: broker.failing_presence_adds == 0)
+    # Redis lost the entries meanwhile (flushed, restarted empty, expired).
+    await admin.delete(f"{redis_prefix}:p:{{chat:room}}", f"{redis_prefix}:z:{{chat:room}}")
+    assert await hub.presence("chat:room") == []
+    deadline = asyncio.get_running_loop().time() + 3
+    while not await hub.presence("chat:room"):
+        assert asyncio.get_running_loop().time() < deadline, "presence was not re-added"
+        await asyncio.sleep(0.05)
+    writer.cancel()
