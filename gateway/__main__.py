@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from auth.tokens import make_token, new_dev_secret
+from gateway.logs import log_config
 from gateway.settings import Settings
 from gateway.wsprotocol import GatewayWebSocketProtocol
 
@@ -31,6 +32,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws_per_message_deflate": False,
         "timeout_graceful_shutdown": max(1.0, settings.drain_seconds),
         "log_level": settings.log_level,
+        "log_config": log_config(settings.log_level),
     }
     try:
         import uvloop  # noqa: F401

@@ -8,8 +8,10 @@ anything shaped like a JWT before a handler formats the record.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
+from typing import Any
 
 REDACTED = "[redacted]"
 _PATTERNS = (
@@ -55,3 +57,20 @@ def install_redaction() -> None:
         for handler in logger.handlers:
             if _FILTER not in handler.filters:
                 handler.addFilter(_FILTER)
+
+
+def log_config(level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging config, plus our packages' loggers, with redaction on every handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact": {"()": "gateway.logs.RedactTokens"}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact"]
+    for name in ("gateway", "channels", "auth"):
+        config["loggers"][name] = {
+            "handlers": ["default"],
+            "level": level.upper(),
+            "propagate": False,
+        }
+    return config

@@ -73,7 +73,7 @@ class RunningServer:
 def uvicorn_config(app: Any, settings: Settings, port: int, **kw: Any) -> uvicorn.Config:
     from gateway.__main__ import uvicorn_options
 
-    return uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_options(settings), **kw)
+    return uvicorn.Config(app, host="127.0.0.1", port=port, **{**uvicorn_options(settings), **kw})
 
 
 @pytest.fixture
