@@ -44,6 +44,11 @@ async def chat() -> HTMLResponse:
     return _page("chat.html")
 
 
+@router.get("/llm")
+async def llm() -> HTMLResponse:
+    return _page("llm.html")
+
+
 @router.get("/dev/token")
 async def dev_token(
     gateway: GatewayDep, user: str = Query("guest", min_length=1, max_length=64)

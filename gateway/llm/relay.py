@@ -6,8 +6,9 @@ non-empty content delta, then exactly one of ``{"type": "end",
 Every way a relay can end leads to that single last publication: the
 upstream finishing (``data: [DONE]``), an HTTP or connection error, a stall
 longer than the upstream's timeout between two chunks, a stream that ends
-without ``[DONE]``, ``DELETE /api/streams/{id}``, and nobody subscribed to
-the channel (on any worker) for ``GATEWAY_LLM_IDLE_CANCEL`` seconds.
+without ``[DONE]``, ``DELETE /api/streams/{id}``, nobody subscribed to the
+channel (on any worker) for ``GATEWAY_LLM_IDLE_CANCEL`` seconds, and a bug in
+the relay itself. (Only a broker outage leaves a channel without its end.)
 Cancelling leaves the ``async with client.stream(...)`` block, which closes
 the upstream connection at once, so no more tokens are paid for.
 """
@@ -42,6 +43,7 @@ class Relay:
     upstream: Upstream
     task: asyncio.Task[None] | None = None
     cancel_reason: str = ""
+    finishing: bool = False  # its final publication is under way: too late to cancel
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -76,8 +78,13 @@ class RelayManager:
             logger.error("relay %s crashed", relay.stream_id, exc_info=task.exception())
 
     def cancel(self, stream_id: str, reason: str = "cancelled") -> bool:
+        """Stop the relay; False when there is none or it is already publishing its end.
+
+        Cancelling during that last publish would interrupt it and leave the
+        channel with no final publication at all.
+        """
         relay = self.relays.get(stream_id)
-        if relay is None or relay.task is None:
+        if relay is None or relay.task is None or relay.finishing:
             return False
         relay.cancel_reason = relay.cancel_reason or reason
         relay.task.cancel()
@@ -99,6 +106,10 @@ class RelayManager:
         try:
             final = await self._stream(relay, request)
         except asyncio.CancelledError:
+            # Absorbed on purpose: a cancelled relay still publishes its error. Only
+            # cancel() cancels this task, and it refuses once `finishing` is set.
+            if (task := asyncio.current_task()) is not None:
+                task.uncancel()
             final = {"type": "error", "message": relay.cancel_reason or "cancelled"}
         except httpx.TimeoutException:
             final = {
@@ -107,9 +118,10 @@ class RelayManager:
                 f"{relay.upstream.timeout:g} s",
             }
         except httpx.HTTPError as exc:
+            what = "unreachable" if isinstance(exc, httpx.ConnectError) else "connection failed"
             final = {
                 "type": "error",
-                "message": f"upstream {relay.upstream.name!r} unreachable: "
+                "message": f"upstream {relay.upstream.name!r} {what}: "
                 f"{exc.__class__.__name__}: {exc}",
             }
         except UpstreamError as exc:
@@ -117,8 +129,12 @@ class RelayManager:
         except BrokerUnavailable:
             logger.warning("relay %s: broker unavailable, stream abandoned", relay.stream_id)
             return
+        except Exception:  # a bug must not leave subscribers waiting for an end forever
+            logger.exception("relay %s failed", relay.stream_id)
+            final = {"type": "error", "message": "relay failed: internal error"}
         finally:
             watcher.cancel()
+        relay.finishing = True
         try:
             await self._publish(relay.channel, final)
         except BrokerUnavailable:
@@ -160,7 +176,8 @@ class RelayManager:
                 if isinstance(chunk.get("error"), dict | str):
                     raise UpstreamError(f"upstream {upstream.name!r} error: {chunk['error']}")
                 usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or ():
+                choices = chunk.get("choices")
+                for choice in choices if isinstance(choices, list) else ():
                     if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                         continue
                     delta = choice.get("delta") or {}

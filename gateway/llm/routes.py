@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
+from starlette.requests import ClientDisconnect
 
 from channels.broker import BrokerUnavailable
 from channels.publication import Publication
@@ -13,6 +15,7 @@ from gateway.api import PublisherDep, checked_channel, json_object, require, una
 from gateway.deps import ClaimsDep, GatewayDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", default_response_class=JSONBody)
 
 
@@ -77,6 +80,10 @@ async def publish_stream(
     except BrokerUnavailable:
         error = unavailable()
         return JSONBody(error.body() | _stream_result(published, last), status_code=503)
+    except ClientDisconnect:
+        # The backend went away mid-body: what it sent stays published, nobody reads a reply.
+        logger.info("streamed publish to %s: client went away after %d lines", channel, published)
+        return JSONBody(_stream_result(published, last), status_code=400)
     return JSONBody(_stream_result(published, last))
 
 
@@ -102,5 +109,6 @@ async def cancel_stream(stream_id: str, gateway: GatewayDep, claims: ClaimsDep) 
     if relay is None:
         raise GatewayError(ErrorCode.NOT_FOUND, "no such stream on this worker")
     require(claims.can_publish(relay.channel), "cancelling a stream of", relay.channel)
-    gateway.relays.cancel(stream_id, "cancelled by request")
-    return JSONBody({"stream_id": stream_id, "cancelled": True})
+    # False when the relay was already publishing its end (too late to cancel).
+    cancelled = gateway.relays.cancel(stream_id, "cancelled by request")
+    return JSONBody({"stream_id": stream_id, "cancelled": cancelled})
