@@ -20,6 +20,12 @@ class StreamPosition:
     epoch: str
 
 
+def _encoded(push: dict[str, Any]) -> tuple[bytes, str]:
+    """A push as JSON bytes (SSE ``data:``) and as ``str`` (a WebSocket text frame)."""
+    encoded = orjson.dumps(push)
+    return encoded, encoded.decode()
+
+
 @dataclass(slots=True)
 class Publication:
     """One publication in a channel. ``data`` is the JSON encoding of the payload."""
@@ -29,16 +35,13 @@ class Publication:
     epoch: str
     data: bytes
     published_at: float = field(default_factory=time.time)
-    _json: bytes | None = field(default=None, repr=False)
-    _frame: str | None = field(default=None, repr=False)
+    _encoded: tuple[bytes, str] | None = field(default=None, repr=False)
     # The whole SSE event for one-channel streams, whose cursor depends on this publication only.
     sse: bytes | None = field(default=None, repr=False)
 
-    @property
-    def json(self) -> bytes:
-        """The push, ``{"channel","offset","epoch","data"}``, encoded once."""
-        if self._json is None:
-            self._json = orjson.dumps(
+    def _encode(self) -> tuple[bytes, str]:
+        if self._encoded is None:
+            self._encoded = _encoded(
                 {
                     "channel": self.channel,
                     "offset": self.offset,
@@ -46,14 +49,17 @@ class Publication:
                     "data": orjson.Fragment(self.data),
                 }
             )
-        return self._json
+        return self._encoded
+
+    @property
+    def json(self) -> bytes:
+        """The push, ``{"channel","offset","epoch","data"}``, encoded once."""
+        return self._encode()[0]
 
     @property
     def frame(self) -> str:
         """The push as a WebSocket text frame (decoded once for all subscribers)."""
-        if self._frame is None:
-            self._frame = self.json.decode()
-        return self._frame
+        return self._encode()[1]
 
     @property
     def position(self) -> StreamPosition:
@@ -70,26 +76,26 @@ class PresenceEvent:
     channel: str
     event: str  # "join" | "leave"
     client: bytes  # JSON of {"client", "user", "info"}
-    _json: bytes | None = None
-    _frame: str | None = None
+    _encoded: tuple[bytes, str] | None = field(default=None, repr=False)
 
-    @property
-    def json(self) -> bytes:
-        if self._json is None:
-            self._json = orjson.dumps(
+    def _encode(self) -> tuple[bytes, str]:
+        if self._encoded is None:
+            self._encoded = _encoded(
                 {
                     "channel": self.channel,
                     "event": self.event,
                     "client": orjson.Fragment(self.client),
                 }
             )
-        return self._json
+        return self._encoded
+
+    @property
+    def json(self) -> bytes:
+        return self._encode()[0]
 
     @property
     def frame(self) -> str:
-        if self._frame is None:
-            self._frame = self.json.decode()
-        return self._frame
+        return self._encode()[1]
 
 
 Message = Publication | PresenceEvent
