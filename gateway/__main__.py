@@ -55,16 +55,33 @@ class DrainingServer(uvicorn.Server):
     On SIGTERM: stop accepting, report not ready, close WebSockets with 1012 and end
     SSE streams (waiting for them up to ``GATEWAY_DRAIN_SECONDS``), then let uvicorn
     finish its own shutdown and the app's lifespan close the broker.
+
+    ``GATEWAY_DRAIN_SECONDS`` is the budget of the whole sequence, not of each step:
+    uvicorn's own wait for in-flight requests (``timeout_graceful_shutdown``) gets only
+    what the session drain left, so a stuck client cannot make the exit take twice as long.
     """
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         from gateway.runtime import Gateway
 
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        gateways = list(Gateway.instances)
+        budget = max((gw.settings.drain_seconds for gw in gateways), default=0.0)
+        # 1. Stop accepting: new connections are refused from here on.
         for server in self.servers:
             server.close()
-        drains = [gw.drain(gw.settings.drain_seconds) for gw in list(Gateway.instances)]
+        # 2. Not ready, sessions asked to close (1012 / end of stream), bounded wait.
+        drains = [gw.drain(gw.settings.drain_seconds) for gw in gateways]
         if drains:
             await asyncio.gather(*drains, return_exceptions=True)
+        # 3. uvicorn closes idle keep-alive connections and waits for in-flight requests
+        #    (a streamed publish, say) with what is left of the budget, then cancels them;
+        #    then the lifespan shutdown closes the broker.
+        if gateways:
+            # uvicorn annotates it ``int`` but only hands it to ``asyncio.wait_for``.
+            remaining = max(0.0, started + budget - loop.time())
+            self.config.timeout_graceful_shutdown = remaining  # type: ignore[assignment]
         await super().shutdown(sockets=sockets)
 
 

@@ -79,6 +79,7 @@ class Gateway:
         self.connections: Counter[str] = Counter({"websocket": 0, "sse": 0})
         self.slow_closes: Counter[str] = Counter({"websocket": 0, "sse": 0})
         self.draining = False
+        self._drain_deadline: float | None = None  # loop time; set by the first drain()
         self.metrics = Metrics(self)
         Gateway.instances.add(self)
 
@@ -110,16 +111,37 @@ class Gateway:
         await self.hub.start()
 
     async def drain(self, timeout: float) -> None:
-        """Report not ready, ask every session to close (1012 / end of stream), wait for them."""
+        """Report not ready, ask every session to close (1012 / end of stream), wait for them.
+
+        One budget for the whole shutdown: the first call fixes the deadline (now +
+        ``timeout``) and later calls (``python -m gateway`` drains on SIGTERM, then the app's
+        lifespan shutdown drains again) wait only for what is left of it. Sessions still
+        registered at the deadline are stuck in a write to a client that stopped reading:
+        their in-flight write is abandoned (``Session.abort``) so they cannot hold the exit.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._drain_deadline is not None:
+            deadline = min(deadline, self._drain_deadline)
+        self._drain_deadline = deadline
         self.draining = True
         sessions = list(self.hub.sessions)
-        logger.info("draining %d connections", len(sessions))
+        if sessions:
+            logger.info("draining %d connections", len(sessions))
         for session in sessions:
             session.close(*CloseCode.SERVICE_RESTART)
+        if not self.hub.sessions:
+            return
         try:
-            await asyncio.wait_for(self.hub.wait_idle(), timeout)
+            await asyncio.wait_for(self.hub.wait_idle(), max(0.0, deadline - loop.time()))
         except TimeoutError:
-            logger.warning("%d connections still open after the drain", len(self.hub.sessions))
+            stuck = list(self.hub.sessions)
+            logger.warning(
+                "%d connections still open after the drain: abandoning their writes", len(stuck)
+            )
+            for session in stuck:
+                if session.abort is not None:
+                    session.abort()
 
     async def close(self) -> None:
         await self.relays.close()
