@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Query
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from auth.tokens import make_token
@@ -32,6 +32,26 @@ def static_files() -> StaticFiles:
 
 def _page(name: str) -> HTMLResponse:
     return HTMLResponse((STATIC / name).read_text(encoding="utf-8"))
+
+
+# The JavaScript client: one source, served as a classic script (``window.GatewayClient``)
+# and as an ES module (the same text followed by its exports). See docs/client.md.
+JAVASCRIPT = "text/javascript; charset=utf-8"
+MODULE_EXPORTS = "\nexport { GatewayClient };\nexport default GatewayClient;\n"
+
+
+def _script(text: str) -> Response:
+    return Response(text, media_type=JAVASCRIPT, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/client.js")
+async def client_script() -> Response:
+    return _script((STATIC / "client.js").read_text(encoding="utf-8"))
+
+
+@router.get("/client.mjs")
+async def client_module() -> Response:
+    return _script((STATIC / "client.js").read_text(encoding="utf-8") + MODULE_EXPORTS)
 
 
 @router.get("/")
