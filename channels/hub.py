@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ class Hub:
         self.presence_ttl = presence_ttl
         self.max_channels_per_session = max_channels_per_session
         self.stats = HubStats()
+        # Publish-to-write latency, sampled once per publication after its fan-out pass
+        # (most subscribers are written synchronously inside that pass).
+        self.observe_latency: Callable[[float], None] | None = None
         self.sessions: set[Session] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -353,6 +357,8 @@ class Hub:
         for session in lc.live:
             session.push(message)
         self.stats.deliveries += len(lc.live)
+        if self.observe_latency is not None and lc.live and isinstance(message, Publication):
+            self.observe_latency(time.time() - message.published_at)
         if lc.joining:
             for join in lc.joining.values():
                 join.buffer.append(message)

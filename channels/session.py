@@ -1,10 +1,16 @@
 """A client connection as the hub sees it: identity, subscriptions, and a bounded outbound queue.
 
-Backpressure: ``push`` never awaits. Items go into a queue drained by one writer
-task per session (``run_writer``) that hands batches to the transport. When the
-bytes waiting in the queue pass ``max_queue_bytes`` the session is closed with
-``SLOW_CONSUMER`` and its queue dropped: one client that stops reading never
-slows the others and never makes memory grow without bound.
+Backpressure: ``push`` never awaits. When the session has nothing queued or in
+flight, the transport writes the item at once, synchronously: its ASGI send
+coroutine is stepped once (``start_write``) and, as long as the socket is
+writable, finishes without ever suspending - so the fan-out loop writes to every
+ready client in one pass, as ``websockets.broadcast()`` does, with no task
+wake-up per delivery. If the send suspends (the socket's buffer is full), the
+half-run send is handed to the session's writer task, and later items queue
+behind it. The writer drains the queue in batches. When the bytes waiting in the
+queue pass ``max_queue_bytes`` the session is closed with ``SLOW_CONSUMER`` and
+its queue dropped: one client that stops reading never slows the others and
+never makes memory grow without bound.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -39,6 +45,60 @@ class Transport(Protocol):
 
     async def write(self, batch: list[Outgoing]) -> None: ...
 
+    def write_now(self, item: Outgoing) -> Started:
+        """Start writing ``item`` (see ``start_write``); ``NOT_NOW`` when it cannot start.
+        Raises ``OSError`` (``ConnectionError``) when the client is gone."""
+
+
+class _NotNow:
+    """The transport cannot write yet (e.g. the response has not started): queue the item."""
+
+
+NOT_NOW = _NotNow()
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A send coroutine that suspended on ``waiting_for`` (the socket was not writable)."""
+
+    coro: Generator[Any, None, None]
+    waiting_for: Any
+
+
+Started = InFlight | _NotNow | None  # None: written completely
+
+
+def start_write(send: Awaitable[None]) -> InFlight | None:
+    """Run ``send`` until it first suspends. None when it finished without suspending.
+
+    Exceptions raised before the first suspension propagate to the caller.
+    """
+    coro = send.__await__()
+    try:
+        waiting_for = coro.send(None)
+    except StopIteration:
+        return None
+    return InFlight(coro, waiting_for)
+
+
+async def finish_write(flight: InFlight) -> None:
+    """Drive a suspended send to its end from the writer task, as a Task would have."""
+    coro, waiting_for = flight.coro, flight.waiting_for
+    while True:
+        try:
+            if isinstance(waiting_for, asyncio.Future):
+                waiting_for._asyncio_future_blocking = False
+                await waiting_for
+            else:  # a bare yield (asyncio.sleep(0))
+                await asyncio.sleep(0)
+        except BaseException:
+            coro.close()
+            raise
+        try:
+            waiting_for = coro.send(None)
+        except StopIteration:
+            return
+
 
 def new_client_id() -> str:
     return "c-" + secrets.token_hex(8)
@@ -46,10 +106,12 @@ def new_client_id() -> str:
 
 class Session:
     __slots__ = (
+        "_in_flight",
         "_queue",
         "_queued_bytes",
         "_transport",
         "_wakeup",
+        "_writing",
         "abort",
         "channels",
         "client_id",
@@ -84,6 +146,8 @@ class Session:
         self.observe_latency = observe_latency
         self._queue: deque[Outgoing] = deque()
         self._queued_bytes = 0
+        self._in_flight: InFlight | None = None
+        self._writing = False  # the writer task is inside transport.write
         self._wakeup = asyncio.Event()
         self.closing = asyncio.Event()
         self.close_reason: tuple[int, str] | None = None
@@ -115,6 +179,21 @@ class Session:
             if self.abort is not None:
                 self.abort()
             return False
+        if not self._queue and self._in_flight is None and not self._writing:
+            try:
+                started = self._transport.write_now(item)
+            except OSError:  # the client is gone (ConnectionError); the reader sees it too
+                self._queued_bytes -= size
+                self.close(1000, "")
+                return False
+            if started is None:
+                self._queued_bytes -= size
+                return True
+            if isinstance(started, InFlight):
+                self._queued_bytes -= size
+                self._in_flight = started
+                self._wakeup.set()
+                return True
         self._queue.append(item)
         self._wakeup.set()
         return True
@@ -131,9 +210,15 @@ class Session:
         return self.close_reason == SLOW_CONSUMER
 
     async def run_writer(self) -> None:
-        """Drain the queue into the transport until closed and empty."""
+        """Finish a suspended direct write, then drain the queue, until closed and empty."""
         queue = self._queue
         while True:
+            if self._in_flight is not None:
+                try:
+                    await finish_write(self._in_flight)
+                finally:
+                    self._in_flight = None
+                continue
             if not queue:
                 if self.close_reason is not None:
                     return
@@ -143,7 +228,11 @@ class Session:
             batch = list(queue)
             queue.clear()
             self._queued_bytes = 0
-            await self._transport.write(batch)
+            self._writing = True
+            try:
+                await self._transport.write(batch)
+            finally:
+                self._writing = False
             if self.observe_latency is not None:
                 for item in batch:
                     if isinstance(item, Publication):

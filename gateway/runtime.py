@@ -81,6 +81,7 @@ class Gateway:
         self.draining = False
         self._drain_deadline: float | None = None  # loop time; set by the first drain()
         self.metrics = Metrics(self)
+        self.hub.observe_latency = self.metrics.latency.observe
         Gateway.instances.add(self)
 
     def broker_reconnects(self) -> int:

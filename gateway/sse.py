@@ -27,7 +27,7 @@ from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
 from channels.names import is_valid_channel
 from channels.publication import Publication, StreamPosition
-from channels.session import Gap, Outgoing, Session
+from channels.session import NOT_NOW, Gap, Outgoing, Session, Started, start_write
 from gateway import cursor
 from gateway.deps import ClaimsDep, GatewayDep
 from gateway.errors import ErrorCode, GatewayError
@@ -81,6 +81,14 @@ class SSETransport:
         body = b"".join([self.event(item) for item in batch])
         await self.send({"type": "http.response.body", "body": body, "more_body": True})
 
+    def write_now(self, item: Outgoing) -> Started:
+        if self.send is None:  # the response has not started: queue until the writer runs
+            return NOT_NOW
+        body = self.event(item)
+        return start_write(
+            self.send({"type": "http.response.body", "body": body, "more_body": True})
+        )
+
 
 class EventStream(Response):
     """The streaming response: a writer task, a heartbeat timer, and a disconnect watch."""
@@ -94,7 +102,6 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session, settings = self.session, self.gateway.settings
-        self.transport.send = send
         loop = asyncio.get_running_loop()
         heartbeat: asyncio.TimerHandle | None = None
 
@@ -103,13 +110,16 @@ class EventStream(Response):
             session.push(HEARTBEAT)
             heartbeat = loop.call_later(settings.sse_heartbeat, beat)
 
-        writer = asyncio.create_task(session.run_writer(), name=f"sse-writer:{session.client_id}")
-        session.abort = writer.cancel
+        writer: asyncio.Task[None] | None = None
         watch = asyncio.create_task(_wait_disconnect(receive), name="sse-disconnect")
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             opening = f"retry: {settings.sse_retry_ms}\nid: {self.transport.cursor()}\n\n"
             await send({"type": "http.response.body", "body": opening.encode(), "more_body": True})
+            # From here on pushes may be written directly; what queued meanwhile goes first.
+            self.transport.send = send
+            writer = asyncio.create_task(session.run_writer(), name=f"sse:{session.client_id}")
+            session.abort = writer.cancel
             heartbeat = loop.call_later(settings.sse_heartbeat, beat)
             await asyncio.wait({writer, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -117,14 +127,15 @@ class EventStream(Response):
                 heartbeat.cancel()
             session.close(1000, "")
             watch.cancel()
-            if not writer.done():
+            if writer is not None and not writer.done():
                 if not watch.done() or watch.cancelled():
                     # Ending normally (drain, slow consumer): give queued events a moment.
                     with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                         await asyncio.wait_for(asyncio.shield(writer), 1.0)
                 writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+            if writer is not None:
+                with contextlib.suppress(BaseException):
+                    await writer
             await self.gateway.closed(session)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(

@@ -24,7 +24,7 @@ from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
 from channels.publication import Publication
-from channels.session import Gap, Outgoing, Session
+from channels.session import Gap, Outgoing, Session, Started, start_write
 from gateway.commands import BadFrame, Command, CommandId, parse_command
 from gateway.deps import MaybeClaimsDep
 from gateway.errors import Close, CloseCode, ErrorCode, GatewayError
@@ -50,6 +50,15 @@ class WebSocketTransport:
                 await send({"type": "websocket.send", "text": item})
             elif not isinstance(item, Gap):
                 await send({"type": "websocket.send", "text": item.frame})
+
+    def write_now(self, item: Outgoing) -> Started:
+        if isinstance(item, Gap):
+            return None
+        text = item if isinstance(item, str) else item.frame
+        try:
+            return start_write(self._websocket.send({"type": "websocket.send", "text": text}))
+        except (WebSocketDisconnect, RuntimeError) as exc:
+            raise ConnectionError("client disconnected") from exc
 
 
 def encode_reply(id: CommandId, result: Any) -> str:

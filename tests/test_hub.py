@@ -16,7 +16,7 @@ from channels.backends.memory import MemoryBroker
 from channels.broker import BrokerOptions
 from channels.hub import Hub, SubscribeResult
 from channels.publication import Publication, StreamPosition
-from channels.session import Gap, Outgoing, Session
+from channels.session import Gap, Outgoing, Session, Started, start_write
 from tests.conftest import eventually
 
 
@@ -26,6 +26,9 @@ class Recorder:
 
     async def write(self, batch: list[Outgoing]) -> None:
         self.items.extend(batch)
+
+    def write_now(self, item: Outgoing) -> Started:
+        return start_write(self.write([item]))
 
     def offsets(self, channel: str) -> list[int]:
         return [i.offset for i in self.items if isinstance(i, Publication) and i.channel == channel]
@@ -139,6 +142,9 @@ async def test_a_full_queue_closes_only_that_session(hub: Hub) -> None:
         async def write(self, batch: list[Outgoing]) -> None:
             blocked.set()
             await asyncio.Future()  # never completes: a client that stopped reading
+
+        def write_now(self, item: Outgoing) -> Started:
+            return start_write(self.write([item]))
 
     slow = Session(Stuck(), user="s", info={}, max_queue_bytes=2000, transport_name="test")
     slow_writer = asyncio.create_task(slow.run_writer())
