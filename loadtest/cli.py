@@ -1,0 +1,316 @@
+"""``python -m loadtest``: fanout, idle, channels, churn and compare (see loadtest/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loadtest.config import Setup
+from loadtest.report import summary_text
+from loadtest.targets import TARGETS
+
+
+def floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas: {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("rates must be positive")
+    return values
+
+
+def cpus(text: str) -> list[int]:
+    """``0`` / ``0,2`` / ``1-3``, as taskset takes them."""
+    result: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            low, high = part.split("-", 1)
+            result.extend(range(int(low), int(high) + 1))
+        elif part.strip():
+            result.append(int(part))
+    return result
+
+
+def env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError("a share between 0 and 1")
+    return value
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server under test")
+    g.add_argument("--target", choices=sorted(TARGETS), default="gateway")
+    g.add_argument("--transport", choices=["ws", "sse"], default="ws")
+    g.add_argument(
+        "--url",
+        help="an already running server (http://host:port); default: start one on 127.0.0.1",
+    )
+    g.add_argument(
+        "--server-pid",
+        type=int,
+        help="pid of --url's server process for CPU and "
+        "memory figures (default: found from the port when local)",
+    )
+    g.add_argument("--token", help="gateway JWT allowing subscribe and publish on '*'")
+    g.add_argument(
+        "--jwt-secret", help="HS256 secret to make tokens with (and to start the gateway with)"
+    )
+    g.add_argument(
+        "--broker",
+        choices=["memory", "redis"],
+        default="memory",
+        help="broker of a gateway the tool starts (default memory)",
+    )
+    g.add_argument(
+        "--publish-via",
+        choices=["api", "redis"],
+        default="api",
+        help="gateway: POST /api/publish, or its Redis broker's publish path "
+        "(implies --broker redis); baselines always use Redis",
+    )
+    g.add_argument("--redis-url", help="Redis to use (default: start a redis-server)")
+    g.add_argument("--redis-prefix", default="gw", help="gateway GATEWAY_BROKER_PREFIX")
+    g.add_argument(
+        "--server-env",
+        type=env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of a gateway the tool starts",
+    )
+    g.add_argument(
+        "--server-cpus",
+        type=cpus,
+        help="CPUs for a server the tool starts (default: the first usable CPU)",
+    )
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("load generator")
+    g.add_argument(
+        "--loadgen-cpus",
+        type=cpus,
+        help="CPUs for the clients, publisher and redis-server (default: all but the server's)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="client processes (default: one per load "
+        "generator CPU, more when file descriptors require)",
+    )
+    g.add_argument("--connect-rate", type=float, default=1000.0, help="new connections/s")
+    g.add_argument("--connect-timeout", type=float, default=15.0)
+    g.add_argument(
+        "--per-source-limit",
+        type=int,
+        default=25_000,
+        help="connections per loopback source address (127.0.0.2, .3, ...)",
+    )
+    g.add_argument(
+        "--slow-share",
+        type=share,
+        default=0.0,
+        help="share of slow consumers (read once per --slow-interval)",
+    )
+    g.add_argument("--slow-interval", type=float, default=1.0)
+    g.add_argument("--slow-rcvbuf", type=int, default=8192)
+    g.add_argument("--payload-bytes", type=int, default=64, help="padding per payload")
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait after a step for deliveries to arrive",
+    )
+    g.add_argument("--p99-limit-ms", type=float, default=250.0)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, help="JSON report (default loadtest-results/…json)")
+    g.add_argument("--plot", type=Path, help="PNG plot (default: next to the JSON)")
+    g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description="Load tests for the gateway and the baselines it is compared with.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def scenario(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_target_options(p)
+        add_load_options(p)
+        add_output_options(p)
+        return p
+
+    p = scenario("fanout", "N subscribers on one channel, stepped publication rates")
+    p.add_argument("--clients", type=int, default=1000)
+    p.add_argument("--rates", type=floats, default=floats("10,20,50"), help="e.g. 10,50,100")
+    p.add_argument("--step-duration", type=float, default=10.0)
+    p.add_argument(
+        "--stop-on-fail",
+        action="store_true",
+        help="stop after the first step that fails (loss, p99, publish rate)",
+    )
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="RAW",
+        help="record a py-spy profile of the server during the steps into RAW",
+    )
+
+    p = scenario("idle", "N idle subscribed connections: server memory per connection")
+    p.add_argument("--clients", type=int, default=1000)
+    p.add_argument("--hold", type=float, default=10.0, help="seconds to hold them")
+
+    p = scenario("channels", "many channels, few subscribers each")
+    p.add_argument("--channels", type=int, default=100)
+    p.add_argument("--subscribers", type=int, default=5, help="per channel")
+    p.add_argument(
+        "--rates", type=floats, default=floats("100,200"), help="publications/s over all channels"
+    )
+    p.add_argument("--step-duration", type=float, default=10.0)
+    p.add_argument(
+        "--publish-lanes",
+        type=int,
+        default=4,
+        help="channels published concurrently (each channel stays in order)",
+    )
+    p.add_argument("--stop-on-fail", action="store_true")
+
+    p = scenario("churn", "connects and disconnects per second beside steady subscribers")
+    p.add_argument("--clients", type=int, default=500, help="steady subscribers")
+    p.add_argument("--churn-rate", type=float, default=100.0, help="connect+close per second")
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=10.0, help="publications/s meanwhile")
+    p.add_argument("--hold", type=float, default=0.0, help="seconds a churned client stays")
+
+    from loadtest.compare import add_compare_parser
+
+    add_compare_parser(sub)
+    return parser
+
+
+def setup_from(args: argparse.Namespace, argv: list[str]) -> Setup:
+    target = TARGETS[args.target]
+    transport = args.transport
+    if transport not in target.dialects:
+        transport = target.transports[0]
+    broker = args.broker
+    if args.publish_via == "redis" and args.url is None:
+        broker = "redis"
+    return Setup(
+        target=args.target,
+        transport=transport,
+        url=args.url,
+        server_pid=args.server_pid,
+        token=args.token,
+        jwt_secret=args.jwt_secret,
+        broker=broker,
+        publish_via=args.publish_via,
+        redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
+        server_env=dict(args.server_env),
+        server_cpus=args.server_cpus,
+        loadgen_cpus=args.loadgen_cpus,
+        workers=args.workers,
+        connect_rate=args.connect_rate,
+        connect_timeout=args.connect_timeout,
+        per_source_limit=args.per_source_limit,
+        slow_share=args.slow_share,
+        slow_interval=args.slow_interval,
+        slow_rcvbuf=args.slow_rcvbuf,
+        pad_bytes=args.payload_bytes,
+        publish_lanes=getattr(args, "publish_lanes", 1),
+        drain_timeout=args.drain_timeout,
+        p99_limit_ms=args.p99_limit_ms,
+        out=args.out,
+        plot=args.plot,
+        no_plot=args.no_plot,
+        quiet=args.quiet,
+        command="python -m loadtest " + shlex.join(argv),
+    )
+
+
+def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any, Any, Any]:
+    from loadtest import scenarios
+
+    if args.command == "fanout":
+        return scenarios.run_fanout(
+            setup,
+            clients=args.clients,
+            rates=args.rates,
+            step_duration=args.step_duration,
+            stop_on_fail=args.stop_on_fail,
+            profile=args.py_spy,
+        )
+    if args.command == "idle":
+        return scenarios.run_idle(setup, clients=args.clients, hold=args.hold)
+    if args.command == "channels":
+        return scenarios.run_channels(
+            setup,
+            channels=args.channels,
+            subscribers=args.subscribers,
+            rates=args.rates,
+            step_duration=args.step_duration,
+            stop_on_fail=args.stop_on_fail,
+        )
+    return scenarios.run_churn(
+        setup,
+        clients=args.clients,
+        churn_rate=args.churn_rate,
+        duration=args.duration,
+        rate=args.rate,
+        hold=args.hold,
+    )
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        import asyncio
+
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        from loadtest.compare import run_compare
+
+        return int(run(run_compare(args, argv)))
+    setup = setup_from(args, argv)
+    try:
+        report = run(scenario_coroutine(args, setup))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(summary_text(report) + "\n")
+    return 0

@@ -1,0 +1,159 @@
+"""WebSocket subscriber on picows (Cython frame parser, callbacks on the event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from loadtest.clients.net import open_socket
+from loadtest.clients.slow import ReadThrottle
+from loadtest.dialects import READY, Failed, Reply, WsDialect
+from loadtest.recorder import ConnState, Recorder
+
+TEXT = WSMsgType.TEXT
+CLOSE = WSMsgType.CLOSE
+MAX_FRAME = 16 * 1024 * 1024
+
+
+class WsClient(WSListener):
+    """One subscribed WebSocket; every payload goes straight to the recorder."""
+
+    def __init__(
+        self,
+        dialect: WsDialect,
+        conn: ConnState,
+        recorder: Recorder,
+        ready: asyncio.Future[None],
+        slow_interval: float | None,
+    ) -> None:
+        super().__init__()
+        self.dialect = dialect
+        self.conn = conn
+        self.channel = conn.channel
+        self.recorder = recorder
+        self.ready = ready
+        self.slow_interval = slow_interval
+        self.throttle: ReadThrottle | None = None
+        self.transport: WSTransport | None = None
+        self.close_code: int | None = None
+        self.closing = False
+        self.disconnected: asyncio.Future[None] = ready.get_loop().create_future()
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        for frame in self.dialect.hello(self.channel):
+            transport.send(TEXT, frame)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type == TEXT:
+            now = time.time()
+            try:
+                event = self.dialect.parse(frame.get_payload_as_bytes(), self.channel)
+            except Exception:
+                self.recorder.foreign += 1
+                return
+            if type(event) is dict:
+                self.recorder.on_payload(self.conn, event, now)
+                if self.throttle is not None:
+                    self.throttle.on_data()
+            elif event is READY:
+                self._on_ready(transport)
+            elif isinstance(event, Reply):
+                transport.send(TEXT, event.frame)
+            elif isinstance(event, Failed):
+                if not self.ready.done():
+                    self.ready.set_exception(ConnectionError(f"refused: {event.reason}"))
+                self.closing = True
+                transport.send_close()
+                transport.disconnect()
+        elif msg_type == CLOSE:
+            payload = frame.get_payload_as_bytes()
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def _on_ready(self, transport: WSTransport) -> None:
+        if self.ready.done():
+            return
+        self.recorder.on_ready(self.conn)
+        self.ready.set_result(None)
+        if self.slow_interval:
+            self.throttle = ReadThrottle(transport.underlying_transport, self.slow_interval)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.throttle is not None:
+            self.throttle.cancel()
+        self.recorder.on_closed(self.conn, self.close_code, expected=self.closing)
+        if not self.ready.done():
+            code = self.close_code if self.close_code is not None else "eof"
+            self.ready.set_exception(ConnectionError(f"closed {code}"))
+        if not self.disconnected.done():
+            self.disconnected.set_result(None)
+
+    def unthrottle(self) -> None:
+        """A slow consumer starts reading at full speed (to see how the server closed it)."""
+        if self.throttle is not None:
+            self.throttle.cancel()
+            self.throttle = None
+            if self.transport is not None and not self.transport.is_disconnected:
+                self.transport.underlying_transport.resume_reading()
+
+    def close(self) -> None:
+        """Close on our side (not counted as a server close)."""
+        self.closing = True
+        if self.transport is not None and not self.transport.is_disconnected:
+            self.transport.send_close()
+            self.transport.disconnect()
+
+
+async def connect_ws(
+    dialect: WsDialect,
+    host: str,
+    port: int,
+    token: str,
+    conn: ConnState,
+    recorder: Recorder,
+    *,
+    local_ip: str | None = None,
+    rcvbuf: int | None = None,
+    slow_interval: float | None = None,
+    timeout: float = 10.0,
+) -> WsClient:
+    """Connect, send the dialect's opening frames and wait until the subscription is live."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    ready.add_done_callback(_retrieve)
+    sock = await asyncio.wait_for(
+        open_socket(host, port, local_ip=local_ip, rcvbuf=rcvbuf), timeout
+    )
+    url = f"ws://{host}:{port}{dialect.path(conn.channel, token)}"
+    try:
+        _, client = await ws_connect(
+            lambda: WsClient(dialect, conn, recorder, ready, slow_interval),
+            url,
+            socket_factory=lambda _url: sock,
+            websocket_handshake_timeout=timeout,
+            enable_auto_pong=True,
+            max_frame_size=MAX_FRAME,
+            read_buffer_init_size=4096,
+            logger_name="loadtest",
+        )
+    except BaseException:
+        sock.close()
+        raise
+    assert isinstance(client, WsClient)
+    try:
+        await asyncio.wait_for(asyncio.shield(ready), timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a failed readiness as seen: a timeout may have stopped waiting for it."""
+    if not future.cancelled():
+        future.exception()

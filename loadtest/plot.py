@@ -1,0 +1,78 @@
+"""PNG of a run: latency (p50/p99/max) and deliveries per second over time, steps shaded.
+
+Needs matplotlib (the ``loadtest`` extra); without it the run still writes its JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_report(report: dict[str, Any], path: Path) -> bool:
+    """Write the plot; False when matplotlib is missing or there is nothing to draw."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report.get("timeseries") or []
+    if not rows:
+        return False
+    t = [r["t"] for r in rows]
+    fig, (lat_ax, rate_ax) = plt.subplots(
+        2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
+    lat_ax.plot(t, [r["p50_ms"] for r in rows], label="p50", color="tab:blue")
+    lat_ax.plot(t, [r["p99_ms"] for r in rows], label="p99", color="tab:orange")
+    lat_ax.plot(t, [r["max_ms"] for r in rows], label="max", color="tab:red", alpha=0.4)
+    lag = [r.get("client_lag_ms", 0) for r in rows]
+    if any(lag):
+        lat_ax.plot(t, lag, label="client loop lag", color="grey", linestyle=":")
+    limit = report.get("config", {}).get("p99_limit_ms")
+    if limit:
+        lat_ax.axhline(limit, color="tab:orange", linestyle="--", linewidth=0.8)
+    lat_ax.set_yscale("symlog", linthresh=1.0)
+    lat_ax.set_ylabel("latency (ms)")
+    lat_ax.legend(loc="upper left", fontsize="small")
+    lat_ax.grid(True, which="both", alpha=0.3)
+
+    rate_ax.plot(t, [r["deliveries"] for r in rows], color="tab:green", label="deliveries/s")
+    rate_ax.set_ylabel("deliveries/s")
+    rate_ax.set_xlabel("seconds since start")
+    rate_ax.grid(True, alpha=0.3)
+    if any(r.get("server_cpu_percent") is not None for r in rows):
+        cpu_ax = rate_ax.twinx()
+        cpu_ax.plot(
+            t,
+            [r.get("server_cpu_percent") for r in rows],
+            color="tab:purple",
+            alpha=0.6,
+            label="server CPU %",
+        )
+        cpu_ax.set_ylabel("server CPU %")
+        cpu_ax.set_ylim(0, 110)
+    for step in report.get("steps", []):
+        start, end, _ = step["window"]
+        shade = "tab:green" if step["ok"] else "tab:red"
+        for ax in (lat_ax, rate_ax):
+            ax.axvspan(start, end, color=shade, alpha=0.06)
+        lat_ax.annotate(
+            f"{step['rate']:g}/s",
+            (start, 1),
+            xycoords=("data", "axes fraction"),
+            va="top",
+            fontsize="x-small",
+        )
+    target = report["target"]
+    fig.suptitle(
+        f"{report['scenario']}: {target['name']} {target['transport']} "
+        f"(publish via {target['publish_via']})"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

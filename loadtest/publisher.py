@@ -1,0 +1,183 @@
+"""Publishers: the same payloads through the gateway's HTTP API, its Redis broker, or Redis.
+
+A payload is ``{"seq": n, "s": step, "t": time.time(), "pad": "x" * k}``: ``seq`` counts
+per channel from 1, ``t`` is taken just before the publish call, so latency includes the
+publish path (HTTP request or Redis round trip) as a user would see it.
+
+``RatePublisher`` publishes at a fixed rate. Each channel belongs to one *lane* (a
+sequential loop), so one channel's publications are sent one after another and their
+``seq`` order is the order the server sees; more lanes publish more channels at once.
+A failed publish does not consume its ``seq`` (the next attempt reuses it), so the
+subscribers' loss accounting stays exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any, Protocol
+
+import orjson
+
+from loadtest.histogram import Histogram
+
+
+def make_payload(seq: int, step: int, pad: str) -> bytes:
+    return orjson.dumps({"seq": seq, "s": step, "t": time.time(), "pad": pad})
+
+
+class Publisher(Protocol):
+    name: str
+
+    async def publish(self, channel: str, payload: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ApiPublisher:
+    """``POST /api/publish`` with a bearer token (the gateway's HTTP API)."""
+
+    name = "api"
+
+    def __init__(self, base_url: str, token: str) -> None:
+        import httpx
+
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            timeout=10.0,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        body = b'{"channel":' + orjson.dumps(channel) + b',"data":' + payload + b"}"
+        response = await self._client.post("/api/publish", content=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}")
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class GatewayBrokerPublisher:
+    """The gateway's own publish path without HTTP: ``RedisBroker.publish`` (offsets,
+    history and PUBLISH in one script), exactly what ``POST /api/publish`` calls."""
+
+    name = "redis"
+
+    def __init__(self, redis_url: str, key_prefix: str, history_size: int = 100) -> None:
+        from channels.backends.redis import RedisBroker
+        from channels.broker import BrokerOptions
+
+        self._broker = RedisBroker(
+            redis_url, BrokerOptions(key_prefix=key_prefix, history_size=history_size)
+        )
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        await self._broker.publish(channel, payload)
+
+    async def close(self) -> None:
+        await self._broker.close()
+
+
+class RedisPublisher:
+    """Plain ``PUBLISH channel payload``: what the broadcaster and websockets baselines read."""
+
+    name = "redis"
+
+    def __init__(self, redis_url: str) -> None:
+        from redis.asyncio import Redis
+
+        self._redis = Redis.from_url(redis_url)
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        await self._redis.publish(channel, payload)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class SocketIoPublisher(RedisPublisher):
+    """``PUBLISH socketio <message>``: the JSON message python-socketio's
+    ``AsyncRedisManager.emit`` writes, emitting event ``pub`` to room ``channel``."""
+
+    def __init__(self, redis_url: str, sio_channel: str = "socketio") -> None:
+        super().__init__(redis_url)
+        self._sio_channel = sio_channel
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        message = (
+            b'{"method":"emit","event":"pub","data":['
+            + payload
+            + b'],"binary":false,"namespace":"/","room":'
+            + orjson.dumps(channel)
+            + b',"skip_sid":null,"callback":null,"host_id":"loadtest"}'
+        )
+        await self._redis.publish(self._sio_channel, message)
+
+
+class RatePublisher:
+    def __init__(
+        self, publisher: Publisher, channels: list[str], pad_bytes: int = 64, lanes: int = 1
+    ) -> None:
+        self.publisher = publisher
+        self.channels = channels
+        self.pad = "x" * pad_bytes
+        self.lanes = max(1, min(lanes, len(channels)))
+        self.seq: dict[str, int] = dict.fromkeys(channels, 0)
+        self.published: Counter[tuple[str, int]] = Counter()  # (channel, step) -> count
+        self.errors: Counter[str] = Counter()
+        self.latency = Histogram()  # of the publish calls
+
+    def published_in(self, step: int) -> dict[str, int]:
+        return {ch: n for (ch, k), n in self.published.items() if k == step}
+
+    async def run_step(self, step: int, rate: float, duration: float) -> dict[str, Any]:
+        """Publish ``rate``/s for ``duration`` s, round-robin over the channels."""
+        lane_channels = [self.channels[i :: self.lanes] for i in range(self.lanes)]
+        total = max(1, round(rate * duration))
+        started = time.time()
+        behind = await asyncio.gather(
+            *(
+                self._lane(step, chans, rate * len(chans) / len(self.channels), total, i)
+                for i, chans in enumerate(lane_channels)
+            )
+        )
+        elapsed = time.time() - started
+        published = sum(self.published_in(step).values())
+        return {
+            "target_rate": rate,
+            "published": published,
+            "elapsed_s": round(elapsed, 3),
+            "achieved_rate": round(published / elapsed, 2) if elapsed > 0 else 0.0,
+            "max_behind_s": round(max(behind), 3),
+        }
+
+    async def _lane(
+        self, step: int, channels: list[str], rate: float, total: int, lane: int
+    ) -> float:
+        """One sequential publishing loop; returns how far behind schedule it fell."""
+        loop = asyncio.get_running_loop()
+        share = max(1, round(total * len(channels) / len(self.channels)))
+        started = loop.time()
+        worst = 0.0
+        for i in range(share):
+            due = started + i / rate
+            delay = due - loop.time()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            else:
+                worst = max(worst, -delay)
+            channel = channels[i % len(channels)]
+            seq = self.seq[channel] + 1
+            began = time.time()
+            try:
+                await self.publisher.publish(channel, make_payload(seq, step, self.pad))
+            except Exception as exc:
+                self.errors[f"{type(exc).__name__}: {exc}"[:80]] += 1
+                continue
+            self.latency.record_us(int((time.time() - began) * 1e6))
+            self.seq[channel] = seq
+            self.published[(channel, step)] += 1
+        return worst

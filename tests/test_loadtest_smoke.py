@@ -1,0 +1,269 @@
+"""Smoke test of ``python -m loadtest``: a tiny run of every scenario, and of every baseline.
+
+Each run is the real command line in a subprocess (it starts its own server, client worker
+and, when asked, talks to this suite's redis-server). The runs are independent, so they
+all start at once and the tests then read their JSON reports. The load is tiny (tens of
+clients, a few publications per second): the assertions check that the figures are
+consistent - nothing lost, counts that add up - never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT = 75.0
+BASELINES = ["fastapi_tutorial", "sse_starlette", "websockets_broadcast", "socketio"]
+
+
+def runs(redis_url: str) -> dict[str, list[str]]:
+    """Name -> arguments of ``python -m loadtest``."""
+    common = ["--quiet", "--connect-timeout", "20", "--drain-timeout", "15"]
+    result = {
+        "fanout-ws": [
+            "fanout",
+            "--clients",
+            "20",
+            "--rates",
+            "5,10",
+            "--step-duration",
+            "2",
+            "--slow-share",
+            "0.1",
+            *common,
+        ],
+        "fanout-sse": [
+            "fanout",
+            "--transport",
+            "sse",
+            "--clients",
+            "20",
+            "--rates",
+            "10",
+            "--step-duration",
+            "2",
+            "--no-plot",
+            *common,
+        ],
+        "fanout-redis": [
+            "fanout",
+            "--publish-via",
+            "redis",
+            "--redis-url",
+            redis_url,
+            "--redis-prefix",
+            "smoke",
+            "--clients",
+            "20",
+            "--rates",
+            "10",
+            "--step-duration",
+            "2",
+            "--no-plot",
+            *common,
+        ],
+        "idle": ["idle", "--clients", "20", "--hold", "0.5", "--no-plot", *common],
+        "channels": [
+            "channels",
+            "--channels",
+            "4",
+            "--subscribers",
+            "5",
+            "--rates",
+            "20",
+            "--step-duration",
+            "2",
+            "--no-plot",
+            *common,
+        ],
+        "churn": [
+            "churn",
+            "--clients",
+            "10",
+            "--churn-rate",
+            "10",
+            "--duration",
+            "2",
+            "--rate",
+            "5",
+            "--no-plot",
+            *common,
+        ],
+    }
+    for name in BASELINES:
+        transport = "sse" if name == "sse_starlette" else "ws"
+        result[f"baseline-{name}"] = [
+            "fanout", "--target", name, "--transport", transport, "--redis-url", redis_url,
+            "--clients", "10", "--rates", "10", "--step-duration", "1", "--no-plot", *common,
+        ]  # fmt: skip
+    return result
+
+
+@dataclass
+class Run:
+    name: str
+    out: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
+    server = RedisServer().start()
+    tmp = tmp_path_factory.mktemp("loadtest")
+    started: dict[str, Run] = {}
+    try:
+        for name, args in runs(server.url).items():
+            out = tmp / f"{name}.json"
+            log = tmp / f"{name}.log"
+            with log.open("wb") as sink:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "loadtest", *args, "--out", str(out)],
+                    cwd=ROOT,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            started[name] = Run(name, out, proc, log)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        for run in started.values():
+            try:
+                run.proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                run.proc.kill()
+                run.proc.wait()
+            if run.proc.returncode == 0 and run.out.exists():
+                run.report = json.loads(run.out.read_text())
+        yield started
+    finally:
+        for run in started.values():
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+        server.close()
+
+
+def report_of(reports: dict[str, Run], name: str) -> dict[str, Any]:
+    run = reports[name]
+    assert run.proc.returncode == 0, f"{name} exited with {run.proc.returncode}:\n{run.output()}"
+    assert run.report, f"{name} wrote no report:\n{run.output()}"
+    return run.report
+
+
+def check_deliveries(
+    report: dict[str, Any],
+    subscribers: int,
+    published_per_step: list[int],
+    per_channel: int | None = None,
+) -> None:
+    """Every publication reached every normal subscriber of its channel once, and the
+    counts add up. ``per_channel``: subscribers per channel when there are several."""
+    conns = report["connections"]
+    assert conns["failed"] == 0, conns["failures"]
+    assert conns["subscribed"] == conns["requested"]
+    assert conns["normal_closes"] == 0
+    normal = subscribers - conns["slow"]
+    assert conns["open_at_end"] == normal
+    steps = report["steps"]
+    assert [s["publish"]["published"] for s in steps] == published_per_step
+    for step in steps:
+        assert step["expected"] == step["publish"]["published"] * (per_channel or normal)
+        assert step["delivered"] == step["expected"]
+        assert step["lost"] == 0
+        assert step["ok"], step["failures"]
+        lat = step["latency_ms"]
+        assert lat["count"] == step["delivered"]
+        assert 0 <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert step["server"]["cpu_percent"] is not None
+        assert step["server"]["rss_mib_max"] > 0
+        assert step["loadgen"]["cpu_percent"]
+    deliveries = report["deliveries"]
+    assert deliveries["lost"] == 0
+    assert deliveries["duplicated"] == 0
+    assert deliveries["delivered"] == sum(s["delivered"] for s in steps)
+    assert deliveries["unrecognised"] == 0
+    assert report["summary"]["max_rate_ok"] == max(s["rate"] for s in steps)
+    assert sum(row["deliveries"] for row in report["timeseries"]) == deliveries["delivered"]
+
+
+def test_fanout_ws_reports_every_delivery_and_slow_consumers(reports: dict[str, Run]) -> None:
+    report = report_of(reports, "fanout-ws")
+    assert report["target"] == {
+        "name": "gateway",
+        "description": report["target"]["description"],
+        "transport": "ws",
+        "publish_via": "api",
+        "broker": "memory",
+    }
+    assert report["connections"]["slow"] == 2  # 10 % of 20
+    check_deliveries(report, 20, [10, 20])
+    assert report["deliveries"]["slow_consumer_received"] > 0
+    assert report["server_metrics"]["gateway_publications_total"] == 30
+    plot = Path(report["files"]["plot"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fanout_sse(reports: dict[str, Run]) -> None:
+    report = report_of(reports, "fanout-sse")
+    assert report["target"]["transport"] == "sse"
+    check_deliveries(report, 20, [20])
+    assert report["files"]["plot"] is None
+
+
+def test_fanout_through_the_gateways_redis_broker(reports: dict[str, Run]) -> None:
+    report = report_of(reports, "fanout-redis")
+    assert report["target"]["publish_via"] == "redis"
+    assert report["target"]["broker"] == "redis"
+    check_deliveries(report, 20, [20])
+
+
+def test_idle_measures_memory_per_connection(reports: dict[str, Run]) -> None:
+    report = report_of(reports, "idle")
+    idle = report["idle"]
+    assert idle["connections"] == 20
+    assert idle["rss_before_mib"] > 0
+    assert idle["rss_after_mib"] > 0
+    assert isinstance(idle["per_connection_kib"], float)
+    assert report["connections"]["subscribed"] == 20
+    assert report["steps"] == []
+
+
+def test_channels_delivers_each_channel_to_its_subscribers(reports: dict[str, Run]) -> None:
+    report = report_of(reports, "channels")
+    assert report["config"]["channels"] == 4
+    check_deliveries(report, 20, [40], per_channel=5)
+
+
+def test_churn_counts_connects_and_keeps_steady_subscribers_whole(
+    reports: dict[str, Run],
+) -> None:
+    report = report_of(reports, "churn")
+    churn = report["churn"]
+    assert churn["attempted"] == 20
+    assert churn["succeeded"] == 20
+    assert churn["failed"] == 0
+    assert churn["connect_latency_ms"]["count"] == 20
+    check_deliveries(report, 10, [10])
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_fanout(reports: dict[str, Run], name: str) -> None:
+    report = report_of(reports, f"baseline-{name}")
+    assert report["target"]["name"] == name
+    assert report["target"]["publish_via"] == "redis"
+    check_deliveries(report, 10, [10])
