@@ -245,7 +245,7 @@ def profile_lines(by_section: dict[str, list[dict[str, Any]]]) -> list[str]:
             lines = [
                 f"py-spy (`record --nonblocking --rate 100`, {profile['samples']:,} samples) "
                 f"of the gateway in a separate run: {row['clients']:,} WebSocket subscribers "
-                f"at {row['rates'][0]:g} pub/s (server CPU "
+                f"at {step.get('rate', row['rates'][0]):g} pub/s (server CPU "
                 f"{step.get('server', {}).get('cpu_percent')}%), top frames by own time "
                 "(native code is counted in the Python frame that called it):",
                 "",
@@ -269,6 +269,9 @@ def render_section(
         by_section.setdefault(row["section"], []).append(row)
     first: dict[str, Any] = next((r["report"] for r in results if "error" not in r["report"]), {})
     server = first.get("server", {})
+    starts = [r["report"] for r in results if "started_at" in r["report"]]
+    if starts:  # the machine as it was when the earliest of these runs began
+        machine = {**machine, **min(starts, key=lambda r: r["started_at"]).get("machine", {})}
     loadgen = next(
         (s["loadgen"]["cpus"] for r in results for s in r["report"].get("steps", [])), None
     )
@@ -276,7 +279,9 @@ def render_section(
     out: list[str] = [
         BEGIN,
         "",
-        f"## Results of `compare` ({when}, {elapsed / 60:.1f} min)",
+        f"## Results of `compare` ({when}, {elapsed / 60:.1f} min)"
+        if any(not r.get("reused_from") for r in results)
+        else f"## Results of `compare` (rendered {when} from earlier runs)",
         "",
         "Command:",
         "",
@@ -284,8 +289,8 @@ def render_section(
         "",
         f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), "
         f"{machine['memory_gib']} GiB, Python {machine['python']}, Linux {machine['kernel']}; "
-        f"load average {', '.join(f'{x:.2f}' for x in machine['loadavg_at_start'])} at the "
-        "end. Each server: one process pinned to CPU "
+        f"load average {', '.join(f'{x:.2f}' for x in machine['loadavg_at_start'])} when "
+        "the first run started. Each server: one process pinned to CPU "
         f"{server.get('cpus')}; clients, publisher and redis-server on CPU {loadgen}. "
         f"Steps of {args.step_duration:g} s, the run stops at a server's first failing step "
         f"(p99 ≥ {args.p99_limit_ms:g} ms, anything lost, or the publisher could not keep "

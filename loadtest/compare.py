@@ -47,7 +47,8 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help=f"comma-separated subset of {', '.join(SECTIONS)}",
+        help=f"comma-separated subset of {', '.join(SECTIONS)}, or none (with --reuse: "
+        "only rewrite the document from earlier reports)",
     )
     p.add_argument(
         "--targets", default=",".join(TARGETS), help="comma-separated subset of the servers"
@@ -109,7 +110,8 @@ def base_setup(args: argparse.Namespace, target: str, transport: str) -> Setup:
 
 def plan(args: argparse.Namespace, targets: list[str] | None = None) -> list[dict[str, Any]]:
     """The runs, in order: (section, target, transport, scenario keyword arguments)."""
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    # "none": run nothing, only render the --reuse'd reports into the document.
+    sections = [s.strip() for s in args.sections.split(",") if s.strip() not in ("", "none")]
     if targets is None:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [s for s in sections if s not in SECTIONS] + [t for t in targets if t not in TARGETS]
@@ -213,6 +215,11 @@ def profile_rate(results: list[dict[str, Any]], default: float) -> float:
     return default
 
 
+def everything_of(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every section (and the profile run) planned."""
+    return argparse.Namespace(**{**vars(args), "sections": ",".join(SECTIONS), "profile": True})
+
+
 def reuse(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Reports of the servers this run leaves out, from an earlier run's ``--out-dir``
     (``--reuse``): the baselines do not change when the gateway does."""
@@ -220,10 +227,10 @@ def reuse(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str
         return []
     planned = {(r["section"], r["target"], r["transport"]) for r in runs}
     found = []
-    for run in plan(args, list(TARGETS)):
+    for run in plan(everything_of(args), list(TARGETS)):
         key = (run["section"], run["target"], run["transport"])
         path = args.reuse / f"{run['section']}-{run['target']}-{run['transport']}.json"
-        if key in planned or run["section"] == "profile" or not path.exists():
+        if key in planned or not path.exists():
             continue
         report = json.loads(path.read_text())
         found.append({**run, "report": report, "reused_from": str(args.reuse)})
@@ -261,7 +268,7 @@ async def run_compare(args: argparse.Namespace, argv: list[str]) -> int:
     if reused:
         order = {
             (r["section"], r["target"], r["transport"]): i
-            for i, r in enumerate(plan(args, list(TARGETS)))
+            for i, r in enumerate(plan(everything_of(args), list(TARGETS)))
         }
         results = sorted(
             results + reused,

@@ -84,6 +84,8 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "20",
             "--step-duration",
             "2",
+            "--per-source-limit",
+            "10",
             "--no-plot",
             *common,
         ],
@@ -247,6 +249,8 @@ def test_channels_delivers_each_channel_to_its_subscribers(reports: dict[str, Ru
     report = report_of(reports, "channels")
     assert report["config"]["channels"] == 4
     check_deliveries(report, 20, [40], per_channel=5)
+    # 20 connections, 10 per source address: 127.0.0.2 and 127.0.0.3.
+    assert "connections spread over 2 loopback source addresses" in report["notes"]
 
 
 def test_churn_counts_connects_and_keeps_steady_subscribers_whole(
