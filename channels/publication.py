@@ -2,7 +2,8 @@
 
 Each message is encoded once, lazily, and the same bytes/str are handed to
 every local subscriber: ``frame`` for WebSocket text frames, ``json`` for SSE
-``data:`` lines.
+``data:`` lines. The transports cache their whole wire form on the message too
+(``ws``, ``sse``) so that it is built once per publication, not once per client.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Publication:
     _encoded: tuple[bytes, str] | None = field(default=None, repr=False)
     # The whole SSE event for one-channel streams, whose cursor depends on this publication only.
     sse: bytes | None = field(default=None, repr=False)
+    # The same event framed as one HTTP/1.1 chunk, for raw writes (gateway.httpprotocol).
+    sse_chunk: bytes | None = field(default=None, repr=False)
+    # The whole WebSocket frame (header + ``json``), the same bytes for every subscriber.
+    ws: bytes | None = field(default=None, repr=False)
 
     def _encode(self) -> tuple[bytes, str]:
         if self._encoded is None:
@@ -77,6 +82,7 @@ class PresenceEvent:
     event: str  # "join" | "leave"
     client: bytes  # JSON of {"client", "user", "info"}
     _encoded: tuple[bytes, str] | None = field(default=None, repr=False)
+    ws: bytes | None = field(default=None, repr=False)
 
     def _encode(self) -> tuple[bytes, str]:
         if self._encoded is None:

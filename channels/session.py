@@ -162,9 +162,21 @@ class Session:
         return self._queued_bytes
 
     def push(self, item: Outgoing) -> bool:
-        """Queue ``item`` without waiting. False when the session is closing or just overflowed."""
+        """Write or queue ``item`` without waiting. False when closing or just overflowed."""
         if self.close_reason is not None:
             return False
+        if not self._queue and self._in_flight is None and not self._writing:
+            try:
+                started = self._transport.write_now(item)
+            except OSError:  # the client is gone (ConnectionError); the reader sees it too
+                self.close(1000, "")
+                return False
+            if started is None:
+                return True
+            if isinstance(started, InFlight):
+                self._in_flight = started
+                self._wakeup.set()
+                return True
         if isinstance(item, str):
             size = len(item)
         elif isinstance(item, Gap):
@@ -179,21 +191,6 @@ class Session:
             if self.abort is not None:
                 self.abort()
             return False
-        if not self._queue and self._in_flight is None and not self._writing:
-            try:
-                started = self._transport.write_now(item)
-            except OSError:  # the client is gone (ConnectionError); the reader sees it too
-                self._queued_bytes -= size
-                self.close(1000, "")
-                return False
-            if started is None:
-                self._queued_bytes -= size
-                return True
-            if isinstance(started, InFlight):
-                self._queued_bytes -= size
-                self._in_flight = started
-                self._wakeup.set()
-                return True
         self._queue.append(item)
         self._wakeup.set()
         return True

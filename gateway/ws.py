@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, WebSocket
@@ -23,27 +23,60 @@ from starlette.websockets import WebSocketDisconnect
 from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
-from channels.publication import Publication
-from channels.session import Gap, Outgoing, Session, Started, start_write
+from channels.publication import PresenceEvent, Publication
+from channels.session import NOT_NOW, Gap, Outgoing, Session, Started, start_write
 from gateway.commands import BadFrame, Command, CommandId, parse_command
 from gateway.deps import MaybeClaimsDep
 from gateway.errors import Close, CloseCode, ErrorCode, GatewayError
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
+from gateway.wsprotocol import RAW_FRAMES, text_frame
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-class WebSocketTransport:
-    """Writes queued items as text frames; ``Gap`` markers are SSE-only and skipped."""
+class RawFrames(Protocol):
+    """What ``GatewayWebSocketProtocol`` offers under ``scope["extensions"][RAW_FRAMES]``."""
 
-    __slots__ = ("_websocket",)
+    def write_frame(self, frame: bytes) -> bool: ...
+
+    async def wait_writable(self) -> None: ...
+
+
+def frame_of(item: Publication | PresenceEvent | str) -> bytes:
+    """``item``'s text frame; a push's is built once and shared by all its subscribers."""
+    if isinstance(item, str):
+        return text_frame(item.encode())
+    frame = item.ws
+    if frame is None:
+        frame = item.ws = text_frame(item.json)
+    return frame
+
+
+class WebSocketTransport:
+    """Writes queued items as text frames; ``Gap`` markers are SSE-only and skipped.
+
+    Under the gateway's own uvicorn protocol the frames go straight to the socket
+    (``RawFrames``); under any other ASGI server through ``send``.
+    """
+
+    __slots__ = ("_raw", "_websocket")
 
     def __init__(self, websocket: WebSocket) -> None:
         self._websocket = websocket
+        self._raw: RawFrames | None = websocket.scope.get("extensions", {}).get(RAW_FRAMES)
 
     async def write(self, batch: list[Outgoing]) -> None:
+        raw = self._raw
+        if raw is not None:
+            for item in batch:
+                if isinstance(item, Gap):
+                    continue
+                frame = frame_of(item)
+                while not raw.write_frame(frame):
+                    await raw.wait_writable()
+            return
         send = self._websocket.send
         for item in batch:
             if isinstance(item, str):
@@ -54,6 +87,9 @@ class WebSocketTransport:
     def write_now(self, item: Outgoing) -> Started:
         if isinstance(item, Gap):
             return None
+        raw = self._raw
+        if raw is not None:
+            return None if raw.write_frame(frame_of(item)) else NOT_NOW
         text = item if isinstance(item, str) else item.frame
         try:
             return start_write(self._websocket.send({"type": "websocket.send", "text": text}))

@@ -1,19 +1,71 @@
-"""uvicorn's websockets-sansio protocol with the contract's close reason for oversized frames.
+"""uvicorn's websockets-sansio protocol with two additions the gateway needs.
 
-The parser refuses a frame over ``ws_max_size`` (set to ``GATEWAY_MAX_MESSAGE_BYTES``)
-and closes with 1009 and its own wording; the contract says ``message too big``.
+- The contract's close reason for oversized frames: the parser refuses a frame over
+  ``ws_max_size`` (set to ``GATEWAY_MAX_MESSAGE_BYTES``) and closes with 1009 and
+  its own wording; the contract says ``message too big``.
+- Raw frame writes for the fan-out hot path. Going through ASGI costs a message
+  dict, three Starlette ``send`` wrappers and websockets' frame serialisation per
+  delivery; py-spy put ~75 % of a saturated worker there. Server frames are never
+  masked, so a publication's text frame is the same bytes for every subscriber:
+  ``text_frame`` builds it once and ``write_frame`` hands it to the socket.
+  The protocol offers itself in ``scope["extensions"][RAW_FRAMES]``; under any
+  other server the key is absent and the transport uses ASGI ``send``.
+  Control frames (ping, close) still go through the websockets state machine;
+  every write is a whole frame, so they never interleave inside one.
 """
 
 from __future__ import annotations
 
+import struct
+from typing import Any
+
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Request
 
 from gateway.errors import CloseCode
 
+RAW_FRAMES = "gateway.raw_frames"
+_TEXT = 0x81  # FIN + text opcode
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented text frame (server to client) carrying ``payload``."""
+    size = len(payload)
+    if size < 126:
+        return bytes((_TEXT, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", _TEXT, 126, size) + payload
+    return struct.pack("!BBQ", _TEXT, 127, size) + payload
+
 
 class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope: dict[str, Any] | None = getattr(self, "scope", None)
+        if scope is not None:  # the handshake was valid: the app runs
+            scope["extensions"][RAW_FRAMES] = self
+
+    # -- raw frames (see the module docstring) --------------------------------
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write ``frame`` now; False when the socket's buffer is full (``wait_writable``).
+
+        Raises ``ConnectionError`` once the connection is closing or closed.
+        """
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            raise ConnectionError("websocket closed")
+        if not self.writable.is_set():
+            return False
+        self.transport.write(frame)
+        return True
+
+    async def wait_writable(self) -> None:
+        await self.writable.wait()
+
+    # -- oversized frames --------------------------------------------------------
+
     def handle_parser_exception(self) -> None:
         if not isinstance(self.conn.parser_exc, PayloadTooBig):
             super().handle_parser_exception()
