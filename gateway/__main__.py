@@ -43,7 +43,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     try:
         import httptools  # noqa: F401
 
-        options["http"] = "httptools"
+        from gateway.httpprotocol import GatewayHttpToolsProtocol
+
+        options["http"] = GatewayHttpToolsProtocol  # raw SSE writes (GATEWAY_RAW_WRITES)
     except ImportError:  # pragma: no cover
         options["http"] = "h11"
     return options

@@ -8,7 +8,9 @@ resumes losslessly.
 
 Each event's ``id:`` is the cursor of all channels of the stream after that
 event (``gateway.cursor``). A stream with one channel caches the whole event
-on the publication, so it is encoded once for all such streams.
+on the publication, so it is encoded once for all such streams; under the
+gateway's own HTTP protocol it is also framed once as an HTTP chunk and written
+straight to the socket (``gateway.httpprotocol``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from channels.session import NOT_NOW, Gap, Outgoing, Session, Started, start_wri
 from gateway import cursor
 from gateway.deps import ClaimsDep, GatewayDep
 from gateway.errors import ErrorCode, GatewayError
+from gateway.httpprotocol import RAW_BODY, RawBody, frame_chunk
 from gateway.runtime import Gateway
 
 logger = logging.getLogger(__name__)
@@ -45,14 +48,20 @@ HEARTBEAT = ": ping\n\n"
 
 
 class SSETransport:
-    """Formats queued items as SSE events and keeps the stream's cursor."""
+    """Formats queued items as SSE events and keeps the stream's cursor.
 
-    __slots__ = ("positions", "send", "single")
+    Under ``GatewayHttpToolsProtocol`` each event is one HTTP chunk written straight to
+    the socket (``raw``, see ``gateway.httpprotocol``); elsewhere it goes through ASGI
+    ``send``. Both are set once the response has started.
+    """
+
+    __slots__ = ("positions", "raw", "send", "single")
 
     def __init__(self, channels: list[str]) -> None:
         self.positions: dict[str, StreamPosition] = {}
         self.single = len(channels) == 1
         self.send: Send | None = None
+        self.raw: RawBody | None = None
 
     def cursor(self) -> str:
         return cursor.encode(self.positions)
@@ -63,12 +72,9 @@ class SSETransport:
             if self.single:
                 cached = item.sse
                 if cached is None:
-                    cached = item.sse = b"id: %s\ndata: %s\n\n" % (
-                        self.cursor().encode(),
-                        item.json,
-                    )
+                    cached = item.sse = self._publication_event(item)
                 return cached
-            return b"id: %s\ndata: %s\n\n" % (self.cursor().encode(), item.json)
+            return self._publication_event(item)
         if isinstance(item, Gap):
             data = orjson.dumps({"channel": item.channel})
             return b"event: gap\nid: %s\ndata: %s\n\n" % (self.cursor().encode(), data)
@@ -76,12 +82,39 @@ class SSETransport:
             return item.encode()
         return b"event: %s\ndata: %s\n\n" % (item.event.encode(), item.json)
 
+    def _publication_event(self, item: Publication) -> bytes:
+        return b"id: %s\ndata: %s\n\n" % (self.cursor().encode(), item.json)
+
+    def chunk(self, item: Outgoing) -> bytes:
+        """``item``'s event as one HTTP chunk; framed once per publication when single."""
+        if self.single and isinstance(item, Publication):
+            self.positions[item.channel] = item.position
+            cached = item.sse_chunk
+            if cached is None:
+                event = item.sse or self._publication_event(item)
+                cached = item.sse_chunk = frame_chunk(event)
+            return cached
+        return frame_chunk(self.event(item))
+
     async def write(self, batch: list[Outgoing]) -> None:
+        raw = self.raw
+        if raw is not None:
+            if len(batch) == 1:
+                chunk = self.chunk(batch[0])
+            else:
+                chunk = frame_chunk(b"".join([self.event(item) for item in batch]))
+            # raw is only set once the chunked response started, so False means paused.
+            while not raw.write(chunk):
+                await raw.drain()
+            return
         assert self.send is not None
         body = b"".join([self.event(item) for item in batch])
         await self.send({"type": "http.response.body", "body": body, "more_body": True})
 
     def write_now(self, item: Outgoing) -> Started:
+        raw = self.raw
+        if raw is not None:
+            return None if raw.write(self.chunk(item)) else NOT_NOW
         if self.send is None:  # the response has not started: queue until the writer runs
             return NOT_NOW
         body = self.event(item)
@@ -117,6 +150,9 @@ class EventStream(Response):
             opening = f"retry: {settings.sse_retry_ms}\nid: {self.transport.cursor()}\n\n"
             await send({"type": "http.response.body", "body": opening.encode(), "more_body": True})
             # From here on pushes may be written directly; what queued meanwhile goes first.
+            raw: RawBody | None = scope.get("extensions", {}).get(RAW_BODY)
+            if raw is not None and raw.chunked and settings.raw_writes:
+                self.transport.raw = raw
             self.transport.send = send
             writer = asyncio.create_task(session.run_writer(), name=f"sse:{session.client_id}")
             session.abort = writer.cancel

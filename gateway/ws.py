@@ -63,9 +63,10 @@ class WebSocketTransport:
 
     __slots__ = ("_raw", "_websocket")
 
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(self, websocket: WebSocket, *, raw_writes: bool = True) -> None:
         self._websocket = websocket
-        self._raw: RawFrames | None = websocket.scope.get("extensions", {}).get(RAW_FRAMES)
+        extensions = websocket.scope.get("extensions") or {}
+        self._raw: RawFrames | None = extensions.get(RAW_FRAMES) if raw_writes else None
 
     async def write(self, batch: list[Outgoing]) -> None:
         raw = self._raw
@@ -121,7 +122,7 @@ class Connection:
         self.claims = claims
         settings = gateway.settings
         self.session = Session(
-            WebSocketTransport(websocket),
+            WebSocketTransport(websocket, raw_writes=settings.raw_writes),
             user=claims.user,
             info=claims.info,
             max_queue_bytes=settings.client_queue_bytes,

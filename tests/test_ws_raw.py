@@ -135,6 +135,20 @@ async def test_one_frame_shared_by_all_subscribers(server: RunningServer) -> Non
         assert publication.ws == text_frame(orjson.dumps(pa))
 
 
+async def test_raw_writes_off_sends_through_asgi(
+    make_server: Callable[..., Awaitable[RunningServer]],
+) -> None:
+    server = await make_server(raw_writes=False)  # GATEWAY_RAW_WRITES=false
+    async with ws_client(server) as client, api_client(server) as http:
+        await client.subscribe("asgi")
+        [transport] = await eventually(lambda: _transports(server))
+        assert transport._raw is None
+        for n in range(5):
+            await api_publish(http, "asgi", {"n": n})
+        got = await client.publications("asgi", 5)
+        assert [p["offset"] for p in got] == [1, 2, 3, 4, 5]
+
+
 @contextlib.asynccontextmanager
 async def _plain_uvicorn_server() -> AsyncIterator[RunningServer]:
     """The gateway under uvicorn's own websockets-sansio protocol: no raw frames."""
