@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from channels.broker import Broker, BrokerUnavailable, HistoryPage
-from channels.publication import Message, Publication, StreamPosition
+from channels.publication import Batch, Message, Publication, StreamPosition
 from channels.session import Gap, Session
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class LocalChannel:
         "live",
         "name",
         "offset",
+        "pending",
         "recovering",
         "upstream",
     )
@@ -87,6 +88,8 @@ class LocalChannel:
         self.offset = 0
         self.upstream = False
         self.recovering: list[Message] | None = None
+        # Messages for ``live`` not written yet: flushed at the end of the loop pass.
+        self.pending: list[Message] | None = None
 
     def __len__(self) -> int:
         return len(self.live) + len(self.joining) + len(self.catching_up)
@@ -245,6 +248,7 @@ class Hub:
             # a later gap or a broker resync can recover the channel from here.
             lc.epoch, lc.offset = last.epoch, last.offset
         if lc.epoch == last.epoch and lc.offset >= last.offset:
+            self._flush(lc)  # pending messages are in what this session was given
             lc.live[session] = None
         else:
             lc.catching_up[session] = last
@@ -354,16 +358,36 @@ class Hub:
         self._deliver(lc, message)
 
     def _deliver(self, lc: LocalChannel, message: Message) -> None:
-        for session in lc.live:
-            session.push(message)
-        self.stats.deliveries += len(lc.live)
-        if self.observe_latency is not None and lc.live and isinstance(message, Publication):
-            self.observe_latency(time.time() - message.published_at)
+        if lc.live:
+            if lc.pending is None:
+                lc.pending = [message]
+                asyncio.get_running_loop().call_soon(self._flush, lc)
+            else:
+                lc.pending.append(message)
         if lc.joining:
             for join in lc.joining.values():
                 join.buffer.append(message)
         if lc.catching_up:
             self._advance_catching_up(lc, message)
+
+    def _flush(self, lc: LocalChannel) -> None:
+        """Write the channel's pending messages to its live sessions: one item per session.
+
+        Called once per loop pass after messages arrived, and before anything that
+        changes ``live`` or pushes to a live session directly, so every session sees
+        the channel's messages exactly once and in order.
+        """
+        pending, lc.pending = lc.pending, None
+        if not pending:
+            return
+        item = pending[0] if len(pending) == 1 else Batch(pending)
+        live = lc.live
+        for session in live:
+            session.push(item)
+        self.stats.deliveries += len(live) * len(pending)
+        first = pending[0]
+        if self.observe_latency is not None and live and isinstance(first, Publication):
+            self.observe_latency(time.time() - first.published_at)
 
     def _advance_catching_up(self, lc: LocalChannel, message: Message) -> None:
         if not isinstance(message, Publication):
@@ -379,10 +403,12 @@ class Hub:
             session.push(message)
             self.stats.deliveries += 1
             del lc.catching_up[session]
+            self._flush(lc)  # earlier pending messages are not this session's
             lc.live[session] = None
 
     def _push_all(self, lc: LocalChannel, item: Gap) -> None:
         """Gap to live sessions; catching-up and joining ones see the epoch change themselves."""
+        self._flush(lc)
         for session in lc.live:
             session.push(item)
 

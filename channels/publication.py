@@ -105,3 +105,22 @@ class PresenceEvent:
 
 
 Message = Publication | PresenceEvent
+
+
+@dataclass(slots=True)
+class Batch:
+    """Consecutive messages of one channel that reached the hub in the same loop pass.
+
+    Under load several publications arrive between two fan-out passes; the hub hands
+    them to each subscriber as one item, so a client costs one socket write per pass
+    instead of one per publication. The transports cache the joined wire form here.
+    """
+
+    messages: list[Message]
+    ws: bytes | None = field(default=None, repr=False)
+    sse_chunk: bytes | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return sum(len(message.json) for message in self.messages)
+

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from channels.publication import PresenceEvent, Publication
+from channels.publication import Batch, PresenceEvent, Publication
 
 SLOW_CONSUMER = (4008, "slow consumer")
 
@@ -37,7 +37,7 @@ class Gap:
     channel: str
 
 
-Outgoing = Publication | PresenceEvent | Gap | str  # str: an encoded reply
+Outgoing = Publication | PresenceEvent | Batch | Gap | str  # str: an encoded reply
 
 
 class Transport(Protocol):
@@ -181,6 +181,8 @@ class Session:
             size = len(item)
         elif isinstance(item, Gap):
             size = 64
+        elif isinstance(item, Batch):
+            size = item.size
         else:
             size = len(item.json)
         self._queued_bytes += size
@@ -232,6 +234,7 @@ class Session:
                 self._writing = False
             if self.observe_latency is not None:
                 for item in batch:
-                    if isinstance(item, Publication):
-                        self.observe_latency(time.time() - item.published_at)
+                    first = item.messages[0] if isinstance(item, Batch) else item
+                    if isinstance(first, Publication):
+                        self.observe_latency(time.time() - first.published_at)
                         break

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
 from channels.names import is_valid_channel
-from channels.publication import Publication, StreamPosition
+from channels.publication import Batch, Publication, StreamPosition
 from channels.session import NOT_NOW, Gap, Outgoing, Session, Started, start_write
 from gateway import cursor
 from gateway.deps import ClaimsDep, GatewayDep
@@ -80,6 +80,8 @@ class SSETransport:
             return b"event: gap\nid: %s\ndata: %s\n\n" % (self.cursor().encode(), data)
         if isinstance(item, str):
             return item.encode()
+        if isinstance(item, Batch):
+            return b"".join([self.event(message) for message in item.messages])
         return b"event: %s\ndata: %s\n\n" % (item.event.encode(), item.json)
 
     def _publication_event(self, item: Publication) -> bytes:
@@ -93,6 +95,15 @@ class SSETransport:
             if cached is None:
                 event = item.sse or self._publication_event(item)
                 cached = item.sse_chunk = frame_chunk(event)
+            return cached
+        if self.single and isinstance(item, Batch):
+            cached = item.sse_chunk
+            if cached is None:
+                cached = item.sse_chunk = frame_chunk(self.event(item))
+            else:
+                for message in item.messages:
+                    if isinstance(message, Publication):
+                        self.positions[message.channel] = message.position
             return cached
         return frame_chunk(self.event(item))
 

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocketDisconnect
 from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
-from channels.publication import PresenceEvent, Publication
+from channels.publication import Batch, PresenceEvent, Publication
 from channels.session import NOT_NOW, Gap, Outgoing, Session, Started, start_write
 from gateway.commands import BadFrame, Command, CommandId, parse_command
 from gateway.deps import MaybeClaimsDep
@@ -44,13 +44,16 @@ class RawFrames(Protocol):
     async def wait_writable(self) -> None: ...
 
 
-def frame_of(item: Publication | PresenceEvent | str) -> bytes:
-    """``item``'s text frame; a push's is built once and shared by all its subscribers."""
+def frame_of(item: Publication | PresenceEvent | Batch | str) -> bytes:
+    """``item``'s text frame(s); a push's are built once and shared by all its subscribers."""
     if isinstance(item, str):
         return text_frame(item.encode())
     frame = item.ws
     if frame is None:
-        frame = item.ws = text_frame(item.json)
+        if isinstance(item, Batch):
+            frame = item.ws = b"".join([frame_of(message) for message in item.messages])
+        else:
+            frame = item.ws = text_frame(item.json)
     return frame
 
 
@@ -82,6 +85,9 @@ class WebSocketTransport:
         for item in batch:
             if isinstance(item, str):
                 await send({"type": "websocket.send", "text": item})
+            elif isinstance(item, Batch):
+                for message in item.messages:
+                    await send({"type": "websocket.send", "text": message.frame})
             elif not isinstance(item, Gap):
                 await send({"type": "websocket.send", "text": item.frame})
 
@@ -91,6 +97,8 @@ class WebSocketTransport:
         raw = self._raw
         if raw is not None:
             return None if raw.write_frame(frame_of(item)) else NOT_NOW
+        if isinstance(item, Batch):
+            return NOT_NOW  # several sends: the writer task does them
         text = item if isinstance(item, str) else item.frame
         try:
             return start_write(self._websocket.send({"type": "websocket.send", "text": text}))
