@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from channels.broker import Broker, BrokerUnavailable, HistoryPage
-from channels.publication import Batch, Message, Publication, StreamPosition
+from channels.publication import Batch, Message, Publication, StreamPosition, compact
 from channels.session import Gap, Session
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class Hub:
     # -- publish, history, presence ----------------------------------------------
 
     async def publish(self, channel: str, data: bytes) -> Publication:
-        publication = await self.broker.publish(channel, data)
+        publication = await self.broker.publish(channel, compact(data))
         self.stats.publications_in += 1
         return publication
 

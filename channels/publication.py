@@ -21,9 +21,18 @@ class StreamPosition:
     epoch: str
 
 
+def compact(data: bytes) -> bytes:
+    """``data`` in an object of its own size, for bytes that are kept.
+
+    ``orjson.dumps`` returns bytes that keep the whole output buffer alive (4 KiB
+    for a 60-byte result); kept per connection or in history that adds up.
+    """
+    return bytes(memoryview(data))
+
+
 def _encoded(push: dict[str, Any]) -> tuple[bytes, str]:
     """A push as JSON bytes (SSE ``data:``) and as ``str`` (a WebSocket text frame)."""
-    encoded = orjson.dumps(push)
+    encoded = compact(orjson.dumps(push))
     return encoded, encoded.decode()
 
 
@@ -123,4 +132,3 @@ class Batch:
     @property
     def size(self) -> int:
         return sum(len(message.json) for message in self.messages)
-

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
-from channels.publication import Batch, PresenceEvent, Publication
+from channels.lite import LiteEvent
+from channels.publication import Batch, PresenceEvent, Publication, compact
 
 SLOW_CONSUMER = (4008, "slow consumer")
 
@@ -116,7 +116,6 @@ class Session:
         "channels",
         "client_id",
         "close_reason",
-        "closing",
         "info",
         "max_queue_bytes",
         "observe_latency",
@@ -140,16 +139,17 @@ class Session:
         self.client_id = new_client_id()
         self.user = user
         self.info = info
-        self.presence_entry = orjson.dumps({"client": self.client_id, "user": user, "info": info})
+        self.presence_entry = compact(
+            orjson.dumps({"client": self.client_id, "user": user, "info": info})
+        )
         self.channels: set[str] = set()
         self.max_queue_bytes = max_queue_bytes
         self.observe_latency = observe_latency
-        self._queue: deque[Outgoing] = deque()
+        self._queue: list[Outgoing] = []  # written whole by the writer: no deque needed
         self._queued_bytes = 0
         self._in_flight: InFlight | None = None
         self._writing = False  # the writer task is inside transport.write
-        self._wakeup = asyncio.Event()
-        self.closing = asyncio.Event()
+        self._wakeup = LiteEvent()  # idle sessions are the common case: no waiter deque
         self.close_reason: tuple[int, str] | None = None
         # Set by the transport: stops an in-flight write when the client is too slow.
         self.abort: Callable[[], object] | None = None
@@ -201,7 +201,6 @@ class Session:
         """Ask for the session to end; the first reason given wins. Idempotent."""
         if self.close_reason is None:
             self.close_reason = (code, reason)
-            self.closing.set()
             self._wakeup.set()
 
     @property

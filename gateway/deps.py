@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the runtime, and the token (``?token=`` or ``Authorization: Bearer``)."""
+"""FastAPI dependencies: the runtime, and the token (``?token=`` or ``Authorization: Bearer``).
+
+All ``async def``: FastAPI runs plain ``def`` dependencies in a thread pool, a
+thread hop per dependency per connection for work that takes microseconds.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,12 @@ from gateway.errors import ErrorCode, GatewayError
 from gateway.runtime import Gateway
 
 
-def get_gateway(conn: HTTPConnection) -> Gateway:
+async def get_gateway(conn: HTTPConnection) -> Gateway:
     gateway: Gateway = conn.app.state.gateway
     return gateway
 
 
-def bearer_or_query_token(
+async def bearer_or_query_token(
     conn: HTTPConnection,
     token: Annotated[str | None, Query(description="JWT (browsers cannot set headers)")] = None,
 ) -> str | None:
@@ -30,7 +34,7 @@ def bearer_or_query_token(
     return None
 
 
-def verified_claims(
+async def verified_claims(
     gateway: Annotated[Gateway, Depends(get_gateway)],
     token: Annotated[str | None, Depends(bearer_or_query_token)],
 ) -> Claims | AuthError:
@@ -41,7 +45,7 @@ def verified_claims(
         return exc
 
 
-def require_claims(claims: Annotated[Claims | AuthError, Depends(verified_claims)]) -> Claims:
+async def require_claims(claims: Annotated[Claims | AuthError, Depends(verified_claims)]) -> Claims:
     """For HTTP: a bad token is a 401 with a JSON error body."""
     if isinstance(claims, AuthError):
         raise GatewayError(ErrorCode.UNAUTHORIZED, str(claims))

@@ -34,9 +34,12 @@ behind such a middleware).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from channels.lite import LiteEvent
 
 RAW_BODY = "gateway.raw_body"
 
@@ -94,10 +97,18 @@ class RawBody:
 class GatewayHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that offers ``RawBody`` in each request's scope."""
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # Less memory per idle stream: an Event without an empty waiter deque.
+        writable = LiteEvent()
+        writable.set()
+        self.flow._is_writable_event = writable  # type: ignore[assignment]
+
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
         # No new cycle for a WebSocket upgrade: the scope then belongs to the ws protocol.
         if cycle is not None and cycle.scope is self.scope:
+            cycle.message_event = LiteEvent()  # type: ignore[assignment]  # nobody waits yet
             scope = cast(dict[str, Any], self.scope)
             scope.setdefault("extensions", {})[RAW_BODY] = RawBody(cycle)

@@ -12,6 +12,8 @@
   other server the key is absent and the transport uses ASGI ``send``.
   Control frames (ping, close) still go through the websockets state machine;
   every write is a whole frame, so they never interleave inside one.
+- Less memory per idle connection: no empty deques (``channels.lite``), and the
+  handshake's headers are dropped once it is accepted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from websockets.exceptions import PayloadTooBig
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 
+from channels.lite import LiteEvent, LiteQueue
 from gateway.errors import CloseCode
 
 RAW_FRAMES = "gateway.raw_frames"
@@ -41,6 +44,23 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Idle connections are the common case: no empty deques held for their lifetime.
+        self.queue = LiteQueue()  # type: ignore[assignment]
+        self.writable = LiteEvent()  # type: ignore[assignment]
+        self.writable.set()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            # The handshake is done; its headers are referenced for the connection's
+            # life (also from the parser's frame), so empty them instead.
+            request, response = getattr(self, "request", None), getattr(self, "response", None)
+            for held in (request, response):
+                if held is not None:
+                    held.headers.clear()
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope: dict[str, Any] | None = getattr(self, "scope", None)
