@@ -317,3 +317,29 @@ async def test_a_history_stream_left_without_its_meta_is_not_served(
 def test_a_key_prefix_with_braces_is_refused() -> None:
     with pytest.raises(ValueError, match="prefix"):
         RedisBroker("redis://127.0.0.1:1/0", BrokerOptions(key_prefix="a{b}"))
+
+
+async def test_a_burst_bigger_than_the_pool_waits_for_connections(
+    redis_server: RedisServer, redis_prefix: str, admin: Redis
+) -> None:
+    """Thousands of clients reconnecting at once queue for the bounded pool; none fails."""
+
+    class SmallPool(RedisBroker):
+        pool_size = 3  # the pub/sub connection and two for commands
+
+    broker = SmallPool(redis_server.url, BrokerOptions(key_prefix=redis_prefix))
+    sink = Received()
+    await broker.start(sink.on_message, sink.on_resync)
+    try:
+        await broker.subscribe("burst")
+        results = await asyncio.gather(
+            *[broker.publish("burst", b"%d" % n) for n in range(200)],
+            *[broker.history("burst", limit=0) for _ in range(200)],
+        )
+        offsets = sorted(r.offset for r in results[:200])
+        assert offsets == list(range(1, 201))
+        name = f"gateway:{redis_prefix}"
+        connections = [c for c in await admin.client_list() if c.get("name") == name]
+        assert 1 < len(connections) <= 3
+    finally:
+        await broker.close()
