@@ -109,6 +109,7 @@ class Session:
         "_in_flight",
         "_queue",
         "_queued_bytes",
+        "_start_writer",
         "_transport",
         "_wakeup",
         "_writing",
@@ -153,6 +154,7 @@ class Session:
         self.close_reason: tuple[int, str] | None = None
         # Set by the transport: stops an in-flight write when the client is too slow.
         self.abort: Callable[[], object] | None = None
+        self._start_writer: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.user!r} {self.transport_name}>"
@@ -176,6 +178,7 @@ class Session:
             if isinstance(started, InFlight):
                 self._in_flight = started
                 self._wakeup.set()
+                self._need_writer()
                 return True
         if isinstance(item, str):
             size = len(item)
@@ -195,6 +198,7 @@ class Session:
             return False
         self._queue.append(item)
         self._wakeup.set()
+        self._need_writer()
         return True
 
     def close(self, code: int, reason: str) -> None:
@@ -202,6 +206,21 @@ class Session:
         if self.close_reason is None:
             self.close_reason = (code, reason)
             self._wakeup.set()
+            self._need_writer()
+
+    def writer_on_demand(self, start: Callable[[], object] | None) -> None:
+        """Have ``start`` (which starts a task running ``run_writer``) called only once
+        the writer is needed: an item has to queue, a write suspended, or the session
+        closes. Most sessions are written directly and never need one; None: never."""
+        self._start_writer = start
+        if start is not None and (self._queue or self._in_flight or self.close_reason):
+            self._need_writer()
+
+    def _need_writer(self) -> None:
+        start = self._start_writer
+        if start is not None:
+            self._start_writer = None
+            start()
 
     @property
     def slow(self) -> bool:

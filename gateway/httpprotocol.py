@@ -35,6 +35,7 @@ behind such a middleware).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -53,12 +54,17 @@ def frame_chunk(data: bytes) -> bytes:
 
 
 class RawBody:
-    """Synchronous writes of already framed chunks to one response's socket."""
+    """Synchronous writes of already framed chunks to one response's socket.
 
-    __slots__ = ("_cycle",)
+    ``on_lost``, when set, is called once the connection is lost: a stream that
+    writes nothing for a while still learns at once that its client left.
+    """
+
+    __slots__ = ("_cycle", "on_lost")
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
         self._cycle = cycle
+        self.on_lost: Callable[[], object] | None = None
 
     @property
     def chunked(self) -> bool:
@@ -111,4 +117,10 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.scope is self.scope:
             cycle.message_event = LiteEvent()  # type: ignore[assignment]  # nobody waits yet
             scope = cast(dict[str, Any], self.scope)
-            scope.setdefault("extensions", {})[RAW_BODY] = RawBody(cycle)
+            self.raw_body = scope.setdefault("extensions", {})[RAW_BODY] = RawBody(cycle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        raw: RawBody | None = getattr(self, "raw_body", None)
+        if raw is not None and raw.on_lost is not None:
+            raw.on_lost()

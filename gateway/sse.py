@@ -135,7 +135,13 @@ class SSETransport:
 
 
 class EventStream(Response):
-    """The streaming response: a writer task, a heartbeat timer, and a disconnect watch."""
+    """The streaming response: the session's writer, a heartbeat timer, a disconnect watch.
+
+    Under the gateway's HTTP protocol (raw writes) the ASGI task itself runs the
+    session's writer and the protocol reports a lost connection (``RawBody.on_lost``):
+    no extra task per idle stream. Elsewhere a writer task and a task watching
+    ``receive`` for the disconnect run side by side.
+    """
 
     def __init__(self, gateway: Gateway, session: Session, transport: SSETransport) -> None:
         super().__init__(status_code=200)
@@ -154,40 +160,64 @@ class EventStream(Response):
             session.push(HEARTBEAT)
             heartbeat = loop.call_later(settings.sse_heartbeat, beat)
 
-        writer: asyncio.Task[None] | None = None
-        watch = asyncio.create_task(_wait_disconnect(receive), name="sse-disconnect")
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             opening = f"retry: {settings.sse_retry_ms}\nid: {self.transport.cursor()}\n\n"
             await send({"type": "http.response.body", "body": opening.encode(), "more_body": True})
             # From here on pushes may be written directly; what queued meanwhile goes first.
+            self.transport.send = send
+            heartbeat = loop.call_later(settings.sse_heartbeat, beat)
             raw: RawBody | None = scope.get("extensions", {}).get(RAW_BODY)
             if raw is not None and raw.chunked and settings.raw_writes:
                 self.transport.raw = raw
-            self.transport.send = send
-            writer = asyncio.create_task(session.run_writer(), name=f"sse:{session.client_id}")
-            session.abort = writer.cancel
-            heartbeat = loop.call_later(settings.sse_heartbeat, beat)
-            await asyncio.wait({writer, watch}, return_when=asyncio.FIRST_COMPLETED)
+                await self._write_inline(raw)
+            else:
+                await self._write_in_task(receive)
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
             session.close(1000, "")
-            watch.cancel()
-            if writer is not None and not writer.done():
-                if not watch.done() or watch.cancelled():
-                    # Ending normally (drain, slow consumer): give queued events a moment.
-                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(asyncio.shield(writer), 1.0)
-                writer.cancel()
-            if writer is not None:
-                with contextlib.suppress(BaseException):
-                    await writer
             await self.gateway.closed(session)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     send({"type": "http.response.body", "body": b"", "more_body": False}), 1.0
                 )
+
+    async def _write_inline(self, raw: RawBody) -> None:
+        session = self.session
+        task = asyncio.current_task()
+        assert task is not None
+        raw.on_lost = lambda: session.close(1000, "")
+        session.abort = task.cancel  # a slow consumer's blocked write is abandoned
+        try:
+            await session.run_writer()
+        except asyncio.CancelledError:
+            if not session.slow:
+                raise
+            task.uncancel()
+        except OSError:  # the client went away mid-write
+            pass
+        finally:
+            raw.on_lost = None
+
+    async def _write_in_task(self, receive: Receive) -> None:
+        session = self.session
+        watch = asyncio.create_task(_wait_disconnect(receive), name="sse-disconnect")
+        writer = asyncio.create_task(session.run_writer(), name=f"sse:{session.client_id}")
+        session.abort = writer.cancel
+        try:
+            await asyncio.wait({writer, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            session.close(1000, "")
+            watch.cancel()
+            if not writer.done():
+                if not watch.done() or watch.cancelled():
+                    # Ending normally (drain, slow consumer): give queued events a moment.
+                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                        await asyncio.wait_for(asyncio.shield(writer), 1.0)
+                writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
 
 
 async def _wait_disconnect(receive: Receive) -> None:

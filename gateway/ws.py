@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, WebSocket
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
 from auth import AuthError, Claims
@@ -149,18 +150,25 @@ class Connection:
         session = self.session
         self.gateway.opened(session)
         self._arm_expiry()
-        self._writer = asyncio.create_task(self._write(), name=f"ws-writer:{session.client_id}")
+        session.writer_on_demand(self._start_writer)  # idle connections need no task
         try:
             await self._read()
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
+            session.writer_on_demand(None)
             session.close(*CloseCode.NORMAL)
             await self.gateway.closed(session)
-            if not self._writer.done():
-                self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            writer = self._writer
+            if writer is not None:
+                if not writer.done():
+                    writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+
+    def _start_writer(self) -> None:
+        name = f"ws-writer:{self.session.client_id}"
+        self._writer = asyncio.create_task(self._write(), name=name)
 
     async def _write(self) -> None:
         session = self.session
@@ -197,27 +205,33 @@ class Connection:
 
     async def _read(self) -> None:
         receive = self.websocket.receive
-        session = self.session
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 return
-            if session.close_reason is not None:
+            if self.session.close_reason is not None:
                 continue  # closing: ignore what the client still sends
-            text = message.get("text")
-            frame: str | bytes = text if text is not None else message.get("bytes") or b""
-            if self._too_big(frame):
-                session.close(*CloseCode.MESSAGE_TOO_BIG)
-                continue
-            if text is None:
-                self._bad_frame(BadFrame("binary frames are not accepted; send JSON text frames"))
-                continue
-            try:
-                command = parse_command(text)
-            except BadFrame as exc:
-                self._bad_frame(exc)
-                continue
-            await self._handle(command)
+            command = self._command(message)
+            del message  # an idle connection keeps nothing of its last frame
+            if command is not None:
+                await self._handle(command)
+                del command
+
+    def _command(self, message: Message) -> Command | None:
+        """The frame's command; None when it was answered (or closed) already."""
+        text = message.get("text")
+        frame: str | bytes = text if text is not None else message.get("bytes") or b""
+        if self._too_big(frame):
+            self.session.close(*CloseCode.MESSAGE_TOO_BIG)
+            return None
+        if text is None:
+            self._bad_frame(BadFrame("binary frames are not accepted; send JSON text frames"))
+            return None
+        try:
+            return parse_command(text)
+        except BadFrame as exc:
+            self._bad_frame(exc)
+            return None
 
     def _too_big(self, frame: str | bytes) -> bool:
         limit = self.max_message_bytes

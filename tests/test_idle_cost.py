@@ -1,0 +1,54 @@
+"""An idle connection costs no task beyond uvicorn's own, and keeps none of its frames.
+
+Memory per idle connection is a product figure (docs/benchmarks.md); these pin
+down the structural part of it: a WebSocket that is written directly has no
+writer task until one is needed (an item must queue, or it closes with a
+code), and a raw SSE stream runs its writer inside the ASGI task, learning of a
+lost client from the protocol rather than from a task parked on ``receive``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from tests.conftest import RunningServer, eventually, token
+from tests.helpers import api_client, api_publish, ws_client
+from tests.test_sse_raw import raw_sse
+
+
+def tasks_named(prefix: str) -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith(prefix) and not t.done()]
+
+
+async def test_a_websocket_written_directly_has_no_writer_task(server: RunningServer) -> None:
+    async with ws_client(server) as client, api_client(server) as http:
+        await client.subscribe("idle")
+        for n in range(5):
+            await api_publish(http, "idle", {"n": n})
+        assert len(await client.publications("idle", 5)) == 5
+        await client.ping_ok()
+        assert tasks_named("ws-writer:") == []
+
+
+async def test_closing_with_a_code_starts_the_writer_that_sends_it(
+    make_server: Callable[..., Awaitable[RunningServer]],
+) -> None:
+    server = await make_server()
+    async with ws_client(server, token(ttl=1.5)) as client:
+        await client.subscribe("expiring")
+        assert tasks_named("ws-writer:") == []
+        code, reason, _ = await client.expect_close(timeout=10)
+        assert (code, reason) == (4001, "token expired")
+
+
+async def test_a_raw_sse_stream_needs_no_extra_task_and_sees_its_client_leave(
+    server: RunningServer,
+) -> None:
+    async with raw_sse(server, ["idle-sse"]) as stream:
+        await stream.chunk()
+        await eventually(lambda: server.gateway.hub.local_subscribers("idle-sse") == 1)
+        assert tasks_named("sse") == []  # neither "sse:<client>" nor "sse-disconnect"
+    # The socket closed: the protocol's connection_lost ends the session at once,
+    # without waiting for a heartbeat write to fail.
+    await eventually(lambda: server.gateway.hub.local_subscribers("idle-sse") == 0, timeout=3)
