@@ -1,11 +1,13 @@
 """``GET /ws``: the WebSocket transport, a thin adapter between frames and the hub.
 
-One connection = the endpoint's own task (reading commands) + one writer task
-(``Session.run_writer``) that owns every outbound frame, the close frame
-included. Anything that ends a session (slow consumer, token expiry, drain, too
-many bad frames, a frame too big) calls ``Session.close``; the writer flushes
-what is queued (except for a slow consumer, whose queue is dropped) and sends
-the close frame; the reader then sees the disconnect and cleans up.
+One connection = the endpoint's own task (reading commands); pushes are written
+straight to the socket from the fan-out loop (``WebSocketTransport``). A writer
+task (``Session.run_writer``) exists only once needed: something had to queue
+behind a full socket, or the session closes with a code, in which case it owns
+the close frame. Anything that ends a session (slow consumer, token expiry,
+drain, too many bad frames, a frame too big) calls ``Session.close``; the writer
+flushes what is queued (except for a slow consumer, whose queue is dropped) and
+sends the close frame; the reader then sees the disconnect and cleans up.
 """
 
 from __future__ import annotations
