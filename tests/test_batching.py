@@ -154,3 +154,24 @@ async def test_a_burst_reaches_sse_streams_with_every_event_and_cursor(
     assert body_single == b"".join(events_single)
     assert body_multi == b"".join(events_multi)
     assert frame_chunk(body_single).startswith(b"%x\r\n" % len(body_single))
+
+
+async def test_a_burst_through_asgi_send_keeps_every_frame_and_event(
+    make_server: Callable[..., Awaitable[RunningServer]],
+) -> None:
+    """GATEWAY_RAW_WRITES=false: a Batch goes out as one ASGI send per message."""
+    server = await make_server(raw_writes=False)
+    hub = server.gateway.hub
+    async with ws_client(server) as client, raw_sse(server, ["asgi-b"]) as stream:
+        await client.subscribe("asgi-b")
+        await stream.chunk()
+        await eventually(lambda: hub.local_subscribers("asgi-b") == 2)
+        for n in range(30):
+            await hub.publish("asgi-b", b"%d" % n)
+        got = await client.publications("asgi-b", 30)
+        assert [p["data"] for p in got] == list(range(30))
+        body = b""
+        while body.count(b"\n\n") < 30:
+            body += await stream.chunk()
+    datas = [orjson.loads(line[6:])["data"] for line in body.split(b"\n") if line[:6] == b"data: "]
+    assert datas == list(range(30))
