@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import Receive, Scope, Send
 
 from gateway import api, demo, ops, sse, ws
 from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
@@ -49,6 +50,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONBody:
     return error_response(code, str(exc.detail), exc.status_code)
 
 
+class HTTPOnlyCORSMiddleware(CORSMiddleware):
+    """CORS concerns HTTP only. A WebSocket scope is handed on as a tail call (this
+    ``__call__`` is not ``async``), so a connection does not keep one more coroutine
+    frame parked here for its whole life."""
+
+    def __call__(  # type: ignore[override]
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> Awaitable[None]:
+        if scope["type"] != "http":
+            return self.app(scope, receive, send)
+        return super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     install_redaction()
@@ -85,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(
-        CORSMiddleware,
+        HTTPOnlyCORSMiddleware,
         allow_origins=settings.origins,
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],

@@ -126,6 +126,19 @@ def encode_error(id: CommandId, code: ErrorCode, message: str) -> str:
 class Connection:
     """The command side of one WebSocket client."""
 
+    __slots__ = (
+        "_expiry",
+        "_writer",
+        "bad_frames",
+        "claims",
+        "gateway",
+        "hub",
+        "max_message_bytes",
+        "publish_limiter",
+        "session",
+        "websocket",
+    )
+
     def __init__(self, gateway: Gateway, websocket: WebSocket, claims: Claims) -> None:
         self.gateway = gateway
         self.hub = gateway.hub
