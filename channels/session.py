@@ -1,16 +1,18 @@
 """A client connection as the hub sees it: identity, subscriptions, and a bounded outbound queue.
 
 Backpressure: ``push`` never awaits. When the session has nothing queued or in
-flight, the transport writes the item at once, synchronously: its ASGI send
-coroutine is stepped once (``start_write``) and, as long as the socket is
-writable, finishes without ever suspending - so the fan-out loop writes to every
-ready client in one pass, as ``websockets.broadcast()`` does, with no task
-wake-up per delivery. If the send suspends (the socket's buffer is full), the
-half-run send is handed to the session's writer task, and later items queue
-behind it. The writer drains the queue in batches. When the bytes waiting in the
-queue pass ``max_queue_bytes`` the session is closed with ``SLOW_CONSUMER`` and
-its queue dropped: one client that stops reading never slows the others and
-never makes memory grow without bound.
+flight, the transport writes the item at once, synchronously (``write_now``):
+the gateway's own server protocols take the ready-made bytes straight to the
+socket; under another ASGI server the send coroutine is stepped once
+(``start_write``) and finishes without suspending while the socket is writable.
+Either way the fan-out loop writes to every ready client in one pass, as
+``websockets.broadcast()`` does, with no task wake-up per delivery. When the
+socket is full the item queues (or the half-run send is kept) and the session's
+writer task, started only then (``writer_on_demand``), drains the queue in
+batches once the socket takes writes again. When the bytes waiting in the queue
+pass ``max_queue_bytes`` the session is closed with ``SLOW_CONSUMER`` and its
+queue dropped: one client that stops reading never slows the others and never
+makes memory grow without bound.
 """
 
 from __future__ import annotations
