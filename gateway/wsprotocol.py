@@ -12,13 +12,21 @@
   other server the key is absent and the transport uses ASGI ``send``.
   Control frames (ping, close) still go through the websockets state machine;
   every write is a whole frame, so they never interleave inside one.
-- Less memory per idle connection: no empty deques (``channels.lite``), and the
-  handshake's headers are dropped once it is accepted.
+- Less memory per idle connection: no empty deques (``channels.lite``), the
+  handshake's headers are dropped once it is accepted, and keep-alive pings come
+  from one timer per event loop (``Keepalive``) instead of two timers per
+  connection (uvicorn's ``ping_timer`` / ``pong_timer``). The contract's liveness
+  rule is unchanged: a ping every ``ws_ping_interval``, and a connection whose
+  pong has not come ``ws_ping_timeout`` after its ping is closed (1011) - checked
+  every quarter of the shorter of the two.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import struct
+import weakref
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -41,6 +49,35 @@ def text_frame(payload: bytes) -> bytes:
     if size < 65536:
         return struct.pack("!BBH", _TEXT, 126, size) + payload
     return struct.pack("!BBQ", _TEXT, 127, size) + payload
+
+
+class Keepalive:
+    """Pings every WebSocket connection of one event loop from a single timer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop = loop
+        self.tick = tick
+        self.members: dict[GatewayWebSocketProtocol, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, protocol: GatewayWebSocketProtocol) -> None:
+        self.members[protocol] = None
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.tick, self._round)
+
+    def discard(self, protocol: GatewayWebSocketProtocol) -> None:
+        self.members.pop(protocol, None)
+
+    def _round(self) -> None:
+        now = self.loop.time()
+        for protocol in list(self.members):
+            protocol.keepalive_check(now)
+        self._timer = self.loop.call_later(self.tick, self._round) if self.members else None
+
+
+_keepalives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Keepalive] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -66,6 +103,41 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         scope: dict[str, Any] | None = getattr(self, "scope", None)
         if scope is not None:  # the handshake was valid: the app runs
             scope["extensions"][RAW_FRAMES] = self
+
+    # -- keep-alive from one timer per loop (see the module docstring) ---------
+
+    def start_keepalive(self) -> None:
+        interval = self.ping_interval
+        if interval is None or interval <= 0:
+            return
+        keepalive = _keepalives.get(self.loop)
+        if keepalive is None:
+            tick = max(0.02, min(interval, self.ping_timeout or interval) / 4)
+            keepalive = _keepalives[self.loop] = Keepalive(self.loop, tick)
+        self.ping_sent_at = self.loop.time()  # the first ping one interval from now
+        keepalive.add(self)
+
+    def stop_keepalive(self) -> None:
+        super().stop_keepalive()
+        keepalive = _keepalives.get(self.loop)
+        if keepalive is not None:
+            keepalive.discard(self)
+
+    def keepalive_check(self, now: float) -> None:
+        """Called by ``Keepalive`` every tick: time out a missing pong, or send a ping."""
+        if self.close_sent or self.transport.is_closing():
+            return
+        if self.pending_ping_payload is not None:
+            timeout = self.ping_timeout
+            if timeout is not None and now - self.ping_sent_at >= timeout:
+                self.keepalive_timeout()
+            return
+        assert self.ping_interval is not None
+        if now - self.ping_sent_at >= self.ping_interval:
+            self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+            self.ping_sent_at = now
+            self.conn.send_ping(self.pending_ping_payload)
+            self.transport.write(b"".join(self.conn.data_to_send()))
 
     # -- raw frames (see the module docstring) --------------------------------
 

@@ -52,3 +52,21 @@ async def test_a_raw_sse_stream_needs_no_extra_task_and_sees_its_client_leave(
     # The socket closed: the protocol's connection_lost ends the session at once,
     # without waiting for a heartbeat write to fail.
     await eventually(lambda: server.gateway.hub.local_subscribers("idle-sse") == 0, timeout=3)
+
+
+async def test_keepalive_pings_come_from_one_timer_per_loop(
+    make_server: Callable[..., Awaitable[RunningServer]],
+) -> None:
+    from gateway.wsprotocol import _keepalives
+
+    server = await make_server(ping_interval=0.2, ping_timeout=5)
+    async with ws_client(server) as a, ws_client(server) as b:
+        await a.ping_ok()
+        await b.ping_ok()
+        keepalive = _keepalives[asyncio.get_running_loop()]
+        protocols = list(keepalive.members)
+        assert len(protocols) == 2
+        # No per-connection timers; pings still go out and get answered.
+        assert all(p.ping_timer is None and p.pong_timer is None for p in protocols)
+        await eventually(lambda: all(p.last_ping_rtt > 0 for p in protocols), timeout=5)
+    await eventually(lambda: not keepalive.members)
