@@ -80,13 +80,17 @@ def uvicorn_config(app: Any, settings: Settings, port: int, **kw: Any) -> uvicor
 async def make_server() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
     started: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def start(**overrides: Any) -> RunningServer:
+    async def start(
+        *, uvicorn_options: dict[str, Any] | None = None, **overrides: Any
+    ) -> RunningServer:
+        """``overrides`` are settings; ``uvicorn_options`` replace the gateway's own."""
         values: dict[str, Any] = {"jwt_secret": SECRET, "demo": False}
         values.update(overrides)
         settings = Settings(**values)
         app = create_app(settings)
         port = free_port()
-        server = uvicorn.Server(uvicorn_config(app, settings, port, log_config=None))
+        config = uvicorn_config(app, settings, port, log_config=None, **(uvicorn_options or {}))
+        server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
         started.append((server, task))
         deadline = time.monotonic() + 10

@@ -8,8 +8,10 @@ would; nothing reaches into the gateway except where a test says so.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
+import os
 import socket
 import time
 from collections import deque
@@ -20,6 +22,7 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from tests.conftest import SECRET, RunningServer, token
 
@@ -481,3 +484,44 @@ async def sse_request(
         except orjson.JSONDecodeError:
             body = raw
         return response.status_code, response.headers, body
+
+
+# --------------------------------------------------------------------------- raw WebSocket
+# A WebSocket over a plain stream, to check the server's frames byte for byte.
+
+
+async def raw_ws_handshake(
+    port: int, tok: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /ws?token={tok} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def client_text_frame(payload: bytes) -> bytes:
+    """A masked client text frame."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=True)
+
+
+async def read_raw_frame(reader: asyncio.StreamReader) -> bytes:
+    """One whole server frame, header included, exactly as it was on the wire."""
+    head = await asyncio.wait_for(reader.readexactly(2), 5)
+    assert head[1] & 0x80 == 0, "server frames are never masked"
+    size = head[1] & 0x7F
+    extra = b""
+    if size == 126:
+        extra = await reader.readexactly(2)
+        size = int.from_bytes(extra, "big")
+    elif size == 127:
+        extra = await reader.readexactly(8)
+        size = int.from_bytes(extra, "big")
+    return head + extra + await asyncio.wait_for(reader.readexactly(size), 5)

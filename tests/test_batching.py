@@ -25,9 +25,8 @@ from gateway import cursor
 from gateway.httpprotocol import frame_chunk
 from gateway.wsprotocol import text_frame
 from tests.conftest import RunningServer, eventually, token
-from tests.helpers import ws_client
+from tests.helpers import client_text_frame, raw_ws_handshake, read_raw_frame, ws_client
 from tests.test_sse_raw import raw_sse
-from tests.test_ws_raw import _client_text, _handshake, _read_frame
 
 
 class Items:
@@ -107,10 +106,10 @@ async def test_a_session_that_joins_during_a_pass_gets_each_offset_once(hub: Hub
 async def test_a_burst_reaches_websocket_clients_as_separate_exact_frames(
     server: RunningServer,
 ) -> None:
-    reader, writer = await _handshake(server.port, token())
+    reader, writer = await raw_ws_handshake(server.port, token())
     try:
-        writer.write(_client_text(b'{"id": 1, "op": "subscribe", "channel": "wsb"}'))
-        reply = orjson.loads((await _read_frame(reader))[2:])
+        writer.write(client_text_frame(b'{"id": 1, "op": "subscribe", "channel": "wsb"}'))
+        reply = orjson.loads((await read_raw_frame(reader))[2:])
         epoch = reply["result"]["epoch"]
         async with ws_client(server) as other:
             await other.subscribe("wsb")
@@ -119,7 +118,7 @@ async def test_a_burst_reaches_websocket_clients_as_separate_exact_frames(
                 await hub.publish("wsb", b'{"n":%d}' % n)
             for n in range(50):
                 push = {"channel": "wsb", "offset": n + 1, "epoch": epoch, "data": {"n": n}}
-                assert await _read_frame(reader) == text_frame(orjson.dumps(push))
+                assert await read_raw_frame(reader) == text_frame(orjson.dumps(push))
             got = await other.publications("wsb", 50)
             assert [p["data"]["n"] for p in got] == list(range(50))
     finally:
