@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -63,13 +64,18 @@ class LiteEvent:
 
 
 class LiteQueue(Generic[T]):
-    """An unbounded queue for one consumer; no buffers while empty."""
+    """An unbounded queue for one consumer; no buffers while empty.
 
-    __slots__ = ("_items", "_waiter")
+    ``on_put``, when set, is called after each ``put_nowait``: a consumer that runs
+    no task while the queue is empty starts one from there.
+    """
+
+    __slots__ = ("_items", "_waiter", "on_put")
 
     def __init__(self) -> None:
         self._items: deque[T] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.on_put: Callable[[], object] | None = None
 
     def put_nowait(self, item: T) -> None:
         if self._items is None:
@@ -78,6 +84,8 @@ class LiteQueue(Generic[T]):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.on_put is not None:
+            self.on_put()
 
     def empty(self) -> bool:
         return not self._items

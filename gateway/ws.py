@@ -1,13 +1,20 @@
 """``GET /ws``: the WebSocket transport, a thin adapter between frames and the hub.
 
-One connection = the endpoint's own task (reading commands); pushes are written
-straight to the socket from the fan-out loop (``WebSocketTransport``). A writer
-task (``Session.run_writer``) exists only once needed: something had to queue
+Under the gateway's uvicorn protocol a connection, once accepted, is detached
+from its ASGI call (``Connection.detach``): the endpoint returns and the
+connection is its protocol, its ``Connection`` and its hub ``Session``, with no
+task while idle. A reader task runs while received commands are handled, a
+writer task (``Session.run_writer``) only once needed: something had to queue
 behind a full socket, or the session closes with a code, in which case it owns
-the close frame. Anything that ends a session (slow consumer, token expiry,
-drain, too many bad frames, a frame too big) calls ``Session.close``; the writer
-flushes what is queued (except for a slow consumer, whose queue is dropped) and
-sends the close frame; the reader then sees the disconnect and cleans up.
+the close frame. Pushes are written straight to the socket from the fan-out
+loop (``WebSocketTransport``). Under any other ASGI server (or with
+``GATEWAY_RAW_WRITES=false``) the endpoint's task reads (``Connection.run``)
+and writes go through ASGI ``send``.
+
+Anything that ends a session (slow consumer, token expiry, drain, too many bad
+frames, a frame too big) calls ``Session.close``; the writer flushes what is
+queued (except for a slow consumer, whose queue is dropped) and sends the close
+frame; the reader then sees the disconnect and cleans up.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, WebSocket
-from starlette.types import Message
+from starlette.types import Message, Receive, Send
 from starlette.websockets import WebSocketDisconnect
 
 from auth import AuthError, Claims
@@ -46,6 +54,14 @@ class RawFrames(Protocol):
 
     async def wait_writable(self) -> None: ...
 
+    def detach(self, on_message: Callable[[], object]) -> None: ...
+
+    def pending(self) -> bool: ...
+
+    async def receive(self) -> Message: ...
+
+    async def close_with(self, code: int, reason: str) -> None: ...
+
 
 def frame_of(item: Publication | PresenceEvent | Batch | str) -> bytes:
     """``item``'s text frame(s); a push's are built once and shared by all its subscribers."""
@@ -67,12 +83,12 @@ class WebSocketTransport:
     (``RawFrames``); under any other ASGI server through ``send``.
     """
 
-    __slots__ = ("_raw", "_websocket")
+    __slots__ = ("_raw", "_send")
 
-    def __init__(self, websocket: WebSocket, *, raw_writes: bool = True) -> None:
-        self._websocket = websocket
-        extensions = websocket.scope.get("extensions") or {}
-        self._raw: RawFrames | None = extensions.get(RAW_FRAMES) if raw_writes else None
+    def __init__(self, *, raw: RawFrames | None = None, send: Send | None = None) -> None:
+        assert (raw is None) != (send is None), "one of raw and send"
+        self._raw = raw
+        self._send = send
 
     async def write(self, batch: list[Outgoing]) -> None:
         raw = self._raw
@@ -84,7 +100,8 @@ class WebSocketTransport:
                 while not raw.write_frame(frame):
                     await raw.wait_writable()
             return
-        send = self._websocket.send
+        send = self._send
+        assert send is not None
         for item in batch:
             if isinstance(item, str):
                 await send({"type": "websocket.send", "text": item})
@@ -103,8 +120,9 @@ class WebSocketTransport:
         if isinstance(item, Batch):
             return NOT_NOW  # several sends: the writer task does them
         text = item if isinstance(item, str) else item.frame
+        assert self._send is not None
         try:
-            return start_write(self._websocket.send({"type": "websocket.send", "text": text}))
+            return start_write(self._send({"type": "websocket.send", "text": text}))
         except (WebSocketDisconnect, RuntimeError) as exc:
             raise ConnectionError("client disconnected") from exc
 
@@ -124,10 +142,21 @@ def encode_error(id: CommandId, code: ErrorCode, message: str) -> str:
 
 
 class Connection:
-    """The command side of one WebSocket client."""
+    """The command side of one WebSocket client.
+
+    Two ways to run: ``run(receive)`` reads in the endpoint's own task (any ASGI
+    server), or ``detach(raw)`` under the gateway's uvicorn protocol: the endpoint
+    returns, and a task exists only while received commands are being handled
+    (``_read_pending``), as the writer exists only while something waits to be
+    written. An idle detached connection runs no task at all.
+    """
 
     __slots__ = (
+        "_close_socket",
         "_expiry",
+        "_finished",
+        "_raw",
+        "_reader",
         "_writer",
         "bad_frames",
         "claims",
@@ -136,17 +165,21 @@ class Connection:
         "max_message_bytes",
         "publish_limiter",
         "session",
-        "websocket",
     )
 
-    def __init__(self, gateway: Gateway, websocket: WebSocket, claims: Claims) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        claims: Claims,
+        transport: WebSocketTransport,
+        close_socket: Callable[[int, str], Awaitable[None]],
+    ) -> None:
         self.gateway = gateway
         self.hub = gateway.hub
-        self.websocket = websocket
         self.claims = claims
         settings = gateway.settings
         self.session = Session(
-            WebSocketTransport(websocket, raw_writes=settings.raw_writes),
+            transport,
             user=claims.user,
             info=claims.info,
             max_queue_bytes=settings.client_queue_bytes,
@@ -156,30 +189,71 @@ class Connection:
         self.bad_frames = 0
         self.max_message_bytes = settings.max_message_bytes
         self.publish_limiter = RateLimiter(settings.client_publish_rate)
+        self._close_socket = close_socket
         self._expiry: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._raw: RawFrames | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._finished = False
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, receive: Receive) -> None:
+        """Read and handle commands until the client disconnects."""
+        self._open()
+        try:
+            while await self._take(await receive()):
+                pass
+        finally:
+            await self._finish()
+
+    def detach(self, raw: RawFrames) -> None:
+        """Take messages from ``raw`` as they come; the caller's task may end now."""
+        self._open()
+        self._raw = raw
+        raw.detach(self._wake_reader)
+
+    def _wake_reader(self) -> None:
+        if self._reader is None and not self._finished:
+            name = f"ws-reader:{self.session.client_id}"
+            self._reader = asyncio.create_task(self._read_pending(), name=name)
+
+    async def _read_pending(self) -> None:
+        raw = self._raw
+        assert raw is not None
+        try:
+            while raw.pending() and not self._finished:
+                if not await self._take(await raw.receive()):
+                    await self._finish()
+        except Exception:
+            logger.exception("websocket reader failed")
+            self.session.close(1011, "internal error")
+        finally:
+            self._reader = None
+
+    def _open(self) -> None:
         session = self.session
         self.gateway.opened(session)
         self._arm_expiry()
         session.writer_on_demand(self._start_writer)  # idle connections need no task
-        try:
-            await self._read()
-        finally:
-            if self._expiry is not None:
-                self._expiry.cancel()
-            session.writer_on_demand(None)
-            session.close(*CloseCode.NORMAL)
-            await self.gateway.closed(session)
-            writer = self._writer
-            if writer is not None:
-                if not writer.done():
-                    writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await writer
+
+    async def _finish(self) -> None:
+        """The client is gone (or the close handshake is done): forget the session."""
+        if self._finished:
+            return
+        self._finished = True
+        session = self.session
+        if self._expiry is not None:
+            self._expiry.cancel()
+        session.writer_on_demand(None)
+        session.close(*CloseCode.NORMAL)
+        await self.gateway.closed(session)
+        writer = self._writer
+        if writer is not None:
+            if not writer.done():
+                writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
     def _start_writer(self) -> None:
         name = f"ws-writer:{self.session.client_id}"
@@ -204,7 +278,7 @@ class Connection:
         code, reason = session.close_reason or CloseCode.NORMAL
         if code != CloseCode.NORMAL.code:
             with contextlib.suppress(Exception):
-                await self.websocket.close(code, reason)
+                await self._close_socket(code, reason)
 
     def _arm_expiry(self) -> None:
         if self._expiry is not None:
@@ -218,19 +292,16 @@ class Connection:
 
     # -- reading ---------------------------------------------------------------
 
-    async def _read(self) -> None:
-        receive = self.websocket.receive
-        while True:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            if self.session.close_reason is not None:
-                continue  # closing: ignore what the client still sends
-            command = self._command(message)
-            del message  # an idle connection keeps nothing of its last frame
-            if command is not None:
-                await self._handle(command)
-                del command
+    async def _take(self, message: Message) -> bool:
+        """Handle one received message; False once the client has disconnected."""
+        if message["type"] == "websocket.disconnect":
+            return False
+        if self.session.close_reason is not None:
+            return True  # closing: ignore what the client still sends
+        command = self._command(message)
+        if command is not None:
+            await self._handle(command)
+        return True
 
     def _command(self, message: Message) -> Command | None:
         """The frame's command; None when it was answered (or closed) already."""
@@ -371,5 +442,15 @@ async def websocket_endpoint(websocket: WebSocket, claims: MaybeClaimsDep) -> No
         close = CloseCode.TOKEN_EXPIRED if claims.expired else CloseCode.UNAUTHORIZED
         return await _refuse(websocket, close)
     await websocket.accept()
-    await Connection(gateway, websocket, claims).run()
+    raw: RawFrames | None = None
+    if gateway.settings.raw_writes:
+        raw = (websocket.scope.get("extensions") or {}).get(RAW_FRAMES)
+    if raw is not None:
+        # The connection lives on in the protocol; this call (and the framework's
+        # frames around it) ends here.
+        transport = WebSocketTransport(raw=raw)
+        Connection(gateway, claims, transport, raw.close_with).detach(raw)
+        return None
+    transport = WebSocketTransport(send=websocket.send)
+    await Connection(gateway, claims, transport, websocket.close).run(websocket.receive)
     return None

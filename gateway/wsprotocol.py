@@ -12,6 +12,12 @@
   other server the key is absent and the transport uses ASGI ``send``.
   Control frames (ping, close) still go through the websockets state machine;
   every write is a whole frame, so they never interleave inside one.
+- Detached connections (``detach``): once the app has accepted and set the
+  connection up, it may let its ASGI call return and take the received messages
+  from a callback instead (``scope["extensions"][RAW_FRAMES].detach(on_message)``).
+  The connection then keeps no task and none of the framework's coroutine frames
+  (routing, middleware, dependency exit stacks: ~11 KiB per idle connection,
+  measured); ``run_asgi`` leaves the socket open when the call returns detached.
 - Less memory per idle connection: no empty deques (``channels.lite``), the
   handshake's headers are dropped once it is accepted, and keep-alive pings come
   from one timer per event loop (``Keepalive``) instead of two timers per
@@ -27,8 +33,10 @@ import asyncio
 import random
 import struct
 import weakref
+from collections.abc import Callable
 from typing import Any
 
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Close, Frame, Opcode
@@ -87,6 +95,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue = LiteQueue()  # type: ignore[assignment]
         self.writable = LiteEvent()  # type: ignore[assignment]
         self.writable.set()
+        self.detached = False
 
     async def send(self, message: Any) -> None:
         await super().send(message)
@@ -103,6 +112,51 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         scope: dict[str, Any] | None = getattr(self, "scope", None)
         if scope is not None:  # the handshake was valid: the app runs
             scope["extensions"][RAW_FRAMES] = self
+
+    # -- detached connections (see the module docstring) ----------------------
+
+    def detach(self, on_message: Callable[[], object]) -> None:
+        """Hand the connection over from the ASGI call, which may now return.
+
+        ``on_message`` is called whenever a message (``receive``'s ASGI events, the
+        final ``websocket.disconnect`` included) is waiting; the owner then takes them
+        with ``await receive()`` while ``pending()``, which never suspends.
+        """
+        self.detached = True
+        queue: LiteQueue[Any] = self.queue  # type: ignore[assignment]
+        queue.on_put = on_message
+        # What only the ASGI call needed: the scope's header list and state copy.
+        self.scope["headers"] = []
+        self.scope["state"] = {}
+        if not queue.empty():
+            on_message()
+
+    def pending(self) -> bool:
+        return not self.queue.empty()
+
+    async def close_with(self, code: int, reason: str) -> None:
+        """Send a close frame, as ASGI ``websocket.close`` does."""
+        await self.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def run_asgi(self) -> None:
+        # uvicorn's, except that a detached connection stays open when the call returns.
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+            elif self.detached:
+                return
+        if self.close_timer is None:
+            self.transport.close()
 
     # -- keep-alive from one timer per loop (see the module docstring) ---------
 

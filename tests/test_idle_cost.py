@@ -1,7 +1,9 @@
 """An idle connection costs no task beyond uvicorn's own, and keeps none of its frames.
 
 Memory per idle connection is a product figure (docs/benchmarks.md); these pin
-down the structural part of it: a WebSocket that is written directly has no
+down the structural part of it: an accepted WebSocket is detached from its ASGI
+call (no task, no framework frames) and gets a reader task only while commands
+are waiting, a WebSocket that is written directly has no
 writer task until one is needed (an item must queue, or it closes with a
 code), and a raw SSE stream runs its writer inside the ASGI task, learning of a
 lost client from the protocol rather than from a task parked on ``receive``.
@@ -12,8 +14,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import orjson
+
 from tests.conftest import RunningServer, eventually, token
-from tests.helpers import api_client, api_publish, ws_client
+from tests.helpers import (
+    api_client,
+    api_publish,
+    client_text_frame,
+    dumps,
+    raw_ws_handshake,
+    read_raw_frame,
+    ws_client,
+)
 from tests.test_sse_raw import raw_sse
 
 
@@ -29,6 +41,56 @@ async def test_a_websocket_written_directly_has_no_writer_task(server: RunningSe
         assert len(await client.publications("idle", 5)) == 5
         await client.ping_ok()
         assert tasks_named("ws-writer:") == []
+
+
+def websocket_asgi_calls() -> list[asyncio.Task[object]]:
+    """Running ASGI calls of WebSocket connections (uvicorn's ``run_asgi`` tasks)."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and t.get_coro().__qualname__.endswith("WebSocketProtocol.run_asgi")  # type: ignore[union-attr]
+    ]
+
+
+async def test_an_accepted_websocket_keeps_no_task_while_idle(server: RunningServer) -> None:
+    async with ws_client(server) as a, ws_client(server) as b, api_client(server) as http:
+        await a.subscribe("detached")
+        await b.subscribe("detached")
+        await api_publish(http, "detached", {"n": 1})
+        assert len(await a.publications("detached", 1)) == 1
+        assert len(await b.publications("detached", 1)) == 1
+        await a.ping_ok()
+        await b.ping_ok()
+        # The endpoint returned after accepting; nothing reads until a frame comes.
+        await eventually(lambda: websocket_asgi_calls() == [] and tasks_named("ws-") == [])
+        assert server.gateway.hub.local_subscribers("detached") == 2
+    # A detached connection's disconnect still ends its session.
+    await eventually(lambda: server.gateway.hub.local_subscribers("detached") == 0, timeout=3)
+
+
+async def test_commands_arriving_together_are_handled_in_order(server: RunningServer) -> None:
+    reader, writer = await raw_ws_handshake(server.port, token())
+    try:
+        commands = [
+            {"id": 1, "op": "subscribe", "channel": "burst"},
+            {"id": 2, "op": "publish", "channel": "burst", "data": "a"},
+            {"id": 3, "op": "bogus"},
+            {"id": 4, "op": "publish", "channel": "burst", "data": "b"},
+            {"id": 5, "op": "unsubscribe", "channel": "burst"},
+            {"id": 6, "op": "publish", "channel": "burst", "data": "c"},
+            {"id": 7, "op": "ping"},
+        ]
+        # One TCP write: every frame is waiting before the first is handled.
+        writer.write(b"".join(client_text_frame(dumps(c).encode()) for c in commands))
+        replies: list[tuple[int, bool]] = []
+        while len(replies) < len(commands):
+            frame = await read_raw_frame(reader)
+            message = orjson.loads(frame[2:] if frame[1] < 126 else frame[4:])
+            if "id" in message:
+                replies.append((message["id"], message["ok"]))
+        assert replies == [(n, n != 3) for n in range(1, 8)]
+    finally:
+        writer.close()
 
 
 async def test_closing_with_a_code_starts_the_writer_that_sends_it(
