@@ -30,6 +30,12 @@ nothing in front of it changes a body (CORS only adds headers to the start messa
 body-rewriting middleware (gzip, say) would have to keep those responses on ASGI.
 ``GATEWAY_RAW_WRITES=false`` keeps every stream on ASGI ``send`` (for comparisons, or
 behind such a middleware).
+
+Detached responses: once a chunked response has started, ``RawBody.detach`` lets the
+ASGI call return with the response still open (``DetachableCycle.run_asgi`` neither
+reports it unfinished nor closes the socket); the app keeps writing raw chunks and ends
+the response later with ``RawBody.finish``. An idle SSE stream then holds no task and
+none of the framework's coroutine frames.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
+from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from channels.lite import LiteEvent
@@ -99,6 +106,51 @@ class RawBody:
         """Wait until the socket takes writes again (also returns when the client leaves)."""
         await self._cycle.flow.drain()
 
+    def detach(self) -> None:
+        """Keep the response open after the ASGI call returns (see the module docstring)."""
+        cycle = self._cycle
+        if not isinstance(cycle, DetachableCycle):
+            raise RuntimeError("this response cannot be detached")
+        cycle.detached = True
+        # What only the ASGI call needed (the access log line is written already).
+        cycle.scope["headers"] = []
+        cycle.scope["state"] = {}
+
+    async def finish(self) -> None:
+        """End a (detached) response: the last chunk, and uvicorn's keep-alive handling."""
+        await self._cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def abort(self) -> None:
+        """Close the connection without finishing the response (what uvicorn does when an
+        app returns from an unfinished one): the client sees the stream end."""
+        self._cycle.transport.close()
+
+
+class DetachableCycle(RequestResponseCycle):
+    """uvicorn's cycle, except that a detached response stays open when the app returns."""
+
+    detached = False
+
+    async def run_asgi(self, app: ASGI3Application) -> None:
+        try:
+            await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self.transport.close()
+        else:
+            if self.detached:
+                return  # the app finishes the response (RawBody.finish)
+            elif not self.response_started and not self.disconnected:
+                self.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.logger.error("ASGI callable returned without completing response.")
+                self.transport.close()
+        self.on_response = lambda: None
+
 
 class GatewayHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that offers ``RawBody`` in each request's scope."""
@@ -109,6 +161,12 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         writable = LiteEvent()
         writable.set()
         self.flow._is_writable_event = writable  # type: ignore[assignment]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # uvicorn builds the cycle inline in on_headers_complete; make it detachable
+        # (same attributes, one method more) before its task starts.
+        cycle.__class__ = DetachableCycle
+        super()._start_asgi_task(cycle, app)
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()

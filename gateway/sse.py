@@ -135,12 +135,12 @@ class SSETransport:
 
 
 class EventStream(Response):
-    """The streaming response: the session's writer, a heartbeat timer, a disconnect watch.
+    """The streaming response: the opening, then the session's writer and a heartbeat.
 
-    Under the gateway's HTTP protocol (raw writes) the ASGI task itself runs the
-    session's writer and the protocol reports a lost connection (``RawBody.on_lost``):
-    no extra task per idle stream. Elsewhere a writer task and a task watching
-    ``receive`` for the disconnect run side by side.
+    Under the gateway's HTTP protocol (raw writes) the stream detaches from its ASGI
+    call once the opening is out (``DetachedStream``): no task while idle, and the
+    protocol reports a lost connection (``RawBody.on_lost``). Elsewhere a writer
+    task and a task watching ``receive`` for the disconnect run side by side.
     """
 
     def __init__(self, gateway: Gateway, session: Session, transport: SSETransport) -> None:
@@ -152,53 +152,33 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session, settings = self.session, self.gateway.settings
-        loop = asyncio.get_running_loop()
-        heartbeat: asyncio.TimerHandle | None = None
-
-        def beat() -> None:
-            nonlocal heartbeat
-            session.push(HEARTBEAT)
-            heartbeat = loop.call_later(settings.sse_heartbeat, beat)
-
+        heartbeat: Heartbeat | None = None
+        detached = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             opening = f"retry: {settings.sse_retry_ms}\nid: {self.transport.cursor()}\n\n"
             await send({"type": "http.response.body", "body": opening.encode(), "more_body": True})
             # From here on pushes may be written directly; what queued meanwhile goes first.
             self.transport.send = send
-            heartbeat = loop.call_later(settings.sse_heartbeat, beat)
             raw: RawBody | None = scope.get("extensions", {}).get(RAW_BODY)
             if raw is not None and raw.chunked and settings.raw_writes:
                 self.transport.raw = raw
-                await self._write_inline(raw)
-            else:
-                await self._write_in_task(receive)
+                self.transport.send = None  # the ASGI call ends here
+                DetachedStream(self.gateway, session, raw).start()
+                detached = True
+                return
+            heartbeat = Heartbeat(session, settings.sse_heartbeat)
+            await self._write_in_task(receive)
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
-            session.close(1000, "")
-            await self.gateway.closed(session)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    send({"type": "http.response.body", "body": b"", "more_body": False}), 1.0
-                )
-
-    async def _write_inline(self, raw: RawBody) -> None:
-        session = self.session
-        task = asyncio.current_task()
-        assert task is not None
-        raw.on_lost = lambda: session.close(1000, "")
-        session.abort = task.cancel  # a slow consumer's blocked write is abandoned
-        try:
-            await session.run_writer()
-        except asyncio.CancelledError:
-            if not session.slow:
-                raise
-            task.uncancel()
-        except OSError:  # the client went away mid-write
-            pass
-        finally:
-            raw.on_lost = None
+            if not detached:
+                if heartbeat is not None:
+                    heartbeat.cancel()
+                session.close(1000, "")
+                await self.gateway.closed(session)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        send({"type": "http.response.body", "body": b"", "more_body": False}), 1.0
+                    )
 
     async def _write_in_task(self, receive: Receive) -> None:
         session = self.session
@@ -218,6 +198,80 @@ class EventStream(Response):
                 writer.cancel()
             with contextlib.suppress(BaseException):
                 await writer
+
+
+class Heartbeat:
+    """A ``: ping`` comment every ``interval`` seconds until cancelled or the session closes."""
+
+    __slots__ = ("_handle", "interval", "session")
+
+    def __init__(self, session: Session, interval: float) -> None:
+        self.session = session
+        self.interval = interval
+        self._handle = asyncio.get_running_loop().call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        if self.session.push(HEARTBEAT):
+            self._handle = asyncio.get_running_loop().call_later(self.interval, self._beat)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+class DetachedStream:
+    """A raw SSE stream after its ASGI call returned.
+
+    What is left of it: the session (in the hub), a heartbeat timer, and the
+    protocol's ``on_lost`` hook. The session's writer task starts only when needed
+    (a push has to wait for a full socket, or the stream ends), and the stream ends
+    when that writer does: the session closed (drain, slow consumer, lost client).
+    """
+
+    __slots__ = ("_heartbeat", "_writer", "gateway", "raw", "session")
+
+    def __init__(self, gateway: Gateway, session: Session, raw: RawBody) -> None:
+        self.gateway = gateway
+        self.session = session
+        self.raw = raw
+        self._heartbeat: Heartbeat | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.raw.on_lost = self._lost
+        self.raw.detach()
+        self._heartbeat = Heartbeat(self.session, self.gateway.settings.sse_heartbeat)
+        self.session.writer_on_demand(self._start_writer)
+
+    def _lost(self) -> None:
+        self.session.close(1000, "")
+
+    def _start_writer(self) -> None:
+        name = f"sse:{self.session.client_id}"
+        self._writer = asyncio.create_task(self._write(), name=name)
+
+    async def _write(self) -> None:
+        session = self.session
+        task = asyncio.current_task()
+        assert task is not None
+        session.abort = task.cancel  # a slow consumer's blocked write is abandoned
+        try:
+            await session.run_writer()
+        except asyncio.CancelledError:
+            if not session.slow:
+                raise
+            task.uncancel()
+        except OSError:  # the client went away mid-write
+            pass
+        finally:
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+            self.raw.on_lost = None
+            session.close(1000, "")
+            await self.gateway.closed(session)
+        try:
+            await asyncio.wait_for(self.raw.finish(), 1.0)
+        except Exception:  # a client that does not read (slow consumer) or already gone
+            self.raw.abort()
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -43,12 +43,13 @@ async def test_a_websocket_written_directly_has_no_writer_task(server: RunningSe
         assert tasks_named("ws-writer:") == []
 
 
-def websocket_asgi_calls() -> list[asyncio.Task[object]]:
-    """Running ASGI calls of WebSocket connections (uvicorn's ``run_asgi`` tasks)."""
+def asgi_calls(kind: str) -> list[asyncio.Task[object]]:
+    """Running ASGI calls (uvicorn's ``run_asgi`` tasks) of ``kind``'s protocol or cycle."""
+    suffix = f"{kind}.run_asgi"
     return [
         t
         for t in asyncio.all_tasks()
-        if not t.done() and t.get_coro().__qualname__.endswith("WebSocketProtocol.run_asgi")  # type: ignore[union-attr]
+        if not t.done() and t.get_coro().__qualname__.endswith(suffix)  # type: ignore[union-attr]
     ]
 
 
@@ -62,7 +63,7 @@ async def test_an_accepted_websocket_keeps_no_task_while_idle(server: RunningSer
         await a.ping_ok()
         await b.ping_ok()
         # The endpoint returned after accepting; nothing reads until a frame comes.
-        await eventually(lambda: websocket_asgi_calls() == [] and tasks_named("ws-") == [])
+        await eventually(lambda: asgi_calls("WebSocketProtocol") == [] and tasks_named("ws-") == [])
         assert server.gateway.hub.local_subscribers("detached") == 2
     # A detached connection's disconnect still ends its session.
     await eventually(lambda: server.gateway.hub.local_subscribers("detached") == 0, timeout=3)
@@ -104,13 +105,17 @@ async def test_closing_with_a_code_starts_the_writer_that_sends_it(
         assert (code, reason) == (4001, "token expired")
 
 
-async def test_a_raw_sse_stream_needs_no_extra_task_and_sees_its_client_leave(
+async def test_a_raw_sse_stream_keeps_no_task_and_sees_its_client_leave(
     server: RunningServer,
 ) -> None:
-    async with raw_sse(server, ["idle-sse"]) as stream:
+    async with raw_sse(server, ["idle-sse"]) as stream, api_client(server) as http:
         await stream.chunk()
         await eventually(lambda: server.gateway.hub.local_subscribers("idle-sse") == 1)
-        assert tasks_named("sse") == []  # neither "sse:<client>" nor "sse-disconnect"
+        await api_publish(http, "idle-sse", {"n": 1})
+        assert b'"n":1' in await stream.chunk()
+        # The ASGI call returned once the stream was open (DetachedStream); no writer,
+        # no "sse-disconnect" watch either.
+        await eventually(lambda: asgi_calls("DetachableCycle") == [] and tasks_named("sse") == [])
     # The socket closed: the protocol's connection_lost ends the session at once,
     # without waiting for a heartbeat write to fail.
     await eventually(lambda: server.gateway.hub.local_subscribers("idle-sse") == 0, timeout=3)
