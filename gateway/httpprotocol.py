@@ -112,9 +112,6 @@ class RawBody:
         if not isinstance(cycle, DetachableCycle):
             raise RuntimeError("this response cannot be detached")
         cycle.detached = True
-        # What only the ASGI call needed (the access log line is written already).
-        cycle.scope["headers"] = []
-        cycle.scope["state"] = {}
 
     async def finish(self) -> None:
         """End a (detached) response: the last chunk, and uvicorn's keep-alive handling."""
@@ -142,6 +139,7 @@ class DetachableCycle(RequestResponseCycle):
                 self.transport.close()
         else:
             if self.detached:
+                self._forget_request()
                 return  # the app finishes the response (RawBody.finish)
             elif not self.response_started and not self.disconnected:
                 self.logger.error("ASGI callable returned without starting response.")
@@ -150,6 +148,16 @@ class DetachableCycle(RequestResponseCycle):
                 self.logger.error("ASGI callable returned without completing response.")
                 self.transport.close()
         self.on_response = lambda: None
+
+    def _forget_request(self) -> None:
+        """Drop what only the ASGI call needed, once it returned: all of the scope (what
+        the framework stored in it included) but the method, which ``send`` reads."""
+        scope: dict[str, Any] = cast(dict[str, Any], self.scope)
+        kept: dict[str, Any] = {
+            key: scope[key] for key in ("type", "method", "http_version") if key in scope
+        }
+        scope.clear()
+        scope.update(kept)
 
 
 class GatewayHttpToolsProtocol(HttpToolsProtocol):
@@ -176,6 +184,10 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             cycle.message_event = LiteEvent()  # type: ignore[assignment]  # nobody waits yet
             scope = cast(dict[str, Any], self.scope)
             self.raw_body = scope.setdefault("extensions", {})[RAW_BODY] = RawBody(cycle)
+            # Parsed into the scope, which the app owns from here (and which a detached
+            # response trims): a long stream keeps neither, nor the token in the URL.
+            self.url = b""
+            self.headers = []
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -125,11 +125,16 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.detached = True
         queue: LiteQueue[Any] = self.queue  # type: ignore[assignment]
         queue.on_put = on_message
-        # What only the ASGI call needed: the scope's header list and state copy.
-        self.scope["headers"] = []
-        self.scope["state"] = {}
         if not queue.empty():
             on_message()
+
+    def _forget_request(self) -> None:
+        """Drop what only the ASGI call needed, once it returned: the scope (with what
+        the framework stored in it) and the request's path, which carries the token."""
+        self.scope = {"type": "websocket"}  # type: ignore[typeddict-item]
+        request = getattr(self, "request", None)
+        if request is not None:  # also held by the websockets parser's suspended frame
+            request.path = ""
 
     def pending(self) -> bool:
         return not self.queue.empty()
@@ -154,6 +159,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             elif result is not None:
                 self.logger.error("ASGI callable should return None, but returned '%s'.", result)
             elif self.detached:
+                self._forget_request()
                 return
         if self.close_timer is None:
             self.transport.close()

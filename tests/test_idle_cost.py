@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -67,6 +68,40 @@ async def test_an_accepted_websocket_keeps_no_task_while_idle(server: RunningSer
         assert server.gateway.hub.local_subscribers("detached") == 2
     # A detached connection's disconnect still ends its session.
     await eventually(lambda: server.gateway.hub.local_subscribers("detached") == 0, timeout=3)
+
+
+def protocols(server: RunningServer, kind: type) -> list[Any]:
+    return [c for c in server.server.server_state.connections if isinstance(c, kind)]
+
+
+async def test_a_detached_websocket_forgets_its_request(server: RunningServer) -> None:
+    from gateway.wsprotocol import GatewayWebSocketProtocol
+
+    tok = token("forgetful")
+    async with ws_client(server, tok) as client:
+        await client.subscribe("forget")
+        await eventually(lambda: asgi_calls("WebSocketProtocol") == [])
+        (protocol,) = protocols(server, GatewayWebSocketProtocol)
+        # Nothing of the framework's call (its exit stacks, the route, the query string
+        # with the token) outlives it; the handshake's request keeps neither path nor headers.
+        assert protocol.scope == {"type": "websocket"}
+        assert protocol.request.path == "" and not protocol.request.headers
+        await client.ping_ok()  # and the connection is as alive as before
+
+
+async def test_a_detached_sse_stream_forgets_its_request(server: RunningServer) -> None:
+    from gateway.httpprotocol import GatewayHttpToolsProtocol
+
+    tok = token("forgetful-sse")
+    async with raw_sse(server, ["forget-sse"], tok) as stream, api_client(server) as http:
+        await stream.chunk()
+        await eventually(lambda: asgi_calls("DetachableCycle") == [])
+        (protocol,) = protocols(server, GatewayHttpToolsProtocol)
+        assert protocol.cycle.scope == {"type": "http", "method": "GET", "http_version": "1.1"}
+        assert protocol.headers == [] and protocol.url == b""
+        assert tok not in repr(vars(protocol.cycle))
+        await api_publish(http, "forget-sse", {"still": "streaming"})
+        assert b'"still":"streaming"' in await stream.chunk()
 
 
 async def test_commands_arriving_together_are_handled_in_order(server: RunningServer) -> None:
