@@ -45,8 +45,9 @@ class Settings(BaseSettings):
     ping_timeout: float = Field(20.0, gt=0)
     sse_heartbeat: float = Field(15.0, gt=0)
     sse_retry_ms: int = Field(2000, ge=0)
-    # Pushes go straight to the socket under the gateway's uvicorn protocols (the hot
-    # path); false sends them through ASGI, e.g. behind a body-rewriting middleware.
+    # Under the gateway's uvicorn protocols: pushes go straight to the socket (the hot
+    # path) and connections detach from their ASGI call once open (idle memory);
+    # false keeps both on ASGI, e.g. behind a body-rewriting middleware.
     raw_writes: bool = True
 
     presence_channels: str = "chat:*"
