@@ -1,4 +1,4 @@
-"""``python -m loadtest``: fanout, idle, channels, churn and compare (see loadtest/README.md)."""
+"""``python -m loadtest``: the scenarios, compare and sendfloor (see loadtest/README.md)."""
 
 from __future__ import annotations
 
@@ -207,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold", type=float, default=0.0, help="seconds a churned client stays")
 
     from loadtest.compare import add_compare_parser
+    from loadtest.sendfloor import add_parser as add_sendfloor_parser
 
     add_compare_parser(sub)
+    add_sendfloor_parser(sub)
     return parser
 
 
@@ -303,6 +305,24 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.compare import run_compare
 
         return int(run(run_compare(args, argv)))
+    if args.command == "sendfloor":
+        from loadtest.sendfloor import run_sendfloor, summary
+
+        floor = run_sendfloor(
+            clients=args.clients,
+            rounds=args.rounds,
+            rate=args.rate,
+            payload_bytes=args.payload_bytes,
+            sender_cpus=cpus(args.sender_cpus) or None,
+            receiver_cpus=cpus(args.receiver_cpus) or None,
+        )
+        text = (
+            orjson.dumps(floor, option=orjson.OPT_INDENT_2).decode()
+            if args.json
+            else summary(floor)
+        )
+        sys.stdout.write(text + "\n")
+        return 0
     setup = setup_from(args, argv)
     try:
         report = run(scenario_coroutine(args, setup))

@@ -271,3 +271,23 @@ def test_baseline_fanout(reports: dict[str, Run], name: str) -> None:
     assert report["target"]["name"] == name
     assert report["target"]["publish_via"] == "redis"
     check_deliveries(report, 10, [10])
+
+
+def test_sendfloor_times_one_send_per_connection() -> None:
+    argv = ["sendfloor", "--clients", "20", "--rounds", "3", "--rate", "0", "--json"]
+    argv += ["--sender-cpus", "", "--receiver-cpus", ""]
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    assert (report["clients"], report["rounds"], report["payload_bytes"]) == (20, 3, 100)
+    wall, cpu = report["wall_us_per_send"], report["cpu_us_per_send"]
+    assert 0 < wall["median"] <= wall["max"]
+    assert 0 < cpu["median"] <= cpu["max"]
+    # The median connection's send returns within the round: at most 20 sends' time.
+    assert 0 < report["median_subscriber_ms"]["median"] <= wall["max"] * 20 / 1000
