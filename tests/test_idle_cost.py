@@ -12,6 +12,8 @@ lost client from the protocol rather than from a task parked on ``receive``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -172,3 +174,33 @@ async def test_keepalive_pings_come_from_one_timer_per_loop(
         assert all(p.ping_timer is None and p.pong_timer is None for p in protocols)
         await eventually(lambda: all(p.last_ping_rtt > 0 for p in protocols), timeout=5)
     await eventually(lambda: not keepalive.members)
+
+
+def live_instances(*kinds: type) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, kinds))
+
+
+async def test_detached_connections_leave_nothing_behind(server: RunningServer) -> None:
+    from channels.session import Session
+    from gateway.sse import DetachedStream
+    from gateway.ws import Connection
+
+    kinds = (Connection, DetachedStream, Session)
+    assert live_instances(*kinds) == 0
+    for _ in range(3):
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(server)) for _ in range(10)]
+            for n, client in enumerate(clients):
+                await client.subscribe(f"gone-{n % 3}")
+            streams = [
+                await stack.enter_async_context(raw_sse(server, [f"gone-{n % 3}"]))
+                for n in range(10)
+            ]
+            for stream in streams:
+                await stream.chunk()
+            await eventually(lambda: len(server.gateway.hub.sessions) == 20)
+            assert live_instances(*kinds) == 20 + 10 + 10  # a Session each, and its owner
+        # Every client went away: each connection's state is gone with it.
+        await eventually(lambda: len(server.gateway.hub.sessions) == 0, timeout=5)
+        await eventually(lambda: live_instances(*kinds) == 0, timeout=5)
