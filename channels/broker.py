@@ -2,7 +2,9 @@
 
 A broker assigns offsets (one sequence per channel for the whole cluster),
 keeps history, fans publications out to every worker that subscribed to a
-channel, and stores presence. The hub is its only user.
+channel, and stores presence; between workers it also carries signals and a small
+registry of keys (``signal``, ``register``). The hub is its user, and the LLM relays
+use the signals and registry through ``hub.broker``.
 
 Delivery guarantee a broker must give to its handler: the publications of one
 channel arrive in offset order. A broker that may have missed some (a lost
@@ -49,11 +51,18 @@ class BrokerOptions:
 
 MessageHandler = Callable[[Message], None]
 ResyncHandler = Callable[[], None]
+SignalHandler = Callable[[bytes], None]
 
 
 class Broker(Protocol):
-    async def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> None:
-        """Connect; from now on publications of subscribed channels reach ``on_message``."""
+    async def start(
+        self,
+        on_message: MessageHandler,
+        on_resync: ResyncHandler,
+        on_signal: SignalHandler | None = None,
+    ) -> None:
+        """Connect; from now on publications of subscribed channels reach ``on_message``,
+        and every worker's ``signal`` reaches ``on_signal``."""
 
     async def close(self) -> None: ...
 
@@ -85,6 +94,22 @@ class Broker(Protocol):
 
     async def has_subscribers(self, channel: str) -> bool:
         """Whether any worker of the cluster is subscribed to ``channel`` right now."""
+
+    # -- between workers: not channels, never seen by clients ------------------------
+
+    async def signal(self, data: bytes) -> None:
+        """Send ``data`` to the ``on_signal`` of every started broker of the cluster (this
+        one's included), best effort: a worker that is disconnected then misses it.
+        Raises ``BrokerUnavailable``."""
+
+    async def register(self, key: str, value: bytes, ttl: float) -> None:
+        """Set a cluster-wide ``key`` (e.g. which channel a relay publishes to) for
+        ``ttl`` seconds; setting it again refreshes it. Raises ``BrokerUnavailable``."""
+
+    async def lookup(self, key: str) -> bytes | None:
+        """``key``'s value, None when unset or expired. Raises ``BrokerUnavailable``."""
+
+    async def unregister(self, key: str) -> None: ...
 
 
 def create_broker(url: str, options: BrokerOptions) -> Broker:

@@ -127,11 +127,12 @@ class Hub:
         self._channels: dict[str, LocalChannel] = {}
         self._locks = [asyncio.Lock() for _ in range(64)]
         self._tasks: set[asyncio.Task[None]] = set()
+        self._signal_handlers: list[Callable[[bytes], None]] = []
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.broker.start(self._on_message, self._on_resync)
+        await self.broker.start(self._on_message, self._on_resync, self._on_signal)
         self._spawn(self._refresh_presence_forever(), "presence-refresh")
 
     async def close(self) -> None:
@@ -140,6 +141,17 @@ class Hub:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.broker.close()
+
+    def on_signal(self, handler: Callable[[bytes], None]) -> None:
+        """Have ``handler`` called with every signal between workers (``broker.signal``)."""
+        self._signal_handlers.append(handler)
+
+    def _on_signal(self, data: bytes) -> None:
+        for handler in self._signal_handlers:
+            try:
+                handler(data)
+            except Exception:
+                logger.exception("signal handler %r failed", handler)
 
     def _spawn(self, coro: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]

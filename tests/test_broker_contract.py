@@ -23,12 +23,16 @@ class Received:
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.resyncs = 0
+        self.signals: list[bytes] = []
 
     def on_message(self, message: Message) -> None:
         self.messages.append(message)
 
     def on_resync(self) -> None:
         self.resyncs += 1
+
+    def on_signal(self, data: bytes) -> None:
+        self.signals.append(data)
 
     def publications(self, channel: str) -> list[Publication]:
         return [m for m in self.messages if isinstance(m, Publication) and m.channel == channel]
@@ -61,7 +65,7 @@ async def make_broker(backend_url: str, redis_prefix: str) -> AsyncIterator[Make
         options.setdefault("key_prefix", redis_prefix)
         broker = create_broker(backend_url, BrokerOptions(**options))
         sink = received or Received()
-        await broker.start(sink.on_message, sink.on_resync)
+        await broker.start(sink.on_message, sink.on_resync, sink.on_signal)
         opened.append(broker)
         return broker
 
@@ -242,3 +246,42 @@ async def test_has_subscribers_follows_subscribe_and_unsubscribe(broker: Broker)
     while await broker.has_subscribers("watched"):
         assert asyncio.get_running_loop().time() < deadline, "still subscribed"
         await asyncio.sleep(0.02)
+
+
+async def test_a_signal_reaches_every_started_broker_but_no_channel(
+    make_broker: MakeBroker, backend_url: str
+) -> None:
+    here, there = Received(), Received()
+    a = await make_broker(here)
+    await a.subscribe("c")
+    workers = [here]
+    if not backend_url.startswith("memory"):  # one process: no other worker to reach
+        await make_broker(there)
+        workers.append(there)
+    await a.signal(b'{"op":"x","n":1}')
+    await a.signal(b'{"op":"x","n":2}')
+    for worker in workers:
+        await eventually(lambda w=worker: len(w.signals) == 2)  # type: ignore[misc]
+        assert worker.signals == [b'{"op":"x","n":1}', b'{"op":"x","n":2}']
+    assert here.messages == [] and there.messages == []
+
+
+async def test_registry_keys_are_shared_refreshed_and_expire(
+    make_broker: MakeBroker, backend_url: str
+) -> None:
+    a = await make_broker()
+    b = a if backend_url.startswith("memory") else await make_broker()
+    assert await b.lookup("relay:s-1") is None
+    await a.register("relay:s-1", b"gen:1", 0.4)
+    assert await b.lookup("relay:s-1") == b"gen:1"
+    await a.register("relay:s-2", b"gen:2", 60)
+    await a.unregister("relay:s-2")
+    assert await b.lookup("relay:s-2") is None
+    await a.register("relay:s-1", b"gen:1", 60)  # refreshed: outlives the first ttl
+    await asyncio.sleep(0.5)  # past the first ttl: what is asserted is that it is still there
+    assert await b.lookup("relay:s-1") == b"gen:1"
+    await a.register("relay:s-1", b"gen:1", 0.2)
+    deadline = asyncio.get_running_loop().time() + 5
+    while await b.lookup("relay:s-1") is not None:
+        assert asyncio.get_running_loop().time() < deadline, "the key did not expire"
+        await asyncio.sleep(0.05)

@@ -31,6 +31,7 @@ from tests.helpers import (
     open_sse,
     ws_client,
 )
+from tests.redis_server import RedisServer
 
 UPSTREAM_TIMEOUT = 2.0  # "fake": the upstream timeout of the normal cases
 STALL_TIMEOUT = 0.5  # "impatient": the same upstream with a short timeout, for stalls
@@ -507,6 +508,47 @@ async def test_delete_stream_needs_publish_permission_on_its_channel(
         r = await http.delete(f"/api/streams/{stream_id}", headers=bearer())
         assert r.status_code == 200, r.text
         await asyncio.wait_for(upstream.last.disconnected.wait(), CANCEL_BOUND)
+
+
+async def test_delete_reaching_another_worker_cancels_the_relay_where_it_runs(
+    upstream: FakeUpstream,
+    start_gateway: StartGateway,
+    redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """Behind a load balancer the DELETE lands on any worker: two workers on one Redis."""
+    shared = {"broker_url": redis_server.url, "broker_prefix": redis_prefix}
+    owner, other = await start_gateway(**shared), await start_gateway(**shared)
+    channel = new_channel()
+    async with (
+        api_client(owner) as on_owner,
+        api_client(other) as on_other,
+        ws_client(other) as c,
+    ):
+        await c.subscribe(channel)
+        stream_id = await start_relay(on_owner, channel, fake_tokens=LONG, fake_delay=0.02)
+        await c.publications(channel, 3)
+        assert stream_id not in other.gateway.relays.relays
+        reader = token("reader", subscribe=["*"], publish=["other:*"])
+        r = await on_other.delete(f"/api/streams/{stream_id}", headers=bearer(reader))
+        assert r.status_code == 403, r.text
+        for unknown in ("s-0123456789abcdef", "not-a-stream", "s-{x}"):
+            r = await on_other.delete(f"/api/streams/{unknown}", headers=bearer())
+            assert r.status_code == 404, (unknown, r.text)
+            assert r.json()["error"]["code"] == "not_found"
+        assert not upstream.last.disconnected.is_set()
+
+        r = await on_other.delete(f"/api/streams/{stream_id}", headers=bearer())
+        assert r.status_code == 200, r.text
+        assert r.json() == {"stream_id": stream_id, "cancelled": True}
+        await asyncio.wait_for(upstream.last.disconnected.wait(), CANCEL_BOUND)
+        rest = await ws_until_final(c, channel)
+        assert rest[-1]["data"] == {"type": "error", "message": "cancelled by request"}
+        await relays_done(owner)
+        # Finished: no worker knows the stream any more.
+        for http in (on_owner, on_other):
+            r = await http.delete(f"/api/streams/{stream_id}", headers=bearer())
+            assert r.status_code == 404, r.text
 
 
 async def test_relay_sends_the_configured_api_key_as_bearer(

@@ -19,7 +19,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from channels.broker import BrokerOptions, HistoryPage, MessageHandler, ResyncHandler
+from channels.broker import (
+    BrokerOptions,
+    HistoryPage,
+    MessageHandler,
+    ResyncHandler,
+    SignalHandler,
+)
 from channels.publication import PresenceEvent, Publication, StreamPosition
 
 logger = logging.getLogger(__name__)
@@ -44,17 +50,25 @@ class MemoryBroker:
         self._subscribed: set[str] = set()
         self._presence: dict[str, dict[str, bytes]] = {}
         self._on_message: MessageHandler | None = None
+        self._on_signal: SignalHandler | None = None
+        self._registry: dict[str, tuple[bytes, float]] = {}  # key -> (value, expires)
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> None:
+    async def start(
+        self,
+        on_message: MessageHandler,
+        on_resync: ResyncHandler,
+        on_signal: SignalHandler | None = None,
+    ) -> None:
         self._on_message = on_message
+        self._on_signal = on_signal
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="memory-broker-sweeper")
 
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self._on_message = None
+        self._on_message = self._on_signal = None
 
     async def ready(self) -> bool:
         return True
@@ -137,6 +151,32 @@ class MemoryBroker:
     async def has_subscribers(self, channel: str) -> bool:
         return channel in self._subscribed
 
+    async def signal(self, data: bytes) -> None:
+        if self._on_signal is not None:  # later, as from another worker
+            asyncio.get_running_loop().call_soon(self._deliver_signal, data)
+
+    def _deliver_signal(self, data: bytes) -> None:
+        if self._on_signal is not None:
+            try:
+                self._on_signal(data)
+            except Exception:
+                logger.exception("signal handler failed")
+
+    async def register(self, key: str, value: bytes, ttl: float) -> None:
+        self._registry[key] = (value, time.monotonic() + ttl)
+
+    async def lookup(self, key: str) -> bytes | None:
+        entry = self._registry.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= time.monotonic():
+            del self._registry[key]
+            return None
+        return entry[0]
+
+    async def unregister(self, key: str) -> None:
+        self._registry.pop(key, None)
+
     async def _sweep_forever(self) -> None:
         """Free the history of idle channels so memory stays bounded."""
         interval = min(60.0, max(self._options.history_ttl / 2, 0.05))
@@ -146,3 +186,6 @@ class MemoryBroker:
             for channel, stream in list(self._streams.items()):
                 if now - stream.last_publish > self._options.history_ttl:
                     self._expire(channel, stream)
+            for key, (_, expires) in list(self._registry.items()):
+                if expires <= now:
+                    del self._registry[key]

@@ -15,6 +15,9 @@ collide, and all keys of one channel share a Redis Cluster slot (the scripts nee
   (Redis server clock, ms). Both keys expire ``presence_ttl`` after the last refresh.
 * pub/sub topic ``P:t:{C}``: ``p<offset> <epoch> <time> <data>`` for a publication,
   ``e<event> <client>`` for a join or leave.
+* Between workers: pub/sub topic ``P:signals`` (every worker's reader is subscribed to it
+  from the start, whatever its channels), and registry keys ``P:r:{K}`` (plain strings
+  with an expiry).
 
 Delivery guarantees:
 
@@ -70,12 +73,14 @@ from channels.broker import (
     HistoryPage,
     MessageHandler,
     ResyncHandler,
+    SignalHandler,
 )
 from channels.publication import Message, PresenceEvent, Publication, StreamPosition
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 2.0
+SIGNALS = "$signals"  # the signal topic's place in the topic -> channel map
 COMMAND_TIMEOUT = 5.0
 
 # KEYS: meta, stream. ARGV: new epoch, data, time, history size, history ttl ms, meta ttl ms,
@@ -222,6 +227,8 @@ class RedisBroker:
         self._ever_connected = False
         self._on_message: MessageHandler | None = None
         self._on_resync: ResyncHandler | None = None
+        self._on_signal: SignalHandler | None = None
+        self._signals = f"{prefix}:signals".encode()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.reconnects = 0  # read by the gateway's metrics
@@ -236,11 +243,20 @@ class RedisBroker:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> None:
+    async def start(
+        self,
+        on_message: MessageHandler,
+        on_resync: ResyncHandler,
+        on_signal: SignalHandler | None = None,
+    ) -> None:
         """Connect the pub/sub reader. If Redis is down the gateway still starts (not
         ready) and the reader keeps trying in the background."""
         self._on_message = on_message
         self._on_resync = on_resync
+        self._on_signal = on_signal
+        # Subscribed like a channel (and resubscribed after a reconnect); "$" keeps its
+        # name out of the channels' namespace.
+        self._topics[self._signals] = SIGNALS
         pubsub: PubSub | None = None
         try:
             pubsub = await self._open_pubsub()
@@ -259,7 +275,7 @@ class RedisBroker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._fail_waiters()
         await self._redis.aclose()
-        self._on_message = self._on_resync = None
+        self._on_message = self._on_resync = self._on_signal = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -363,6 +379,36 @@ class RedisBroker:
         except (RedisError, OSError) as exc:
             raise _unavailable("has_subscribers", exc) from exc
         return bool(counts) and int(counts[0][1]) > 0
+
+    # -- between workers ---------------------------------------------------------------------
+
+    async def signal(self, data: bytes) -> None:
+        try:
+            await self._redis.publish(self._signals, data)
+        except (RedisError, OSError) as exc:
+            raise _unavailable("signal", exc) from exc
+
+    def _registry_key(self, key: str) -> str:
+        return self._key("r", key)
+
+    async def register(self, key: str, value: bytes, ttl: float) -> None:
+        try:
+            await self._redis.set(self._registry_key(key), value, px=max(1, round(ttl * 1000)))
+        except (RedisError, OSError) as exc:
+            raise _unavailable("register", exc) from exc
+
+    async def lookup(self, key: str) -> bytes | None:
+        try:
+            value = await self._redis.get(self._registry_key(key))
+        except (RedisError, OSError) as exc:
+            raise _unavailable("lookup", exc) from exc
+        return value.encode() if isinstance(value, str) else value
+
+    async def unregister(self, key: str) -> None:
+        try:
+            await self._redis.delete(self._registry_key(key))
+        except (RedisError, OSError) as exc:
+            raise _unavailable("unregister", exc) from exc
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -507,6 +553,13 @@ class RedisBroker:
         kind = message["type"]
         if kind == "message":
             channel = self._topics.get(message["channel"])
+            if channel is SIGNALS:
+                if self._on_signal is not None:
+                    try:
+                        self._on_signal(bytes(message["data"]))
+                    except Exception:
+                        logger.exception("signal handler failed")
+                return
             if channel is None or self._on_message is None:
                 return  # unsubscribed meanwhile
             try:

@@ -11,12 +11,22 @@ channel (on any worker) for ``GATEWAY_LLM_IDLE_CANCEL`` seconds, and a bug in
 the relay itself. (Only a broker outage leaves a channel without its end.)
 Cancelling leaves the ``async with client.stream(...)`` block, which closes
 the upstream connection at once, so no more tokens are paid for.
+
+Across workers: a relay runs on the worker that accepted its ``POST``, but the
+``DELETE`` may reach any worker behind the load balancer. Each relay is in the
+broker's registry (``relay:<id>`` -> its channel, refreshed while it runs,
+expiring ``REGISTRY_TTL`` after a worker died) and every worker listens to the
+broker's signals: a worker that does not own the relay checks the registry
+(unknown: 404; the token's publish permission on that channel: 403) and signals
+``cancel_stream``; the owner cancels as for a local ``DELETE``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -30,6 +40,14 @@ from channels.hub import Hub
 from gateway.llm.upstreams import Upstream
 
 logger = logging.getLogger(__name__)
+
+REGISTRY_TTL = 30.0  # a dead worker's relays leave the registry this long after
+REGISTRY_REFRESH = REGISTRY_TTL / 3
+STREAM_ID = re.compile(r"s-[0-9a-f]{16}")
+
+
+def registry_key(stream_id: str) -> str:
+    return f"relay:{stream_id}"
 
 
 class UpstreamError(Exception):
@@ -64,9 +82,17 @@ class RelayManager:
         self.idle_cancel = idle_cancel
         self.client = client
         self.relays: dict[str, Relay] = {}
+        hub.on_signal(self._on_signal)
 
-    def start(self, channel: str, upstream: Upstream, request: dict[str, Any]) -> Relay:
+    async def start(self, channel: str, upstream: Upstream, request: dict[str, Any]) -> Relay:
+        """Register the relay (so that any worker can cancel it), then start it.
+
+        Raises ``BrokerUnavailable`` (nothing started) when it cannot be registered.
+        """
         relay = Relay("s-" + secrets.token_hex(8), channel, upstream)
+        await self.hub.broker.register(
+            registry_key(relay.stream_id), channel.encode(), REGISTRY_TTL
+        )
         relay.task = asyncio.create_task(self._run(relay, request), name=f"relay:{relay.stream_id}")
         self.relays[relay.stream_id] = relay
         relay.task.add_done_callback(lambda task: self._done(relay, task))
@@ -90,6 +116,36 @@ class RelayManager:
         relay.task.cancel()
         return True
 
+    async def channel_elsewhere(self, stream_id: str) -> str | None:
+        """The channel of a relay another worker runs; None when there is no such relay.
+
+        Raises ``BrokerUnavailable``.
+        """
+        if not STREAM_ID.fullmatch(stream_id):
+            return None
+        value = await self.hub.broker.lookup(registry_key(stream_id))
+        return None if value is None else value.decode()
+
+    async def cancel_elsewhere(self, stream_id: str, reason: str = "cancelled") -> None:
+        """Ask every worker to cancel ``stream_id``: its owner does.
+
+        Raises ``BrokerUnavailable``.
+        """
+        signal = {"op": "cancel_stream", "stream_id": stream_id, "reason": reason}
+        await self.hub.broker.signal(orjson.dumps(signal))
+
+    def _on_signal(self, data: bytes) -> None:
+        try:
+            signal = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            logger.warning("malformed signal: %.80r", data)
+            return
+        if not isinstance(signal, dict) or signal.get("op") != "cancel_stream":
+            return  # someone else's
+        stream_id, reason = signal.get("stream_id"), signal.get("reason")
+        if isinstance(stream_id, str) and stream_id in self.relays:
+            self.cancel(stream_id, reason if isinstance(reason, str) else "cancelled")
+
     async def close(self) -> None:
         tasks = [r.task for r in self.relays.values() if r.task is not None]
         for stream_id in list(self.relays):
@@ -101,6 +157,13 @@ class RelayManager:
         await self.hub.publish(channel, orjson.dumps(value))
 
     async def _run(self, relay: Relay, request: dict[str, Any]) -> None:
+        try:
+            await self._relay(relay, request)
+        finally:
+            with contextlib.suppress(BrokerUnavailable):  # else it expires by itself
+                await self.hub.broker.unregister(registry_key(relay.stream_id))
+
+    async def _relay(self, relay: Relay, request: dict[str, Any]) -> None:
         watcher = asyncio.create_task(self._watch_idle(relay), name=f"idle:{relay.stream_id}")
         final: dict[str, Any]
         try:
@@ -189,11 +252,20 @@ class RelayManager:
         raise UpstreamError(f"upstream {upstream.name!r} ended the stream without [DONE]")
 
     async def _watch_idle(self, relay: Relay) -> None:
-        """Cancel the relay once its channel has had no subscriber anywhere for idle_cancel s."""
+        """Cancel the relay once its channel has had no subscriber anywhere for idle_cancel s;
+        meanwhile keep its registry entry alive."""
         interval = min(1.0, self.idle_cancel / 4)
         idle_since: float | None = time.monotonic()  # a grace period for the first subscriber
+        registered = time.monotonic()
         while True:
             await asyncio.sleep(interval)
+            if time.monotonic() - registered >= REGISTRY_REFRESH:
+                key = registry_key(relay.stream_id)
+                try:
+                    await self.hub.broker.register(key, relay.channel.encode(), REGISTRY_TTL)
+                    registered = time.monotonic()
+                except BrokerUnavailable:
+                    pass
             try:
                 watched = await self.hub.broker.has_subscribers(relay.channel)
             except BrokerUnavailable:

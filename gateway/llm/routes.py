@@ -99,16 +99,29 @@ async def start_stream(request: Request, gateway: GatewayDep, claims: ClaimsDep)
     llm_request = body.get("request", {})
     if not isinstance(llm_request, dict):
         raise GatewayError(ErrorCode.BAD_REQUEST, "'request' must be a JSON object")
-    relay = gateway.relays.start(channel, upstream, llm_request)
+    try:
+        relay = await gateway.relays.start(channel, upstream, llm_request)
+    except BrokerUnavailable:
+        raise unavailable() from None
     return JSONBody({"stream_id": relay.stream_id, "channel": channel}, status_code=202)
 
 
 @router.delete("/streams/{stream_id}")
 async def cancel_stream(stream_id: str, gateway: GatewayDep, claims: ClaimsDep) -> JSONBody:
-    relay = gateway.relays.relays.get(stream_id)
-    if relay is None:
-        raise GatewayError(ErrorCode.NOT_FOUND, "no such stream on this worker")
-    require(claims.can_publish(relay.channel), "cancelling a stream of", relay.channel)
-    # False when the relay was already publishing its end (too late to cancel).
-    cancelled = gateway.relays.cancel(stream_id, "cancelled by request")
-    return JSONBody({"stream_id": stream_id, "cancelled": cancelled})
+    relays = gateway.relays
+    relay = relays.relays.get(stream_id)
+    if relay is not None:
+        require(claims.can_publish(relay.channel), "cancelling a stream of", relay.channel)
+        # False when the relay was already publishing its end (too late to cancel).
+        cancelled = relays.cancel(stream_id, "cancelled by request")
+        return JSONBody({"stream_id": stream_id, "cancelled": cancelled})
+    # Another worker's relay (or none): see gateway/llm/relay.py.
+    try:
+        channel = await relays.channel_elsewhere(stream_id)
+        if channel is None:
+            raise GatewayError(ErrorCode.NOT_FOUND, "no such stream")
+        require(claims.can_publish(channel), "cancelling a stream of", channel)
+        await relays.cancel_elsewhere(stream_id, "cancelled by request")
+    except BrokerUnavailable:
+        raise unavailable() from None
+    return JSONBody({"stream_id": stream_id, "cancelled": True})
