@@ -159,14 +159,13 @@ class EventStream(Response):
             opening = f"retry: {settings.sse_retry_ms}\nid: {self.transport.cursor()}\n\n"
             await send({"type": "http.response.body", "body": opening.encode(), "more_body": True})
             # From here on pushes may be written directly; what queued meanwhile goes first.
-            self.transport.send = send
             raw: RawBody | None = scope.get("extensions", {}).get(RAW_BODY)
             if raw is not None and raw.chunked and settings.raw_writes:
                 self.transport.raw = raw
-                self.transport.send = None  # the ASGI call ends here
-                DetachedStream(self.gateway, session, raw).start()
+                DetachedStream(self.gateway, session, raw).start()  # the ASGI call ends here
                 detached = True
                 return
+            self.transport.send = send
             heartbeat = Heartbeat(session, settings.sse_heartbeat)
             await self._write_in_task(receive)
         finally:

@@ -90,9 +90,7 @@ class RelayManager:
         Raises ``BrokerUnavailable`` (nothing started) when it cannot be registered.
         """
         relay = Relay("s-" + secrets.token_hex(8), channel, upstream)
-        await self.hub.broker.register(
-            registry_key(relay.stream_id), channel.encode(), REGISTRY_TTL
-        )
+        await self._register(relay)
         relay.task = asyncio.create_task(self._run(relay, request), name=f"relay:{relay.stream_id}")
         self.relays[relay.stream_id] = relay
         relay.task.add_done_callback(lambda task: self._done(relay, task))
@@ -115,6 +113,10 @@ class RelayManager:
         relay.cancel_reason = relay.cancel_reason or reason
         relay.task.cancel()
         return True
+
+    async def _register(self, relay: Relay) -> None:
+        key = registry_key(relay.stream_id)
+        await self.hub.broker.register(key, relay.channel.encode(), REGISTRY_TTL)
 
     async def channel_elsewhere(self, stream_id: str) -> str | None:
         """The channel of a relay another worker runs; None when there is no such relay.
@@ -260,12 +262,9 @@ class RelayManager:
         while True:
             await asyncio.sleep(interval)
             if time.monotonic() - registered >= REGISTRY_REFRESH:
-                key = registry_key(relay.stream_id)
-                try:
-                    await self.hub.broker.register(key, relay.channel.encode(), REGISTRY_TTL)
+                with contextlib.suppress(BrokerUnavailable):
+                    await self._register(relay)
                     registered = time.monotonic()
-                except BrokerUnavailable:
-                    pass
             try:
                 watched = await self.hub.broker.has_subscribers(relay.channel)
             except BrokerUnavailable:
