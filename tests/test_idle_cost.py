@@ -1,12 +1,13 @@
 """An idle connection costs no task beyond uvicorn's own, and keeps none of its frames.
 
 Memory per idle connection is a product figure (docs/benchmarks.md); these pin
-down the structural part of it: an accepted WebSocket is detached from its ASGI
-call (no task, no framework frames) and gets a reader task only while commands
-are waiting, a WebSocket that is written directly has no
-writer task until one is needed (an item must queue, or it closes with a
-code), and a raw SSE stream runs its writer inside the ASGI task, learning of a
-lost client from the protocol rather than from a task parked on ``receive``.
+down the structural part of it. An accepted WebSocket and an opened raw SSE
+stream are detached from their ASGI call (no task, no framework frames, no
+scope with the token left behind). A WebSocket gets a reader task only while
+commands are waiting and a writer task only when one is needed (an item must
+queue, or it closes with a code); an SSE stream learns of a lost client from the
+protocol rather than from a task parked on ``receive``. And nothing of either is
+left once its client has gone.
 """
 
 from __future__ import annotations
