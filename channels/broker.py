@@ -85,8 +85,13 @@ class Broker(Protocol):
         """Without ``since``: the last ``limit`` publications (all kept when None).
         With ``since``: the first ``limit`` publications after it."""
 
-    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> None:
-        """Add or refresh one client's entry (expires after the presence TTL)."""
+    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> bool:
+        """Add or refresh one client's entry (expires after the presence TTL); True when
+        it was not there (new, or it had expired)."""
+
+    async def presence_expire(self, channel: str) -> None:
+        """Remove the entries whose TTL passed (their worker stopped refreshing them) and
+        fan out a ``leave`` for each, once for the whole cluster."""
 
     async def presence_remove(self, channel: str, client_id: str) -> None: ...
 

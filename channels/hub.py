@@ -330,7 +330,12 @@ class Hub:
         return await self.broker.presence(channel)
 
     async def _refresh_presence_forever(self) -> None:
-        """Re-add local clients' presence entries so they outlive the broker's TTL."""
+        """Re-add local clients' presence entries so they outlive the broker's TTL, and
+        expire other workers' stale ones (a dead worker's clients get their ``leave``).
+
+        An entry that had to be added again (it expired: the broker was unreachable
+        for a while, or was flushed) is announced with a ``join`` again.
+        """
         while True:
             await asyncio.sleep(self.presence_ttl / 3)
             for lc in list(self._channels.values()):
@@ -338,9 +343,14 @@ class Hub:
                     continue
                 try:
                     for session in [*lc.live, *lc.catching_up]:
-                        await self.broker.presence_add(
-                            lc.name, session.client_id, session.presence_entry
-                        )
+                        entry = session.presence_entry
+                        if not await self.broker.presence_add(lc.name, session.client_id, entry):
+                            continue
+                        if session in lc.live or session in lc.catching_up:
+                            await self._announce(lc.name, "join", entry)
+                        else:  # it left while this was in flight: undo the re-add
+                            await self.broker.presence_remove(lc.name, session.client_id)
+                    await self.broker.presence_expire(lc.name)
                 except BrokerUnavailable:
                     # Try again next round: the entries come back once the broker does.
                     logger.debug("presence refresh of %s: broker unavailable", lc.name)

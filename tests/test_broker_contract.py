@@ -169,9 +169,10 @@ async def test_presence_events_are_delivered_but_not_stored(
 
 
 async def test_presence_entries_are_added_listed_and_removed(broker: Broker) -> None:
-    await broker.presence_add("chat:x", "c-1", b'{"client":"c-1"}')
-    await broker.presence_add("chat:x", "c-2", b'{"client":"c-2"}')
-    await broker.presence_add("chat:x", "c-2", b'{"client":"c-2"}')  # refresh, not a duplicate
+    assert await broker.presence_add("chat:x", "c-1", b'{"client":"c-1"}') is True
+    assert await broker.presence_add("chat:x", "c-2", b'{"client":"c-2"}') is True
+    # A refresh, not a duplicate: False says the entry was there.
+    assert await broker.presence_add("chat:x", "c-2", b'{"client":"c-2"}') is False
     assert sorted(await broker.presence("chat:x")) == [b'{"client":"c-1"}', b'{"client":"c-2"}']
     await broker.presence_remove("chat:x", "c-1")
     assert await broker.presence("chat:x") == [b'{"client":"c-2"}']
@@ -285,3 +286,36 @@ async def test_registry_keys_are_shared_refreshed_and_expire(
     while await b.lookup("relay:s-1") is not None:
         assert asyncio.get_running_loop().time() < deadline, "the key did not expire"
         await asyncio.sleep(0.05)
+
+
+async def test_expired_presence_entries_leave_once_with_a_leave_event(
+    make_broker: MakeBroker, backend_url: str
+) -> None:
+    """A worker that died stops refreshing its clients' entries: once their TTL passed,
+    whichever worker expires them first announces each ``leave``, exactly once."""
+    watcher = Received()
+    a = await make_broker(watcher, presence_ttl=0.3)
+    await a.subscribe("chat:x")
+    entry = b'{"client":"c-1","user":"gone","info":{}}'
+    await a.presence_add("chat:x", "c-1", entry)
+    await a.presence_add("chat:x", "c-2", b'{"client":"c-2","user":"kept","info":{}}')
+    if backend_url.startswith("memory"):
+        # One process: nothing outlives its worker, so nothing expires.
+        await asyncio.sleep(0.4)  # past the TTL: what is asserted is that nothing went
+        await a.presence_expire("chat:x")
+        assert len(await a.presence("chat:x")) == 2
+        return
+    b, c = await make_broker(presence_ttl=0.3), await make_broker(presence_ttl=0.3)
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:  # keep c-2 refreshed (its worker is alive) until c-1 has expired
+        await a.presence_add("chat:x", "c-2", b'{"client":"c-2","user":"kept","info":{}}')
+        await asyncio.gather(b.presence_expire("chat:x"), c.presence_expire("chat:x"))
+        if [m for m in watcher.messages if isinstance(m, PresenceEvent)]:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "the entry never expired"
+        await asyncio.sleep(0.05)
+    await a.publish("chat:x", b"1")  # a marker: everything published before it has arrived
+    await eventually(lambda: watcher.publications("chat:x"))
+    leaves = [m for m in watcher.messages if isinstance(m, PresenceEvent)]
+    assert [(m.event, m.client) for m in leaves] == [("leave", entry)]
+    assert await a.presence("chat:x") == [b'{"client":"c-2","user":"kept","info":{}}']

@@ -389,6 +389,11 @@ async def test_a_killed_worker_leaves_presence_within_the_ttl_and_the_others_car
             killed_at = time.monotonic()
             await poll(lambda: _users_are(users, ["survivor"]), timeout=ttl + 3)
             assert time.monotonic() - killed_at <= ttl + 0.5
+            # The dead worker's client also gets its leave push, once (whichever live
+            # worker expires the entry first announces it): within a refresh round more.
+            left = await kept.presence_push(channel, "leave", user="doomed", timeout=ttl + 3)
+            assert left["client"]["user"] == "doomed"
+            assert time.monotonic() - killed_at <= ttl * 4 / 3 + 1.0
             # The survivor's entry is refreshed (it outlives the TTL) and it still gets pushes.
             while time.monotonic() - killed_at < ttl * 1.5:
                 assert await users() == ["survivor"]
@@ -397,6 +402,11 @@ async def test_a_killed_worker_leaves_presence_within_the_ttl_and_the_others_car
                 sent = await publish_via_api(api, channel, "still here")
             pushes = await kept.publications(channel, 1)
             assert pushes[0]["offset"] == sent["offset"]
+            # Nothing else about presence came before that publication: no second leave,
+            # and no leave or re-join for the survivor, whose entry never lapsed (its
+            # own join, from when it subscribed, is all there is).
+            presence = [(f["event"], f["client"]["user"]) for f in kept.backlog if "event" in f]
+            assert presence == [("join", "survivor")], presence
     finally:
         for proc in procs:
             proc.stop()

@@ -135,8 +135,14 @@ class MemoryBroker:
         end = len(kept) if limit is None else min(len(kept), start + limit)
         return HistoryPage([kept[i] for i in range(start, end)], position)
 
-    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> None:
-        self._presence.setdefault(channel, {})[client_id] = entry
+    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> bool:
+        clients = self._presence.setdefault(channel, {})
+        added = client_id not in clients
+        clients[client_id] = entry
+        return added
+
+    async def presence_expire(self, channel: str) -> None:
+        """Nothing expires here: one process, whose clients leave when they disconnect."""
 
     async def presence_remove(self, channel: str, client_id: str) -> None:
         clients = self._presence.get(channel)

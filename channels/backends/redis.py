@@ -13,6 +13,8 @@ collide, and all keys of one channel share a Redis Cluster slot (the scripts nee
   last publication.
 * ``P:p:{C}`` hash client id -> presence entry, ``P:z:{C}`` sorted set client id -> expiry
   (Redis server clock, ms). Both keys expire ``presence_ttl`` after the last refresh.
+  An entry whose expiry passed (its worker died) is removed by the next presence read
+  or ``presence_expire``, which publishes its ``leave`` in the same script.
 * pub/sub topic ``P:t:{C}``: ``p<offset> <epoch> <time> <data>`` for a publication,
   ``e<event> <client>`` for a join or leave.
 * Between workers: pub/sub topic ``P:signals`` (every worker's reader is subscribed to it
@@ -141,27 +143,37 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
 # KEYS: entries hash, expiry zset. ARGV: client id, entry, ttl ms.
+# Returns 1 when the entry was not there (new, or expired and reaped meanwhile).
 PRESENCE_ADD_LUA = (
     _NOW_MS
     + """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
+return added
 """
 )
 
-# KEYS: entries hash, expiry zset. Drops expired entries, returns the others.
-PRESENCE_LUA = (
+# KEYS: entries hash, expiry zset. ARGV: the channel's pub/sub topic. Drops the entries
+# whose expiry passed and publishes a leave for each: removal and leave in one script,
+# so whichever worker gets there first announces a client's leave, and only once.
+_REAP = (
     _NOW_MS
     + """
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for i = 1, #stale do redis.call('HDEL', KEYS[1], stale[i]) end
+for i = 1, #stale do
+    local entry = redis.call('HGET', KEYS[1], stale[i])
+    if entry then
+        redis.call('HDEL', KEYS[1], stale[i])
+        redis.call('PUBLISH', ARGV[1], 'eleave ' .. entry)
+    end
+end
 if #stale > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
-return redis.call('HVALS', KEYS[1])
 """
 )
+PRESENCE_EXPIRE_LUA = _REAP + "return #stale\n"
+PRESENCE_LUA = _REAP + "return redis.call('HVALS', KEYS[1])\n"  # the live entries
 
 
 def new_epoch() -> str:
@@ -214,6 +226,7 @@ class RedisBroker:
         self._history_script = self._redis.register_script(HISTORY_LUA)
         self._presence_add_script = self._redis.register_script(PRESENCE_ADD_LUA)
         self._presence_script = self._redis.register_script(PRESENCE_LUA)
+        self._presence_expire_script = self._redis.register_script(PRESENCE_EXPIRE_LUA)
         self._history_ttl_ms = max(1, round(self._options.history_ttl * 1000))
         meta_ttl = max(self._options.history_meta_ttl, self._options.history_ttl)
         self._meta_ttl_ms = max(1, round(meta_ttl * 1000))
@@ -346,14 +359,15 @@ class RedisBroker:
             publications.reverse()
         return HistoryPage(publications, position)
 
-    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> None:
+    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> bool:
         keys = [self._key("p", channel), self._key("z", channel)]
         try:
-            await self._presence_add_script(
+            added = await self._presence_add_script(
                 keys=keys, args=[client_id, entry, self._presence_ttl_ms]
             )
         except (RedisError, OSError) as exc:
             raise _unavailable("presence_add", exc) from exc
+        return bool(added)
 
     async def presence_remove(self, channel: str, client_id: str) -> None:
         try:
@@ -367,10 +381,17 @@ class RedisBroker:
     async def presence(self, channel: str) -> list[bytes]:
         keys = [self._key("p", channel), self._key("z", channel)]
         try:
-            entries = await self._presence_script(keys=keys)
+            entries = await self._presence_script(keys=keys, args=[self._topic(channel)])
         except (RedisError, OSError) as exc:
             raise _unavailable("presence", exc) from exc
         return list(entries)
+
+    async def presence_expire(self, channel: str) -> None:
+        keys = [self._key("p", channel), self._key("z", channel)]
+        try:
+            await self._presence_expire_script(keys=keys, args=[self._topic(channel)])
+        except (RedisError, OSError) as exc:
+            raise _unavailable("presence_expire", exc) from exc
 
     async def has_subscribers(self, channel: str) -> bool:
         """Any worker subscribed: each worker holds one SUBSCRIBE per channel (PUBSUB NUMSUB)."""
