@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from channels.backends.redis import RedisBroker
 from channels.broker import BrokerOptions, BrokerUnavailable
 from channels.hub import Hub
+from channels.publication import PresenceEvent
 from channels.session import Gap
 from tests.conftest import eventually
 from tests.redis_server import RedisServer
@@ -38,11 +39,11 @@ class GatedBroker(RedisBroker):
         await self.gate.wait()
         return await super()._open_pubsub()
 
-    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> None:
+    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> bool:
         if self.failing_presence_adds:
             self.failing_presence_adds -= 1
             raise BrokerUnavailable("simulated outage")
-        await super().presence_add(channel, client_id, entry)
+        return await super().presence_add(channel, client_id, entry)
 
 
 @pytest.fixture
@@ -134,9 +135,14 @@ async def test_presence_refresh_survives_a_broker_outage(
 ) -> None:
     """Regression: the hub's presence refresh loop ended for good at the first
     ``BrokerUnavailable``, so after a Redis outage every entry expired and never came back."""
-    session, _, writer = new_session()
+    session, recorder, writer = new_session()
     await hub.subscribe(session, "chat:room")
     assert len(await hub.presence("chat:room")) == 1
+
+    def joins() -> list[PresenceEvent]:
+        return [i for i in recorder.items if isinstance(i, PresenceEvent) and i.event == "join"]
+
+    await eventually(lambda: len(joins()) == 1)  # its own join
     broker.failing_presence_adds = 2  # the next refresh rounds hit an outage
     await eventually(lambda: broker.failing_presence_adds == 0)
     # Redis lost the entries meanwhile (flushed, restarted empty, expired).
@@ -146,4 +152,7 @@ async def test_presence_refresh_survives_a_broker_outage(
     while not await hub.presence("chat:room"):
         assert asyncio.get_running_loop().time() < deadline, "presence was not re-added"
         await asyncio.sleep(0.05)
+    # Re-added is announced again: the others saw it vanish from the list.
+    await eventually(lambda: len(joins()) == 2)
+    assert joins()[1].client == session.presence_entry
     writer.cancel()
