@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -45,6 +46,7 @@ RAW_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 HEARTBEAT = ": ping\n\n"
+TOKEN_EXPIRED = (1000, "token expired")
 
 
 class SSETransport:
@@ -143,16 +145,23 @@ class EventStream(Response):
     task and a task watching ``receive`` for the disconnect run side by side.
     """
 
-    def __init__(self, gateway: Gateway, session: Session, transport: SSETransport) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        session: Session,
+        transport: SSETransport,
+        deadline: float | None,
+    ) -> None:
         super().__init__(status_code=200)
         self.raw_headers = list(RAW_HEADERS)  # no content-length: the body is a stream
         self.gateway = gateway
         self.session = session
         self.transport = transport
+        self.deadline = deadline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session, settings = self.session, self.gateway.settings
-        heartbeat: Heartbeat | None = None
+        timers: StreamTimers | None = None
         detached = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -162,16 +171,17 @@ class EventStream(Response):
             raw: RawBody | None = scope.get("extensions", {}).get(RAW_BODY)
             if raw is not None and raw.chunked and settings.raw_writes:
                 self.transport.raw = raw
-                DetachedStream(self.gateway, session, raw).start()  # the ASGI call ends here
+                # The ASGI call ends here.
+                DetachedStream(self.gateway, session, raw).start(self.deadline)
                 detached = True
                 return
             self.transport.send = send
-            heartbeat = Heartbeat(session, settings.sse_heartbeat)
+            timers = StreamTimers(session, settings.sse_heartbeat, self.deadline)
             await self._write_in_task(receive)
         finally:
             if not detached:
-                if heartbeat is not None:
-                    heartbeat.cancel()
+                if timers is not None:
+                    timers.cancel()
                 session.close(1000, "")
                 await self.gateway.closed(session)
                 with contextlib.suppress(Exception):
@@ -199,46 +209,56 @@ class EventStream(Response):
                 await writer
 
 
-class Heartbeat:
-    """A ``: ping`` comment every ``interval`` seconds until cancelled or the session closes."""
+class StreamTimers:
+    """A stream's clock: a ``: ping`` comment every ``interval`` seconds until cancelled
+    or the session closes, and the end of the stream at ``deadline`` (wall clock: the
+    token's ``exp`` plus leeway; a stream cannot refresh its token)."""
 
-    __slots__ = ("_handle", "interval", "session")
+    __slots__ = ("_beat_handle", "_expiry", "interval", "session")
 
-    def __init__(self, session: Session, interval: float) -> None:
+    def __init__(self, session: Session, interval: float, deadline: float | None) -> None:
         self.session = session
         self.interval = interval
-        self._handle = asyncio.get_running_loop().call_later(interval, self._beat)
+        loop = asyncio.get_running_loop()
+        self._beat_handle = loop.call_later(interval, self._beat)
+        self._expiry: asyncio.TimerHandle | None = None
+        if deadline is not None:
+            delay = max(0.0, deadline - time.time())
+            self._expiry = loop.call_later(delay, session.close, *TOKEN_EXPIRED)
 
     def _beat(self) -> None:
         if self.session.push(HEARTBEAT):
-            self._handle = asyncio.get_running_loop().call_later(self.interval, self._beat)
+            self._beat_handle = asyncio.get_running_loop().call_later(self.interval, self._beat)
 
     def cancel(self) -> None:
-        self._handle.cancel()
+        self._beat_handle.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
 
 
 class DetachedStream:
     """A raw SSE stream after its ASGI call returned.
 
-    What is left of it: the session (in the hub), a heartbeat timer, and the
-    protocol's ``on_lost`` hook. The session's writer task starts only when needed
+    What is left of it: the session (in the hub), its timers (heartbeat, token
+    expiry), and the protocol's ``on_lost`` hook. The session's writer task starts only when needed
     (a push has to wait for a full socket, or the stream ends), and the stream ends
     when that writer does: the session closed (drain, slow consumer, lost client).
     """
 
-    __slots__ = ("_heartbeat", "_writer", "gateway", "raw", "session")
+    __slots__ = ("_timers", "_writer", "gateway", "raw", "session")
 
     def __init__(self, gateway: Gateway, session: Session, raw: RawBody) -> None:
         self.gateway = gateway
         self.session = session
         self.raw = raw
-        self._heartbeat: Heartbeat | None = None
+        self._timers: StreamTimers | None = None
         self._writer: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, deadline: float | None) -> None:
         self.raw.on_lost = self._lost
         self.raw.detach()
-        self._heartbeat = Heartbeat(self.session, self.gateway.settings.sse_heartbeat)
+        interval = self.gateway.settings.sse_heartbeat
+        self._timers = StreamTimers(self.session, interval, deadline)
         self.session.writer_on_demand(self._start_writer)
 
     def _lost(self) -> None:
@@ -262,8 +282,8 @@ class DetachedStream:
         except OSError:  # the client went away mid-write
             pass
         finally:
-            if self._heartbeat is not None:
-                self._heartbeat.cancel()
+            if self._timers is not None:
+                self._timers.cancel()
             self.raw.on_lost = None
             session.close(1000, "")
             await self.gateway.closed(session)
@@ -341,4 +361,4 @@ async def sse_endpoint(request: Request, gateway: GatewayDep, claims: ClaimsDep)
     except BaseException:
         await gateway.closed(session)
         raise
-    return EventStream(gateway, session, transport)
+    return EventStream(gateway, session, transport, gateway.verifier.deadline(claims))

@@ -341,6 +341,29 @@ async def test_sse_sends_ping_comment_every_heartbeat_interval(make_server):
         assert e["json"] == pub("quiet", 1, r["epoch"], "x")
 
 
+@pytest.mark.parametrize("raw_writes", [True, False], ids=["detached", "asgi"])
+async def test_sse_stream_ends_when_its_token_expires_and_resumes_with_a_new_one(
+    make_server, raw_writes
+):
+    """A stream cannot refresh its token: it ends at ``exp`` + leeway (here 0), and the
+    client reconnects with a fresh token and its cursor, losing nothing."""
+    server = await make_server(jwt_leeway=0, raw_writes=raw_writes)
+    async with api_client(server) as http:
+        async with open_sse(http, ["exp"], token(ttl=1.5)) as s:
+            await opening(s)
+            r = await api_publish(http, "exp", "before")
+            [e] = await s.publications(1)
+            cursor = e["id"]
+            rest = await s.until_end(timeout=5)
+            assert [i for i in rest if "comment" not in i] == []
+        await eventually(lambda: len(server.gateway.hub.sessions) == 0)
+        after = await api_publish(http, "exp", "after")
+        async with open_sse(http, ["exp"], token(), last_event_id=cursor) as s2:
+            await opening(s2)
+            [e2] = await s2.publications(1)
+            assert e2["json"] == pub("exp", after["offset"], r["epoch"], "after")
+
+
 # --------------------------------------------------------------------------- errors
 
 
