@@ -455,3 +455,46 @@ async def test_client_gets_a_new_token_after_4001_and_refreshes_it_before_expiry
     states = await page.evaluate("window.states")
     assert states == ["connecting", "connected"], states
     assert len(minted) >= 4
+
+
+async def test_client_on_sse_reopens_its_stream_with_each_refreshed_token(
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+) -> None:
+    """A stream carries its token for life and the gateway ends it at ``exp``: the client
+    reopens it with the refreshed token before then, resuming from its positions."""
+    server = await make_server(jwt_leeway=0)
+    channel = unique_channel()
+    minted: list[str] = []
+
+    def mint() -> str:
+        minted.append(tok := token("viewer", ttl=4))  # refreshed ~2 s in, halfway
+        return tok
+
+    page = await new_page()
+    await page.expose_function("mintToken", mint)
+    await page.goto(f"{server.url}/static/test-client.html?mint=1&transport=sse&channel={channel}")
+    await page.wait_for_function("window.client.state === 'connected'", timeout=10_000)
+    async with httpx.AsyncClient(base_url=server.url, trust_env=False) as http:
+
+        async def publish(n: int) -> None:
+            r = await http.post(
+                "/api/publish",
+                json={"channel": channel, "data": {"n": n}},
+                headers={"Authorization": f"Bearer {token('backend')}"},
+            )
+            assert r.status_code == 200, r.text
+
+        await publish(1)
+        await received_up_to(page, 1)
+        # Three refreshes: well past the first tokens' expiry.
+        await page.wait_for_function(
+            "window.events.filter((e) => e.type === 'token' && e.refreshed).length >= 3",
+            timeout=15_000,
+        )
+        await publish(2)
+        received = await received_up_to(page, 2)
+    assert [p["offset"] for p in received] == [1, 2]
+    events = await page.evaluate("window.events")
+    assert [e for e in events if e["type"] in ("retry", "error")] == [], events
+    assert await page.evaluate("window.states") == ["connecting", "connected"]
+    assert await page.evaluate("window.client.transport") == "sse"

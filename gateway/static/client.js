@@ -615,6 +615,13 @@ var GatewayClient = (function () {
       }
       const ws = this._ws;
       if (!ws || !this._wsReady) {
+        if (this._mode === 'sse' && this._es && this.state === 'connected') {
+          // A stream carries its token for life and the gateway ends it at `exp`:
+          // reopen it with the new one now, every channel resuming from its position.
+          this._queueSseReopen();
+          this._emit('token', { refreshed: true });
+          return;
+        }
         this._emit('token', { refreshed: false });
         return; // the next connection uses it
       }
