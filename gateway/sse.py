@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
+from channels.lite import LiteTimer, lite_timers
 from channels.names import is_valid_channel
 from channels.publication import Batch, Publication, StreamPosition
 from channels.session import NOT_NOW, Gap, Outgoing, Session, Started, start_write
@@ -219,16 +220,15 @@ class StreamTimers:
     def __init__(self, session: Session, interval: float, deadline: float | None) -> None:
         self.session = session
         self.interval = interval
-        loop = asyncio.get_running_loop()
-        self._beat_handle = loop.call_later(interval, self._beat)
-        self._expiry: asyncio.TimerHandle | None = None
+        timers = lite_timers()  # idle streams are the common case: no uvloop timer each
+        self._beat_handle = timers.call_later(interval, self._beat)
+        self._expiry: LiteTimer | None = None
         if deadline is not None:
-            delay = max(0.0, deadline - time.time())
-            self._expiry = loop.call_later(delay, session.close, *TOKEN_EXPIRED)
+            self._expiry = timers.call_later(deadline - time.time(), session.close, *TOKEN_EXPIRED)
 
     def _beat(self) -> None:
         if self.session.push(HEARTBEAT):
-            self._beat_handle = asyncio.get_running_loop().call_later(self.interval, self._beat)
+            self._beat_handle = self._beat_handle.owner.call_later(self.interval, self._beat)
 
     def cancel(self) -> None:
         self._beat_handle.cancel()

@@ -34,6 +34,7 @@ from starlette.websockets import WebSocketDisconnect
 from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
+from channels.lite import LiteTimer, lite_timers
 from channels.publication import Batch, PresenceEvent, Publication
 from channels.session import NOT_NOW, Gap, Outgoing, Session, Started, start_write
 from gateway.commands import BadFrame, Command, CommandId, parse_command
@@ -190,7 +191,7 @@ class Connection:
         self.max_message_bytes = settings.max_message_bytes
         self.publish_limiter = RateLimiter(settings.client_publish_rate)
         self._close_socket = close_socket
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry: LiteTimer | None = None
         self._writer: asyncio.Task[None] | None = None
         self._raw: RawFrames | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -286,8 +287,8 @@ class Connection:
             self._expiry = None
         deadline = self.gateway.verifier.deadline(self.claims)
         if deadline is not None:
-            self._expiry = asyncio.get_running_loop().call_later(
-                max(0.0, deadline - time.time()), self.session.close, *CloseCode.TOKEN_EXPIRED
+            self._expiry = lite_timers().call_later(
+                deadline - time.time(), self.session.close, *CloseCode.TOKEN_EXPIRED
             )
 
     # -- reading ---------------------------------------------------------------
