@@ -228,6 +228,25 @@ class Session:
     def slow(self) -> bool:
         return self.close_reason == SLOW_CONSUMER
 
+    async def write_until_closed(self) -> bool:
+        """Run the writer in the current task until the session is closed and flushed.
+
+        A slow consumer's ``close`` cancels a write stuck on a full socket (``abort``);
+        that cancellation is absorbed here. False when the client went away mid-write.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        self.abort = task.cancel
+        try:
+            await self.run_writer()
+        except asyncio.CancelledError:
+            if not self.slow:
+                raise
+            task.uncancel()
+        except OSError:
+            return False
+        return True
+
     async def run_writer(self) -> None:
         """Finish a suspended direct write, then drain the queue, until closed and empty."""
         queue = self._queue

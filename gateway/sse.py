@@ -270,17 +270,8 @@ class DetachedStream:
 
     async def _write(self) -> None:
         session = self.session
-        task = asyncio.current_task()
-        assert task is not None
-        session.abort = task.cancel  # a slow consumer's blocked write is abandoned
         try:
-            await session.run_writer()
-        except asyncio.CancelledError:
-            if not session.slow:
-                raise
-            task.uncancel()
-        except OSError:  # the client went away mid-write
-            pass
+            await session.write_until_closed()  # however it ends, the stream ends
         finally:
             if self._timers is not None:
                 self._timers.cancel()

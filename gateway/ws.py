@@ -262,17 +262,11 @@ class Connection:
 
     async def _write(self) -> None:
         session = self.session
-        writer_task = asyncio.current_task()
-        assert writer_task is not None
-        session.abort = writer_task.cancel  # a slow consumer's in-flight write is abandoned
         try:
-            await session.run_writer()
-        except asyncio.CancelledError:
-            if not session.slow:
-                raise
-            writer_task.uncancel()
-        except (WebSocketDisconnect, OSError, RuntimeError):
-            return  # the client went away mid-write
+            if not await session.write_until_closed():
+                return  # the client went away mid-write
+        except (WebSocketDisconnect, RuntimeError):
+            return  # the same, seen through ASGI send
         # Closing: stop taking deliveries now, even if the close frame waits behind a
         # client that does not read (the slow consumer's state is freed at once).
         await self.gateway.closed(session)

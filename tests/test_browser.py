@@ -419,11 +419,9 @@ async def test_client_falls_back_to_sse_and_publishes_over_http_when_websockets_
     assert await page.evaluate("window.client.state") == "connected"
 
 
-async def test_client_gets_a_new_token_after_4001_and_refreshes_it_before_expiry(
-    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
-) -> None:
-    server = await make_server(jwt_leeway=0)
-    channel = unique_channel()
+async def page_minting_tokens(new_page: PageFactory) -> tuple[Any, list[str]]:
+    """A page whose ``window.mintToken()`` (test-client.html's ``mint=1``) returns a new
+    4 s token each call, and the list of the tokens it got."""
     minted: list[str] = []
 
     def mint() -> str:
@@ -432,6 +430,15 @@ async def test_client_gets_a_new_token_after_4001_and_refreshes_it_before_expiry
 
     page = await new_page()
     await page.expose_function("mintToken", mint)
+    return page, minted
+
+
+async def test_client_gets_a_new_token_after_4001_and_refreshes_it_before_expiry(
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+) -> None:
+    server = await make_server(jwt_leeway=0)
+    channel = unique_channel()
+    page, minted = await page_minting_tokens(new_page)
     bad = token("viewer", secret="not-the-gateway-secret-0123456789abcdef")
     await page.goto(f"{server.url}/static/test-client.html?mint=1&channel={channel}&token={bad}")
     await page.wait_for_function("window.client.state === 'connected'", timeout=10_000)
@@ -464,14 +471,7 @@ async def test_client_on_sse_reopens_its_stream_with_each_refreshed_token(
     reopens it with the refreshed token before then, resuming from its positions."""
     server = await make_server(jwt_leeway=0)
     channel = unique_channel()
-    minted: list[str] = []
-
-    def mint() -> str:
-        minted.append(tok := token("viewer", ttl=4))  # refreshed ~2 s in, halfway
-        return tok
-
-    page = await new_page()
-    await page.expose_function("mintToken", mint)
+    page, minted = await page_minting_tokens(new_page)
     await page.goto(f"{server.url}/static/test-client.html?mint=1&transport=sse&channel={channel}")
     await page.wait_for_function("window.client.state === 'connected'", timeout=10_000)
     async with httpx.AsyncClient(base_url=server.url, trust_env=False) as http:
@@ -498,3 +498,4 @@ async def test_client_on_sse_reopens_its_stream_with_each_refreshed_token(
     assert [e for e in events if e["type"] in ("retry", "error")] == [], events
     assert await page.evaluate("window.states") == ["connecting", "connected"]
     assert await page.evaluate("window.client.transport") == "sse"
+    assert len(minted) >= 4  # the first token and three refreshes
