@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from loadtest.argtypes import cpus, floats
 from loadtest.benchdoc import render_section, write_section
 from loadtest.config import Setup
 from loadtest.procstat import machine_info, wait_for_quiet
@@ -36,8 +37,6 @@ DEFAULT_RATES = "1,2,5,10,15,20,30,40,50,75,100,150,200,300"
 
 
 def add_compare_parser(sub: Any) -> None:
-    from loadtest.cli import cpus, floats
-
     p = sub.add_parser(
         "compare",
         help="run the gateway and the baselines through identical scenarios",
