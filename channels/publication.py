@@ -1,9 +1,9 @@
 """What travels through the hub: publications (with an offset) and presence events.
 
-Each message is encoded once, lazily, and the same bytes/str are handed to
-every local subscriber: ``frame`` for WebSocket text frames, ``json`` for SSE
-``data:`` lines. The transports cache their whole wire form on the message too
-(``ws``, ``sse``) so that it is built once per publication, not once per client.
+These are data. How they look on a WebSocket or an SSE stream is the gateway's
+business (``gateway.wire``); each message has one slot, ``wire``, where the
+gateway keeps the bytes it built for it, so that they are built once per
+message and not once per subscriber.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ def compact(data: bytes) -> bytes:
     return bytes(memoryview(data))
 
 
-def _encoded(push: dict[str, Any]) -> tuple[bytes, str]:
-    """A push as JSON bytes (SSE ``data:``) and as ``str`` (a WebSocket text frame)."""
-    encoded = compact(orjson.dumps(push))
-    return encoded, encoded.decode()
+# What a push adds to its payload on the wire, roughly (names, offset, epoch, framing):
+# used to count a queue's bytes without encoding anything.
+_OVERHEAD = 64
 
 
 @dataclass(slots=True)
@@ -45,39 +44,17 @@ class Publication:
     epoch: str
     data: bytes
     published_at: float = field(default_factory=time.time)
-    _encoded: tuple[bytes, str] | None = field(default=None, repr=False)
-    # The whole SSE event for one-channel streams, whose cursor depends on this publication only.
-    sse: bytes | None = field(default=None, repr=False)
-    # The same event framed as one HTTP/1.1 chunk, for raw writes (gateway.httpprotocol).
-    sse_chunk: bytes | None = field(default=None, repr=False)
-    # The whole WebSocket frame (header + ``json``), the same bytes for every subscriber.
-    ws: bytes | None = field(default=None, repr=False)
-
-    def _encode(self) -> tuple[bytes, str]:
-        if self._encoded is None:
-            self._encoded = _encoded(
-                {
-                    "channel": self.channel,
-                    "offset": self.offset,
-                    "epoch": self.epoch,
-                    "data": orjson.Fragment(self.data),
-                }
-            )
-        return self._encoded
-
-    @property
-    def json(self) -> bytes:
-        """The push, ``{"channel","offset","epoch","data"}``, encoded once."""
-        return self._encode()[0]
-
-    @property
-    def frame(self) -> str:
-        """The push as a WebSocket text frame (decoded once for all subscribers)."""
-        return self._encode()[1]
+    # The gateway's encodings of this publication (gateway.wire), built on first use.
+    wire: Any = field(default=None, repr=False, compare=False)
 
     @property
     def position(self) -> StreamPosition:
         return StreamPosition(self.offset, self.epoch)
+
+    @property
+    def size(self) -> int:
+        """About how many bytes this push takes on the wire."""
+        return len(self.data) + len(self.channel) + _OVERHEAD
 
     def history_entry(self) -> dict[str, Any]:
         return {"offset": self.offset, "data": orjson.Fragment(self.data)}
@@ -90,27 +67,11 @@ class PresenceEvent:
     channel: str
     event: str  # "join" | "leave"
     client: bytes  # JSON of {"client", "user", "info"}
-    _encoded: tuple[bytes, str] | None = field(default=None, repr=False)
-    ws: bytes | None = field(default=None, repr=False)
-
-    def _encode(self) -> tuple[bytes, str]:
-        if self._encoded is None:
-            self._encoded = _encoded(
-                {
-                    "channel": self.channel,
-                    "event": self.event,
-                    "client": orjson.Fragment(self.client),
-                }
-            )
-        return self._encoded
+    wire: Any = field(default=None, repr=False, compare=False)
 
     @property
-    def json(self) -> bytes:
-        return self._encode()[0]
-
-    @property
-    def frame(self) -> str:
-        return self._encode()[1]
+    def size(self) -> int:
+        return len(self.client) + len(self.channel) + _OVERHEAD
 
 
 Message = Publication | PresenceEvent
@@ -122,13 +83,12 @@ class Batch:
 
     Under load several publications arrive between two fan-out passes; the hub hands
     them to each subscriber as one item, so a client costs one socket write per pass
-    instead of one per publication. The transports cache the joined wire form here.
+    instead of one per publication.
     """
 
     messages: list[Message]
-    ws: bytes | None = field(default=None, repr=False)
-    sse_chunk: bytes | None = field(default=None, repr=False)
+    wire: Any = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
-        return sum(len(message.json) for message in self.messages)
+        return sum(message.size for message in self.messages)

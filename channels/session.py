@@ -1,35 +1,42 @@
 """A client connection as the hub sees it: identity, subscriptions, and a bounded outbound queue.
 
-Backpressure: ``push`` never awaits. When the session has nothing queued or in
-flight, the transport writes the item at once, synchronously (``write_now``):
-the gateway's own server protocols take the ready-made bytes straight to the
-socket; under another ASGI server the send coroutine is stepped once
-(``start_write``) and finishes without suspending while the socket is writable.
-Either way the fan-out loop writes to every ready client in one pass, as
-``websockets.broadcast()`` does, with no task wake-up per delivery. When the
-socket is full the item queues (or the half-run send is kept) and the session's
-writer task, started only then (``writer_on_demand``), drains the queue in
-batches once the socket takes writes again. When the bytes waiting in the queue
-pass ``max_queue_bytes`` the session is closed with ``SLOW_CONSUMER`` and its
-queue dropped: one client that stops reading never slows the others and never
+Backpressure: ``push`` never awaits. When the session has nothing queued and no
+write in progress, the transport writes the item at once if the client's socket
+can take it (``Transport.write_now``): the fan-out loop writes to every ready
+client in one pass, as ``websockets.broadcast()`` does, with no task wake-up per
+delivery. Otherwise the item queues, and the session's writer (``run_writer``, in
+a task the transport starts only then: ``writer_on_demand``) writes the queue in
+batches as the socket drains. When the bytes waiting in the queue pass
+``max_queue_bytes``, or one write waits longer than ``send_timeout`` for the
+socket, the session is closed as a slow consumer (``Ending.SLOW_CONSUMER``) and
+its queue dropped: one client that stops reading never slows the others and never
 makes memory grow without bound.
+
+Why a session ends is the transport's to put into a close code: ``close(reason)``
+keeps whatever reason it is given, first one wins; the session itself only ever
+gives an ``Ending``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 
-from channels.lite import LiteEvent
 from channels.publication import Batch, PresenceEvent, Publication, compact
 
-SLOW_CONSUMER = (4008, "slow consumer")
+
+class Ending(enum.Enum):
+    """Why a session ended, where the session saw it itself."""
+
+    CLIENT_GONE = "client gone"  # a write failed: the connection is closed
+    SLOW_CONSUMER = "slow consumer"  # over its queue bound, or a write timed out
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,81 +48,42 @@ class Gap:
 
 Outgoing = Publication | PresenceEvent | Batch | Gap | str  # str: an encoded reply
 
+_GAP_SIZE = 64
+
 
 class Transport(Protocol):
-    """Writes what the session queued. WebSocket and SSE differ only here."""
+    """Writes what the session hands it. WebSocket and SSE differ only here."""
 
-    async def write(self, batch: list[Outgoing]) -> None: ...
+    def write_now(self, item: Outgoing) -> bool:
+        """Write ``item`` at once if the client's socket can take it; False: not now
+        (the session queues it). Raises ``OSError`` when the client is gone."""
 
-    def write_now(self, item: Outgoing) -> Started:
-        """Start writing ``item`` (see ``start_write``); ``NOT_NOW`` when it cannot start.
-        Raises ``OSError`` (``ConnectionError``) when the client is gone."""
-
-
-class _NotNow:
-    """The transport cannot write yet (e.g. the response has not started): queue the item."""
-
-
-NOT_NOW = _NotNow()
-
-
-@dataclass(slots=True)
-class InFlight:
-    """A send coroutine that suspended on ``waiting_for`` (the socket was not writable)."""
-
-    coro: Generator[Any, None, None]
-    waiting_for: Any
-
-
-Started = InFlight | _NotNow | None  # None: written completely
-
-
-def start_write(send: Awaitable[None]) -> InFlight | None:
-    """Run ``send`` until it first suspends. None when it finished without suspending.
-
-    Exceptions raised before the first suspension propagate to the caller.
-    """
-    coro = send.__await__()
-    try:
-        waiting_for = coro.send(None)
-    except StopIteration:
-        return None
-    return InFlight(coro, waiting_for)
-
-
-async def finish_write(flight: InFlight) -> None:
-    """Drive a suspended send to its end from the writer task, as a Task would have."""
-    coro, waiting_for = flight.coro, flight.waiting_for
-    while True:
-        try:
-            if isinstance(waiting_for, asyncio.Future):
-                waiting_for._asyncio_future_blocking = False
-                await waiting_for
-            else:  # a bare yield (asyncio.sleep(0))
-                await asyncio.sleep(0)
-        except BaseException:
-            coro.close()
-            raise
-        try:
-            waiting_for = coro.send(None)
-        except StopIteration:
-            return
+    async def write(self, batch: list[Outgoing]) -> None:
+        """Write ``batch``, waiting for the socket as long as it takes."""
 
 
 def new_client_id() -> str:
     return "c-" + secrets.token_hex(8)
 
 
+def _size(item: Outgoing) -> int:
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, Gap):
+        return _GAP_SIZE
+    return item.size
+
+
 class Session:
     __slots__ = (
-        "_in_flight",
+        "_aborted",
         "_queue",
         "_queued_bytes",
         "_start_writer",
         "_transport",
-        "_wakeup",
+        "_waiter",
+        "_writer",
         "_writing",
-        "abort",
         "channels",
         "client_id",
         "close_reason",
@@ -123,6 +91,7 @@ class Session:
         "max_queue_bytes",
         "observe_latency",
         "presence_entry",
+        "send_timeout",
         "transport_name",
         "user",
     )
@@ -135,6 +104,7 @@ class Session:
         info: dict[str, object],
         max_queue_bytes: int,
         transport_name: str,
+        send_timeout: float | None = None,
         observe_latency: Callable[[float], None] | None = None,
     ) -> None:
         self._transport = transport
@@ -147,16 +117,17 @@ class Session:
         )
         self.channels: set[str] = set()
         self.max_queue_bytes = max_queue_bytes
+        self.send_timeout = send_timeout
         self.observe_latency = observe_latency
         self._queue: list[Outgoing] = []  # written whole by the writer: no deque needed
         self._queued_bytes = 0
-        self._in_flight: InFlight | None = None
-        self._writing = False  # the writer task is inside transport.write
-        self._wakeup = LiteEvent()  # idle sessions are the common case: no waiter deque
-        self.close_reason: tuple[int, str] | None = None
-        # Set by the transport: stops an in-flight write when the client is too slow.
-        self.abort: Callable[[], object] | None = None
+        self._writing = False  # the writer is inside transport.write
+        # The writer waiting for work; idle sessions are the common case: no Event each.
+        self._waiter: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[object] | None = None
+        self._aborted = False
         self._start_writer: Callable[[], object] | None = None
+        self.close_reason: object = None
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.user!r} {self.transport_name}>"
@@ -165,115 +136,123 @@ class Session:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
+    @property
+    def slow(self) -> bool:
+        return self.close_reason is Ending.SLOW_CONSUMER
+
     def push(self, item: Outgoing) -> bool:
         """Write or queue ``item`` without waiting. False when closing or just overflowed."""
         if self.close_reason is not None:
             return False
-        if not self._queue and self._in_flight is None and not self._writing:
+        if not self._queue and not self._writing:
             try:
-                started = self._transport.write_now(item)
-            except OSError:  # the client is gone (ConnectionError); the reader sees it too
-                self.close(1000, "")
+                if self._transport.write_now(item):
+                    return True
+            except OSError:  # the client is gone (ConnectionError); its reader sees it too
+                self.close(Ending.CLIENT_GONE)
                 return False
-            if started is None:
-                return True
-            if isinstance(started, InFlight):
-                self._in_flight = started
-                self._wakeup.set()
-                self._need_writer()
-                return True
-        if isinstance(item, str):
-            size = len(item)
-        elif isinstance(item, Gap):
-            size = 64
-        elif isinstance(item, Batch):
-            size = item.size
-        else:
-            size = len(item.json)
-        self._queued_bytes += size
+        self._queued_bytes += _size(item)
         if self._queued_bytes > self.max_queue_bytes:
-            self._queue.clear()
-            self._queued_bytes = 0
-            self.close(*SLOW_CONSUMER)
-            if self.abort is not None:
-                self.abort()
+            self._too_slow()
+            self.abort()  # its writer may be stuck on a full socket
             return False
         self._queue.append(item)
-        self._wakeup.set()
-        self._need_writer()
+        self._wake_writer()
         return True
 
-    def close(self, code: int, reason: str) -> None:
-        """Ask for the session to end; the first reason given wins. Idempotent."""
+    def close(self, reason: object) -> None:
+        """Ask for the session to end with ``reason``; the first reason given wins.
+        What is queued is still written (a slow consumer's queue is dropped). Idempotent."""
         if self.close_reason is None:
-            self.close_reason = (code, reason)
-            self._wakeup.set()
-            self._need_writer()
+            self.close_reason = reason
+            self._wake_writer()
+
+    def abort(self) -> None:
+        """Abandon the write in progress (a client that does not read): the writer's task
+        is cancelled and ``run_writer`` returns. For a slow consumer, and for a drain
+        whose deadline passed."""
+        self._aborted = True
+        writer = self._writer
+        if writer is not None and not writer.done():
+            writer.cancel()
 
     def writer_on_demand(self, start: Callable[[], object] | None) -> None:
         """Have ``start`` (which starts a task running ``run_writer``) called only once
-        the writer is needed: an item has to queue, a write suspended, or the session
-        closes. Most sessions are written directly and never need one; None: never."""
+        the writer is needed: an item has to queue or the session closes. Most sessions
+        are written directly and never need one; None: never."""
         self._start_writer = start
-        if start is not None and (self._queue or self._in_flight or self.close_reason):
-            self._need_writer()
+        if start is not None and (self._queue or self.close_reason is not None):
+            self._wake_writer()
 
-    def _need_writer(self) -> None:
+    def _wake_writer(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+            return
         start = self._start_writer
-        if start is not None:
+        if start is not None and self._writer is None:
             self._start_writer = None
             start()
 
-    @property
-    def slow(self) -> bool:
-        return self.close_reason == SLOW_CONSUMER
+    def _too_slow(self) -> None:
+        self._queue.clear()
+        self._queued_bytes = 0
+        self.close(Ending.SLOW_CONSUMER)
 
-    async def write_until_closed(self) -> bool:
-        """Run the writer in the current task until the session is closed and flushed.
+    async def run_writer(self) -> bool:
+        """Write what is queued, in batches, until the session is closed and flushed.
 
-        A slow consumer's ``close`` cancels a write stuck on a full socket (``abort``);
-        that cancellation is absorbed here. False when the client went away mid-write.
+        Returns True once closed and flushed (or aborted), False when the client went
+        away mid-write.
         """
         task = asyncio.current_task()
         assert task is not None
-        self.abort = task.cancel
+        self._writer = task
         try:
-            await self.run_writer()
+            await self._drain_queue()
         except asyncio.CancelledError:
-            if not self.slow:
+            if not self._aborted:
                 raise
             task.uncancel()
         except OSError:
+            self.close(Ending.CLIENT_GONE)
             return False
         return True
 
-    async def run_writer(self) -> None:
-        """Finish a suspended direct write, then drain the queue, until closed and empty."""
+    async def _drain_queue(self) -> None:
         queue = self._queue
+        loop = asyncio.get_running_loop()
         while True:
-            if self._in_flight is not None:
-                try:
-                    await finish_write(self._in_flight)
-                finally:
-                    self._in_flight = None
-                continue
             if not queue:
                 if self.close_reason is not None:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                waiter = self._waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
                 continue
             batch = list(queue)
             queue.clear()
             self._queued_bytes = 0
             self._writing = True
             try:
-                await self._transport.write(batch)
+                async with asyncio.timeout(self.send_timeout):
+                    await self._transport.write(batch)
+            except TimeoutError:
+                self._too_slow()
+                return
             finally:
                 self._writing = False
             if self.observe_latency is not None:
-                for item in batch:
-                    first = item.messages[0] if isinstance(item, Batch) else item
-                    if isinstance(first, Publication):
-                        self.observe_latency(time.time() - first.published_at)
-                        break
+                self._observe(batch)
+
+    def _observe(self, batch: list[Outgoing]) -> None:
+        assert self.observe_latency is not None
+        for item in batch:
+            first = item.messages[0] if isinstance(item, Batch) else item
+            if isinstance(first, Publication):
+                self.observe_latency(time.time() - first.published_at)
+                return

@@ -7,84 +7,18 @@ stdout; the token is deliberately never given to a logger.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import logging
 import os
-import socket
 import sys
-from typing import Any
 
 import uvicorn
 
 from auth.tokens import make_token, new_dev_secret
-from gateway.logs import log_config
+from gateway.server.draining import DrainingServer
+from gateway.server.options import ServerChoice, server_choice, uvicorn_options
 from gateway.settings import Settings
-from gateway.wsprotocol import GatewayWebSocketProtocol
 
-
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The uvicorn configuration the gateway's settings imply (also used by the tests)."""
-    options: dict[str, Any] = {
-        "ws": GatewayWebSocketProtocol,
-        # The parser refuses bigger messages before buffering them: 1009 "message too big".
-        "ws_max_size": settings.max_message_bytes,
-        "ws_ping_interval": settings.ping_interval,
-        "ws_ping_timeout": settings.ping_timeout,
-        "ws_per_message_deflate": False,
-        "timeout_graceful_shutdown": max(1.0, settings.drain_seconds),
-        "log_level": settings.log_level,
-        "log_config": log_config(settings.log_level),
-    }
-    try:
-        import uvloop  # noqa: F401
-
-        options["loop"] = "uvloop"
-    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        options["loop"] = "asyncio"
-    try:
-        import httptools  # noqa: F401
-
-        from gateway.httpprotocol import GatewayHttpToolsProtocol
-
-        options["http"] = GatewayHttpToolsProtocol  # raw SSE writes (GATEWAY_RAW_WRITES)
-    except ImportError:  # pragma: no cover
-        options["http"] = "h11"
-    return options
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server with the contract's shutdown order.
-
-    On SIGTERM: stop accepting, report not ready, close WebSockets with 1012 and end
-    SSE streams (waiting for them up to ``GATEWAY_DRAIN_SECONDS``), then let uvicorn
-    finish its own shutdown and the app's lifespan close the broker.
-
-    ``GATEWAY_DRAIN_SECONDS`` is the budget of the whole sequence, not of each step:
-    uvicorn's own wait for in-flight requests (``timeout_graceful_shutdown``) gets only
-    what the session drain left, so a stuck client cannot make the exit take twice as long.
-    """
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        from gateway.runtime import Gateway
-
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        gateways = list(Gateway.instances)
-        budget = max((gw.settings.drain_seconds for gw in gateways), default=0.0)
-        # 1. Stop accepting: new connections are refused from here on.
-        for server in self.servers:
-            server.close()
-        # 2. Not ready, sessions asked to close (1012 / end of stream), bounded wait.
-        drains = [gw.drain(gw.settings.drain_seconds) for gw in gateways]
-        if drains:
-            await asyncio.gather(*drains, return_exceptions=True)
-        # 3. uvicorn closes idle keep-alive connections and waits for in-flight requests
-        #    (a streamed publish, say) with what is left of the budget, then cancels them;
-        #    then the lifespan shutdown closes the broker.
-        if gateways:
-            # uvicorn annotates it ``int`` but only hands it to ``asyncio.wait_for``.
-            remaining = max(0.0, started + budget - loop.time())
-            self.config.timeout_graceful_shutdown = remaining  # type: ignore[assignment]
-        await super().shutdown(sockets=sockets)
+logger = logging.getLogger("gateway.server")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    options = uvicorn_options(settings)
+    choice = server_choice(settings)
+    options = uvicorn_options(settings, choice)
     base = f"http://{args.host}:{args.port}"
     if args.workers > 1:
         if settings.dev_mode:  # one ephemeral secret shared by every worker
@@ -124,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["GATEWAY_JWT_SECRET"], "dev", subscribe=["*"], publish=["*"]
             )
             _announce_dev(token, base)
-        # Each worker process builds its own app (gateway.workers): same socket, same
-        # drain on SIGTERM as a single worker.
-        from gateway.workers import APP_FACTORY, run_workers
+        # Each worker process builds its own app (gateway.server.workers): same socket,
+        # same drain on SIGTERM as a single worker.
+        from gateway.server.workers import APP_FACTORY, run_workers
 
         config = uvicorn.Config(
             APP_FACTORY, factory=True, host=args.host, port=args.port, **options
         )
+        _log_choice(choice)  # once uvicorn's Config has set up logging
         return run_workers(config, args.workers, settings.drain_seconds)
 
     from gateway.app import create_app
@@ -140,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     if gateway.dev_token is not None:
         _announce_dev(gateway.dev_token, base)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, **options))
+    _log_choice(choice)
     server.run()
     return 0
+
+
+def _log_choice(choice: ServerChoice) -> None:
+    for fallback in choice.fallbacks:
+        logger.warning("%s", fallback)
+    logger.info("%s", choice.summary)
 
 
 def _announce_dev(token: str, base: str) -> None:

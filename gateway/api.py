@@ -1,96 +1,25 @@
-"""The HTTP API for backends: publish, broadcast, history, presence.
-
-Bodies are read and decoded with orjson directly (no pydantic model on the hot
-path), with the size checked while reading so a huge body is refused with 413
-without being held in memory.
-"""
+"""The HTTP API for backends: publish, broadcast, history, presence (bodies: ``gateway.bodies``)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
-from auth import Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
-from channels.names import is_valid_channel
-from gateway.deps import ClaimsDep, GatewayDep
+from gateway.access import checked_channel, require
+from gateway.bodies import json_object
+from gateway.deps import ClaimsDep, GatewayDep, PublisherDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
-from gateway.ratelimit import RateLimiter
-from gateway.runtime import Gateway
 
 router = APIRouter(prefix="/api", default_response_class=JSONBody)
-MAX_BROADCAST_CHANNELS = 1000
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(ErrorCode.TOO_LARGE, f"body over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(ErrorCode.TOO_LARGE, f"body over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def json_object(request: Request, gateway: Gateway) -> dict[str, Any]:
-    body = await read_body(request, gateway.settings.max_message_bytes)
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise GatewayError(ErrorCode.BAD_REQUEST, "body is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise GatewayError(ErrorCode.BAD_REQUEST, "body must be a JSON object")
-    return value
-
-
-def checked_channel(value: Any) -> str:
-    if not isinstance(value, str):
-        raise GatewayError(ErrorCode.BAD_REQUEST, "'channel' must be a string")
-    if not is_valid_channel(value):
-        raise GatewayError(ErrorCode.BAD_REQUEST, f"invalid channel name {value[:140]!r}")
-    return value
-
-
-def require(allowed: bool, action: str, channel: str) -> None:
-    if not allowed:
-        raise GatewayError(ErrorCode.FORBIDDEN, f"token does not allow {action} {channel}")
-
-
-class ApiRateLimit:
-    """Per-user token buckets for publishing through the API (off when the rate is 0)."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, RateLimiter] = {}
-
-    def __call__(self, request: Request, claims: ClaimsDep) -> Claims:
-        gateway: Gateway = request.app.state.gateway
-        rate = gateway.settings.api_publish_rate
-        if rate:
-            if len(self._buckets) > 100_000:
-                self._buckets.clear()
-            bucket = self._buckets.setdefault(claims.user, RateLimiter(rate))
-            if not bucket.allow():
-                raise GatewayError(ErrorCode.RATE_LIMITED, "publishing too fast")
-        return claims
-
-
-PublisherDep = Annotated[Claims, Depends(ApiRateLimit())]
-
-
-def unavailable() -> GatewayError:
-    return GatewayError(ErrorCode.UNAVAILABLE, "broker unavailable")
 
 
 @router.post("/publish")
 async def publish(request: Request, gateway: GatewayDep, claims: PublisherDep) -> JSONBody:
-    body = await json_object(request, gateway)
+    body = await json_object(request, gateway.settings.max_message_bytes)
     channel = checked_channel(body.get("channel"))
     if "data" not in body:
         raise GatewayError(ErrorCode.BAD_REQUEST, "'data' is required")
@@ -98,18 +27,19 @@ async def publish(request: Request, gateway: GatewayDep, claims: PublisherDep) -
     try:
         publication = await gateway.hub.publish(channel, orjson.dumps(body["data"]))
     except BrokerUnavailable:
-        raise unavailable() from None
+        raise GatewayError.unavailable() from None
     return JSONBody({"offset": publication.offset, "epoch": publication.epoch})
 
 
 @router.post("/broadcast")
 async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep) -> JSONBody:
-    body = await json_object(request, gateway)
+    body = await json_object(request, gateway.settings.max_message_bytes)
     channels = body.get("channels")
     if not isinstance(channels, list) or not channels:
         raise GatewayError(ErrorCode.BAD_REQUEST, "'channels' must be a non-empty list")
-    if len(channels) > MAX_BROADCAST_CHANNELS:
-        raise GatewayError(ErrorCode.LIMIT_EXCEEDED, f"at most {MAX_BROADCAST_CHANNELS} channels")
+    most = gateway.settings.max_broadcast_channels
+    if len(channels) > most:
+        raise GatewayError(ErrorCode.LIMIT_EXCEEDED, f"at most {most} channels")
     if "data" not in body:
         raise GatewayError(ErrorCode.BAD_REQUEST, "'data' is required")
     names = [checked_channel(channel) for channel in channels]
@@ -124,7 +54,7 @@ async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep)
                 {"channel": channel, "offset": publication.offset, "epoch": publication.epoch}
             )
     except BrokerUnavailable:
-        raise unavailable() from None
+        raise GatewayError.unavailable() from None
     return JSONBody({"results": results})
 
 
@@ -146,7 +76,7 @@ async def history(
             after = [pub for pub in page.publications if pub.offset > since_offset]
             page.publications = after if limit is None else after[:limit]
     except BrokerUnavailable:
-        raise unavailable() from None
+        raise GatewayError.unavailable() from None
     return JSONBody(
         {
             "publications": [pub.history_entry() for pub in page.publications],
@@ -165,5 +95,5 @@ async def presence(channel: str, gateway: GatewayDep, claims: ClaimsDep) -> JSON
     except SubscribeError as exc:
         raise GatewayError(ErrorCode(exc.code), str(exc)) from None
     except BrokerUnavailable:
-        raise unavailable() from None
+        raise GatewayError.unavailable() from None
     return JSONBody({"clients": [orjson.Fragment(entry) for entry in entries]})

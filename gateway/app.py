@@ -1,11 +1,12 @@
-"""The app factory and its lifespan."""
+"""The app factory and its lifespan: the gateway's own routes, then the features (the LLM
+streams, the demo), each of which installs itself."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,11 +14,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
-from gateway import api, demo, ops, sse, ws
+from gateway import api, demo, llm, ops, sse, ws
 from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
-from gateway.llm import routes as llm_routes
 from gateway.logs import install_redaction
 from gateway.runtime import Gateway
+from gateway.server.draining import DRAIN
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,22 +70,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     gateway = Gateway(settings)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await gateway.start()
-        demo_task = None
-        if gateway.dev_secret is not None and settings.demo:
-            demo_task = asyncio.create_task(demo.run_demo_publisher(gateway), name="demo")
         try:
-            yield
+            # The drain, for the server to run when it starts shutting down
+            # (gateway.server.draining), before it closes any connection.
+            yield {DRAIN: gateway.drain}
         finally:
-            # Shutdown, in order: not ready, sessions closed (1012 / end of stream) with a
-            # bounded wait, background work stopped, broker closed. `python -m gateway` runs
-            # the drain before uvicorn closes its sockets (gateway.__main__.DrainingServer).
-            await gateway.drain(settings.drain_seconds)
-            if demo_task is not None:
-                demo_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await demo_task
+            # Shutdown, in order: the drain (not ready, sessions closed with 1012 / end of
+            # stream, a bounded wait: a no-op when the server ran it already), then the
+            # features and the broker.
+            await gateway.drain()
             await gateway.close()
 
     app = FastAPI(
@@ -107,9 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(ws.router)
     app.include_router(sse.router)
-    app.include_router(llm_routes.router)
     app.include_router(api.router)
     app.include_router(ops.router)
-    app.include_router(demo.router)
-    app.mount("/static", demo.static_files(), name="static")
+    llm.install(app, gateway)
+    demo.install(app, gateway)
     return app

@@ -1,8 +1,10 @@
-"""Demo pages and, in dev mode only, a demo publisher and a dev token endpoint."""
+"""Demo pages and, in dev mode only, a demo publisher and a dev token endpoint. ``install``
+adds them to an app."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -10,7 +12,7 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -26,8 +28,12 @@ STATIC = resources.files("gateway") / "static"
 SYMBOLS = {"ACME": 101.0, "GLOBEX": 55.0, "INITECH": 12.5, "UMBRELLA": 230.0}
 
 
-def static_files() -> StaticFiles:
-    return StaticFiles(directory=str(STATIC))
+def install(app: FastAPI, gateway: Gateway) -> None:
+    """The pages and the client script; in dev mode with ``GATEWAY_DEMO`` the publisher."""
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    if gateway.dev_secret is not None and gateway.settings.demo:
+        gateway.add_feature(DemoPublisher(gateway))
 
 
 def _page(name: str) -> HTMLResponse:
@@ -95,10 +101,33 @@ async def run_demo_publisher(gateway: Gateway, interval: float = 0.25) -> None:
             ticks += 1
             if ticks % max(1, round(1 / interval)) == 0:
                 stats = {
-                    "connections": sum(gateway.connections.values()),
+                    "connections": gateway.connections.total,
                     "publications": gateway.hub.stats.publications_in,
                     "uptime": round(time.monotonic() - started, 1),
                 }
                 await gateway.hub.publish("demo:stats", orjson.dumps(stats))
         except BrokerUnavailable:
             logger.debug("demo publisher: broker unavailable")
+
+
+class DemoPublisher:
+    """``run_demo_publisher`` as a task that starts and stops with the gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(run_demo_publisher(self.gateway), name="demo")
+        self.task.add_done_callback(_log_crash)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("demo publisher crashed", exc_info=task.exception())

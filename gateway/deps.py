@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the runtime, and the token (``?token=`` or ``Authorization: Bearer``).
+"""FastAPI dependencies: the runtime, the token (``?token=`` or ``Authorization: Bearer``), and
+the API's publish rate limit.
 
 All ``async def``: FastAPI runs plain ``def`` dependencies in a thread pool, a
 thread hop per dependency per connection for work that takes microseconds.
@@ -13,6 +14,7 @@ from starlette.requests import HTTPConnection
 
 from auth import AuthError, Claims
 from gateway.errors import ErrorCode, GatewayError
+from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
 
 
@@ -55,3 +57,23 @@ async def require_claims(claims: Annotated[Claims | AuthError, Depends(verified_
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 ClaimsDep = Annotated[Claims, Depends(require_claims)]
 MaybeClaimsDep = Annotated[Claims | AuthError, Depends(verified_claims)]
+
+
+class ApiRateLimit:
+    """Per-user token buckets for publishing through the API (off when the rate is 0)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, RateLimiter] = {}
+
+    async def __call__(self, gateway: GatewayDep, claims: ClaimsDep) -> Claims:
+        rate = gateway.settings.api_publish_rate
+        if rate:
+            if len(self._buckets) > 100_000:
+                self._buckets.clear()
+            bucket = self._buckets.setdefault(claims.user, RateLimiter(rate))
+            if not bucket.allow():
+                raise GatewayError(ErrorCode.RATE_LIMITED, "publishing too fast")
+        return claims
+
+
+PublisherDep = Annotated[Claims, Depends(ApiRateLimit())]

@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 import orjson
 from starlette.responses import Response
 
+from channels.session import Ending
+
 
 class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
@@ -42,6 +44,11 @@ class GatewayError(Exception):
         self.code = code
         self.message = message
 
+    @classmethod
+    def unavailable(cls) -> GatewayError:
+        """The broker cannot be reached (HTTP 503)."""
+        return cls(ErrorCode.UNAVAILABLE, "broker unavailable")
+
     @property
     def status(self) -> int:
         return HTTP_STATUS[self.code]
@@ -64,7 +71,17 @@ class CloseCode:
     MESSAGE_TOO_BIG = Close(1009, "message too big")
     SERVICE_RESTART = Close(1012, "service restart")
     TRY_AGAIN_LATER = Close(1013, "try again later")
+    INTERNAL_ERROR = Close(1011, "internal error")
     NORMAL = Close(1000, "")
+
+
+def close_for(reason: object) -> Close | None:
+    """The close frame for why a session ended; None when the client is already gone."""
+    if reason is Ending.CLIENT_GONE:
+        return None
+    if reason is Ending.SLOW_CONSUMER:
+        return CloseCode.SLOW_CONSUMER
+    return reason if isinstance(reason, Close) else CloseCode.NORMAL
 
 
 class JSONBody(Response):

@@ -1,45 +1,45 @@
 """Prometheus metrics, one registry per app.
 
-Counters that move on the hot path are plain integers in ``HubStats`` and on
-the ``Gateway``; the collector reads them at scrape time, so fan-out never
+Counters that move on the hot path are plain integers in ``HubStats`` and in
+``Connections``; the collector reads them at scrape time, so fan-out never
 touches a prometheus-client object per delivery.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+from channels.hub import Hub
+from gateway.connections import TRANSPORTS, Connections
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
+    def __init__(self, hub: Hub, connections: Connections) -> None:
+        self._hub = hub
+        self._connections = connections
 
     def collect(self) -> Iterator[Metric]:
-        gw = self._gateway
-        stats = gw.hub.stats
+        hub, counts = self._hub, self._connections
+        stats = hub.stats
         connections = GaugeMetricFamily(
             "gateway_connections", "Open client connections", labels=["transport"]
         )
-        for transport in ("websocket", "sse"):
-            connections.add_metric([transport], gw.connections[transport])
+        for transport in TRANSPORTS:
+            connections.add_metric([transport], counts.open[transport])
         yield connections
         yield GaugeMetricFamily(
             "gateway_subscriptions",
             "Client subscriptions on this worker",
-            gw.hub.subscription_count,
+            hub.subscription_count,
         )
         yield GaugeMetricFamily(
-            "gateway_channels", "Channels with a broker subscription", gw.hub.channel_count
+            "gateway_channels", "Channels with a broker subscription", hub.channel_count
         )
         yield CounterMetricFamily(
             "gateway_publications", "Publications accepted by this worker", stats.publications_in
@@ -58,11 +58,13 @@ class GatewayCollector(Collector):
             "Connections closed because they did not read",
             labels=["transport"],
         )
-        for transport in ("websocket", "sse"):
-            slow.add_metric([transport], gw.slow_closes[transport])
+        for transport in TRANSPORTS:
+            slow.add_metric([transport], counts.slow_closes[transport])
         yield slow
         yield CounterMetricFamily(
-            "gateway_broker_reconnects", "Broker reconnections", gw.broker_reconnects()
+            "gateway_broker_reconnects",
+            "Broker reconnections",
+            int(getattr(hub.broker, "reconnects", 0)),
         )
         yield CounterMetricFamily(
             "gateway_recoveries", "Channel recoveries from history", stats.recoveries
@@ -70,9 +72,9 @@ class GatewayCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, hub: Hub, connections: Connections) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gateway))
+        self.registry.register(GatewayCollector(hub, connections))
         self.latency = Histogram(
             "gateway_publish_to_send_seconds",
             "Time from publication to its first write to a client socket (sampled per batch)",

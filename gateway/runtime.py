@@ -1,52 +1,54 @@
-"""The per-app runtime: settings, verifier, hub, metrics, connection accounting, drain."""
+"""The per-app runtime: settings, token verifier, hub, connection accounting, metrics, drain.
+
+Features (the LLM relays, the demo) are not wired here: each installs itself on the
+app (``gateway.app``) and hands the runtime what has to start and stop with it
+(``add_feature``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from collections import Counter
-from typing import ClassVar
-
-import httpx
+from typing import Protocol
 
 from auth import PatternSet, TokenVerifier
 from auth.tokens import make_token, new_dev_secret
 from channels.broker import BrokerOptions, create_broker
 from channels.hub import Hub
 from channels.session import Session
+from gateway.connections import Connections
 from gateway.errors import CloseCode
-from gateway.llm.fake import FakeLLMTransport
-from gateway.llm.relay import RelayManager
-from gateway.llm.upstreams import Upstream, load_upstreams
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-class Gateway:
-    # Every runtime in this process, so the server's SIGTERM handling can drain them.
-    instances: ClassVar[weakref.WeakSet[Gateway]] = weakref.WeakSet()
+class Feature(Protocol):
+    """Something installed on the app that runs while the gateway does."""
 
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.dev_token: str | None = None
+        self.dev_secret: str | None = None
         secret = settings.jwt_secret
         if settings.dev_mode:
             if settings.env == "production":
                 raise RuntimeError(
                     "GATEWAY_ENV=production needs GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY"
                 )
-            secret = new_dev_secret()
-            self.dev_secret: str | None = secret
+            secret = self.dev_secret = new_dev_secret()
             logger.warning(
                 "no GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY: dev mode with an ephemeral "
                 "secret; tokens die with this process. Never run this in production."
             )
             self.dev_token = make_token(secret, "dev", subscribe=["*"], publish=["*"])
-        else:
-            self.dev_secret = None
         self.verifier = TokenVerifier(
             secret=secret, public_key=settings.jwt_public_key, leeway=settings.jwt_leeway
         )
@@ -67,25 +69,16 @@ class Gateway:
             presence_ttl=settings.presence_ttl,
             max_channels_per_session=settings.max_channels_per_connection,
         )
-        upstreams = load_upstreams(settings.llm_upstreams, allow_fake=self.dev_secret is not None)
-        mounts: dict[str, httpx.AsyncBaseTransport] = {}
-        if self.dev_secret is not None:  # the /llm demo works with no network and no key
-            mounts["fake://"] = FakeLLMTransport()
-            upstreams.setdefault("demo", Upstream("demo", "fake://demo/v1", timeout=10))
-        self.http = httpx.AsyncClient(mounts=mounts, follow_redirects=False)
-        self.relays = RelayManager(
-            self.hub, upstreams, idle_cancel=settings.llm_idle_cancel, client=self.http
-        )
-        self.connections: Counter[str] = Counter({"websocket": 0, "sse": 0})
-        self.slow_closes: Counter[str] = Counter({"websocket": 0, "sse": 0})
-        self.draining = False
-        self._drain_deadline: float | None = None  # loop time; set by the first drain()
-        self.metrics = Metrics(self)
+        self.connections = Connections(settings.max_connections)
+        self.metrics = Metrics(self.hub, self.connections)
         self.hub.observe_latency = self.metrics.latency.observe
-        Gateway.instances.add(self)
+        self.draining = False
+        self._features: list[Feature] = []
+        self._drain: asyncio.Task[None] | None = None
 
-    def broker_reconnects(self) -> int:
-        return int(getattr(self.hub.broker, "reconnects", 0))
+    def add_feature(self, feature: Feature) -> None:
+        """Start ``feature`` after the hub, close it before (in reverse order of adding)."""
+        self._features.append(feature)
 
     def origin_allowed(self, origin: str | None) -> bool:
         """No ``Origin`` header means not a browser: allowed."""
@@ -93,58 +86,61 @@ class Gateway:
 
     @property
     def at_capacity(self) -> bool:
-        return sum(self.connections.values()) >= self.settings.max_connections
+        return self.connections.at_capacity
 
     def opened(self, session: Session) -> None:
-        self.connections[session.transport_name] += 1
+        self.connections.opened(session.transport_name)
         self.hub.register(session)
 
     async def closed(self, session: Session) -> None:
         """The session leaves every channel and stops counting. Idempotent."""
         if session not in self.hub.sessions:
             return
-        self.connections[session.transport_name] -= 1
-        if session.slow:
-            self.slow_closes[session.transport_name] += 1
+        self.connections.closed(session.transport_name, slow=session.slow)
         await self.hub.unregister(session)
 
     async def start(self) -> None:
         await self.hub.start()
+        for feature in self._features:
+            await feature.start()
 
-    async def drain(self, timeout: float) -> None:
-        """Report not ready, ask every session to close (1012 / end of stream), wait for them.
+    async def drain(self) -> None:
+        """Report not ready, ask every session to close (1012 / end of stream), and wait
+        for them up to ``GATEWAY_DRAIN_SECONDS``.
 
-        One budget for the whole shutdown: the first call fixes the deadline (now +
-        ``timeout``) and later calls (``python -m gateway`` drains on SIGTERM, then the app's
-        lifespan shutdown drains again) wait only for what is left of it. Sessions still
-        registered at the deadline are stuck in a write to a client that stopped reading:
-        their in-flight write is abandoned (``Session.abort``) so they cannot hold the exit.
+        It runs once: the server calls it when it starts shutting down (``python -m
+        gateway``, before uvicorn closes connections), the lifespan's end calls it again
+        (for any other server), and every caller waits for that one run. Sessions still
+        open at the deadline are stuck writing to a client that stopped reading: their
+        write is abandoned (``Session.abort``) so that they cannot hold the exit.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        if self._drain_deadline is not None:
-            deadline = min(deadline, self._drain_deadline)
-        self._drain_deadline = deadline
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_sessions(), name="drain")
+        await asyncio.shield(self._drain)
+
+    async def _drain_sessions(self) -> None:
         self.draining = True
         sessions = list(self.hub.sessions)
         if sessions:
             logger.info("draining %d connections", len(sessions))
         for session in sessions:
-            session.close(*CloseCode.SERVICE_RESTART)
+            session.close(CloseCode.SERVICE_RESTART)
         if not self.hub.sessions:
             return
         try:
-            await asyncio.wait_for(self.hub.wait_idle(), max(0.0, deadline - loop.time()))
+            await asyncio.wait_for(self.hub.wait_idle(), self.settings.drain_seconds)
         except TimeoutError:
             stuck = list(self.hub.sessions)
             logger.warning(
                 "%d connections still open after the drain: abandoning their writes", len(stuck)
             )
             for session in stuck:
-                if session.abort is not None:
-                    session.abort()
+                session.abort()
 
     async def close(self) -> None:
-        await self.relays.close()
-        await self.http.aclose()
+        for feature in reversed(self._features):
+            try:
+                await feature.close()
+            except Exception:
+                logger.exception("closing %r failed", feature)
         await self.hub.close()

@@ -37,17 +37,20 @@ class Settings(BaseSettings):
     max_bad_frames: int = Field(3, ge=1)
     max_channels_per_connection: int = Field(128, ge=1)
     client_queue_bytes: int = Field(1_048_576, ge=1024)
+    # A write that waits longer than this for a client's socket: a slow consumer too.
+    send_timeout: float = Field(10.0, gt=0)
     client_publish_rate: float = Field(0.0, ge=0)
     api_publish_rate: float = Field(0.0, ge=0)
+    max_broadcast_channels: int = Field(1000, ge=1)
     allowed_origins: str = "*"
 
     ping_interval: float = Field(20.0, gt=0)
     ping_timeout: float = Field(20.0, gt=0)
     sse_heartbeat: float = Field(15.0, gt=0)
     sse_retry_ms: int = Field(2000, ge=0)
-    # Under the gateway's uvicorn protocols: pushes go straight to the socket (the hot
-    # path) and connections detach from their ASGI call once open (idle memory);
-    # false keeps both on ASGI, e.g. behind a body-rewriting middleware.
+    # True: the gateway's own uvicorn protocols (pushes straight to the socket, connections
+    # detached from their ASGI call once open); false: uvicorn's stock protocols, every
+    # write through ASGI (e.g. behind a body-rewriting middleware). gateway.server.options.
     raw_writes: bool = True
 
     presence_channels: str = "chat:*"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,9 @@ from gateway.app import create_app
 from gateway.settings import Settings
 
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+# GATEWAY_TEST_RAW_WRITES=false runs the in-process servers on uvicorn's stock protocols
+# unless a test asks otherwise (scripts/test does so for the contract's end-to-end tests).
+RAW_WRITES = os.environ.get("GATEWAY_TEST_RAW_WRITES", "true").lower() != "false"
 
 
 def token(
@@ -71,26 +75,33 @@ class RunningServer:
 
 
 def uvicorn_config(app: Any, settings: Settings, port: int, **kw: Any) -> uvicorn.Config:
-    from gateway.__main__ import uvicorn_options
+    from gateway.server.options import uvicorn_options
 
     return uvicorn.Config(app, host="127.0.0.1", port=port, **{**uvicorn_options(settings), **kw})
 
 
 @pytest.fixture
-async def make_server() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+async def make_server(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
     started: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    # Tests of the gateway's own protocols run on them whatever GATEWAY_TEST_RAW_WRITES says.
+    raw_writes = RAW_WRITES or request.node.get_closest_marker("gateway_protocols") is not None
 
     async def start(
-        *, uvicorn_options: dict[str, Any] | None = None, **overrides: Any
+        *,
+        uvicorn_options: dict[str, Any] | None = None,
+        server_class: type[uvicorn.Server] = uvicorn.Server,
+        **overrides: Any,
     ) -> RunningServer:
         """``overrides`` are settings; ``uvicorn_options`` replace the gateway's own."""
-        values: dict[str, Any] = {"jwt_secret": SECRET, "demo": False}
+        values: dict[str, Any] = {"jwt_secret": SECRET, "demo": False, "raw_writes": raw_writes}
         values.update(overrides)
         settings = Settings(**values)
         app = create_app(settings)
         port = free_port()
         config = uvicorn_config(app, settings, port, log_config=None, **(uvicorn_options or {}))
-        server = uvicorn.Server(config)
+        server = server_class(config)
         task = asyncio.create_task(server.serve())
         started.append((server, task))
         deadline = time.monotonic() + 10

@@ -20,10 +20,9 @@ from channels.backends.memory import MemoryBroker
 from channels.broker import BrokerOptions
 from channels.hub import Hub
 from channels.publication import Batch, Publication, StreamPosition
-from channels.session import Outgoing, Session, Started, start_write
+from channels.session import Outgoing, Session
 from gateway import cursor
-from gateway.httpprotocol import frame_chunk
-from gateway.wsprotocol import text_frame
+from gateway.wire import frame_chunk, text_frame
 from tests.conftest import RunningServer, eventually, token
 from tests.helpers import client_text_frame, raw_ws_handshake, read_raw_frame, ws_client
 from tests.test_sse_raw import raw_sse
@@ -38,8 +37,9 @@ class Items:
     async def write(self, batch: list[Outgoing]) -> None:
         self.items.extend(batch)
 
-    def write_now(self, item: Outgoing) -> Started:
-        return start_write(self.write([item]))
+    def write_now(self, item: Outgoing) -> bool:
+        self.items.append(item)
+        return True
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import RunningServer, eventually, token
 from tests.helpers import (
@@ -31,6 +32,8 @@ from tests.helpers import (
     ws_client,
 )
 from tests.test_sse_raw import raw_sse
+
+pytestmark = pytest.mark.gateway_protocols  # what these tests are about
 
 
 def tasks_named(prefix: str) -> list[asyncio.Task[object]]:
@@ -78,7 +81,7 @@ def protocols(server: RunningServer, kind: type) -> list[Any]:
 
 
 async def test_a_detached_websocket_forgets_its_request(server: RunningServer) -> None:
-    from gateway.wsprotocol import GatewayWebSocketProtocol
+    from gateway.server.websocket import GatewayWebSocketProtocol
 
     tok = token("forgetful")
     async with ws_client(server, tok) as client:
@@ -93,7 +96,7 @@ async def test_a_detached_websocket_forgets_its_request(server: RunningServer) -
 
 
 async def test_a_detached_sse_stream_forgets_its_request(server: RunningServer) -> None:
-    from gateway.httpprotocol import GatewayHttpToolsProtocol
+    from gateway.server.http import GatewayHttpToolsProtocol
 
     tok = token("forgetful-sse")
     async with raw_sse(server, ["forget-sse"], tok) as stream, api_client(server) as http:
@@ -151,7 +154,7 @@ async def test_a_raw_sse_stream_keeps_no_task_and_sees_its_client_leave(
         await eventually(lambda: server.gateway.hub.local_subscribers("idle-sse") == 1)
         await api_publish(http, "idle-sse", {"n": 1})
         assert b'"n":1' in await stream.chunk()
-        # The ASGI call returned once the stream was open (DetachedStream); no writer,
+        # The ASGI call returned once the stream was open (Stream); no writer,
         # no "sse-disconnect" watch either.
         await eventually(lambda: asgi_calls("DetachableCycle") == [] and tasks_named("sse") == [])
     # The socket closed: the protocol's connection_lost ends the session at once,
@@ -162,7 +165,7 @@ async def test_a_raw_sse_stream_keeps_no_task_and_sees_its_client_leave(
 async def test_keepalive_pings_come_from_one_timer_per_loop(
     make_server: Callable[..., Awaitable[RunningServer]],
 ) -> None:
-    from gateway.wsprotocol import _keepalives
+    from gateway.server.websocket import _keepalives
 
     server = await make_server(ping_interval=0.2, ping_timeout=5)
     async with ws_client(server) as a, ws_client(server) as b:
@@ -184,10 +187,10 @@ def live_instances(*kinds: type) -> int:
 
 async def test_detached_connections_leave_nothing_behind(server: RunningServer) -> None:
     from channels.session import Session
-    from gateway.sse import DetachedStream
+    from gateway.sse import Stream
     from gateway.ws import Connection
 
-    kinds = (Connection, DetachedStream, Session)
+    kinds = (Connection, Stream, Session)
     assert live_instances(*kinds) == 0
     for _ in range(3):
         async with contextlib.AsyncExitStack() as stack:

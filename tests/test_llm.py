@@ -120,7 +120,7 @@ async def sse_until_final(s: SseStream, *, timeout: float = 5.0) -> list[dict[st
 
 
 async def relays_done(server: RunningServer) -> None:
-    await eventually(lambda: not server.gateway.relays.relays, timeout=5)
+    await eventually(lambda: not server.app.state.relays.relays, timeout=5)
 
 
 async def assert_nothing_after(
@@ -332,7 +332,7 @@ async def test_cancel_while_the_end_is_being_published_still_publishes_exactly_o
     """Regression: a DELETE that arrived while the relay was publishing its ``end``
     cancelled that publish, so the answer ended with no final publication at all."""
     server = await start_gateway()
-    relays = server.gateway.relays
+    relays = server.app.state.relays
     publishing_final, release = asyncio.Event(), asyncio.Event()
     publish = relays._publish
 
@@ -419,7 +419,7 @@ async def test_relay_that_fails_unexpectedly_still_publishes_one_error(
 ) -> None:
     """Whatever goes wrong inside the relay, subscribers are not left waiting forever."""
     server = await start_gateway()
-    relays = server.gateway.relays
+    relays = server.app.state.relays
 
     async def broken(relay: Any, request: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("a bug")
@@ -528,7 +528,7 @@ async def test_delete_reaching_another_worker_cancels_the_relay_where_it_runs(
         await c.subscribe(channel)
         stream_id = await start_relay(on_owner, channel, fake_tokens=LONG, fake_delay=0.02)
         await c.publications(channel, 3)
-        assert stream_id not in other.gateway.relays.relays
+        assert stream_id not in other.app.state.relays.relays
         reader = token("reader", subscribe=["*"], publish=["other:*"])
         r = await on_other.delete(f"/api/streams/{stream_id}", headers=bearer(reader))
         assert r.status_code == 403, r.text

@@ -31,9 +31,13 @@ def _sessions_of(server: RunningServer, user: str) -> list[Any]:
 
 
 async def _publish_many(
-    http: httpx.AsyncClient, channel: str, count: int, workers: int = 8
+    http: httpx.AsyncClient, channel: str, count: int, workers: int = 8, pad: str = PAD
 ) -> dict[int, int]:
-    """Publish ``count`` messages over the HTTP API; returns data index -> offset."""
+    """Publish ``count`` messages over the HTTP API; returns data index -> offset.
+
+    The readers that must keep up run in this test's event loop, beside the server and
+    the publishers: tests that need them to keep up publish with fewer ``workers``.
+    """
     indices = iter(range(count))
     offsets: dict[int, int] = {}
     headers = {"Authorization": f"Bearer {token('backend')}"}
@@ -42,7 +46,7 @@ async def _publish_many(
         for i in indices:
             r = await http.post(
                 "/api/publish",
-                json={"channel": channel, "data": {"i": i, "pad": PAD}},
+                json={"channel": channel, "data": {"i": i, "pad": pad}},
                 headers=headers,
             )
             assert r.status_code == 200, r.text
@@ -101,7 +105,7 @@ async def test_slow_ws_consumer_is_closed_with_4008_while_fast_readers_get_every
             return await c.publications("feed", MESSAGES, timeout=60)
 
         readers = [asyncio.create_task(read_all(r)) for r in (r1, r2)]
-        offsets = await _publish_many(http, "feed", MESSAGES)
+        offsets = await _publish_many(http, "feed", MESSAGES, workers=4)
         assert sorted(offsets.values()) == list(range(1, MESSAGES + 1))
         results = await asyncio.gather(*readers)
         for got in results:
@@ -185,7 +189,7 @@ async def test_slow_sse_reader_stream_is_ended_by_the_server(make_server):
             await eventually(lambda: _sessions_of(server, "slow-sse"))
             # The SSE client reads nothing while thousands of publications go out.
             reader = asyncio.create_task(fast.publications("feed", MESSAGES, timeout=60))
-            offsets = await _publish_many(http, "feed", MESSAGES)
+            offsets = await _publish_many(http, "feed", MESSAGES, workers=4)
             got = await reader
             assert [f["offset"] for f in got] == list(range(1, MESSAGES + 1))
             assert {f["data"]["i"]: f["offset"] for f in got} == offsets
@@ -233,3 +237,50 @@ async def test_reader_that_keeps_up_is_never_cut_off_with_small_queue(make_serve
         got = await reader
         assert [f["offset"] for f in got] == list(range(1, 501))
         await c.ping_ok()
+
+
+# --------------------------------------------------------------------------- send timeout
+# Far below the queue bound, a client whose socket stays full is still cut off: after
+# GATEWAY_SEND_TIMEOUT seconds of one write waiting for it (sse-starlette's send_timeout).
+
+ROOMY = 256 * 1024 * 1024  # a queue bound these tests never reach
+
+
+async def _publish_until_gone(server: RunningServer, http: httpx.AsyncClient, user: str) -> None:
+    """Publish until the server has cut ``user`` off: as much as it takes to fill the kernel's
+    buffers on both sides, and at most 64 MB."""
+    for _ in range(40):
+        if not _sessions_of(server, user):
+            return
+        await _publish_many(http, "feed", 100, pad="x" * 16_000)
+    await eventually(lambda: not _sessions_of(server, user), timeout=10)
+
+
+async def test_a_websocket_whose_socket_stays_full_is_closed_after_the_send_timeout(
+    make_server,
+):
+    server = await make_server(client_queue_bytes=ROOMY, send_timeout=0.5)
+    sock = small_rcvbuf_socket(server.port)
+    async with (
+        api_client(server) as http,
+        ws_client(server, token("stuck"), sock=sock, max_queue=1, compression=None) as stuck,
+        QueueWatch(server) as watch,
+    ):
+        await stuck.subscribe("feed")
+        await _publish_until_gone(server, http, "stuck")
+        assert watch.max_bytes < ROOMY
+        code, reason, _ = await stuck.expect_close(timeout=60)
+        assert (code, reason) == (4008, "slow consumer")
+    assert server.gateway.connections.slow_closes["websocket"] == 1
+
+
+async def test_an_sse_stream_whose_socket_stays_full_is_ended_after_the_send_timeout(
+    make_server,
+):
+    from tests.test_sse_raw import raw_sse
+
+    server = await make_server(client_queue_bytes=ROOMY, send_timeout=0.5)
+    async with api_client(server) as http, raw_sse(server, ["feed"], rcvbuf=8192) as stream:
+        await stream.chunk()
+        await _publish_until_gone(server, http, "raw")
+    assert server.gateway.connections.slow_closes["sse"] == 1

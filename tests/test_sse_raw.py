@@ -1,4 +1,4 @@
-"""Raw SSE body writes (``gateway.httpprotocol``) under the real server.
+"""Raw SSE body writes (``gateway.server.http``) under the real server.
 
 The streams are read from a plain socket and de-chunked here, so that the tests see
 the exact bytes on the wire: the chunk framing the raw path writes itself, the events
@@ -23,9 +23,12 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from channels.publication import StreamPosition
 from gateway import cursor
-from gateway.httpprotocol import GatewayHttpToolsProtocol, RawBody, frame_chunk
+from gateway.server.http import GatewayHttpToolsProtocol, RawBody
+from gateway.wire import frame_chunk
 from tests.conftest import RunningServer, eventually, token
 from tests.helpers import api_client, api_publish, bearer, sse_params
+
+pytestmark = pytest.mark.gateway_protocols  # what these tests are about
 
 TIMEOUT = 10.0
 SIZE_LINE = re.compile(rb"[0-9a-f]+\r\n")
@@ -124,16 +127,16 @@ async def raw_sse(
 
 @pytest.fixture
 def raw_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts ``RawBody.write`` calls: ``written`` and ``refused`` (nothing written)."""
+    """Counts ``RawBody.try_write`` calls: ``written`` and ``refused`` (nothing written)."""
     counts = {"written": 0, "refused": 0}
-    original = RawBody.write
+    original = RawBody.try_write
 
-    def write(self: RawBody, chunk: bytes) -> bool:
+    def try_write(self: RawBody, chunk: bytes) -> bool:
         ok = original(self, chunk)
         counts["written" if ok else "refused"] += 1
         return ok
 
-    monkeypatch.setattr(RawBody, "write", write)
+    monkeypatch.setattr(RawBody, "try_write", try_write)
     return counts
 
 
@@ -363,7 +366,7 @@ async def test_drain_ends_the_stream_with_a_chunked_terminator(server, raw_write
         await s.chunk()
         pubs = [await publish(http, "raw:end", n) for n in range(2)]
         got = await s.chunks(2)
-        await server.gateway.drain(5)
+        await server.gateway.drain()
         assert await s.chunk() == b""  # 0\r\n\r\n: the response is complete
         assert not s.buffer
         epoch = pubs[0]["epoch"]
@@ -431,30 +434,26 @@ async def test_raw_body_refuses_until_a_chunked_response_started_then_follows_fl
     transport = _Transport()
     cycle = _cycle(transport)
     raw = RawBody(cycle)
-    assert raw.write(frame_chunk(b"early")) is False and not raw.chunked
+    assert raw.try_write(frame_chunk(b"early")) is False and not raw.chunked
+    with pytest.raises(ConnectionError):  # waiting would never end: not a chunked response
+        await raw.write(frame_chunk(b"early"))
     await cycle.send({"type": "http.response.start", "status": 200, "headers": []})
     assert raw.chunked
     transport.written.clear()
-    assert raw.write(frame_chunk(b"hello")) is True
+    assert raw.try_write(frame_chunk(b"hello")) is True
     assert bytes(transport.written) == b"5\r\nhello\r\n"
     cycle.flow.pause_writing()
-    assert raw.write(frame_chunk(b"later")) is False
-    waiter = asyncio.create_task(raw.drain())
+    assert raw.try_write(frame_chunk(b"later")) is False
+    waiter = asyncio.create_task(raw.write(frame_chunk(b"later")))
     await asyncio.sleep(0)
-    assert not waiter.done()
+    assert not waiter.done() and bytes(transport.written) == b"5\r\nhello\r\n"
     cycle.flow.resume_writing()
     await asyncio.wait_for(waiter, 1)
-    assert raw.write(frame_chunk(b"later")) is True
     await cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
     assert bytes(transport.written).endswith(b"5\r\nlater\r\n0\r\n\r\n")
     assert not raw.chunked
     with pytest.raises(ConnectionError):
-        raw.write(frame_chunk(b"too late"))
-
-
-def test_frame_chunk_never_writes_a_terminator():
-    assert frame_chunk(b"x" * 300) == b"12c\r\n" + b"x" * 300 + b"\r\n"
-    assert frame_chunk(b"") == b""
+        raw.try_write(frame_chunk(b"too late"))
 
 
 async def test_raw_body_refuses_a_response_with_content_length_and_a_gone_client():
@@ -464,13 +463,13 @@ async def test_raw_body_refuses_a_response_with_content_length_and_a_gone_client
     await cycle.send(
         {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
     )
-    assert not raw.chunked and raw.write(frame_chunk(b"no")) is False
+    assert not raw.chunked and raw.try_write(frame_chunk(b"no")) is False
     head = _cycle(transport, method="HEAD")
     await head.send({"type": "http.response.start", "status": 200, "headers": []})
-    assert RawBody(head).write(b"x") is False
+    assert RawBody(head).try_write(b"x") is False
 
     gone = _cycle(_Transport())
     await gone.send({"type": "http.response.start", "status": 200, "headers": []})
     gone.disconnected = True
     with pytest.raises(ConnectionError):
-        RawBody(gone).write(frame_chunk(b"x"))
+        RawBody(gone).try_write(frame_chunk(b"x"))

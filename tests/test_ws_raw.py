@@ -14,10 +14,12 @@ from typing import Any
 
 import orjson
 import pytest
-from websockets.frames import Frame, Opcode
 
+from gateway import wire
+from gateway.server.asgi import AsgiWebSocketPort
+from gateway.server.websocket import GatewayWebSocketProtocol
+from gateway.wire import text_frame
 from gateway.ws import WebSocketTransport
-from gateway.wsprotocol import GatewayWebSocketProtocol, text_frame
 from tests.conftest import RunningServer, eventually, token
 from tests.helpers import (
     api_client,
@@ -28,11 +30,7 @@ from tests.helpers import (
     ws_client,
 )
 
-
-@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
-def test_text_frame_is_what_websockets_serializes(size: int) -> None:
-    payload = b"x" * size
-    assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
+pytestmark = pytest.mark.gateway_protocols  # what these tests are about
 
 
 def _transports(server: RunningServer) -> list[WebSocketTransport]:
@@ -55,7 +53,7 @@ async def test_publications_reach_the_socket_as_raw_frames(
         reply = orjson.loads((await read_raw_frame(reader))[2:])
         assert reply["ok"] is True, reply
         [transport] = await eventually(lambda: _transports(server))
-        assert isinstance(transport._raw, GatewayWebSocketProtocol)
+        assert isinstance(transport.port, GatewayWebSocketProtocol)
 
         async with api_client(server) as http:
             sizes = [1, 200, 70_000]  # 7-bit, 16-bit and 64-bit length headers
@@ -97,7 +95,8 @@ async def test_one_frame_shared_by_all_subscribers(server: RunningServer) -> Non
         assert pa == pb
         [publication] = seen
         # Built once, on the publication, for both subscribers.
-        assert publication.ws == text_frame(orjson.dumps(pa))
+        assert publication.wire.ws == text_frame(orjson.dumps(pa))
+        assert wire.ws_frames(publication) is publication.wire.ws
 
 
 async def test_raw_writes_off_sends_through_asgi(
@@ -107,7 +106,7 @@ async def test_raw_writes_off_sends_through_asgi(
     async with ws_client(server) as client, api_client(server) as http:
         await client.subscribe("asgi")
         [transport] = await eventually(lambda: _transports(server))
-        assert transport._raw is None
+        assert isinstance(transport.port, AsgiWebSocketPort)
         for n in range(5):
             await api_publish(http, "asgi", {"n": n})
         got = await client.publications("asgi", 5)
@@ -122,7 +121,7 @@ async def test_other_servers_get_the_asgi_path(
     async with ws_client(server) as client, api_client(server) as http:
         await client.subscribe("plain")
         [transport] = await eventually(lambda: _transports(server))
-        assert transport._raw is None
+        assert isinstance(transport.port, AsgiWebSocketPort)
         for n in range(20):
             await api_publish(http, "plain", {"n": n})
         got = await client.publications("plain", 20)

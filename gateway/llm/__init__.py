@@ -1,1 +1,31 @@
-"""LLM token streams: streamed NDJSON publish, and a relay from an OpenAI-compatible upstream."""
+"""LLM token streams: streamed publish (NDJSON), relays of an upstream's tokens, and the
+dev-mode fake upstream. ``install`` adds them to an app."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import FastAPI
+
+from gateway.llm import routes
+from gateway.llm.fake import FakeLLMTransport
+from gateway.llm.relay import RelayManager
+from gateway.llm.upstreams import Upstream, load_upstreams
+from gateway.runtime import Gateway
+
+
+def install(app: FastAPI, gateway: Gateway) -> None:
+    """The routes, and the relays (started and closed with the gateway)."""
+    settings = gateway.settings
+    dev = gateway.dev_secret is not None
+    upstreams = load_upstreams(settings.llm_upstreams, allow_fake=dev)
+    mounts: dict[str, httpx.AsyncBaseTransport] = {}
+    if dev:  # the /llm demo works with no network and no key
+        mounts["fake://"] = FakeLLMTransport()
+        upstreams.setdefault("demo", Upstream("demo", "fake://demo/v1", timeout=10))
+    client = httpx.AsyncClient(mounts=mounts, follow_redirects=False)
+    relays = RelayManager(
+        gateway.hub, upstreams, idle_cancel=settings.llm_idle_cancel, client=client
+    )
+    app.state.relays = relays
+    app.include_router(routes.router)
+    gateway.add_feature(relays)

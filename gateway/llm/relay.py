@@ -84,7 +84,7 @@ class RelayManager:
         self.relays: dict[str, Relay] = {}
         hub.on_signal(self._on_signal)
 
-    async def start(self, channel: str, upstream: Upstream, request: dict[str, Any]) -> Relay:
+    async def spawn(self, channel: str, upstream: Upstream, request: dict[str, Any]) -> Relay:
         """Register the relay (so that any worker can cancel it), then start it.
 
         Raises ``BrokerUnavailable`` (nothing started) when it cannot be registered.
@@ -148,12 +148,17 @@ class RelayManager:
         if isinstance(stream_id, str) and stream_id in self.relays:
             self.cancel(stream_id, reason if isinstance(reason, str) else "cancelled")
 
+    async def start(self) -> None:
+        """Nothing to start: relays start with their requests."""
+
     async def close(self) -> None:
+        """Cancel every relay (each still publishes its end), then close the HTTP client."""
         tasks = [r.task for r in self.relays.values() if r.task is not None]
         for stream_id in list(self.relays):
             self.cancel(stream_id, "gateway shutting down")
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self.client.aclose()
 
     async def _publish(self, channel: str, value: dict[str, Any]) -> None:
         await self.hub.publish(channel, orjson.dumps(value))

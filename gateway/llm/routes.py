@@ -6,17 +6,27 @@ import logging
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query, Request
-from starlette.requests import ClientDisconnect
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.requests import ClientDisconnect, HTTPConnection
 
 from channels.broker import BrokerUnavailable
 from channels.publication import Publication
-from gateway.api import PublisherDep, checked_channel, json_object, require, unavailable
-from gateway.deps import ClaimsDep, GatewayDep
+from gateway.access import checked_channel, require
+from gateway.bodies import json_object
+from gateway.deps import ClaimsDep, GatewayDep, PublisherDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
+from gateway.llm.relay import RelayManager
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", default_response_class=JSONBody)
+
+
+async def get_relays(conn: HTTPConnection) -> RelayManager:
+    relays: RelayManager = conn.app.state.relays  # set by gateway.llm.install
+    return relays
+
+
+RelaysDep = Annotated[RelayManager, Depends(get_relays)]
 
 
 def _stream_result(published: int, last: Publication | None) -> dict[str, Any]:
@@ -78,7 +88,7 @@ async def publish_stream(
         body = exc.body() | _stream_result(published, last)
         return JSONBody(body, status_code=exc.status)
     except BrokerUnavailable:
-        error = unavailable()
+        error = GatewayError.unavailable()
         return JSONBody(error.body() | _stream_result(published, last), status_code=503)
     except ClientDisconnect:
         # The backend went away mid-body: what it sent stays published, nobody reads a reply.
@@ -88,27 +98,28 @@ async def publish_stream(
 
 
 @router.post("/streams", status_code=202)
-async def start_stream(request: Request, gateway: GatewayDep, claims: ClaimsDep) -> JSONBody:
-    body = await json_object(request, gateway)
+async def start_stream(
+    request: Request, gateway: GatewayDep, relays: RelaysDep, claims: ClaimsDep
+) -> JSONBody:
+    body = await json_object(request, gateway.settings.max_message_bytes)
     channel = checked_channel(body.get("channel"))
     require(claims.can_publish(channel), "publishing to", channel)
     name = body.get("upstream", "default")
-    upstream = gateway.relays.upstreams.get(name) if isinstance(name, str) else None
+    upstream = relays.upstreams.get(name) if isinstance(name, str) else None
     if upstream is None:
         raise GatewayError(ErrorCode.BAD_REQUEST, f"unknown upstream {str(name)[:64]!r}")
     llm_request = body.get("request", {})
     if not isinstance(llm_request, dict):
         raise GatewayError(ErrorCode.BAD_REQUEST, "'request' must be a JSON object")
     try:
-        relay = await gateway.relays.start(channel, upstream, llm_request)
+        relay = await relays.spawn(channel, upstream, llm_request)
     except BrokerUnavailable:
-        raise unavailable() from None
+        raise GatewayError.unavailable() from None
     return JSONBody({"stream_id": relay.stream_id, "channel": channel}, status_code=202)
 
 
 @router.delete("/streams/{stream_id}")
-async def cancel_stream(stream_id: str, gateway: GatewayDep, claims: ClaimsDep) -> JSONBody:
-    relays = gateway.relays
+async def cancel_stream(stream_id: str, relays: RelaysDep, claims: ClaimsDep) -> JSONBody:
     relay = relays.relays.get(stream_id)
     if relay is not None:
         require(claims.can_publish(relay.channel), "cancelling a stream of", relay.channel)
@@ -123,5 +134,5 @@ async def cancel_stream(stream_id: str, gateway: GatewayDep, claims: ClaimsDep) 
         require(claims.can_publish(channel), "cancelling a stream of", channel)
         await relays.cancel_elsewhere(stream_id, "cancelled by request")
     except BrokerUnavailable:
-        raise unavailable() from None
+        raise GatewayError.unavailable() from None
     return JSONBody({"stream_id": stream_id, "cancelled": True})

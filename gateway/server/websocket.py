@@ -1,30 +1,30 @@
-"""uvicorn's websockets-sansio protocol with two additions the gateway needs.
+"""uvicorn's websockets-sansio protocol, as a ``WebSocketPort`` (``gateway.server.ports``).
 
+What it adds to uvicorn's (``GatewayWebSocketProtocol``, installed by
+``gateway.server.options`` unless ``GATEWAY_RAW_WRITES=false``):
+
+- The port itself, offered in ``scope["extensions"][RAW_FRAMES]``: frames built once
+  per publication (``gateway.wire``) are handed to the socket with one
+  ``transport.write``, with uvicorn's flow control kept (a full socket says "not
+  now"). Going through ASGI costs a message dict, Starlette's ``send`` wrappers and
+  websockets' frame serialisation per delivery. Control frames (ping, close) still go
+  through the websockets state machine; every write is whole frames, so they never
+  interleave inside one.
+- Detached connections: ``hold`` lets the ASGI call return while the connection
+  stays open; its messages reach the owner through the ``listen`` callback. An idle
+  connection then keeps no task and none of the framework's coroutine frames
+  (routing, middleware, dependency exit stacks). ``run_asgi`` is uvicorn's, copied,
+  with that one branch more: ``COPIED_FROM_UVICORN`` records the fingerprint of the
+  original, and tests/test_server_adapter.py fails when uvicorn's changes.
 - The contract's close reason for oversized frames: the parser refuses a frame over
-  ``ws_max_size`` (set to ``GATEWAY_MAX_MESSAGE_BYTES``) and closes with 1009 and
-  its own wording; the contract says ``message too big``.
-- Raw frame writes for the fan-out hot path. Going through ASGI costs a message
-  dict, three Starlette ``send`` wrappers and websockets' frame serialisation per
-  delivery; py-spy put ~75 % of a saturated worker there. Server frames are never
-  masked, so a publication's text frame is the same bytes for every subscriber:
-  ``text_frame`` builds it once and ``write_frame`` hands it to the socket.
-  The protocol offers itself in ``scope["extensions"][RAW_FRAMES]``; under any
-  other server the key is absent and the transport uses ASGI ``send``.
-  Control frames (ping, close) still go through the websockets state machine;
-  every write is a whole frame, so they never interleave inside one.
-- Detached connections (``detach``): once the app has accepted and set the
-  connection up, it may let its ASGI call return and take the received messages
-  from a callback instead (``scope["extensions"][RAW_FRAMES].detach(on_message)``).
-  The connection then keeps no task and none of the framework's coroutine frames
-  (routing, middleware, dependency exit stacks: ~11 KiB per idle connection,
-  measured); ``run_asgi`` leaves the socket open when the call returns detached.
-- Less memory per idle connection: no empty deques (``channels.lite``), the
-  handshake's headers are dropped once it is accepted, and keep-alive pings come
-  from one timer per event loop (``Keepalive``) instead of two timers per
-  connection (uvicorn's ``ping_timer`` / ``pong_timer``). The contract's liveness
-  rule is unchanged: a ping every ``ws_ping_interval``, and a connection whose
-  pong has not come ``ws_ping_timeout`` after its ping is closed (1011) - checked
-  every quarter of the shorter of the two.
+  ``ws_max_size`` (``GATEWAY_MAX_MESSAGE_BYTES``) and closes with 1009 and its own
+  wording; the contract says ``message too big``.
+- Less memory per idle connection: no empty deques (``gateway.server.waiting``), the
+  handshake's headers are dropped once accepted, and keep-alive pings come from one
+  timer per event loop (``Keepalive``) instead of uvicorn's two timers per connection.
+  The contract's liveness rule is unchanged: a ping every ``ws_ping_interval``, and a
+  connection whose pong has not come ``ws_ping_timeout`` after its ping is closed
+  (1011), checked every quarter of the shorter of the two.
 """
 
 from __future__ import annotations
@@ -42,21 +42,18 @@ from websockets.exceptions import PayloadTooBig
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 
-from channels.lite import LiteEvent, LiteQueue
 from gateway.errors import CloseCode
+from gateway.server.waiting import LiteEvent, LiteQueue
 
 RAW_FRAMES = "gateway.raw_frames"
-_TEXT = 0x81  # FIN + text opcode
 
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented text frame (server to client) carrying ``payload``."""
-    size = len(payload)
-    if size < 126:
-        return bytes((_TEXT, size)) + payload
-    if size < 65536:
-        return struct.pack("!BBH", _TEXT, 126, size) + payload
-    return struct.pack("!BBQ", _TEXT, 127, size) + payload
+# What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
+# dedented source when it was copied; tests/test_server_adapter.py compares.
+COPIED_FROM_UVICORN = {
+    "uvicorn.protocols.websockets.websockets_sansio_impl:WebSocketsSansIOProtocol.run_asgi": (
+        "632f86c7cd771ab9"
+    ),
+}
 
 
 class Keepalive:
@@ -113,20 +110,38 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:  # the handshake was valid: the app runs
             scope["extensions"][RAW_FRAMES] = self
 
-    # -- detached connections (see the module docstring) ----------------------
+    # -- the port (gateway.server.ports.WebSocketPort) -------------------------
 
-    def detach(self, on_message: Callable[[], object]) -> None:
-        """Hand the connection over from the ASGI call, which may now return.
-
-        ``on_message`` is called whenever a message (``receive``'s ASGI events, the
-        final ``websocket.disconnect`` included) is waiting; the owner then takes them
-        with ``await receive()`` while ``pending()``, which never suspends.
-        """
-        self.detached = True
+    def listen(self, on_message: Callable[[], object]) -> None:
         queue: LiteQueue[Any] = self.queue  # type: ignore[assignment]
         queue.on_put = on_message
         if not queue.empty():
             on_message()
+
+    def pending(self) -> bool:
+        return not self.queue.empty()
+
+    def try_write(self, frames: bytes) -> bool:
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            raise ConnectionError("websocket closed")
+        if not self.writable.is_set():
+            return False
+        self.transport.write(frames)
+        return True
+
+    async def write(self, frames: bytes) -> None:
+        while not self.try_write(frames):
+            await self.writable.wait()
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def hold(self) -> None:
+        """Detach: the ASGI call may return, the connection stays (see ``run_asgi``)."""
+        self.detached = True
+
+    def release(self) -> None:
+        """Nothing to do: a detached connection has no ASGI call waiting."""
 
     def _forget_request(self) -> None:
         """Drop what only the ASGI call needed, once it returned: the scope (with what
@@ -136,15 +151,8 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         if request is not None:  # also held by the websockets parser's suspended frame
             request.path = ""
 
-    def pending(self) -> bool:
-        return not self.queue.empty()
-
-    async def close_with(self, code: int, reason: str) -> None:
-        """Send a close frame, as ASGI ``websocket.close`` does."""
-        await self.send({"type": "websocket.close", "code": code, "reason": reason})
-
     async def run_asgi(self) -> None:
-        # uvicorn's, except that a detached connection stays open when the call returns.
+        # uvicorn's (COPIED_FROM_UVICORN), except that a detached connection stays open.
         try:
             result = await self.app(self.scope, self.receive, self.send)
         except ClientDisconnected:
@@ -198,23 +206,6 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.ping_sent_at = now
             self.conn.send_ping(self.pending_ping_payload)
             self.transport.write(b"".join(self.conn.data_to_send()))
-
-    # -- raw frames (see the module docstring) --------------------------------
-
-    def write_frame(self, frame: bytes) -> bool:
-        """Write ``frame`` now; False when the socket's buffer is full (``wait_writable``).
-
-        Raises ``ConnectionError`` once the connection is closing or closed.
-        """
-        if self.close_sent or self.disconnected or self.transport.is_closing():
-            raise ConnectionError("websocket closed")
-        if not self.writable.is_set():
-            return False
-        self.transport.write(frame)
-        return True
-
-    async def wait_writable(self) -> None:
-        await self.writable.wait()
 
     # -- oversized frames --------------------------------------------------------
 

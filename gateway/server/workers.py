@@ -32,6 +32,8 @@ from types import FrameType
 
 import uvicorn
 
+from gateway.server.draining import DrainingServer
+
 logger = logging.getLogger(__name__)
 
 APP_FACTORY = "gateway.app:create_app"
@@ -119,8 +121,6 @@ def _worker_main(config: uvicorn.Config, sock: socket.socket, parent_pid: int) -
         target=_watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True
     ).start()
     config.configure_logging()
-    from gateway.__main__ import DrainingServer
-
     DrainingServer(config).run(sockets=[sock])
 
 

@@ -1,0 +1,40 @@
+"""Request bodies of the HTTP API: read with a size cap, decoded with orjson.
+
+No pydantic model on the publish path; the size is checked while reading, so a
+huge body is refused with 413 without being held in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from gateway.errors import ErrorCode, GatewayError
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(ErrorCode.TOO_LARGE, f"body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(ErrorCode.TOO_LARGE, f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def json_object(request: Request, limit: int) -> dict[str, Any]:
+    """The body, a JSON object of at most ``limit`` bytes."""
+    body = await read_body(request, limit)
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise GatewayError(ErrorCode.BAD_REQUEST, "body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise GatewayError(ErrorCode.BAD_REQUEST, "body must be a JSON object")
+    return value

@@ -1,0 +1,32 @@
+"""Open connections per transport, against ``GATEWAY_MAX_CONNECTIONS``, and how they ended."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+TRANSPORTS = ("websocket", "sse")
+
+
+class Connections:
+    """Plain counters, read by the metrics collector at scrape time."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
+        self.slow_closes: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
+
+    @property
+    def total(self) -> int:
+        return sum(self.open.values())
+
+    @property
+    def at_capacity(self) -> bool:
+        return self.total >= self.limit
+
+    def opened(self, transport: str) -> None:
+        self.open[transport] += 1
+
+    def closed(self, transport: str, *, slow: bool) -> None:
+        self.open[transport] -= 1
+        if slow:
+            self.slow_closes[transport] += 1

@@ -1,0 +1,135 @@
+"""The WebSocket commands: one function per ``op``, each answering with a reply or an error.
+
+``handle`` runs a parsed command (``gateway.commands``) for one client and pushes
+its reply; every error becomes an error reply with the contract's code, never a
+closed connection. A subscribe's reply goes out from inside the hub's join
+(``on_ready``), ahead of the channel's first publication.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import orjson
+
+from auth import AuthError, Claims
+from channels.broker import BrokerUnavailable
+from channels.hub import SubscribeError, SubscribeResult
+from channels.session import Session
+from gateway import wire
+from gateway.access import require
+from gateway.commands import Command
+from gateway.errors import ErrorCode, GatewayError
+from gateway.ratelimit import RateLimiter
+from gateway.runtime import Gateway
+
+logger = logging.getLogger(__name__)
+
+
+class Client(Protocol):
+    """What the commands need of a connection (``gateway.ws.Connection``)."""
+
+    gateway: Gateway
+    session: Session
+    claims: Claims
+    publish_limiter: RateLimiter
+
+    def refresh(self, claims: Claims) -> None: ...
+
+
+Op = Callable[[Client, Command], Awaitable[dict[str, Any] | None]]
+
+
+async def handle(client: Client, command: Command) -> None:
+    """Run ``command`` and push its reply (unless the op queued it itself)."""
+    session = client.session
+    try:
+        result = await OPS[command.op](client, command)
+    except GatewayError as exc:
+        session.push(wire.error_reply(command.id, exc.code, exc.message))
+    except SubscribeError as exc:
+        session.push(wire.error_reply(command.id, exc.code, str(exc)))
+    except BrokerUnavailable:
+        message = "broker unavailable, retry later"
+        session.push(wire.error_reply(command.id, ErrorCode.INTERNAL, message))
+    except Exception:
+        logger.exception("op %s failed", command.op)
+        session.push(wire.error_reply(command.id, ErrorCode.INTERNAL, "internal error"))
+    else:
+        if result is not None:
+            session.push(wire.reply(command.id, result))
+
+
+async def subscribe(client: Client, command: Command) -> None:
+    channel = command.channel
+    require(client.claims.can_subscribe(channel), "subscribing to", channel)
+    session = client.session
+
+    def reply(result: SubscribeResult) -> None:
+        position = result.position
+        body = {"offset": position.offset, "epoch": position.epoch, "recovered": result.recovered}
+        session.push(wire.reply(command.id, body))
+
+    await client.gateway.hub.subscribe(session, channel, command.since, on_ready=reply)
+
+
+async def unsubscribe(client: Client, command: Command) -> dict[str, Any]:
+    await client.gateway.hub.unsubscribe(client.session, command.channel)
+    return {}
+
+
+async def publish(client: Client, command: Command) -> dict[str, Any]:
+    channel = command.channel
+    require(client.claims.can_publish(channel), "publishing to", channel)
+    if not client.publish_limiter.allow():
+        raise GatewayError(ErrorCode.RATE_LIMITED, "publishing too fast")
+    publication = await client.gateway.hub.publish(channel, command.data)
+    return {"offset": publication.offset, "epoch": publication.epoch}
+
+
+async def presence(client: Client, command: Command) -> dict[str, Any]:
+    channel = command.channel
+    require(client.claims.can_subscribe(channel), "presence of", channel)
+    entries = await client.gateway.hub.presence(channel)
+    return {"clients": [orjson.Fragment(entry) for entry in entries]}
+
+
+async def history(client: Client, command: Command) -> dict[str, Any]:
+    channel = command.channel
+    require(client.claims.can_subscribe(channel), "history of", channel)
+    page = await client.gateway.hub.history(channel, since=command.since, limit=command.limit)
+    if not page.complete:
+        raise GatewayError(ErrorCode.NOT_FOUND, "history no longer covers that position")
+    return {
+        "publications": [pub.history_entry() for pub in page.publications],
+        "offset": page.position.offset,
+        "epoch": page.position.epoch,
+    }
+
+
+async def ping(client: Client, command: Command) -> dict[str, Any]:
+    return {}
+
+
+async def refresh(client: Client, command: Command) -> dict[str, Any]:
+    try:
+        claims = client.gateway.verifier.verify(command.token)
+    except AuthError as exc:
+        raise GatewayError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+    if claims.user != client.claims.user:
+        raise GatewayError(ErrorCode.FORBIDDEN, "a refreshed token must be for the same user")
+    client.refresh(claims)
+    return {}
+
+
+OPS: dict[str, Op] = {
+    "subscribe": subscribe,
+    "unsubscribe": unsubscribe,
+    "publish": publish,
+    "presence": presence,
+    "history": history,
+    "ping": ping,
+    "refresh": refresh,
+}

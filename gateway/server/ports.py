@@ -1,0 +1,110 @@
+"""What a transport needs from the server under it: one port per connection.
+
+A port takes bytes exactly as they go on the wire (WebSocket frames, HTTP/1.1
+chunks, built once per publication by ``gateway.wire``) and tells its owner what the
+client sends, or that it left. Where a port comes from:
+
+- the gateway's own uvicorn protocols (``gateway.server.websocket``,
+  ``gateway.server.http``) put one in the ASGI scope's extensions: writes go straight
+  to the socket, and ``hold`` returns at once, leaving the connection open after its
+  ASGI call (detached);
+- otherwise (``GATEWAY_RAW_WRITES=false``, another ASGI server, an HTTP/1.0 client)
+  ``gateway.server.asgi`` builds one over ``receive``/``send``, and ``hold`` keeps the
+  ASGI call for the connection's life.
+
+Either way a transport has one lifecycle: set up, ``listen``/``on_lost``, write,
+``await hold()``; ``release()`` once it is over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.server.asgi import AsgiStreamPort, AsgiWebSocketPort
+from gateway.server.http import RAW_BODY, RawBody
+from gateway.server.websocket import RAW_FRAMES
+
+logger = logging.getLogger(__name__)
+
+
+class Port(Protocol):
+    def try_write(self, data: bytes) -> bool:
+        """Write now if the socket takes it; False, with nothing written, when it cannot
+        now. Raises ``ConnectionError`` once the connection is closed."""
+
+    async def write(self, data: bytes) -> None:
+        """Write, waiting for the socket as long as it takes. Raises ``ConnectionError``."""
+
+    async def hold(self) -> None:
+        """Where the ASGI call waits: at once (detached) or until ``release``."""
+
+    def release(self) -> None:
+        """The connection is over: a held ASGI call may return."""
+
+
+class WebSocketPort(Port, Protocol):
+    """An accepted WebSocket: text frames out, ASGI ``websocket.*`` messages in."""
+
+    def listen(self, on_message: Callable[[], object]) -> None:
+        """Call ``on_message`` whenever a message waits (now too, if one does)."""
+
+    def pending(self) -> bool: ...
+
+    async def receive(self) -> Message:
+        """The next message; does not suspend while ``pending()``."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send a close frame."""
+
+
+class StreamPort(Port, Protocol):
+    """A started chunked response: chunks out, the client's departure in."""
+
+    def on_lost(self, callback: Callable[[], object] | None) -> None:
+        """Call ``callback`` once the client is gone (at once if it already is)."""
+
+    async def finish(self) -> None:
+        """The last chunk: the response is complete."""
+
+    def abort(self) -> None:
+        """Close without finishing (a client that does not read)."""
+
+
+_warned: set[str] = set()
+
+
+def _fallback(why: str) -> None:
+    if why not in _warned:
+        _warned.add(why)
+        logger.warning("%s: writing through ASGI instead", why)
+
+
+def websocket_port(scope: Scope, receive: Receive, send: Send, *, raw: bool) -> WebSocketPort:
+    """The server's own port for an accepted WebSocket, or one over ASGI."""
+    if raw:
+        port: WebSocketPort | None = _extension(scope, RAW_FRAMES)
+        if port is not None:
+            return port
+        _fallback("GATEWAY_RAW_WRITES is on but the server offers no raw WebSocket port")
+    return AsgiWebSocketPort(receive, send)
+
+
+def stream_port(scope: Scope, receive: Receive, send: Send, *, raw: bool) -> StreamPort:
+    """The server's own port for a started streaming response, or one over ASGI."""
+    if raw:
+        body: RawBody | None = _extension(scope, RAW_BODY)
+        if body is None:
+            _fallback("GATEWAY_RAW_WRITES is on but the server offers no raw body port")
+        elif not body.chunked:
+            logger.debug("a response that is not chunked (HTTP/1.0?): written through ASGI")
+        else:
+            return body
+    return AsgiStreamPort(receive, send)
+
+
+def _extension(scope: Scope, name: str) -> Any:
+    return (scope.get("extensions") or {}).get(name)

@@ -1,0 +1,114 @@
+"""``asyncio.Event`` and ``asyncio.Queue`` without their idle cost, for the server's protocols.
+
+Every connection owns a few of these for its whole life, and nearly always nobody
+is waiting on them. ``asyncio.Event`` keeps an empty ``deque`` of waiters and
+``asyncio.Queue`` three of them; at tens of thousands of idle connections that is
+kilobytes per connection for nothing (docs/benchmarks.md). These keep ``None``
+until someone actually waits or something is queued. They implement only what
+uvicorn's protocols call: ``is_set/set/clear/wait`` and
+``put_nowait/get/get_nowait/empty/qsize``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class LiteEvent:
+    """An ``asyncio.Event`` whose waiter list exists only while someone waits."""
+
+    __slots__ = ("_flag", "_waiters")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if self._flag:
+            return
+        self._flag = True
+        waiters, self._waiters = self._waiters, None
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self) -> bool:
+        if self._flag:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter  # a cancelled waiter cancels only its own future
+        finally:
+            waiters = self._waiters
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    self._waiters = None
+        return True
+
+
+class LiteQueue(Generic[T]):
+    """An unbounded queue for one consumer; no buffers while empty.
+
+    ``on_put``, when set, is called after each ``put_nowait``: a consumer that runs
+    no task while the queue is empty starts one from there.
+    """
+
+    __slots__ = ("_items", "_waiter", "on_put")
+
+    def __init__(self) -> None:
+        self._items: deque[T] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.on_put: Callable[[], object] | None = None
+
+    def put_nowait(self, item: T) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.on_put is not None:
+            self.on_put()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def get_nowait(self) -> T:
+        items = self._items
+        if not items:
+            raise asyncio.QueueEmpty
+        item = items.popleft()
+        if not items:
+            self._items = None
+        return item
+
+    async def get(self) -> T:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self.get_nowait()
+
+    def __repr__(self) -> str:
+        return f"<LiteQueue size={self.qsize()}>"

@@ -1,0 +1,124 @@
+"""Many long-lived timers of one event loop on one heap, with one loop timer.
+
+Every connection has timers for its whole life that nearly never fire: its
+token's expiry, an SSE stream's heartbeat. A uvloop ``TimerHandle`` each costs
+memory per idle connection (figures in docs/benchmarks.md); ``Timers`` keeps one
+heap entry per timer and one loop timer for the earliest of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import math
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Timer:
+    """One scheduled call of ``Timers``; ``cancel()`` drops its references at once."""
+
+    __slots__ = ("args", "callback", "owner", "seq", "when")
+
+    def __init__(
+        self,
+        owner: Timers,
+        when: float,
+        seq: int,
+        callback: Callable[..., object],
+        args: Any,
+    ) -> None:
+        self.owner = owner
+        self.when = when
+        self.seq = seq
+        self.callback: Callable[..., object] | None = callback
+        self.args = args
+
+    def __lt__(self, other: Timer) -> bool:
+        return (self.when, self.seq) < (other.when, other.seq)
+
+    def cancel(self) -> None:
+        if self.callback is not None:
+            self.callback = None
+            self.args = ()
+            self.owner.cancelled()
+
+    def cancelled(self) -> bool:
+        return self.callback is None
+
+
+class Timers:
+    """Many long-lived timers of one event loop on one heap and one loop timer.
+
+    A cancelled timer keeps only its place in the heap (no callback, no arguments);
+    when cancelled ones are more than half of the heap it is rebuilt without them,
+    as asyncio does with its own timers. Use ``loop_timers()`` for the running loop's.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[Timer] = []
+        self._seq = itertools.count()
+        self._cancelled = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = math.inf
+
+    def __len__(self) -> int:
+        """Timers still to run."""
+        return len(self._heap) - self._cancelled
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
+        when = self._loop.time() + max(0.0, delay)
+        timer = Timer(self, when, next(self._seq), callback, args)
+        heapq.heappush(self._heap, timer)
+        if when < self._timer_when:
+            self._arm(when)
+        return timer
+
+    def cancelled(self) -> None:
+        self._cancelled += 1
+        heap = self._heap
+        if self._cancelled > 64 and self._cancelled * 2 > len(heap):
+            self._heap = [t for t in heap if t.callback is not None]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._run)
+        self._timer_when = when
+
+    def _run(self) -> None:
+        self._timer, self._timer_when = None, math.inf
+        heap, now = self._heap, self._loop.time()
+        while heap and heap[0].when <= now:
+            timer = heapq.heappop(heap)
+            callback, args = timer.callback, timer.args
+            if callback is None:
+                self._cancelled -= 1
+                continue
+            timer.callback, timer.args = None, ()  # ran: a later cancel() is a no-op
+            try:
+                callback(*args)
+            except Exception:
+                logger.exception("timer callback %r failed", callback)
+        if heap:
+            self._arm(heap[0].when)
+
+
+_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = weakref.WeakKeyDictionary()
+
+
+def loop_timers() -> Timers:
+    """The running loop's ``Timers``."""
+    loop = asyncio.get_running_loop()
+    timers = _timers.get(loop)
+    if timers is None:
+        timers = _timers[loop] = Timers(loop)
+    return timers

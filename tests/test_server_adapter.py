@@ -1,0 +1,202 @@
+"""The server adapter (gateway/server/): what it takes from uvicorn, and when it does not.
+
+The gateway's protocols extend private uvicorn API and copy two of its methods. A
+uvicorn release that changes them must fail here, by name, rather than somewhere in
+a connection's life: the copied methods' sources are compared with what was copied,
+the extended ones must exist, and pyproject.toml pins uvicorn to the releases the
+suite passed on. Outside that range, or with ``GATEWAY_RAW_WRITES=false``, the
+gateway runs on uvicorn's stock protocols, and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import logging
+import re
+import textwrap
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from gateway.server import http, ports, websocket
+from gateway.server.http import DetachableCycle, GatewayHttpToolsProtocol
+from gateway.server.options import UVICORN_TESTED, is_tested, server_choice, uvicorn_options
+from gateway.server.websocket import GatewayWebSocketProtocol
+from gateway.settings import Settings
+from tests.conftest import SECRET, RunningServer
+from tests.helpers import api_client, api_publish, ws_client
+from tests.procs import GatewayProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EXTENDED = {
+    # What the gateway overrides or calls, and whose uvicorn behaviour it relies on.
+    WebSocketsSansIOProtocol: [
+        "run_asgi",
+        "send",
+        "receive",
+        "handle_connect",
+        "handle_parser_exception",
+        "start_keepalive",
+        "stop_keepalive",
+        "keepalive_timeout",
+        "send_500_response",
+    ],
+    HttpToolsProtocol: ["_start_asgi_task", "on_headers_complete", "connection_lost"],
+    RequestResponseCycle: ["run_asgi", "send", "send_500_response"],
+}
+ATTRIBUTES = {
+    # Instance state the subclasses read or replace (set in __init__ / connection_made).
+    WebSocketsSansIOProtocol: [
+        "queue",
+        "writable",
+        "close_sent",
+        "disconnected",
+        "close_timer",
+        "handshake_complete",
+        "pending_ping_payload",
+        "ping_sent_at",
+        "ping_interval",
+        "ping_timeout",
+        "conn",
+    ],
+}
+COPIED = {**websocket.COPIED_FROM_UVICORN, **http.COPIED_FROM_UVICORN}
+
+
+def fingerprint(function: Callable[..., Any]) -> str:
+    source = textwrap.dedent(inspect.getsource(function))
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def uvicorn_attribute(path: str) -> Any:
+    module, _, qualname = path.partition(":")
+    found: Any = importlib.import_module(module)
+    for name in qualname.split("."):
+        found = getattr(found, name)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(COPIED))
+def test_the_methods_copied_from_uvicorn_are_unchanged_there(path: str) -> None:
+    now = fingerprint(uvicorn_attribute(path))
+    assert now == COPIED[path], (
+        f"uvicorn {uvicorn.__version__} changed {path}, which gateway/server/ copied: "
+        "bring its changes into the copy, then record the new fingerprint and widen the "
+        "tested range (UVICORN_TESTED, pyproject.toml) once the whole suite passes"
+    )
+
+
+def test_copies_are_recorded_for_both_protocols() -> None:
+    assert sorted(COPIED) == [
+        "uvicorn.protocols.http.httptools_impl:RequestResponseCycle.run_asgi",
+        "uvicorn.protocols.websockets.websockets_sansio_impl:WebSocketsSansIOProtocol.run_asgi",
+    ]
+
+
+@pytest.mark.parametrize("base", list(EXTENDED), ids=lambda c: c.__name__)
+def test_the_methods_the_gateway_extends_are_there(base: type) -> None:
+    missing = [name for name in EXTENDED[base] if not callable(getattr(base, name, None))]
+    assert missing == [], f"uvicorn's {base.__name__} lacks {missing}"
+
+
+def test_the_websocket_state_the_gateway_uses_is_set_up_by_uvicorn() -> None:
+    source = inspect.getsource(WebSocketsSansIOProtocol.__init__)
+    missing = [
+        name for name in ATTRIBUTES[WebSocketsSansIOProtocol] if f"self.{name}" not in source
+    ]
+    assert missing == [], f"uvicorn's WebSocketsSansIOProtocol no longer sets {missing}"
+
+
+def test_the_cycle_and_protocols_are_the_gateways_subclasses() -> None:
+    assert issubclass(DetachableCycle, RequestResponseCycle)
+    assert issubclass(GatewayHttpToolsProtocol, HttpToolsProtocol)
+    assert issubclass(GatewayWebSocketProtocol, WebSocketsSansIOProtocol)
+    # The cycle's class is swapped in place: it must not add instance layout.
+    assert "__slots__" not in vars(DetachableCycle)
+    assert not hasattr(RequestResponseCycle, "__slots__")
+
+
+def test_pyproject_pins_uvicorn_to_the_tested_releases() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [requirement] = [r for r in project["dependencies"] if r.startswith("uvicorn")]
+    (low, high) = UVICORN_TESTED
+    assert re.sub(r"\s", "", requirement.split(";")[0]) == (
+        f"uvicorn[standard]>={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+    )
+    assert is_tested(uvicorn.__version__), "the installed uvicorn is outside the pinned range"
+
+
+# --------------------------------------------------------------------------- choosing a mode
+
+
+def test_raw_writes_installs_the_gateways_protocols() -> None:
+    settings = Settings(jwt_secret=SECRET, raw_writes=True)
+    choice = server_choice(settings)
+    options = uvicorn_options(settings, choice)
+    assert options["ws"] is GatewayWebSocketProtocol
+    assert options["http"] is GatewayHttpToolsProtocol
+    assert options["ws_max_size"] == settings.max_message_bytes
+    assert choice.fallbacks == [] and "gateway's protocols" in choice.summary
+
+
+def test_raw_writes_off_is_stock_uvicorn() -> None:
+    settings = Settings(jwt_secret=SECRET, raw_writes=False)
+    choice = server_choice(settings)
+    options = uvicorn_options(settings, choice)
+    assert options["ws"] == "websockets-sansio" and options["http"] == "httptools"
+    # The app refuses what is over GATEWAY_MAX_MESSAGE_BYTES, with the contract's reason.
+    assert options["ws_max_size"] > settings.max_message_bytes
+    assert choice.fallbacks == [] and "GATEWAY_RAW_WRITES=false" in choice.summary
+
+
+@pytest.mark.parametrize("version", ["0.51.0", "0.56.0", "1.0.0"])
+def test_an_untested_uvicorn_falls_back_to_stock_and_says_why(version: str) -> None:
+    settings = Settings(jwt_secret=SECRET)
+    choice = server_choice(settings, uvicorn_version=version)
+    assert uvicorn_options(settings, choice)["ws"] == "websockets-sansio"
+    [fallback] = choice.fallbacks
+    assert f"uvicorn {version} is outside" in fallback
+
+
+def test_without_httptools_http_falls_back_to_h11_and_says_so() -> None:
+    settings = Settings(jwt_secret=SECRET)
+    choice = server_choice(settings, httptools=False)
+    options = uvicorn_options(settings, choice)
+    assert options["http"] == "h11" and options["ws"] is GatewayWebSocketProtocol
+    assert any("h11" in fallback for fallback in choice.fallbacks)
+
+
+async def test_python_m_gateway_logs_the_server_mode_at_start() -> None:
+    for raw, expected in (("true", "with the gateway's protocols"), ("false", "stock protocols")):
+        proc = GatewayProcess(env={"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_RAW_WRITES": raw})
+        try:
+            await proc.wait_ready()
+            assert expected in proc.output(), proc.output()
+        finally:
+            proc.stop()
+
+
+@pytest.mark.gateway_protocols
+async def test_a_server_without_raw_ports_is_a_logged_fallback_to_asgi(
+    make_server: Callable[..., Awaitable[RunningServer]],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GATEWAY_RAW_WRITES on, but the server offers no raw port (uvicorn's own protocol)."""
+    monkeypatch.setattr(ports, "_warned", set())  # each fallback is logged once per process
+    server = await make_server(uvicorn_options={"ws": "websockets-sansio"})
+    with caplog.at_level(logging.WARNING, logger="gateway.server.ports"):
+        async with ws_client(server) as client, api_client(server) as http:
+            await client.subscribe("fallback")
+            await api_publish(http, "fallback", {"n": 1})
+            assert len(await client.publications("fallback", 1)) == 1
+    assert "offers no raw WebSocket port: writing through ASGI" in caplog.text

@@ -1,0 +1,71 @@
+"""gateway.wire: every encoding of a push is built once and shared, and what the ports over
+ASGI unwrap is exactly what was wrapped."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from websockets.frames import Frame, Opcode
+
+from channels.publication import Batch, PresenceEvent, Publication, StreamPosition
+from gateway import cursor, wire
+
+
+def publication(offset: int = 1, data: bytes = b'{"x":1}', channel: str = "c") -> Publication:
+    return Publication(channel, offset, "e1", data, published_at=1.0)
+
+
+def test_a_push_is_its_contract_json_encoded_once() -> None:
+    pub = publication()
+    encoded = wire.push_json(pub)
+    assert orjson.loads(encoded) == {"channel": "c", "offset": 1, "epoch": "e1", "data": {"x": 1}}
+    assert wire.push_json(pub) is encoded
+    event = PresenceEvent("chat:a", "join", b'{"client":"c-1","user":"u","info":{}}')
+    assert orjson.loads(wire.push_json(event)) == {
+        "channel": "chat:a",
+        "event": "join",
+        "client": {"client": "c-1", "user": "u", "info": {}},
+    }
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_is_what_websockets_serializes(size: int) -> None:
+    payload = b"x" * size
+    assert wire.text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+def test_frames_are_built_once_per_message_and_batch() -> None:
+    pubs = [publication(n) for n in (1, 2, 3)]
+    frame = wire.ws_frames(pubs[0])
+    assert frame == wire.text_frame(wire.push_json(pubs[0]))
+    assert wire.ws_frames(pubs[0]) is frame
+    batch = Batch(list(pubs))
+    frames = wire.ws_frames(batch)
+    assert frames == b"".join(wire.ws_frames(p) for p in pubs)
+    assert wire.ws_frames(batch) is frames
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 125, 126], [65535, 65536, 3], [70000, 0, 200]])
+def test_text_payloads_unwrap_consecutive_frames(sizes: list[int]) -> None:
+    payloads = [bytes([65 + n % 26]) * size for n, size in enumerate(sizes)]
+    joined = b"".join(wire.text_frame(p) for p in payloads)
+    assert list(wire.text_payloads(joined)) == payloads
+
+
+def test_chunks_never_hold_a_terminator_and_unwrap_exactly() -> None:
+    assert wire.frame_chunk(b"x" * 300) == b"12c\r\n" + b"x" * 300 + b"\r\n"
+    assert wire.frame_chunk(b"") == b""
+    parts = [b"a", b"\r\n\r\n", b"y" * 4097]
+    assert wire.chunk_payloads(b"".join(wire.frame_chunk(p) for p in parts)) == b"".join(parts)
+
+
+def test_a_one_channel_event_and_chunk_are_built_once() -> None:
+    pub = publication(7)
+    event = wire.single_sse(pub)
+    position = cursor.encode({"c": StreamPosition(7, "e1")})
+    assert event == b"id: %s\ndata: %s\n\n" % (position.encode(), wire.push_json(pub))
+    chunk = wire.single_chunk(pub)
+    assert chunk == wire.frame_chunk(event) and wire.single_chunk(pub) is chunk
+    join = PresenceEvent("c", "join", b"{}")
+    batch = Batch([pub, join])
+    assert wire.single_chunk(batch) == wire.frame_chunk(event + wire.sse_presence(join))
