@@ -1,4 +1,5 @@
-"""The local fan-out hub: one broker subscription per channel per worker.
+"""The local fan-out hub: one broker subscription per channel per worker, the only user
+of the worker's ``Backend`` (its broker, presence store and signals).
 
 Delivery rules, for each session and channel:
 
@@ -22,7 +23,7 @@ When the broker says it may have missed messages (``on_resync``, or an offset
 gap seen on a channel), the channel is recovered from history the same way.
 
 The delivery itself (the hot path) is ``channels.fanout``, which ``Hub`` extends with
-who joins and leaves.
+who joins and leaves; presence is ``channels.presence``.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from channels.broker import Broker, BrokerUnavailable, HistoryPage
+from channels.broker import Backend, BrokerUnavailable, HistoryPage, Signals
 from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
+from channels.presence import Presence
 from channels.publication import Publication, StreamPosition, compact
 from channels.session import Gap, Session
 
@@ -50,29 +52,36 @@ class SubscribeResult:
 
 
 class Hub(Fanout):
+    """One worker's channels over a ``Backend``, which only the hub touches."""
+
     def __init__(
         self,
-        broker: Broker,
+        backend: Backend,
         *,
         presence_enabled: Callable[[str], bool],
         presence_ttl: float = 30.0,
         max_channels_per_session: int = 128,
     ) -> None:
-        super().__init__(broker)
-        self.presence_enabled = presence_enabled
-        self.presence_ttl = presence_ttl
+        super().__init__(backend.broker)
+        self._signals = backend.signals
         self.max_channels_per_session = max_channels_per_session
         self.sessions: set[Session] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._presence = Presence(
+            backend.presence,
+            backend.broker,
+            self._channels,
+            enabled=presence_enabled,
+            ttl=presence_ttl,
+        )
         self._locks = [asyncio.Lock() for _ in range(64)]
-        self._signal_handlers: list[Callable[[bytes], None]] = []
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._broker.start(self._on_message, self._on_resync, self._on_signal)
-        self._spawn(self._refresh_presence_forever(), "presence-refresh")
+        await self._broker.start(self._on_message, self._on_resync)
+        self._spawn(self._presence.refresh_forever(), "presence-refresh")
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -81,20 +90,23 @@ class Hub(Fanout):
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._broker.close()
 
-    def on_signal(self, handler: Callable[[bytes], None]) -> None:
-        """Have ``handler`` called with every signal between workers (``broker.signal``)."""
-        self._signal_handlers.append(handler)
-
-    def _on_signal(self, data: bytes) -> None:
-        for handler in self._signal_handlers:
-            try:
-                handler(data)
-            except Exception:
-                logger.exception("signal handler %r failed", handler)
+    async def ready(self) -> bool:
+        """The broker is reachable (for ``/readyz``)."""
+        return await self._broker.ready()
 
     @property
-    def broker(self) -> Broker:
-        return self._broker
+    def reconnects(self) -> int:
+        """How many times the broker reconnected (for metrics)."""
+        return self._broker.reconnects
+
+    @property
+    def signals(self) -> Signals:
+        """Between workers: the LLM relays' cross-worker cancel and registry."""
+        return self._signals
+
+    async def has_subscribers(self, channel: str) -> bool:
+        """Whether any worker of the cluster is subscribed to ``channel`` right now."""
+        return await self._broker.has_subscribers(channel)
 
     @property
     def channel_count(self) -> int:
@@ -151,12 +163,12 @@ class Hub(Fanout):
             lc = self._channels[channel] = LocalChannel(channel)
         join = lc.joining[session] = Join()
         session.channels.add(channel)
-        presence = self.presence_enabled(channel)
+        presence = self._presence.enabled(channel)
         try:
             if not lc.upstream:
                 await self._ensure_upstream(lc)
             if presence:
-                await self._broker.presence_add(channel, session.client_id, session.presence_entry)
+                await self._presence.add(channel, session)
             page = await self._broker.history(channel, since=since, limit=None if since else 0)
         except BaseException:
             self._drop(session, lc)
@@ -198,7 +210,7 @@ class Hub(Fanout):
         else:
             lc.catching_up[session] = last
         if presence:
-            self._spawn(self._announce(channel, "join", session.presence_entry), "join")
+            self._spawn(self._presence.announce(channel, "join", session.presence_entry), "join")
         return result
 
     async def _ensure_upstream(self, lc: LocalChannel) -> None:
@@ -231,19 +243,12 @@ class Hub(Fanout):
             return False
         self._drop(session, lc)
         try:
-            if self.presence_enabled(channel):
-                await self._broker.presence_remove(channel, session.client_id)
-                await self._announce(channel, "leave", session.presence_entry)
+            if self._presence.enabled(channel):
+                await self._presence.leave(channel, session)
         finally:
             if not lc:
                 await self._release_upstream(lc)
         return True
-
-    async def _announce(self, channel: str, event: str, entry: bytes) -> None:
-        try:
-            await self._broker.publish_event(channel, event, entry)
-        except BrokerUnavailable:
-            logger.warning("could not announce %s on %s: broker unavailable", event, channel)
 
     # -- publish, history, presence ----------------------------------------------
 
@@ -258,32 +263,6 @@ class Hub(Fanout):
         return await self._broker.history(channel, since=since, limit=limit)
 
     async def presence(self, channel: str) -> list[bytes]:
-        if not self.presence_enabled(channel):
-            raise SubscribeError("not_found", f"presence is not enabled on {channel}")
-        return await self._broker.presence(channel)
-
-    async def _refresh_presence_forever(self) -> None:
-        """Re-add local clients' presence entries so they outlive the broker's TTL, and
-        expire other workers' stale ones (a dead worker's clients get their ``leave``).
-
-        An entry that had to be added again (it expired: the broker was unreachable
-        for a while, or was flushed) is announced with a ``join`` again.
-        """
-        while True:
-            await asyncio.sleep(self.presence_ttl / 3)
-            for lc in list(self._channels.values()):
-                if not self.presence_enabled(lc.name):
-                    continue
-                try:
-                    for session in [*lc.live, *lc.catching_up]:
-                        entry = session.presence_entry
-                        if not await self._broker.presence_add(lc.name, session.client_id, entry):
-                            continue
-                        if session in lc.live or session in lc.catching_up:
-                            await self._announce(lc.name, "join", entry)
-                        else:  # it left while this was in flight: undo the re-add
-                            await self._broker.presence_remove(lc.name, session.client_id)
-                    await self._broker.presence_expire(lc.name)
-                except BrokerUnavailable:
-                    # Try again next round: the entries come back once the broker does.
-                    logger.debug("presence refresh of %s: broker unavailable", lc.name)
+        """The channel's presence entries; ``SubscribeError`` ``not_found`` when the channel
+        has no presence."""
+        return await self._presence.list(channel)

@@ -12,7 +12,7 @@ import httpx
 
 from auth import PatternSet, TokenVerifier
 from auth.tokens import make_token, new_dev_secret
-from channels.broker import BrokerOptions, create_broker
+from channels.broker import BrokerOptions, create_backend
 from channels.hub import Hub
 from channels.session import Session
 from gateway.errors import CloseCode
@@ -51,7 +51,7 @@ class Gateway:
             secret=secret, public_key=settings.jwt_public_key, leeway=settings.jwt_leeway
         )
         self.origins = settings.origins
-        broker = create_broker(
+        backend = create_backend(
             settings.broker_url,
             BrokerOptions(
                 history_size=settings.history_size,
@@ -62,7 +62,7 @@ class Gateway:
             ),
         )
         self.hub = Hub(
-            broker,
+            backend,
             presence_enabled=PatternSet(settings.presence_patterns),
             presence_ttl=settings.presence_ttl,
             max_channels_per_session=settings.max_channels_per_connection,
@@ -85,7 +85,7 @@ class Gateway:
         Gateway.instances.add(self)
 
     def broker_reconnects(self) -> int:
-        return int(getattr(self.hub.broker, "reconnects", 0))
+        return self.hub.reconnects
 
     def origin_allowed(self, origin: str | None) -> bool:
         """No ``Origin`` header means not a browser: allowed."""

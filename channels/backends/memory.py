@@ -1,4 +1,4 @@
-"""``memory://``: the embedded broker for one process.
+"""``memory://``: the embedded backend for one process.
 
 Offsets are assigned and fanned out synchronously inside ``publish`` (no await
 between the two), so the handler sees each channel's publications in offset
@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from channels.broker import (
+    Backend,
     BrokerOptions,
     HistoryPage,
     MessageHandler,
@@ -29,6 +30,11 @@ from channels.broker import (
 from channels.publication import PresenceEvent, Publication, StreamPosition
 
 logger = logging.getLogger(__name__)
+
+
+def create(url: str, options: BrokerOptions) -> Backend:
+    signals = MemorySignals()
+    return Backend(MemoryBroker(options, signals), MemoryPresence(), signals)
 
 
 def new_epoch() -> str:
@@ -44,31 +50,27 @@ class _Stream:
 
 
 class MemoryBroker:
-    def __init__(self, url: str = "memory://", options: BrokerOptions | None = None) -> None:
-        self._options = options or BrokerOptions()
+    reconnects = 0  # nothing to reconnect to
+
+    def __init__(self, options: BrokerOptions, signals: MemorySignals) -> None:
+        self._options = options
+        self._signals = signals
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
-        self._presence: dict[str, dict[str, bytes]] = {}
         self._on_message: MessageHandler | None = None
-        self._on_signal: SignalHandler | None = None
-        self._registry: dict[str, tuple[bytes, float]] = {}  # key -> (value, expires)
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(
-        self,
-        on_message: MessageHandler,
-        on_resync: ResyncHandler,
-        on_signal: SignalHandler | None = None,
-    ) -> None:
+    async def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> None:
         self._on_message = on_message
-        self._on_signal = on_signal
+        self._signals.started = True
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="memory-broker-sweeper")
 
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self._on_message = self._on_signal = None
+        self._on_message = None
+        self._signals.started = False
 
     async def ready(self) -> bool:
         return True
@@ -112,6 +114,9 @@ class MemoryBroker:
     async def unsubscribe(self, channel: str) -> None:
         self._subscribed.discard(channel)
 
+    async def has_subscribers(self, channel: str) -> bool:
+        return channel in self._subscribed
+
     async def history(
         self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
     ) -> HistoryPage:
@@ -135,38 +140,63 @@ class MemoryBroker:
         end = len(kept) if limit is None else min(len(kept), start + limit)
         return HistoryPage([kept[i] for i in range(start, end)], position)
 
-    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> bool:
+    async def _sweep_forever(self) -> None:
+        """Free the history of idle channels so memory stays bounded."""
+        interval = min(60.0, max(self._options.history_ttl / 2, 0.05))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for channel, stream in list(self._streams.items()):
+                if now - stream.last_publish > self._options.history_ttl:
+                    self._expire(channel, stream)
+            self._signals.sweep(now)
+
+
+class MemoryPresence:
+    def __init__(self) -> None:
+        self._presence: dict[str, dict[str, bytes]] = {}
+
+    async def add(self, channel: str, client_id: str, entry: bytes) -> bool:
         clients = self._presence.setdefault(channel, {})
         added = client_id not in clients
         clients[client_id] = entry
         return added
 
-    async def presence_expire(self, channel: str) -> None:
+    async def expire(self, channel: str) -> None:
         """Nothing expires here: one process, whose clients leave when they disconnect."""
 
-    async def presence_remove(self, channel: str, client_id: str) -> None:
+    async def remove(self, channel: str, client_id: str) -> None:
         clients = self._presence.get(channel)
         if clients is not None:
             clients.pop(client_id, None)
             if not clients:
                 del self._presence[channel]
 
-    async def presence(self, channel: str) -> list[bytes]:
+    async def list(self, channel: str) -> list[bytes]:
         return list(self._presence.get(channel, {}).values())
 
-    async def has_subscribers(self, channel: str) -> bool:
-        return channel in self._subscribed
+
+class MemorySignals:
+    def __init__(self) -> None:
+        self.started = False  # set by the broker
+        self._handlers: list[SignalHandler] = []
+        self._registry: dict[str, tuple[bytes, float]] = {}  # key -> (value, expires)
+
+    def listen(self, handler: SignalHandler) -> None:
+        self._handlers.append(handler)
 
     async def signal(self, data: bytes) -> None:
-        if self._on_signal is not None:  # later, as from another worker
-            asyncio.get_running_loop().call_soon(self._deliver_signal, data)
+        if self.started:  # later, as from another worker
+            asyncio.get_running_loop().call_soon(self._deliver, data)
 
-    def _deliver_signal(self, data: bytes) -> None:
-        if self._on_signal is not None:
+    def _deliver(self, data: bytes) -> None:
+        if not self.started:
+            return
+        for handler in self._handlers:
             try:
-                self._on_signal(data)
+                handler(data)
             except Exception:
-                logger.exception("signal handler failed")
+                logger.exception("signal handler %r failed", handler)
 
     async def register(self, key: str, value: bytes, ttl: float) -> None:
         self._registry[key] = (value, time.monotonic() + ttl)
@@ -183,15 +213,7 @@ class MemoryBroker:
     async def unregister(self, key: str) -> None:
         self._registry.pop(key, None)
 
-    async def _sweep_forever(self) -> None:
-        """Free the history of idle channels so memory stays bounded."""
-        interval = min(60.0, max(self._options.history_ttl / 2, 0.05))
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for channel, stream in list(self._streams.items()):
-                if now - stream.last_publish > self._options.history_ttl:
-                    self._expire(channel, stream)
-            for key, (_, expires) in list(self._registry.items()):
-                if expires <= now:
-                    del self._registry[key]
+    def sweep(self, now: float) -> None:
+        for key, (_, expires) in list(self._registry.items()):
+            if expires <= now:
+                del self._registry[key]
