@@ -1,20 +1,22 @@
 """What only the Redis backend has to do (the shared contracts are tests/test_contract_*.py):
 several workers sharing one sequence, surviving a lost pub/sub connection or a Redis
 restart, failing fast while Redis is down, presence expiring when a worker dies, its key
-layout and its connection pool."""
+layout, its connection pool, and its Lua scripts read once."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from channels.backends import redis as redis_backend
-from channels.backends.redis import Connection, RedisBroker, connection
+from channels.backends.redis import Connection, RedisBroker, connection, scripts
 from channels.broker import BrokerOptions, BrokerUnavailable
 from channels.publication import StreamPosition
 from tests.conftest import eventually
@@ -387,3 +389,31 @@ async def test_a_burst_bigger_than_the_pool_waits_for_connections(
         assert 1 < len(connections) <= 3
     finally:
         await broker.close()
+
+
+async def test_each_lua_file_is_read_once_however_many_backends(
+    monkeypatch: pytest.MonkeyPatch, redis_prefix: str
+) -> None:
+    """The scripts are read from the package's .lua files (so an installed wheel needs
+    them: pyproject.toml's package-data) once per process, not once per backend."""
+    scripts.source.cache_clear()
+    scripts._part.cache_clear()
+    reads: Counter[str] = Counter()
+    read_file = scripts._read_file
+
+    def counting(name: str) -> str:
+        reads[name] += 1
+        return read_file(name)
+
+    monkeypatch.setattr(scripts, "_read_file", counting)
+    backends = [
+        redis_backend.create("redis://127.0.0.1:1/0", BrokerOptions(key_prefix=redis_prefix))
+        for _ in range(3)
+    ]
+    package = resources.files("channels.backends.redis")
+    lua_files = {entry.name for entry in package.iterdir() if entry.name.endswith(".lua")}
+    assert dict(reads) == dict.fromkeys(lua_files, 1)
+    shas = {b.broker._scripts.publish.sha for b in backends}  # type: ignore[attr-defined]
+    assert len(shas) == 1
+    for backend in backends:
+        await backend.broker.close()

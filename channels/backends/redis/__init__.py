@@ -4,7 +4,7 @@ hiredis).
 * ``connection``: the command pool and the one pub/sub reader of a worker (reconnects,
   resubscribes, routes each topic's messages to its handler);
 * ``keys``: the key schema and pub/sub payloads;
-* ``scripts``: the Lua scripts (publish, history and presence), each atomic;
+* ``scripts`` and the ``.lua`` files: publish, history and presence, each atomic;
 * ``broker``, ``presence``, ``signals``: the three protocols of ``channels.broker``.
 
 Delivery guarantees:
