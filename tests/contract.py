@@ -1,10 +1,10 @@
 """What the contract suites (tests/test_contract_*.py) share.
 
-Each contract test runs over every backend (``backend_url`` is parametrized), as uvicorn
-runs its WebSocket tests over each implementation. A test gets fresh backends: the
-memory one, or the session's redis-server (tests/redis_server.py) under a unique key
-prefix. ``make_worker`` creates a backend, as one worker of a cluster would, and closes
-it at teardown; a test may create several (memory ones share nothing).
+Each contract test runs unchanged over every backend (``backend_url`` is parametrized),
+as uvicorn runs its WebSocket tests over each implementation. A test gets a namespace of
+its own: ``memory://<unique name>``, or the session's redis-server (tests/redis_server.py)
+under a unique key prefix. ``make_worker`` creates a backend on it, as one worker of a
+cluster would, and closes it at teardown; a test may create several.
 
 The fixtures are made visible to every test module by tests/conftest.py.
 """
@@ -75,17 +75,18 @@ MakeWorker = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend_url(request: pytest.FixtureRequest) -> str:
-    """The memory backend, or the session's Redis (keys kept apart by ``redis_prefix``)."""
+def backend_url(request: pytest.FixtureRequest, redis_prefix: str) -> str:
+    """This test's namespace: a memory namespace of its own, or the session's Redis (keys
+    kept apart by ``redis_prefix``)."""
     if request.param == "memory":
-        return "memory://"
+        return f"memory://{redis_prefix}"
     assert request.param == "redis"
     return str(request.getfixturevalue("redis_server").url)
 
 
 @pytest.fixture
 async def make_worker(backend_url: str, redis_prefix: str) -> AsyncIterator[MakeWorker]:
-    """Backends of this test (like the workers of one deployment, on Redis), listening
+    """Backends of this test's namespace (like the workers of one deployment), listening
     to signals and started unless told otherwise, closed at teardown."""
     opened: list[Worker] = []
 

@@ -1,5 +1,5 @@
-"""The ``Broker`` contract, run over every backend (tests/contract.py): offsets, history,
-fan-out to the subscribed channels."""
+"""The ``Broker`` contract, run unchanged over every backend (tests/contract.py): offsets,
+history, fan-out to the workers subscribed to a channel."""
 
 from __future__ import annotations
 
@@ -94,6 +94,27 @@ async def test_subscribed_channels_reach_the_handler_in_order(
     assert received.publications("other") == []
 
 
+async def test_workers_share_one_gapless_sequence_and_all_see_it_in_order(
+    make_worker: MakeWorker,
+) -> None:
+    workers = [await make_worker() for _ in range(3)]
+    for worker in workers:
+        await worker.broker.subscribe("c")
+
+    async def publish_many(worker: Worker, n: int) -> list[int]:
+        return [(await worker.broker.publish("c", b"%d" % i)).offset for i in range(n)]
+
+    results = await asyncio.gather(*(publish_many(w, 200) for w in workers))
+    assigned = sorted(offset for offsets in results for offset in offsets)
+    assert assigned == list(range(1, 601))
+    for worker in workers:
+        sink = worker.received
+        await eventually(lambda sink=sink: len(sink.publications("c")) == 600)  # type: ignore[misc]
+        assert [p.offset for p in sink.publications("c")] == list(range(1, 601))
+        assert len({p.epoch for p in sink.publications("c")}) == 1
+        assert (await worker.broker.history("c", limit=1)).position.offset == 600
+
+
 async def test_unsubscribe_stops_delivery(broker: Broker, received: Received) -> None:
     await broker.subscribe("c")
     await broker.publish("c", b"1")
@@ -106,13 +127,17 @@ async def test_unsubscribe_stops_delivery(broker: Broker, received: Received) ->
     assert len(received.publications("c")) == 1
 
 
-async def test_presence_events_are_delivered_but_not_stored(
-    broker: Broker, received: Received
+async def test_presence_events_reach_every_subscribed_worker_but_are_not_stored(
+    make_worker: MakeWorker, broker: Broker, received: Received
 ) -> None:
+    other = await make_worker()
     await broker.subscribe("chat:x")
+    await other.broker.subscribe("chat:x")
     await broker.publish_event("chat:x", "join", b'{"client":"c-1","user":"u","info":{}}')
-    events = await eventually(received.events)
-    assert events[0].event == "join" and events[0].channel == "chat:x"
+    for sink in (received, other.received):
+        events = await eventually(sink.events)
+        assert [(e.channel, e.event) for e in events] == [("chat:x", "join")]
+        assert events[0].client == b'{"client":"c-1","user":"u","info":{}}'
     assert (await broker.history("chat:x")).publications == []
 
 
@@ -169,5 +194,16 @@ async def test_has_subscribers_follows_subscribe_and_unsubscribe(broker: Broker)
     await broker.unsubscribe("watched")
     deadline = asyncio.get_running_loop().time() + 5
     while await broker.has_subscribers("watched"):
+        assert asyncio.get_running_loop().time() < deadline, "still subscribed"
+        await asyncio.sleep(0.02)
+
+
+async def test_has_subscribers_counts_every_worker(make_worker: MakeWorker) -> None:
+    here, there = await make_worker(), await make_worker()
+    await there.broker.subscribe("watched")
+    assert await here.broker.has_subscribers("watched")
+    await there.broker.close()  # a worker that is gone subscribes to nothing
+    deadline = asyncio.get_running_loop().time() + 5
+    while await here.broker.has_subscribers("watched"):
         assert asyncio.get_running_loop().time() < deadline, "still subscribed"
         await asyncio.sleep(0.02)

@@ -1,5 +1,5 @@
-"""The ``Signals`` contract, run over every backend (tests/contract.py): a broadcast to
-every started worker and a registry of keys, never seen by clients."""
+"""The ``Signals`` contract, run unchanged over every backend (tests/contract.py): a
+broadcast to every started worker and a registry of keys, never seen by clients."""
 
 from __future__ import annotations
 
@@ -12,26 +12,43 @@ ONE, TWO = b'{"op":"x","n":1}', b'{"op":"x","n":2}'
 
 
 async def test_a_signal_reaches_every_started_worker_but_no_channel(
-    make_worker: MakeWorker, backend_url: str
+    make_worker: MakeWorker,
 ) -> None:
-    here = await make_worker()
+    here, there = await make_worker(), await make_worker()
     await here.broker.subscribe("c")
-    workers = [here]
-    if not backend_url.startswith("memory"):  # one process: no other worker to reach
-        workers.append(await make_worker())
+    await there.broker.subscribe("c")
     await here.signals.signal(ONE)
     await here.signals.signal(TWO)
-    for worker in workers:
+    for worker in (here, there):
         await eventually(lambda w=worker: len(w.received.signals) == 2)  # type: ignore[misc]
         assert worker.received.signals == [ONE, TWO]
-    assert all(worker.received.messages == [] for worker in workers)
+    assert here.received.messages == [] and there.received.messages == []
 
 
-async def test_registry_keys_are_shared_refreshed_and_expire(
-    make_worker: MakeWorker, backend_url: str
+async def test_listening_before_or_after_the_start_both_hear_every_signal(
+    make_worker: MakeWorker,
 ) -> None:
-    a = (await make_worker()).signals
-    b = a if backend_url.startswith("memory") else (await make_worker()).signals
+    before = await make_worker(start=False)  # listens, then starts
+    await before.start()
+    after = await make_worker(listen=False)  # starts, then listens
+    after.listen()
+    await after.signals.signal(ONE)
+    for worker in (before, after):
+        await eventually(lambda w=worker: w.received.signals == [ONE])  # type: ignore[misc]
+
+
+async def test_a_closed_worker_hears_no_more_signals(make_worker: MakeWorker) -> None:
+    here, gone = await make_worker(), await make_worker()
+    await gone.broker.close()
+    await here.signals.signal(ONE)
+    await eventually(lambda: here.received.signals == [ONE])
+    await here.signals.signal(TWO)  # a marker: what was sent before it has arrived
+    await eventually(lambda: here.received.signals == [ONE, TWO])
+    assert gone.received.signals == []
+
+
+async def test_registry_keys_are_shared_refreshed_and_expire(make_worker: MakeWorker) -> None:
+    a, b = (await make_worker()).signals, (await make_worker()).signals
     assert await b.lookup("relay:s-1") is None
     await a.register("relay:s-1", b"gen:1", 0.4)
     assert await b.lookup("relay:s-1") == b"gen:1"

@@ -1,7 +1,6 @@
 """What only the Redis backend has to do (the shared contracts are tests/test_contract_*.py):
-several workers sharing one sequence, surviving a lost pub/sub connection or a Redis
-restart, failing fast while Redis is down, presence expiring when a worker dies, its key
-layout, its connection pool, and its Lua scripts read once."""
+surviving a lost pub/sub connection or a Redis restart, failing fast while Redis is down,
+its key layout, its connection pool, and its Lua scripts read once."""
 
 from __future__ import annotations
 
@@ -95,26 +94,6 @@ async def start_own_worker(
     yield make
     for worker in opened:
         await worker.broker.close()
-
-
-async def test_workers_share_one_gapless_sequence_and_all_see_it_in_order(
-    start_worker: MakeWorker,
-) -> None:
-    workers = [await start_worker() for _ in range(3)]
-    for worker in workers:
-        await worker.broker.subscribe("c")
-
-    async def publish_many(worker: Worker, n: int) -> list[int]:
-        return [(await worker.broker.publish("c", b"%d" % i)).offset for i in range(n)]
-
-    results = await asyncio.gather(*(publish_many(w, 200) for w in workers))
-    assigned = sorted(offset for offsets in results for offset in offsets)
-    assert assigned == list(range(1, 601))
-    for worker in workers:
-        sink = worker.received
-        await eventually(lambda sink=sink: len(sink.publications("c")) == 600)  # type: ignore[misc]
-        assert [p.offset for p in sink.publications("c")] == list(range(1, 601))
-        assert len({p.epoch for p in sink.publications("c")}) == 1
 
 
 async def test_subscribe_returns_once_redis_confirmed_it(
@@ -271,23 +250,6 @@ async def test_a_silent_pubsub_connection_is_detected_by_ping(
     await eventually(lambda: worker.reconnects >= 1 and worker.received.resyncs >= 1, timeout=10)
     await worker.broker.publish("c", b"1")
     await eventually(lambda: worker.received.publications("c"))
-
-
-async def test_presence_of_a_worker_that_stops_refreshing_expires_within_the_ttl(
-    start_worker: MakeWorker,
-) -> None:
-    dead = await start_worker(presence_ttl=0.5)
-    alive = await start_worker(presence_ttl=0.5)
-    await dead.presence.add("chat:x", "c-dead", b'{"client":"c-dead"}')
-    await alive.presence.add("chat:x", "c-alive", b'{"client":"c-alive"}')
-    assert len(await alive.presence.list("chat:x")) == 2
-    started = time.monotonic()
-    while len(await alive.presence.list("chat:x")) == 2:
-        await alive.presence.add("chat:x", "c-alive", b'{"client":"c-alive"}')  # refresh
-        assert time.monotonic() - started < 3, "stale presence entry did not expire"
-        await asyncio.sleep(0.05)
-    assert time.monotonic() - started >= 0.3
-    assert await alive.presence.list("chat:x") == [b'{"client":"c-alive"}']
 
 
 async def test_keys_are_namespaced_hash_tagged_and_expire(
