@@ -1,10 +1,17 @@
-"""The interface every broker implements, and the factory that picks one by URL.
+"""What a backend provides, as three protocols, and the factory that picks one by URL.
 
-A broker assigns offsets (one sequence per channel for the whole cluster),
-keeps history, fans publications out to every worker that subscribed to a
-channel, and stores presence; between workers it also carries signals and a small
-registry of keys (``signal``, ``register``). The hub is its user, and the LLM relays
-use the signals and registry through ``hub.broker``.
+What varies separately is kept apart (as centrifuge separates its Broker and
+PresenceManager):
+
+* ``Broker``: publications. Assigns offsets (one sequence per channel for the whole
+  cluster), keeps history, fans publications and presence events out to every worker
+  that subscribed to a channel.
+* ``PresenceStore``: who is in a channel, with entries that expire unless refreshed.
+* ``Signals``: between workers, never seen by clients: a broadcast to every worker and a
+  small registry of keys (the LLM relays' cross-worker cancel).
+
+A ``Backend`` is one of each over one connection (``Broker.close`` closes it). The hub
+is their only user inside the gateway; the rest reaches them through the hub.
 
 Delivery guarantee a broker must give to its handler: the publications of one
 channel arrive in offset order. A broker that may have missed some (a lost
@@ -55,19 +62,18 @@ SignalHandler = Callable[[bytes], None]
 
 
 class Broker(Protocol):
-    async def start(
-        self,
-        on_message: MessageHandler,
-        on_resync: ResyncHandler,
-        on_signal: SignalHandler | None = None,
-    ) -> None:
-        """Connect; from now on publications of subscribed channels reach ``on_message``,
-        and every worker's ``signal`` reaches ``on_signal``."""
+    async def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> None:
+        """Connect; from now on publications of subscribed channels reach ``on_message``."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Disconnect, closing the connection shared with presence and signals. Idempotent."""
 
     async def ready(self) -> bool:
         """True when the broker is reachable (for ``/readyz``)."""
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was lost and re-established (for metrics)."""
 
     async def publish(self, channel: str, data: bytes) -> Publication:
         """Assign the next offset, store in history, fan out. Raises ``BrokerUnavailable``."""
@@ -79,32 +85,44 @@ class Broker(Protocol):
 
     async def unsubscribe(self, channel: str) -> None: ...
 
+    async def has_subscribers(self, channel: str) -> bool:
+        """Whether any worker of the cluster is subscribed to ``channel`` right now."""
+
     async def history(
         self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
     ) -> HistoryPage:
         """Without ``since``: the last ``limit`` publications (all kept when None).
         With ``since``: the first ``limit`` publications after it."""
 
-    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> bool:
-        """Add or refresh one client's entry (expires after the presence TTL); True when
-        it was not there (new, or it had expired)."""
 
-    async def presence_expire(self, channel: str) -> None:
+class PresenceStore(Protocol):
+    """Entries expire ``presence_ttl`` after their last ``add`` (their worker refreshes them
+    while the client is there). Every method raises ``BrokerUnavailable``."""
+
+    async def add(self, channel: str, client_id: str, entry: bytes) -> bool:
+        """Add or refresh one client's entry; True when it was not there (new, or it had
+        expired and been removed)."""
+
+    async def remove(self, channel: str, client_id: str) -> None: ...
+
+    async def list(self, channel: str) -> list[bytes]:
+        """The live entries (those whose TTL passed are removed, as by ``expire``)."""
+
+    async def expire(self, channel: str) -> None:
         """Remove the entries whose TTL passed (their worker stopped refreshing them) and
         fan out a ``leave`` for each, once for the whole cluster."""
 
-    async def presence_remove(self, channel: str, client_id: str) -> None: ...
 
-    async def presence(self, channel: str) -> list[bytes]: ...
+class Signals(Protocol):
+    """Between workers: not channels, never seen by clients."""
 
-    async def has_subscribers(self, channel: str) -> bool:
-        """Whether any worker of the cluster is subscribed to ``channel`` right now."""
-
-    # -- between workers: not channels, never seen by clients ------------------------
+    def listen(self, handler: SignalHandler) -> None:
+        """Have ``handler`` called with every signal of the cluster (this worker's own
+        included) while the broker is started; may be called before or after it starts."""
 
     async def signal(self, data: bytes) -> None:
-        """Send ``data`` to the ``on_signal`` of every started broker of the cluster (this
-        one's included), best effort: a worker that is disconnected then misses it.
+        """Send ``data`` to the listeners of every started worker (this one's included),
+        best effort: a worker that is disconnected then misses it.
         Raises ``BrokerUnavailable``."""
 
     async def register(self, key: str, value: bytes, ttl: float) -> None:
@@ -117,17 +135,28 @@ class Broker(Protocol):
     async def unregister(self, key: str) -> None: ...
 
 
-def create_broker(url: str, options: BrokerOptions) -> Broker:
+@dataclass(slots=True, frozen=True)
+class Backend:
+    """One backend's three sides, sharing one connection (``broker.close`` closes it)."""
+
+    broker: Broker
+    presence: PresenceStore
+    signals: Signals
+
+
+# URL scheme -> the module whose ``create(url, options)`` makes the backend.
+_BACKENDS = {
+    "memory": "channels.backends.memory",
+    "redis": "channels.backends.redis",
+    "rediss": "channels.backends.redis",
+}
+
+
+def create_backend(url: str, options: BrokerOptions) -> Backend:
     """Pick the backend by URL scheme; its module is imported only when used."""
     scheme = urlsplit(url).scheme
-    backends = {
-        "memory": ("channels.backends.memory", "MemoryBroker"),
-        "redis": ("channels.backends.redis", "RedisBroker"),
-        "rediss": ("channels.backends.redis", "RedisBroker"),
-    }
-    if scheme not in backends:
+    if scheme not in _BACKENDS:
         raise ValueError(f"unsupported broker URL scheme {scheme!r} (use memory:// or redis://)")
-    module_name, class_name = backends[scheme]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    broker: Broker = cls(url, options)
-    return broker
+    module = importlib.import_module(_BACKENDS[scheme])
+    backend: Backend = module.create(url, options)
+    return backend

@@ -64,7 +64,7 @@ class GatewayCollector(Collector):
         yield CounterMetricFamily(
             "gateway_broker_reconnects",
             "Broker reconnections",
-            int(getattr(hub.broker, "reconnects", 0)),
+            hub.reconnects,
         )
         yield CounterMetricFamily(
             "gateway_recoveries", "Channel recoveries from history", stats.recoveries

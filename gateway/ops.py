@@ -20,7 +20,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(gateway: GatewayDep) -> Response:
     if gateway.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    if not await gateway.hub.broker.ready():
+    if not await gateway.hub.ready():
         return JSONResponse({"status": "broker unavailable"}, status_code=503)
     return JSONResponse({"status": "ready"})
 

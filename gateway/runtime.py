@@ -13,7 +13,7 @@ from typing import Protocol
 
 from auth import PatternSet, TokenVerifier
 from auth.tokens import make_token, new_dev_secret
-from channels.broker import BrokerOptions, create_broker
+from channels.broker import BrokerOptions, create_backend
 from channels.hub import Hub
 from channels.session import Session
 from gateway.connections import Connections
@@ -53,7 +53,7 @@ class Gateway:
             secret=secret, public_key=settings.jwt_public_key, leeway=settings.jwt_leeway
         )
         self.origins = settings.origins
-        broker = create_broker(
+        backend = create_backend(
             settings.broker_url,
             BrokerOptions(
                 history_size=settings.history_size,
@@ -64,7 +64,7 @@ class Gateway:
             ),
         )
         self.hub = Hub(
-            broker,
+            backend,
             presence_enabled=PatternSet(settings.presence_patterns),
             presence_ttl=settings.presence_ttl,
             max_channels_per_session=settings.max_channels_per_connection,

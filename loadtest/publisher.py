@@ -67,12 +67,10 @@ class GatewayBrokerPublisher:
     name = "redis"
 
     def __init__(self, redis_url: str, key_prefix: str, history_size: int = 100) -> None:
-        from channels.backends.redis import RedisBroker
-        from channels.broker import BrokerOptions
+        from channels.broker import BrokerOptions, create_backend
 
-        self._broker = RedisBroker(
-            redis_url, BrokerOptions(key_prefix=key_prefix, history_size=history_size)
-        )
+        options = BrokerOptions(key_prefix=key_prefix, history_size=history_size)
+        self._broker = create_backend(redis_url, options).broker
 
     async def publish(self, channel: str, payload: bytes) -> None:
         await self._broker.publish(channel, payload)

@@ -18,8 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis.asyncio import Redis
 
-from channels.backends.redis import RedisBroker
-from channels.broker import BrokerOptions
+from channels.broker import BrokerOptions, create_backend
 from channels.publication import Message
 from tests.redis_server import RedisServer
 
@@ -35,7 +34,7 @@ async def timed(label: str, n: int, run: object) -> None:
 
 async def bench(url: str, n: int) -> None:
     plain = Redis.from_url(url)
-    broker = RedisBroker(url, BrokerOptions(key_prefix="bench"))
+    broker = create_backend(url, BrokerOptions(key_prefix="bench")).broker
     received: list[Message] = []
     done = asyncio.Event()
 

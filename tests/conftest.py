@@ -155,4 +155,7 @@ async def eventually(
 # --------------------------------------------------------------------------- Redis
 # Real redis-server processes (tests/redis_server.py): ``redis_server`` (one per run, keep
 # apart with ``redis_prefix``) and ``own_redis_server`` (one per test, to stop or restart).
+# The backend contract suites (tests/contract.py): ``backend_url`` (one per backend) and
+# ``make_worker`` (backends on this test's namespace).
+from tests.contract import backend_url, make_worker  # noqa: E402, F401
 from tests.redis_server import own_redis_server, redis_prefix, redis_server  # noqa: E402, F401

@@ -16,8 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 import pytest
 
-from channels.backends.memory import MemoryBroker
-from channels.broker import BrokerOptions
+from channels.broker import BrokerOptions, create_backend
 from channels.hub import Hub
 from channels.publication import Batch, Publication, StreamPosition
 from channels.session import Outgoing, Session
@@ -44,7 +43,7 @@ class Items:
 
 @pytest.fixture
 async def hub() -> AsyncIterator[Hub]:
-    hub = Hub(MemoryBroker(options=BrokerOptions()), presence_enabled=lambda c: False)
+    hub = Hub(create_backend("memory://", BrokerOptions()), presence_enabled=lambda c: False)
     await hub.start()
     yield hub
     await hub.close()

@@ -7,12 +7,14 @@ covered end to end in test_ws_*.py and test_sse.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from channels.backends.memory import MemoryBroker
-from channels.broker import BrokerOptions
+from channels.broker import Broker, BrokerOptions, create_backend
 from channels.hub import Hub, SubscribeResult
 from channels.publication import Batch, Publication, StreamPosition
 from channels.session import Ending, Gap, Outgoing, Session
@@ -35,17 +37,25 @@ class Recorder:
         return [i.offset for i in self.items if isinstance(i, Publication) and i.channel == channel]
 
 
-class Broker(MemoryBroker):
-    """The memory broker with a slow history read, to widen the join race."""
+class SlowHistory:
+    """A broker whose history reads are slow, to widen the join race."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._broker, name)
 
     async def history(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         await asyncio.sleep(0.002)
-        return await super().history(*args, **kwargs)
+        return await self._broker.history(*args, **kwargs)
 
 
 @pytest.fixture
 async def hub() -> AsyncIterator[Hub]:
-    hub = Hub(Broker(options=BrokerOptions(history_size=1000)), presence_enabled=lambda c: False)
+    backend = create_backend("memory://", BrokerOptions(history_size=1000))
+    backend = dataclasses.replace(backend, broker=SlowHistory(backend.broker))
+    hub = Hub(backend, presence_enabled=lambda c: False)
     await hub.start()
     yield hub
     await hub.close()
@@ -120,7 +130,7 @@ async def test_one_broker_subscription_per_channel_however_many_sessions(hub: Hu
         await hub.unregister(session)
         writer.cancel()
     assert hub.channel_count == 0
-    assert "shared" not in hub.broker._subscribed  # type: ignore[attr-defined]
+    assert not await hub.has_subscribers("shared")
 
 
 async def test_a_publication_is_one_object_for_all_subscribers(hub: Hub) -> None:
@@ -174,3 +184,45 @@ async def test_epoch_change_gives_live_sessions_a_gap_first(hub: Hub) -> None:
     assert recorder.items[1] == Gap("c")
     assert isinstance(recorder.items[2], Publication) and recorder.items[2].epoch == "new-epoch"
     writer.cancel()
+
+
+async def test_hubs_on_one_memory_namespace_are_workers_of_one_cluster() -> None:
+    """``memory://<name>``: the hubs of a process created with one name share offsets and
+    fan-out, as the workers of one Redis do."""
+    url = f"memory://hub-test-{secrets.token_hex(4)}"
+    hubs = [Hub(create_backend(url, BrokerOptions()), presence_enabled=lambda c: False)]
+    hubs.append(Hub(create_backend(url, BrokerOptions()), presence_enabled=lambda c: False))
+    for worker in hubs:
+        await worker.start()
+    sessions = [new_session() for _ in hubs]
+    try:
+        for worker, (session, _, _) in zip(hubs, sessions, strict=True):
+            await worker.subscribe(session, "c")
+        first = await hubs[0].publish("c", b"1")
+        second = await hubs[1].publish("c", b"2")
+        assert (first.offset, second.offset, second.epoch) == (1, 2, first.epoch)
+        for _, recorder, _ in sessions:
+            await eventually(lambda r=recorder: r.offsets("c") == [1, 2])
+        assert [p.offset for p in (await hubs[1].history("c")).publications] == [1, 2]
+    finally:
+        for worker in hubs:
+            await worker.close()
+        for _, _, writer in sessions:
+            writer.cancel()
+
+
+async def test_hubs_on_private_memory_namespaces_share_nothing(hub: Hub) -> None:
+    other = Hub(create_backend("memory://", BrokerOptions()), presence_enabled=lambda c: False)
+    await other.start()
+    session, recorder, writer = new_session()
+    try:
+        await hub.subscribe(session, "c")
+        mine = await other.publish("c", b"elsewhere")
+        assert not await other.has_subscribers("c")  # the hub's subscription is not its
+        marker = await hub.publish("c", b"here")
+        assert (mine.offset, marker.offset) == (1, 1) and mine.epoch != marker.epoch
+        await eventually(lambda: recorder.offsets("c") == [1])
+        assert [i.data for i in recorder.items if isinstance(i, Publication)] == [b"here"]
+    finally:
+        await other.close()
+        writer.cancel()

@@ -1,20 +1,23 @@
-"""The hub over the Redis broker: what a lost pub/sub connection must not cost a subscriber.
+"""The hub over the Redis backend: what a lost pub/sub connection must not cost a subscriber.
 
-Sessions record what they are sent (as in test_hub.py). The subscriber's broker is held
-disconnected with a gate on its reconnect, so publications certainly happen while it is
-cut off.
+Sessions record what they are sent (as in test_hub.py). The subscriber's connection is
+held disconnected with a gate on its reconnect, so publications certainly happen while
+it is cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
-from channels.backends.redis import RedisBroker
-from channels.broker import BrokerOptions, BrokerUnavailable
+from channels.backends import redis as redis_backend
+from channels.backends.redis import Connection, RedisBroker
+from channels.broker import Backend, BrokerOptions, BrokerUnavailable, PresenceStore
 from channels.hub import Hub
 from channels.publication import PresenceEvent
 from channels.session import Gap
@@ -24,38 +27,58 @@ from tests.test_hub import new_session
 from tests.test_redis_broker import kill_connections
 
 
-class GatedBroker(RedisBroker):
-    """Reconnects only once ``gate`` is set."""
+class FlakyPresence:
+    """A presence store whose next ``failing_adds`` adds fail as in an outage."""
+
+    def __init__(self, store: PresenceStore) -> None:
+        self._store = store
+        self.failing_adds = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def add(self, channel: str, client_id: str, entry: bytes) -> bool:
+        if self.failing_adds:
+            self.failing_adds -= 1
+            raise BrokerUnavailable("simulated outage")
+        return await self._store.add(channel, client_id, entry)
+
+
+class Gated:
+    """A Redis backend whose pub/sub connection reconnects only once ``gate`` is set."""
 
     def __init__(self, url: str, options: BrokerOptions) -> None:
-        super().__init__(url, options)
+        backend = redis_backend.create(url, options)
+        assert isinstance(backend.broker, RedisBroker)
+        self.connection: Connection = backend.broker.connection
+        self.connection.reconnect_base, self.connection.reconnect_cap = 0.02, 0.2
         self.gate = asyncio.Event()
         self.gate.set()
-        self.reconnect_base, self.reconnect_cap = 0.02, 0.2
+        open_pubsub = self.connection._open_pubsub
 
-        self.failing_presence_adds = 0
+        async def gated() -> PubSub:
+            await self.gate.wait()
+            return await open_pubsub()
 
-    async def _open_pubsub(self):  # type: ignore[no-untyped-def]
-        await self.gate.wait()
-        return await super()._open_pubsub()
+        self.connection._open_pubsub = gated  # type: ignore[method-assign]
+        self.presence = FlakyPresence(backend.presence)
+        self.backend: Backend = dataclasses.replace(backend, presence=self.presence)
 
-    async def presence_add(self, channel: str, client_id: str, entry: bytes) -> bool:
-        if self.failing_presence_adds:
-            self.failing_presence_adds -= 1
-            raise BrokerUnavailable("simulated outage")
-        return await super().presence_add(channel, client_id, entry)
-
-
-@pytest.fixture
-async def broker(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator[GatedBroker]:
-    broker = GatedBroker(redis_server.url, BrokerOptions(key_prefix=redis_prefix))
-    yield broker
-    await broker.close()
+    @property
+    def reconnects(self) -> int:
+        return self.connection.reconnects
 
 
 @pytest.fixture
-async def hub(broker: GatedBroker) -> AsyncIterator[Hub]:
-    hub = Hub(broker, presence_enabled=lambda c: c.startswith("chat:"), presence_ttl=0.6)
+async def broker(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator[Gated]:
+    gated = Gated(redis_server.url, BrokerOptions(key_prefix=redis_prefix))
+    yield gated
+    await gated.backend.broker.close()
+
+
+@pytest.fixture
+async def hub(broker: Gated) -> AsyncIterator[Hub]:
+    hub = Hub(broker.backend, presence_enabled=lambda c: c.startswith("chat:"), presence_ttl=0.6)
     await hub.start()
     yield hub
     await hub.close()
@@ -68,15 +91,15 @@ async def admin(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def cut_off(broker: GatedBroker, admin: Redis) -> None:
+async def cut_off(broker: Gated, admin: Redis) -> None:
     """Drop the broker's pub/sub connection and keep it down until ``broker.gate`` is set."""
     broker.gate.clear()
-    assert await kill_connections(admin, broker) >= 1
-    await eventually(lambda: not broker._connected.is_set())
+    assert await kill_connections(admin, broker.connection) >= 1
+    await eventually(lambda: not broker.connection.connected)
 
 
 async def test_publications_missed_while_disconnected_are_recovered_on_a_quiet_channel(
-    hub: Hub, broker: GatedBroker, admin: Redis
+    hub: Hub, broker: Gated, admin: Redis
 ) -> None:
     """Regression: a channel with subscribers but no publication received yet had no
     position in the hub, so the resync skipped it and what was published while the
@@ -94,7 +117,7 @@ async def test_publications_missed_while_disconnected_are_recovered_on_a_quiet_c
 
 
 async def test_publications_missed_while_disconnected_are_recovered_once_in_order(
-    hub: Hub, broker: GatedBroker, admin: Redis
+    hub: Hub, broker: Gated, admin: Redis
 ) -> None:
     sessions = [new_session() for _ in range(3)]
     for session, _, _ in sessions:
@@ -116,7 +139,7 @@ async def test_publications_missed_while_disconnected_are_recovered_once_in_orde
 
 
 async def test_a_subscribe_while_disconnected_fails_and_leaves_nothing_behind(
-    hub: Hub, broker: GatedBroker, admin: Redis
+    hub: Hub, broker: Gated, admin: Redis
 ) -> None:
     await cut_off(broker, admin)
     session, _, writer = new_session()
@@ -124,14 +147,14 @@ async def test_a_subscribe_while_disconnected_fails_and_leaves_nothing_behind(
         await hub.subscribe(session, "later")
     assert hub.local_subscribers("later") == 0 and not session.channels
     broker.gate.set()
-    await eventually(lambda: broker._connected.is_set())
+    await eventually(lambda: broker.connection.connected)
     await hub.subscribe(session, "later")
     await hub.publish("later", b"1")
     writer.cancel()
 
 
 async def test_presence_refresh_survives_a_broker_outage(
-    hub: Hub, broker: GatedBroker, admin: Redis, redis_prefix: str
+    hub: Hub, broker: Gated, admin: Redis, redis_prefix: str
 ) -> None:
     """Regression: the hub's presence refresh loop ended for good at the first
     ``BrokerUnavailable``, so after a Redis outage every entry expired and never came back."""
@@ -143,8 +166,8 @@ async def test_presence_refresh_survives_a_broker_outage(
         return [i for i in recorder.items if isinstance(i, PresenceEvent) and i.event == "join"]
 
     await eventually(lambda: len(joins()) == 1)  # its own join
-    broker.failing_presence_adds = 2  # the next refresh rounds hit an outage
-    await eventually(lambda: broker.failing_presence_adds == 0)
+    broker.presence.failing_adds = 2  # the next refresh rounds hit an outage
+    await eventually(lambda: broker.presence.failing_adds == 0)
     # Redis lost the entries meanwhile (flushed, restarted empty, expired).
     await admin.delete(f"{redis_prefix}:p:{{chat:room}}", f"{redis_prefix}:z:{{chat:room}}")
     assert await hub.presence("chat:room") == []

@@ -1,32 +1,56 @@
-"""What only the Redis broker has to do (the shared contract is tests/test_broker_contract.py):
-several workers sharing one sequence, surviving a lost pub/sub connection or a Redis
-restart, presence expiring when a worker dies, and its key layout."""
+"""What only the Redis backend has to do (the shared contracts are tests/test_contract_*.py):
+surviving a lost pub/sub connection or a Redis restart, failing fast while Redis is down,
+its key layout, its connection pool, and its Lua scripts read once."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from channels.backends import redis as redis_backend
-from channels.backends.redis import RedisBroker
+from channels.backends.redis import Connection, RedisBroker, connection, scripts
 from channels.broker import BrokerOptions, BrokerUnavailable
 from channels.publication import StreamPosition
 from tests.conftest import eventually
+from tests.contract import Received
 from tests.helpers import poll
 from tests.redis_server import RedisServer
-from tests.test_broker_contract import Received
-
-MakeBroker = Callable[..., Awaitable[RedisBroker]]
 
 
-async def kill_connections(admin: Redis, broker: RedisBroker) -> int:
-    """Close every connection of ``broker`` from the server side (a network blip)."""
-    name = f"gateway:{broker._prefix}"
+class Worker:
+    """One started Redis backend and what its handlers were given."""
+
+    def __init__(self, url: str, options: BrokerOptions) -> None:
+        self.backend = redis_backend.create(url, options)
+        broker = self.backend.broker
+        assert isinstance(broker, RedisBroker)
+        self.broker = broker
+        self.presence = self.backend.presence
+        self.connection: Connection = broker.connection
+        self.connection.reconnect_base, self.connection.reconnect_cap = 0.02, 0.2  # quick tests
+        self.received = Received()
+
+    async def start(self) -> None:
+        await self.broker.start(self.received.on_message, self.received.on_resync)
+
+    @property
+    def reconnects(self) -> int:
+        return self.broker.reconnects
+
+
+MakeWorker = Callable[..., Awaitable[Worker]]
+
+
+async def kill_connections(admin: Redis, connection: Connection) -> int:
+    """Close every connection of ``connection`` from the server side (a network blip)."""
+    name = connection.client_name
     clients = [c for c in await admin.client_list() if c.get("name") == name]
     for client in clients:
         await admin.client_kill_filter(_id=client["id"])
@@ -40,66 +64,44 @@ async def admin(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def broker_factory(url: str, prefix: str) -> tuple[MakeBroker, list[RedisBroker]]:
-    opened: list[RedisBroker] = []
+def worker_factory(url: str, prefix: str) -> tuple[MakeWorker, list[Worker]]:
+    opened: list[Worker] = []
 
-    async def make(received: Received | None = None, **options: Any) -> RedisBroker:
+    async def make(**options: Any) -> Worker:
         options.setdefault("key_prefix", prefix)
-        broker = RedisBroker(url, BrokerOptions(**options))
-        broker.reconnect_base, broker.reconnect_cap = 0.02, 0.2  # quick tests
-        sink = received or Received()
-        await broker.start(sink.on_message, sink.on_resync)
-        opened.append(broker)
-        return broker
+        worker = Worker(url, BrokerOptions(**options))
+        opened.append(worker)
+        await worker.start()
+        return worker
 
     return make, opened
 
 
 @pytest.fixture
-async def make_broker(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator[MakeBroker]:
-    make, opened = broker_factory(redis_server.url, redis_prefix)
+async def start_worker(redis_server: RedisServer, redis_prefix: str) -> AsyncIterator[MakeWorker]:
+    make, opened = worker_factory(redis_server.url, redis_prefix)
     yield make
-    for broker in opened:
-        await broker.close()
+    for worker in opened:
+        await worker.broker.close()
 
 
 @pytest.fixture
-async def make_own_broker(
+async def start_own_worker(
     own_redis_server: RedisServer, redis_prefix: str
-) -> AsyncIterator[MakeBroker]:
-    """Brokers on this test's own redis-server (which the test may stop and restart)."""
-    make, opened = broker_factory(own_redis_server.url, redis_prefix)
+) -> AsyncIterator[MakeWorker]:
+    """Workers on this test's own redis-server (which the test may stop and restart)."""
+    make, opened = worker_factory(own_redis_server.url, redis_prefix)
     yield make
-    for broker in opened:
-        await broker.close()
-
-
-async def test_workers_share_one_gapless_sequence_and_all_see_it_in_order(
-    make_broker: MakeBroker,
-) -> None:
-    sinks = [Received() for _ in range(3)]
-    workers = [await make_broker(sink) for sink in sinks]
-    for worker in workers:
-        await worker.subscribe("c")
-
-    async def publish_many(worker: RedisBroker, n: int) -> list[int]:
-        return [(await worker.publish("c", b"%d" % i)).offset for i in range(n)]
-
-    results = await asyncio.gather(*(publish_many(w, 200) for w in workers))
-    assigned = sorted(offset for offsets in results for offset in offsets)
-    assert assigned == list(range(1, 601))
-    for sink in sinks:
-        await eventually(lambda sink=sink: len(sink.publications("c")) == 600)  # type: ignore[misc]
-        assert [p.offset for p in sink.publications("c")] == list(range(1, 601))
-        assert len({p.epoch for p in sink.publications("c")}) == 1
+    for worker in opened:
+        await worker.broker.close()
 
 
 async def test_subscribe_returns_once_redis_confirmed_it(
-    make_broker: MakeBroker, admin: Redis, redis_prefix: str
+    start_worker: MakeWorker, admin: Redis, redis_prefix: str
 ) -> None:
     """Why it matters: a subscribe that returned before the SUBSCRIBE reached Redis would let
     a join miss what is published between it and the join's history read."""
-    broker = await make_broker()
+    broker = (await start_worker()).broker
     await broker.subscribe("c")
     counts = await admin.pubsub_numsub(f"{redis_prefix}:t:{{c}}")
     assert counts[0][1] == 1
@@ -115,45 +117,66 @@ async def test_subscribe_returns_once_redis_confirmed_it(
 
 
 async def test_a_killed_pubsub_connection_reconnects_resubscribes_and_resyncs(
-    make_broker: MakeBroker, admin: Redis
+    start_worker: MakeWorker, admin: Redis
 ) -> None:
-    received = Received()
-    subscriber = await make_broker(received)
-    publisher = await make_broker()
+    subscriber = await start_worker()
+    publisher = await start_worker()
+    received = subscriber.received
     for channel in ("a", "b"):
-        await subscriber.subscribe(channel)
-    await publisher.publish("a", b"1")
+        await subscriber.broker.subscribe(channel)
+    await publisher.broker.publish("a", b"1")
     await eventually(lambda: len(received.publications("a")) == 1)
 
-    assert await kill_connections(admin, subscriber) >= 1
+    assert await kill_connections(admin, subscriber.connection) >= 1
     await eventually(lambda: subscriber.reconnects == 1 and received.resyncs == 1)
     # Both channels are subscribed again: live publications flow.
-    await publisher.publish("a", b"2")
-    await publisher.publish("b", b"1")
+    await publisher.broker.publish("a", b"2")
+    await publisher.broker.publish("b", b"1")
     await eventually(lambda: len(received.publications("a")) == 2 and received.publications("b"))
     assert [p.offset for p in received.publications("a")] == [1, 2]
-    assert await subscriber.ready()
+    assert await subscriber.broker.ready()
+
+
+async def test_signals_are_heard_again_after_a_reconnect(
+    start_worker: MakeWorker, admin: Redis
+) -> None:
+    """The signal topic is resubscribed with the channels: a cancel sent to a worker whose
+    pub/sub connection was lost and came back still reaches it."""
+    listener, sender = await start_worker(), await start_worker()
+    heard: list[bytes] = []
+    listener.backend.signals.listen(heard.append)
+    assert await kill_connections(admin, listener.connection) >= 1
+    await eventually(lambda: listener.reconnects == 1)
+    await sender.backend.signals.signal(b"after")
+    await eventually(lambda: heard == [b"after"])
 
 
 async def test_redis_down_fails_fast_and_a_restart_resubscribes_and_resyncs(
-    make_own_broker: MakeBroker, own_redis_server: RedisServer
+    start_own_worker: MakeWorker, own_redis_server: RedisServer
 ) -> None:
-    received = Received()
-    broker = await make_own_broker(received)
+    worker = await start_own_worker()
+    broker, presence, signals = worker.broker, worker.presence, worker.backend.signals
+    received = worker.received
     await broker.subscribe("c")
     first = await broker.publish("c", b"1")
     await eventually(lambda: received.publications("c"))
 
     own_redis_server.stop(save=True)
-    await eventually(lambda: not broker._connected.is_set())
+    await eventually(lambda: not worker.connection.connected)
     assert not await broker.ready()
     calls: list[Callable[[], Awaitable[Any]]] = [
         lambda: broker.publish("c", b"2"),
         lambda: broker.history("c"),
-        lambda: broker.presence("chat:c"),
-        lambda: broker.presence_add("chat:c", "c-1", b"{}"),
-        lambda: broker.presence_remove("chat:c", "c-1"),
+        lambda: presence.list("chat:c"),
+        lambda: presence.add("chat:c", "c-1", b"{}"),
+        lambda: presence.remove("chat:c", "c-1"),
+        lambda: presence.expire("chat:c"),
         lambda: broker.publish_event("chat:c", "join", b"{}"),
+        lambda: broker.has_subscribers("c"),
+        lambda: signals.signal(b"{}"),
+        lambda: signals.register("k", b"v", 1),
+        lambda: signals.lookup("k"),
+        lambda: signals.unregister("k"),
     ]
     for call in calls:
         started = time.monotonic()
@@ -163,10 +186,10 @@ async def test_redis_down_fails_fast_and_a_restart_resubscribes_and_resyncs(
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable):
         await broker.subscribe("other")
-    assert time.monotonic() - started < redis_backend.CONNECT_TIMEOUT + 1
+    assert time.monotonic() - started < connection.CONNECT_TIMEOUT + 1
 
     own_redis_server.start()
-    await eventually(lambda: broker.reconnects == 1 and received.resyncs == 1, timeout=10)
+    await eventually(lambda: worker.reconnects == 1 and received.resyncs == 1, timeout=10)
     assert await broker.ready()
     second = await broker.publish("c", b"2")  # the snapshot kept the channel's state
     assert (second.offset, second.epoch) == (2, first.epoch)
@@ -175,10 +198,10 @@ async def test_redis_down_fails_fast_and_a_restart_resubscribes_and_resyncs(
 
 
 async def test_redis_restarted_empty_starts_a_new_epoch(
-    make_own_broker: MakeBroker, own_redis_server: RedisServer
+    start_own_worker: MakeWorker, own_redis_server: RedisServer
 ) -> None:
-    received = Received()
-    broker = await make_own_broker(received)
+    worker = await start_own_worker()
+    broker, received = worker.broker, worker.received
     await broker.subscribe("c")
     before = [await broker.publish("c", b"%d" % i) for i in range(3)]
     own_redis_server.restart()
@@ -198,14 +221,13 @@ async def test_a_broker_started_while_redis_is_down_connects_later(
     redis_prefix: str,
 ) -> None:
     server = RedisServer()  # not started yet
-    received = Received()
-    broker = RedisBroker(server.url, BrokerOptions(key_prefix=redis_prefix))
-    broker.reconnect_base, broker.reconnect_cap = 0.02, 0.2
+    worker = Worker(server.url, BrokerOptions(key_prefix=redis_prefix))
+    broker, received = worker.broker, worker.received
     try:
-        await broker.start(received.on_message, received.on_resync)
+        await worker.start()
         assert not await broker.ready()
         server.start()
-        await eventually(lambda: broker._connected.is_set(), timeout=10)
+        await eventually(lambda: worker.connection.connected, timeout=10)
         assert await broker.ready()
         await broker.subscribe("c")
         await broker.publish("c", b"1")
@@ -217,52 +239,37 @@ async def test_a_broker_started_while_redis_is_down_connects_later(
 
 
 async def test_a_silent_pubsub_connection_is_detected_by_ping(
-    make_broker: MakeBroker, admin: Redis, monkeypatch: pytest.MonkeyPatch
+    start_worker: MakeWorker, admin: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection that stays open but gets no answer (a network partition) is dropped."""
-    monkeypatch.setattr(redis_backend, "COMMAND_TIMEOUT", 0.5)
-    received = Received()
-    broker = await make_broker(received)
-    broker.ping_interval = 0.2
-    await broker.subscribe("c")
+    monkeypatch.setattr(connection, "COMMAND_TIMEOUT", 0.5)
+    worker = await start_worker()
+    worker.connection.ping_interval = 0.2
+    await worker.broker.subscribe("c")
     await admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")
-    await eventually(lambda: broker.reconnects >= 1 and received.resyncs >= 1, timeout=10)
-    await broker.publish("c", b"1")
-    await eventually(lambda: received.publications("c"))
-
-
-async def test_presence_of_a_worker_that_stops_refreshing_expires_within_the_ttl(
-    make_broker: MakeBroker,
-) -> None:
-    dead = await make_broker(presence_ttl=0.5)
-    alive = await make_broker(presence_ttl=0.5)
-    await dead.presence_add("chat:x", "c-dead", b'{"client":"c-dead"}')
-    await alive.presence_add("chat:x", "c-alive", b'{"client":"c-alive"}')
-    assert len(await alive.presence("chat:x")) == 2
-    started = time.monotonic()
-    while len(await alive.presence("chat:x")) == 2:
-        await alive.presence_add("chat:x", "c-alive", b'{"client":"c-alive"}')  # refresh
-        assert time.monotonic() - started < 3, "stale presence entry did not expire"
-        await asyncio.sleep(0.05)
-    assert time.monotonic() - started >= 0.3
-    assert await alive.presence("chat:x") == [b'{"client":"c-alive"}']
+    await eventually(lambda: worker.reconnects >= 1 and worker.received.resyncs >= 1, timeout=10)
+    await worker.broker.publish("c", b"1")
+    await eventually(lambda: worker.received.publications("c"))
 
 
 async def test_keys_are_namespaced_hash_tagged_and_expire(
-    make_broker: MakeBroker, admin: Redis, redis_prefix: str
+    start_worker: MakeWorker, admin: Redis, redis_prefix: str
 ) -> None:
-    broker = await make_broker(history_ttl=60, history_meta_ttl=3600, presence_ttl=30)
+    worker = await start_worker(history_ttl=60, history_meta_ttl=3600, presence_ttl=30)
+    broker = worker.broker
     await broker.subscribe("chat:x")
     assert await admin.keys(f"{redis_prefix}*") == []  # subscribing stores nothing
     await broker.publish("chat:x", b"1")
-    await broker.presence_add("chat:x", "c-1", b"{}")
+    await worker.presence.add("chat:x", "c-1", b"{}")
     await broker.history("unknown:y")
+    await worker.backend.signals.register("relay:s-1", b"gen:1", 20)
     keys = sorted(k.decode() for k in await admin.keys(f"{redis_prefix}*"))
     assert keys == [
         f"{redis_prefix}:h:{{chat:x}}",
         f"{redis_prefix}:m:{{chat:x}}",
         f"{redis_prefix}:m:{{unknown:y}}",
         f"{redis_prefix}:p:{{chat:x}}",
+        f"{redis_prefix}:r:{{relay:s-1}}",
         f"{redis_prefix}:z:{{chat:x}}",
     ]
     ttl = {key: await admin.pttl(key) for key in keys}
@@ -270,11 +277,15 @@ async def test_keys_are_namespaced_hash_tagged_and_expire(
     assert 3_590_000 < ttl[f"{redis_prefix}:m:{{chat:x}}"] <= 3_600_000
     assert 3_590_000 < ttl[f"{redis_prefix}:m:{{unknown:y}}"] <= 3_600_000
     assert 29_000 < ttl[f"{redis_prefix}:p:{{chat:x}}"] <= 30_000
+    assert 29_000 < ttl[f"{redis_prefix}:z:{{chat:x}}"] <= 30_000
+    assert 19_000 < ttl[f"{redis_prefix}:r:{{relay:s-1}}"] <= 20_000
     assert (await admin.xrange(f"{redis_prefix}:h:{{chat:x}}"))[0][0] == b"0-1"
+    # Every worker's reader listens to the signal topic, whatever its channels.
+    assert (await admin.pubsub_numsub(f"{redis_prefix}:signals"))[0][1] == 1
 
 
-async def test_offsets_and_epoch_outlive_the_history(make_broker: MakeBroker) -> None:
-    broker = await make_broker(history_size=10, history_ttl=0.2, history_meta_ttl=60)
+async def test_offsets_and_epoch_outlive_the_history(start_worker: MakeWorker) -> None:
+    broker = (await start_worker(history_size=10, history_ttl=0.2, history_meta_ttl=60)).broker
     first = await broker.publish("c", b"1")
     await broker.publish("c", b"2")
     top = StreamPosition(2, first.epoch)
@@ -290,9 +301,9 @@ async def test_offsets_and_epoch_outlive_the_history(make_broker: MakeBroker) ->
 
 
 async def test_history_size_zero_keeps_counting_without_storing(
-    make_broker: MakeBroker, admin: Redis, redis_prefix: str
+    start_worker: MakeWorker, admin: Redis, redis_prefix: str
 ) -> None:
-    broker = await make_broker(history_size=0)
+    broker = (await start_worker(history_size=0)).broker
     pubs = [await broker.publish("c", b"%d" % i) for i in range(3)]
     assert [p.offset for p in pubs] == [1, 2, 3]
     assert not await admin.exists(f"{redis_prefix}:h:{{c}}")
@@ -302,10 +313,10 @@ async def test_history_size_zero_keeps_counting_without_storing(
 
 
 async def test_a_history_stream_left_without_its_meta_is_not_served(
-    make_broker: MakeBroker, admin: Redis, redis_prefix: str
+    start_worker: MakeWorker, admin: Redis, redis_prefix: str
 ) -> None:
     """If Redis evicts the meta but not the stream, the old entries belong to a lost epoch."""
-    broker = await make_broker()
+    broker = (await start_worker()).broker
     old = [await broker.publish("c", b"%d" % i) for i in range(3)]
     await admin.delete(f"{redis_prefix}:m:{{c}}")
     page = await broker.history("c")
@@ -316,20 +327,17 @@ async def test_a_history_stream_left_without_its_meta_is_not_served(
 
 def test_a_key_prefix_with_braces_is_refused() -> None:
     with pytest.raises(ValueError, match="prefix"):
-        RedisBroker("redis://127.0.0.1:1/0", BrokerOptions(key_prefix="a{b}"))
+        redis_backend.create("redis://127.0.0.1:1/0", BrokerOptions(key_prefix="a{b}"))
 
 
 async def test_a_burst_bigger_than_the_pool_waits_for_connections(
-    redis_server: RedisServer, redis_prefix: str, admin: Redis
+    redis_server: RedisServer, redis_prefix: str, admin: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Thousands of clients reconnecting at once queue for the bounded pool; none fails."""
-
-    class SmallPool(RedisBroker):
-        pool_size = 3  # the pub/sub connection and two for commands
-
-    broker = SmallPool(redis_server.url, BrokerOptions(key_prefix=redis_prefix))
-    sink = Received()
-    await broker.start(sink.on_message, sink.on_resync)
+    monkeypatch.setattr(Connection, "pool_size", 3)  # the pub/sub connection and two more
+    worker = Worker(redis_server.url, BrokerOptions(key_prefix=redis_prefix))
+    broker = worker.broker
+    await worker.start()
     try:
         await broker.subscribe("burst")
         results = await asyncio.gather(
@@ -343,3 +351,31 @@ async def test_a_burst_bigger_than_the_pool_waits_for_connections(
         assert 1 < len(connections) <= 3
     finally:
         await broker.close()
+
+
+async def test_each_lua_file_is_read_once_however_many_backends(
+    monkeypatch: pytest.MonkeyPatch, redis_prefix: str
+) -> None:
+    """The scripts are read from the package's .lua files (so an installed wheel needs
+    them: pyproject.toml's package-data) once per process, not once per backend."""
+    scripts.source.cache_clear()
+    scripts._part.cache_clear()
+    reads: Counter[str] = Counter()
+    read_file = scripts._read_file
+
+    def counting(name: str) -> str:
+        reads[name] += 1
+        return read_file(name)
+
+    monkeypatch.setattr(scripts, "_read_file", counting)
+    backends = [
+        redis_backend.create("redis://127.0.0.1:1/0", BrokerOptions(key_prefix=redis_prefix))
+        for _ in range(3)
+    ]
+    package = resources.files("channels.backends.redis")
+    lua_files = {entry.name for entry in package.iterdir() if entry.name.endswith(".lua")}
+    assert dict(reads) == dict.fromkeys(lua_files, 1)
+    shas = {b.broker._scripts.publish.sha for b in backends}  # type: ignore[attr-defined]
+    assert len(shas) == 1
+    for backend in backends:
+        await backend.broker.close()

@@ -1,1 +1,2 @@
-"""Broker backends, chosen by URL scheme in ``channels.broker.create_broker``."""
+"""Backends, chosen by URL scheme in ``channels.broker.create_backend``: each has a
+``create(url, options) -> Backend``."""

@@ -82,7 +82,7 @@ class RelayManager:
         self.idle_cancel = idle_cancel
         self.client = client
         self.relays: dict[str, Relay] = {}
-        hub.on_signal(self._on_signal)
+        hub.signals.listen(self._on_signal)
 
     async def spawn(self, channel: str, upstream: Upstream, request: dict[str, Any]) -> Relay:
         """Register the relay (so that any worker can cancel it), then start it.
@@ -116,7 +116,7 @@ class RelayManager:
 
     async def _register(self, relay: Relay) -> None:
         key = registry_key(relay.stream_id)
-        await self.hub.broker.register(key, relay.channel.encode(), REGISTRY_TTL)
+        await self.hub.signals.register(key, relay.channel.encode(), REGISTRY_TTL)
 
     async def channel_elsewhere(self, stream_id: str) -> str | None:
         """The channel of a relay another worker runs; None when there is no such relay.
@@ -125,7 +125,7 @@ class RelayManager:
         """
         if not STREAM_ID.fullmatch(stream_id):
             return None
-        value = await self.hub.broker.lookup(registry_key(stream_id))
+        value = await self.hub.signals.lookup(registry_key(stream_id))
         return None if value is None else value.decode()
 
     async def cancel_elsewhere(self, stream_id: str, reason: str = "cancelled") -> None:
@@ -134,7 +134,7 @@ class RelayManager:
         Raises ``BrokerUnavailable``.
         """
         signal = {"op": "cancel_stream", "stream_id": stream_id, "reason": reason}
-        await self.hub.broker.signal(orjson.dumps(signal))
+        await self.hub.signals.signal(orjson.dumps(signal))
 
     def _on_signal(self, data: bytes) -> None:
         try:
@@ -168,7 +168,7 @@ class RelayManager:
             await self._relay(relay, request)
         finally:
             with contextlib.suppress(BrokerUnavailable):  # else it expires by itself
-                await self.hub.broker.unregister(registry_key(relay.stream_id))
+                await self.hub.signals.unregister(registry_key(relay.stream_id))
 
     async def _relay(self, relay: Relay, request: dict[str, Any]) -> None:
         watcher = asyncio.create_task(self._watch_idle(relay), name=f"idle:{relay.stream_id}")
@@ -271,7 +271,7 @@ class RelayManager:
                     await self._register(relay)
                     registered = time.monotonic()
             try:
-                watched = await self.hub.broker.has_subscribers(relay.channel)
+                watched = await self.hub.has_subscribers(relay.channel)
             except BrokerUnavailable:
                 continue
             now = time.monotonic()

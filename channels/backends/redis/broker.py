@@ -1,0 +1,161 @@
+"""The ``Broker`` protocol over Redis: offsets, history and fan-out (see the package
+docstring for the guarantees, ``keys`` for the layout and payloads)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+from redis.typing import EncodableT
+
+from channels.backends.redis.connection import Connection, unavailable
+from channels.backends.redis.keys import Keys
+from channels.backends.redis.scripts import Scripts
+from channels.broker import BrokerOptions, HistoryPage, MessageHandler, ResyncHandler
+from channels.publication import Message, PresenceEvent, Publication, StreamPosition
+
+logger = logging.getLogger(__name__)
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+class RedisBroker:
+    """One SUBSCRIBE per channel that has local subscribers, on the worker's one pub/sub
+    connection; commands go through the connection's pool."""
+
+    def __init__(
+        self, connection: Connection, keys: Keys, scripts: Scripts, options: BrokerOptions
+    ) -> None:
+        self.connection = connection
+        self._keys = keys
+        self._scripts = scripts
+        self._options = options
+        self._history_ttl_ms = max(1, round(options.history_ttl * 1000))
+        meta_ttl = max(options.history_meta_ttl, options.history_ttl)
+        self._meta_ttl_ms = max(1, round(meta_ttl * 1000))
+        self._on_message: MessageHandler | None = None
+
+    @property
+    def reconnects(self) -> int:
+        return self.connection.reconnects
+
+    async def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> None:
+        """Connect the pub/sub reader (see ``Connection.start``)."""
+        self._on_message = on_message
+        await self.connection.start(on_resync)
+
+    async def close(self) -> None:
+        """Stop the reader and close every connection. Idempotent."""
+        await self.connection.close()
+        self._on_message = None
+
+    async def ready(self) -> bool:
+        return await self.connection.ready()
+
+    async def publish(self, channel: str, data: bytes) -> Publication:
+        stamp = f"{time.time():.6f}"
+        options = self._options
+        args: list[EncodableT] = [
+            new_epoch(),
+            data,
+            stamp,
+            options.history_size,
+            self._history_ttl_ms,
+            self._meta_ttl_ms,
+            self._keys.topic(channel),
+        ]
+        keys = [self._keys.meta(channel), self._keys.history(channel)]
+        try:
+            offset, epoch = await self._scripts.publish(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise unavailable("publish", exc) from exc
+        return Publication(channel, int(offset), epoch.decode(), data, published_at=float(stamp))
+
+    async def publish_event(self, channel: str, event: str, client: bytes) -> None:
+        payload = b"e" + event.encode() + b" " + client
+        try:
+            await self.connection.redis.publish(self._keys.topic(channel), payload)
+        except (RedisError, OSError) as exc:
+            raise unavailable("publish_event", exc) from exc
+
+    async def history(
+        self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
+        args: list[EncodableT] = [
+            new_epoch(),
+            self._meta_ttl_ms,
+            -1 if since is None else since.offset,
+            "" if since is None else since.epoch,
+            -1 if limit is None else limit,
+        ]
+        keys = [self._keys.meta(channel), self._keys.history(channel)]
+        try:
+            raw_epoch, top, status, entries = await self._scripts.history(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise unavailable("history", exc) from exc
+        epoch = raw_epoch.decode()
+        position = StreamPosition(int(top), epoch)
+        if status == 0:
+            return HistoryPage([], position, complete=False)
+        publications = [_entry(channel, epoch, entry) for entry in entries]
+        if status == 2:
+            publications.reverse()
+        return HistoryPage(publications, position)
+
+    async def subscribe(self, channel: str) -> None:
+        """Returns once Redis confirmed the SUBSCRIBE: a history read made after it cannot
+        miss a publication that the subscription did not see either."""
+        handler = functools.partial(self._received, channel)
+        await self.connection.subscribe(self._keys.topic(channel), handler)
+
+    async def unsubscribe(self, channel: str) -> None:
+        await self.connection.unsubscribe(self._keys.topic(channel))
+
+    async def has_subscribers(self, channel: str) -> bool:
+        """Any worker subscribed: each worker holds one SUBSCRIBE per channel (PUBSUB NUMSUB)."""
+        try:
+            counts = await self.connection.redis.pubsub_numsub(self._keys.topic(channel))
+        except (RedisError, OSError) as exc:
+            raise unavailable("has_subscribers", exc) from exc
+        return bool(counts) and int(counts[0][1]) > 0
+
+    def _received(self, channel: str, payload: bytes) -> None:
+        if self._on_message is None:
+            return
+        try:
+            message = _decode(channel, payload)
+        except ValueError:
+            logger.error("malformed message on %s: %.80r", channel, payload)
+            return
+        self._on_message(message)
+
+
+def _decode(channel: str, payload: bytes) -> Message:
+    """A pub/sub payload (see ``keys``) as a ``Publication`` or ``PresenceEvent``."""
+    kind = payload[:1]
+    if kind == b"p":
+        offset, epoch, stamp, data = payload[1:].split(b" ", 3)
+        return Publication(channel, int(offset), epoch.decode(), data, published_at=float(stamp))
+    if kind == b"e":
+        event, client = payload[1:].split(b" ", 1)
+        return PresenceEvent(channel, event.decode(), client)
+    raise ValueError("unknown message kind")
+
+
+def _entry(channel: str, epoch: str, entry: list[Any]) -> Publication:
+    """A history stream entry ``[b"0-<offset>", [b"d", data, b"t", time]]``."""
+    entry_id, raw = entry
+    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    return Publication(
+        channel,
+        int(entry_id.rpartition(b"-")[2]),
+        epoch,
+        fields[b"d"],
+        published_at=float(fields[b"t"]),
+    )

@@ -1,0 +1,317 @@
+"""One worker's link to Redis: a bounded pool for commands and one pub/sub reader.
+
+The reader routes each pub/sub message by its topic to the handler subscribed with it,
+synchronously and in the order Redis delivers them. What knows about channels, presence
+or signals is in the modules that subscribe here; this one knows topics and handlers
+only, so that a sharded deployment can hold one ``Connection`` per shard (or send
+SSUBSCRIBE) without the broker changing.
+
+Every Redis call is bounded by socket timeouts (``CONNECT_TIMEOUT``, ``COMMAND_TIMEOUT``;
+``socket_timeout``/``socket_connect_timeout`` in the URL's query override them) and is
+never retried by redis-py, so nothing hangs or runs twice when Redis is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
+
+from channels.broker import BrokerUnavailable, ResyncHandler
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 5.0
+
+TopicHandler = Callable[[bytes], None]  # called with the payload of each message
+
+
+class Connection:
+    """The command pool (``redis``) and the pub/sub reader of one worker."""
+
+    # Pub/sub reconnects: exponential backoff between these bounds, with jitter.
+    reconnect_base = 0.1
+    reconnect_cap = 2.0
+    # The reader PINGs an idle pub/sub connection; no reply within COMMAND_TIMEOUT after
+    # that means it is dead even if the TCP connection looks open (e.g. a network partition).
+    ping_interval = 5.0
+    # Topics per SUBSCRIBE command when resubscribing.
+    subscribe_batch = 1000
+    pool_size = 64  # connections for commands, the pub/sub one included
+
+    def __init__(self, url: str, client_name: str) -> None:
+        self.client_name = client_name
+        # A bounded pool: a burst of subscribes (thousands of clients reconnecting at
+        # once) waits for a free connection instead of opening one socket per command
+        # under a 2 s connect timeout - which refused 1-2 % of them on a busy machine.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=self.pool_size,
+            timeout=COMMAND_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            decode_responses=False,
+            client_name=client_name,
+            # With maintenance notifications on ("auto", the default under RESP3), redis-py
+            # 8.1 skips its check-out probe and hands out pooled connections the server
+            # closed (after a Redis restart the first command fails): redis/redis-py#4252.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+        self.redis: Redis = Redis.from_pool(pool)
+        self._routes: dict[bytes, TopicHandler] = {}  # subscribed topic -> its handler
+        self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._pubsub: PubSub | None = None
+        self._connected = asyncio.Event()
+        self._ever_connected = False
+        self._on_resync: ResyncHandler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        """The pub/sub connection is up (every topic subscribed)."""
+        return self._connected.is_set()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, on_resync: ResyncHandler) -> None:
+        """Connect the pub/sub reader. If Redis is down the gateway still starts (not
+        ready) and the reader keeps trying in the background. ``on_resync`` is called
+        after each reconnect: what was published meanwhile was not delivered."""
+        self._on_resync = on_resync
+        pubsub: PubSub | None = None
+        try:
+            pubsub = await self._open_pubsub()
+        except (RedisError, OSError) as exc:
+            logger.warning("Redis unavailable at start (%s); retrying in the background", exc)
+        self._spawn(self._run(pubsub), "redis-pubsub-reader")
+
+    async def close(self) -> None:
+        """Stop the reader and close every connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_waiters()
+        await self.redis.aclose()
+        self._on_resync = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("task %s crashed", task.get_name(), exc_info=task.exception())
+
+    async def ready(self) -> bool:
+        """Pub/sub connected and a PING answered."""
+        if not self._connected.is_set():
+            return False
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    # -- topics ----------------------------------------------------------------------
+
+    def route(self, topic: bytes, handler: TopicHandler) -> None:
+        """Have ``topic`` subscribed, for ``handler``, from ``start`` on (for topics that
+        every worker always listens to); call it before ``start``."""
+        self._routes[topic] = handler
+
+    async def subscribe(self, topic: bytes, handler: TopicHandler) -> None:
+        """Subscribe once per topic; returns when Redis confirmed the SUBSCRIBE.
+
+        Waits up to ``CONNECT_TIMEOUT`` for a pub/sub connection being re-established.
+        Raises ``BrokerUnavailable`` (and forgets the topic) when it cannot be confirmed.
+        """
+        if topic in self._routes:
+            return
+        self._routes[topic] = handler
+        try:
+            await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT)
+            pubsub = self._pubsub
+            if pubsub is None:
+                raise RedisConnectionError("pub/sub connection lost")
+            confirmed = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(topic, []).append(confirmed)
+            await pubsub.subscribe(topic)
+            await asyncio.wait_for(confirmed, COMMAND_TIMEOUT)
+        except BaseException as exc:
+            if self._routes.get(topic) is handler:
+                del self._routes[topic]
+            if isinstance(exc, RedisError | OSError | TimeoutError | BrokerUnavailable):
+                raise unavailable("subscribe", exc) from exc
+            raise
+
+    async def unsubscribe(self, topic: bytes) -> None:
+        """Forget the topic; never raises (a lost connection resubscribes without it)."""
+        if self._routes.pop(topic, None) is None:
+            return
+        pubsub = self._pubsub
+        if pubsub is not None:
+            try:
+                await pubsub.unsubscribe(topic)
+            except (RedisError, OSError) as exc:
+                logger.debug("UNSUBSCRIBE %r failed: %s", topic, exc)
+
+    # -- the pub/sub reader ------------------------------------------------------------
+
+    async def _run(self, pubsub: PubSub | None) -> None:
+        """Read pub/sub until closed, reconnecting (and resyncing) whenever it is lost.
+
+        A connection that fails to open, or dies within ``reconnect_cap`` seconds of
+        opening, makes the next attempt wait longer (exponential, with jitter); the first
+        reconnect after a connection that lived longer is immediate.
+        """
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            if failures:
+                delay = min(self.reconnect_cap, self.reconnect_base * 2 ** (failures - 1))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+            if pubsub is None:
+                try:
+                    pubsub = await self._open_pubsub()
+                except (RedisError, OSError) as exc:
+                    failures += 1
+                    log = logger.warning if failures == 1 else logger.debug
+                    log("Redis pub/sub: cannot connect (%s); attempt %d", exc, failures)
+                    continue
+            opened = loop.time()
+            resync = self._ever_connected
+            self._ever_connected = True
+            self._pubsub = pubsub
+            self._connected.set()
+            if resync:
+                self.reconnects += 1
+                logger.warning("Redis pub/sub reconnected: resyncing %d topics", len(self._routes))
+                self._notify_resync()
+            try:
+                await self._read(pubsub)
+            except (RedisError, OSError) as exc:
+                logger.warning("Redis pub/sub connection lost (%s); reconnecting", exc)
+            except Exception:
+                logger.exception("Redis pub/sub reader failed; reconnecting")
+            finally:
+                self._connected.clear()
+                self._pubsub = None
+                self._fail_waiters()
+                await _discard(pubsub)
+            pubsub = None
+            failures = failures + 1 if loop.time() - opened < self.reconnect_cap else 0
+
+    async def _open_pubsub(self) -> PubSub:
+        """A connected PubSub subscribed to every topic, each SUBSCRIBE confirmed.
+
+        Messages that arrive meanwhile are dispatched as usual (in order).
+        """
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.connect()  # type: ignore[no-untyped-call]
+            topics = list(self._routes)
+            for i in range(0, len(topics), self.subscribe_batch):
+                await pubsub.subscribe(*topics[i : i + self.subscribe_batch])
+            pending = set(topics)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + COMMAND_TIMEOUT
+            while pending:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RedisTimeoutError("SUBSCRIBE not confirmed in time")
+                message = await pubsub.get_message(timeout=remaining)
+                if message is not None:
+                    self._dispatch(message)
+                    if message["type"] == "subscribe":
+                        pending.discard(message["channel"])
+            stale = [topic for topic in topics if topic not in self._routes]
+            if stale:  # unsubscribed while we were connecting
+                await pubsub.unsubscribe(*stale)
+        except BaseException:
+            await _discard(pubsub)
+            raise
+        return pubsub
+
+    async def _read(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        last_seen = last_ping = loop.time()
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            now = loop.time()
+            if message is not None:
+                last_seen = now
+                self._dispatch(message)
+                continue
+            idle = now - last_seen
+            if idle > self.ping_interval + COMMAND_TIMEOUT:
+                raise RedisTimeoutError(f"no reply from Redis for {idle:.1f}s")
+            if idle >= self.ping_interval and now - last_ping >= self.ping_interval:
+                last_ping = now
+                await pubsub.ping()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "message":
+            topic = message["channel"]
+            handler = self._routes.get(topic)
+            if handler is None:
+                return  # unsubscribed meanwhile
+            try:
+                handler(message["data"])
+            except Exception:
+                logger.exception("handler of %r failed", topic)
+        elif kind == "subscribe":
+            for waiter in self._waiters.pop(message["channel"], ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _notify_resync(self) -> None:
+        if self._on_resync is not None:
+            try:
+                self._on_resync()
+            except Exception:
+                logger.exception("resync handler failed")
+
+    def _fail_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for waiter in futures:
+                if not waiter.done():
+                    waiter.set_exception(BrokerUnavailable("Redis pub/sub connection lost"))
+
+
+def unavailable(operation: str, exc: BaseException) -> BrokerUnavailable:
+    """``BrokerUnavailable`` for ``exc``; errors that are not about reachability are logged,
+    since they point at a bug or a misconfigured Redis rather than an outage."""
+    outage = RedisConnectionError | RedisTimeoutError | OSError | TimeoutError | BrokerUnavailable
+    if not isinstance(exc, outage):
+        logger.error("Redis %s failed: %r", operation, exc)
+    return BrokerUnavailable(f"Redis {operation} failed: {exc}")
+
+
+async def _discard(pubsub: PubSub) -> None:
+    try:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    except (RedisError, OSError) as exc:
+        logger.debug("closing the pub/sub connection: %s", exc)

@@ -1,0 +1,56 @@
+"""The ``PresenceStore`` protocol over Redis: a hash of entries and a zset of expiry times
+(Redis server clock) per channel; see ``keys``."""
+
+from __future__ import annotations
+
+from redis.exceptions import RedisError
+from redis.typing import EncodableT
+
+from channels.backends.redis.connection import Connection, unavailable
+from channels.backends.redis.keys import Keys
+from channels.backends.redis.scripts import Scripts
+from channels.broker import BrokerOptions
+
+
+class RedisPresence:
+    def __init__(
+        self, connection: Connection, keys: Keys, scripts: Scripts, options: BrokerOptions
+    ) -> None:
+        self._redis = connection.redis
+        self._keys = keys
+        self._scripts = scripts
+        self._ttl_ms = max(1, round(options.presence_ttl * 1000))
+
+    async def add(self, channel: str, client_id: str, entry: bytes) -> bool:
+        args: list[EncodableT] = [client_id, entry, self._ttl_ms]
+        keys = self._keys.presence(channel)
+        try:
+            added = await self._scripts.presence_add(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise unavailable("presence add", exc) from exc
+        return bool(added)
+
+    async def remove(self, channel: str, client_id: str) -> None:
+        entries, expiry = self._keys.presence(channel)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(entries, client_id)
+                pipe.zrem(expiry, client_id)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise unavailable("presence remove", exc) from exc
+
+    async def list(self, channel: str) -> list[bytes]:
+        keys, args = self._keys.presence(channel), [self._keys.topic(channel)]
+        try:
+            entries = await self._scripts.presence_list(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise unavailable("presence list", exc) from exc
+        return list(entries)
+
+    async def expire(self, channel: str) -> None:
+        keys, args = self._keys.presence(channel), [self._keys.topic(channel)]
+        try:
+            await self._scripts.presence_expire(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise unavailable("presence expire", exc) from exc

@@ -1,0 +1,2 @@
+-- After server_clock.lua and reap.lua: how many entries had lapsed.
+return #stale

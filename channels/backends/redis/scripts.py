@@ -1,0 +1,50 @@
+"""The Lua scripts, from the ``.lua`` files of this package, each file read once.
+
+A script is made of parts, composed at load time: the presence scripts start with the
+shared ``server_clock.lua`` (and ``reap.lua``). ``Scripts`` registers them on one
+client: EVALSHA, with SCRIPT LOAD when Redis does not know one (after a restart).
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+from redis.asyncio import Redis
+
+_PACKAGE = __name__.rpartition(".")[0]
+
+# script -> its files, in order
+PARTS = {
+    "publish": ("publish.lua",),
+    "history": ("history.lua",),
+    "presence_add": ("server_clock.lua", "presence_add.lua"),
+    "presence_list": ("server_clock.lua", "reap.lua", "presence_list.lua"),
+    "presence_expire": ("server_clock.lua", "reap.lua", "presence_expire.lua"),
+}
+
+
+def _read_file(name: str) -> str:
+    return resources.files(_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def _part(name: str) -> str:
+    return _read_file(name)
+
+
+@functools.cache
+def source(script: str) -> str:
+    """The text of ``script`` (a key of ``PARTS``)."""
+    return "".join(_part(name) for name in PARTS[script])
+
+
+class Scripts:
+    __slots__ = ("history", "presence_add", "presence_expire", "presence_list", "publish")
+
+    def __init__(self, redis: Redis) -> None:
+        self.publish = redis.register_script(source("publish"))
+        self.history = redis.register_script(source("history"))
+        self.presence_add = redis.register_script(source("presence_add"))
+        self.presence_list = redis.register_script(source("presence_list"))
+        self.presence_expire = redis.register_script(source("presence_expire"))

@@ -1,0 +1,105 @@
+"""What the contract suites (tests/test_contract_*.py) share.
+
+Each contract test runs unchanged over every backend (``backend_url`` is parametrized),
+as uvicorn runs its WebSocket tests over each implementation. A test gets a namespace of
+its own: ``memory://<unique name>``, or the session's redis-server (tests/redis_server.py)
+under a unique key prefix. ``make_worker`` creates a backend on it, as one worker of a
+cluster would, and closes it at teardown; a test may create several.
+
+The fixtures are made visible to every test module by tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from channels.broker import Backend, Broker, BrokerOptions, PresenceStore, Signals, create_backend
+from channels.publication import Message, PresenceEvent, Publication
+
+BACKENDS = ["memory", "redis"]
+
+
+class Received:
+    """What one worker's handlers were given."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.resyncs = 0
+        self.signals: list[bytes] = []
+
+    def on_message(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def on_resync(self) -> None:
+        self.resyncs += 1
+
+    def on_signal(self, data: bytes) -> None:
+        self.signals.append(data)
+
+    def publications(self, channel: str) -> list[Publication]:
+        return [m for m in self.messages if isinstance(m, Publication) and m.channel == channel]
+
+    def events(self) -> list[PresenceEvent]:
+        return [m for m in self.messages if isinstance(m, PresenceEvent)]
+
+
+@dataclass
+class Worker:
+    backend: Backend
+    received: Received = field(default_factory=Received)
+
+    @property
+    def broker(self) -> Broker:
+        return self.backend.broker
+
+    @property
+    def presence(self) -> PresenceStore:
+        return self.backend.presence
+
+    @property
+    def signals(self) -> Signals:
+        return self.backend.signals
+
+    async def start(self) -> None:
+        await self.broker.start(self.received.on_message, self.received.on_resync)
+
+    def listen(self) -> None:
+        self.signals.listen(self.received.on_signal)
+
+
+MakeWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_url(request: pytest.FixtureRequest, redis_prefix: str) -> str:
+    """This test's namespace: a memory namespace of its own, or the session's Redis (keys
+    kept apart by ``redis_prefix``)."""
+    if request.param == "memory":
+        return f"memory://{redis_prefix}"
+    assert request.param == "redis"
+    return str(request.getfixturevalue("redis_server").url)
+
+
+@pytest.fixture
+async def make_worker(backend_url: str, redis_prefix: str) -> AsyncIterator[MakeWorker]:
+    """Backends of this test's namespace (like the workers of one deployment), listening
+    to signals and started unless told otherwise, closed at teardown."""
+    opened: list[Worker] = []
+
+    async def make(*, start: bool = True, listen: bool = True, **options: Any) -> Worker:
+        options.setdefault("key_prefix", redis_prefix)
+        worker = Worker(create_backend(backend_url, BrokerOptions(**options)))
+        opened.append(worker)
+        if listen:
+            worker.listen()
+        if start:
+            await worker.start()
+        return worker
+
+    yield make
+    for worker in opened:
+        await worker.broker.close()

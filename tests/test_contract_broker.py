@@ -1,0 +1,209 @@
+"""The ``Broker`` contract, run unchanged over every backend (tests/contract.py): offsets,
+history, fan-out to the workers subscribed to a channel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from channels.broker import Broker
+from channels.publication import StreamPosition
+from tests.conftest import eventually
+from tests.contract import MakeWorker, Received, Worker
+
+
+@pytest.fixture
+async def worker(make_worker: MakeWorker) -> Worker:
+    return await make_worker(history_size=5)
+
+
+@pytest.fixture
+def broker(worker: Worker) -> Broker:
+    return worker.broker
+
+
+@pytest.fixture
+def received(worker: Worker) -> Received:
+    return worker.received
+
+
+async def test_offsets_start_at_one_and_have_no_gaps(broker: Broker) -> None:
+    pubs = [await broker.publish("c", b'{"n":%d}' % i) for i in range(10)]
+    assert [p.offset for p in pubs] == list(range(1, 11))
+    assert len({p.epoch for p in pubs}) == 1
+    assert pubs[3].data == b'{"n":3}'
+
+
+async def test_channels_have_independent_offsets(broker: Broker) -> None:
+    await broker.publish("a", b"1")
+    await broker.publish("a", b"2")
+    assert (await broker.publish("b", b"1")).offset == 1
+
+
+async def test_history_keeps_the_last_history_size_publications(broker: Broker) -> None:
+    for i in range(8):
+        await broker.publish("c", b"%d" % i)
+    page = await broker.history("c")
+    assert [p.offset for p in page.publications] == [4, 5, 6, 7, 8]
+    assert page.position.offset == 8
+    last_two = await broker.history("c", limit=2)
+    assert [p.offset for p in last_two.publications] == [7, 8]
+    assert (await broker.history("c", limit=0)).publications == []
+
+
+async def test_history_since_returns_what_follows_a_position(broker: Broker) -> None:
+    pubs = [await broker.publish("c", b"%d" % i) for i in range(8)]
+    epoch = pubs[0].epoch
+    page = await broker.history("c", since=StreamPosition(5, epoch))
+    assert page.complete and [p.offset for p in page.publications] == [6, 7, 8]
+    page = await broker.history("c", since=StreamPosition(3, epoch))
+    assert page.complete and [p.offset for p in page.publications] == [4, 5, 6, 7, 8]
+    page = await broker.history("c", since=StreamPosition(3, epoch), limit=2)
+    assert page.complete and [p.offset for p in page.publications] == [4, 5]
+    page = await broker.history("c", since=StreamPosition(8, epoch))
+    assert page.complete and page.publications == []
+
+
+async def test_history_since_outside_the_window_or_epoch_is_incomplete(broker: Broker) -> None:
+    pubs = [await broker.publish("c", b"%d" % i) for i in range(8)]
+    epoch = pubs[0].epoch
+    assert not (await broker.history("c", since=StreamPosition(2, epoch))).complete
+    assert not (await broker.history("c", since=StreamPosition(5, epoch + "x"))).complete
+    assert not (await broker.history("c", since=StreamPosition(9, epoch))).complete
+
+
+async def test_an_unknown_channel_is_at_offset_zero_with_a_stable_epoch(broker: Broker) -> None:
+    first = await broker.history("fresh")
+    assert first.position.offset == 0 and first.publications == []
+    publication = await broker.publish("fresh", b"1")
+    assert publication.epoch == first.position.epoch
+    page = await broker.history("fresh", since=first.position)
+    assert page.complete and [p.offset for p in page.publications] == [1]
+
+
+async def test_subscribed_channels_reach_the_handler_in_order(
+    broker: Broker, received: Received
+) -> None:
+    await broker.subscribe("c")
+    await asyncio.gather(*(broker.publish("c", b"%d" % i) for i in range(50)))
+    await broker.publish("other", b"x")
+    await eventually(lambda: len(received.publications("c")) == 50)
+    assert [p.offset for p in received.publications("c")] == list(range(1, 51))
+    assert received.publications("other") == []
+
+
+async def test_workers_share_one_gapless_sequence_and_all_see_it_in_order(
+    make_worker: MakeWorker,
+) -> None:
+    workers = [await make_worker() for _ in range(3)]
+    for worker in workers:
+        await worker.broker.subscribe("c")
+
+    async def publish_many(worker: Worker, n: int) -> list[int]:
+        return [(await worker.broker.publish("c", b"%d" % i)).offset for i in range(n)]
+
+    results = await asyncio.gather(*(publish_many(w, 200) for w in workers))
+    assigned = sorted(offset for offsets in results for offset in offsets)
+    assert assigned == list(range(1, 601))
+    for worker in workers:
+        sink = worker.received
+        await eventually(lambda sink=sink: len(sink.publications("c")) == 600)  # type: ignore[misc]
+        assert [p.offset for p in sink.publications("c")] == list(range(1, 601))
+        assert len({p.epoch for p in sink.publications("c")}) == 1
+        assert (await worker.broker.history("c", limit=1)).position.offset == 600
+
+
+async def test_unsubscribe_stops_delivery(broker: Broker, received: Received) -> None:
+    await broker.subscribe("c")
+    await broker.publish("c", b"1")
+    await eventually(lambda: len(received.publications("c")) == 1)
+    await broker.unsubscribe("c")
+    await broker.subscribe("d")
+    await broker.publish("c", b"2")
+    await broker.publish("d", b"1")
+    await eventually(lambda: received.publications("d"))
+    assert len(received.publications("c")) == 1
+
+
+async def test_presence_events_reach_every_subscribed_worker_but_are_not_stored(
+    make_worker: MakeWorker, broker: Broker, received: Received
+) -> None:
+    other = await make_worker()
+    await broker.subscribe("chat:x")
+    await other.broker.subscribe("chat:x")
+    await broker.publish_event("chat:x", "join", b'{"client":"c-1","user":"u","info":{}}')
+    for sink in (received, other.received):
+        events = await eventually(sink.events)
+        assert [(e.channel, e.event) for e in events] == [("chat:x", "join")]
+        assert events[0].client == b'{"client":"c-1","user":"u","info":{}}'
+    assert (await broker.history("chat:x")).publications == []
+
+
+async def test_history_expires_after_the_ttl(make_worker: MakeWorker) -> None:
+    broker = (await make_worker(history_size=5, history_ttl=0.3)).broker
+    await broker.publish("c", b"1")
+    assert len((await broker.history("c")).publications) == 1
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await broker.history("c")).publications:
+        assert asyncio.get_running_loop().time() < deadline, "history did not expire"
+        await asyncio.sleep(0.05)
+
+
+async def test_ready_is_true_when_connected_and_nothing_reconnected(broker: Broker) -> None:
+    assert await broker.ready()
+    assert broker.reconnects == 0
+
+
+async def test_close_is_idempotent(make_worker: MakeWorker) -> None:
+    broker = (await make_worker()).broker
+    await broker.close()
+    await broker.close()
+
+
+async def test_a_publication_carries_the_publishers_timestamp(
+    broker: Broker, received: Received
+) -> None:
+    await broker.subscribe("c")
+    before = time.time()
+    publication = await broker.publish("c", b"1")
+    assert before <= publication.published_at <= time.time()
+    delivered = await eventually(lambda: received.publications("c"))
+    assert delivered[0].published_at == pytest.approx(publication.published_at, abs=1e-5)
+    (stored,) = (await broker.history("c")).publications
+    assert stored.published_at == pytest.approx(publication.published_at, abs=1e-5)
+    assert (stored.offset, stored.epoch, stored.data) == (1, publication.epoch, b"1")
+
+
+async def test_channel_names_with_colons_do_not_collide(broker: Broker) -> None:
+    names = ["a", "a:b", "a:b:c", "b:a", "a.b", "a:", ":a"]
+    for i, name in enumerate(names):
+        for _ in range(i + 1):
+            await broker.publish(name, b'"%s"' % name.encode())
+    for i, name in enumerate(names):
+        page = await broker.history(name)
+        assert page.position.offset == i + 1
+        assert {p.data for p in page.publications} == {b'"%s"' % name.encode()}
+
+
+async def test_has_subscribers_follows_subscribe_and_unsubscribe(broker: Broker) -> None:
+    assert not await broker.has_subscribers("watched")
+    await broker.subscribe("watched")
+    assert await broker.has_subscribers("watched")
+    await broker.unsubscribe("watched")
+    deadline = asyncio.get_running_loop().time() + 5
+    while await broker.has_subscribers("watched"):
+        assert asyncio.get_running_loop().time() < deadline, "still subscribed"
+        await asyncio.sleep(0.02)
+
+
+async def test_has_subscribers_counts_every_worker(make_worker: MakeWorker) -> None:
+    here, there = await make_worker(), await make_worker()
+    await there.broker.subscribe("watched")
+    assert await here.broker.has_subscribers("watched")
+    await there.broker.close()  # a worker that is gone subscribes to nothing
+    deadline = asyncio.get_running_loop().time() + 5
+    while await here.broker.has_subscribers("watched"):
+        assert asyncio.get_running_loop().time() < deadline, "still subscribed"
+        await asyncio.sleep(0.02)
