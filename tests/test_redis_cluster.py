@@ -375,8 +375,12 @@ async def test_a_killed_worker_leaves_presence_within_the_ttl_and_the_others_car
     channel = "chat:x"
     try:
         async with ws_to(doomed, "doomed") as lost, ws_to(survivor, "survivor") as kept:
-            await lost.subscribe(channel)
+            # The survivor first: then the doomed client's join is announced after the
+            # survivor's worker subscribed, and reaches it (before, whether it did was a race
+            # that the presence events asserted below lost one run in five).
             await kept.subscribe(channel)
+            await lost.subscribe(channel)
+            await kept.presence_push(channel, "join", user="doomed")
 
             async def users() -> list[str]:
                 async with http_to(reader) as http:
