@@ -85,11 +85,15 @@ class SSETransport:
 
     def _chunk(self, item: Outgoing) -> bytes:
         """``item``'s event as one HTTP chunk; framed once per publication when single."""
-        if self.single and isinstance(item, Publication | Batch):
-            for message in item.messages if isinstance(item, Batch) else (item,):
-                if isinstance(message, Publication):
-                    self.positions[message.channel] = message.position
-            return wire.single_chunk(item)
+        if self.single:
+            if type(item) is Publication:  # the hot path: the same chunk for every stream
+                self.positions[item.channel] = item.position
+                return wire.single_chunk(item)
+            if type(item) is Batch:
+                for message in item.messages:
+                    if type(message) is Publication:
+                        self.positions[message.channel] = message.position
+                return wire.single_chunk(item)
         return wire.frame_chunk(self._event(item))
 
     def _event(self, item: Outgoing) -> bytes:

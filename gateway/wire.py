@@ -47,10 +47,9 @@ class Encoded:
 
 
 def _encoded(item: Message | Batch) -> Encoded:
-    cache = item.wire
+    cache: Encoded | None = item.wire
     if cache is None:
         cache = item.wire = Encoded()
-    assert isinstance(cache, Encoded)
     return cache
 
 
@@ -112,6 +111,9 @@ def ws_frames(item: Push | Batch | str) -> bytes:
     """``item``'s text frame(s): a push's and a batch's are built once and shared."""
     if isinstance(item, str):  # a reply, for one client
         return text_frame(item.encode())
+    cache = item.wire
+    if cache is not None and cache.ws is not None:  # the hot path: built already
+        return cache.ws  # type: ignore[no-any-return]
     cache = _encoded(item)
     frames = cache.ws
     if frames is None:
@@ -191,6 +193,9 @@ def single_sse(publication: Publication) -> bytes:
 def single_chunk(item: Publication | Batch) -> bytes:
     """``single_sse`` of a publication, or of each message of a batch of one channel,
     framed as one HTTP/1.1 chunk; built once for every one-channel stream."""
+    cache = item.wire
+    if cache is not None and cache.chunk is not None:  # the hot path: built already
+        return cache.chunk  # type: ignore[no-any-return]
     cache = _encoded(item)
     chunk = cache.chunk
     if chunk is None:

@@ -160,7 +160,7 @@ class Connection:
         await self.gateway.closed(session)
         close = close_for(session.close_reason)
         if close is not None:
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(OSError):  # the client left meanwhile
                 await self.port.close(close.code, close.reason)
 
     def refresh(self, claims: Claims) -> None:

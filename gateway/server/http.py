@@ -39,9 +39,8 @@ from typing import Any, cast
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from gateway.server.ports import RAW_BODY
 from gateway.server.waiting import LiteEvent
-
-RAW_BODY = "gateway.raw_body"
 
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
 # dedented source when it was copied; tests/test_server_adapter.py compares.

@@ -25,10 +25,13 @@ from typing import Any, Protocol
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.server.asgi import AsgiStreamPort, AsgiWebSocketPort
-from gateway.server.http import RAW_BODY, RawBody
-from gateway.server.websocket import RAW_FRAMES
 
 logger = logging.getLogger(__name__)
+
+# Where the gateway's protocols put a connection's port in the ASGI scope's extensions.
+# (Named here so that nothing imports those protocols unless uvicorn runs them.)
+RAW_FRAMES = "gateway.raw_frames"  # gateway.server.websocket
+RAW_BODY = "gateway.raw_body"  # gateway.server.http: a RawBody per request
 
 
 class Port(Protocol):
@@ -96,10 +99,10 @@ def websocket_port(scope: Scope, receive: Receive, send: Send, *, raw: bool) -> 
 def stream_port(scope: Scope, receive: Receive, send: Send, *, raw: bool) -> StreamPort:
     """The server's own port for a started streaming response, or one over ASGI."""
     if raw:
-        body: RawBody | None = _extension(scope, RAW_BODY)
+        body: StreamPort | None = _extension(scope, RAW_BODY)
         if body is None:
             _fallback("GATEWAY_RAW_WRITES is on but the server offers no raw body port")
-        elif not body.chunked:
+        elif not getattr(body, "chunked", False):
             logger.debug("a response that is not chunked (HTTP/1.0?): written through ASGI")
         else:
             return body

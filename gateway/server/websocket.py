@@ -43,9 +43,8 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 
 from gateway.errors import CloseCode
+from gateway.server.ports import RAW_FRAMES
 from gateway.server.waiting import LiteEvent, LiteQueue
-
-RAW_FRAMES = "gateway.raw_frames"
 
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
 # dedented source when it was copied; tests/test_server_adapter.py compares.
@@ -134,6 +133,8 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             await self.writable.wait()
 
     async def close(self, code: int, reason: str) -> None:
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            return  # closed already (a parser error, a keep-alive timeout, the client)
         await self.send({"type": "websocket.close", "code": code, "reason": reason})
 
     async def hold(self) -> None:
