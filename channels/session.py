@@ -8,9 +8,9 @@ delivery. Otherwise the item queues, and the session's writer (``run_writer``, i
 a task the transport starts only then: ``writer_on_demand``) writes the queue in
 batches as the socket drains. When the bytes waiting in the queue pass
 ``max_queue_bytes``, or one write waits longer than ``send_timeout`` for the
-socket, the session is closed as a slow consumer (``Ending.SLOW_CONSUMER``) and
-its queue dropped: one client that stops reading never slows the others and never
-makes memory grow without bound.
+socket (``_WriteWatch``), the session is closed as a slow consumer
+(``Ending.SLOW_CONSUMER``) and its queue dropped: one client that stops reading
+never slows the others and never makes memory grow without bound.
 
 Why a session ends is the transport's to put into a close code: ``close(reason)``
 keeps whatever reason it is given, first one wins; the session itself only ever
@@ -23,6 +23,7 @@ import asyncio
 import enum
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -201,6 +202,10 @@ class Session:
         self._queued_bytes = 0
         self.close(Ending.SLOW_CONSUMER)
 
+    def _write_timed_out(self) -> None:
+        self._too_slow()
+        self.abort()
+
     async def run_writer(self) -> bool:
         """Write what is queued, in batches, until the session is closed and flushed.
 
@@ -224,6 +229,7 @@ class Session:
     async def _drain_queue(self) -> None:
         queue = self._queue
         loop = asyncio.get_running_loop()
+        watch = _watch(loop) if self.send_timeout is not None else None
         while True:
             if not queue:
                 if self.close_reason is not None:
@@ -238,14 +244,14 @@ class Session:
             queue.clear()
             self._queued_bytes = 0
             self._writing = True
+            if watch is not None:
+                watch.add(self)
             try:
-                async with asyncio.timeout(self.send_timeout):
-                    await self._transport.write(batch)
-            except TimeoutError:
-                self._too_slow()
-                return
+                await self._transport.write(batch)
             finally:
                 self._writing = False
+                if watch is not None:
+                    watch.discard(self)
             if self.observe_latency is not None:
                 self._observe(batch)
 
@@ -256,3 +262,52 @@ class Session:
             if isinstance(first, Publication):
                 self.observe_latency(time.time() - first.published_at)
                 return
+
+
+class _WriteWatch:
+    """The sessions of one event loop that are in a write, and one timer that cuts off
+    those whose write has waited longer than their ``send_timeout``.
+
+    A timer per write (``asyncio.timeout``) would cost microseconds on every write of the
+    writer tasks, most of which never wait; here a write costs a dict insert and delete,
+    and the timer exists only while some write is in progress. A write is cut off within
+    a quarter of its timeout after the deadline.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.deadlines: dict[Session, float] = {}
+        self.tick = float("inf")
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, session: Session) -> None:
+        assert session.send_timeout is not None
+        self.deadlines[session] = self.loop.time() + session.send_timeout
+        self.tick = min(self.tick, max(0.01, session.send_timeout / 4))
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.tick, self._check)
+
+    def discard(self, session: Session) -> None:
+        self.deadlines.pop(session, None)
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        late = [session for session, deadline in self.deadlines.items() if deadline <= now]
+        for session in late:
+            del self.deadlines[session]
+            session._write_timed_out()
+        if self.deadlines:
+            self._timer = self.loop.call_later(self.tick, self._check)
+
+
+_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteWatch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _watch(loop: asyncio.AbstractEventLoop) -> _WriteWatch:
+    watch = _watches.get(loop)
+    if watch is None:
+        watch = _watches[loop] = _WriteWatch(loop)
+    return watch
