@@ -1,4 +1,4 @@
-"""``python -m loadtest``: the scenarios, compare and sendfloor (see loadtest/README.md)."""
+"""``python -m loadtest``: the scenarios, compare, sendfloor, hotpath (loadtest/README.md)."""
 
 from __future__ import annotations
 
@@ -184,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold", type=float, default=0.0, help="seconds a churned client stays")
 
     from loadtest.compare import add_compare_parser
+    from loadtest.hotpath import add_parser as add_hotpath_parser
     from loadtest.sendfloor import add_parser as add_sendfloor_parser
 
     add_compare_parser(sub)
     add_sendfloor_parser(sub)
+    add_hotpath_parser(sub)
     return parser
 
 
@@ -282,6 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.compare import run_compare
 
         return int(run(run_compare(args, argv)))
+    if args.command == "hotpath":
+        from loadtest.hotpath import run_hotpath
+        from loadtest.hotpath import summary as hotpath_summary
+
+        costs = run_hotpath(sessions=args.sessions, publications=args.publications)
+        text = (
+            orjson.dumps(costs, option=orjson.OPT_INDENT_2).decode()
+            if args.json
+            else hotpath_summary(costs)
+        )
+        sys.stdout.write(text + "\n")
+        return 0
     if args.command == "sendfloor":
         from loadtest.sendfloor import run_sendfloor, summary
 

@@ -291,3 +291,20 @@ def test_sendfloor_times_one_send_per_connection() -> None:
     assert 0 < cpu["median"] <= cpu["max"]
     # The median connection's send returns within the round: at most 20 sends' time.
     assert 0 < report["median_subscriber_ms"]["median"] <= wall["max"] * 20 / 1000
+
+
+def test_hotpath_times_the_gateways_own_work_per_delivery() -> None:
+    argv = ["hotpath", "--sessions", "20", "--publications", "10", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    assert (report["sessions"], report["publications"]) == (20, 10)
+    costs = report["ns_per_delivery"]
+    assert set(costs) == {"websocket", "sse", "sse-2-channels"}
+    assert all(isinstance(ns, int) and ns > 0 for ns in costs.values())
