@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from channels.broker import Broker, BrokerUnavailable
 from channels.local import LocalChannel
 from channels.publication import Batch, Message, Publication, StreamPosition
 from channels.session import Gap
+from channels.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +49,7 @@ class Fanout:
         # (most subscribers are written synchronously inside that pass).
         self.observe_latency: Callable[[float], None] | None = None
         self._channels: dict[str, LocalChannel] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("hub task %s crashed", task.get_name(), exc_info=task.exception())
+        self._tasks = Tasks(logger)
 
     # -- delivery (hot path) -----------------------------------------------------
 
@@ -78,7 +68,7 @@ class Fanout:
                     return  # a duplicate, already delivered
                 if message.offset > lc.offset + 1:
                     lc.recovering = [message]
-                    self._spawn(self._recover(lc), f"recover:{lc.name}")
+                    self._tasks.spawn(self._recover(lc), f"recover:{lc.name}")
                     return
             elif lc.epoch is not None:
                 self._push_all(lc, Gap(lc.name))
@@ -145,7 +135,7 @@ class Fanout:
         for lc in self._channels.values():
             if lc.recovering is None and lc.epoch is not None:
                 lc.recovering = []
-                self._spawn(self._recover(lc), f"recover:{lc.name}")
+                self._tasks.spawn(self._recover(lc), f"recover:{lc.name}")
 
     async def _recover(self, lc: LocalChannel) -> None:
         """Fetch what the live stream skipped, then replay what arrived meanwhile, in order.

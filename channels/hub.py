@@ -82,13 +82,10 @@ class Hub(Fanout):
 
     async def start(self) -> None:
         await self._broker.start(self._on_message, self._on_resync)
-        self._spawn(self._presence.refresh_forever(), "presence-refresh")
+        self._tasks.spawn(self._presence.refresh_forever(), "presence-refresh")
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         await self._broker.close()
 
     async def ready(self) -> bool:
@@ -174,7 +171,7 @@ class Hub(Fanout):
         except BaseException:
             self._drop(session, lc)
             if not lc:
-                self._spawn(self._release_upstream(lc), f"unsubscribe:{channel}")
+                self._tasks.spawn(self._release_upstream(lc), f"unsubscribe:{channel}")
             raise
         if lc.joining.pop(session, None) is None:  # unsubscribed meanwhile
             raise SubscribeError("bad_request", f"unsubscribed from {channel} while subscribing")
@@ -211,7 +208,9 @@ class Hub(Fanout):
         else:
             lc.catching_up[session] = last
         if presence:
-            self._spawn(self._presence.announce(channel, "join", session.presence_entry), "join")
+            self._tasks.spawn(
+                self._presence.announce(channel, "join", session.presence_entry), "join"
+            )
         return result
 
     async def _ensure_upstream(self, lc: LocalChannel) -> None:

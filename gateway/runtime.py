@@ -11,11 +11,11 @@ import asyncio
 import logging
 from typing import Protocol
 
-from auth import PatternSet, TokenVerifier
+from auth import Claims, PatternSet, TokenVerifier
 from auth.tokens import make_token, new_dev_secret
 from channels.broker import BrokerOptions, create_backend
 from channels.hub import Hub
-from channels.session import Session
+from channels.session import Session, Transport
 from gateway.connections import Connections
 from gateway.errors import CloseCode
 from gateway.metrics import Metrics
@@ -87,6 +87,19 @@ class Gateway:
     @property
     def at_capacity(self) -> bool:
         return self.connections.at_capacity
+
+    def new_session(self, transport: Transport, claims: Claims, transport_name: str) -> Session:
+        """A session for a connection holding ``claims``, with the settings' limits."""
+        settings = self.settings
+        return Session(
+            transport,
+            user=claims.user,
+            info=claims.info,
+            max_queue_bytes=settings.client_queue_bytes,
+            send_timeout=settings.send_timeout,
+            transport_name=transport_name,
+            observe_latency=self.metrics.latency.observe,
+        )
 
     def opened(self, session: Session) -> None:
         self.connections.opened(session.transport_name)

@@ -33,7 +33,7 @@ from auth import Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
 from channels.publication import Batch, Publication, StreamPosition
-from channels.session import Ending, Gap, Outgoing, Session
+from channels.session import Ending, Gap, Outgoing
 from gateway import cursor, wire
 from gateway.access import checked_channel, require
 from gateway.deps import ClaimsDep, GatewayDep
@@ -119,17 +119,8 @@ class Stream:
 
     def __init__(self, gateway: Gateway, claims: Claims, channels: list[str]) -> None:
         self.gateway = gateway
-        settings = gateway.settings
         self.transport = SSETransport(channels)
-        self.session = Session(
-            self.transport,
-            user=claims.user,
-            info=claims.info,
-            max_queue_bytes=settings.client_queue_bytes,
-            send_timeout=settings.send_timeout,
-            transport_name="sse",
-            observe_latency=gateway.metrics.latency.observe,
-        )
+        self.session = gateway.new_session(self.transport, claims, "sse")
         self.deadline = gateway.verifier.deadline(claims)
         self._beat: Timer | None = None
         self._expiry: Timer | None = None

@@ -114,14 +114,11 @@ def ws_frames(item: Push | Batch | str) -> bytes:
     cache = item.wire
     if cache is not None and cache.ws is not None:  # the hot path: built already
         return cache.ws  # type: ignore[no-any-return]
-    cache = _encoded(item)
-    frames = cache.ws
-    if frames is None:
-        if isinstance(item, Batch):
-            frames = b"".join([ws_frames(message) for message in item.messages])
-        else:
-            frames = text_frame(push_json(item))
-        cache.ws = frames
+    if isinstance(item, Batch):
+        frames = b"".join([ws_frames(message) for message in item.messages])
+    else:
+        frames = text_frame(push_json(item))
+    _encoded(item).ws = frames
     return frames
 
 
@@ -196,17 +193,14 @@ def single_chunk(item: Publication | Batch) -> bytes:
     cache = item.wire
     if cache is not None and cache.chunk is not None:  # the hot path: built already
         return cache.chunk  # type: ignore[no-any-return]
-    cache = _encoded(item)
-    chunk = cache.chunk
-    if chunk is None:
-        if isinstance(item, Publication):
-            events = single_sse(item)
-        else:
-            events = b"".join(
-                [
-                    single_sse(m) if isinstance(m, Publication) else sse_presence(m)
-                    for m in item.messages
-                ]
-            )
-        chunk = cache.chunk = frame_chunk(events)
+    if isinstance(item, Publication):
+        events = single_sse(item)
+    else:
+        events = b"".join(
+            [
+                single_sse(m) if isinstance(m, Publication) else sse_presence(m)
+                for m in item.messages
+            ]
+        )
+    chunk = _encoded(item).chunk = frame_chunk(events)
     return chunk

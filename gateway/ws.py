@@ -30,7 +30,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 
 from auth import AuthError, Claims
-from channels.session import Ending, Gap, Outgoing, Session
+from channels.session import Ending, Gap, Outgoing
 from gateway import dispatch, wire
 from gateway.commands import BadFrame, Command, parse_command
 from gateway.deps import MaybeClaimsDep
@@ -83,18 +83,9 @@ class Connection:
         self.gateway = gateway
         self.claims = claims
         self.port = port
-        settings = gateway.settings
-        self.session = Session(
-            WebSocketTransport(port),
-            user=claims.user,
-            info=claims.info,
-            max_queue_bytes=settings.client_queue_bytes,
-            send_timeout=settings.send_timeout,
-            transport_name="websocket",
-            observe_latency=gateway.metrics.latency.observe,
-        )
+        self.session = gateway.new_session(WebSocketTransport(port), claims, "websocket")
         self.bad_frames = 0
-        self.publish_limiter = RateLimiter(settings.client_publish_rate)
+        self.publish_limiter = RateLimiter(gateway.settings.client_publish_rate)
         self._expiry: Timer | None = None
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _emit(
+    report: dict[str, Any], summary: Callable[[dict[str, Any]], str], *, as_json: bool
+) -> int:
+    """A report on stdout: its JSON, or the one-paragraph summary."""
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else summary(report)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
 def setup_from(args: argparse.Namespace, argv: list[str]) -> Setup:
     target = TARGETS[args.target]
     transport = args.transport
@@ -289,13 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.hotpath import summary as hotpath_summary
 
         costs = run_hotpath(sessions=args.sessions, publications=args.publications)
-        text = (
-            orjson.dumps(costs, option=orjson.OPT_INDENT_2).decode()
-            if args.json
-            else hotpath_summary(costs)
-        )
-        sys.stdout.write(text + "\n")
-        return 0
+        return _emit(costs, hotpath_summary, as_json=args.json)
     if args.command == "sendfloor":
         from loadtest.sendfloor import run_sendfloor, summary
 
@@ -307,13 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             sender_cpus=cpus(args.sender_cpus) or None,
             receiver_cpus=cpus(args.receiver_cpus) or None,
         )
-        text = (
-            orjson.dumps(floor, option=orjson.OPT_INDENT_2).decode()
-            if args.json
-            else summary(floor)
-        )
-        sys.stdout.write(text + "\n")
-        return 0
+        return _emit(floor, summary, as_json=args.json)
     setup = setup_from(args, argv)
     try:
         report = run(scenario_coroutine(args, setup))

@@ -273,9 +273,8 @@ def test_baseline_fanout(reports: dict[str, Run], name: str) -> None:
     check_deliveries(report, 10, [10])
 
 
-def test_sendfloor_times_one_send_per_connection() -> None:
-    argv = ["sendfloor", "--clients", "20", "--rounds", "3", "--rate", "0", "--json"]
-    argv += ["--sender-cpus", "", "--receiver-cpus", ""]
+def loadtest_json(argv: list[str]) -> Any:
+    """``python -m loadtest ARGV`` (with ``--json``): its report."""
     done = subprocess.run(
         [sys.executable, "-m", "loadtest", *argv],
         cwd=ROOT,
@@ -284,7 +283,12 @@ def test_sendfloor_times_one_send_per_connection() -> None:
         timeout=RUN_TIMEOUT,
         check=True,
     )
-    report = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_sendfloor_times_one_send_per_connection() -> None:
+    argv = ["sendfloor", "--clients", "20", "--rounds", "3", "--rate", "0", "--json"]
+    report = loadtest_json([*argv, "--sender-cpus", "", "--receiver-cpus", ""])
     assert (report["clients"], report["rounds"], report["payload_bytes"]) == (20, 3, 100)
     wall, cpu = report["wall_us_per_send"], report["cpu_us_per_send"]
     assert 0 < wall["median"] <= wall["max"]
@@ -294,16 +298,7 @@ def test_sendfloor_times_one_send_per_connection() -> None:
 
 
 def test_hotpath_times_the_gateways_own_work_per_delivery() -> None:
-    argv = ["hotpath", "--sessions", "20", "--publications", "10", "--json"]
-    done = subprocess.run(
-        [sys.executable, "-m", "loadtest", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=True,
-    )
-    report = json.loads(done.stdout)
+    report = loadtest_json(["hotpath", "--sessions", "20", "--publications", "10", "--json"])
     assert (report["sessions"], report["publications"]) == (20, 10)
     costs = report["ns_per_delivery"]
     assert set(costs) == {"websocket", "sse", "sse-2-channels"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from channels.broker import BrokerUnavailable, ResyncHandler
+from channels.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Connection:
         self._connected = asyncio.Event()
         self._ever_connected = False
         self._on_resync: ResyncHandler | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks(logger)
         self._closed = False
         self.reconnects = 0
 
@@ -99,30 +100,17 @@ class Connection:
             pubsub = await self._open_pubsub()
         except (RedisError, OSError) as exc:
             logger.warning("Redis unavailable at start (%s); retrying in the background", exc)
-        self._spawn(self._run(pubsub), "redis-pubsub-reader")
+        self._tasks.spawn(self._run(pubsub), "redis-pubsub-reader")
 
     async def close(self) -> None:
         """Stop the reader and close every connection. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         self._fail_waiters()
         await self.redis.aclose()
         self._on_resync = None
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("task %s crashed", task.get_name(), exc_info=task.exception())
 
     async def ready(self) -> bool:
         """Pub/sub connected and a PING answered."""
