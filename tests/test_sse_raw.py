@@ -416,7 +416,7 @@ def _cycle(transport: _Transport, method: str = "GET") -> RequestResponseCycle:
     import logging
 
     return RequestResponseCycle(
-        scope={"method": method, "http_version": "1.1"},  # type: ignore[typeddict-item]
+        scope={"method": method, "http_version": "1.1", "headers": []},  # type: ignore[typeddict-item]
         transport=transport,  # type: ignore[arg-type]
         flow=FlowControl(transport),  # type: ignore[arg-type]
         logger=logging.getLogger("test"),
