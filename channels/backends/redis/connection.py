@@ -56,7 +56,8 @@ class Connection:
         self.client_name = client_name
         # A bounded pool: a burst of subscribes (thousands of clients reconnecting at
         # once) waits for a free connection instead of opening one socket per command
-        # under a 2 s connect timeout - which refused 1-2 % of them on a busy machine.
+        # under a 2 s connect timeout, which refused some of them on a busy machine
+        # (tests/test_redis_broker.py has the regression test).
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=self.pool_size,
