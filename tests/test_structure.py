@@ -141,3 +141,17 @@ def test_only_the_mode_choice_imports_the_gateways_uvicorn_protocols() -> None:
     protocols = {"gateway.server.websocket", "gateway.server.http"}
     importers = sorted(n for n in MODULES if GRAPH[n] & protocols and n.startswith("gateway"))
     assert importers == ["gateway.server.options"]
+
+
+def test_the_runtime_knows_no_feature_and_only_channels_knows_the_backends() -> None:
+    """Features install themselves on the app (gateway.llm, gateway.demo); the gateway reaches
+    a backend only through the hub, so nothing outside channels/ imports a backend module."""
+    assert not {
+        m for m in GRAPH["gateway.runtime"] if m.startswith(("gateway.llm", "gateway.demo"))
+    }
+    outside = [
+        (name, sorted(m for m in GRAPH[name] if m.startswith("channels.backends")))
+        for name in MODULES
+        if not name.startswith("channels")
+    ]
+    assert [(name, deps) for name, deps in outside if deps] == []
