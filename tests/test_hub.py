@@ -61,7 +61,7 @@ async def hub() -> AsyncIterator[Hub]:
     await hub.close()
 
 
-def new_session(max_queue_bytes: int = 10_000_000) -> tuple[Session, Recorder, asyncio.Task[None]]:
+def new_session(max_queue_bytes: int = 10_000_000) -> tuple[Session, Recorder, asyncio.Task[bool]]:
     recorder = Recorder()
     session = Session(
         recorder, user="u", info={}, max_queue_bytes=max_queue_bytes, transport_name="test"
