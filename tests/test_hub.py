@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from channels.broker import Broker, BrokerOptions, create_backend
+from channels.broker import Broker, BrokerOptions, HistoryPage, create_backend
 from channels.hub import Hub, SubscribeResult
 from channels.publication import Batch, Publication, StreamPosition
 from channels.session import Ending, Gap, Outgoing, Session
@@ -46,9 +46,11 @@ class SlowHistory:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._broker, name)
 
-    async def history(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def history(
+        self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
         await asyncio.sleep(0.002)
-        return await self._broker.history(*args, **kwargs)
+        return await self._broker.history(channel, since=since, limit=limit)
 
 
 @pytest.fixture
