@@ -88,7 +88,11 @@ async def test_sessions_joining_during_a_burst_get_each_offset_once_in_order(hub
     await publisher
     for recorder, result in joined:
         expected = list(range(result.position.offset + 1, 601))
-        await eventually(lambda r=recorder, e=expected: r.offsets("c") == e or None, timeout=5)
+
+        def caught_up(r: Recorder = recorder, e: list[int] = expected) -> bool | None:
+            return r.offsets("c") == e or None
+
+        await eventually(caught_up, timeout=5)
     assert len(joined) > 5
     for writer in writers:
         writer.cancel()
@@ -204,7 +208,11 @@ async def test_hubs_on_one_memory_namespace_are_workers_of_one_cluster() -> None
         second = await hubs[1].publish("c", b"2")
         assert (first.offset, second.offset, second.epoch) == (1, 2, first.epoch)
         for _, recorder, _ in sessions:
-            await eventually(lambda r=recorder: r.offsets("c") == [1, 2])
+
+            def got_both(r: Recorder = recorder) -> bool:
+                return r.offsets("c") == [1, 2]
+
+            await eventually(got_both)
         assert [p.offset for p in (await hubs[1].history("c")).publications] == [1, 2]
     finally:
         for worker in hubs:

@@ -207,7 +207,11 @@ async def test_longest_valid_channel_name_and_every_allowed_character_work(serve
             result = await c.subscribe(name)
             pub = await c.publish(name, name)
             assert pub == {"offset": 1, "epoch": result["epoch"]}
-            assert await c.wait_for(lambda f, n=name: is_publication(f, n)) == {
+
+            def on_name(f: dict[str, Any], n: str = name) -> bool:
+                return is_publication(f, n)
+
+            assert await c.wait_for(on_name) == {
                 "channel": name,
                 "offset": 1,
                 "epoch": result["epoch"],

@@ -779,7 +779,10 @@ async def test_fresh_subscribe_during_live_publishing_continues_right_after_the_
             checked = 0
             for k in range(1, 7):
                 # Join at different points of the stream, while it is moving.
-                await watcher.wait_for(lambda f, k=k: is_publication(f) and f["offset"] >= 50 * k)
+                def past(f: dict[str, Any], k: int = k) -> bool:
+                    return is_publication(f) and f["offset"] >= 50 * k
+
+                await watcher.wait_for(past)
                 async with ws_client(server) as c:
                     top = (await c.subscribe(channel))["offset"]
                     assert top >= 50 * k
