@@ -628,16 +628,13 @@ async def test_concurrent_publishers_each_subscriber_gets_every_offset_once_in_o
         async def reader(s: WsClient) -> list[dict[str, Any]]:
             return await s.publications(channel, total, timeout=30)
 
-        results = await asyncio.gather(
-            *(publisher(p) for p in range(publishers)), *(reader(s) for s in subs)
+        published, read = await asyncio.gather(
+            asyncio.gather(*(publisher(p) for p in range(publishers))),
+            asyncio.gather(*(reader(s) for s in subs)),
         )
-        replied = {
-            (p, i): off
-            for p, offsets in enumerate(results[:publishers])
-            for i, off in offsets.items()
-        }
+        replied = {(p, i): off for p, offsets in enumerate(published) for i, off in offsets.items()}
         assert sorted(replied.values()) == list(range(1, total + 1))
-        for got in results[publishers:]:
+        for got in read:
             assert [f["offset"] for f in got] == list(range(1, total + 1))
             assert all(f["epoch"] == epoch and f["channel"] == channel for f in got)
             # Each push carries the data whose publish reply named that offset.
