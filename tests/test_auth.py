@@ -31,8 +31,10 @@ def pem_pair(private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> tup
         ("ES256", ec.generate_private_key(ec.SECP256R1())),
     ],
 )
-def test_public_key_tokens_are_verified(algorithm: str, key: object) -> None:
-    private, public = pem_pair(key)  # type: ignore[arg-type]
+def test_public_key_tokens_are_verified(
+    algorithm: str, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+) -> None:
+    private, public = pem_pair(key)
     verifier = TokenVerifier(public_key=public)
     token = jwt.encode({"sub": "alice", "subscribe": ["a:*"]}, private, algorithm=algorithm)
     claims = verifier.verify(token)

@@ -4,6 +4,7 @@ heartbeats, errors before the stream, presence events, CORS."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -36,7 +37,7 @@ async def opening(stream: SseStream) -> dict[str, Any]:
 
 
 async def test_parse_sse_handles_comments_multiline_data_and_blocks_without_data():
-    async def lines():
+    async def lines() -> AsyncIterator[str]:
         for line in [
             ": hello",
             "retry: 10",
@@ -334,7 +335,7 @@ async def test_sse_sends_ping_comment_every_heartbeat_interval(make_server):
     server = await make_server(sse_heartbeat=0.2)
     async with api_client(server) as http, open_sse(http, ["quiet"]) as s:
         await opening(s)
-        comments = []
+        comments: list[str] = []
         while len(comments) < 3:
             item = await s.next(timeout=2)
             assert "comment" in item, item

@@ -378,7 +378,7 @@ async def test_token_without_any_claims_may_do_nothing_but_ping(server):
     bare = make_token(SECRET, "bare")
     assert "subscribe" not in jwt.decode(bare, options={"verify_signature": False})
     async with ws_client(server, bare) as c:
-        cmds = [
+        cmds: list[dict[str, Any]] = [
             {"op": "subscribe", "channel": "news"},
             {"op": "publish", "channel": "news", "data": 1},
             {"op": "history", "channel": "news", "limit": 1},

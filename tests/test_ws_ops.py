@@ -461,7 +461,7 @@ async def test_non_presence_channel_has_no_join_leave_and_presence_op_is_not_fou
             "error": {"code": "not_found", "message": reply["error"]["message"]},
         }
         m = await api_publish(http, "dashboard", "marker")
-        frames = []
+        frames: list[dict[str, Any]] = []
         while not frames or frames[-1] != {
             "channel": "dashboard",
             "offset": 1,
