@@ -172,12 +172,16 @@ class WsClient:
             fields["since"] = since
         reply = await self.call("subscribe", **fields)
         assert reply.get("ok") is True, reply
-        return reply["result"]
+        result = reply["result"]
+        assert isinstance(result, dict), reply
+        return result
 
     async def publish(self, channel: str, data: Any) -> dict[str, Any]:
         reply = await self.call("publish", channel=channel, data=data)
         assert reply.get("ok") is True, reply
-        return reply["result"]
+        result = reply["result"]
+        assert isinstance(result, dict), reply
+        return result
 
     async def publications(
         self, channel: str, count: int, *, timeout: float = TIMEOUT
@@ -411,7 +415,7 @@ class SseStream:
 
     async def until_end(self, timeout: float) -> list[dict[str, Any]]:
         """Everything until the server ends the stream."""
-        got = []
+        got: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -429,10 +433,15 @@ class SseStream:
             await self._task
 
 
+# Query parameters as (name, value) pairs, typed as httpx takes a list of them (the list
+# is invariant, so its value type must be httpx's own, not just str).
+QueryPairs = list[tuple[str, str | int | float | bool | None]]
+
+
 def sse_params(
     channels: Iterable[str], tok: str | None = None, last_event_id: str | None = None
-) -> list[tuple[str, str]]:
-    params = [("channel", c) for c in channels]
+) -> QueryPairs:
+    params: QueryPairs = [("channel", c) for c in channels]
     if tok is not None:
         params.append(("token", tok))
     if last_event_id is not None:
@@ -469,7 +478,7 @@ async def open_sse(
 
 async def sse_request(
     http: httpx.AsyncClient,
-    params: list[tuple[str, str]],
+    params: QueryPairs,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, httpx.Headers, Any]:
     """A GET /sse that is expected to fail: (status, headers, decoded JSON body).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -103,7 +104,7 @@ async def test_broadcast_returns_results_in_request_order(server):
                 {"channel": "b2", "offset": 3, "epoch": results[2]["epoch"]},
             ]
         }
-        got = {}
+        got: dict[str, dict[str, Any]] = {}
         while len(got) < 2:
             f = await c.recv()
             if f.get("data") == {"x": 1}:
@@ -402,7 +403,7 @@ async def test_publish_body_over_max_message_bytes_is_413(make_server):
 async def test_publish_chunked_body_over_max_message_bytes_is_413(make_server):
     server = await make_server(max_message_bytes=1024)
 
-    async def body():
+    async def body() -> AsyncIterator[bytes]:
         yield b'{"channel": "big", "data": "'
         for _ in range(10):
             yield b"x" * 500

@@ -49,7 +49,7 @@ async def hub() -> AsyncIterator[Hub]:
     await hub.close()
 
 
-def session_with(items: Items) -> tuple[Session, asyncio.Task[None]]:
+def session_with(items: Items) -> tuple[Session, asyncio.Task[bool]]:
     session = Session(items, user="u", info={}, max_queue_bytes=1 << 20, transport_name="test")
     return session, asyncio.create_task(session.run_writer())
 

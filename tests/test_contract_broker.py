@@ -109,7 +109,11 @@ async def test_workers_share_one_gapless_sequence_and_all_see_it_in_order(
     assert assigned == list(range(1, 601))
     for worker in workers:
         sink = worker.received
-        await eventually(lambda sink=sink: len(sink.publications("c")) == 600)  # type: ignore[misc]
+
+        def got_all(sink: Received = sink) -> bool:
+            return len(sink.publications("c")) == 600
+
+        await eventually(got_all)
         assert [p.offset for p in sink.publications("c")] == list(range(1, 601))
         assert len({p.epoch for p in sink.publications("c")}) == 1
         assert (await worker.broker.history("c", limit=1)).position.offset == 600

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from tests.conftest import eventually
-from tests.contract import MakeWorker
+from tests.contract import MakeWorker, Worker
 
 ONE, TWO = b'{"op":"x","n":1}', b'{"op":"x","n":2}'
 
@@ -20,7 +20,11 @@ async def test_a_signal_reaches_every_started_worker_but_no_channel(
     await here.signals.signal(ONE)
     await here.signals.signal(TWO)
     for worker in (here, there):
-        await eventually(lambda w=worker: len(w.received.signals) == 2)  # type: ignore[misc]
+
+        def heard_both(w: Worker = worker) -> bool:
+            return len(w.received.signals) == 2
+
+        await eventually(heard_both)
         assert worker.received.signals == [ONE, TWO]
     assert here.received.messages == [] and there.received.messages == []
 
@@ -34,7 +38,11 @@ async def test_listening_before_or_after_the_start_both_hear_every_signal(
     after.listen()
     await after.signals.signal(ONE)
     for worker in (before, after):
-        await eventually(lambda w=worker: w.received.signals == [ONE])  # type: ignore[misc]
+
+        def heard_one(w: Worker = worker) -> bool:
+            return w.received.signals == [ONE]
+
+        await eventually(heard_one)
 
 
 async def test_a_closed_worker_hears_no_more_signals(make_worker: MakeWorker) -> None:

@@ -599,9 +599,9 @@ def test_the_image_venv_builds_from_the_same_files_and_serves_the_probes(
     env.update({k: v for k, v in builder.env().items() if k != "PIP_NO_CACHE_DIR"})
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
     for run in builder.all("RUN"):
-        command = run.value.replace(IMAGE_VENV, str(venv))
+        script = run.value.replace(IMAGE_VENV, str(venv))
         result = subprocess.run(
-            ["/bin/sh", "-c", command],
+            ["/bin/sh", "-c", script],
             cwd=context,
             env=env,
             capture_output=True,

@@ -27,7 +27,9 @@ async def test_the_server_and_the_lifespan_share_one_drain(
             with pytest.raises(ConnectionClosed) as closed:
                 await client.recv(timeout=10)
         # The app's own close (with the contract's reason), not uvicorn's bare 1012.
-        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "service restart")
+        close = closed.value.rcvd
+        assert close is not None, "no close frame"
+        assert (close.code, close.reason) == (1012, "service restart")
         # The lifespan's end (its own call of the drain included) is over.
         await asyncio.wait_for(server.server.lifespan.shutdown_event.wait(), 10)
     assert caplog.text.count("draining 1 connections") == 1

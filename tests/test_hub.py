@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from channels.broker import Broker, BrokerOptions, create_backend
+from channels.broker import Broker, BrokerOptions, HistoryPage, create_backend
 from channels.hub import Hub, SubscribeResult
 from channels.publication import Batch, Publication, StreamPosition
 from channels.session import Ending, Gap, Outgoing, Session
@@ -46,9 +46,11 @@ class SlowHistory:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._broker, name)
 
-    async def history(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def history(
+        self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
         await asyncio.sleep(0.002)
-        return await self._broker.history(*args, **kwargs)
+        return await self._broker.history(channel, since=since, limit=limit)
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ async def hub() -> AsyncIterator[Hub]:
     await hub.close()
 
 
-def new_session(max_queue_bytes: int = 10_000_000) -> tuple[Session, Recorder, asyncio.Task[None]]:
+def new_session(max_queue_bytes: int = 10_000_000) -> tuple[Session, Recorder, asyncio.Task[bool]]:
     recorder = Recorder()
     session = Session(
         recorder, user="u", info={}, max_queue_bytes=max_queue_bytes, transport_name="test"
@@ -86,7 +88,11 @@ async def test_sessions_joining_during_a_burst_get_each_offset_once_in_order(hub
     await publisher
     for recorder, result in joined:
         expected = list(range(result.position.offset + 1, 601))
-        await eventually(lambda r=recorder, e=expected: r.offsets("c") == e or None, timeout=5)
+
+        def caught_up(r: Recorder = recorder, e: list[int] = expected) -> bool | None:
+            return r.offsets("c") == e or None
+
+        await eventually(caught_up, timeout=5)
     assert len(joined) > 5
     for writer in writers:
         writer.cancel()
@@ -202,7 +208,11 @@ async def test_hubs_on_one_memory_namespace_are_workers_of_one_cluster() -> None
         second = await hubs[1].publish("c", b"2")
         assert (first.offset, second.offset, second.epoch) == (1, 2, first.epoch)
         for _, recorder, _ in sessions:
-            await eventually(lambda r=recorder: r.offsets("c") == [1, 2])
+
+            def got_both(r: Recorder = recorder) -> bool:
+                return r.offsets("c") == [1, 2]
+
+            await eventually(got_both)
         assert [p.offset for p in (await hubs[1].history("c")).publications] == [1, 2]
     finally:
         for worker in hubs:

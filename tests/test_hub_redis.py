@@ -28,20 +28,27 @@ from tests.test_redis_broker import kill_connections
 
 
 class FlakyPresence:
-    """A presence store whose next ``failing_adds`` adds fail as in an outage."""
+    """A presence store whose next ``failing_adds`` adds fail as in an outage; the rest
+    of ``PresenceStore`` goes to the real store."""
 
     def __init__(self, store: PresenceStore) -> None:
         self._store = store
         self.failing_adds = 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._store, name)
 
     async def add(self, channel: str, client_id: str, entry: bytes) -> bool:
         if self.failing_adds:
             self.failing_adds -= 1
             raise BrokerUnavailable("simulated outage")
         return await self._store.add(channel, client_id, entry)
+
+    async def remove(self, channel: str, client_id: str) -> None:
+        await self._store.remove(channel, client_id)
+
+    async def expire(self, channel: str) -> None:
+        await self._store.expire(channel)
+
+    async def list(self, channel: str) -> list[bytes]:
+        return await self._store.list(channel)
 
 
 class Gated:

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -246,7 +246,7 @@ async def test_a_silent_pubsub_connection_is_detected_by_ping(
     worker = await start_worker()
     worker.connection.ping_interval = 0.2
     await worker.broker.subscribe("c")
-    await admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    await admin.client_pause(1500, all=True)  # CLIENT PAUSE: every command, not just writes
     await eventually(lambda: worker.reconnects >= 1 and worker.received.resyncs >= 1, timeout=10)
     await worker.broker.publish("c", b"1")
     await eventually(lambda: worker.received.publications("c"))
@@ -263,7 +263,8 @@ async def test_keys_are_namespaced_hash_tagged_and_expire(
     await worker.presence.add("chat:x", "c-1", b"{}")
     await broker.history("unknown:y")
     await worker.backend.signals.register("relay:s-1", b"gen:1", 20)
-    keys = sorted(k.decode() for k in await admin.keys(f"{redis_prefix}*"))
+    # The admin client does not decode responses: the keys are bytes.
+    keys = sorted(k.decode() for k in cast("list[bytes]", await admin.keys(f"{redis_prefix}*")))
     assert keys == [
         f"{redis_prefix}:h:{{chat:x}}",
         f"{redis_prefix}:m:{{chat:x}}",
@@ -279,7 +280,8 @@ async def test_keys_are_namespaced_hash_tagged_and_expire(
     assert 29_000 < ttl[f"{redis_prefix}:p:{{chat:x}}"] <= 30_000
     assert 29_000 < ttl[f"{redis_prefix}:z:{{chat:x}}"] <= 30_000
     assert 19_000 < ttl[f"{redis_prefix}:r:{{relay:s-1}}"] <= 20_000
-    assert (await admin.xrange(f"{redis_prefix}:h:{{chat:x}}"))[0][0] == b"0-1"
+    entries = await admin.xrange(f"{redis_prefix}:h:{{chat:x}}")
+    assert entries is not None and entries[0][0] == b"0-1"
     # Every worker's reader listens to the signal topic, whatever its channels.
     assert (await admin.pubsub_numsub(f"{redis_prefix}:signals"))[0][1] == 1
 
@@ -340,11 +342,11 @@ async def test_a_burst_bigger_than_the_pool_waits_for_connections(
     await worker.start()
     try:
         await broker.subscribe("burst")
-        results = await asyncio.gather(
-            *[broker.publish("burst", b"%d" % n) for n in range(200)],
-            *[broker.history("burst", limit=0) for _ in range(200)],
+        published, _ = await asyncio.gather(
+            asyncio.gather(*[broker.publish("burst", b"%d" % n) for n in range(200)]),
+            asyncio.gather(*[broker.history("burst", limit=0) for _ in range(200)]),
         )
-        offsets = sorted(r.offset for r in results[:200])
+        offsets = sorted(r.offset for r in published)
         assert offsets == list(range(1, 201))
         name = f"gateway:{redis_prefix}"
         connections = [c for c in await admin.client_list() if c.get("name") == name]

@@ -97,12 +97,18 @@ async def publish_via_api(http: httpx.AsyncClient, channel: str, data: Any) -> d
     return body
 
 
-async def ws_positions(client: WsClient, channel: str, count: int, timeout: float = 10.0) -> list:
+# (offset, epoch, data) of each publication received, data decoded from JSON.
+Positions = list[tuple[int, str, Any]]
+
+
+async def ws_positions(
+    client: WsClient, channel: str, count: int, timeout: float = 10.0
+) -> Positions:
     pushes = await client.publications(channel, count, timeout=timeout)
     return [(p["offset"], p["epoch"], p["data"]) for p in pushes]
 
 
-async def sse_positions(stream: SseStream, count: int, timeout: float = 10.0) -> list:
+async def sse_positions(stream: SseStream, count: int, timeout: float = 10.0) -> Positions:
     events = await stream.publications(count, timeout=timeout)
     return [(e["json"]["offset"], e["json"]["epoch"], e["json"]["data"]) for e in events]
 

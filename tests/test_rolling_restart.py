@@ -340,9 +340,9 @@ async def test_rolling_restart_of_every_worker_loses_nothing_and_repeats_nothing
             _async(lambda: all(len(s.offsets) >= top_offset for s in subscribers)), timeout=10
         )
         # ...and has every offset exactly once, in order, in the one epoch.
-        expected = list(range(1, top_offset + 1))
+        every_offset = list(range(1, top_offset + 1))
         for sub in subscribers:
-            assert sub.offsets == expected, (sub.name, _describe(sub.offsets, top_offset))
+            assert sub.offsets == every_offset, (sub.name, _describe(sub.offsets, top_offset))
             assert sub.epochs == {epoch}, sub.name
         for sub in ws_subscribers:
             for result in sub.resumed:

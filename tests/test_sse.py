@@ -4,6 +4,7 @@ heartbeats, errors before the stream, presence events, CORS."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -36,7 +37,7 @@ async def opening(stream: SseStream) -> dict[str, Any]:
 
 
 async def test_parse_sse_handles_comments_multiline_data_and_blocks_without_data():
-    async def lines():
+    async def lines() -> AsyncIterator[str]:
         for line in [
             ": hello",
             "retry: 10",
@@ -169,6 +170,7 @@ async def test_sse_cursor_of_the_opening_block_resumes_before_any_publication(se
             first = await opening(s)
             assert first.get("id"), "the opening block carries the starting cursor"
             last = s.last_id
+            assert last is not None
         results = [await api_publish(http, "quiet", n) for n in range(1, 4)]
         async with open_sse(http, ["quiet"], headers={"Last-Event-ID": last}) as s:
             await opening(s)
@@ -226,12 +228,14 @@ async def test_sse_resume_twice_in_a_row_keeps_every_channel_position(server):
         async with open_sse(http, channels) as s:
             await opening(s)
             last = s.last_id
+            assert last is not None
         await api_publish(http, "r:a", 1)
         async with open_sse(http, channels, headers={"Last-Event-ID": last}) as s:
             await opening(s)
             [e] = await s.publications(1)
             assert (e["json"]["channel"], e["json"]["offset"]) == ("r:a", 1)
             last = s.last_id
+            assert last is not None
         await api_publish(http, "r:b", 1)
         await api_publish(http, "r:a", 2)
         async with open_sse(http, channels, headers={"Last-Event-ID": last}) as s:
@@ -250,6 +254,7 @@ async def test_sse_gap_event_when_position_fell_out_of_history_then_live(make_se
             await api_publish(http, "g", 1)
             await s.publications(1)
             last = s.last_id
+            assert last is not None
         results = [await api_publish(http, "g", n) for n in range(2, 9)]  # 7 > history of 3
         epoch = results[0]["epoch"]
         async with open_sse(http, ["g"], headers={"Last-Event-ID": last}) as s:
@@ -262,6 +267,7 @@ async def test_sse_gap_event_when_position_fell_out_of_history_then_live(make_se
             [live] = await s.publications(1)
             assert live["json"] == pub("g", 9, epoch, 9)
             gap_cursor = s.last_id
+            assert gap_cursor is not None
         # The cursor after the gap resumes from the live position, no second gap.
         await api_publish(http, "g", 10)
         async with open_sse(http, ["g"], headers={"Last-Event-ID": gap_cursor}) as s:
@@ -329,7 +335,7 @@ async def test_sse_sends_ping_comment_every_heartbeat_interval(make_server):
     server = await make_server(sse_heartbeat=0.2)
     async with api_client(server) as http, open_sse(http, ["quiet"]) as s:
         await opening(s)
-        comments = []
+        comments: list[str] = []
         while len(comments) < 3:
             item = await s.next(timeout=2)
             assert "comment" in item, item
@@ -556,6 +562,7 @@ async def test_sse_reconnecting_with_cursor_during_live_publishing_loses_and_rep
         async with open_sse(http, channels) as s:
             await opening(s)
             cursor = s.last_id
+            assert cursor is not None
 
         async def publish() -> None:
             async with ws_client(server, token("pacer")) as pub:
@@ -577,6 +584,7 @@ async def test_sse_reconnecting_with_cursor_during_live_publishing_loses_and_rep
                         assert j["data"] == j["offset"]
                         seen[j["channel"]].append(j["offset"])
                     cursor = s.last_id
+                    assert cursor is not None
                 reconnects += 1
             await publisher
         finally:

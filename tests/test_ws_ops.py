@@ -461,7 +461,7 @@ async def test_non_presence_channel_has_no_join_leave_and_presence_op_is_not_fou
             "error": {"code": "not_found", "message": reply["error"]["message"]},
         }
         m = await api_publish(http, "dashboard", "marker")
-        frames = []
+        frames: list[dict[str, Any]] = []
         while not frames or frames[-1] != {
             "channel": "dashboard",
             "offset": 1,
@@ -628,16 +628,13 @@ async def test_concurrent_publishers_each_subscriber_gets_every_offset_once_in_o
         async def reader(s: WsClient) -> list[dict[str, Any]]:
             return await s.publications(channel, total, timeout=30)
 
-        results = await asyncio.gather(
-            *(publisher(p) for p in range(publishers)), *(reader(s) for s in subs)
+        published, read = await asyncio.gather(
+            asyncio.gather(*(publisher(p) for p in range(publishers))),
+            asyncio.gather(*(reader(s) for s in subs)),
         )
-        replied = {
-            (p, i): off
-            for p, offsets in enumerate(results[:publishers])
-            for i, off in offsets.items()
-        }
+        replied = {(p, i): off for p, offsets in enumerate(published) for i, off in offsets.items()}
         assert sorted(replied.values()) == list(range(1, total + 1))
-        for got in results[publishers:]:
+        for got in read:
             assert [f["offset"] for f in got] == list(range(1, total + 1))
             assert all(f["epoch"] == epoch and f["channel"] == channel for f in got)
             # Each push carries the data whose publish reply named that offset.
@@ -779,7 +776,10 @@ async def test_fresh_subscribe_during_live_publishing_continues_right_after_the_
             checked = 0
             for k in range(1, 7):
                 # Join at different points of the stream, while it is moving.
-                await watcher.wait_for(lambda f, k=k: is_publication(f) and f["offset"] >= 50 * k)
+                def past(f: dict[str, Any], k: int = k) -> bool:
+                    return is_publication(f) and f["offset"] >= 50 * k
+
+                await watcher.wait_for(past)
                 async with ws_client(server) as c:
                     top = (await c.subscribe(channel))["offset"]
                     assert top >= 50 * k
