@@ -50,7 +50,25 @@ def _patterns(payload: dict[str, Any], claim: str) -> PatternSet:
 
 
 class TokenVerifier:
-    def __init__(self, *, secret: str = "", public_key: str = "", leeway: float = 5.0) -> None:
+    """Verifies tokens, and remembers the ones it verified.
+
+    A JWT is immutable: the same string always carries the same claims, signed by the
+    same key, so a token verified once need not be verified again (its signature check,
+    base64 and JSON decoding are most of a connect's cost when clients reconnect). The
+    ``cache_size`` most recent valid tokens are kept with their claims; an entry ends at
+    the token's ``exp`` plus the leeway, like the token itself. Invalid tokens are never
+    kept. The key is fixed for a verifier's life: a new key means a new verifier, and a
+    new cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str = "",
+        public_key: str = "",
+        leeway: float = 5.0,
+        cache_size: int = 4096,
+    ) -> None:
         if public_key:
             self._key: Any = public_key
             self._algorithms = ["RS256", "ES256"]
@@ -60,10 +78,26 @@ class TokenVerifier:
         else:
             raise ValueError("a JWT secret or public key is required")
         self.leeway = leeway
+        self.cache_size = cache_size
+        self._verified: dict[str, Claims] = {}  # insertion order: the oldest goes first
 
     def verify(self, token: str | None) -> Claims:
         if not token:
             raise AuthError("token required")
+        claims = self._verified.get(token)
+        if claims is not None:
+            if claims.expires_at is not None and time.time() > claims.expires_at + self.leeway:
+                del self._verified[token]
+                raise AuthError("token expired", expired=True)
+            return claims
+        claims = self._decode(token)
+        if self.cache_size > 0:
+            if len(self._verified) >= self.cache_size:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = claims
+        return claims
+
+    def _decode(self, token: str) -> Claims:
         try:
             payload = jwt.decode(
                 token,

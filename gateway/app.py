@@ -19,6 +19,7 @@ from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
 from gateway.logs import install_redaction
 from gateway.runtime import Gateway
 from gateway.server.draining import DRAIN
+from gateway.server.ports import OPEN_WEBSOCKET
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -73,9 +74,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await gateway.start()
         try:
-            # The drain, for the server to run when it starts shutting down
-            # (gateway.server.draining), before it closes any connection.
-            yield {DRAIN: gateway.drain}
+            # For the server: the drain, to run when it starts shutting down, before it
+            # closes any connection (gateway.server.draining), and the WebSocket opener.
+            state: dict[str, Any] = {DRAIN: gateway.drain}
+            if settings.raw_writes:  # /ws below ASGI, under the gateway's own protocol
+                state[OPEN_WEBSOCKET] = ws.opener(gateway)
+            yield state
         finally:
             # Shutdown, in order: the drain (not ready, sessions closed with 1012 / end of
             # stream, a bounded wait: a no-op when the server ran it already), then the

@@ -23,17 +23,21 @@ async def get_gateway(conn: HTTPConnection) -> Gateway:
     return gateway
 
 
+def token_of(query_token: str | None, authorization: str | None) -> str | None:
+    """The token a request carries: ``?token=``, else ``Authorization: Bearer``."""
+    if query_token:
+        return query_token
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
 async def bearer_or_query_token(
     conn: HTTPConnection,
     token: Annotated[str | None, Query(description="JWT (browsers cannot set headers)")] = None,
 ) -> str | None:
-    if token:
-        return token
-    header = conn.headers.get("authorization", "")
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return None
+    return token_of(token, conn.headers.get("authorization"))
 
 
 async def verified_claims(

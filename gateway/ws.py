@@ -27,17 +27,18 @@ import logging
 import time
 
 from fastapi import APIRouter, WebSocket
+from starlette.datastructures import QueryParams
 from starlette.types import Message
 
 from auth import AuthError, Claims
 from channels.session import Ending, Gap, Outgoing
 from gateway import dispatch, wire
 from gateway.commands import BadFrame, Command, parse_command
-from gateway.deps import MaybeClaimsDep
+from gateway.deps import MaybeClaimsDep, token_of
 from gateway.errors import Close, CloseCode, ErrorCode, close_for
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
-from gateway.server.ports import WebSocketPort, websocket_port
+from gateway.server.ports import Accept, Opener, Refuse, Upgrade, WebSocketPort, websocket_port
 from gateway.timers import Timer, loop_timers
 
 logger = logging.getLogger(__name__)
@@ -213,8 +214,8 @@ async def _refuse(websocket: WebSocket, close: Close) -> None:
     await websocket.close(close.code, close.reason)
 
 
-def _refusal(gateway: Gateway, websocket: WebSocket, claims: Claims | AuthError) -> Close | None:
-    if not gateway.origin_allowed(websocket.headers.get("origin")):
+def _refusal(gateway: Gateway, origin: str | None, claims: Claims | AuthError) -> Close | None:
+    if not gateway.origin_allowed(origin):
         return CloseCode.ORIGIN_NOT_ALLOWED
     if gateway.draining:
         return CloseCode.SERVICE_RESTART
@@ -228,7 +229,7 @@ def _refusal(gateway: Gateway, websocket: WebSocket, claims: Claims | AuthError)
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket, claims: MaybeClaimsDep) -> None:
     gateway: Gateway = websocket.app.state.gateway
-    refusal = _refusal(gateway, websocket, claims)
+    refusal = _refusal(gateway, websocket.headers.get("origin"), claims)
     if refusal is not None:
         return await _refuse(websocket, refusal)
     assert not isinstance(claims, AuthError)
@@ -243,3 +244,26 @@ async def websocket_endpoint(websocket: WebSocket, claims: MaybeClaimsDep) -> No
         connection.session.close(Ending.CLIENT_GONE)
         raise
     return None
+
+
+def opener(gateway: Gateway) -> Opener:
+    """``/ws`` answered below ASGI by the gateway's own protocol (``OPEN_WEBSOCKET``): the same
+    checks, in the same order, as the endpoint and its token dependency, with no framework
+    call, dependency solving or task on the way; the connection starts on the protocol."""
+
+    def open_websocket(upgrade: Upgrade) -> Accept | Refuse | None:
+        if upgrade.path != "/ws":
+            return None
+        query = QueryParams(upgrade.query_string)
+        token = token_of(query.get("token"), upgrade.header("authorization"))
+        try:
+            claims: Claims | AuthError = gateway.verifier.verify(token)
+        except AuthError as exc:
+            claims = exc
+        refusal = _refusal(gateway, upgrade.header("origin"), claims)
+        if refusal is not None:
+            return Refuse(refusal.code, refusal.reason)
+        assert not isinstance(claims, AuthError)
+        return lambda port: Connection(gateway, claims, port).start()
+
+    return open_websocket

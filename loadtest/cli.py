@@ -176,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stop-on-fail", action="store_true")
 
+    p = scenario("connect", "server CPU per connect + subscribe, per close, per cycle")
+    p.add_argument("--clients", type=int, default=3000)
+    p.add_argument(
+        "--recover",
+        type=int,
+        default=0,
+        metavar="K",
+        help="gateway: each subscribe recovers K publications from history",
+    )
+    p.add_argument(
+        "--distinct-tokens",
+        action="store_true",
+        help="a token of its own for every client (default: one token for all)",
+    )
+
     p = scenario("churn", "connects and disconnects per second beside steady subscribers")
     p.add_argument("--clients", type=int, default=500, help="steady subscribers")
     p.add_argument("--churn-rate", type=float, default=100.0, help="connect+close per second")
@@ -265,6 +280,13 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             rates=args.rates,
             step_duration=args.step_duration,
             stop_on_fail=args.stop_on_fail,
+        )
+    if args.command == "connect":
+        return scenarios.run_connect(
+            setup,
+            clients=args.clients,
+            recover=args.recover,
+            distinct_tokens=args.distinct_tokens,
         )
     return scenarios.run_churn(
         setup,

@@ -66,6 +66,7 @@ class Harness:
         self.host = "127.0.0.1"
         self.port = 0
         self.token = ""
+        self.secret = ""
         self.redis_url: str | None = setup.redis_url
         self.fd_limit = raise_fd_limit()
         spawning = setup.url is None
@@ -156,16 +157,21 @@ class Harness:
                 pid = find_pid_by_port(self.port)
             if pid is None:
                 self.notes.append("server pid unknown: no server CPU or memory figures")
+        self.secret = secret
         if self.target.publish == "gateway":
             self.token = setup.token or self._make_token(secret)
         if pid is not None:
             self.server_sampler = ProcessSampler(pid)
 
     @staticmethod
-    def _make_token(secret: str) -> str:
+    def _make_token(secret: str, user: str = "loadtest") -> str:
         from auth.tokens import make_token
 
-        return make_token(secret, "loadtest", subscribe=["*"], publish=["*"], ttl=7 * 86400)
+        return make_token(secret, user, subscribe=["*"], publish=["*"], ttl=7 * 86400)
+
+    def client_token(self, n: int) -> str:
+        """A token of its own for client ``n`` (for a gateway that remembers tokens)."""
+        return self._make_token(self.secret, f"loadtest-{n}")
 
     async def _stop_servers(self) -> None:
         if self.server is not None:

@@ -39,6 +39,7 @@ class ConnSpec:
     channel: str
     slow: bool = False
     local_ip: str | None = None
+    token: str | None = None  # this connection's own token; None: the plan's
 
 
 @dataclass
@@ -301,7 +302,7 @@ async def open_connection(
         "slow_interval": plan.slow_interval if spec.slow else None,
         "timeout": plan.connect_timeout,
     }
-    args = (plan.host, plan.port, plan.token, conn, recorder)
+    args = (plan.host, plan.port, spec.token or plan.token, conn, recorder)
     client: Client
     if isinstance(dialect, WsDialect):
         client = await connect_ws(dialect, *args, **options)

@@ -104,3 +104,47 @@ def test_none_algorithm_is_refused() -> None:
 )
 def test_patterns(patterns: list[str], name: str, allowed: bool) -> None:
     assert PatternSet(patterns)(name) is allowed
+
+
+# --------------------------------------------------------------------------- verified tokens
+
+
+def test_a_token_verified_once_is_not_verified_again() -> None:
+    verifier = TokenVerifier(secret=K)
+    token = make_token(K, "alice", subscribe=["a:*"])
+    first = verifier.verify(token)
+    assert verifier.verify(token) is first  # decoding makes new claims each time
+
+
+def test_a_remembered_token_still_ends_at_its_expiry() -> None:
+    verifier = TokenVerifier(secret=K, leeway=0)
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 1}, K, algorithm="HS256")
+    assert verifier.verify(token).user == "alice"
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            verifier.verify(token)
+        except AuthError as exc:
+            assert exc.expired
+            break
+        assert time.monotonic() < deadline, "a remembered token outlived its exp"
+        time.sleep(0.02)  # polling for the expiry, with a deadline
+    with pytest.raises(AuthError):  # and it is forgotten: verified (and refused) afresh
+        verifier.verify(token)
+
+
+def test_invalid_tokens_are_never_remembered() -> None:
+    verifier = TokenVerifier(secret=K)
+    forged = make_token("another-secret-0123456789abcdef0123", "mallory")
+    for _ in range(2):
+        with pytest.raises(AuthError):
+            verifier.verify(forged)
+    assert len(verifier._verified) == 0
+
+
+def test_remembered_tokens_are_bounded_the_oldest_going_first() -> None:
+    verifier = TokenVerifier(secret=K, cache_size=2)
+    tokens = [make_token(K, f"user-{n}") for n in range(3)]
+    claims = [verifier.verify(t) for t in tokens]
+    assert list(verifier._verified) == tokens[1:]
+    assert verifier.verify(tokens[0]) is not claims[0]  # verified again

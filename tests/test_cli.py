@@ -131,6 +131,7 @@ async def test_tokens_never_appear_in_logs(procs: list[GatewayProcess]) -> None:
     await eventually(lambda: "/api/channels/" in proc.output())
     output = proc.output()
     assert "GET /sse?channel=x&token=[redacted]" in output
+    assert '"WebSocket /ws?token=[redacted]" [accepted]' in output  # answered below ASGI
     for tok in [*secret_tokens, "not-a-valid-token-but-secret"]:
         assert tok not in output
 

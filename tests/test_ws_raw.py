@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from gateway import wire
 from gateway.server.asgi import AsgiWebSocketPort
@@ -127,3 +128,31 @@ async def test_other_servers_get_the_asgi_path(
         got = await client.publications("plain", 20)
         assert [p["data"]["n"] for p in got] == list(range(20))
         assert [p["offset"] for p in got] == list(range(1, 21))
+
+
+async def test_ws_is_answered_below_asgi_and_other_paths_still_reach_the_app(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the gateway's protocol an upgrade to /ws never runs the ASGI app (the 101, the
+    token, the checks and the connection all happen in the protocol); any other path still
+    goes through the app, which refuses it as before."""
+    calls: list[str] = []
+    original = GatewayWebSocketProtocol.run_asgi
+
+    async def counted(self: GatewayWebSocketProtocol) -> None:
+        calls.append(self.scope["path"])
+        await original(self)
+
+    monkeypatch.setattr(GatewayWebSocketProtocol, "run_asgi", counted)
+    async with ws_client(server) as client, api_client(server) as http:
+        await client.subscribe("below")
+        await api_publish(http, "below", {"n": 1})
+        assert len(await client.publications("below", 1)) == 1
+    async with ws_client(server, "not-a-token") as refused:  # accepted, then closed
+        code, reason, _ = await refused.expect_close(timeout=5)
+    assert (code, reason) == (4001, "unauthorized")
+    assert calls == []
+    with pytest.raises(InvalidStatus):  # no such route: the app answers 403
+        async with ws_client(server, url=f"{server.ws_url}/nowhere?token={token()}"):
+            pass
+    assert calls == ["/nowhere"]

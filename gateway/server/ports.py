@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 # (Named here so that nothing imports those protocols unless uvicorn runs them.)
 RAW_FRAMES = "gateway.raw_frames"  # gateway.server.websocket
 RAW_BODY = "gateway.raw_body"  # gateway.server.http: a RawBody per request
+# Lifespan state: the app's answer to a WebSocket upgrade, which the gateway's protocol
+# asks before running the ASGI app at all (an ``Opener``).
+OPEN_WEBSOCKET = "gateway.open_websocket"
 
 
 class Port(Protocol):
@@ -75,6 +79,36 @@ class StreamPort(Port, Protocol):
 
     def abort(self) -> None:
         """Close without finishing (a client that does not read)."""
+
+
+class Upgrade(Protocol):
+    """A WebSocket upgrade request, before anything was answered."""
+
+    @property
+    def path(self) -> str:
+        """The path, percent-decoded, without the query."""
+
+    @property
+    def query_string(self) -> bytes: ...
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), None when absent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Accept the handshake, then close with ``code``: browsers can only read a code
+    after a handshake."""
+
+    code: int
+    reason: str
+
+
+# Called with the connection's port once the 101 is out: the app takes the connection.
+Accept = Callable[[WebSocketPort], object]
+# The app's answer to an upgrade: take it (``Accept``), refuse it, or None: not one of
+# its fast paths, run the ASGI app as usual. Synchronous: nothing awaits before the 101.
+Opener = Callable[[Upgrade], Accept | Refuse | None]
 
 
 _warned: set[str] = set()

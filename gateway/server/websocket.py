@@ -30,11 +30,13 @@ What it adds to uvicorn's (``GatewayWebSocketProtocol``, installed by
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote
 
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -43,7 +45,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 
 from gateway.errors import CloseCode
-from gateway.server.ports import RAW_FRAMES
+from gateway.server.ports import OPEN_WEBSOCKET, RAW_FRAMES, Opener, Refuse, WebSocketPort
 from gateway.server.waiting import LiteEvent, LiteQueue
 
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
@@ -53,6 +55,27 @@ COPIED_FROM_UVICORN = {
         "632f86c7cd771ab9"
     ),
 }
+
+
+class _Upgrade:
+    """What an ``Opener`` sees of the upgrade request (``gateway.server.ports.Upgrade``)."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    @property
+    def path(self) -> str:
+        return unquote(self._request.path.partition("?")[0])
+
+    @property
+    def query_string(self) -> bytes:
+        return self._request.path.partition("?")[2].encode("latin-1")
+
+    def header(self, name: str) -> str | None:
+        values = self._request.headers.get_all(name)
+        return values[0] if values else None
 
 
 class Keepalive:
@@ -104,10 +127,55 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
                     held.headers.clear()
 
     def handle_connect(self, event: Request) -> None:
+        opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
+        decision = opener(_Upgrade(event)) if opener is not None else None
+        if decision is not None and self._handshake(event):
+            if isinstance(decision, Refuse):
+                self._close_now(decision.code, decision.reason)
+            else:  # uvicorn types receive() as its own event union: the port all the same
+                decision(cast(WebSocketPort, self))
+            return
         super().handle_connect(event)
         scope: dict[str, Any] | None = getattr(self, "scope", None)
         if scope is not None:  # the handshake was valid: the app runs
             scope["extensions"][RAW_FRAMES] = self
+
+    # -- the handshake below ASGI (see the module docstring) ---------------------
+
+    def _handshake(self, event: Request) -> bool:
+        """Answer the upgrade with its 101 here, as uvicorn does on ``websocket.accept``;
+        False (nothing done) for a handshake uvicorn must refuse itself."""
+        response = self.conn.accept(event)
+        if response.status_code != 101 or self.transport.is_closing():
+            return False
+        self.request, self.response = event, response
+        self.handshake_initiated = self.handshake_complete = True
+        self.detached = True  # no ASGI call, ever
+        self.scope = {"type": "websocket"}  # type: ignore[typeddict-item]
+        del response.headers["Date"]
+        response.headers.update(
+            (name.decode("latin-1").lower(), value.decode("latin-1"))
+            for name, value in self.default_headers
+        )
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info('%s - "WebSocket %s" [accepted]', self._peer(), event.path)
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.start_keepalive()
+        event.path = ""  # the token, in the query, is kept no longer than the handshake
+        event.headers.clear()
+        response.headers.clear()
+        return True
+
+    def _close_now(self, code: int, reason: str) -> None:
+        """A close frame right after the handshake (what ASGI ``websocket.close`` does)."""
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else ""
 
     # -- the port (gateway.server.ports.WebSocketPort) -------------------------
 
