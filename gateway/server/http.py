@@ -24,6 +24,13 @@ Raw writes skip every middleware's ``send`` wrapper. That is correct for ``/sse`
 because nothing in front of it changes a body (CORS only adds headers to the start
 message); a body-rewriting middleware (gzip, say) needs ``GATEWAY_RAW_WRITES=false``.
 
+WebSocket upgrades: when the app's opener (``OPEN_WEBSOCKET``) takes an upgrade whose
+handshake websockets would accept as it is, this protocol answers it: the request was
+parsed once, here, so the 101 is written and the gateway's WebSocket protocol opened
+(``open_upgraded``) without uvicorn's rebuilding the request for the WebSocket protocol
+to parse again. Anything else (another path, a handshake websockets would refuse or
+answer differently, over its header limits) takes uvicorn's path and gets its answer.
+
 Detached responses: ``hold`` lets the ASGI call return with the response still open
 (``DetachableCycle.run_asgi``, uvicorn's copied with that one branch more; see
 ``COPIED_FROM_UVICORN``); the app keeps writing and ends the response later with
@@ -33,13 +40,18 @@ Detached responses: ``hold`` lets the ASGI call return with the response still o
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections.abc import Callable
 from typing import Any, cast
+from urllib.parse import unquote
 
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+from websockets.utils import accept_key
 
-from gateway.server.ports import RAW_BODY
+from gateway.server.ports import OPEN_WEBSOCKET, RAW_BODY, Opener
 from gateway.server.waiting import LiteEvent
 
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
@@ -205,3 +217,74 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         raw: RawBody | None = getattr(self, "raw_body", None)
         if raw is not None:
             raw.lost()
+
+    # -- WebSocket upgrades answered here (see the module docstring) -------------
+
+    def handle_websocket_upgrade(self) -> None:
+        opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
+        open_upgraded = getattr(self.ws_protocol_class, "open_upgraded", None)
+        key = self._websocket_key() if opener is not None and open_upgraded else None
+        decision = opener(_HttpUpgrade(self.url, self.headers)) if opener and key else None
+        if decision is None:
+            super().handle_websocket_upgrade()  # uvicorn: the WebSocket protocol parses it again
+            return
+        assert key is not None and self.ws_protocol_class is not None
+        self.connections.discard(self)
+        protocol = self.ws_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.app_state
+        )
+        protocol.connection_made(self.transport)
+        self.transport.set_protocol(protocol)
+        protocol.open_upgraded(accept_key(key), decision, self.url)  # type: ignore[attr-defined]
+
+    def _websocket_key(self) -> str | None:
+        """The ``Sec-WebSocket-Key`` of a handshake that websockets would accept as it is;
+        None for anything else, which then takes uvicorn's path and gets its answer."""
+        if self.scope.get("method") != "GET" or self.parser.get_http_version() != "1.1":
+            return None
+        # websockets' own limits on the request it parses (431 / 414 when over)
+        if len(self.headers) > MAX_NUM_HEADERS or len(self.url) + 16 > MAX_LINE_LENGTH:
+            return None
+        keys, versions, upgrades = [], [], []
+        for name, value in self.headers:
+            if len(name) + len(value) + 4 > MAX_LINE_LENGTH:
+                return None
+            if name == b"sec-websocket-key":
+                keys.append(value)
+            elif name == b"sec-websocket-version":
+                versions.append(value)
+            elif name == b"upgrade":
+                upgrades.append(value.lower())
+        if len(keys) != 1 or versions != [b"13"] or upgrades != [b"websocket"]:
+            return None
+        try:
+            if len(base64.b64decode(keys[0], validate=True)) != 16:
+                return None
+        except (binascii.Error, ValueError):
+            return None
+        return keys[0].decode("ascii")
+
+
+class _HttpUpgrade:
+    """What an ``Opener`` sees of an upgrade parsed by the HTTP protocol (``Upgrade``)."""
+
+    __slots__ = ("_headers", "_url")
+
+    def __init__(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self._url = url
+        self._headers = headers
+
+    @property
+    def path(self) -> str:
+        return unquote(self._url.partition(b"?")[0].decode("latin-1"))
+
+    @property
+    def query_string(self) -> bytes:
+        return self._url.partition(b"?")[2]
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode("latin-1")
+        for key, value in self._headers:
+            if key == wanted:
+                return value.decode("latin-1")
+        return None

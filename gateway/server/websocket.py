@@ -10,6 +10,10 @@ What it adds to uvicorn's (``GatewayWebSocketProtocol``, installed by
   websockets' frame serialisation per delivery. Control frames (ping, close) still go
   through the websockets state machine; every write is whole frames, so they never
   interleave inside one.
+- The handshake below ASGI: an upgrade the app's opener (``OPEN_WEBSOCKET``) takes is
+  answered by the protocol (``handle_connect``), or already by the HTTP protocol, which
+  parsed it (``open_upgraded``): the 101 as uvicorn writes it on ``websocket.accept``,
+  then the app's connection on this port; no ASGI call at all.
 - Detached connections: ``hold`` lets the ASGI call return while the connection
   stays open; its messages reach the owner through the ``listen`` callback. An idle
   connection then keeps no task and none of the framework's coroutine frames
@@ -43,9 +47,18 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from gateway.errors import CloseCode
-from gateway.server.ports import OPEN_WEBSOCKET, RAW_FRAMES, Opener, Refuse, WebSocketPort
+from gateway.server.ports import (
+    OPEN_WEBSOCKET,
+    RAW_FRAMES,
+    Accept,
+    Opener,
+    Refuse,
+    WebSocketPort,
+)
 from gateway.server.waiting import LiteEvent, LiteQueue
 
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
@@ -55,6 +68,11 @@ COPIED_FROM_UVICORN = {
         "632f86c7cd771ab9"
     ),
 }
+
+
+# The 101 as uvicorn writes it on websocket.accept, up to the accept key; uvicorn's default
+# headers (date, server) follow it.
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
 
 
 class _Upgrade:
@@ -130,10 +148,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
         decision = opener(_Upgrade(event)) if opener is not None else None
         if decision is not None and self._handshake(event):
-            if isinstance(decision, Refuse):
-                self._close_now(decision.code, decision.reason)
-            else:  # uvicorn types receive() as its own event union: the port all the same
-                decision(cast(WebSocketPort, self))
+            self._open(decision)
             return
         super().handle_connect(event)
         scope: dict[str, Any] | None = getattr(self, "scope", None)
@@ -166,6 +181,32 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         event.headers.clear()
         response.headers.clear()
         return True
+
+    def open_upgraded(self, accept: str, decision: Accept | Refuse, target: bytes) -> None:
+        """The HTTP protocol took the upgrade (``gateway.server.http``): its request was
+        parsed once, there, and is a valid handshake; write the 101 and open."""
+        self.conn = ServerProtocol(
+            state=State.OPEN, max_size=self.config.ws_max_size, logger=self.conn.logger
+        )
+        self.handshake_initiated = self.handshake_complete = True
+        self.detached = True  # no ASGI call, ever
+        self.scope = {"type": "websocket"}  # type: ignore[typeddict-item]
+        if self.logger.isEnabledFor(logging.INFO):
+            path = target.decode("latin-1")
+            self.logger.info('%s - "WebSocket %s" [accepted]', self._peer(), path)
+        head = [SWITCHING, b"Sec-WebSocket-Accept: ", accept.encode(), b"\r\n"]
+        for name, value in self.default_headers:
+            head += [name.lower(), b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))
+        self.start_keepalive()
+        self._open(decision)
+
+    def _open(self, decision: Accept | Refuse) -> None:
+        if isinstance(decision, Refuse):
+            self._close_now(decision.code, decision.reason)
+        else:  # uvicorn types receive() as its own event union: the port all the same
+            decision(cast(WebSocketPort, self))
 
     def _close_now(self, code: int, reason: str) -> None:
         """A close frame right after the handshake (what ASGI ``websocket.close`` does)."""
