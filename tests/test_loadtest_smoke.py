@@ -74,6 +74,7 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             *common,
         ],
         "idle": ["idle", "--clients", "20", "--hold", "0.5", "--no-plot", *common],
+        "connect": ["connect", "--clients", "20", "--recover", "3", "--no-plot", *common],
         "channels": [
             "channels",
             "--channels",
@@ -243,6 +244,20 @@ def test_idle_measures_memory_per_connection(reports: dict[str, Run]) -> None:
     assert isinstance(idle["per_connection_kib"], float)
     assert report["connections"]["subscribed"] == 20
     assert report["steps"] == []
+
+
+def test_connect_measures_server_cpu_per_connect_and_close(reports: dict[str, Run]) -> None:
+    report = report_of(reports, "connect")
+    connect = report["connect"]
+    assert (connect["clients"], connect["recover"]) == (20, 3)
+    assert report["connections"]["subscribed"] == 20
+    assert report["connections"]["failed"] == 0
+    per_connect, per_close = (
+        connect["server_cpu_us_per_connect"],
+        connect["server_cpu_us_per_close"],
+    )
+    assert per_connect > 0 and per_close >= 0
+    assert connect["server_cpu_us_per_cycle"] == pytest.approx(per_connect + per_close, abs=0.2)
 
 
 def test_channels_delivers_each_channel_to_its_subscribers(reports: dict[str, Run]) -> None:
