@@ -156,12 +156,14 @@ class Hub(Fanout):
             raise SubscribeError("bad_request", f"already subscribed to {channel}")
         if len(session.channels) >= self.max_channels_per_session:
             raise SubscribeError("limit_exceeded", "too many channels on one connection")
+        presence = self._presence.enabled(channel)
         lc = self._channels.get(channel)
         if lc is None:
             lc = self._channels[channel] = LocalChannel(channel)
+        elif not presence and _relaying(lc) and (since is None or since == lc.position):
+            return self._join_live(session, lc, since, on_ready)
         join = lc.joining[session] = Join()
         session.channels.add(channel)
-        presence = self._presence.enabled(channel)
         try:
             if not lc.upstream:
                 await self._ensure_upstream(lc)
@@ -211,6 +213,29 @@ class Hub(Fanout):
             self._tasks.spawn(
                 self._presence.announce(channel, "join", session.presence_entry), "join"
             )
+        return result
+
+    def _join_live(
+        self,
+        session: Session,
+        lc: LocalChannel,
+        since: StreamPosition | None,
+        on_ready: Callable[[SubscribeResult], None] | None,
+    ) -> SubscribeResult:
+        """Join a channel this worker relays, from where it is: no broker call.
+
+        The worker has received every publication of the channel in order up to
+        ``lc.position`` (``_relaying``), and will relay every later one in order: a session
+        that starts there gets each publication after it once, as after a history read.
+        The position may be a little behind the cluster's top (publications on their way
+        over pub/sub); those reach the session live.
+        """
+        result = SubscribeResult(lc.position, since is not None)
+        session.channels.add(lc.name)
+        if on_ready is not None:
+            on_ready(result)
+        self._flush(lc)  # what arrived before is in the position the session starts from
+        lc.live[session] = None
         return result
 
     async def _ensure_upstream(self, lc: LocalChannel) -> None:
@@ -266,3 +291,9 @@ class Hub(Fanout):
         """The channel's presence entries; ``SubscribeError`` ``not_found`` when the channel
         has no presence."""
         return await self._presence.list(channel)
+
+
+def _relaying(lc: LocalChannel) -> bool:
+    """The worker relays ``lc`` and has received every publication of it, in order, up to
+    ``lc.position``: subscribed upstream, a position known, no recovery under way."""
+    return lc.upstream and lc.epoch is not None and lc.recovering is None and bool(lc.live)

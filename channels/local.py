@@ -43,6 +43,12 @@ class LocalChannel:
     def __len__(self) -> int:
         return len(self.live) + len(self.joining) + len(self.catching_up)
 
+    @property
+    def position(self) -> StreamPosition:
+        """The last publication this worker received of the channel (epoch set)."""
+        assert self.epoch is not None
+        return StreamPosition(self.offset, self.epoch)
+
     def remove(self, session: Session) -> bool:
         if session in self.live:
             del self.live[session]

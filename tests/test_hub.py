@@ -57,7 +57,9 @@ class SlowHistory:
 async def hub() -> AsyncIterator[Hub]:
     backend = create_backend("memory://", BrokerOptions(history_size=1000))
     backend = dataclasses.replace(backend, broker=SlowHistory(backend.broker))
-    hub = Hub(backend, presence_enabled=lambda c: False)
+    # Presence on "chat:*" only: a subscribe there always reads history (the join race);
+    # elsewhere a channel the hub already relays is joined from where it is.
+    hub = Hub(backend, presence_enabled=lambda c: c.startswith("chat:"))
     await hub.start()
     yield hub
     await hub.close()
@@ -71,10 +73,13 @@ def new_session(max_queue_bytes: int = 10_000_000) -> tuple[Session, Recorder, a
     return session, recorder, asyncio.create_task(session.run_writer())
 
 
-async def test_sessions_joining_during_a_burst_get_each_offset_once_in_order(hub: Hub) -> None:
+@pytest.mark.parametrize("channel", ["c", "chat:c"], ids=["joined-where-it-is", "history-read"])
+async def test_sessions_joining_during_a_burst_get_each_offset_once_in_order(
+    hub: Hub, channel: str
+) -> None:
     async def publish_all() -> None:
         for i in range(600):
-            await hub.publish("c", b"%d" % i)
+            await hub.publish(channel, b"%d" % i)
             if i % 5 == 0:
                 await asyncio.sleep(0.001)  # spread the burst over the joins
 
@@ -84,13 +89,14 @@ async def test_sessions_joining_during_a_burst_get_each_offset_once_in_order(hub
     while not publisher.done():
         session, recorder, writer = new_session()
         writers.append(writer)
-        joined.append((recorder, await hub.subscribe(session, "c")))
+        joined.append((recorder, await hub.subscribe(session, channel)))
+        await asyncio.sleep(0)  # a subscribe that needs no broker call does not suspend
     await publisher
     for recorder, result in joined:
         expected = list(range(result.position.offset + 1, 601))
 
         def caught_up(r: Recorder = recorder, e: list[int] = expected) -> bool | None:
-            return r.offsets("c") == e or None
+            return r.offsets(channel) == e or None
 
         await eventually(caught_up, timeout=5)
     assert len(joined) > 5
@@ -235,4 +241,46 @@ async def test_hubs_on_private_memory_namespaces_share_nothing(hub: Hub) -> None
         assert [i.data for i in recorder.items if isinstance(i, Publication)] == [b"here"]
     finally:
         await other.close()
+        writer.cancel()
+
+
+async def test_a_channel_the_hub_relays_is_joined_from_where_it_is_with_no_broker_call(
+    hub: Hub,
+) -> None:
+    """Reconnect storms: a worker that already relays a channel has seen every publication
+    of it in order, so a new subscriber starts from there, without a history read."""
+    reads: list[StreamPosition | None] = []
+    broker = hub._broker
+    original = broker.history
+
+    async def counted(
+        channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
+        reads.append(since)
+        return await original(channel, since=since, limit=limit)
+
+    broker.history = counted  # type: ignore[method-assign]  # counting calls of the real one
+    first, first_seen, w1 = new_session()
+    await hub.subscribe(first, "c")
+    assert len(reads) == 1
+    top = (await hub.publish("c", b"1")).position
+    await eventually(lambda: first_seen.offsets("c") == [1])
+
+    fresh, fresh_seen, w2 = new_session()
+    result = await hub.subscribe(fresh, "c")
+    assert (result.position, result.recovered) == (top, False)
+    back, back_seen, w3 = new_session()
+    result = await hub.subscribe(back, "c", since=top)  # a reconnect at the top
+    assert (result.position, result.recovered) == (top, True)
+    assert len(reads) == 1  # neither read history
+    await hub.publish("c", b"2")
+    for seen in (first_seen, fresh_seen, back_seen):
+        await eventually(lambda s=seen: s.offsets("c")[-1:] == [2])  # type: ignore[misc]
+    assert fresh_seen.offsets("c") == back_seen.offsets("c") == [2]
+
+    behind, behind_seen, w4 = new_session()
+    await hub.subscribe(behind, "c", since=StreamPosition(0, top.epoch))
+    assert reads[1:] == [StreamPosition(0, top.epoch)]  # what it missed comes from history
+    await eventually(lambda: behind_seen.offsets("c") == [1, 2])
+    for writer in (w1, w2, w3, w4):
         writer.cancel()
