@@ -182,3 +182,35 @@ async def test_randomised_upgrades_get_what_stock_uvicorn_answers(
         assert fast_closed == stock_closed, request
     for server in pair:
         await eventually(lambda s=server: s.gateway.connections.total == 0)  # type: ignore[misc]
+
+
+async def test_under_h11_the_websocket_protocol_answers_ws_below_asgi(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the gateway's HTTP protocol (no httptools), the WebSocket protocol parses
+    the upgrade and answers it itself: still no ASGI call, same contract."""
+    from gateway.server.websocket import GatewayWebSocketProtocol
+
+    calls: list[object] = []
+    original = GatewayWebSocketProtocol.run_asgi
+
+    async def counted(self: GatewayWebSocketProtocol) -> None:
+        calls.append(self)
+        await original(self)
+
+    monkeypatch.setattr(GatewayWebSocketProtocol, "run_asgi", counted)
+    server = await make_server(uvicorn_options={"http": "h11"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(upgrade(headers=standard()))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert status(head) == b"HTTP/1.1 101 Switching Protocols"
+        writer.write(client_text_frame(b'{"id": 1, "op": "ping"}'))
+        assert orjson.loads((await read_raw_frame(reader))[2:])["ok"] is True
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    refused, closed = await answer(server.port, upgrade("/ws?token=nope", headers=standard()))
+    assert status(refused) == b"HTTP/1.1 101 Switching Protocols" and not closed
+    assert calls == []

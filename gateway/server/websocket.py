@@ -164,19 +164,13 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         if response.status_code != 101 or self.transport.is_closing():
             return False
         self.request, self.response = event, response
-        self.handshake_initiated = self.handshake_complete = True
-        self.detached = True  # no ASGI call, ever
-        self.scope = {"type": "websocket"}  # type: ignore[typeddict-item]
         del response.headers["Date"]
         response.headers.update(
             (name.decode("latin-1").lower(), value.decode("latin-1"))
             for name, value in self.default_headers
         )
-        if self.logger.isEnabledFor(logging.INFO):
-            self.logger.info('%s - "WebSocket %s" [accepted]', self._peer(), event.path)
         self.conn.send_response(response)
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        self.start_keepalive()
+        self._accepted(event.path, b"".join(self.conn.data_to_send()))
         event.path = ""  # the token, in the query, is kept no longer than the handshake
         event.headers.clear()
         response.headers.clear()
@@ -188,19 +182,22 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn = ServerProtocol(
             state=State.OPEN, max_size=self.config.ws_max_size, logger=self.conn.logger
         )
-        self.handshake_initiated = self.handshake_complete = True
-        self.detached = True  # no ASGI call, ever
-        self.scope = {"type": "websocket"}  # type: ignore[typeddict-item]
-        if self.logger.isEnabledFor(logging.INFO):
-            path = target.decode("latin-1")
-            self.logger.info('%s - "WebSocket %s" [accepted]', self._peer(), path)
         head = [SWITCHING, b"Sec-WebSocket-Accept: ", accept.encode(), b"\r\n"]
         for name, value in self.default_headers:
             head += [name.lower(), b": ", value, b"\r\n"]
         head.append(b"\r\n")
-        self.transport.write(b"".join(head))
-        self.start_keepalive()
+        self._accepted(target.decode("latin-1"), b"".join(head))
         self._open(decision)
+
+    def _accepted(self, target: str, head: bytes) -> None:
+        """Write the 101 ``head``: the connection is open, and no ASGI call will ever run."""
+        self.handshake_initiated = self.handshake_complete = True
+        self.detached = True
+        self.scope = {"type": "websocket"}  # type: ignore[typeddict-item]
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info('%s - "WebSocket %s" [accepted]', self._peer(), target)
+        self.transport.write(head)
+        self.start_keepalive()
 
     def _open(self, decision: Accept | Refuse) -> None:
         if isinstance(decision, Refuse):
