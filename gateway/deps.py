@@ -8,6 +8,7 @@ thread hop per dependency per connection for work that takes microseconds.
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import unquote_plus
 
 from fastapi import Depends, Query
 from starlette.requests import HTTPConnection
@@ -31,6 +32,20 @@ def token_of(query_token: str | None, authorization: str | None) -> str | None:
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
     return None
+
+
+def query_value(query: bytes, name: str) -> str | None:
+    """The value of ``name`` in a raw query string exactly as starlette's ``QueryParams``
+    gives it (``parse_qsl`` with blank values kept, the last occurrence wins), without
+    building the whole map: the handshakes below ASGI read one parameter."""
+    found = None
+    for part in query.decode("latin-1").split("&"):
+        key, _, value = part.partition("=")
+        if "%" in key or "+" in key:
+            key = unquote_plus(key)
+        if key == name:
+            found = unquote_plus(value) if "%" in value or "+" in value else value
+    return found
 
 
 async def bearer_or_query_token(

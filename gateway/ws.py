@@ -27,14 +27,13 @@ import logging
 import time
 
 from fastapi import APIRouter, WebSocket
-from starlette.datastructures import QueryParams
 from starlette.types import Message
 
 from auth import AuthError, Claims
 from channels.session import Ending, Gap, Outgoing
 from gateway import dispatch, wire
 from gateway.commands import BadFrame, Command, parse_command
-from gateway.deps import MaybeClaimsDep, token_of
+from gateway.deps import MaybeClaimsDep, query_value, token_of
 from gateway.errors import Close, CloseCode, ErrorCode, close_for
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
@@ -254,8 +253,9 @@ def opener(gateway: Gateway) -> Opener:
     def open_websocket(upgrade: Upgrade) -> Accept | Refuse | None:
         if upgrade.path != "/ws":
             return None
-        query = QueryParams(upgrade.query_string)
-        token = token_of(query.get("token"), upgrade.header("authorization"))
+        token = token_of(
+            query_value(upgrade.query_string, "token"), upgrade.header("authorization")
+        )
         try:
             claims: Claims | AuthError = gateway.verifier.verify(token)
         except AuthError as exc:

@@ -214,3 +214,18 @@ async def test_under_h11_the_websocket_protocol_answers_ws_below_asgi(
     refused, closed = await answer(server.port, upgrade("/ws?token=nope", headers=standard()))
     assert status(refused) == b"HTTP/1.1 101 Switching Protocols" and not closed
     assert calls == []
+
+
+def test_the_token_is_read_from_the_query_as_the_framework_reads_it() -> None:
+    """The handshakes below ASGI read ``token`` with ``query_value``; the endpoints of the
+    framework path with starlette's ``QueryParams``: the same value for any query."""
+    from starlette.datastructures import QueryParams
+
+    from gateway.deps import query_value
+
+    pieces = ["token", "t%6Fken", "tok", "=", "==", "&", "&&", "+", "%", "%2", "%3D", "%26"]
+    pieces += ["a", "é", "%C3%A9", "%FF", " ", ";", "x=y", "token=", "token=z"]
+    rng = random.Random(19)
+    for _ in range(20_000):
+        raw = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 9))).encode()
+        assert query_value(raw, "token") == QueryParams(raw.decode("latin-1")).get("token"), raw
