@@ -71,6 +71,12 @@ TARGETS: dict[str, Target] = {
             {"ws": PlainWs()},
         ),
         Target(
+            "bare_protocol",
+            "a bare asyncio.Protocol with httptools and hand-built frames: the floor",
+            "loadtest.baselines.bare_protocol",
+            {"ws": PlainWs()},
+        ),
+        Target(
             "socketio",
             "python-socketio (ASGI, uvicorn) with AsyncRedisManager, one room per channel",
             "loadtest.baselines.socketio_app",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from loadtest.clients.net import open_socket
 from loadtest.clients.slow import ReadThrottle
@@ -67,7 +67,7 @@ class WsClient(WSListener):
                 if not self.ready.done():
                     self.ready.set_exception(ConnectionError(f"refused: {event.reason}"))
                 self.closing = True
-                transport.send_close()
+                transport.send_close(WSCloseCode.OK)
                 transport.disconnect()
         elif msg_type == CLOSE:
             payload = frame.get_payload_as_bytes()
@@ -105,7 +105,9 @@ class WsClient(WSListener):
         """Close on our side (not counted as a server close)."""
         self.closing = True
         if self.transport is not None and not self.transport.is_disconnected:
-            self.transport.send_close()
+            # 1000: picows' default (1005, "no status") may not be sent on the wire, and a
+            # server answers it as a protocol error (1002).
+            self.transport.send_close(WSCloseCode.OK)
             self.transport.disconnect()
 
 
