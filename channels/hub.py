@@ -128,6 +128,25 @@ class Hub(Fanout):
         """Return once no session is registered."""
         await self._idle.wait()
 
+    def unregister_now(self, session: Session) -> bool:
+        """``unregister`` when no channel needs a broker call to be left (each still has
+        other subscribers here, none has presence); False, with nothing done, when
+        ``unregister`` must be awaited."""
+        channels = self._channels
+        for channel in session.channels:
+            lc = channels.get(channel)
+            if lc is not None and not self._leaves_now(lc, session):
+                return False
+        self.sessions.discard(session)
+        for channel in list(session.channels):
+            lc = channels.get(channel)
+            if lc is not None:
+                self._drop(session, lc)
+            session.channels.discard(channel)
+        if not self.sessions:
+            self._idle.set()
+        return True
+
     async def unregister(self, session: Session) -> None:
         """Leave every channel (presence leave included). Safe to call more than once."""
         self.sessions.discard(session)
@@ -145,6 +164,30 @@ class Hub(Fanout):
 
     # -- subscribe -------------------------------------------------------------
 
+    def subscribe_now(
+        self,
+        session: Session,
+        channel: str,
+        since: StreamPosition | None = None,
+        on_ready: Callable[[SubscribeResult], None] | None = None,
+    ) -> SubscribeResult | None:
+        """``subscribe`` when it needs no broker call: the channel is relayed here, has no
+        presence, and ``since`` is none or where the worker is (``_join_live``). None,
+        with nothing done, when ``subscribe`` must be awaited. Raises as it does."""
+        if channel in session.channels:
+            raise SubscribeError("bad_request", f"already subscribed to {channel}")
+        if len(session.channels) >= self.max_channels_per_session:
+            raise SubscribeError("limit_exceeded", "too many channels on one connection")
+        lc = self._channels.get(channel)
+        if (
+            lc is None
+            or not _relaying(lc)
+            or (since is not None and since != lc.position)
+            or self._presence.enabled(channel)
+        ):
+            return None
+        return self._join_live(session, lc, since, on_ready)
+
     async def subscribe(
         self,
         session: Session,
@@ -152,16 +195,13 @@ class Hub(Fanout):
         since: StreamPosition | None = None,
         on_ready: Callable[[SubscribeResult], None] | None = None,
     ) -> SubscribeResult:
-        if channel in session.channels:
-            raise SubscribeError("bad_request", f"already subscribed to {channel}")
-        if len(session.channels) >= self.max_channels_per_session:
-            raise SubscribeError("limit_exceeded", "too many channels on one connection")
+        joined = self.subscribe_now(session, channel, since, on_ready)
+        if joined is not None:
+            return joined
         presence = self._presence.enabled(channel)
         lc = self._channels.get(channel)
         if lc is None:
             lc = self._channels[channel] = LocalChannel(channel)
-        elif not presence and _relaying(lc) and (since is None or since == lc.position):
-            return self._join_live(session, lc, since, on_ready)
         join = lc.joining[session] = Join()
         session.channels.add(channel)
         try:
@@ -260,6 +300,22 @@ class Hub(Fanout):
         if not lc and self._channels.get(lc.name) is lc:
             del self._channels[lc.name]
         return removed
+
+    def _leaves_now(self, lc: LocalChannel, session: Session) -> bool:
+        """``session`` can leave ``lc`` with no broker call: others stay, no presence."""
+        return len(lc) > 1 and not self._presence.enabled(lc.name)
+
+    def unsubscribe_now(self, session: Session, channel: str) -> bool | None:
+        """``unsubscribe`` when it needs no broker call (``_leaves_now``); None, with
+        nothing done, when ``unsubscribe`` must be awaited."""
+        lc = self._channels.get(channel)
+        if lc is None or channel not in session.channels:
+            session.channels.discard(channel)
+            return False
+        if not self._leaves_now(lc, session):
+            return None
+        self._drop(session, lc)
+        return True
 
     async def unsubscribe(self, session: Session, channel: str) -> bool:
         lc = self._channels.get(channel)

@@ -44,40 +44,78 @@ Op = Callable[[Client, Command], Awaitable[dict[str, Any] | None]]
 
 async def handle(client: Client, command: Command) -> None:
     """Run ``command`` and push its reply (unless the op queued it itself)."""
-    session = client.session
     try:
         result = await OPS[command.op](client, command)
-    except GatewayError as exc:
-        session.push(wire.error_reply(command.id, exc.code, exc.message))
-    except SubscribeError as exc:
-        session.push(wire.error_reply(command.id, exc.code, str(exc)))
-    except BrokerUnavailable:
-        message = "broker unavailable, retry later"
-        session.push(wire.error_reply(command.id, ErrorCode.INTERNAL, message))
-    except Exception:
-        logger.exception("op %s failed", command.op)
-        session.push(wire.error_reply(command.id, ErrorCode.INTERNAL, "internal error"))
+    except Exception as exc:
+        _failed(client.session, command, exc)
     else:
         if result is not None:
-            session.push(wire.reply(command.id, result))
+            client.session.push(wire.reply(command.id, result))
 
 
-async def subscribe(client: Client, command: Command) -> None:
-    channel = command.channel
-    require(client.claims.can_subscribe(channel), "subscribing to", channel)
-    session = client.session
+def handle_now(client: Client, command: Command) -> bool:
+    """``handle`` without a wait, for a command that needs none (``NOW``): a ``ping``, a
+    subscribe to a channel the worker already relays, an unsubscribe that others stay
+    on. False, with nothing done, when ``handle`` must be awaited: the connection then
+    needs a task only for the commands that wait on the broker."""
+    op = NOW.get(command.op)
+    if op is None:
+        return False
+    try:
+        return op(client, command)
+    except Exception as exc:
+        _failed(client.session, command, exc)
+        return True
 
+
+def _failed(session: Session, command: Command, exc: Exception) -> None:
+    """The error reply for what a command raised."""
+    if isinstance(exc, GatewayError):
+        session.push(wire.error_reply(command.id, exc.code, exc.message))
+    elif isinstance(exc, SubscribeError):
+        session.push(wire.error_reply(command.id, exc.code, str(exc)))
+    elif isinstance(exc, BrokerUnavailable):
+        message = "broker unavailable, retry later"
+        session.push(wire.error_reply(command.id, ErrorCode.INTERNAL, message))
+    else:
+        logger.error("op %s failed", command.op, exc_info=exc)
+        session.push(wire.error_reply(command.id, ErrorCode.INTERNAL, "internal error"))
+
+
+def _subscribe_reply(session: Session, command: Command) -> Callable[[SubscribeResult], None]:
     def reply(result: SubscribeResult) -> None:
         position = result.position
         body = {"offset": position.offset, "epoch": position.epoch, "recovered": result.recovered}
         session.push(wire.reply(command.id, body))
 
-    await client.gateway.hub.subscribe(session, channel, command.since, on_ready=reply)
+    return reply
+
+
+async def subscribe(client: Client, command: Command) -> None:
+    channel = command.channel
+    require(client.claims.can_subscribe(channel), "subscribing to", channel)
+    reply = _subscribe_reply(client.session, command)
+    await client.gateway.hub.subscribe(client.session, channel, command.since, on_ready=reply)
+
+
+def subscribe_now(client: Client, command: Command) -> bool:
+    channel = command.channel
+    require(client.claims.can_subscribe(channel), "subscribing to", channel)
+    reply = _subscribe_reply(client.session, command)
+    hub = client.gateway.hub
+    return hub.subscribe_now(client.session, channel, command.since, on_ready=reply) is not None
 
 
 async def unsubscribe(client: Client, command: Command) -> dict[str, Any]:
     await client.gateway.hub.unsubscribe(client.session, command.channel)
     return {}
+
+
+def unsubscribe_now(client: Client, command: Command) -> bool:
+    if client.gateway.hub.unsubscribe_now(client.session, command.channel) is None:
+        return False
+    client.session.push(wire.reply(command.id, {}))
+    return True
 
 
 async def publish(client: Client, command: Command) -> dict[str, Any]:
@@ -113,6 +151,11 @@ async def ping(client: Client, command: Command) -> dict[str, Any]:
     return {}
 
 
+def ping_now(client: Client, command: Command) -> bool:
+    client.session.push(wire.reply(command.id, {}))
+    return True
+
+
 async def refresh(client: Client, command: Command) -> dict[str, Any]:
     try:
         claims = client.gateway.verifier.verify(command.token)
@@ -132,4 +175,10 @@ OPS: dict[str, Op] = {
     "history": history,
     "ping": ping,
     "refresh": refresh,
+}
+# The ops that can complete without a wait, when their state allows (``handle_now``).
+NOW: dict[str, Callable[[Client, Command], bool]] = {
+    "subscribe": subscribe_now,
+    "unsubscribe": unsubscribe_now,
+    "ping": ping_now,
 }

@@ -14,6 +14,9 @@ import re
 from typing import Any
 
 REDACTED = "[redacted]"
+# A record's attribute (``extra={REDACTED_ALREADY: True}``): its message and arguments
+# hold no token, or were redacted by the caller; the filters leave it as it is.
+REDACTED_ALREADY = "gateway_redacted"
 _PATTERNS = (
     re.compile(r"(?i)((?:^|[?&;\s])(?:access_)?token=)[^&\s\"']*"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
@@ -38,6 +41,9 @@ class RedactTokens(logging.Filter):
     uvicorn's access formatter read ``record.args`` themselves)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.__dict__.get(REDACTED_ALREADY):
+            return True
+        record.__dict__[REDACTED_ALREADY] = True  # one pass per record, whatever filters
         if isinstance(record.msg, str):
             record.msg = redact(record.msg)
         if isinstance(record.args, tuple):

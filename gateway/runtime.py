@@ -105,6 +105,16 @@ class Gateway:
         self.connections.opened(session.transport_name)
         self.hub.register(session)
 
+    def closed_now(self, session: Session) -> bool:
+        """``closed`` when the hub can forget the session at once (``Hub.unregister_now``);
+        False, with nothing done, when ``closed`` must be awaited."""
+        if session not in self.hub.sessions:
+            return True
+        if not self.hub.unregister_now(session):
+            return False
+        self.connections.closed(session.transport_name, slow=session.slow)
+        return True
+
     async def closed(self, session: Session) -> None:
         """The session leaves every channel and stops counting. Idempotent."""
         if session not in self.hub.sessions:

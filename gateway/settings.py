@@ -62,6 +62,9 @@ class Settings(BaseSettings):
 
     demo: bool = True
     log_level: str = "info"
+    # One line per HTTP request and per accepted WebSocket (uvicorn's access log); off, a
+    # reconnect storm writes no line per client.
+    access_log: bool = True
 
     @property
     def origins(self) -> list[str]:

@@ -100,24 +100,66 @@ class Connection:
         self.port.listen(self._wake_reader)
 
     def _wake_reader(self) -> None:
-        if self._reader is None and not self._finished:
+        """Handle what the client sent, here, while each message needs no wait; a task
+        from the first one that does (it then reads the rest, in order)."""
+        port = self.port
+        while self._reader is None and not self._finished and port.pending():
+            message = port.take()
+            try:
+                if self._take_now(message):
+                    continue
+            except Exception:
+                logger.exception("websocket reader failed")
+                self.session.close(CloseCode.INTERNAL_ERROR)
+                return
             name = f"ws-reader:{self.session.client_id}"
-            self._reader = asyncio.create_task(self._read_pending(), name=name)
+            self._reader = asyncio.create_task(self._read_pending(message), name=name)
 
-    async def _read_pending(self) -> None:
+    def _take_now(self, message: Message) -> bool:
+        """Handle ``message`` without a wait; False, with nothing done, if it needs one."""
+        if message["type"] == "websocket.disconnect":
+            return self._finish_now()
+        if self.session.close_reason is not None:
+            return True  # closing: ignore what the client still sends
+        command = self._command(message)
+        return command is None or dispatch.handle_now(self, command)
+
+    async def _read_pending(self, message: Message) -> None:
         port = self.port
         try:
-            while port.pending() and not self._finished:
-                message = await port.receive()
+            while True:
                 if message["type"] == "websocket.disconnect":
                     await self._finish()
                 else:
                     await self._take(message)
+                if self._finished or not port.pending():
+                    break
+                message = port.take()
         except Exception:
             logger.exception("websocket reader failed")
             self.session.close(CloseCode.INTERNAL_ERROR)
         finally:
             self._reader = None
+
+    def _finish_now(self) -> bool:
+        """``_finish`` when nothing in it has to wait: the hub forgets the session at once
+        and no writer is mid-write. False when ``_finish`` must be awaited (it repeats
+        what was done here: closing the session is idempotent)."""
+        if self._finished:
+            return True
+        writer = self._writer
+        if writer is not None and not writer.done():
+            return False
+        session = self.session
+        session.writer_on_demand(None)
+        session.close(Ending.CLIENT_GONE)
+        if not self.gateway.closed_now(session):
+            return False
+        self._finished = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.port.release()
+        return True
 
     async def _finish(self) -> None:
         """The client is gone (or the close handshake is done): forget the session."""

@@ -136,6 +136,22 @@ async def test_tokens_never_appear_in_logs(procs: list[GatewayProcess]) -> None:
         assert tok not in output
 
 
+async def test_without_the_access_log_no_line_per_request_or_websocket(
+    procs: list[GatewayProcess],
+) -> None:
+    proc = GatewayProcess({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_ACCESS_LOG": "false"})
+    procs.append(proc)
+    await proc.wait_ready()
+    async with connect(f"{proc.ws_url}/ws?token={token('quiet')}") as ws:
+        await ws.send(orjson.dumps({"id": 1, "op": "unknown"}).decode())
+        assert orjson.loads(await ws.recv())["ok"] is False
+        async with httpx.AsyncClient(base_url=proc.url, timeout=5) as client:
+            assert (await client.get("/healthz")).status_code == 200
+    output = proc.output()
+    assert "Application startup complete" in output  # the log is there, and quiet
+    assert "[accepted]" not in output and "GET /healthz" not in output
+
+
 def worker_pids(parent: int) -> list[int]:
     """The supervisor's worker children (not multiprocessing's resource tracker)."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()

@@ -80,19 +80,22 @@ def protocols(server: RunningServer, kind: type) -> list[Any]:
     return [c for c in server.server.server_state.connections if isinstance(c, kind)]
 
 
-async def test_a_detached_websocket_forgets_its_request(server: RunningServer) -> None:
-    from gateway.server.websocket import GatewayWebSocketProtocol
+async def test_a_websocket_upgraded_below_asgi_keeps_nothing_of_its_request(
+    server: RunningServer,
+) -> None:
+    from gateway.server.upgraded import UpgradedWebSocket
 
     tok = token("forgetful")
     async with ws_client(server, tok) as client:
         await client.subscribe("forget")
-        await eventually(lambda: asgi_calls("WebSocketProtocol") == [])
-        (protocol,) = protocols(server, GatewayWebSocketProtocol)
+        assert asgi_calls("WebSocketProtocol") == []
+        (protocol,) = protocols(server, UpgradedWebSocket)
         # No framework call ever ran (no exit stacks, no route, no query string with the
-        # token); the handshake was parsed by the HTTP protocol, which keeps nothing of it.
-        assert protocol.scope == {"type": "websocket"}
-        assert not hasattr(protocol, "request") and not hasattr(protocol, "response")
-        assert tok not in repr(vars(protocol))
+        # token); the handshake was parsed by the HTTP protocol, which keeps nothing of it,
+        # and the connection's protocol holds no request, scope or parser.
+        held = {name: getattr(protocol, name, None) for name in UpgradedWebSocket.__slots__}
+        assert tok not in repr(held)
+        assert not hasattr(protocol, "__dict__")
         await client.ping_ok()  # and the connection is as alive as before
 
 
@@ -166,17 +169,19 @@ async def test_a_raw_sse_stream_keeps_no_task_and_sees_its_client_leave(
 async def test_keepalive_pings_come_from_one_timer_per_loop(
     make_server: Callable[..., Awaitable[RunningServer]],
 ) -> None:
-    from gateway.server.websocket import _keepalives
+    from gateway.server.keepalive import loop_keepalive
+    from gateway.server.upgraded import UpgradedWebSocket
 
     server = await make_server(ping_interval=0.2, ping_timeout=5)
     async with ws_client(server) as a, ws_client(server) as b:
         await a.ping_ok()
         await b.ping_ok()
-        keepalive = _keepalives[asyncio.get_running_loop()]
-        protocols = list(keepalive.members)
-        assert len(protocols) == 2
+        keepalive = loop_keepalive(asyncio.get_running_loop())
+        assert keepalive is not None
+        protocols = [p for p in keepalive.members if isinstance(p, UpgradedWebSocket)]
+        assert len(protocols) == len(keepalive.members) == 2
         # No per-connection timers; pings still go out and get answered.
-        assert all(p.ping_timer is None and p.pong_timer is None for p in protocols)
+        assert all(not hasattr(p, "ping_timer") for p in protocols)
         await eventually(lambda: all(p.last_ping_rtt > 0 for p in protocols), timeout=5)
     await eventually(lambda: not keepalive.members)
 

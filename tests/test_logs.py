@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from gateway.logs import REDACTED, RedactTokens, redact
+from gateway.logs import REDACTED, REDACTED_ALREADY, RedactTokens, redact
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
 
@@ -52,3 +52,25 @@ def test_the_filter_redacts_the_template_and_every_string_argument() -> None:
     record.msg = f"Bearer {JWT} " + record.msg
     assert RedactTokens().filter(record)
     assert record.getMessage() == f"Bearer {REDACTED} peer - GET /ws?token={REDACTED} 101"
+
+
+def test_a_record_is_redacted_once_whatever_the_filters_it_passes() -> None:
+    logger = logging.getLogger("tests.redaction")
+    logger.propagate = False
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    handler.addFilter(RedactTokens())
+    logger.addFilter(RedactTokens())
+    logger.addHandler(handler)
+    try:
+        logger.warning("GET %s", f"/sse?token={JWT}")
+        # A caller that redacted its arguments itself says so; nothing is done twice.
+        logger.warning("%s", f"/ws?token={REDACTED}", extra={REDACTED_ALREADY: True})
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [f"GET /sse?token={REDACTED}", f"/ws?token={REDACTED}"]

@@ -18,6 +18,7 @@ from websockets.exceptions import InvalidStatus
 
 from gateway import wire
 from gateway.server.asgi import AsgiWebSocketPort
+from gateway.server.upgraded import UpgradedWebSocket
 from gateway.server.websocket import GatewayWebSocketProtocol
 from gateway.wire import text_frame
 from gateway.ws import WebSocketTransport
@@ -54,7 +55,7 @@ async def test_publications_reach_the_socket_as_raw_frames(
         reply = orjson.loads((await read_raw_frame(reader))[2:])
         assert reply["ok"] is True, reply
         [transport] = await eventually(lambda: _transports(server))
-        assert isinstance(transport.port, GatewayWebSocketProtocol)
+        assert isinstance(transport.port, UpgradedWebSocket)  # the HTTP protocol's upgrade
 
         async with api_client(server) as http:
             sizes = [1, 200, 70_000]  # 7-bit, 16-bit and 64-bit length headers

@@ -55,7 +55,7 @@ class AsgiWebSocketPort:
     def pending(self) -> bool:
         return bool(self._inbox)
 
-    async def receive(self) -> Message:
+    def take(self) -> Message:
         message = self._inbox.popleft()
         self._taken.set()
         return message

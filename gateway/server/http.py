@@ -26,10 +26,11 @@ message); a body-rewriting middleware (gzip, say) needs ``GATEWAY_RAW_WRITES=fal
 
 WebSocket upgrades: when the app's opener (``OPEN_WEBSOCKET``) takes an upgrade whose
 handshake websockets would accept as it is, this protocol answers it: the request was
-parsed once, here, so the 101 is written and the gateway's WebSocket protocol opened
-(``open_upgraded``) without uvicorn's rebuilding the request for the WebSocket protocol
-to parse again. Anything else (another path, a handshake websockets would refuse or
-answer differently, over its header limits) takes uvicorn's path and gets its answer.
+parsed once, here, so the 101 is written and the connection handed to the gateway's
+lean WebSocket protocol (``gateway.server.upgraded``), without uvicorn's rebuilding
+the request for a WebSocket protocol to parse again. Anything else (another path, a
+handshake websockets would refuse or answer differently, over its header limits) takes
+uvicorn's path and gets its answer.
 
 Detached responses: ``hold`` lets the ASGI call return with the response still open
 (``DetachableCycle.run_asgi``, uvicorn's copied with that one branch more; see
@@ -51,7 +52,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 
-from gateway.server.ports import OPEN_WEBSOCKET, RAW_BODY, Opener
+from gateway.server.ports import OPEN_WEBSOCKET, RAW_BODY, Opener, Refuse
+from gateway.server.upgraded import UpgradedWebSocket, switching_head
 from gateway.server.waiting import LiteEvent
 
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
@@ -222,20 +224,33 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
-        open_upgraded = getattr(self.ws_protocol_class, "open_upgraded", None)
-        key = self._websocket_key() if opener is not None and open_upgraded else None
+        # With the gateway's WebSocket protocol configured, the config's limits are the
+        # gateway's (the 1009 limit, pings): upgrades may skip it for the lean one.
+        ours = getattr(self.ws_protocol_class, "lends_upgrades", False)
+        key = self._websocket_key() if opener is not None and ours else None
         decision = opener(_HttpUpgrade(self.url, self.headers)) if opener and key else None
         if decision is None:
             super().handle_websocket_upgrade()  # uvicorn: the WebSocket protocol parses it again
             return
-        assert key is not None and self.ws_protocol_class is not None
-        self.connections.discard(self)
-        protocol = self.ws_protocol_class(  # type: ignore[call-arg]
-            config=self.config, server_state=self.server_state, app_state=self.app_state
+        assert key is not None
+        config = self.config
+        protocol = UpgradedWebSocket(
+            connections=self.connections,
+            max_size=config.ws_max_size,
+            ping_interval=config.ws_ping_interval,
+            ping_timeout=config.ws_ping_timeout,
+            client=self.client,
+            access_log=config.access_log,
         )
-        protocol.connection_made(self.transport)
+        self.connections.discard(self)
         self.transport.set_protocol(protocol)
-        protocol.open_upgraded(accept_key(key), decision, self.url)  # type: ignore[attr-defined]
+        protocol.connection_made(self.transport)
+        protocol.open(switching_head(accept_key(key), self.server_state.default_headers), self.url)
+        self.url, self.headers = b"", []
+        if isinstance(decision, Refuse):
+            protocol.refuse(decision.code, decision.reason)
+        else:
+            decision(protocol)
 
     def _websocket_key(self) -> str | None:
         """The ``Sec-WebSocket-Key`` of a handshake that websockets would accept as it is;

@@ -106,6 +106,7 @@ def uvicorn_options(settings: Settings, choice: ServerChoice | None = None) -> d
         "ws_per_message_deflate": False,
         "timeout_graceful_shutdown": max(1.0, settings.drain_seconds),
         "log_level": settings.log_level,
+        "access_log": settings.access_log,
         "log_config": log_config(settings.log_level),
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
     }

@@ -61,8 +61,8 @@ class WebSocketPort(Port, Protocol):
 
     def pending(self) -> bool: ...
 
-    async def receive(self) -> Message:
-        """The next message; does not suspend while ``pending()``."""
+    def take(self) -> Message:
+        """The next message; only while ``pending()``."""
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame."""

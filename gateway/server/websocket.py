@@ -33,11 +33,9 @@ What it adds to uvicorn's (``GatewayWebSocketProtocol``, installed by
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import struct
-import weakref
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote
@@ -47,10 +45,9 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
-from websockets.protocol import State
-from websockets.server import ServerProtocol
 
 from gateway.errors import CloseCode
+from gateway.server.keepalive import keepalive_for, loop_keepalive
 from gateway.server.ports import (
     OPEN_WEBSOCKET,
     RAW_FRAMES,
@@ -68,11 +65,6 @@ COPIED_FROM_UVICORN = {
         "632f86c7cd771ab9"
     ),
 }
-
-
-# The 101 as uvicorn writes it on websocket.accept, up to the accept key; uvicorn's default
-# headers (date, server) follow it.
-SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
 
 
 class _Upgrade:
@@ -96,36 +88,11 @@ class _Upgrade:
         return values[0] if values else None
 
 
-class Keepalive:
-    """Pings every WebSocket connection of one event loop from a single timer."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
-        self.loop = loop
-        self.tick = tick
-        self.members: dict[GatewayWebSocketProtocol, None] = {}
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, protocol: GatewayWebSocketProtocol) -> None:
-        self.members[protocol] = None
-        if self._timer is None:
-            self._timer = self.loop.call_later(self.tick, self._round)
-
-    def discard(self, protocol: GatewayWebSocketProtocol) -> None:
-        self.members.pop(protocol, None)
-
-    def _round(self) -> None:
-        now = self.loop.time()
-        for protocol in list(self.members):
-            protocol.keepalive_check(now)
-        self._timer = self.loop.call_later(self.tick, self._round) if self.members else None
-
-
-_keepalives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Keepalive] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+    # The HTTP protocol hands the upgrades it answers to ``UpgradedWebSocket`` instead
+    # (``gateway.server.http``); this class serves the handshakes uvicorn answers.
+    lends_upgrades = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Idle connections are the common case: no empty deques held for their lifetime.
@@ -176,25 +143,12 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         response.headers.clear()
         return True
 
-    def open_upgraded(self, accept: str, decision: Accept | Refuse, target: bytes) -> None:
-        """The HTTP protocol took the upgrade (``gateway.server.http``): its request was
-        parsed once, there, and is a valid handshake; write the 101 and open."""
-        self.conn = ServerProtocol(
-            state=State.OPEN, max_size=self.config.ws_max_size, logger=self.conn.logger
-        )
-        head = [SWITCHING, b"Sec-WebSocket-Accept: ", accept.encode(), b"\r\n"]
-        for name, value in self.default_headers:
-            head += [name.lower(), b": ", value, b"\r\n"]
-        head.append(b"\r\n")
-        self._accepted(target.decode("latin-1"), b"".join(head))
-        self._open(decision)
-
     def _accepted(self, target: str, head: bytes) -> None:
         """Write the 101 ``head``: the connection is open, and no ASGI call will ever run."""
         self.handshake_initiated = self.handshake_complete = True
         self.detached = True
         self.scope = {"type": "websocket"}  # type: ignore[typeddict-item]
-        if self.logger.isEnabledFor(logging.INFO):
+        if self.config.access_log and self.logger.isEnabledFor(logging.INFO):
             self.logger.info('%s - "WebSocket %s" [accepted]', self._peer(), target)
         self.transport.write(head)
         self.start_keepalive()
@@ -219,12 +173,22 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def listen(self, on_message: Callable[[], object]) -> None:
         queue: LiteQueue[Any] = self.queue  # type: ignore[assignment]
-        queue.on_put = on_message
+        # Called soon, not from inside the put: uvicorn pauses reading right after it
+        # queues a message, and only a ``take`` that finds it paused resumes it.
+        queue.on_put = lambda: self.loop.call_soon(on_message)
         if not queue.empty():
             on_message()
 
     def pending(self) -> bool:
         return not self.queue.empty()
+
+    def take(self) -> Any:
+        """uvicorn's ``receive`` for a message that waits: reading resumes once none does."""
+        message = self.queue.get_nowait()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
 
     def try_write(self, frames: bytes) -> bool:
         if self.close_sent or self.disconnected or self.transport.is_closing():
@@ -285,16 +249,13 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         interval = self.ping_interval
         if interval is None or interval <= 0:
             return
-        keepalive = _keepalives.get(self.loop)
-        if keepalive is None:
-            tick = max(0.02, min(interval, self.ping_timeout or interval) / 4)
-            keepalive = _keepalives[self.loop] = Keepalive(self.loop, tick)
+        keepalive = keepalive_for(self.loop, interval, self.ping_timeout)
         self.ping_sent_at = self.loop.time()  # the first ping one interval from now
         keepalive.add(self)
 
     def stop_keepalive(self) -> None:
         super().stop_keepalive()
-        keepalive = _keepalives.get(self.loop)
+        keepalive = loop_keepalive(self.loop)
         if keepalive is not None:
             keepalive.discard(self)
 

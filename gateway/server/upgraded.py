@@ -1,0 +1,400 @@
+"""The WebSocket protocol of a connection the HTTP protocol upgraded itself.
+
+When the app's opener takes an upgrade (``gateway.server.http``), the connection
+needs nothing of uvicorn's WebSocket protocol: no scope, no ASGI call, no handshake
+parser. ``UpgradedWebSocket`` is what is left, a ``WebSocketPort`` on the socket:
+
+- frames in, parsed here (RFC 6455 section 5) as websockets parses them, with the
+  same answers to a client that breaks the protocol (a close frame, 1002 and
+  websockets' wording; 1007 for text that is not UTF-8; 1009 ``message too big``
+  for a message over ``ws_max_size``, refused from its header); pings answered;
+- messages out to the owner as ASGI ``websocket.*`` dicts (``listen``/``receive``),
+  reading paused while too many wait, as uvicorn pauses while one does;
+- frames out as built by ``gateway.wire`` (``try_write``/``write``, with the
+  transport's flow control), close frames and the closing handshake as uvicorn's
+  protocol does them, the same keep-alive (``Keepalive``: one timer per loop);
+- uvicorn's server still sees it among its connections (``shutdown``: 1012).
+
+One object per connection, no generator; ``GatewayWebSocketProtocol`` (websockets'
+state machine) remains for the handshakes uvicorn answers (h11, a refused one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from websockets.frames import EXTERNAL_CLOSE_CODES
+
+try:  # websockets' C extension, as its own parser uses it
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a websockets build without it
+    from websockets.utils import apply_mask
+
+from gateway.errors import CloseCode
+from gateway.logs import REDACTED_ALREADY, redact
+from gateway.server.keepalive import Keepalive, keepalive_for
+from gateway.server.waiting import LiteEvent, LiteQueue
+
+logger = logging.getLogger("uvicorn.error")
+
+CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+DATA_OPCODES = (CONT, TEXT, BINARY)
+CONTROL_OPCODES = (CLOSE, PING, PONG)
+PAUSE_READING_AT = 32  # messages waiting for the owner
+CLOSE_TIMEOUT = 10.0  # uvicorn's: the client's answer to our close frame
+
+Message = dict[str, Any]
+ACCEPTED = '%s - "WebSocket %s" [accepted]'  # uvicorn's line
+
+# The 101 as uvicorn writes it on websocket.accept, up to the accept key; uvicorn's default
+# headers (date, server) follow it.
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+
+
+def switching_head(accept: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    head = [SWITCHING, b"Sec-WebSocket-Accept: ", accept.encode(), b"\r\n"]
+    for name, value in default_headers:
+        head += [name.lower(), b": ", value, b"\r\n"]
+    head.append(b"\r\n")
+    return b"".join(head)
+
+
+class ProtocolViolation(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def control_frame(opcode: int, payload: bytes) -> bytes:
+    return bytes((0x80 | opcode, len(payload))) + payload
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    return struct.pack("!H", code) + reason.encode()
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """A close frame's code and reason, as websockets' ``Close.parse`` reads them."""
+    if not payload:
+        return 1005, ""
+    if len(payload) == 1:
+        raise ProtocolViolation(1002, "close frame too short")
+    (code,) = struct.unpack_from("!H", payload)
+    try:
+        reason = payload[2:].decode()
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation(1007, f"{exc.reason} at position {exc.start}") from None
+    if not (code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000):
+        raise ProtocolViolation(1002, "invalid status code")
+    return code, reason
+
+
+class UpgradedWebSocket(asyncio.Protocol):
+    __slots__ = (
+        "_buffer",
+        "_fragments",
+        "_fragments_size",
+        "_fragments_text",
+        "_keepalive",
+        "_read_paused",
+        "access_log",
+        "client",
+        "close_sent",
+        "close_timer",
+        "connections",
+        "ended",
+        "last_ping_rtt",
+        "loop",
+        "max_size",
+        "pending_ping",
+        "ping_interval",
+        "ping_sent_at",
+        "ping_timeout",
+        "queue",
+        "transport",
+        "writable",
+    )
+
+    def __init__(
+        self,
+        *,
+        connections: set[Any],
+        max_size: int,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+        client: tuple[str, int] | None,
+        access_log: bool = True,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.connections = connections
+        self.max_size = max_size
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.client = client
+        self.access_log = access_log
+        self.transport: asyncio.Transport
+        self.queue: LiteQueue[Message] = LiteQueue()
+        self.writable = LiteEvent()
+        self.writable.set()
+        self.close_sent = self.ended = self._read_paused = False
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.pending_ping: bytes | None = None
+        self.ping_sent_at = self.last_ping_rtt = 0.0
+        self._keepalive: Keepalive | None = None
+        self._buffer = b""
+        self._fragments: list[bytes] | None = None
+        self._fragments_size = 0
+        self._fragments_text = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.connections.add(self)
+
+    def open(self, head: bytes, target: bytes) -> None:
+        """Write the 101 ``head``: from here the connection speaks WebSocket."""
+        if self.access_log and logger.isEnabledFor(logging.INFO):
+            peer = f"{self.client[0]}:{self.client[1]}" if self.client else ""
+            target_text = redact(target.decode("latin-1"))  # once, here, not in each filter
+            logger.info(ACCEPTED, peer, target_text, extra={REDACTED_ALREADY: True})
+        self.transport.write(head)
+        interval = self.ping_interval
+        if interval is not None and interval > 0:
+            self.ping_sent_at = self.loop.time()  # the first ping one interval from now
+            self._keepalive = keepalive_for(self.loop, interval, self.ping_timeout)
+            self._keepalive.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_keepalive()
+        self.connections.discard(self)
+        if not self.ended:  # no close frame either way: uvicorn's code for it
+            self.ended = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1005})
+        self.writable.set()  # a writer waiting on a full socket learns it is gone
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        if exc is None:
+            self.transport.close()
+
+    def eof_received(self) -> None:
+        return None  # the transport closes itself
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def refuse(self, code: int, reason: str) -> None:
+        """A close frame right after the 101 (what ASGI ``websocket.close`` does then)."""
+        self._disconnect(code, reason)
+        self.transport.write(control_frame(CLOSE, close_payload(code, reason)))
+        self.close_sent = True
+        self.close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.close)
+
+    def shutdown(self) -> None:
+        """uvicorn's server is stopping (after the app's drain closed its sessions)."""
+        self._stop_keepalive()
+        if self.close_sent:
+            self.transport.close()
+            return
+        self._fail(1012, "")
+
+    # -- frames in ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._buffer:
+            data, self._buffer = self._buffer + data, b""
+        try:
+            self._parse(data)
+        except ProtocolViolation as exc:
+            self._fail(exc.code, exc.reason)
+
+    def _parse(self, data: bytes) -> None:
+        size, at = len(data), 0
+        transport = self.transport
+        while size - at >= 2 and not transport.is_closing():
+            head1, head2 = data[at], data[at + 1]
+            opcode = head1 & 0x0F
+            if opcode not in DATA_OPCODES and opcode not in CONTROL_OPCODES:
+                raise ProtocolViolation(1002, "invalid opcode")
+            if not head2 & 0x80:
+                raise ProtocolViolation(1002, "incorrect masking")
+            length, start = head2 & 0x7F, at + 2
+            if length == 126:
+                if size - start < 2:
+                    break
+                (length,) = struct.unpack_from("!H", data, start)
+                start += 2
+            elif length == 127:
+                if size - start < 8:
+                    break
+                (length,) = struct.unpack_from("!Q", data, start)
+                start += 8
+            if length > self.max_size - self._fragments_size:
+                self._too_big()
+                return
+            end = start + 4 + length
+            if size < end:
+                break
+            payload = apply_mask(data[start + 4 : end], data[start : start + 4])
+            at = end
+            if head1 & 0x70:  # checked once the frame is read, as websockets does
+                raise ProtocolViolation(1002, "reserved bits must be 0")
+            self._frame(opcode, bool(head1 & 0x80), payload)
+        if at < size and not transport.is_closing():
+            self._buffer = data[at:]
+
+    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        if opcode >= CLOSE:
+            if len(payload) > 125:
+                raise ProtocolViolation(1002, "control frame too long")
+            if not fin:
+                raise ProtocolViolation(1002, "fragmented control frame")
+            if opcode == PING:
+                if not self.close_sent:
+                    self.transport.write(control_frame(PONG, payload))
+            elif opcode == PONG:
+                if payload == self.pending_ping:
+                    self.pending_ping = None
+                    self.last_ping_rtt = self.loop.time() - self.ping_sent_at
+            else:
+                self._close_received(payload)
+            return
+        fragments = self._fragments
+        if opcode == CONT:
+            if fragments is None:
+                raise ProtocolViolation(1002, "unexpected continuation frame")
+            fragments.append(payload)
+            self._fragments_size += len(payload)
+            if fin:
+                text = self._fragments_text
+                self._fragments, self._fragments_size = None, 0
+                self._message(text, b"".join(fragments))
+        elif fragments is not None:
+            raise ProtocolViolation(1002, "expected a continuation frame")
+        elif fin:
+            self._message(opcode == TEXT, payload)
+        else:
+            self._fragments, self._fragments_size = [payload], len(payload)
+            self._fragments_text = opcode == TEXT
+
+    def _message(self, text: bool, payload: bytes) -> None:
+        if self.close_sent:
+            return  # past our close frame: what the client still sends is dropped
+        if text:
+            try:
+                message: Message = {"type": "websocket.receive", "text": payload.decode()}
+            except UnicodeDecodeError:
+                raise ProtocolViolation(1007, "") from None
+        else:
+            message = {"type": "websocket.receive", "bytes": payload}
+        self.queue.put_nowait(message)
+        if not self._read_paused and self.queue.qsize() >= PAUSE_READING_AT:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _close_received(self, payload: bytes) -> None:
+        if self.close_sent:  # the client's answer: the closing handshake is done
+            self.transport.close()
+            return
+        code, reason = parse_close(payload)
+        self._disconnect(code, reason)
+        self.transport.write(control_frame(CLOSE, payload))  # echoed, as websockets does
+        self.close_sent = True
+        self.transport.close()
+
+    def _too_big(self) -> None:
+        code, reason = CloseCode.MESSAGE_TOO_BIG
+        self._fail(code, reason)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close at once with ``code``: a client that broke the protocol, a shutdown."""
+        self._disconnect(code, reason)
+        if not self.close_sent and not self.transport.is_closing():
+            self.transport.write(control_frame(CLOSE, close_payload(code, reason)))
+        self.close_sent = True
+        self.transport.close()
+
+    def _disconnect(self, code: int, reason: str) -> None:
+        """Tell the owner the connection ended (once)."""
+        if not self.ended:
+            self.ended = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+
+    # -- the port (gateway.server.ports.WebSocketPort) ---------------------------------
+
+    def listen(self, on_message: Callable[[], object]) -> None:
+        self.queue.on_put = on_message
+        if not self.queue.empty():
+            on_message()
+
+    def pending(self) -> bool:
+        return not self.queue.empty()
+
+    def take(self) -> Message:
+        message = self.queue.get_nowait()
+        if self._read_paused and self.queue.empty():
+            self._read_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+        return message
+
+    def try_write(self, frames: bytes) -> bool:
+        if self.close_sent or self.transport.is_closing():
+            raise ConnectionError("websocket closed")
+        if not self.writable.is_set():
+            return False
+        self.transport.write(frames)
+        return True
+
+    async def write(self, frames: bytes) -> None:
+        while not self.try_write(frames):
+            await self.writable.wait()
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.close_sent or self.transport.is_closing():
+            return  # closed already (a protocol error, a keep-alive timeout, the client)
+        while not self.writable.is_set() and not self.transport.is_closing():
+            await self.writable.wait()  # whole frames only: behind what is queued
+        if self.close_sent or self.transport.is_closing():
+            return
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        self.refuse(code, reason)
+
+    async def hold(self) -> None:
+        """Nothing to hold: no ASGI call runs for this connection."""
+
+    def release(self) -> None:
+        """Nothing to release (see ``hold``)."""
+
+    # -- keep-alive (``Keepalive``) ----------------------------------------------------
+
+    def keepalive_check(self, now: float) -> None:
+        if self.close_sent or self.transport.is_closing():
+            return
+        if self.pending_ping is not None:
+            timeout = self.ping_timeout
+            if timeout is not None and now - self.ping_sent_at >= timeout:
+                self._fail(1011, "keepalive ping timeout")
+            return
+        assert self.ping_interval is not None
+        if now - self.ping_sent_at >= self.ping_interval:
+            self.pending_ping = struct.pack("!I", random.getrandbits(32))
+            self.ping_sent_at = now
+            self.transport.write(control_frame(PING, self.pending_ping))
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.discard(self)
+            self._keepalive = None
+        self.pending_ping = None
