@@ -65,6 +65,21 @@ class HTTPOnlyCORSMiddleware(CORSMiddleware):
         return super().__call__(scope, receive, send)
 
 
+class GatewayApp(FastAPI):
+    """FastAPI, with the gateway's shortcut for opening SSE streams in front of it
+    (``sse.Shortcut``). (``async``, so that servers detect an ASGI 3 app.)"""
+
+    sse_shortcut: sse.Shortcut | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        shortcut = self.sse_shortcut
+        if shortcut is not None:
+            opened = shortcut.take(scope, receive, send)
+            if opened is not None:
+                return await opened
+        return await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     install_redaction()
@@ -87,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await gateway.drain()
             await gateway.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Streaming gateway",
         version="0.1.0",
         lifespan=lifespan,
@@ -98,13 +113,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_middleware(
-        HTTPOnlyCORSMiddleware,
-        allow_origins=settings.origins,
-        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-        max_age=600,
-    )
+    cors: dict[str, Any] = {
+        "allow_origins": settings.origins,
+        "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
+        "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID"],
+        "max_age": 600,
+    }
+    app.add_middleware(HTTPOnlyCORSMiddleware, **cors)
+    app.sse_shortcut = sse.Shortcut(gateway, lambda inner: HTTPOnlyCORSMiddleware(inner, **cors))
     app.include_router(ws.router)
     app.include_router(sse.router)
     app.include_router(api.router)

@@ -34,18 +34,24 @@ def token_of(query_token: str | None, authorization: str | None) -> str | None:
     return None
 
 
-def query_value(query: bytes, name: str) -> str | None:
-    """The value of ``name`` in a raw query string exactly as starlette's ``QueryParams``
-    gives it (``parse_qsl`` with blank values kept, the last occurrence wins), without
-    building the whole map: the handshakes below ASGI read one parameter."""
-    found = None
+def query_values(query: bytes, name: str) -> list[str]:
+    """The values of ``name`` in a raw query string exactly as starlette's ``QueryParams``
+    gives them (``parse_qsl`` with blank values kept: ``getlist``), without building the
+    whole map: the paths that skip the framework read one or two parameters."""
+    found = []
     for part in query.decode("latin-1").split("&"):
         key, _, value = part.partition("=")
         if "%" in key or "+" in key:
             key = unquote_plus(key)
         if key == name:
-            found = unquote_plus(value) if "%" in value or "+" in value else value
+            found.append(unquote_plus(value) if "%" in value or "+" in value else value)
     return found
+
+
+def query_value(query: bytes, name: str) -> str | None:
+    """``QueryParams.get``: the last value of ``name``."""
+    values = query_values(query, name)
+    return values[-1] if values else None
 
 
 async def bearer_or_query_token(
