@@ -42,8 +42,11 @@ class Fanout:
     """The channels of one worker and the delivery of their messages; ``Hub`` adds who
     joins and leaves them."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, recent_size: int = 0) -> None:
         self._broker = broker
+        # Publications kept per channel for subscribers resuming from just behind
+        # (``LocalChannel.relayed_since``); 0: none.
+        self.recent_size = recent_size
         self.stats = HubStats()
         # Publish-to-write latency, sampled once per publication after its fan-out pass
         # (most subscribers are written synchronously inside that pass).
@@ -73,6 +76,7 @@ class Fanout:
             elif lc.epoch is not None:
                 self._push_all(lc, Gap(lc.name))
             lc.epoch, lc.offset = message.epoch, message.offset
+            lc.remember(message, self.recent_size)
         self._deliver(lc, message)
 
     def _deliver(self, lc: LocalChannel, message: Message) -> None:
@@ -161,6 +165,6 @@ class Fanout:
         else:
             logger.warning("channel %s: history no longer covers a hole in the stream", lc.name)
             self._push_all(lc, Gap(lc.name))
-            lc.epoch = None
+            lc.epoch, lc.recent = None, None
         for message in pending:
             self._on_message(message)

@@ -62,8 +62,9 @@ class Hub(Fanout):
         presence_enabled: Callable[[str], bool],
         presence_ttl: float = 30.0,
         max_channels_per_session: int = 128,
+        recent_size: int = 0,
     ) -> None:
-        super().__init__(backend.broker)
+        super().__init__(backend.broker, recent_size)
         self._signals = backend.signals
         self.max_channels_per_session = max_channels_per_session
         self.sessions: set[Session] = set()
@@ -172,21 +173,23 @@ class Hub(Fanout):
         on_ready: Callable[[SubscribeResult], None] | None = None,
     ) -> SubscribeResult | None:
         """``subscribe`` when it needs no broker call: the channel is relayed here, has no
-        presence, and ``since`` is none or where the worker is (``_join_live``). None,
-        with nothing done, when ``subscribe`` must be awaited. Raises as it does."""
+        presence, and ``since`` is none, where the worker is, or a position the
+        publications it relayed reach back to (``_join_live``). None, with nothing done,
+        when ``subscribe`` must be awaited. Raises as it does."""
         if channel in session.channels:
             raise SubscribeError("bad_request", f"already subscribed to {channel}")
         if len(session.channels) >= self.max_channels_per_session:
             raise SubscribeError("limit_exceeded", "too many channels on one connection")
         lc = self._channels.get(channel)
-        if (
-            lc is None
-            or not _relaying(lc)
-            or (since is not None and since != lc.position)
-            or self._presence.enabled(channel)
-        ):
+        if lc is None or not _relaying(lc) or self._presence.enabled(channel):
             return None
-        return self._join_live(session, lc, since, on_ready)
+        replay: list[Publication] = []
+        if since is not None and since != lc.position:
+            relayed = lc.relayed_since(since)
+            if relayed is None:
+                return None
+            replay = relayed
+        return self._join_live(session, lc, since, on_ready, replay)
 
     async def subscribe(
         self,
@@ -261,6 +264,7 @@ class Hub(Fanout):
         lc: LocalChannel,
         since: StreamPosition | None,
         on_ready: Callable[[SubscribeResult], None] | None,
+        replay: list[Publication],
     ) -> SubscribeResult:
         """Join a channel this worker relays, from where it is: no broker call.
 
@@ -268,12 +272,17 @@ class Hub(Fanout):
         ``lc.position`` (``_relaying``), and will relay every later one in order: a session
         that starts there gets each publication after it once, as after a history read.
         The position may be a little behind the cluster's top (publications on their way
-        over pub/sub); those reach the session live.
+        over pub/sub); those reach the session live. A session resuming from behind gets
+        ``replay`` first: what the worker relayed after its position, which history
+        would have given it.
         """
         result = SubscribeResult(lc.position, since is not None)
         session.channels.add(lc.name)
         if on_ready is not None:
             on_ready(result)
+        for publication in replay:
+            session.push(publication)
+        self.stats.deliveries += len(replay)
         self._flush(lc)  # what arrived before is in the position the session starts from
         lc.live[session] = None
         return result

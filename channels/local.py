@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
-from channels.publication import Message, StreamPosition
+from channels.publication import Message, Publication, StreamPosition
 from channels.session import Session
 
 
@@ -24,6 +26,7 @@ class LocalChannel:
         "name",
         "offset",
         "pending",
+        "recent",
         "recovering",
         "upstream",
     )
@@ -39,6 +42,8 @@ class LocalChannel:
         self.recovering: list[Message] | None = None
         # Messages for ``live`` not written yet: flushed at the end of the loop pass.
         self.pending: list[Message] | None = None
+        # The last publications this worker relayed, without a hole, up to ``position``.
+        self.recent: deque[Publication] | None = None
 
     def __len__(self) -> int:
         return len(self.live) + len(self.joining) + len(self.catching_up)
@@ -57,3 +62,32 @@ class LocalChannel:
             self.joining.pop(session, None) is not None
             or self.catching_up.pop(session, None) is not None
         )
+
+    def remember(self, publication: Publication, size: int) -> None:
+        """Keep ``publication``, relayed in order, among the last ``size``; a hole or a
+        new epoch starts over (the kept ones always end where the channel is)."""
+        recent = self.recent
+        if (
+            recent
+            and recent[-1].epoch == publication.epoch
+            and recent[-1].offset + 1 == publication.offset
+        ):
+            recent.append(publication)
+        elif size > 0:
+            self.recent = deque((publication,), maxlen=size)
+
+    def relayed_since(self, since: StreamPosition) -> list[Publication] | None:
+        """Every publication after ``since`` up to where the channel is, from what this
+        worker relayed (the same publications history holds: offsets are unique in an
+        epoch); None when those do not reach back to ``since``."""
+        recent = self.recent
+        if not recent or since.epoch != self.epoch or since.offset >= self.offset:
+            return None
+        first, last = recent[0], recent[-1]
+        if (
+            last.offset != self.offset
+            or last.epoch != self.epoch
+            or first.offset > since.offset + 1
+        ):
+            return None
+        return list(itertools.islice(recent, since.offset + 1 - first.offset, None))

@@ -284,3 +284,87 @@ async def test_a_channel_the_hub_relays_is_joined_from_where_it_is_with_no_broke
     await eventually(lambda: behind_seen.offsets("c") == [1, 2])
     for writer in (w1, w2, w3, w4):
         writer.cancel()
+
+
+async def test_a_subscriber_resuming_from_just_behind_gets_what_the_worker_relayed() -> None:
+    """Reconnect storms again: the last ``recent_size`` publications a worker relayed
+    cover a client that was a few behind; further back, or in another epoch, history
+    answers as before."""
+    backend = create_backend("memory://", BrokerOptions(history_size=1000))
+    reads: list[StreamPosition | None] = []
+    original = backend.broker.history
+
+    async def counted(
+        channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
+        reads.append(since)
+        return await original(channel, since=since, limit=limit)
+
+    backend.broker.history = counted  # type: ignore[method-assign]  # the real one, counted
+    hub = Hub(backend, presence_enabled=lambda c: False, recent_size=3)
+    await hub.start()
+    writers = []
+    try:
+        first, first_seen, writer = new_session()
+        writers.append(writer)
+        await hub.subscribe(first, "c")
+        for n in range(1, 6):
+            top = (await hub.publish("c", str(n).encode())).position
+        await eventually(lambda: first_seen.offsets("c") == [1, 2, 3, 4, 5])
+        reads.clear()
+
+        back, back_seen, writer = new_session()
+        writers.append(writer)
+        result = hub.subscribe_now(back, "c", since=StreamPosition(2, top.epoch))
+        assert result is not None and (result.position, result.recovered) == (top, True)
+        await eventually(lambda: back_seen.offsets("c") == [3, 4, 5])
+        assert reads == []  # from the worker's own: no history read
+
+        far, far_seen, writer = new_session()
+        writers.append(writer)
+        assert hub.subscribe_now(far, "c", since=StreamPosition(1, top.epoch)) is None
+        result = await hub.subscribe(far, "c", since=StreamPosition(1, top.epoch))
+        assert result.recovered and reads == [StreamPosition(1, top.epoch)]
+        await eventually(lambda: far_seen.offsets("c") == [2, 3, 4, 5])
+
+        other, other_seen, writer = new_session()
+        writers.append(writer)
+        assert hub.subscribe_now(other, "c", since=StreamPosition(4, "another")) is None
+        result = await hub.subscribe(other, "c", since=StreamPosition(4, "another"))
+        assert not result.recovered
+
+        await hub.publish("c", b"6")
+        for seen in (first_seen, back_seen, far_seen, other_seen):
+            await eventually(lambda s=seen: s.offsets("c")[-1:] == [6])  # type: ignore[misc]
+        assert back_seen.offsets("c") == [3, 4, 5, 6]  # each once, in order
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await hub.close()
+
+
+def test_what_a_channel_keeps_of_what_it_relayed_never_has_a_hole() -> None:
+    from channels.local import LocalChannel
+
+    lc = LocalChannel("c")
+
+    def relay(offset: int, epoch: str = "e") -> None:
+        lc.epoch, lc.offset = epoch, offset
+        lc.remember(Publication("c", offset, epoch, b"1"), 3)
+
+    def offsets(since: int, epoch: str = "e") -> list[int] | None:
+        kept = lc.relayed_since(StreamPosition(since, epoch))
+        return None if kept is None else [p.offset for p in kept]
+
+    assert offsets(0) is None  # nothing kept yet
+    for offset in (1, 2, 3, 4):
+        relay(offset)
+    assert (offsets(1), offsets(2), offsets(3)) == ([2, 3, 4], [3, 4], [4])
+    assert offsets(0) is None and offsets(4) is None  # too far back; nothing missed
+    assert offsets(2, "other") is None
+    relay(6)  # a hole (what recovery fills goes through remember in order): start over
+    assert offsets(4) is None and offsets(5) == [6]
+    relay(1, "new")  # a new epoch: start over
+    assert offsets(5) is None and offsets(0, "new") == [1]
+    lc.offset = 7  # the position moved without a publication kept (a subscriber's start)
+    assert offsets(0, "new") is None
