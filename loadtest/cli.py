@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=10.0, help="publications/s meanwhile")
     p.add_argument("--hold", type=float, default=0.0, help="seconds a churned client stays")
 
+    p = scenario("storm", "every connection reset at once, every client back and resuming")
+    p.add_argument("--clients", type=int, default=5000)
+    p.add_argument("--channels", type=int, default=5, help="channels, clients spread over them")
+    p.add_argument("--rate", type=float, default=10.0, help="publications/s, over the channels")
+    p.add_argument("--duration", type=float, default=12.0, help="seconds of publishing")
+    p.add_argument("--cut-after", type=float, default=3.0, help="seconds into publishing")
+
     from loadtest.compare import add_compare_parser
     from loadtest.hotpath import add_parser as add_hotpath_parser
     from loadtest.sendfloor import add_parser as add_sendfloor_parser
@@ -287,6 +294,15 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             clients=args.clients,
             recover=args.recover,
             distinct_tokens=args.distinct_tokens,
+        )
+    if args.command == "storm":
+        return scenarios.run_storm(
+            setup,
+            clients=args.clients,
+            channels=args.channels,
+            rate=args.rate,
+            duration=args.duration,
+            cut_after=args.cut_after,
         )
     return scenarios.run_churn(
         setup,

@@ -59,6 +59,10 @@ class WsDialect:
         """Frames to send as soon as the WebSocket is open."""
         return []
 
+    def per_connection(self) -> WsDialect:
+        """The dialect one connection uses: this one, unless it keeps per-connection state."""
+        return self
+
     def parse(self, data: bytes, channel: str) -> Event:
         raise NotImplementedError
 

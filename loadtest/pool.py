@@ -36,6 +36,8 @@ class WorkerPool:
         self.churned = 0  # churn connections attempted, over the workers that finished
         self.churn_done = 0
         self.churn_finished = asyncio.Event()  # every worker reported its churn
+        self.stormed: list[dict[str, Any]] = []  # each worker's storm figures
+        self.storm_finished = asyncio.Event()
 
     @property
     def pids(self) -> list[int]:
@@ -95,6 +97,10 @@ class WorkerPool:
             future = self.replies.pop(("step", message[1], i), None)
             if future is not None and not future.done():
                 future.set_result(message)
+        elif kind == "stormed":
+            self.stormed.append(message[1])
+            if len(self.stormed) >= len(self.procs):
+                self.storm_finished.set()
         elif kind == "churned":
             self.churned += message[1]
             self.churn_done += 1

@@ -7,6 +7,8 @@ its pipe every ``progress_interval`` and answers commands:
 
 * ``("step", k)``: the latency histogram and unique deliveries of step ``k`` so far;
 * ``("churn", rate, duration, hold)``: open, subscribe and close connections at ``rate``/s;
+* ``("storm", at)``: at wall time ``at`` reset every connection and resume each
+  (``loadtest.storm``);
 * ``("finish",)``: send the final figures and close everything.
 
 It also measures its own event-loop lag: a client whose loop lags is the bottleneck,
@@ -142,6 +144,8 @@ class Worker:
         elif name == "churn":
             _, rate, duration, hold = command
             self.spawn(self.churn(rate, duration, hold))
+        elif name == "storm":
+            self.spawn(self.storm(command[1]))
 
     async def report_progress(self) -> None:
         while True:
@@ -248,6 +252,11 @@ class Worker:
             await asyncio.sleep(hold)
         client.close()
 
+    async def storm(self, at: float) -> None:
+        from loadtest.storm import storm
+
+        self.send(("stormed", await storm(self, at)))
+
     async def catch_up(self, timeout: float = SLOW_CATCH_UP) -> None:
         """Let slow consumers read their backlog at full speed, so that a close the server
         queued behind it (e.g. 4008) is seen and counted; stop after ``timeout``."""
@@ -305,7 +314,7 @@ async def open_connection(
     args = (plan.host, plan.port, spec.token or plan.token, conn, recorder)
     client: Client
     if isinstance(dialect, WsDialect):
-        client = await connect_ws(dialect, *args, **options)
+        client = await connect_ws(dialect.per_connection(), *args, **options)
     else:
         client = await connect_sse(dialect, *args, **options)
     return client, conn

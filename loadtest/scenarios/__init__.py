@@ -1,10 +1,11 @@
-"""The scenarios: ``fanout``, ``idle``, ``channels``, ``churn`` and ``connect``; each returns
-its report."""
+"""The scenarios: ``fanout``, ``idle``, ``channels``, ``churn``, ``connect`` and
+``storm``; each returns its report."""
 
 from loadtest.scenarios.channels import run_channels
 from loadtest.scenarios.churn import run_churn
 from loadtest.scenarios.connect import run_connect
 from loadtest.scenarios.fanout import run_fanout
 from loadtest.scenarios.idle import run_idle
+from loadtest.scenarios.storm import run_storm
 
-__all__ = ["run_channels", "run_churn", "run_connect", "run_fanout", "run_idle"]
+__all__ = ["run_channels", "run_churn", "run_connect", "run_fanout", "run_idle", "run_storm"]
