@@ -203,6 +203,18 @@ class Hub(Fanout):
             return joined
         presence = self._presence.enabled(channel)
         lc = self._channels.get(channel)
+        if lc is not None and lc.joining and not presence:
+            # A reconnect storm: the channel's first subscriber back is reading history;
+            # the others wait for it, then join from what it brought (no read each).
+            if lc.settled is None:
+                lc.settled = asyncio.Event()
+            await lc.settled.wait()
+            if session.close_reason is not None:
+                raise SubscribeError("bad_request", f"closed while subscribing to {channel}")
+            joined = self.subscribe_now(session, channel, since, on_ready)
+            if joined is not None:
+                return joined
+            lc = self._channels.get(channel)
         if lc is None:
             lc = self._channels[channel] = LocalChannel(channel)
         join = lc.joining[session] = Join()
@@ -215,10 +227,12 @@ class Hub(Fanout):
             page = await self._broker.history(channel, since=since, limit=None if since else 0)
         except BaseException:
             self._drop(session, lc)
+            lc.settle()
             if not lc:
                 self._tasks.spawn(self._release_upstream(lc), f"unsubscribe:{channel}")
             raise
         if lc.joining.pop(session, None) is None:  # unsubscribed meanwhile
+            lc.settle()
             raise SubscribeError("bad_request", f"unsubscribed from {channel} while subscribing")
 
         # From here to the end of the method there is no await: atomic w.r.t. deliveries.
@@ -247,11 +261,14 @@ class Hub(Fanout):
             # Nothing has arrived live yet: remember where this subscriber starts, so that
             # a later gap or a broker resync can recover the channel from here.
             lc.epoch, lc.offset = last.epoch, last.offset
+        if recovered:
+            lc.seed(page.publications, self.recent_size)
         if lc.epoch == last.epoch and lc.offset >= last.offset:
             self._flush(lc)  # pending messages are in what this session was given
             lc.live[session] = None
         else:
             lc.catching_up[session] = last
+        lc.settle()
         if presence:
             self._tasks.spawn(
                 self._presence.announce(channel, "join", session.presence_entry), "join"

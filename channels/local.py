@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class LocalChannel:
         "pending",
         "recent",
         "recovering",
+        "settled",
         "upstream",
     )
 
@@ -44,6 +46,8 @@ class LocalChannel:
         self.pending: list[Message] | None = None
         # The last publications this worker relayed, without a hole, up to ``position``.
         self.recent: deque[Publication] | None = None
+        # Set when a join in flight ends: subscribers that arrived meanwhile wait for it.
+        self.settled: asyncio.Event | None = None
 
     def __len__(self) -> int:
         return len(self.live) + len(self.joining) + len(self.catching_up)
@@ -91,3 +95,18 @@ class LocalChannel:
         ):
             return None
         return list(itertools.islice(recent, since.offset + 1 - first.offset, None))
+
+    def seed(self, publications: list[Publication], size: int) -> None:
+        """What a history read gave a joining subscriber, when it ends where the channel
+        is and nothing is kept yet: the next subscribers resuming from there need none."""
+        if self.recent or not publications or size <= 0:
+            return
+        last = publications[-1]
+        if (last.offset, last.epoch) == (self.offset, self.epoch):
+            self.recent = deque(publications[-size:], maxlen=size)
+
+    def settle(self) -> None:
+        """A join ended (joined or failed): wake the subscribers waiting for it."""
+        settled, self.settled = self.settled, None
+        if settled is not None:
+            settled.set()

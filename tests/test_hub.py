@@ -368,3 +368,54 @@ def test_what_a_channel_keeps_of_what_it_relayed_never_has_a_hole() -> None:
     assert offsets(5) is None and offsets(0, "new") == [1]
     lc.offset = 7  # the position moved without a publication kept (a subscriber's start)
     assert offsets(0, "new") is None
+
+
+async def test_a_storm_of_resumes_reads_history_once_per_channel() -> None:
+    """Every subscriber of a channel left the worker (their connections were cut) and
+    they all come back at once: the first reads history, the others wait for it and
+    resume from what it brought, each with every publication it missed, once."""
+    backend = create_backend("memory://", BrokerOptions(history_size=1000))
+    slow = SlowHistory(backend.broker)
+    reads: list[StreamPosition | None] = []
+    original = slow.history
+
+    async def counted(
+        channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
+        reads.append(since)
+        return await original(channel, since=since, limit=limit)
+
+    slow.history = counted  # type: ignore[method-assign]  # the real one, slowed and counted
+    hub = Hub(
+        dataclasses.replace(backend, broker=slow), presence_enabled=lambda c: False, recent_size=50
+    )
+    await hub.start()
+    writers = []
+    try:
+        gone, gone_seen, writer = new_session()
+        writers.append(writer)
+        await hub.subscribe(gone, "c")
+        for n in range(1, 4):
+            last = (await hub.publish("c", str(n).encode())).position
+        await eventually(lambda: gone_seen.offsets("c") == [1, 2, 3])
+        await hub.unregister(gone)  # the worker no longer relays "c"
+        for n in range(4, 7):
+            top = (await hub.publish("c", str(n).encode())).position
+        reads.clear()
+
+        back = [new_session() for _ in range(10)]
+        writers.extend(writer for _, _, writer in back)
+        results = await asyncio.gather(
+            *(hub.subscribe(session, "c", since=last) for session, _, _ in back)
+        )
+        assert all((r.position, r.recovered) == (top, True) for r in results)
+        assert reads == [last]  # one read, for the first back
+        for _, seen, _ in back:
+            await eventually(lambda s=seen: s.offsets("c") == [4, 5, 6])  # type: ignore[misc]
+        await hub.publish("c", b"7")
+        for _, seen, _ in back:
+            await eventually(lambda s=seen: s.offsets("c") == [4, 5, 6, 7])  # type: ignore[misc]
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await hub.close()
