@@ -13,6 +13,8 @@ import logging
 import re
 from typing import Any
 
+from uvicorn.logging import DefaultFormatter
+
 REDACTED = "[redacted]"
 # A record's attribute (``extra={REDACTED_ALREADY: True}``): its message and arguments
 # hold no token, or were redacted by the caller; the filters leave it as it is.
@@ -84,12 +86,29 @@ def install_redaction() -> None:
                 handler.addFilter(_FILTER)
 
 
+class LeanFormatter(DefaultFormatter):
+    """uvicorn's default formatter; without colours it does not copy each record.
+
+    uvicorn's copies every record to add its ``levelprefix`` (``INFO:     ``), which
+    was a twentieth of a WebSocket connect's CPU (its accepted line). Without colours
+    the prefix can be set on the record itself: the same text, no copy.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if self.use_colors:
+            return super().formatMessage(record)
+        levelname = record.levelname
+        record.__dict__["levelprefix"] = levelname + ":" + " " * (8 - len(levelname))
+        return logging.Formatter.formatMessage(self, record)
+
+
 def log_config(level: str = "info") -> dict[str, Any]:
     """uvicorn's logging config, plus our packages' loggers, with redaction on every handler."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"redact": {"()": "gateway.logs.redaction_filter"}}
+    config["formatters"]["default"]["()"] = "gateway.logs.LeanFormatter"
     for handler in config["handlers"].values():
         handler["filters"] = ["redact"]
     for name in ("gateway", "channels", "auth"):
