@@ -17,16 +17,24 @@ import socket
 import struct
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
 from loadtest.clients import WsClient, connect_ws
 from loadtest.dialects import READY, Event, Failed, GatewayWs, loads
 from loadtest.histogram import Histogram
+from loadtest.recorder import Recorder
 
-if TYPE_CHECKING:
-    from loadtest.worker import Worker
+
+class Reach(Protocol):
+    """Where the clients connect (a ``WorkerPlan``)."""
+
+    host: str
+    port: int
+    token: str
+    connect_timeout: float
+
 
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)  # then 1 s until ``GIVE_UP``
 GIVE_UP = 60.0
@@ -79,13 +87,16 @@ def reset(client: WsClient) -> None:
     transport.abort()
 
 
-async def storm(worker: Worker, at: float) -> dict[str, Any]:
-    """At wall-clock time ``at``, cut every connection; bring each back, resuming."""
-    plan, recorder = worker.plan, worker.recorder
+async def storm(
+    plan: Reach, recorder: Recorder, connected: list[Any], at: float
+) -> tuple[dict[str, Any], list[WsClient]]:
+    """At wall-clock time ``at``, cut every connection of ``connected`` (a worker's, as
+    its ``WorkerPlan`` says to reach the server) and bring each back, resuming: the
+    figures, and the clients back."""
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, at - time.time()))
-    clients = [c for c in worker.clients if isinstance(c, WsClient)]
-    worker.clients = []
+    clients = [c for c in connected if isinstance(c, WsClient)]
+    returned: list[WsClient] = []
     cut = loop.time()
     for client in clients:
         reset(client)
@@ -117,12 +128,13 @@ async def storm(worker: Worker, at: float) -> dict[str, Any]:
         recorder.alive_by_channel[conn.channel] -= 1  # on_ready counted it once more
         assert isinstance(old.dialect, ResumingWs)
         recovered[str(old.dialect.recovered).lower()] += 1
-        worker.clients.append(client)
+        returned.append(client)
 
     await asyncio.gather(*(come_back(client) for client in clients))
-    return {
+    figures = {
         "clients": len(clients),
         "back": back.to_state(),
         "failures": dict(failures),
         "recovered": dict(recovered),
     }
+    return figures, returned

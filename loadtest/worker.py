@@ -31,6 +31,7 @@ from typing import Any
 from loadtest.clients import SseClient, WsClient, connect_sse, connect_ws
 from loadtest.dialects import Dialect, WsDialect
 from loadtest.recorder import ConnState, Recorder
+from loadtest.storm import storm
 
 LAG_TICK = 0.05
 SLOW_CATCH_UP = 3.0
@@ -253,9 +254,9 @@ class Worker:
         client.close()
 
     async def storm(self, at: float) -> None:
-        from loadtest.storm import storm
-
-        self.send(("stormed", await storm(self, at)))
+        figures, back = await storm(self.plan, self.recorder, self.clients, at)
+        self.clients = [*back, *(c for c in self.clients if not isinstance(c, WsClient))]
+        self.send(("stormed", figures))
 
     async def catch_up(self, timeout: float = SLOW_CATCH_UP) -> None:
         """Let slow consumers read their backlog at full speed, so that a close the server
