@@ -68,7 +68,7 @@ class Gateway:
             presence_enabled=PatternSet(settings.presence_patterns),
             presence_ttl=settings.presence_ttl,
             max_channels_per_session=settings.max_channels_per_connection,
-            recent_size=settings.history_size,
+            recent_size=min(settings.resume_window, settings.history_size),
         )
         self.connections = Connections(settings.max_connections)
         self.metrics = Metrics(self.hub, self.connections)

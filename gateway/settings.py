@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     jwt_leeway: float = Field(5.0, ge=0, le=5)
 
     history_size: int = Field(100, ge=0)
+    # Publications each worker keeps of every channel it relays, for clients resuming
+    # from a few behind (no history read); memory: this x payload x relayed channels.
+    resume_window: int = Field(64, ge=0)
     history_ttl: float = Field(300.0, gt=0)
     history_meta_ttl: float = Field(86400.0, gt=0)
 
