@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a token of its own for every client (default: one token for all)",
     )
+    p.add_argument(
+        "--live-channel",
+        action="store_true",
+        help="one client stays subscribed throughout, so that the server relays the "
+        "channel (with --recover: a reconnect to a live channel)",
+    )
 
     p = scenario("churn", "connects and disconnects per second beside steady subscribers")
     p.add_argument("--clients", type=int, default=500, help="steady subscribers")
@@ -294,6 +300,7 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             clients=args.clients,
             recover=args.recover,
             distinct_tokens=args.distinct_tokens,
+            live_channel=args.live_channel,
         )
     if args.command == "storm":
         return scenarios.run_storm(

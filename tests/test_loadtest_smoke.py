@@ -74,7 +74,16 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             *common,
         ],
         "idle": ["idle", "--clients", "20", "--hold", "0.5", "--no-plot", *common],
-        "connect": ["connect", "--clients", "20", "--recover", "3", "--no-plot", *common],
+        "connect": [
+            "connect",
+            "--clients",
+            "20",
+            "--recover",
+            "3",
+            "--live-channel",
+            "--no-plot",
+            *common,
+        ],
         "channels": [
             "channels",
             "--channels",
@@ -270,7 +279,7 @@ def test_idle_measures_memory_per_connection(reports: dict[str, Run]) -> None:
 def test_connect_measures_server_cpu_per_connect_and_close(reports: dict[str, Run]) -> None:
     report = report_of(reports, "connect")
     connect = report["connect"]
-    assert (connect["clients"], connect["recover"]) == (20, 3)
+    assert (connect["clients"], connect["recover"], connect["live_channel"]) == (20, 3, True)
     assert report["connections"]["subscribed"] == 20
     assert report["connections"]["failed"] == 0
     per_connect, per_close = (

@@ -26,8 +26,10 @@ from loadtest.config import Setup
 from loadtest.dialects import Dialect, GatewaySse, GatewayWs
 from loadtest.harness import Harness
 from loadtest.procstat import cpu_seconds
+from loadtest.recorder import Recorder
 from loadtest.scenarios.common import finish_report, save
 from loadtest.scenarios.idle import WARMUP_CONNECTIONS, warm_up
+from loadtest.worker import ConnSpec, WorkerPlan, open_connection
 
 QUIET_CPU_SHARE = 0.05  # the server counts as quiet below this share of a core
 QUIET_WINDOW = 0.3
@@ -83,10 +85,30 @@ def recovering(dialect: Dialect, channel: str, since: dict[str, Any]) -> Dialect
     return RecoveringSse(cursor)
 
 
+async def anchor(h: Harness, channel: str) -> Any:
+    """One client subscribed to ``channel`` from the coordinator: the worker relays it."""
+    plan = WorkerPlan(
+        index=-1, host=h.host, port=h.port, dialect=h.dialect, token=h.token, conns=[],
+        n_steps=1, t0=h.t0, connect_rate=1000,
+    )  # fmt: skip
+    client, _ = await open_connection(plan, ConnSpec(channel), Recorder(1, h.t0))
+    return client
+
+
 async def run_connect(
-    setup: Setup, *, clients: int, recover: int, distinct_tokens: bool = False
+    setup: Setup,
+    *,
+    clients: int,
+    recover: int,
+    distinct_tokens: bool = False,
+    live_channel: bool = False,
 ) -> dict[str, Any]:
-    config = {"clients": clients, "recover": recover, "distinct_tokens": distinct_tokens}
+    config = {
+        "clients": clients,
+        "recover": recover,
+        "distinct_tokens": distinct_tokens,
+        "live_channel": live_channel,
+    }
     async with Harness(setup, "connect") as h:
         if h.server_sampler is None:
             raise SystemExit("connect needs the server's pid (a local server, or --server-pid)")
@@ -95,6 +117,7 @@ async def run_connect(
             raise SystemExit("--recover is for the gateway (the baselines have no history)")
         channel = h.channel()
         await warm_up(h, WARMUP_CONNECTIONS)
+        held = await anchor(h, channel) if live_channel else None
         if recover:
             since = await publish_history(h, channel, recover)
             h.dialect = recovering(h.dialect, channel, since)
@@ -111,6 +134,8 @@ async def run_connect(
         subscribed_in = time.time() - began
         report, merged = await finish_report(h, "connect", config, clients, connect, [], None)
         closed = await quiet_cpu(pid)
+        if held is not None:
+            held.close()
         ok = max(1, merged.connect_hist.total)
 
         def us(seconds: float) -> float:
@@ -120,6 +145,7 @@ async def run_connect(
             "clients": ok,
             "recover": recover,
             "distinct_tokens": distinct_tokens,
+            "live_channel": live_channel,
             "subscribed_in_s": round(subscribed_in, 2),
             "server_cpu_us_per_connect": us(connected - start),
             "server_cpu_us_per_close": us(closed - connected),
