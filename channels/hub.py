@@ -40,7 +40,7 @@ from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
 from channels.presence import Presence
-from channels.publication import Publication, StreamPosition, compact
+from channels.publication import Batch, Message, Publication, StreamPosition, compact
 from channels.session import Gap, Session
 
 logger = logging.getLogger(__name__)
@@ -242,10 +242,11 @@ class Hub(Fanout):
             on_ready(result)
         last = since if recovered and since is not None else page.position
         if recovered:
-            for pub in page.publications:
-                session.push(pub)
-                last = pub.position
-            self.stats.deliveries += len(page.publications)
+            publications = page.publications
+            _push_replay(session, publications)
+            if publications:
+                last = publications[-1].position
+            self.stats.deliveries += len(publications)
             last = page.position if page.position.epoch == last.epoch else last
         for message in join.buffer:
             if isinstance(message, Publication):
@@ -297,8 +298,7 @@ class Hub(Fanout):
         session.channels.add(lc.name)
         if on_ready is not None:
             on_ready(result)
-        for publication in replay:
-            session.push(publication)
+        _push_replay(session, replay)
         self.stats.deliveries += len(replay)
         self._flush(lc)  # what arrived before is in the position the session starts from
         lc.live[session] = None
@@ -373,6 +373,25 @@ class Hub(Fanout):
         """The channel's presence entries; ``SubscribeError`` ``not_found`` when the channel
         has no presence."""
         return await self._presence.list(channel)
+
+
+# Recovered publications go out in batches of about this many bytes: a few small ones are
+# one socket write, and a large recovery still queues (and counts towards the session's
+# GATEWAY_CLIENT_QUEUE_BYTES) behind a socket that is full, instead of one huge write.
+REPLAY_BATCH_BYTES = 16_384
+
+
+def _push_replay(session: Session, publications: list[Publication]) -> None:
+    batch: list[Message] = []
+    size = 0
+    for publication in publications:
+        batch.append(publication)
+        size += publication.size
+        if size >= REPLAY_BATCH_BYTES:
+            session.push(batch[0] if len(batch) == 1 else Batch(batch))
+            batch, size = [], 0
+    if batch:
+        session.push(batch[0] if len(batch) == 1 else Batch(batch))
 
 
 def _relaying(lc: LocalChannel) -> bool:

@@ -419,3 +419,50 @@ async def test_a_storm_of_resumes_reads_history_once_per_channel() -> None:
         for writer in writers:
             writer.cancel()
         await hub.close()
+
+
+async def test_a_recovery_is_one_write_and_a_large_one_is_cut_into_bounded_batches() -> None:
+    """Recovered publications go out batched: ten small ones in one socket write; large
+    ones in items of about ``REPLAY_BATCH_BYTES``, so that a full socket makes the rest
+    queue (and count towards the session's bound) instead of one huge write."""
+    from channels.hub import REPLAY_BATCH_BYTES
+
+    class Writes(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[Outgoing] = []
+
+        def write_now(self, item: Outgoing) -> bool:
+            self.calls.append(item)
+            return super().write_now(item)
+
+    def resuming() -> tuple[Session, Writes]:
+        writes = Writes()
+        session = Session(writes, user="u", info={}, max_queue_bytes=10**7, transport_name="t")
+        return session, writes
+
+    hub = Hub(create_backend("memory://", BrokerOptions()), presence_enabled=lambda c: False,
+              recent_size=100)  # fmt: skip
+    await hub.start()
+    first, first_seen, writer = new_session()
+    try:
+        await hub.subscribe(first, "c")
+        for _ in range(10):
+            last = (await hub.publish("c", b'"small"')).position
+        await eventually(lambda: len(first_seen.offsets("c")) == 10)
+        small, small_writes = resuming()
+        assert hub.subscribe_now(small, "c", since=StreamPosition(0, last.epoch)) is not None
+        assert small_writes.offsets("c") == list(range(1, 11))
+        assert len(small_writes.calls) == 1  # one Batch
+
+        pad = b'"' + b"x" * (REPLAY_BATCH_BYTES * 6 // 10) + b'"'
+        for _ in range(5):
+            await hub.publish("c", pad)
+        await eventually(lambda: len(first_seen.offsets("c")) == 15)
+        large, large_writes = resuming()
+        assert hub.subscribe_now(large, "c", since=last) is not None
+        assert large_writes.offsets("c") == list(range(11, 16))
+        assert [len(getattr(item, "messages", [item])) for item in large_writes.calls] == [2, 2, 1]
+    finally:
+        writer.cancel()
+        await hub.close()
