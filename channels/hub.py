@@ -133,17 +133,13 @@ class Hub(Fanout):
         """``unregister`` when no channel needs a broker call to be left (each still has
         other subscribers here, none has presence); False, with nothing done, when
         ``unregister`` must be awaited."""
-        channels = self._channels
         for channel in session.channels:
-            lc = channels.get(channel)
+            lc = self._channels.get(channel)
             if lc is not None and not self._leaves_now(lc, session):
                 return False
         self.sessions.discard(session)
         for channel in list(session.channels):
-            lc = channels.get(channel)
-            if lc is not None:
-                self._drop(session, lc)
-            session.channels.discard(channel)
+            self.unsubscribe_now(session, channel)
         if not self.sessions:
             self._idle.set()
         return True
@@ -344,10 +340,10 @@ class Hub(Fanout):
         return True
 
     async def unsubscribe(self, session: Session, channel: str) -> bool:
-        lc = self._channels.get(channel)
-        if lc is None or channel not in session.channels:
-            session.channels.discard(channel)
-            return False
+        left = self.unsubscribe_now(session, channel)
+        if left is not None:
+            return left
+        lc = self._channels[channel]  # there, with the session in it: else it left now
         self._drop(session, lc)
         try:
             if self._presence.enabled(channel):

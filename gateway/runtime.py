@@ -118,7 +118,7 @@ class Gateway:
 
     async def closed(self, session: Session) -> None:
         """The session leaves every channel and stops counting. Idempotent."""
-        if session not in self.hub.sessions:
+        if self.closed_now(session):
             return
         self.connections.closed(session.transport_name, slow=session.slow)
         await self.hub.unregister(session)

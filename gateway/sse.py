@@ -164,8 +164,7 @@ class Stream:
                     timer.cancel()
             port.on_lost(None)
             session.close(Ending.CLIENT_GONE)
-            if not self.gateway.closed_now(session):
-                await self.gateway.closed(session)
+            await self.gateway.closed(session)  # without a wait when it can
         try:
             # A deadline on this task, not wait_for: no second task for every stream's end.
             async with asyncio.timeout(FINISH_TIMEOUT):
