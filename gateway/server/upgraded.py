@@ -173,9 +173,7 @@ class UpgradedWebSocket(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_keepalive()
         self.connections.discard(self)
-        if not self.ended:  # no close frame either way: uvicorn's code for it
-            self.ended = True
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1005})
+        self._disconnect(1005, "")  # no close frame either way: uvicorn's code for it
         self.writable.set()  # a writer waiting on a full socket learns it is gone
         if self.close_timer is not None:
             self.close_timer.cancel()
@@ -238,9 +236,8 @@ class UpgradedWebSocket(asyncio.Protocol):
                     break
                 (length,) = struct.unpack_from("!Q", data, start)
                 start += 8
-            if length > self.max_size - self._fragments_size:
-                self._too_big()
-                return
+            if length > self.max_size - self._fragments_size:  # refused from the header
+                raise ProtocolViolation(*CloseCode.MESSAGE_TOO_BIG)
             end = start + 4 + length
             if size < end:
                 break
@@ -310,10 +307,6 @@ class UpgradedWebSocket(asyncio.Protocol):
         self.transport.write(control_frame(CLOSE, payload))  # echoed, as websockets does
         self.close_sent = True
         self.transport.close()
-
-    def _too_big(self) -> None:
-        code, reason = CloseCode.MESSAGE_TOO_BIG
-        self._fail(code, reason)
 
     def _fail(self, code: int, reason: str) -> None:
         """Close at once with ``code``: a client that broke the protocol, a shutdown."""

@@ -10,10 +10,11 @@ What it adds to uvicorn's (``GatewayWebSocketProtocol``, installed by
   websockets' frame serialisation per delivery. Control frames (ping, close) still go
   through the websockets state machine; every write is whole frames, so they never
   interleave inside one.
-- The handshake below ASGI: an upgrade the app's opener (``OPEN_WEBSOCKET``) takes is
-  answered by the protocol (``handle_connect``), or already by the HTTP protocol, which
-  parsed it (``open_upgraded``): the 101 as uvicorn writes it on ``websocket.accept``,
-  then the app's connection on this port; no ASGI call at all.
+- The handshake below ASGI, when this protocol parses it (h11, no httptools): an
+  upgrade the app's opener (``OPEN_WEBSOCKET``) takes is answered here
+  (``handle_connect``), the 101 as uvicorn writes it on ``websocket.accept``, then the
+  app's connection on this port; no ASGI call at all. (Under httptools the HTTP protocol
+  answers it and hands the socket to ``gateway.server.upgraded`` instead.)
 - Detached connections: ``hold`` lets the ASGI call return while the connection
   stays open; its messages reach the owner through the ``listen`` callback. An idle
   connection then keeps no task and none of the framework's coroutine frames
@@ -137,21 +138,19 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             for name, value in self.default_headers
         )
         self.conn.send_response(response)
-        self._accepted(event.path, b"".join(self.conn.data_to_send()))
-        event.path = ""  # the token, in the query, is kept no longer than the handshake
-        event.headers.clear()
-        response.headers.clear()
-        return True
-
-    def _accepted(self, target: str, head: bytes) -> None:
-        """Write the 101 ``head``: the connection is open, and no ASGI call will ever run."""
+        # The connection is open, and no ASGI call will ever run.
         self.handshake_initiated = self.handshake_complete = True
         self.detached = True
         self.scope = {"type": "websocket"}  # type: ignore[typeddict-item]
         if self.config.access_log and self.logger.isEnabledFor(logging.INFO):
-            self.logger.info('%s - "WebSocket %s" [accepted]', self._peer(), target)
-        self.transport.write(head)
+            peer = f"{self.client[0]}:{self.client[1]}" if self.client else ""
+            self.logger.info('%s - "WebSocket %s" [accepted]', peer, event.path)
+        self.transport.write(b"".join(self.conn.data_to_send()))
         self.start_keepalive()
+        event.path = ""  # the token, in the query, is kept no longer than the handshake
+        event.headers.clear()
+        response.headers.clear()
+        return True
 
     def _open(self, decision: Accept | Refuse) -> None:
         if isinstance(decision, Refuse):
@@ -165,9 +164,6 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
-
-    def _peer(self) -> str:
-        return f"{self.client[0]}:{self.client[1]}" if self.client else ""
 
     # -- the port (gateway.server.ports.WebSocketPort) -------------------------
 
