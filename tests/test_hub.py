@@ -53,6 +53,23 @@ class SlowHistory:
         return await self._broker.history(channel, since=since, limit=limit)
 
 
+def count_history_reads(broker: Any) -> list[StreamPosition | None]:
+    """The ``since`` of every history read of ``broker`` from now on (the real reads,
+    counted)."""
+    reads: list[StreamPosition | None] = []
+    original = broker.history
+
+    async def counted(
+        channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
+        reads.append(since)
+        page: HistoryPage = await original(channel, since=since, limit=limit)
+        return page
+
+    broker.history = counted
+    return reads
+
+
 @pytest.fixture
 async def hub() -> AsyncIterator[Hub]:
     backend = create_backend("memory://", BrokerOptions(history_size=1000))
@@ -249,17 +266,7 @@ async def test_a_channel_the_hub_relays_is_joined_from_where_it_is_with_no_broke
 ) -> None:
     """Reconnect storms: a worker that already relays a channel has seen every publication
     of it in order, so a new subscriber starts from there, without a history read."""
-    reads: list[StreamPosition | None] = []
-    broker = hub._broker
-    original = broker.history
-
-    async def counted(
-        channel: str, *, since: StreamPosition | None = None, limit: int | None = None
-    ) -> HistoryPage:
-        reads.append(since)
-        return await original(channel, since=since, limit=limit)
-
-    broker.history = counted  # type: ignore[method-assign]  # counting calls of the real one
+    reads = count_history_reads(hub._broker)
     first, first_seen, w1 = new_session()
     await hub.subscribe(first, "c")
     assert len(reads) == 1
@@ -291,16 +298,7 @@ async def test_a_subscriber_resuming_from_just_behind_gets_what_the_worker_relay
     cover a client that was a few behind; further back, or in another epoch, history
     answers as before."""
     backend = create_backend("memory://", BrokerOptions(history_size=1000))
-    reads: list[StreamPosition | None] = []
-    original = backend.broker.history
-
-    async def counted(
-        channel: str, *, since: StreamPosition | None = None, limit: int | None = None
-    ) -> HistoryPage:
-        reads.append(since)
-        return await original(channel, since=since, limit=limit)
-
-    backend.broker.history = counted  # type: ignore[method-assign]  # the real one, counted
+    reads = count_history_reads(backend.broker)
     hub = Hub(backend, presence_enabled=lambda c: False, recent_size=3)
     await hub.start()
     writers = []
@@ -376,16 +374,7 @@ async def test_a_storm_of_resumes_reads_history_once_per_channel() -> None:
     resume from what it brought, each with every publication it missed, once."""
     backend = create_backend("memory://", BrokerOptions(history_size=1000))
     slow = SlowHistory(backend.broker)
-    reads: list[StreamPosition | None] = []
-    original = slow.history
-
-    async def counted(
-        channel: str, *, since: StreamPosition | None = None, limit: int | None = None
-    ) -> HistoryPage:
-        reads.append(since)
-        return await original(channel, since=since, limit=limit)
-
-    slow.history = counted  # type: ignore[method-assign]  # the real one, slowed and counted
+    reads = count_history_reads(slow)
     hub = Hub(
         dataclasses.replace(backend, broker=slow), presence_enabled=lambda c: False, recent_size=50
     )

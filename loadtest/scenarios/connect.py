@@ -28,8 +28,8 @@ from loadtest.harness import Harness
 from loadtest.procstat import cpu_seconds
 from loadtest.recorder import Recorder
 from loadtest.scenarios.common import finish_report, save
-from loadtest.scenarios.idle import WARMUP_CONNECTIONS, warm_up
-from loadtest.worker import ConnSpec, WorkerPlan, open_connection
+from loadtest.scenarios.idle import WARMUP_CONNECTIONS, coordinator_plan, warm_up
+from loadtest.worker import ConnSpec, open_connection
 
 QUIET_CPU_SHARE = 0.05  # the server counts as quiet below this share of a core
 QUIET_WINDOW = 0.3
@@ -87,10 +87,7 @@ def recovering(dialect: Dialect, channel: str, since: dict[str, Any]) -> Dialect
 
 async def anchor(h: Harness, channel: str) -> Any:
     """One client subscribed to ``channel`` from the coordinator: the worker relays it."""
-    plan = WorkerPlan(
-        index=-1, host=h.host, port=h.port, dialect=h.dialect, token=h.token, conns=[],
-        n_steps=1, t0=h.t0, connect_rate=1000,
-    )  # fmt: skip
+    plan = coordinator_plan(h)
     client, _ = await open_connection(plan, ConnSpec(channel), Recorder(1, h.t0))
     return client
 

@@ -21,9 +21,9 @@ from loadtest.worker import ConnSpec, WorkerPlan, open_connection
 WARMUP_CONNECTIONS = 20
 
 
-async def warm_up(h: Harness, n: int) -> None:
-    """Open and close ``n`` connections from the coordinator itself."""
-    plan = WorkerPlan(
+def coordinator_plan(h: Harness) -> WorkerPlan:
+    """A plan for connections the coordinator opens itself, outside the workers."""
+    return WorkerPlan(
         index=-1,
         host=h.host,
         port=h.port,
@@ -34,6 +34,11 @@ async def warm_up(h: Harness, n: int) -> None:
         t0=h.t0,
         connect_rate=1000,
     )
+
+
+async def warm_up(h: Harness, n: int) -> None:
+    """Open and close ``n`` connections from the coordinator itself."""
+    plan = coordinator_plan(h)
     recorder = Recorder(1, h.t0)
     spec = ConnSpec(h.channel(999))
     results = await asyncio.gather(
