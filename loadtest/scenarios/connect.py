@@ -25,7 +25,7 @@ import orjson
 from loadtest.config import Setup
 from loadtest.dialects import Dialect, GatewaySse, GatewayWs
 from loadtest.harness import Harness
-from loadtest.procstat import cpu_seconds
+from loadtest.procstat import exact_cpu_seconds
 from loadtest.recorder import Recorder
 from loadtest.scenarios.common import finish_report, save
 from loadtest.scenarios.idle import WARMUP_CONNECTIONS, coordinator_plan, warm_up
@@ -56,10 +56,10 @@ class RecoveringSse(GatewaySse):
 async def quiet_cpu(pid: int) -> float:
     """The server's CPU seconds once it has been quiet for a moment."""
     deadline = time.monotonic() + QUIET_MAX_WAIT
-    before = cpu_seconds(pid)
+    before = exact_cpu_seconds(pid)
     while True:
         await asyncio.sleep(QUIET_WINDOW)
-        now = cpu_seconds(pid)
+        now = exact_cpu_seconds(pid)
         if now - before < QUIET_CPU_SHARE * QUIET_WINDOW or time.monotonic() > deadline:
             return now
         before = now

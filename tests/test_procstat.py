@@ -1,0 +1,47 @@
+"""The load generator's readings of a process's CPU time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from loadtest.procstat import cpu_seconds, exact_cpu_seconds
+
+
+def spin(seconds: float) -> None:
+    """Use ``seconds`` of this process's CPU time (not wall time: the machine is shared)."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_exact_cpu_time_sees_less_than_one_clock_tick() -> None:
+    pid = os.getpid()
+    before = exact_cpu_seconds(pid)
+    spin(0.004)  # under the 10 ms tick that /proc/<pid>/stat counts in
+    used = exact_cpu_seconds(pid) - before
+    assert 0.004 <= used < 1.0
+
+
+def test_exact_cpu_time_agrees_with_the_ticks() -> None:
+    """A child that used 0.3 s of CPU and waits: both readings say so (the ticks to
+    within a few ticks). A child, since this process may have threads that exited, which
+    only the ticks count."""
+    code = (
+        "import sys, time\n"
+        "end = time.process_time() + 0.3\n"
+        "while time.process_time() < end: pass\n"
+        "print('spun', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "spun\n"
+        exact, ticks = exact_cpu_seconds(child.pid), cpu_seconds(child.pid)
+        child.stdin.close()
+    assert exact >= 0.3
+    assert abs(exact - ticks) <= 0.05
