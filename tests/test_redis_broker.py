@@ -197,6 +197,44 @@ async def test_redis_down_fails_fast_and_a_restart_resubscribes_and_resyncs(
     await broker.subscribe("other")  # nothing was left half-subscribed
 
 
+async def test_a_promoted_replica_gives_what_the_old_master_wrote_a_new_epoch(
+    own_redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Replication is asynchronous: what the master acknowledged last may never reach the
+    replica that takes over. Its offsets must not be handed out again under the old epoch;
+    a channel first written after the failover keeps its epoch."""
+    master = own_redis_server
+    replica = RedisServer().start()
+    old, new = Worker(master.url, BrokerOptions(key_prefix=redis_prefix)), None
+    try:
+        master.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")  # sync at once
+        assert replica.command("REPLICAOF", "127.0.0.1", str(master.port)) == b"+OK"
+        await old.start()
+        before = [await old.broker.publish("c", b"%d" % i) for i in range(3)]
+        # The replica has all three (it may still be connecting: WAIT again until it has).
+        deadline = time.monotonic() + 10
+        while master.command("WAIT", "1", "200") != b":1":
+            assert time.monotonic() < deadline, "the replica did not catch up"
+        assert replica.command("REPLICAOF", "NO", "ONE") == b"+OK"  # the failover
+        lost = await old.broker.publish("c", b"lost")  # acknowledged by the old master only
+        assert (lost.offset, lost.epoch) == (4, before[0].epoch)
+
+        new = Worker(replica.url, BrokerOptions(key_prefix=redis_prefix))
+        await new.start()
+        page = await new.broker.history("c", since=before[-1].position)
+        assert not page.complete and page.position.epoch != before[0].epoch
+        after = await new.broker.publish("c", b"after")
+        assert (after.offset, after.epoch) == (1, page.position.epoch)
+        later = await new.broker.publish("d", b"1")
+        assert (await new.broker.publish("d", b"2")).position == StreamPosition(2, later.epoch)
+        assert (await new.broker.publish("c", b"again")).epoch == after.epoch
+    finally:
+        await old.broker.close()
+        if new is not None:
+            await new.broker.close()
+        replica.close()
+
+
 async def test_redis_restarted_empty_starts_a_new_epoch(
     start_own_worker: MakeWorker, own_redis_server: RedisServer
 ) -> None:

@@ -26,6 +26,14 @@ Delivery guarantees:
   remote call; the caller cannot tell and a retry may publish twice.
 * Redis flushed or restarted empty: the meta is gone, the next read or publish creates a
   new epoch. The hub's recovery then finds the old position incomplete and sends a gap.
+* A failover (a replica promoted, by Sentinel or a Redis Cluster): replication is
+  asynchronous, so the new master may lack the last publications the old one
+  acknowledged. Each meta records the replication ID of the master that wrote it; on a
+  promoted master (it has a second replication ID) a meta written under another ID gets
+  a new epoch at its next read or publish (``stream_meta.lua``): a gap for the clients,
+  never an offset handed out twice. A restart that reloads its own persistence keeps the
+  epochs (a crash with ``appendfsync everysec`` can lose the last second: use
+  ``appendfsync always`` where that matters).
 
 A subscribe returns only once Redis confirmed the SUBSCRIBE, so that a history read made
 after it cannot miss a publication that the subscription did not see either.

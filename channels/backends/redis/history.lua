@@ -3,14 +3,8 @@
 -- limit (-1: none). Returns {epoch, top offset, status, entries}; status 0: incomplete,
 -- 1: entries oldest first, 2: entries newest first. A missing meta is created (offset 0,
 -- new epoch) so that an unknown channel has an epoch that the next publish keeps.
-local state = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
-local epoch, top = state[1], tonumber(state[2])
-if not epoch then
-  epoch, top = ARGV[1], 0
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
+-- Follows stream_meta.lua (epoch, top, fresh).
+if fresh then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 local since, limit = tonumber(ARGV[3]), tonumber(ARGV[5])
 if since < 0 then
   if limit == 0 then return {epoch, top, 1, {}} end

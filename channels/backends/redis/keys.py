@@ -4,7 +4,8 @@ The channel is wrapped in a hash tag: names cannot contain braces, so ``P:h:{a:b
 ``P:h:{a}`` never collide, and all keys of one channel share a Redis Cluster slot (the
 scripts need that):
 
-* ``P:m:{C}`` hash ``epoch``, ``offset``: the stream's top. Expires ``history_meta_ttl``
+* ``P:m:{C}`` hash ``epoch``, ``offset``: the stream's top; ``replid``: the replication ID
+  of the master that last wrote it (see ``stream_meta.lua``). Expires ``history_meta_ttl``
   after the last publication - longer than the history on purpose: offsets keep counting
   after the history expired, and a client whose position is the top still recovers.
 * ``P:h:{C}`` stream, the last ``history_size`` publications (exact ``MAXLEN``); the entry

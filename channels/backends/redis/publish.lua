@@ -1,13 +1,7 @@
 -- Assign the next offset, append to history, PUBLISH: atomically, so that offsets have no
 -- gaps or duplicates and a publication is in history before anyone can see it live.
 -- KEYS: meta, stream. ARGV: new epoch, data, time, history size, history ttl ms, meta ttl ms,
--- topic. Returns {offset, epoch}.
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-end
+-- topic. Returns {offset, epoch}. Follows stream_meta.lua (epoch, top).
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 local size = tonumber(ARGV[4])

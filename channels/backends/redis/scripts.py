@@ -1,8 +1,9 @@
 """The Lua scripts, from the ``.lua`` files of this package, each file read once.
 
 A script is made of parts, composed at load time: the presence scripts start with the
-shared ``server_clock.lua`` (and ``reap.lua``). ``Scripts`` registers them on one
-client: EVALSHA, with SCRIPT LOAD when Redis does not know one (after a restart).
+shared ``server_clock.lua`` (and ``reap.lua``), publish and history with
+``stream_meta.lua``. ``Scripts`` registers them on one client: EVALSHA, with SCRIPT
+LOAD when Redis does not know one (after a restart).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ _PACKAGE = __name__.rpartition(".")[0]
 
 # script -> its files, in order
 PARTS = {
-    "publish": ("publish.lua",),
-    "history": ("history.lua",),
+    "publish": ("stream_meta.lua", "publish.lua"),
+    "history": ("stream_meta.lua", "history.lua"),
     "presence_add": ("server_clock.lua", "presence_add.lua"),
     "presence_list": ("server_clock.lua", "reap.lua", "presence_list.lua"),
     "presence_expire": ("server_clock.lua", "reap.lua", "presence_expire.lua"),
