@@ -78,6 +78,11 @@ class Broker(Protocol):
     async def publish(self, channel: str, data: bytes) -> Publication:
         """Assign the next offset, store in history, fan out. Raises ``BrokerUnavailable``."""
 
+    async def publish_many(self, channel: str, datas: list[bytes]) -> list[Publication]:
+        """``publish`` each of ``datas`` in one step: consecutive offsets in list order, all
+        published or none, nothing of the channel published in between. Subscribers receive
+        them in order as for separate publishes. Raises ``BrokerUnavailable``."""
+
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         """Fan out a presence event (join/leave) to subscribers; not stored."""
 

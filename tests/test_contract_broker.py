@@ -211,3 +211,108 @@ async def test_has_subscribers_counts_every_worker(make_worker: MakeWorker) -> N
     while await here.broker.has_subscribers("watched"):
         assert asyncio.get_running_loop().time() < deadline, "still subscribed"
         await asyncio.sleep(0.02)
+
+
+# -- publish_many --------------------------------------------------------------------
+
+
+async def test_publish_many_assigns_consecutive_offsets_in_list_order(broker: Broker) -> None:
+    before = await broker.publish("c", b"0")
+    pubs = await broker.publish_many("c", [b'{"n":%d}' % i for i in range(1, 8)])
+    assert [p.offset for p in pubs] == list(range(2, 9))
+    assert [p.data for p in pubs] == [b'{"n":%d}' % i for i in range(1, 8)]
+    assert {p.epoch for p in pubs} == {before.epoch}
+    assert [p.channel for p in pubs] == ["c"] * 7
+    after = await broker.publish("c", b"9")
+    assert after.offset == 9
+    assert await broker.publish_many("c", []) == []
+    (one,) = await broker.publish_many("c", [b"10"])
+    assert (one.offset, one.data) == (10, b"10")
+
+
+async def test_publish_many_stores_each_in_history_keeping_the_last_history_size(
+    broker: Broker,
+) -> None:
+    """history_size is 5 here: a batch longer than that leaves its last five, exactly as
+    seven separate publishes would."""
+    await broker.publish_many("c", [b"%d" % i for i in range(1, 4)])
+    page = await broker.history("c")
+    assert [(p.offset, p.data) for p in page.publications] == [(1, b"1"), (2, b"2"), (3, b"3")]
+    pubs = await broker.publish_many("c", [b"%d" % i for i in range(4, 11)])
+    page = await broker.history("c")
+    assert [(p.offset, p.data) for p in page.publications] == [(i, b"%d" % i) for i in range(6, 11)]
+    assert page.position == pubs[-1].position
+    stored = await broker.history("c", since=StreamPosition(7, pubs[0].epoch))
+    assert stored.complete and [p.offset for p in stored.publications] == [8, 9, 10]
+    assert [p.published_at for p in stored.publications] == pytest.approx(
+        [p.published_at for p in pubs[-3:]], abs=1e-5
+    )
+    assert not (await broker.history("c", since=StreamPosition(4, pubs[0].epoch))).complete
+
+
+async def test_publish_many_reaches_every_subscribed_worker_once_in_order(
+    make_worker: MakeWorker,
+) -> None:
+    here, there = await make_worker(), await make_worker()
+    for worker in (here, there):
+        await worker.broker.subscribe("c")
+    await here.broker.publish("c", b"first")
+    await here.broker.publish_many("c", [b"%d" % i for i in range(2, 102)])
+    await there.broker.publish_many("c", [b"a", b"b"])
+    await there.broker.publish("c", b"last")
+    expected = [b"first", *(b"%d" % i for i in range(2, 102)), b"a", b"b", b"last"]
+    for worker in (here, there):
+        sink = worker.received
+
+        def got_all(sink: Received = sink) -> bool:
+            return len(sink.publications("c")) >= len(expected)
+
+        await eventually(got_all)
+        got = sink.publications("c")
+        assert [p.data for p in got] == expected
+        assert [p.offset for p in got] == list(range(1, len(expected) + 1))
+
+
+async def test_publish_many_of_an_unknown_channel_keeps_the_epoch_a_history_read_gave(
+    broker: Broker, received: Received
+) -> None:
+    await broker.subscribe("fresh")
+    first = await broker.history("fresh")
+    pubs = await broker.publish_many("fresh", [b"1", b"2", b"3"])
+    epoch = first.position.epoch
+    assert [p.position for p in pubs] == [StreamPosition(i, epoch) for i in (1, 2, 3)]
+    await eventually(lambda: len(received.publications("fresh")) == 3)
+    assert [p.position for p in received.publications("fresh")] == [p.position for p in pubs]
+    assert [p.published_at for p in received.publications("fresh")] == pytest.approx(
+        [p.published_at for p in pubs], abs=1e-5
+    )
+
+
+async def test_concurrent_publish_many_and_publish_interleave_without_gaps(
+    make_worker: MakeWorker,
+) -> None:
+    """Each batch's offsets stay consecutive whatever runs at the same time."""
+    workers = [await make_worker() for _ in range(2)]
+    await workers[0].broker.subscribe("c")
+
+    async def batches(worker: Worker, tag: bytes) -> list[list[int]]:
+        out = []
+        for n in range(20):
+            datas = [b"%s%d.%d" % (tag, n, i) for i in range(n % 4 + 1)]
+            out.append([p.offset for p in await worker.broker.publish_many("c", datas)])
+        return out
+
+    async def singles(worker: Worker) -> list[list[int]]:
+        return [[(await worker.broker.publish("c", b"s%d" % n)).offset] for n in range(30)]
+
+    results = await asyncio.gather(
+        batches(workers[0], b"x"), batches(workers[1], b"y"), singles(workers[1])
+    )
+    runs = [run for result in results for run in result]
+    for run in runs:
+        assert run == list(range(run[0], run[0] + len(run)))
+    total = sum(len(run) for run in runs)
+    assert sorted(offset for run in runs for offset in run) == list(range(1, total + 1))
+    sink = workers[0].received
+    await eventually(lambda: len(sink.publications("c")) == total)
+    assert [p.offset for p in sink.publications("c")] == list(range(1, total + 1))

@@ -419,3 +419,65 @@ async def test_each_lua_file_is_read_once_however_many_backends(
     assert len(shas) == 1
     for backend in backends:
         await backend.broker.close()
+
+
+async def evalsha_calls(admin: Redis) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_publish_many_is_one_script_call_and_one_pubsub_message(
+    start_worker: MakeWorker, admin: Redis, redis_prefix: str
+) -> None:
+    """The batch format of keys.py, byte for byte; a single one keeps the ``p`` format."""
+    broker = (await start_worker()).broker
+    await broker.publish_many("c", [b"w", b"arm"])  # the script is loaded from here on
+    topic = f"{redis_prefix}:t:{{c}}"
+    listener = admin.pubsub()
+    await listener.subscribe(topic)
+    try:
+        confirmed = await listener.get_message(timeout=5)
+        assert confirmed is not None and confirmed["type"] == "subscribe"
+        calls = await evalsha_calls(admin)
+        pubs = await broker.publish_many("c", [b"1", b'{"a": 2}', b'"three"'])
+        assert await evalsha_calls(admin) == calls + 1
+        (one,) = await broker.publish_many("c", [b"4"])
+        message = await listener.get_message(timeout=5)
+        assert message is not None
+        stamp = f"{pubs[0].published_at:.6f}".encode()
+        epoch = pubs[0].epoch.encode()
+        assert message["data"] == b'b3 %s %s 1,8,7 1{"a": 2}"three"' % (epoch, stamp)
+        message = await listener.get_message(timeout=5)
+        assert message is not None
+        stamp = f"{one.published_at:.6f}".encode()
+        assert message["data"] == b"p6 %s %s 4" % (epoch, stamp)
+    finally:
+        await listener.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_a_malformed_batch_message_is_logged_and_dropped(
+    start_worker: MakeWorker,
+    admin: Redis,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker = await start_worker()
+    await worker.broker.subscribe("c")
+    topic = f"{redis_prefix}:t:{{c}}"
+    await admin.publish(topic, b"b1 e0 1.5 2,2 abc")  # the lengths do not add up
+    await admin.publish(topic, b"b1 e0 1.5 abc")  # no lengths
+    await admin.publish(topic, b"b1 e0 1.5 1,2 abc")
+    got = await eventually(lambda: worker.received.publications("c"))
+    assert [(p.offset, p.epoch, p.data, p.published_at) for p in got] == [
+        (1, "e0", b"a", 1.5),
+        (2, "e0", b"bc", 1.5),
+    ]
+    malformed = [r for r in caplog.records if "malformed message" in r.getMessage()]
+    assert len(malformed) == 2
+
+
+def test_every_script_that_reads_the_stream_starts_with_its_meta() -> None:
+    """``stream_meta.lua`` sets ``epoch`` and ``top`` (and starts a new epoch after a
+    failover): the scripts of a channel's stream must begin with it."""
+    for name in ("publish", "publish_many", "history"):
+        assert scripts.PARTS[name][0] == "stream_meta.lua", name

@@ -12,7 +12,8 @@ Delivery guarantees:
 * Offsets: one Lua script reads (or creates, with a new random epoch) the meta, increments
   the offset, appends to the stream and PUBLISHes, atomically on the server. Every worker
   agrees on offsets, there are no gaps or duplicates, and a publication is in history
-  before anyone can see it live.
+  before anyone can see it live. ``publish_many`` does the same for a list in one script
+  call: consecutive offsets, one pub/sub message for them all.
 * Order: Redis runs scripts one at a time and delivers one connection's pub/sub messages in
   publish order; one reader task hands them to ``on_message`` synchronously, so each
   channel's publications arrive in offset order.
@@ -21,9 +22,10 @@ Delivery guarantees:
   resubscribes every channel, waits for Redis to confirm, and only then calls
   ``on_resync``: the hub recovers every channel from history, so nothing published
   while cut off is lost as long as it is still in history.
-* ``publish`` raising ``BrokerUnavailable`` after a refused connection means nothing was
-  published. After a *timeout* it is ambiguous (the script may have run) - as for any
-  remote call; the caller cannot tell and a retry may publish twice.
+* ``publish`` (or ``publish_many``) raising ``BrokerUnavailable`` after a refused
+  connection means nothing was published. After a *timeout* it is ambiguous (the script
+  may have run) - as for any remote call; the caller cannot tell and a retry may publish
+  twice.
 * Redis flushed or restarted empty: the meta is gone, the next read or publish creates a
   new epoch. The hub's recovery then finds the old position incomplete and sends a gap.
 * A failover (a replica promoted, by Sentinel or a Redis Cluster): replication is

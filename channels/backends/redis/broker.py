@@ -77,6 +77,33 @@ class RedisBroker:
             raise unavailable("publish", exc) from exc
         return Publication(channel, int(offset), epoch.decode(), data, published_at=float(stamp))
 
+    async def publish_many(self, channel: str, datas: list[bytes]) -> list[Publication]:
+        """One script call and one pub/sub message for them all (a ``b`` message, see
+        ``keys``); a single one goes as by ``publish``, in the older format."""
+        if len(datas) <= 1:
+            return [await self.publish(channel, data) for data in datas]
+        stamp = f"{time.time():.6f}"
+        options = self._options
+        args: list[EncodableT] = [
+            new_epoch(),
+            stamp,
+            options.history_size,
+            self._history_ttl_ms,
+            self._meta_ttl_ms,
+            self._keys.topic(channel),
+            *datas,
+        ]
+        keys = [self._keys.meta(channel), self._keys.history(channel)]
+        try:
+            first, raw_epoch = await self._scripts.publish_many(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise unavailable("publish_many", exc) from exc
+        offset, epoch, at = int(first), raw_epoch.decode(), float(stamp)
+        return [
+            Publication(channel, offset + i, epoch, data, published_at=at)
+            for i, data in enumerate(datas)
+        ]
+
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         payload = b"e" + event.encode() + b" " + client
         try:
@@ -126,26 +153,49 @@ class RedisBroker:
         return bool(counts) and int(counts[0][1]) > 0
 
     def _received(self, channel: str, payload: bytes) -> None:
-        if self._on_message is None:
+        on_message = self._on_message
+        if on_message is None:
             return
         try:
             message = _decode(channel, payload)
         except ValueError:
             logger.error("malformed message on %s: %.80r", channel, payload)
             return
-        self._on_message(message)
+        if isinstance(message, list):
+            for publication in message:
+                on_message(publication)
+        else:
+            on_message(message)
 
 
-def _decode(channel: str, payload: bytes) -> Message:
-    """A pub/sub payload (see ``keys``) as a ``Publication`` or ``PresenceEvent``."""
+def _decode(channel: str, payload: bytes) -> Message | list[Publication]:
+    """A pub/sub payload (see ``keys``) as a ``Publication`` or ``PresenceEvent``, or a
+    batch as its publications in offset order. Raises ``ValueError`` when malformed."""
     kind = payload[:1]
     if kind == b"p":
         offset, epoch, stamp, data = payload[1:].split(b" ", 3)
         return Publication(channel, int(offset), epoch.decode(), data, published_at=float(stamp))
+    if kind == b"b":
+        return _decode_batch(channel, payload[1:])
     if kind == b"e":
         event, client = payload[1:].split(b" ", 1)
         return PresenceEvent(channel, event.decode(), client)
     raise ValueError("unknown message kind")
+
+
+def _decode_batch(channel: str, body: bytes) -> list[Publication]:
+    """``<first offset> <epoch> <time> <length>,<length>,… <data><data>…`` (``keys``)."""
+    first, raw_epoch, stamp, lengths, datas = body.split(b" ", 4)
+    offset, epoch, at = int(first), raw_epoch.decode(), float(stamp)
+    publications = []
+    end = 0
+    for n, length in enumerate(lengths.split(b",")):
+        start, end = end, end + int(length)
+        data = datas[start:end]
+        publications.append(Publication(channel, offset + n, epoch, data, published_at=at))
+    if end != len(datas):
+        raise ValueError("batch lengths do not add up")
+    return publications
 
 
 def _entry(channel: str, epoch: str, entry: list[Any]) -> Publication:

@@ -17,7 +17,13 @@ scripts need that):
   An entry whose expiry passed (its worker died) is removed by the next presence read
   or ``expire``, which publishes its ``leave`` in the same script.
 * pub/sub topic ``P:t:{C}``: ``p<offset> <epoch> <time> <data>`` for a publication,
-  ``e<event> <client>`` for a join or leave.
+  ``e<event> <client>`` for a join or leave, and for the publications of one
+  ``publish_many`` (two or more) one message
+  ``b<first offset> <epoch> <time> <length>,<length>,… <data><data>…``: the datas
+  concatenated, each ``length`` bytes long (decimal), the offsets consecutive from the
+  first, one time for all. A worker that predates this kind logs it as malformed and
+  drops it; the next publication of the channel then shows it a hole in the offsets and
+  it recovers the batch from history (``channels.fanout``).
 * Between workers: pub/sub topic ``P:signals`` (every worker's reader is subscribed to it
   from the start, whatever its channels), and registry keys ``P:r:{K}`` (plain strings
   with an expiry).

@@ -1,9 +1,9 @@
 """The Lua scripts, from the ``.lua`` files of this package, each file read once.
 
 A script is made of parts, composed at load time: the presence scripts start with the
-shared ``server_clock.lua`` (and ``reap.lua``), publish and history with
-``stream_meta.lua``. ``Scripts`` registers them on one client: EVALSHA, with SCRIPT
-LOAD when Redis does not know one (after a restart).
+shared ``server_clock.lua`` (and ``reap.lua``), publish, publish_many and history with
+``stream_meta.lua``. ``Scripts`` registers them on one client: EVALSHA, with SCRIPT LOAD
+when Redis does not know one (after a restart).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _PACKAGE = __name__.rpartition(".")[0]
 # script -> its files, in order
 PARTS = {
     "publish": ("stream_meta.lua", "publish.lua"),
+    "publish_many": ("stream_meta.lua", "publish_many.lua"),
     "history": ("stream_meta.lua", "history.lua"),
     "presence_add": ("server_clock.lua", "presence_add.lua"),
     "presence_list": ("server_clock.lua", "reap.lua", "presence_list.lua"),
@@ -41,10 +42,18 @@ def source(script: str) -> str:
 
 
 class Scripts:
-    __slots__ = ("history", "presence_add", "presence_expire", "presence_list", "publish")
+    __slots__ = (
+        "history",
+        "presence_add",
+        "presence_expire",
+        "presence_list",
+        "publish",
+        "publish_many",
+    )
 
     def __init__(self, redis: Redis) -> None:
         self.publish = redis.register_script(source("publish"))
+        self.publish_many = redis.register_script(source("publish_many"))
         self.history = redis.register_script(source("history"))
         self.presence_add = redis.register_script(source("presence_add"))
         self.presence_list = redis.register_script(source("presence_list"))
