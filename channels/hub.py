@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from channels.broker import Backend, BrokerUnavailable, HistoryPage, Signals
+from channels.coalescer import Coalescer
 from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
@@ -78,6 +79,7 @@ class Hub(Fanout):
             ttl=presence_ttl,
         )
         self._locks = [asyncio.Lock() for _ in range(64)]
+        self._publisher = Coalescer(backend.broker)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -87,6 +89,7 @@ class Hub(Fanout):
 
     async def close(self) -> None:
         await self._tasks.cancel()
+        await self._publisher.close()
         await self._broker.close()
 
     async def ready(self) -> bool:
@@ -177,7 +180,7 @@ class Hub(Fanout):
         if len(session.channels) >= self.max_channels_per_session:
             raise SubscribeError("limit_exceeded", "too many channels on one connection")
         lc = self._channels.get(channel)
-        if lc is None or not _relaying(lc) or self._presence.enabled(channel):
+        if lc is None or not lc.relaying or self._presence.enabled(channel):
             return None
         replay: list[Publication] = []
         if since is not None and since != lc.position:
@@ -283,7 +286,7 @@ class Hub(Fanout):
         """Join a channel this worker relays, from where it is: no broker call.
 
         The worker has received every publication of the channel in order up to
-        ``lc.position`` (``_relaying``), and will relay every later one in order: a session
+        ``lc.position`` (``lc.relaying``), and will relay every later one in order: a session
         that starts there gets each publication after it once, as after a history read.
         The position may be a little behind the cluster's top (publications on their way
         over pub/sub); those reach the session live. A session resuming from behind gets
@@ -356,9 +359,16 @@ class Hub(Fanout):
     # -- publish, history, presence ----------------------------------------------
 
     async def publish(self, channel: str, data: bytes) -> Publication:
-        publication = await self._broker.publish(channel, compact(data))
+        """Publishes to one channel that meet share a broker call (``channels.coalescer``)."""
+        publication = await self._publisher.publish(channel, compact(data))
         self.stats.publications_in += 1
         return publication
+
+    async def publish_many(self, channel: str, datas: list[bytes]) -> list[Publication]:
+        """In one broker call, all or none (``channels.coalescer.batches`` cuts to size)."""
+        publications = await self._publisher.publish_many(channel, [compact(d) for d in datas])
+        self.stats.publications_in += len(publications)
+        return publications
 
     async def history(
         self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
@@ -388,9 +398,3 @@ def _push_replay(session: Session, publications: list[Publication]) -> None:
             batch, size = [], 0
     if batch:
         session.push(batch[0] if len(batch) == 1 else Batch(batch))
-
-
-def _relaying(lc: LocalChannel) -> bool:
-    """The worker relays ``lc`` and has received every publication of it, in order, up to
-    ``lc.position``: subscribed upstream, a position known, no recovery under way."""
-    return lc.upstream and lc.epoch is not None and lc.recovering is None and bool(lc.live)

@@ -58,6 +58,15 @@ class LocalChannel:
         assert self.epoch is not None
         return StreamPosition(self.offset, self.epoch)
 
+    @property
+    def relaying(self) -> bool:
+        """The worker relays the channel and has received every publication of it, in
+        order, up to ``position``: subscribed upstream, a position known, no recovery
+        under way."""
+        return (
+            self.upstream and self.epoch is not None and self.recovering is None and bool(self.live)
+        )
+
     def remove(self, session: Session) -> bool:
         if session in self.live:
             del self.live[session]
