@@ -11,7 +11,8 @@ the behaviour (the relay passes it through, plus ``"stream": true``):
   ``drop`` (the connection breaks after two tokens: the chunked body never ends),
   ``odd-shapes`` (valid JSON lines that are not chunks, before every token);
 - ``"fake_tokens"``: the token texts to send (default ``TOKENS``);
-- ``"fake_delay"``: seconds before each token (default 0.01).
+- ``"fake_delay"``: seconds before each token (default 0.01);
+- ``"fake_burst"``: true to write every token line in one chunk, after one delay.
 
 Every request is recorded as a ``Call`` with its body and headers, and with
 events for the moments its client disconnected (``disconnected``: the gateway
@@ -124,6 +125,11 @@ class CompletionStream(Response):
             tokens = tokens[:1]
         elif call.scenario in ("bad-json", "drop"):
             tokens = tokens[:2]
+        if body.get("fake_burst"):
+            await asyncio.sleep(delay)
+            await chunk(b"".join(token_chunk(text) for text in tokens))
+            call.sent.extend(tokens)
+            tokens = []
         for text in tokens:
             await asyncio.sleep(delay)
             if call.scenario == "odd-shapes":

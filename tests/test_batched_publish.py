@@ -1,21 +1,24 @@
-"""Publications that arrive together leave together: the lines of one NDJSON chunk.
-Through the real app on a real Redis, with Redis's own count of script calls (``INFO
-commandstats``) and real WebSocket and SSE subscribers checking that each publication
-arrives once, in order.
+"""Publications that arrive together leave together: the lines of one NDJSON chunk, the
+tokens of one chunk from an LLM upstream. Through the real app on a real Redis, with
+Redis's own count of script calls (``INFO commandstats``) and real WebSocket and SSE
+subscribers checking that each publication arrives once, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import RunningServer
+from tests.fake_upstream import serve_fake_upstream
 from tests.helpers import api_client, api_history, bearer, open_sse, ws_client
 from tests.redis_server import RedisServer
-from tests.test_llm import gen, ndjson, new_channel, publish_stream
+from tests.test_llm import gen, ndjson, new_channel, publish_stream, start_relay, ws_until_final
 
 
 async def script_calls(redis_server: RedisServer) -> int:
@@ -149,3 +152,60 @@ async def test_subscribers_receive_every_batched_line_once_in_order_over_ws_and_
         assert [p["data"]["single"] for p in got if "single" in p["data"]] == list(range(20))
     single_offsets = {reply.json()["offset"] for reply in singles}
     assert single_offsets == {p["offset"] for p in ws if "single" in p["data"]}
+
+
+# -- the LLM relay ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def relay_gateway(
+    make_server: Any, redis_server: RedisServer, redis_prefix: str
+) -> AsyncIterator[RunningServer]:
+    async with serve_fake_upstream() as upstream:
+        upstreams = {"fake": {"url": upstream.url, "timeout": 5}}
+        server: RunningServer = await make_server(
+            broker_url=redis_server.url,
+            broker_prefix=redis_prefix,
+            llm_upstreams=orjson.dumps(upstreams).decode(),
+        )
+        await server.gateway.hub.publish_many("warm-up", [b"1", b"2"])
+        await server.gateway.hub.publish("warm-up", b"3")
+        yield server
+
+
+async def test_tokens_that_arrive_together_are_published_together_end_last(
+    relay_gateway: RunningServer, redis_server: RedisServer
+) -> None:
+    channel = new_channel()
+    words = [f" w{i}" for i in range(60)]
+    async with api_client(relay_gateway) as http, ws_client(relay_gateway) as c:
+        await c.subscribe(channel)
+        before = await script_calls(redis_server)
+        await start_relay(http, channel, fake_tokens=words, fake_burst=True)
+        got = await ws_until_final(c, channel)
+        calls = await script_calls(redis_server) - before
+    assert [p["data"] for p in got[:-1]] == [{"type": "token", "text": w} for w in words]
+    assert got[-1]["data"]["type"] == "end", got[-1]
+    assert [p["offset"] for p in got] == list(range(1, 62))
+    # The upstream wrote the 60 token lines in one chunk: one call for them (a call per
+    # token before), one for the end.
+    assert 2 <= calls <= 4, calls
+
+
+async def test_a_token_holding_a_line_separator_is_relayed_whole(
+    relay_gateway: RunningServer,
+) -> None:
+    """Regression: lines were split like ``str.splitlines``, also at U+2028 and U+0085,
+    which orjson (and many servers) write raw inside JSON strings: the token's line
+    became two pieces of invalid JSON and the answer ended in an error."""
+    channel = new_channel()
+    words = ["a\u2028b", " c\u0085d", " e\x1cf"]
+    async with api_client(relay_gateway) as http, ws_client(relay_gateway) as c:
+        await c.subscribe(channel)
+        await start_relay(http, channel, fake_tokens=words)
+        got = await ws_until_final(c, channel)
+    assert [p["data"] for p in got] == [
+        *({"type": "token", "text": w} for w in words),
+        got[-1]["data"],
+    ]
+    assert got[-1]["data"]["type"] == "end", got[-1]

@@ -3,6 +3,14 @@
 Publications on the channel, in order: ``{"type": "token", "text": …}`` per
 non-empty content delta, then exactly one of ``{"type": "end",
 "finish_reason": …, "usage": …}`` or ``{"type": "error", "message": …}``.
+The deltas of one piece of the response body (``gateway.llm.completion`` parses
+them) are published together, in one broker call; a lone token goes out at once.
+httpx hands the body over one HTTP chunk at a time, and an upstream writes one event
+per chunk, so that batches only what an upstream (or a proxy) wrote in one chunk:
+tokens that arrive while a publish is in flight are read after it, one chunk, and one
+call, each. Batching those too would need the upstream read by a task of its own,
+beside the one publishing; at tens of tokens per second per relay it would rarely
+find two to batch.
 Every way a relay can end leads to that single last publication: the
 upstream finishing (``data: [DONE]``), an HTTP or connection error, a stall
 longer than the upstream's timeout between two chunks, a stream that ends
@@ -36,7 +44,9 @@ import httpx
 import orjson
 
 from channels.broker import BrokerUnavailable
+from channels.coalescer import batches
 from channels.hub import Hub
+from gateway.llm.completion import Completion, UpstreamError
 from gateway.llm.upstreams import Upstream
 
 logger = logging.getLogger(__name__)
@@ -48,10 +58,6 @@ STREAM_ID = re.compile(r"s-[0-9a-f]{16}")
 
 def registry_key(stream_id: str) -> str:
     return f"relay:{stream_id}"
-
-
-class UpstreamError(Exception):
-    """The upstream misbehaved; the message is published to subscribers."""
 
 
 @dataclass(slots=True)
@@ -163,6 +169,20 @@ class RelayManager:
     async def _publish(self, channel: str, value: dict[str, Any]) -> None:
         await self.hub.publish(channel, orjson.dumps(value))
 
+    async def _relay_tokens(
+        self, relay: Relay, completion: Completion, text: str, *, last: bool = False
+    ) -> None:
+        """Publish the tokens of the lines ``text`` completes, together (one broker call,
+        ``Hub.publish_many``); at a bad line, those before it, then its ``UpstreamError``."""
+        tokens: list[str] = []
+        try:
+            completion.feed(text, tokens, last=last)
+        finally:
+            datas = [orjson.dumps({"type": "token", "text": token}) for token in tokens]
+            for batch in batches(datas):
+                await self.hub.publish_many(relay.channel, batch)
+                relay.tokens += len(batch)
+
     async def _run(self, relay: Relay, request: dict[str, Any]) -> None:
         try:
             await self._relay(relay, request)
@@ -217,8 +237,6 @@ class RelayManager:
             headers["authorization"] = f"Bearer {upstream.api_key}"
         body = {**request, "stream": True}
         timeout = httpx.Timeout(upstream.timeout, connect=min(upstream.timeout, 10.0))
-        finish_reason: str | None = None
-        usage: Any = None
         async with self.client.stream(
             "POST",
             f"{upstream.url}/chat/completions",
@@ -231,31 +249,14 @@ class RelayManager:
                 raise UpstreamError(
                     f"upstream {upstream.name!r} answered HTTP {response.status_code}: {detail}"
                 )
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    return {"type": "end", "finish_reason": finish_reason, "usage": usage or {}}
-                try:
-                    chunk = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    raise UpstreamError(f"upstream {upstream.name!r} sent invalid JSON") from None
-                if not isinstance(chunk, dict):
-                    continue
-                if isinstance(chunk.get("error"), dict | str):
-                    raise UpstreamError(f"upstream {upstream.name!r} error: {chunk['error']}")
-                usage = chunk.get("usage") or usage
-                choices = chunk.get("choices")
-                for choice in choices if isinstance(choices, list) else ():
-                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content") if isinstance(delta, dict) else None
-                    if isinstance(text, str) and text:
-                        await self._publish(relay.channel, {"type": "token", "text": text})
-                        relay.tokens += 1
-                    finish_reason = choice.get("finish_reason") or finish_reason
+            completion = Completion(upstream.name)
+            async for text in response.aiter_text():  # one HTTP chunk (or read)
+                await self._relay_tokens(relay, completion, text)
+                if completion.done:
+                    return completion.end()
+            await self._relay_tokens(relay, completion, "", last=True)
+            if completion.done:
+                return completion.end()
         raise UpstreamError(f"upstream {upstream.name!r} ended the stream without [DONE]")
 
     async def _watch_idle(self, relay: Relay) -> None:

@@ -1,0 +1,76 @@
+"""An OpenAI-style streamed chat completion, read as it arrives: its lines, tokens and end.
+
+No I/O here: the relay feeds each piece of text it reads from the upstream and gets
+back the token texts of the lines that piece completed, so that the tokens that arrive
+together are published together.
+
+Lines end at CR, LF or CRLF, the event-stream rule. (httpx's ``aiter_lines`` splits
+like ``str.splitlines``, also at U+2028, U+0085 and other characters that a JSON
+string may hold raw - as orjson and many servers write them - and so broke such a
+token's line into two pieces of invalid JSON.)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+class UpstreamError(Exception):
+    """The upstream misbehaved; the message is published to subscribers."""
+
+
+class Completion:
+    """What the upstream said so far: ``feed`` it text, it returns tokens; ``done`` once
+    ``data: [DONE]`` was read, then ``end()`` is the final publication."""
+
+    __slots__ = ("_rest", "done", "finish_reason", "upstream", "usage")
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.finish_reason: str | None = None
+        self.usage: Any = None
+        self.done = False
+        self._rest = ""  # the start of a line whose end has not arrived
+
+    def end(self) -> dict[str, Any]:
+        return {"type": "end", "finish_reason": self.finish_reason, "usage": self.usage or {}}
+
+    def feed(self, text: str, tokens: list[str], *, last: bool = False) -> None:
+        """Append to ``tokens`` the token texts of the lines ``text`` completes (``last``:
+        the response ended, its last line too), up to ``[DONE]``. Raises ``UpstreamError``
+        at a bad line, with the tokens of the lines before it appended."""
+        text = self._rest + text
+        # A CR at the very end may be the first half of a CRLF: keep it for later.
+        cut = len(text) - 1 if text.endswith("\r") and not last else len(text)
+        lines = _LINE_END.split(text[:cut])
+        self._rest = "" if last else lines.pop() + text[cut:]
+        for line in lines:
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                self.done = True
+                return
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise UpstreamError(f"upstream {self.upstream!r} sent invalid JSON") from None
+            if not isinstance(chunk, dict):
+                continue
+            if isinstance(chunk.get("error"), dict | str):
+                raise UpstreamError(f"upstream {self.upstream!r} error: {chunk['error']}")
+            self.usage = chunk.get("usage") or self.usage
+            choices = chunk.get("choices")
+            for choice in choices if isinstance(choices, list) else ():
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                content = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(content, str) and content:
+                    tokens.append(content)
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
