@@ -48,6 +48,10 @@ async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep)
     data = orjson.dumps(body["data"])
     results = []
     try:
+        # One call per channel, in turn: the channels' keys are in different hash slots
+        # (one script cannot take them on a Redis Cluster). A pipeline of script calls
+        # (two round trips: redis-py sends SCRIPT EXISTS first) would need a broker
+        # method of its own in every backend; not done.
         for channel in names:
             publication = await gateway.hub.publish(channel, data)
             results.append(
