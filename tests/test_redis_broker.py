@@ -345,7 +345,8 @@ async def test_history_size_zero_keeps_counting_without_storing(
 ) -> None:
     broker = (await start_worker(history_size=0)).broker
     pubs = [await broker.publish("c", b"%d" % i) for i in range(3)]
-    assert [p.offset for p in pubs] == [1, 2, 3]
+    pubs += await broker.publish_many("c", [b"3", b"4"])
+    assert [p.offset for p in pubs] == [1, 2, 3, 4, 5]
     assert not await admin.exists(f"{redis_prefix}:h:{{c}}")
     page = await broker.history("c", since=pubs[-1].position)
     assert page.complete and page.publications == []
