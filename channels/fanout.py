@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from channels.broker import Broker, BrokerUnavailable
+from channels.broker import Broker, BrokerUnavailable, ChannelFilter
 from channels.local import LocalChannel
 from channels.publication import Batch, Message, Publication, StreamPosition
 from channels.session import Gap
@@ -134,10 +134,11 @@ class Fanout:
         for session in lc.live:
             session.push(item)
 
-    def _on_resync(self) -> None:
-        """The broker may have missed messages (it reconnected): recover every channel."""
+    def _on_resync(self, which: ChannelFilter) -> None:
+        """The broker may have missed messages of ``which`` channels (it reconnected, or
+        one shard did): recover them."""
         for lc in self._channels.values():
-            if lc.recovering is None and lc.epoch is not None:
+            if lc.recovering is None and lc.epoch is not None and which(lc.name):
                 lc.recovering = []
                 self._tasks.spawn(self._recover(lc), f"recover:{lc.name}")
 

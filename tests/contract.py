@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from channels.broker import Backend, Broker, BrokerOptions, PresenceStore, Signals, create_backend
+from channels.broker import (
+    Backend,
+    Broker,
+    BrokerOptions,
+    ChannelFilter,
+    PresenceStore,
+    Signals,
+    create_backend,
+)
 from channels.publication import Message, PresenceEvent, Publication
 
 BACKENDS = ["memory", "redis"]
@@ -29,13 +37,15 @@ class Received:
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.resyncs = 0
+        self.resynced: list[ChannelFilter] = []  # which channels each resync was for
         self.signals: list[bytes] = []
 
     def on_message(self, message: Message) -> None:
         self.messages.append(message)
 
-    def on_resync(self) -> None:
+    def on_resync(self, which: ChannelFilter) -> None:
         self.resyncs += 1
+        self.resynced.append(which)
 
     def on_signal(self, data: bytes) -> None:
         self.signals.append(data)

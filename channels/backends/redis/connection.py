@@ -19,22 +19,24 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.maint_notifications import MaintNotificationsConfig
 
-from channels.broker import BrokerUnavailable, ResyncHandler
+from channels.backends.redis.pools import (
+    COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
+    command_pool,
+    display_name,
+)
+from channels.broker import BrokerUnavailable, ResyncHandler, every_channel
 from channels.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 2.0
-COMMAND_TIMEOUT = 5.0
+__all__ = ["COMMAND_TIMEOUT", "CONNECT_TIMEOUT", "Connection", "unavailable"]
 
 TopicHandler = Callable[[bytes], None]  # called with the payload of each message
 
@@ -54,26 +56,8 @@ class Connection:
 
     def __init__(self, url: str, client_name: str) -> None:
         self.client_name = client_name
-        # A bounded pool: a burst of subscribes (thousands of clients reconnecting at
-        # once) waits for a free connection instead of opening one socket per command
-        # under a 2 s connect timeout, which refused some of them on a busy machine
-        # (tests/test_redis_broker.py has the regression test).
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=self.pool_size,
-            timeout=COMMAND_TIMEOUT,
-            socket_timeout=COMMAND_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            decode_responses=False,
-            client_name=client_name,
-            # With maintenance notifications on ("auto", the default under RESP3), redis-py
-            # 8.1 skips its check-out probe and hands out pooled connections the server
-            # closed (after a Redis restart the first command fails): redis/redis-py#4252.
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
-        )
-        self.redis: Redis = Redis.from_pool(pool)
+        self.name = display_name(url)  # in log lines: which Redis
+        self.redis: Redis = Redis.from_pool(command_pool(url, client_name, self.pool_size))
         self._routes: dict[bytes, TopicHandler] = {}  # subscribed topic -> its handler
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
@@ -100,7 +84,9 @@ class Connection:
         try:
             pubsub = await self._open_pubsub()
         except (RedisError, OSError) as exc:
-            logger.warning("Redis unavailable at start (%s); retrying in the background", exc)
+            logger.warning(
+                "Redis %s unavailable at start (%s); retrying in the background", self.name, exc
+            )
         self._tasks.spawn(self._run(pubsub), "redis-pubsub-reader")
 
     async def close(self) -> None:
@@ -186,7 +172,7 @@ class Connection:
                 except (RedisError, OSError) as exc:
                     failures += 1
                     log = logger.warning if failures == 1 else logger.debug
-                    log("Redis pub/sub: cannot connect (%s); attempt %d", exc, failures)
+                    log("Redis %s: cannot connect (%s); attempt %d", self.name, exc, failures)
                     continue
             opened = loop.time()
             resync = self._ever_connected
@@ -195,14 +181,16 @@ class Connection:
             self._connected.set()
             if resync:
                 self.reconnects += 1
-                logger.warning("Redis pub/sub reconnected: resyncing %d topics", len(self._routes))
+                logger.warning(
+                    "Redis %s reconnected: resyncing %d topics", self.name, len(self._routes)
+                )
                 self._notify_resync()
             try:
                 await self._read(pubsub)
             except (RedisError, OSError) as exc:
-                logger.warning("Redis pub/sub connection lost (%s); reconnecting", exc)
+                logger.warning("Redis %s: connection lost (%s); reconnecting", self.name, exc)
             except Exception:
-                logger.exception("Redis pub/sub reader failed; reconnecting")
+                logger.exception("Redis %s: pub/sub reader failed; reconnecting", self.name)
             finally:
                 self._connected.clear()
                 self._pubsub = None
@@ -278,7 +266,7 @@ class Connection:
     def _notify_resync(self) -> None:
         if self._on_resync is not None:
             try:
-                self._on_resync()
+                self._on_resync(every_channel)
             except Exception:
                 logger.exception("resync handler failed")
 
