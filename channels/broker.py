@@ -160,7 +160,10 @@ _BACKENDS = {
     "rediss": "channels.backends.redis",
     "redis+sentinel": "channels.backends.redis",
     "rediss+sentinel": "channels.backends.redis",
+    "redis+cluster": "channels.backends.redis",
+    "rediss+cluster": "channels.backends.redis",
 }
+_SHARDABLE = {"redis", "rediss", "redis+sentinel", "rediss+sentinel"}
 # Where one URL of a list ends: a comma followed by a scheme (a Sentinel URL has commas
 # of its own, between its addresses).
 _NEXT_URL = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
@@ -176,19 +179,22 @@ def create_backend(url: str, options: BrokerOptions) -> Backend:
     URLs are shards of one backend (``channels.backends.sharded``)."""
     urls = split_urls(url)
     if len(urls) > 1:
-        if any(urlsplit(u).scheme not in _BACKENDS or u.startswith("memory:") for u in urls):
+        if any(
+            urlsplit(u).scheme not in _BACKENDS or "memory" in u or "+cluster" in u for u in urls
+        ):
             raise ValueError(
                 "shards are a list of redis://, rediss:// or redis+sentinel:// URLs "
-                "(memory:// lives in one process and cannot be sharded)"
+                "(memory:// lives in one process and cannot be sharded; a Redis Cluster "
+                "shards itself)"
             )
-        from channels.backends import sharded
-
-        return sharded.combine([create_backend(u, options) for u in urls])
+        sharded = importlib.import_module("channels.backends.sharded")
+        shards: Backend = sharded.combine([create_backend(u, options) for u in urls])
+        return shards
     scheme = urlsplit(url).scheme
     if scheme not in _BACKENDS:
         raise ValueError(
             f"unsupported broker URL scheme {scheme!r} "
-            "(use memory://, redis://, rediss:// or redis+sentinel://)"
+            "(use memory://, redis://, rediss://, redis+sentinel:// or redis+cluster://)"
         )
     module = importlib.import_module(_BACKENDS[scheme])
     backend: Backend = module.create(url, options)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -105,6 +105,14 @@ def _sentinel_pool(url: str, client_name: str, max_connections: int) -> Connecti
         maint_notifications_config=options["maint_notifications_config"],
         **master,
     )
+
+
+async def close(redis: Redis) -> None:
+    """Close ``redis`` with its pool, and a Sentinel pool's connections to the Sentinels."""
+    pool = redis.connection_pool
+    await redis.aclose()
+    if isinstance(pool, SentinelConnectionPool):
+        await pool.sentinel_manager.aclose()
 
 
 def _address(host: str) -> tuple[str, int]:
