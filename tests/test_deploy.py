@@ -14,8 +14,8 @@ No Docker engine and no cluster are needed (this machine has neither):
   directory); the image's command is then started from that venv, outside the repository,
   and its ``/healthz`` and ``/readyz`` and the image's own ``HEALTHCHECK`` command must pass;
 * the install with the Sentinel component of ``k8s/ha`` switched on is rendered as
-  ``kubectl apply -k`` would send it (kubectl's built-in kustomize, or a standalone
-  ``kustomize``: a missing one is a failure, never a skip) and gets the same schema and
+  ``kubectl apply -k`` would send it (by ``kustomize_build`` here, for the kustomize
+  features k8s/ uses: no kubectl needed) and gets the same schema and
   hardening checks; its wiring is checked against its own manifests: the broker URL names
   the Sentinels the StatefulSet and Service define, the quorum is a majority that a drain
   leaves standing, and the NetworkPolicy admits only the gateway pods and the Redis pods.
@@ -356,17 +356,78 @@ HA_SWITCH = "# components:\n#   - ha\n"
 REDIS_SHUTDOWN_SECONDS = 10
 
 
+# The only kinds in k8s/ that have no namespace.
+CLUSTER_SCOPED = {"Namespace"}
+
+
 def kustomize_build(directory: Path) -> list[dict[str, Any]]:
-    """The objects ``kubectl apply -k directory`` sends (nothing is sent: rendered only)."""
-    if kustomize := shutil.which("kustomize"):
-        command = [kustomize, "build", str(directory)]
-    elif kubectl := shutil.which("kubectl"):
-        command = [kubectl, "kustomize", str(directory)]
-    else:
-        pytest.fail("rendering k8s/ needs kubectl (1.21+, kustomize built in) or kustomize")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    """The objects ``kubectl apply -k directory`` sends, rendered here for what k8s/ uses
+    of kustomize (so that the tests need no kubectl, which Debian does not ship recent
+    enough): ``resources``, ``components`` (their resources, then their patches: strategic
+    merges of maps and ``$patch: delete``), then ``namespace``, ``labels`` (on the objects'
+    own metadata: ``includeSelectors`` and ``includeTemplates`` off) and ``images``. Any
+    other field is a failure here, so a kustomization that grows one cannot pass untested."""
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    known = {"apiVersion", "kind", "namespace", "labels", "resources", "components", "images"}
+    assert set(spec) <= known, f"render {set(spec) - known} here too"
+    docs = _resources(directory, spec)
+    for component in spec.get("components", []):
+        part = yaml.safe_load((directory / component / "kustomization.yaml").read_text())
+        assert set(part) <= {"apiVersion", "kind", "resources", "patches"}, part.keys()
+        docs += _resources(directory / component, part)
+        for patch in part.get("patches", []):
+            text = (
+                patch["patch"]
+                if "patch" in patch
+                else (directory / component / patch["path"]).read_text()
+            )
+            docs = _patched(docs, yaml.safe_load(text))
+    for doc in docs:
+        metadata = doc["metadata"]
+        if "namespace" in spec and doc["kind"] not in CLUSTER_SCOPED:
+            metadata["namespace"] = spec["namespace"]
+        for label in spec.get("labels", []):
+            assert not label.get("includeSelectors") and not label.get("includeTemplates")
+            metadata.setdefault("labels", {}).update(label["pairs"])
+        for container in _containers(doc):
+            for image in spec.get("images", []):
+                if container["image"].split(":")[0] == image["name"]:
+                    container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    return docs
+
+
+def _resources(directory: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        doc
+        for name in spec.get("resources", [])
+        for doc in yaml.safe_load_all((directory / name).read_text())
+        if doc
+    ]
+
+
+def _patched(docs: list[dict[str, Any]], patch: dict[str, Any]) -> list[dict[str, Any]]:
+    """``docs`` with ``patch`` applied to the object of its kind and name (there must be one)."""
+    key = (patch["kind"], patch["metadata"]["name"])
+    targets = [doc for doc in docs if (doc["kind"], doc["metadata"]["name"]) == key]
+    assert len(targets) == 1, f"a patch for {key} matches {len(targets)} objects"
+    if patch.get("$patch") == "delete":
+        return [doc for doc in docs if doc is not targets[0]]
+    _merge(targets[0], {k: v for k, v in patch.items() if k not in ("apiVersion", "kind")})
+    return docs
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            assert not isinstance(value, list), f"list patches ({key}) are not rendered here"
+            target[key] = value
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return [*pod.get("initContainers", []), *pod.get("containers", [])]
 
 
 @functools.cache
