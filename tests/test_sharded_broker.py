@@ -120,7 +120,7 @@ async def test_each_channel_is_stored_and_fanned_out_on_its_own_shard_only(
 
 
 async def test_a_shard_down_fails_only_its_channels_and_only_they_are_recovered(
-    sharded: Worker, two_shards: list[RedisServer]
+    sharded: Worker, two_shards: list[RedisServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     broker, received = sharded.broker, sharded.received
     assert isinstance(broker, ShardedBroker)
@@ -135,6 +135,8 @@ async def test_a_shard_down_fails_only_its_channels_and_only_they_are_recovered(
     two_shards[1].stop()
     await eventually(lambda: not broker.brokers[1].connection.connected)  # type: ignore[attr-defined]
     assert not await broker.ready()
+    lost = [r.getMessage() for r in caplog.records if "connection lost" in r.getMessage()]
+    assert lost and all(f"127.0.0.1:{two_shards[1].port}/0" in line for line in lost)
     with pytest.raises(BrokerUnavailable):
         await broker.publish(down, b"lost")
     with pytest.raises(BrokerUnavailable):
