@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from channels.broker import Broker, BrokerUnavailable
+from channels.broker import Broker, BrokerUnavailable, ChannelFilter, HistoryPage
 from channels.local import LocalChannel
 from channels.publication import Batch, Message, Publication, StreamPosition
 from channels.session import Gap
@@ -74,7 +74,14 @@ class Fanout:
                     self._tasks.spawn(self._recover(lc), f"recover:{lc.name}")
                     return
             elif lc.epoch is not None:
+                # A new epoch: announce the gap; what the new epoch held before this
+                # publication is news to the subscribers too, so recover it first.
                 self._push_all(lc, Gap(lc.name))
+                if message.offset > 1:
+                    lc.epoch, lc.offset = message.epoch, 0
+                    lc.recovering = [message]
+                    self._tasks.spawn(self._recover(lc), f"recover:{lc.name}")
+                    return
             lc.epoch, lc.offset = message.epoch, message.offset
             lc.remember(message, self.recent_size)
         self._deliver(lc, message)
@@ -134,10 +141,11 @@ class Fanout:
         for session in lc.live:
             session.push(item)
 
-    def _on_resync(self) -> None:
-        """The broker may have missed messages (it reconnected): recover every channel."""
+    def _on_resync(self, which: ChannelFilter) -> None:
+        """The broker may have missed messages of ``which`` channels (it reconnected, or
+        one shard did): recover them."""
         for lc in self._channels.values():
-            if lc.recovering is None and lc.epoch is not None:
+            if lc.recovering is None and lc.epoch is not None and which(lc.name):
                 lc.recovering = []
                 self._tasks.spawn(self._recover(lc), f"recover:{lc.name}")
 
@@ -145,19 +153,16 @@ class Fanout:
         """Fetch what the live stream skipped, then replay what arrived meanwhile, in order.
 
         Live messages keep buffering in ``lc.recovering`` until history answers; if
-        history no longer covers the hole, subscribers get a ``Gap`` and the channel
-        continues from what arrives next.
+        history no longer covers the hole, subscribers get a ``Gap``. When the stream
+        restarted in a new epoch (Redis lost it, or a failover), what the new epoch holds
+        follows the gap; otherwise the channel continues from what arrives next.
         """
         self.stats.recoveries += 1
         since = StreamPosition(lc.offset, lc.epoch or "")
-        delay = 0.05
-        while True:
-            try:
-                page = await self._broker.history(lc.name, since=since)
-                break
-            except BrokerUnavailable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        page = await self._read_history(lc.name, since)
+        restarted = None
+        if not page.complete and page.position.epoch != since.epoch:
+            restarted = await self._read_history(lc.name, StreamPosition(0, page.position.epoch))
         pending, lc.recovering = lc.recovering or [], None
         if page.complete:
             for pub in page.publications:
@@ -166,5 +171,19 @@ class Fanout:
             logger.warning("channel %s: history no longer covers a hole in the stream", lc.name)
             self._push_all(lc, Gap(lc.name))
             lc.epoch, lc.recent = None, None
+            if restarted is not None and restarted.complete:
+                lc.epoch, lc.offset = restarted.position.epoch, 0
+                for pub in restarted.publications:
+                    self._on_message(pub)
         for message in pending:
             self._on_message(message)
+
+    async def _read_history(self, channel: str, since: StreamPosition) -> HistoryPage:
+        """History after ``since``, retried (with backoff) while the broker is away."""
+        delay = 0.05
+        while True:
+            try:
+                return await self._broker.history(channel, since=since)
+            except BrokerUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)

@@ -155,7 +155,18 @@ async def eventually(
 # --------------------------------------------------------------------------- Redis
 # Real redis-server processes (tests/redis_server.py): ``redis_server`` (one per run, keep
 # apart with ``redis_prefix``) and ``own_redis_server`` (one per test, to stop or restart).
+# Topologies (tests/redis_topologies.py): ``redis_shards``, ``redis_sentinel`` and
+# ``redis_cluster`` (one per run, kill nothing), ``own_redis_shards``,
+# ``own_redis_sentinel`` and ``own_redis_cluster`` (one per test, to kill or reshard).
 # The backend contract suites (tests/contract.py): ``backend_url`` (one per backend) and
 # ``make_worker`` (backends on this test's namespace).
 from tests.contract import backend_url, make_worker  # noqa: E402, F401
 from tests.redis_server import own_redis_server, redis_prefix, redis_server  # noqa: E402, F401
+from tests.redis_topologies import (  # noqa: E402, F401
+    own_redis_cluster,
+    own_redis_sentinel,
+    own_redis_shards,
+    redis_cluster,
+    redis_sentinel,
+    redis_shards,
+)

@@ -2,9 +2,11 @@
 
 Each contract test runs unchanged over every backend (``backend_url`` is parametrized),
 as uvicorn runs its WebSocket tests over each implementation. A test gets a namespace of
-its own: ``memory://<unique name>``, or the session's redis-server (tests/redis_server.py)
-under a unique key prefix. ``make_worker`` creates a backend on it, as one worker of a
-cluster would, and closes it at teardown; a test may create several.
+its own: ``memory://<unique name>``, or one of the session's Redis topologies under a
+unique key prefix: one redis-server (tests/redis_server.py), two shards, a Sentinel
+master with its replica, a three-master Cluster (tests/redis_topologies.py).
+``make_worker`` creates a backend on it, as one worker of a cluster would, and closes it
+at teardown; a test may create several.
 
 The fixtures are made visible to every test module by tests/conftest.py.
 """
@@ -17,10 +19,25 @@ from typing import Any
 
 import pytest
 
-from channels.broker import Backend, Broker, BrokerOptions, PresenceStore, Signals, create_backend
+from channels.broker import (
+    Backend,
+    Broker,
+    BrokerOptions,
+    ChannelFilter,
+    PresenceStore,
+    Signals,
+    create_backend,
+)
 from channels.publication import Message, PresenceEvent, Publication
 
-BACKENDS = ["memory", "redis"]
+# memory, one Redis, and the topologies past one Redis (tests/redis_topologies.py).
+BACKENDS = ["memory", "redis", "redis-shards", "redis-sentinel", "redis-cluster"]
+TOPOLOGIES = {
+    "redis": "redis_server",
+    "redis-shards": "redis_shards",
+    "redis-sentinel": "redis_sentinel",
+    "redis-cluster": "redis_cluster",
+}
 
 
 class Received:
@@ -29,13 +46,15 @@ class Received:
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.resyncs = 0
+        self.resynced: list[ChannelFilter] = []  # which channels each resync was for
         self.signals: list[bytes] = []
 
     def on_message(self, message: Message) -> None:
         self.messages.append(message)
 
-    def on_resync(self) -> None:
+    def on_resync(self, which: ChannelFilter) -> None:
         self.resyncs += 1
+        self.resynced.append(which)
 
     def on_signal(self, data: bytes) -> None:
         self.signals.append(data)
@@ -76,12 +95,11 @@ MakeWorker = Callable[..., Awaitable[Worker]]
 
 @pytest.fixture(params=BACKENDS)
 def backend_url(request: pytest.FixtureRequest, redis_prefix: str) -> str:
-    """This test's namespace: a memory namespace of its own, or the session's Redis (keys
-    kept apart by ``redis_prefix``)."""
+    """This test's namespace: a memory namespace of its own, or one of the session's Redis
+    topologies (keys kept apart by ``redis_prefix``)."""
     if request.param == "memory":
         return f"memory://{redis_prefix}"
-    assert request.param == "redis"
-    return str(request.getfixturevalue("redis_server").url)
+    return str(request.getfixturevalue(TOPOLOGIES[request.param]).url)
 
 
 @pytest.fixture

@@ -6,6 +6,10 @@ Neither is a hard error (never a silent skip): the Redis tests are part of the s
 ``restart()`` keeps the port, so gateways configured with the URL reconnect to it; by
 default the new server is empty (a new epoch for every channel), ``keep_data=True``
 saves a snapshot first and loads it again (offsets continue).
+
+``extra_args`` are appended to the command line (``--replicaof``, ``--cluster-enabled``:
+tests/redis_topologies.py). ``launch()`` then ``wait_ready()`` start several servers in
+parallel; ``wait_for_ping()`` and ``poll_until()`` serve the sentinels there too.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -46,11 +53,90 @@ def redis_server_binary() -> str:
     )
 
 
+def poll_until(
+    check: Callable[[], T | None],
+    *,
+    timeout: float,
+    what: str,
+    details: Callable[[], str] | None = None,
+    interval: float = 0.01,
+) -> T:
+    """Call ``check`` until it returns a truthy value, which is returned.
+
+    TimeoutError after ``timeout`` seconds names ``what`` was awaited, with ``details()``
+    (process output, the last state seen) appended. ``check`` may raise to give up early.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{details()}" if details else ""
+            raise TimeoutError(f"waited for {what} for {timeout}s in vain{extra}")
+        time.sleep(interval)
+
+
+def command(port: int, *args: str, timeout: float = 2.0) -> bytes:
+    """Send one command (RESP) to 127.0.0.1:``port``, return the first line of the reply."""
+    payload = f"*{len(args)}\r\n".encode()
+    for arg in args:
+        payload += f"${len(arg.encode())}\r\n{arg}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.split(b"\r\n", 1)[0]
+
+
+def log_text(log: Path) -> str:
+    """A process's output so far, for error messages (its last 4000 characters)."""
+    try:
+        return log.read_text(errors="replace")[-4000:]
+    except OSError:
+        return ""
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with its output appended to ``log``."""
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for_ping(
+    proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 10.0
+) -> None:
+    """Poll until the redis-server (or sentinel) ``proc`` on ``port`` answers PING."""
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"redis-server on port {port} exited with {proc.returncode}:\n{log_text(log)}"
+            )
+        try:
+            return command(port, "PING") == b"+PONG"
+        except OSError:
+            return False
+
+    poll_until(
+        answers,
+        timeout=timeout,
+        what=f"redis-server on port {port} to answer PING",
+        details=lambda: log_text(log),
+    )
+
+
 class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: list[str] | None = None) -> None:
         self.port = port or free_port()
         self.binary = redis_server_binary()
         self.dir = tempfile.mkdtemp(prefix="redis-test-")
+        self.log = Path(self.dir) / "redis.log"
+        self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,9 +144,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (``wait_ready()`` does)."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("redis-server already running")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [
                 self.binary,
                 "--port",
@@ -77,37 +168,24 @@ class RedisServer:
                 "dump.rdb",
                 "--loglevel",
                 "warning",
+                *self.extra_args,
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
+            self.log,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            try:
-                if self.command("PING") == b"+PONG":
-                    return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"redis-server on port {self.port} did not answer PING")
-            time.sleep(0.02)
+
+    def wait_ready(self, timeout: float = 10.0) -> RedisServer:
+        """Wait until the launched server answers PING (RuntimeError if it exited)."""
+        if self.proc is None:
+            raise RuntimeError("redis-server not launched")
+        wait_for_ping(self.proc, self.port, self.log, timeout)
+        return self
+
+    def output(self) -> str:
+        return log_text(self.log)
 
     def command(self, *args: str, timeout: float = 2.0) -> bytes:
         """Send one command (RESP) and return the first line of the reply."""
-        payload = f"*{len(args)}\r\n".encode()
-        for arg in args:
-            payload += f"${len(arg.encode())}\r\n{arg}\r\n".encode()
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            sock.sendall(payload)
-            reply = b""
-            while not reply.endswith(b"\r\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-        return reply.split(b"\r\n", 1)[0]
+        return command(self.port, *args, timeout=timeout)
 
     def stop(self, *, save: bool = False) -> None:
         """Stop the server (and wait for it). ``save`` writes a snapshot first."""

@@ -12,11 +12,18 @@ No Docker engine and no cluster are needed (this machine has neither):
   builder stage makes is made here the same way, from the same files (its ``COPY`` lines
   filtered by ``.dockerignore``, then its ``RUN`` lines with ``/opt/venv`` moved to a temporary
   directory); the image's command is then started from that venv, outside the repository,
-  and its ``/healthz`` and ``/readyz`` and the image's own ``HEALTHCHECK`` command must pass.
+  and its ``/healthz`` and ``/readyz`` and the image's own ``HEALTHCHECK`` command must pass;
+* the install with the Sentinel component of ``k8s/ha`` switched on is rendered as
+  ``kubectl apply -k`` would send it (by ``kustomize_build`` here, for the kustomize
+  features k8s/ uses: no kubectl needed) and gets the same schema and
+  hardening checks; its wiring is checked against its own manifests: the broker URL names
+  the Sentinels the StatefulSet and Service define, the quorum is a majority that a drain
+  leaves standing, and the NetworkPolicy admits only the gateway pods and the Redis pods.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -25,19 +32,24 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from redis.asyncio.sentinel import SentinelConnectionPool
 from starlette.routing import Match
 
+from channels.backends.redis.pools import command_pool
+from channels.broker import split_urls
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import SECRET, free_port
@@ -120,17 +132,22 @@ def test_the_kustomization_lists_every_manifest_file() -> None:
     assert gateway_container()["image"].split(":")[0] in image_names
 
 
+def validate_strictly(where: str, doc: dict[str, Any], version: str) -> None:
+    """``doc`` against the schemas of Kubernetes ``version``; unknown fields are errors."""
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        pytest.fail(f"{where}: {doc['kind']} {doc['metadata']['name']}: {path}: {exc.message}")
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        pytest.fail(f"{where}: no schema: {exc.message}")
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_manifest_validates_against_the_kubernetes_schemas(version: str) -> None:
     checked = []
     for name, doc in manifests():
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']}: {path}: {exc.message}")
-        except kubernetes_validate.SchemaNotFoundError as exc:
-            pytest.fail(f"{name}: no schema: {exc.message}")
+        validate_strictly(name, doc, version)
         checked.append(doc["kind"])
     expected = {
         "Namespace",
@@ -218,24 +235,32 @@ def test_one_worker_per_pod() -> None:
     assert config_map().get("GATEWAY_WORKERS", "1") == "1"
 
 
+def assert_hardened(name: str, template: dict[str, Any]) -> None:
+    """Non-root, read-only root filesystem, no privilege escalation, no capabilities, the
+    RuntimeDefault seccomp profile, no service-account token, and resources for every
+    container of the pod ``template``."""
+    pod = template["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True, name
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+    assert pod.get("automountServiceAccountToken") is False, name
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        where = f"{name}: {container['name']}"
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, where
+        assert context["readOnlyRootFilesystem"] is True, where
+        assert context["capabilities"]["drop"] == ["ALL"], where
+        assert not context.get("capabilities", {}).get("add"), where
+        assert context.get("privileged", False) is False, where
+        assert context.get("runAsUser", pod["securityContext"].get("runAsUser")) != 0, where
+        assert "requests" in container["resources"], where
+        assert "limits" in container["resources"], where
+
+
 def test_pods_run_as_non_root_read_only_without_privilege_escalation() -> None:
     templates = pod_templates()
     assert {name for name, _ in templates} >= {"Deployment/gateway", "StatefulSet/redis"}
     for name, template in templates:
-        pod = template["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True, name
-        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        assert pod.get("automountServiceAccountToken") is False, name
-        for container in [*pod.get("initContainers", []), *pod["containers"]]:
-            context = container["securityContext"]
-            assert context["allowPrivilegeEscalation"] is False, name
-            assert context["readOnlyRootFilesystem"] is True, name
-            assert context["capabilities"]["drop"] == ["ALL"], name
-            assert not context.get("capabilities", {}).get("add"), name
-            assert context.get("privileged", False) is False, name
-            assert context.get("runAsUser", pod["securityContext"].get("runAsUser")) != 0, name
-            assert "requests" in container["resources"], name
-            assert "limits" in container["resources"], name
+        assert_hardened(name, template)
     # The gateway's uid is the image's, and /tmp is the one writable place.
     pod = gateway_deployment()["spec"]["template"]["spec"]
     user = final_stage().single("USER").split(":")
@@ -319,6 +344,452 @@ def test_service_hpa_pdb_and_ingress_target_the_gateway_pods() -> None:
     redis = one("StatefulSet", "redis")
     assert redis["spec"]["serviceName"] == "redis"
     assert one("Service", "redis")["spec"]["clusterIP"] == "None"
+
+
+# --------------------------------------------------------------------------- k8s/ha
+
+HA = K8S / "ha"
+# The lines of k8s/kustomization.yaml that switch the Sentinel component on, commented out.
+HA_SWITCH = "# components:\n#   - ha\n"
+# Redis's own `shutdown-timeout` (its default): a master stopping waits this long at most
+# for its replicas to catch up.
+REDIS_SHUTDOWN_SECONDS = 10
+
+
+# The only kinds in k8s/ that have no namespace.
+CLUSTER_SCOPED = {"Namespace"}
+
+
+def kustomize_build(directory: Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl apply -k directory`` sends, rendered here for what k8s/ uses
+    of kustomize (so that the tests need no kubectl, which Debian does not ship recent
+    enough): ``resources``, ``components`` (their resources, then their patches: strategic
+    merges of maps and ``$patch: delete``), then ``namespace``, ``labels`` (on the objects'
+    own metadata: ``includeSelectors`` and ``includeTemplates`` off) and ``images``. Any
+    other field is a failure here, so a kustomization that grows one cannot pass untested."""
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    known = {"apiVersion", "kind", "namespace", "labels", "resources", "components", "images"}
+    assert set(spec) <= known, f"render {set(spec) - known} here too"
+    docs = _resources(directory, spec)
+    for component in spec.get("components", []):
+        part = yaml.safe_load((directory / component / "kustomization.yaml").read_text())
+        assert set(part) <= {"apiVersion", "kind", "resources", "patches"}, part.keys()
+        docs += _resources(directory / component, part)
+        for patch in part.get("patches", []):
+            text = (
+                patch["patch"]
+                if "patch" in patch
+                else (directory / component / patch["path"]).read_text()
+            )
+            docs = _patched(docs, yaml.safe_load(text))
+    for doc in docs:
+        metadata = doc["metadata"]
+        if "namespace" in spec and doc["kind"] not in CLUSTER_SCOPED:
+            metadata["namespace"] = spec["namespace"]
+        for label in spec.get("labels", []):
+            assert not label.get("includeSelectors") and not label.get("includeTemplates")
+            metadata.setdefault("labels", {}).update(label["pairs"])
+        for container in _containers(doc):
+            for image in spec.get("images", []):
+                if container["image"].split(":")[0] == image["name"]:
+                    container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    return docs
+
+
+def _resources(directory: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        doc
+        for name in spec.get("resources", [])
+        for doc in yaml.safe_load_all((directory / name).read_text())
+        if doc
+    ]
+
+
+def _patched(docs: list[dict[str, Any]], patch: dict[str, Any]) -> list[dict[str, Any]]:
+    """``docs`` with ``patch`` applied to the object of its kind and name (there must be one)."""
+    key = (patch["kind"], patch["metadata"]["name"])
+    targets = [doc for doc in docs if (doc["kind"], doc["metadata"]["name"]) == key]
+    assert len(targets) == 1, f"a patch for {key} matches {len(targets)} objects"
+    if patch.get("$patch") == "delete":
+        return [doc for doc in docs if doc is not targets[0]]
+    _merge(targets[0], {k: v for k, v in patch.items() if k not in ("apiVersion", "kind")})
+    return docs
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            assert not isinstance(value, list), f"list patches ({key}) are not rendered here"
+            target[key] = value
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return [*pod.get("initContainers", []), *pod.get("containers", [])]
+
+
+@functools.cache
+def ha_install() -> tuple[dict[str, Any], ...]:
+    """What ``kubectl apply -k k8s/`` installs once the Sentinel component is switched on
+    as k8s/kustomization.yaml says: a copy of k8s/ with those lines uncommented, rendered."""
+    text = (K8S / "kustomization.yaml").read_text()
+    assert text.count(HA_SWITCH) == 1, "the commented `components: [ha]` lines are gone"
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "k8s"
+        shutil.copytree(K8S, copy)
+        switched_on = HA_SWITCH.replace("# ", "")
+        (copy / "kustomization.yaml").write_text(text.replace(HA_SWITCH, switched_on))
+        return tuple(kustomize_build(copy))
+
+
+def names(docs: Iterable[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
+
+
+def ha_objects(kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in ha_install() if doc["kind"] == kind]
+
+
+def ha_one(kind: str, name: str) -> dict[str, Any]:
+    found = [doc for doc in ha_objects(kind) if doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name} with ha, found {len(found)}"
+    return found[0]
+
+
+def port_number(ports: list[dict[str, Any]], name: str, key: str) -> int:
+    found = [port[key] for port in ports if port.get("name") == name]
+    assert len(found) == 1, f"no port {name} in {ports}"
+    return int(found[0])
+
+
+def sentinel_statefulset() -> dict[str, Any]:
+    """The StatefulSet whose pods run the Sentinels (a container port named sentinel)."""
+    found = [
+        doc
+        for doc in ha_objects("StatefulSet")
+        if any(
+            port.get("name") == "sentinel"
+            for container in doc["spec"]["template"]["spec"]["containers"]
+            for port in container.get("ports", [])
+        )
+    ]
+    assert len(found) == 1, [doc["metadata"]["name"] for doc in found]
+    return found[0]
+
+
+def ha_pod() -> dict[str, Any]:
+    pod = sentinel_statefulset()["spec"]["template"]["spec"]
+    assert isinstance(pod, dict)
+    return pod
+
+
+def ha_pod_labels() -> dict[str, str]:
+    labels = sentinel_statefulset()["spec"]["template"]["metadata"]["labels"]
+    assert isinstance(labels, dict)
+    return labels
+
+
+def ha_container(port_name: str) -> dict[str, Any]:
+    """The container of the Redis pods that listens on the port named ``port_name``."""
+    found = [
+        container
+        for container in ha_pod()["containers"]
+        if any(port.get("name") == port_name for port in container.get("ports", []))
+    ]
+    assert len(found) == 1, port_name
+    return dict(found[0])
+
+
+def ha_settings() -> dict[str, str]:
+    """The ConfigMap both containers load (envFrom): what the scripts and Sentinel use."""
+    refs = {
+        ref["configMapRef"]["name"]
+        for container in ha_pod()["containers"]
+        for ref in container.get("envFrom", [])
+    }
+    assert len(refs) == 1, refs
+    data = ha_one("ConfigMap", refs.pop())["data"]
+    assert isinstance(data, dict)
+    return data
+
+
+def ha_scripts() -> tuple[str, dict[str, str]]:
+    """(mount path, scripts) of the ConfigMap of scripts the Redis pods mount."""
+    volumes = {v["name"]: v for v in ha_pod()["volumes"] if "configMap" in v}
+    mounts = {
+        mount["mountPath"]: mount["name"]
+        for container in ha_pod()["containers"]
+        for mount in container.get("volumeMounts", [])
+        if mount["name"] in volumes
+    }
+    assert len(mounts) == 1, mounts
+    ((path, volume),) = mounts.items()
+    data = ha_one("ConfigMap", volumes[volume]["configMap"]["name"])["data"]
+    assert isinstance(data, dict)
+    return path, data
+
+
+def ha_gateway_config() -> dict[str, str]:
+    deployment = ha_one("Deployment", "gateway")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (ref,) = container["envFrom"]
+    data = ha_one("ConfigMap", ref["configMapRef"]["name"])["data"]
+    assert isinstance(data, dict)
+    return data
+
+
+def option(args: list[str], name: str) -> str:
+    """The value after ``name`` in a command line."""
+    assert args.count(name) == 1, (name, args)
+    return args[args.index(name) + 1]
+
+
+def size_in_bytes(quantity: str) -> int:
+    """A Redis size (``400mb``) or a Kubernetes quantity (``768Mi``) in bytes."""
+    match = re.fullmatch(r"(\d+)(|kb|mb|gb|Ki|Mi|Gi)", quantity)
+    assert match, quantity
+    power = {"": 0, "kb": 1, "Ki": 1, "mb": 2, "Mi": 2, "gb": 3, "Gi": 3}[match[2]]
+    return int(match[1]) << (10 * power)
+
+
+def test_the_ha_component_lists_every_file_and_is_off_by_default() -> None:
+    component = yaml.safe_load((HA / "kustomization.yaml").read_text())
+    assert component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    assert component["kind"] == "Component"
+    listed = [*component["resources"], *(p["path"] for p in component["patches"] if "path" in p)]
+    files = {p.name for p in HA.iterdir() if p.suffix in (".yaml", ".yml")}
+    files.discard("kustomization.yaml")
+    assert sorted(listed) == sorted(files)
+    # `kubectl apply -k k8s/` alone still installs the single Redis and nothing of ha/.
+    assert "components" not in kustomization()
+    default = kustomize_build(K8S)
+    assert names(default) == names(doc for _, doc in manifests())
+    assert ("StatefulSet", "redis") in names(default)
+    assert not names(default) & names(ha_install()) - names(doc for _, doc in manifests())
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_install_with_ha_validates_against_the_kubernetes_schemas(version: str) -> None:
+    installed = ha_install()
+    for doc in installed:
+        validate_strictly("k8s/ with ha/", doc, version)
+    # The single Redis is replaced by ha/'s; everything else of k8s/ stays.
+    single = names(doc for doc in yaml.safe_load_all((K8S / "redis.yaml").read_text()) if doc)
+    added = names(
+        doc for doc in yaml.safe_load_all((HA / "redis-sentinel.yaml").read_text()) if doc
+    )
+    assert {kind for kind, _ in single} == {"StatefulSet", "Service", "NetworkPolicy"}
+    assert names(installed) == names(doc for _, doc in manifests()) - single | added
+    expected = {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"}
+    assert {kind for kind, _ in added} == expected
+    # k8s/kustomization.yaml's namespace and labels reach the component's objects too.
+    for doc in installed:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == kustomization()["namespace"], doc
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "gateway", doc
+
+
+def test_the_ha_broker_url_names_the_sentinels_the_manifests_define(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    statefulset = sentinel_statefulset()
+    spec = statefulset["spec"]
+    settings = ha_settings()
+    # A headless Service gives each pod a name, <pod>.<service>, from its first start.
+    service = ha_one("Service", spec["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"].get("publishNotReadyAddresses") is True
+    assert service["spec"]["selector"].items() <= ha_pod_labels().items()
+    port = port_number(service["spec"]["ports"], "sentinel", "port")
+    sentinel = ha_container("sentinel")
+    assert port == port_number(sentinel["ports"], "sentinel", "containerPort")
+    assert port == int(settings["SENTINEL_PORT"])
+    assert str(port) in sentinel["readinessProbe"]["exec"]["command"]
+
+    data = ha_gateway_config()
+    # Only the broker URL differs from k8s/configmap.yaml.
+    base = {k: v for k, v in config_map().items() if k != "GATEWAY_BROKER_URL"}
+    assert {k: v for k, v in data.items() if k != "GATEWAY_BROKER_URL"} == base
+    (url,) = split_urls(data["GATEWAY_BROKER_URL"])  # one Sentinel group, not shards
+    parts = urlsplit(url)
+    assert parts.scheme == "redis+sentinel"
+    assert spec["replicas"] == 3  # a master, two replicas, three Sentinels
+    name = statefulset["metadata"]["name"]
+    pods = [f"{name}-{i}.{spec['serviceName']}" for i in range(spec["replicas"])]
+    assert parts.netloc.split(",") == [f"{pod}:{port}" for pod in pods]
+    assert parts.path.split("/") == ["", settings["REDIS_HA_MASTER_SET"], "0"]
+    # The gateway reads it so (its own parser; nothing connects)...
+    pool = command_pool(url, "test", 1)
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == settings["REDIS_HA_MASTER_SET"]
+    sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
+    assert [f"{s['host']}:{s['port']}" for s in sentinels] == parts.netloc.split(",")
+    # ...and accepts the whole ConfigMap.
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_"):
+            monkeypatch.delenv(name)
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GATEWAY_JWT_SECRET", SECRET)
+    assert Settings().broker_url == url
+
+
+def test_the_scripts_name_the_nodes_as_the_broker_url_does(tmp_path: Path) -> None:
+    """The Sentinels announce the master and the replicas by the names the scripts make;
+    the gateway, in the same namespace, reaches the same pods by the URL's short names."""
+    path, scripts = ha_scripts()
+    settings = ha_settings()
+    for name, script in scripts.items():
+        parsed = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{name}: {parsed.stderr}"
+    # Every script a container or a probe runs is in the ConfigMap.
+    for container in ha_pod()["containers"]:
+        commands = [
+            container["command"],
+            container.get("readinessProbe", {}).get("exec", {}).get("command", []),
+            container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", []),
+        ]
+        for word in (word for command in commands for word in command):
+            if word.startswith(path + "/"):
+                assert word.removeprefix(path + "/") in scripts, word
+    (tmp_path / "common.sh").write_text(scripts["common.sh"])
+    statefulset = sentinel_statefulset()
+    namespace = kustomization()["namespace"]
+    env = {
+        **settings,
+        "PATH": os.environ["PATH"],
+        "HOSTNAME": f"{statefulset['metadata']['name']}-1",
+        "POD_NAMESPACE": namespace,
+    }
+    nodes = int(settings["REDIS_HA_NODES"])
+    assert nodes == statefulset["spec"]["replicas"]
+    assert settings["REDIS_HA_SERVICE"] == statefulset["spec"]["serviceName"]
+    shown = subprocess.run(
+        ["sh", "-c", f'. ./common.sh; echo "$ME"; for i in $(seq 0 {nodes - 1}); do node $i; done'],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    (url,) = split_urls(ha_gateway_config()["GATEWAY_BROKER_URL"])
+    hosts = [host.rpartition(":")[0] for host in urlsplit(url).netloc.split(",")]
+    assert shown == [f"{host}.{namespace}.svc" for host in [hosts[1], *hosts]]
+
+
+def test_the_sentinel_quorum_is_a_majority_that_survives_a_voluntary_disruption() -> None:
+    spec = sentinel_statefulset()["spec"]
+    per_pod = sum(
+        any(port.get("name") == "sentinel" for port in container.get("ports", []))
+        for container in ha_pod()["containers"]
+    )
+    sentinels = spec["replicas"] * per_pod
+    quorum = int(ha_settings()["REDIS_HA_QUORUM"])
+    # A Sentinel alone (or a minority) never fails over; a majority always can.
+    assert sentinels / 2 < quorum <= sentinels
+    # A drain takes at most `down` pods: the rest are still a quorum and a majority (which
+    # elects the failover leader), and leave the master the replicas it needs to write.
+    (pdb,) = [
+        pdb
+        for pdb in ha_objects("PodDisruptionBudget")
+        if pdb["spec"]["selector"]["matchLabels"].items() <= ha_pod_labels().items()
+    ]
+    if "maxUnavailable" in pdb["spec"]:
+        down = int(pdb["spec"]["maxUnavailable"])
+    else:
+        down = spec["replicas"] - int(pdb["spec"]["minAvailable"])
+    assert down >= 1  # drains can proceed at all
+    assert (sentinels - down * per_pod) >= quorum
+    assert (sentinels - down * per_pod) > sentinels / 2
+    args = ha_container("redis")["args"]
+    min_replicas = int(option(args, "--min-replicas-to-write"))
+    assert 1 <= min_replicas <= spec["replicas"] - 1 - down
+    assert 0 < int(option(args, "--min-replicas-max-lag")) <= 60
+    # Pods start together (the master is found by asking), preferably on distinct nodes.
+    assert spec["podManagementPolicy"] == "Parallel"
+    terms = ha_pod()["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    by_node = [t["podAffinityTerm"] for t in terms]
+    assert any(
+        term["topologyKey"] == "kubernetes.io/hostname"
+        and term["labelSelector"]["matchLabels"].items() <= ha_pod_labels().items()
+        for term in by_node
+    )
+
+
+def test_only_the_gateway_and_the_redis_pods_reach_redis_and_the_sentinels() -> None:
+    labels = ha_pod_labels()
+    gateway_labels = ha_one("Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    (policy,) = [
+        policy
+        for policy in ha_objects("NetworkPolicy")
+        if policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+    spec = policy["spec"]
+    assert not spec["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    admitted: list[dict[str, str]] = []
+    ports: set[tuple[str, int]] = set()
+    for rule in spec["ingress"]:
+        assert rule["from"] and rule["ports"], rule  # a rule without them admits anyone
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, peer  # no address ranges, no namespaces
+            admitted.append(peer["podSelector"]["matchLabels"])
+        ports |= {(port["protocol"], int(port["port"])) for port in rule["ports"]}
+    assert any(selector.items() <= gateway_labels.items() for selector in admitted)
+    assert any(selector.items() <= labels.items() for selector in admitted)
+    for selector in admitted:
+        assert selector.items() <= gateway_labels.items() or selector.items() <= labels.items()
+    redis = port_number(ha_container("redis")["ports"], "redis", "containerPort")
+    sentinel = port_number(ha_container("sentinel")["ports"], "sentinel", "containerPort")
+    assert ports == {("TCP", redis), ("TCP", sentinel)}
+    assert redis == int(ha_settings()["REDIS_PORT"])
+
+
+def test_the_redis_and_sentinel_pods_are_hardened_like_the_gateway() -> None:
+    templates = [
+        (f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"])
+        for doc in ha_install()
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    ]
+    name = f"StatefulSet/{sentinel_statefulset()['metadata']['name']}"
+    assert {n for n, _ in templates} == {"Deployment/gateway", name}
+    for where, template in templates:
+        assert_hardened(where, template)
+    pod = ha_pod()
+    assert pod.get("enableServiceLinks") is False
+    # The official Debian image, run as its redis user, which owns the volume (fsGroup).
+    for container in pod["containers"]:
+        assert re.fullmatch(r"redis:7(\.\d+)*(-bookworm|-trixie)?", container["image"])
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 999
+    # The root filesystem is read-only: what the scripts write lands on volumes.
+    path, scripts = ha_scripts()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = [c["metadata"]["name"] for c in sentinel_statefulset()["spec"]["volumeClaimTemplates"]]
+    for container in pod["containers"]:
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        script = scripts[container["command"][-1].removeprefix(path + "/")]
+        written = re.findall(r'(?:>|conf=)"?(/[^\s"]+)', script)
+        assert written, container["name"]
+        for file in written:
+            volume = mounts[os.path.dirname(file)]
+            assert "emptyDir" in volumes[volume], (container["name"], file)
+    redis = ha_container("redis")
+    data_mounts = [
+        m for m in redis["volumeMounts"] if m["mountPath"] == option(redis["args"], "--dir")
+    ]
+    assert [m["name"] for m in data_mounts] == list(claims)
+    # Redis's memory cap leaves room below the container's limit (replication buffers,
+    # the fork of a full sync or an AOF rewrite).
+    limit = size_in_bytes(redis["resources"]["limits"]["memory"])
+    assert size_in_bytes(option(redis["args"], "--maxmemory")) <= 0.6 * limit
+    # A master stopped on purpose hands over first (preStop), within the grace period.
+    handover = int(ha_settings()["REDIS_HA_HANDOVER_SECONDS"])
+    assert path + "/redis-handover.sh" in redis["lifecycle"]["preStop"]["exec"]["command"]
+    assert pod["terminationGracePeriodSeconds"] >= handover + REDIS_SHUTDOWN_SECONDS + 5
 
 
 # --------------------------------------------------------------------------- Dockerfile

@@ -19,7 +19,7 @@ from channels.backends import redis as redis_backend
 from channels.backends.redis import Connection, RedisBroker
 from channels.broker import Backend, BrokerOptions, BrokerUnavailable, PresenceStore
 from channels.hub import Hub
-from channels.publication import PresenceEvent
+from channels.publication import PresenceEvent, Publication
 from channels.session import Gap
 from tests.conftest import eventually
 from tests.redis_server import RedisServer
@@ -57,7 +57,9 @@ class Gated:
     def __init__(self, url: str, options: BrokerOptions) -> None:
         backend = redis_backend.create(url, options)
         assert isinstance(backend.broker, RedisBroker)
-        self.connection: Connection = backend.broker.connection
+        connection = backend.broker.connection
+        assert isinstance(connection, Connection)
+        self.connection = connection
         self.connection.reconnect_base, self.connection.reconnect_cap = 0.02, 0.2
         self.gate = asyncio.Event()
         self.gate.set()
@@ -143,6 +145,34 @@ async def test_publications_missed_while_disconnected_are_recovered_once_in_orde
     assert not any(isinstance(item, Gap) for _, r, _ in sessions for item in r.items)
     for _, _, writer in sessions:
         writer.cancel()
+
+
+async def test_a_stream_restarted_while_disconnected_gives_a_gap_then_its_new_epoch(
+    hub: Hub, broker: Gated, admin: Redis, redis_prefix: str
+) -> None:
+    """Redis lost the stream (flushed, restarted empty, failed over) while this worker was
+    cut off, and others published in the new epoch meanwhile: its subscribers get the gap,
+    then every publication of the new epoch, from its first."""
+    session, recorder, writer = new_session()
+    await hub.subscribe(session, "c")
+    old = [await hub.publish("c", b"%d" % n) for n in range(2)]
+    await eventually(lambda: recorder.offsets("c") == [1, 2])
+    await cut_off(broker, admin)
+    await admin.delete(f"{redis_prefix}:m:{{c}}", f"{redis_prefix}:h:{{c}}")
+    new = [await hub.publish("c", b"%d" % n) for n in range(3)]
+    assert [p.offset for p in new] == [1, 2, 3] and new[0].epoch != old[0].epoch
+    broker.gate.set()
+    await eventually(lambda: broker.reconnects == 1)
+    last = await hub.publish("c", b"live")
+    await eventually(lambda: len(recorder.items) == 7)
+    seen = [(i.epoch, i.offset) if isinstance(i, Publication) else i for i in recorder.items]
+    assert seen == [
+        *[(p.epoch, p.offset) for p in old],
+        Gap("c"),
+        *[(p.epoch, p.offset) for p in new],
+        (last.epoch, 4),
+    ]
+    writer.cancel()
 
 
 async def test_a_subscribe_while_disconnected_fails_and_leaves_nothing_behind(

@@ -33,7 +33,9 @@ class Worker:
         assert isinstance(broker, RedisBroker)
         self.broker = broker
         self.presence = self.backend.presence
-        self.connection: Connection = broker.connection
+        connection = broker.connection
+        assert isinstance(connection, Connection)
+        self.connection = connection
         self.connection.reconnect_base, self.connection.reconnect_cap = 0.02, 0.2  # quick tests
         self.received = Received()
 

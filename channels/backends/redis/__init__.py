@@ -47,22 +47,39 @@ never retried by redis-py, so nothing hangs or runs twice when Redis is gone.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from channels.backends.redis.broker import RedisBroker
+from channels.backends.redis.cluster import CLUSTER_SCHEMES, ClusterConnection
 from channels.backends.redis.connection import Connection
 from channels.backends.redis.keys import Keys
+from channels.backends.redis.link import Link
 from channels.backends.redis.presence import RedisPresence
 from channels.backends.redis.scripts import Scripts
 from channels.backends.redis.signals import RedisSignals
 from channels.broker import Backend, BrokerOptions
 
-__all__ = ["Connection", "RedisBroker", "RedisPresence", "RedisSignals", "create"]
+__all__ = [
+    "ClusterConnection",
+    "Connection",
+    "Link",
+    "RedisBroker",
+    "RedisPresence",
+    "RedisSignals",
+    "create",
+]
 
 
 def create(url: str, options: BrokerOptions) -> Backend:
-    """The three sides over one ``Connection``; ``broker.close()`` closes it."""
+    """The three sides over one ``Connection`` (a ``ClusterConnection`` for a Redis
+    Cluster); ``broker.close()`` closes it."""
     keys = Keys(options.key_prefix)
-    connection = Connection(url, keys.client_name)
-    scripts = Scripts(connection.redis)
+    connection: Link
+    if urlsplit(url).scheme in CLUSTER_SCHEMES:
+        connection = ClusterConnection(url, keys.client_name)
+    else:
+        connection = Connection(url, keys.client_name)
+    scripts = Scripts(connection.redis, connection.sharded)
     return Backend(
         RedisBroker(connection, keys, scripts, options),
         RedisPresence(connection, keys, scripts, options),

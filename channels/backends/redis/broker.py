@@ -9,11 +9,11 @@ import secrets
 import time
 from typing import Any
 
-from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
-from channels.backends.redis.connection import Connection, unavailable
+from channels.backends.redis.connection import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
+from channels.backends.redis.link import Link
 from channels.backends.redis.scripts import Scripts
 from channels.broker import BrokerOptions, HistoryPage, MessageHandler, ResyncHandler
 from channels.publication import Message, PresenceEvent, Publication, StreamPosition
@@ -30,7 +30,7 @@ class RedisBroker:
     connection; commands go through the connection's pool."""
 
     def __init__(
-        self, connection: Connection, keys: Keys, scripts: Scripts, options: BrokerOptions
+        self, connection: Link, keys: Keys, scripts: Scripts, options: BrokerOptions
     ) -> None:
         self.connection = connection
         self._keys = keys
@@ -48,7 +48,8 @@ class RedisBroker:
     async def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> None:
         """Connect the pub/sub reader (see ``Connection.start``)."""
         self._on_message = on_message
-        await self.connection.start(on_resync)
+        topic = self._keys.topic
+        await self.connection.start(lambda which: on_resync(lambda channel: which(topic(channel))))
 
     async def close(self) -> None:
         """Stop the reader and close every connection. Idempotent."""
@@ -73,7 +74,7 @@ class RedisBroker:
         keys = [self._keys.meta(channel), self._keys.history(channel)]
         try:
             offset, epoch = await self._scripts.publish(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("publish", exc) from exc
         return Publication(channel, int(offset), epoch.decode(), data, published_at=float(stamp))
 
@@ -96,7 +97,7 @@ class RedisBroker:
         keys = [self._keys.meta(channel), self._keys.history(channel)]
         try:
             first, raw_epoch = await self._scripts.publish_many(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("publish_many", exc) from exc
         offset, epoch, at = int(first), raw_epoch.decode(), float(stamp)
         return [
@@ -107,8 +108,8 @@ class RedisBroker:
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         payload = b"e" + event.encode() + b" " + client
         try:
-            await self.connection.redis.publish(self._keys.topic(channel), payload)
-        except (RedisError, OSError) as exc:
+            await self.connection.publish(self._keys.topic(channel), payload)
+        except REDIS_ERRORS as exc:
             raise unavailable("publish_event", exc) from exc
 
     async def history(
@@ -124,7 +125,7 @@ class RedisBroker:
         keys = [self._keys.meta(channel), self._keys.history(channel)]
         try:
             raw_epoch, top, status, entries = await self._scripts.history(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("history", exc) from exc
         epoch = raw_epoch.decode()
         position = StreamPosition(int(top), epoch)
@@ -147,10 +148,9 @@ class RedisBroker:
     async def has_subscribers(self, channel: str) -> bool:
         """Any worker subscribed: each worker holds one SUBSCRIBE per channel (PUBSUB NUMSUB)."""
         try:
-            counts = await self.connection.redis.pubsub_numsub(self._keys.topic(channel))
-        except (RedisError, OSError) as exc:
+            return await self.connection.subscriber_count(self._keys.topic(channel)) > 0
+        except REDIS_ERRORS as exc:
             raise unavailable("has_subscribers", exc) from exc
-        return bool(counts) and int(counts[0][1]) > 0
 
     def _received(self, channel: str, payload: bytes) -> None:
         on_message = self._on_message

@@ -19,24 +19,39 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import ClusterError, ReadOnlyError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.maint_notifications import MaintNotificationsConfig
 
-from channels.broker import BrokerUnavailable, ResyncHandler
+from channels.backends.redis.pools import (
+    COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
+    close,
+    command_pool,
+    display_name,
+)
+from channels.broker import BrokerUnavailable
 from channels.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 2.0
-COMMAND_TIMEOUT = 5.0
+__all__ = ["COMMAND_TIMEOUT", "CONNECT_TIMEOUT", "Connection", "unavailable"]
+
+# What a Redis call raises when Redis cannot answer (a Cluster without a node for a slot
+# raises the one that is not a RedisError).
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 TopicHandler = Callable[[bytes], None]  # called with the payload of each message
+TopicFilter = Callable[[bytes], bool]
+# Called after a reconnect with which topics may have missed messages.
+TopicResync = Callable[[TopicFilter], None]
+
+
+def every_topic(topic: bytes) -> bool:
+    return True
 
 
 class Connection:
@@ -52,34 +67,29 @@ class Connection:
     subscribe_batch = 1000
     pool_size = 64  # connections for commands, the pub/sub one included
 
-    def __init__(self, url: str, client_name: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        client_name: str,
+        *,
+        sharded: bool = False,
+        on_moved: Callable[[bytes], None] | None = None,
+        on_down: Callable[[], None] | None = None,
+    ) -> None:
+        """``sharded``: topics are Redis Cluster shard channels (SSUBSCRIBE, SPUBLISH) of
+        the node at ``url``. ``on_moved`` is called with a topic the node stopped serving
+        (its slot moved), ``on_down`` when the pub/sub connection is lost."""
         self.client_name = client_name
-        # A bounded pool: a burst of subscribes (thousands of clients reconnecting at
-        # once) waits for a free connection instead of opening one socket per command
-        # under a 2 s connect timeout, which refused some of them on a busy machine
-        # (tests/test_redis_broker.py has the regression test).
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=self.pool_size,
-            timeout=COMMAND_TIMEOUT,
-            socket_timeout=COMMAND_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            decode_responses=False,
-            client_name=client_name,
-            # With maintenance notifications on ("auto", the default under RESP3), redis-py
-            # 8.1 skips its check-out probe and hands out pooled connections the server
-            # closed (after a Redis restart the first command fails): redis/redis-py#4252.
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
-        )
-        self.redis: Redis = Redis.from_pool(pool)
+        self.name = display_name(url)  # in log lines: which Redis
+        self.sharded = sharded
+        self._on_moved, self._on_down = on_moved, on_down
+        self.redis: Redis = Redis.from_pool(command_pool(url, client_name, self.pool_size))
         self._routes: dict[bytes, TopicHandler] = {}  # subscribed topic -> its handler
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
         self._connected = asyncio.Event()
         self._ever_connected = False
-        self._on_resync: ResyncHandler | None = None
+        self._on_resync: TopicResync | None = None
         self._tasks = Tasks(logger)
         self._closed = False
         self.reconnects = 0
@@ -91,7 +101,7 @@ class Connection:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, on_resync: ResyncHandler) -> None:
+    async def start(self, on_resync: TopicResync) -> None:
         """Connect the pub/sub reader. If Redis is down the gateway still starts (not
         ready) and the reader keeps trying in the background. ``on_resync`` is called
         after each reconnect: what was published meanwhile was not delivered."""
@@ -99,8 +109,10 @@ class Connection:
         pubsub: PubSub | None = None
         try:
             pubsub = await self._open_pubsub()
-        except (RedisError, OSError) as exc:
-            logger.warning("Redis unavailable at start (%s); retrying in the background", exc)
+        except REDIS_ERRORS as exc:
+            logger.warning(
+                "Redis %s unavailable at start (%s); retrying in the background", self.name, exc
+            )
         self._tasks.spawn(self._run(pubsub), "redis-pubsub-reader")
 
     async def close(self) -> None:
@@ -110,7 +122,7 @@ class Connection:
         self._closed = True
         await self._tasks.cancel()
         self._fail_waiters()
-        await self.redis.aclose()
+        await close(self.redis)
         self._on_resync = None
 
     async def ready(self) -> bool:
@@ -119,7 +131,7 @@ class Connection:
             return False
         try:
             return bool(await self.redis.ping())
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             return False
 
     # -- topics ----------------------------------------------------------------------
@@ -145,12 +157,12 @@ class Connection:
                 raise RedisConnectionError("pub/sub connection lost")
             confirmed = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(topic, []).append(confirmed)
-            await pubsub.subscribe(topic)
+            await (pubsub.ssubscribe if self.sharded else pubsub.subscribe)(topic)
             await asyncio.wait_for(confirmed, COMMAND_TIMEOUT)
         except BaseException as exc:
             if self._routes.get(topic) is handler:
                 del self._routes[topic]
-            if isinstance(exc, RedisError | OSError | TimeoutError | BrokerUnavailable):
+            if isinstance(exc, (*REDIS_ERRORS, TimeoutError, BrokerUnavailable)):
                 raise unavailable("subscribe", exc) from exc
             raise
 
@@ -161,9 +173,24 @@ class Connection:
         pubsub = self._pubsub
         if pubsub is not None:
             try:
-                await pubsub.unsubscribe(topic)
-            except (RedisError, OSError) as exc:
+                await (pubsub.sunsubscribe if self.sharded else pubsub.unsubscribe)(topic)
+            except REDIS_ERRORS as exc:
                 logger.debug("UNSUBSCRIBE %r failed: %s", topic, exc)
+
+    async def publish(self, topic: bytes, payload: bytes) -> None:
+        """PUBLISH (SPUBLISH when sharded) ``payload`` to ``topic``."""
+        if self.sharded:
+            await self.redis.spublish(topic, payload)
+        else:
+            await self.redis.publish(topic, payload)
+
+    async def subscriber_count(self, topic: bytes) -> int:
+        """How many connections (one per worker) are subscribed to ``topic``."""
+        if self.sharded:
+            counts = await self.redis.pubsub_shardnumsub(topic)
+        else:
+            counts = await self.redis.pubsub_numsub(topic)
+        return int(counts[0][1]) if counts else 0
 
     # -- the pub/sub reader ------------------------------------------------------------
 
@@ -183,10 +210,10 @@ class Connection:
             if pubsub is None:
                 try:
                     pubsub = await self._open_pubsub()
-                except (RedisError, OSError) as exc:
+                except REDIS_ERRORS as exc:
                     failures += 1
                     log = logger.warning if failures == 1 else logger.debug
-                    log("Redis pub/sub: cannot connect (%s); attempt %d", exc, failures)
+                    log("Redis %s: cannot connect (%s); attempt %d", self.name, exc, failures)
                     continue
             opened = loop.time()
             resync = self._ever_connected
@@ -195,19 +222,23 @@ class Connection:
             self._connected.set()
             if resync:
                 self.reconnects += 1
-                logger.warning("Redis pub/sub reconnected: resyncing %d topics", len(self._routes))
+                logger.warning(
+                    "Redis %s reconnected: resyncing %d topics", self.name, len(self._routes)
+                )
                 self._notify_resync()
             try:
                 await self._read(pubsub)
-            except (RedisError, OSError) as exc:
-                logger.warning("Redis pub/sub connection lost (%s); reconnecting", exc)
+            except REDIS_ERRORS as exc:
+                logger.warning("Redis %s: connection lost (%s); reconnecting", self.name, exc)
             except Exception:
-                logger.exception("Redis pub/sub reader failed; reconnecting")
+                logger.exception("Redis %s: pub/sub reader failed; reconnecting", self.name)
             finally:
                 self._connected.clear()
                 self._pubsub = None
                 self._fail_waiters()
                 await _discard(pubsub)
+                if self._on_down is not None and not self._closed:
+                    self._on_down()
             pubsub = None
             failures = failures + 1 if loop.time() - opened < self.reconnect_cap else 0
 
@@ -220,8 +251,11 @@ class Connection:
         try:
             await pubsub.connect()  # type: ignore[no-untyped-call]
             topics = list(self._routes)
-            for i in range(0, len(topics), self.subscribe_batch):
-                await pubsub.subscribe(*topics[i : i + self.subscribe_batch])
+            for batch in self._batches(topics):
+                if self.sharded:
+                    await pubsub.ssubscribe(*batch)
+                else:
+                    await pubsub.subscribe(*batch)
             pending = set(topics)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + COMMAND_TIMEOUT
@@ -232,15 +266,29 @@ class Connection:
                 message = await pubsub.get_message(timeout=remaining)
                 if message is not None:
                     self._dispatch(message)
-                    if message["type"] == "subscribe":
+                    if message["type"] in ("subscribe", "ssubscribe"):
                         pending.discard(message["channel"])
             stale = [topic for topic in topics if topic not in self._routes]
-            if stale:  # unsubscribed while we were connecting
-                await pubsub.unsubscribe(*stale)
+            for batch in self._batches(stale):  # unsubscribed while we were connecting
+                if self.sharded:
+                    await pubsub.sunsubscribe(*batch)
+                else:
+                    await pubsub.unsubscribe(*batch)
         except BaseException:
             await _discard(pubsub)
             raise
         return pubsub
+
+    def _batches(self, topics: list[bytes]) -> list[list[bytes]]:
+        """Topics for one SUBSCRIBE each: ``subscribe_batch`` at a time, or one slot's
+        (SSUBSCRIBE takes the shard channels of one slot only)."""
+        if not self.sharded:
+            size = self.subscribe_batch
+            return [topics[i : i + size] for i in range(0, len(topics), size)]
+        slots: dict[int, list[bytes]] = {}
+        for topic in topics:
+            slots.setdefault(key_slot(topic), []).append(topic)
+        return list(slots.values())
 
     async def _read(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
@@ -261,7 +309,7 @@ class Connection:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if kind == "message":
+        if kind == "message" or kind == "smessage":
             topic = message["channel"]
             handler = self._routes.get(topic)
             if handler is None:
@@ -270,15 +318,18 @@ class Connection:
                 handler(message["data"])
             except Exception:
                 logger.exception("handler of %r failed", topic)
-        elif kind == "subscribe":
+        elif kind == "subscribe" or kind == "ssubscribe":
             for waiter in self._waiters.pop(message["channel"], ()):
                 if not waiter.done():
                     waiter.set_result(None)
+        elif kind == "sunsubscribe" and self._on_moved and message["channel"] in self._routes:
+            # Not ours (we forget a topic before unsubscribing): its slot moved away.
+            self._on_moved(message["channel"])
 
     def _notify_resync(self) -> None:
         if self._on_resync is not None:
             try:
-                self._on_resync()
+                self._on_resync(every_topic)
             except Exception:
                 logger.exception("resync handler failed")
 
@@ -293,7 +344,16 @@ class Connection:
 def unavailable(operation: str, exc: BaseException) -> BrokerUnavailable:
     """``BrokerUnavailable`` for ``exc``; errors that are not about reachability are logged,
     since they point at a bug or a misconfigured Redis rather than an outage."""
-    outage = RedisConnectionError | RedisTimeoutError | OSError | TimeoutError | BrokerUnavailable
+    outage = (
+        RedisConnectionError,
+        RedisTimeoutError,
+        OSError,
+        TimeoutError,
+        BrokerUnavailable,
+        ClusterError,  # a Cluster failing over: CLUSTERDOWN, TRYAGAIN
+        RedisClusterException,  # no node known for a slot
+        ReadOnlyError,  # a master just demoted
+    )
     if not isinstance(exc, outage):
         logger.error("Redis %s failed: %r", operation, exc)
     return BrokerUnavailable(f"Redis {operation} failed: {exc}")
@@ -302,5 +362,5 @@ def unavailable(operation: str, exc: BaseException) -> BrokerUnavailable:
 async def _discard(pubsub: PubSub) -> None:
     try:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         logger.debug("closing the pub/sub connection: %s", exc)

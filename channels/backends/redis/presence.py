@@ -3,18 +3,18 @@
 
 from __future__ import annotations
 
-from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
-from channels.backends.redis.connection import Connection, unavailable
+from channels.backends.redis.connection import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
+from channels.backends.redis.link import Link
 from channels.backends.redis.scripts import Scripts
 from channels.broker import BrokerOptions
 
 
 class RedisPresence:
     def __init__(
-        self, connection: Connection, keys: Keys, scripts: Scripts, options: BrokerOptions
+        self, connection: Link, keys: Keys, scripts: Scripts, options: BrokerOptions
     ) -> None:
         self._redis = connection.redis
         self._keys = keys
@@ -26,7 +26,7 @@ class RedisPresence:
         keys = self._keys.presence(channel)
         try:
             added = await self._scripts.presence_add(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("presence add", exc) from exc
         return bool(added)
 
@@ -37,14 +37,14 @@ class RedisPresence:
                 pipe.hdel(entries, client_id)
                 pipe.zrem(expiry, client_id)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("presence remove", exc) from exc
 
     async def list(self, channel: str) -> list[bytes]:
         keys, args = self._keys.presence(channel), [self._keys.topic(channel)]
         try:
             entries = await self._scripts.presence_list(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("presence list", exc) from exc
         return list(entries)
 
@@ -52,5 +52,5 @@ class RedisPresence:
         keys, args = self._keys.presence(channel), [self._keys.topic(channel)]
         try:
             await self._scripts.presence_expire(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("presence expire", exc) from exc

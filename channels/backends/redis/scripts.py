@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.commands.core import AsyncScript
 
 _PACKAGE = __name__.rpartition(".")[0]
 
@@ -36,9 +37,11 @@ def _part(name: str) -> str:
 
 
 @functools.cache
-def source(script: str) -> str:
-    """The text of ``script`` (a key of ``PARTS``)."""
-    return "".join(_part(name) for name in PARTS[script])
+def source(script: str, sharded: bool = False) -> str:
+    """The text of ``script`` (a key of ``PARTS``); ``sharded``: for a Redis Cluster, whose
+    topics are shard channels (SPUBLISH, to the node that has the channel's keys)."""
+    text = "".join(_part(name) for name in PARTS[script])
+    return text.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'") if sharded else text
 
 
 class Scripts:
@@ -51,10 +54,13 @@ class Scripts:
         "publish_many",
     )
 
-    def __init__(self, redis: Redis) -> None:
-        self.publish = redis.register_script(source("publish"))
-        self.publish_many = redis.register_script(source("publish_many"))
-        self.history = redis.register_script(source("history"))
-        self.presence_add = redis.register_script(source("presence_add"))
-        self.presence_list = redis.register_script(source("presence_list"))
-        self.presence_expire = redis.register_script(source("presence_expire"))
+    def __init__(self, redis: Redis | RedisCluster, sharded: bool = False) -> None:
+        def load(script: str) -> AsyncScript:
+            return redis.register_script(source(script, sharded))
+
+        self.publish = load("publish")
+        self.publish_many = load("publish_many")
+        self.history = load("history")
+        self.presence_add = load("presence_add")
+        self.presence_list = load("presence_list")
+        self.presence_expire = load("presence_expire")

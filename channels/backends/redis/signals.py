@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import logging
 
-from redis.exceptions import RedisError
-
-from channels.backends.redis.connection import Connection, unavailable
+from channels.backends.redis.connection import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
+from channels.backends.redis.link import Link
 from channels.broker import SignalHandler
 
 logger = logging.getLogger(__name__)
 
 
 class RedisSignals:
-    def __init__(self, connection: Connection, keys: Keys) -> None:
+    def __init__(self, connection: Link, keys: Keys) -> None:
+        self._connection = connection
         self._redis = connection.redis
         self._keys = keys
         self._handlers: list[SignalHandler] = []
@@ -33,25 +33,25 @@ class RedisSignals:
 
     async def signal(self, data: bytes) -> None:
         try:
-            await self._redis.publish(self._keys.signals, data)
-        except (RedisError, OSError) as exc:
+            await self._connection.publish(self._keys.signals, data)
+        except REDIS_ERRORS as exc:
             raise unavailable("signal", exc) from exc
 
     async def register(self, key: str, value: bytes, ttl: float) -> None:
         try:
             await self._redis.set(self._keys.registry(key), value, px=max(1, round(ttl * 1000)))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("register", exc) from exc
 
     async def lookup(self, key: str) -> bytes | None:
         try:
             value = await self._redis.get(self._keys.registry(key))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("lookup", exc) from exc
         return value.encode() if isinstance(value, str) else value
 
     async def unregister(self, key: str) -> None:
         try:
             await self._redis.delete(self._keys.registry(key))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise unavailable("unregister", exc) from exc
