@@ -92,6 +92,9 @@ class ShardedBroker:
     async def publish(self, channel: str, data: bytes) -> Publication:
         return await self._of(channel).publish(channel, data)
 
+    async def publish_many(self, channel: str, datas: list[bytes]) -> list[Publication]:
+        return await self._of(channel).publish_many(channel, datas)
+
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         await self._of(channel).publish_event(channel, event, client)
 
