@@ -20,12 +20,9 @@ connection) says so with ``on_resync``; the hub then recovers from history.
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from channels.publication import Message, Publication, StreamPosition
 
@@ -156,51 +153,3 @@ class Backend:
     broker: Broker
     presence: PresenceStore
     signals: Signals
-
-
-# URL scheme -> the module whose ``create(url, options)`` makes the backend.
-_BACKENDS = {
-    "memory": "channels.backends.memory",
-    "redis": "channels.backends.redis",
-    "rediss": "channels.backends.redis",
-    "redis+sentinel": "channels.backends.redis",
-    "rediss+sentinel": "channels.backends.redis",
-    "redis+cluster": "channels.backends.redis",
-    "rediss+cluster": "channels.backends.redis",
-}
-_SHARDABLE = {"redis", "rediss", "redis+sentinel", "rediss+sentinel"}
-# Where one URL of a list ends: a comma followed by a scheme (a Sentinel URL has commas
-# of its own, between its addresses).
-_NEXT_URL = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
-
-
-def split_urls(url: str) -> list[str]:
-    """``url`` as a list: one URL, or several separated by commas (shards)."""
-    return [part.strip() for part in _NEXT_URL.split(url.strip())]
-
-
-def create_backend(url: str, options: BrokerOptions) -> Backend:
-    """Pick the backend by URL scheme; its module is imported only when used. Several
-    URLs are shards of one backend (``channels.backends.sharded``)."""
-    urls = split_urls(url)
-    if len(urls) > 1:
-        if any(
-            urlsplit(u).scheme not in _BACKENDS or "memory" in u or "+cluster" in u for u in urls
-        ):
-            raise ValueError(
-                "shards are a list of redis://, rediss:// or redis+sentinel:// URLs "
-                "(memory:// lives in one process and cannot be sharded; a Redis Cluster "
-                "shards itself)"
-            )
-        sharded = importlib.import_module("channels.backends.sharded")
-        shards: Backend = sharded.combine([create_backend(u, options) for u in urls])
-        return shards
-    scheme = urlsplit(url).scheme
-    if scheme not in _BACKENDS:
-        raise ValueError(
-            f"unsupported broker URL scheme {scheme!r} "
-            "(use memory://, redis://, rediss://, redis+sentinel:// or redis+cluster://)"
-        )
-    module = importlib.import_module(_BACKENDS[scheme])
-    backend: Backend = module.create(url, options)
-    return backend

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from auth import Claims, PatternSet, TokenVerifier
 from auth.tokens import make_token, new_dev_secret
-from channels.broker import BrokerOptions, create_backend
+from channels.backend_url import create_backend
+from channels.broker import BrokerOptions
 from channels.hub import Hub
 from channels.session import Session, Transport
 from gateway.connections import Connections

@@ -67,7 +67,8 @@ class GatewayBrokerPublisher:
     name = "redis"
 
     def __init__(self, redis_url: str, key_prefix: str, history_size: int = 100) -> None:
-        from channels.broker import BrokerOptions, create_backend
+        from channels.backend_url import create_backend
+        from channels.broker import BrokerOptions
 
         options = BrokerOptions(key_prefix=key_prefix, history_size=history_size)
         self._broker = create_backend(redis_url, options).broker

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis.asyncio import Redis
 
-from channels.broker import Broker, BrokerOptions, create_backend
+from channels.backend_url import create_backend
+from channels.broker import Broker, BrokerOptions
 from channels.coalescer import Coalescer
 from channels.publication import Message, Publication
 from tests.redis_server import RedisServer

@@ -27,7 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from channels.broker import Broker, BrokerOptions, create_backend
+from channels.backend_url import create_backend
+from channels.broker import Broker, BrokerOptions
 from channels.publication import Message
 from tests.redis_server import RedisServer
 from tests.redis_topologies import RedisClusterSetup, RedisSentinelSetup, RedisShards, query

@@ -19,15 +19,8 @@ from typing import Any
 
 import pytest
 
-from channels.broker import (
-    Backend,
-    Broker,
-    BrokerOptions,
-    ChannelFilter,
-    PresenceStore,
-    Signals,
-    create_backend,
-)
+from channels.backend_url import create_backend
+from channels.broker import Backend, Broker, BrokerOptions, ChannelFilter, PresenceStore, Signals
 from channels.publication import Message, PresenceEvent, Publication
 
 # memory, one Redis, and the topologies past one Redis (tests/redis_topologies.py).

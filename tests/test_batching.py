@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 import pytest
 
-from channels.broker import BrokerOptions, create_backend
+from channels.backend_url import create_backend
+from channels.broker import BrokerOptions
 from channels.hub import Hub
 from channels.publication import Batch, Publication, StreamPosition
 from channels.session import Outgoing, Session

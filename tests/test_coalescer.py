@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from channels.broker import Broker, BrokerOptions, BrokerUnavailable, create_backend
+from channels.backend_url import create_backend
+from channels.broker import Broker, BrokerOptions, BrokerUnavailable
 from channels.coalescer import Coalescer, batches
 from channels.hub import Hub
 from channels.publication import Publication

@@ -48,8 +48,8 @@ import yaml
 from redis.asyncio.sentinel import SentinelConnectionPool
 from starlette.routing import Match
 
+from channels.backend_url import split_urls
 from channels.backends.redis.pools import command_pool
-from channels.broker import split_urls
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import SECRET, free_port

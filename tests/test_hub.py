@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from channels.broker import Broker, BrokerOptions, HistoryPage, create_backend
+from channels.backend_url import create_backend
+from channels.broker import Broker, BrokerOptions, HistoryPage
 from channels.hub import Hub, SubscribeResult
 from channels.publication import Batch, Publication, StreamPosition
 from channels.session import Ending, Gap, Outgoing, Session

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import secrets
 
-from channels.broker import Backend, BrokerOptions, create_backend
+from channels.backend_url import create_backend
+from channels.broker import Backend, BrokerOptions
 from tests.conftest import eventually
 from tests.contract import Received
 

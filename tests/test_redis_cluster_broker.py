@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from channels.backend_url import create_backend
 from channels.backends.redis import ClusterConnection, RedisBroker
-from channels.broker import BrokerOptions, create_backend
+from channels.broker import BrokerOptions
 from tests.conftest import eventually
 from tests.contract import Worker
 from tests.redis_topologies import RedisClusterSetup, query

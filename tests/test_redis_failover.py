@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from channels.backend_url import create_backend
 from channels.backends.redis import ClusterConnection, Connection, RedisBroker
-from channels.broker import BrokerOptions, BrokerUnavailable, create_backend
+from channels.broker import BrokerOptions, BrokerUnavailable
 from channels.publication import Publication
 from tests.conftest import eventually
 from tests.contract import Worker

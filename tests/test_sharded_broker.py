@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio import Redis
 
+from channels.backend_url import create_backend, split_urls
 from channels.backends.sharded import ShardedBroker, jump_hash, shard_of
-from channels.broker import BrokerOptions, BrokerUnavailable, create_backend, split_urls
+from channels.broker import BrokerOptions, BrokerUnavailable
 from tests.conftest import eventually
 from tests.contract import Worker
 from tests.redis_server import RedisServer

@@ -1,2 +1,2 @@
-"""Backends, chosen by URL scheme in ``channels.broker.create_backend``: each has a
+"""Backends, chosen by URL scheme in ``channels.backend_url.create_backend``: each has a
 ``create(url, options) -> Backend``."""
