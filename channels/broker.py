@@ -89,6 +89,11 @@ class Broker(Protocol):
         published or none, nothing of the channel published in between. Subscribers receive
         them in order as for separate publishes. Raises ``BrokerUnavailable``."""
 
+    async def publish_each(self, channels: list[str], data: bytes) -> list[Publication]:
+        """``publish`` ``data`` to each of ``channels`` (in order), in one round trip per
+        server where the backend can; the publications in the order of ``channels``.
+        Raises ``BrokerUnavailable`` when any failed (the others may be published)."""
+
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         """Fan out a presence event (join/leave) to subscribers; not stored."""
 

@@ -41,7 +41,7 @@ from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
 from channels.presence import Presence
-from channels.publication import Batch, Message, Publication, StreamPosition, compact
+from channels.publication import Publication, StreamPosition, compact
 from channels.session import Gap, Session
 
 logger = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class Hub(Fanout):
         last = since if recovered and since is not None else page.position
         if recovered:
             publications = page.publications
-            _push_replay(session, publications)
+            session.push_replay(publications)
             if publications:
                 last = publications[-1].position
             self.stats.deliveries += len(publications)
@@ -297,7 +297,7 @@ class Hub(Fanout):
         session.channels.add(lc.name)
         if on_ready is not None:
             on_ready(result)
-        _push_replay(session, replay)
+        session.push_replay(replay)
         self.stats.deliveries += len(replay)
         self._flush(lc)  # what arrived before is in the position the session starts from
         lc.live[session] = None
@@ -370,6 +370,12 @@ class Hub(Fanout):
         self.stats.publications_in += len(publications)
         return publications
 
+    async def publish_each(self, channels: list[str], data: bytes) -> list[Publication]:
+        """``data`` to each of ``channels`` (``/api/broadcast``): a round trip per shard."""
+        publications = await self._broker.publish_each(channels, compact(data))
+        self.stats.publications_in += len(publications)
+        return publications
+
     async def history(
         self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
     ) -> HistoryPage:
@@ -379,22 +385,3 @@ class Hub(Fanout):
         """The channel's presence entries; ``SubscribeError`` ``not_found`` when the channel
         has no presence."""
         return await self._presence.list(channel)
-
-
-# Recovered publications go out in batches of about this many bytes: a few small ones are
-# one socket write, and a large recovery still queues (and counts towards the session's
-# GATEWAY_CLIENT_QUEUE_BYTES) behind a socket that is full, instead of one huge write.
-REPLAY_BATCH_BYTES = 16_384
-
-
-def _push_replay(session: Session, publications: list[Publication]) -> None:
-    batch: list[Message] = []
-    size = 0
-    for publication in publications:
-        batch.append(publication)
-        size += publication.size
-        if size >= REPLAY_BATCH_BYTES:
-            session.push(batch[0] if len(batch) == 1 else Batch(batch))
-            batch, size = [], 0
-    if batch:
-        session.push(batch[0] if len(batch) == 1 else Batch(batch))

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import orjson
 
-from channels.publication import Batch, PresenceEvent, Publication, compact
+from channels.publication import Batch, Message, PresenceEvent, Publication, compact
 
 
 class Ending(enum.Enum):
@@ -50,6 +50,10 @@ class Gap:
 Outgoing = Publication | PresenceEvent | Batch | Gap | str  # str: an encoded reply
 
 _GAP_SIZE = 64
+# Recovered publications go out in batches of about this many bytes: a few small ones are
+# one socket write, and a large recovery still queues (and counts towards the session's
+# GATEWAY_CLIENT_QUEUE_BYTES) behind a socket that is full, instead of one huge write.
+REPLAY_BATCH_BYTES = 16_384
 
 
 class Transport(Protocol):
@@ -140,6 +144,19 @@ class Session:
     @property
     def slow(self) -> bool:
         return self.close_reason is Ending.SLOW_CONSUMER
+
+    def push_replay(self, publications: list[Publication]) -> None:
+        """Push recovered ``publications`` in items of about ``REPLAY_BATCH_BYTES``."""
+        batch: list[Message] = []
+        size = 0
+        for publication in publications:
+            batch.append(publication)
+            size += publication.size
+            if size >= REPLAY_BATCH_BYTES:
+                self.push(batch[0] if len(batch) == 1 else Batch(batch))
+                batch, size = [], 0
+        if batch:
+            self.push(batch[0] if len(batch) == 1 else Batch(batch))
 
     def push(self, item: Outgoing) -> bool:
         """Write or queue ``item`` without waiting. False when closing or just overflowed."""

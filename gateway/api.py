@@ -46,19 +46,12 @@ async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep)
     for channel in names:  # every check before anything is published
         require(claims.can_publish(channel), "publishing to", channel)
     data = orjson.dumps(body["data"])
-    results = []
     try:
-        # One call per channel, in turn: the channels' keys are in different hash slots
-        # (one script cannot take them on a Redis Cluster). A pipeline of script calls
-        # (two round trips: redis-py sends SCRIPT EXISTS first) would need a broker
-        # method of its own in every backend; not done.
-        for channel in names:
-            publication = await gateway.hub.publish(channel, data)
-            results.append(
-                {"channel": channel, "offset": publication.offset, "epoch": publication.epoch}
-            )
+        # One round trip per Redis server, not one per channel.
+        publications = await gateway.hub.publish_each(names, data)
     except BrokerUnavailable:
         raise GatewayError.unavailable() from None
+    results = [{"channel": p.channel, "offset": p.offset, "epoch": p.epoch} for p in publications]
     return JSONBody({"results": results})
 
 

@@ -316,3 +316,21 @@ async def test_concurrent_publish_many_and_publish_interleave_without_gaps(
     sink = workers[0].received
     await eventually(lambda: len(sink.publications("c")) == total)
     assert [p.offset for p in sink.publications("c")] == list(range(1, total + 1))
+
+
+async def test_publish_each_publishes_the_data_to_each_channel_in_order(
+    make_worker: MakeWorker,
+) -> None:
+    here, there = await make_worker(), await make_worker()
+    await there.broker.subscribe("a")
+    await there.broker.subscribe("b")
+    await here.broker.publish("b", b"before")
+    names = ["a", "b", "c", "a"]
+    pubs = await here.broker.publish_each(names, b'{"n": 1}')
+    assert [(p.channel, p.offset) for p in pubs] == [("a", 1), ("b", 2), ("c", 1), ("a", 2)]
+    assert {p.data for p in pubs} == {b'{"n": 1}'}
+    assert pubs[0].epoch == pubs[3].epoch
+    await eventually(lambda: len(there.received.publications("a")) == 2)
+    await eventually(lambda: len(there.received.publications("b")) == 2)
+    assert [p.offset for p in (await here.broker.history("c")).publications] == [1]
+    assert await here.broker.publish_each([], b"1") == []

@@ -415,7 +415,7 @@ async def test_a_recovery_is_one_write_and_a_large_one_is_cut_into_bounded_batch
     """Recovered publications go out batched: ten small ones in one socket write; large
     ones in items of about ``REPLAY_BATCH_BYTES``, so that a full socket makes the rest
     queue (and count towards the session's bound) instead of one huge write."""
-    from channels.hub import REPLAY_BATCH_BYTES
+    from channels.session import REPLAY_BATCH_BYTES
 
     class Writes(Recorder):
         def __init__(self) -> None:

@@ -458,6 +458,21 @@ async def test_publish_many_is_one_script_call_and_one_pubsub_message(
         await listener.aclose()  # type: ignore[no-untyped-call]
 
 
+async def test_publish_each_is_one_pipeline_and_survives_a_flushed_script_cache(
+    start_worker: MakeWorker, admin: Redis
+) -> None:
+    broker = (await start_worker()).broker
+    await broker.publish("warm", b"0")  # the script is loaded
+    calls = await evalsha_calls(admin)
+    pubs = await broker.publish_each(["a", "b", "c"], b"1")
+    assert [p.offset for p in pubs] == [1, 1, 1]
+    assert await evalsha_calls(admin) == calls + 3  # no SCRIPT EXISTS, no retry
+    await admin.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
+    again = await broker.publish_each(["a", "b", "c"], b"2")
+    assert [p.offset for p in again] == [2, 2, 2]  # sent again once loaded, not twice
+    assert [p.offset for p in (await broker.history("a")).publications] == [1, 2]
+
+
 async def test_a_malformed_batch_message_is_logged_and_dropped(
     start_worker: MakeWorker,
     admin: Redis,

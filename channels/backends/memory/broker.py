@@ -63,6 +63,9 @@ class MemoryBroker:
         """Nothing runs in between: one synchronous step, as for ``publish``."""
         return [self._publish(channel, data) for data in datas]
 
+    async def publish_each(self, channels: list[str], data: bytes) -> list[Publication]:
+        return [self._publish(channel, data) for channel in channels]
+
     def _publish(self, channel: str, data: bytes) -> Publication:
         options, space = self._options, self._space
         now = time.monotonic()

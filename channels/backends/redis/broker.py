@@ -3,14 +3,17 @@ docstring for the guarantees, ``keys`` for the layout and payloads)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import secrets
 import time
 from typing import Any
 
+from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
+from channels.backends.redis.cluster import ClusterConnection
 from channels.backends.redis.connection import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
 from channels.backends.redis.link import Link
@@ -59,8 +62,10 @@ class RedisBroker:
     async def ready(self) -> bool:
         return await self.connection.ready()
 
-    async def publish(self, channel: str, data: bytes) -> Publication:
-        stamp = f"{time.time():.6f}"
+    def _publish_call(
+        self, channel: str, data: bytes, stamp: str
+    ) -> tuple[list[str], list[EncodableT]]:
+        """The keys and arguments of the publish script (``publish.lua``)."""
         options = self._options
         args: list[EncodableT] = [
             new_epoch(),
@@ -71,7 +76,11 @@ class RedisBroker:
             self._meta_ttl_ms,
             self._keys.topic(channel),
         ]
-        keys = [self._keys.meta(channel), self._keys.history(channel)]
+        return [self._keys.meta(channel), self._keys.history(channel)], args
+
+    async def publish(self, channel: str, data: bytes) -> Publication:
+        stamp = f"{time.time():.6f}"
+        keys, args = self._publish_call(channel, data, stamp)
         try:
             offset, epoch = await self._scripts.publish(keys=keys, args=args)
         except REDIS_ERRORS as exc:
@@ -104,6 +113,59 @@ class RedisBroker:
             Publication(channel, offset + i, epoch, data, published_at=at)
             for i, data in enumerate(datas)
         ]
+
+    async def publish_each(self, channels: list[str], data: bytes) -> list[Publication]:
+        """The publish script for each channel, pipelined: one round trip (a Cluster's
+        pipeline sends each node its channels at once). Where Redis lost the script (a
+        restart), it is loaded and those calls are sent again: a NOSCRIPT call ran
+        nothing. redis-py refuses scripts in a Cluster's pipeline: there every channel
+        is published at once, concurrently (the repeats of one channel in turn)."""
+        if len(channels) <= 1:
+            return [await self.publish(channel, data) for channel in channels]
+        if isinstance(self.connection, ClusterConnection):
+            return await self._publish_concurrently(channels, data)
+        stamp = f"{time.time():.6f}"
+        script = self._scripts.publish
+        replies: list[Any] = [None] * len(channels)
+        todo = list(range(len(channels)))
+        try:
+            for _attempt in range(2):
+                async with self.connection.redis.pipeline(transaction=False) as pipe:
+                    for n in todo:
+                        keys, args = self._publish_call(channels[n], data, stamp)
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                for n, result in zip(todo, results, strict=True):
+                    replies[n] = result
+                todo = [n for n in todo if isinstance(replies[n], NoScriptError)]
+                if not todo:
+                    break
+                await self.connection.redis.script_load(script.script)
+        except REDIS_ERRORS as exc:
+            raise unavailable("publish_each", exc) from exc
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise unavailable("publish_each", reply)
+        at = float(stamp)
+        return [
+            Publication(channel, int(offset), epoch.decode(), data, published_at=at)
+            for channel, (offset, epoch) in zip(channels, replies, strict=True)
+        ]
+
+    async def _publish_concurrently(self, channels: list[str], data: bytes) -> list[Publication]:
+        spots: dict[str, list[int]] = {}  # channel -> its positions in channels
+        for n, channel in enumerate(channels):
+            spots.setdefault(channel, []).append(n)
+
+        async def each(channel: str) -> list[Publication]:
+            return [await self.publish(channel, data) for _ in spots[channel]]
+
+        done = await asyncio.gather(*(each(channel) for channel in spots))
+        placed: list[Publication | None] = [None] * len(channels)
+        for channel, publications in zip(spots, done, strict=True):
+            for n, publication in zip(spots[channel], publications, strict=True):
+                placed[n] = publication
+        return [p for p in placed if p is not None]
 
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         payload = b"e" + event.encode() + b" " + client
