@@ -136,3 +136,20 @@ async def test_a_migrated_slot_moves_the_subscription_and_keeps_the_epoch(
     assert after.position.epoch == first[0].epoch and after.offset == 3
     await eventually(lambda: [p.offset for p in received.publications("moving")] == [1, 2, 3])
     assert cluster.master_of_slot(slot).port == target.port
+
+
+async def test_a_sentinel_down_leaves_the_others_to_name_the_master(
+    own_redis_sentinel: RedisSentinelSetup, make_worker: MakeWorker
+) -> None:
+    setup = own_redis_sentinel
+    worker = await make_worker(setup.url)
+    await worker.broker.subscribe("c")
+    setup.sentinels[0].close()  # the first one the worker would ask
+    master = setup.master()
+    # Drop the worker's connections: every new one asks the Sentinels where the master is.
+    master.command("CLIENT", "KILL", "TYPE", "pubsub")
+    master.command("CLIENT", "KILL", "TYPE", "normal")
+    await eventually(lambda: worker.received.resyncs >= 1, timeout=20)
+    published = await publish_when_back(worker, "c", b"1")
+    await eventually(lambda: worker.received.publications("c")[-1:] == [published])
+    assert await worker.broker.ready()
