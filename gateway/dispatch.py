@@ -94,6 +94,7 @@ def _subscribe_reply(session: Session, command: Command) -> Callable[[SubscribeR
 async def subscribe(client: Client, command: Command) -> None:
     channel = command.channel
     require(client.claims.can_subscribe(channel), "subscribing to", channel)
+    await client.gateway.hooks.check_subscribe(client.claims, client.session.client_id, channel)
     reply = _subscribe_reply(client.session, command)
     await client.gateway.hub.subscribe(client.session, channel, command.since, on_ready=reply)
 
@@ -101,6 +102,8 @@ async def subscribe(client: Client, command: Command) -> None:
 def subscribe_now(client: Client, command: Command) -> bool:
     channel = command.channel
     require(client.claims.can_subscribe(channel), "subscribing to", channel)
+    if client.gateway.hooks.applies("subscribe", channel):
+        return False  # the backend decides: a wait
     reply = _subscribe_reply(client.session, command)
     hub = client.gateway.hub
     return hub.subscribe_now(client.session, channel, command.since, on_ready=reply) is not None
@@ -123,7 +126,11 @@ async def publish(client: Client, command: Command) -> dict[str, Any]:
     require(client.claims.can_publish(channel), "publishing to", channel)
     if not client.publish_limiter.allow():
         raise GatewayError(ErrorCode.RATE_LIMITED, "publishing too fast")
-    publication = await client.gateway.hub.publish(channel, command.data)
+    gateway = client.gateway
+    data = await gateway.hooks.check_publish(
+        client.claims, client.session.client_id, channel, command.data
+    )
+    publication = await gateway.hub.publish(channel, data)
     return {"offset": publication.offset, "epoch": publication.epoch}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -79,6 +79,20 @@ class Metrics:
             "gateway_publish_to_send_seconds",
             "Time from publication to its first write to a client socket (sampled per batch)",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.hook_seconds = Histogram(
+            "gateway_hook_seconds",
+            "Duration of backend hook calls",
+            labelnames=["hook"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.hook_outcomes = Counter(
+            "gateway_hook_outcomes",
+            "Backend hook calls by outcome (allow, accept, refuse, timeout, unreachable, "
+            "bad_status, bad_reply)",
+            labelnames=["hook", "outcome"],
             registry=self.registry,
         )
 

@@ -19,6 +19,7 @@ from channels.hub import Hub
 from channels.session import Session, Transport
 from gateway.connections import Connections
 from gateway.errors import CloseCode
+from gateway.hooks import Hooks, load_hooks
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 
@@ -74,6 +75,8 @@ class Gateway:
         self.connections = Connections(settings.max_connections)
         self.metrics = Metrics(self.hub, self.connections)
         self.hub.observe_latency = self.metrics.latency.observe
+        metrics = self.metrics
+        self.hooks = Hooks(load_hooks(settings.hooks), metrics.hook_seconds, metrics.hook_outcomes)
         self.draining = False
         self._features: list[Feature] = []
         self._drain: asyncio.Task[None] | None = None
@@ -168,4 +171,5 @@ class Gateway:
                 await feature.close()
             except Exception:
                 logger.exception("closing %r failed", feature)
+        await self.hooks.close()
         await self.hub.close()

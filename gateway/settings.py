@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(20.0, ge=0)
     llm_idle_cancel: float = Field(10.0, gt=0)
     llm_upstreams: str = "{}"
+    # Backend hooks deciding subscriptions and client publications (gateway.hooks).
+    hooks: str = "{}"
 
     demo: bool = True
     log_level: str = "info"

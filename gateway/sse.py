@@ -255,6 +255,8 @@ async def open_stream(
     transport, session = stream.transport, stream.session
     gateway.opened(session)
     try:
+        for channel in channels:  # the backend's say first: nothing subscribed if it refuses
+            await gateway.hooks.check_subscribe(claims, session.client_id, channel)
         for channel in channels:
             since = positions.get(channel)
 

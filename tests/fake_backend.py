@@ -1,0 +1,150 @@
+"""An application backend answering the gateway's hooks, served by real uvicorn.
+
+``POST /hooks/subscribe`` and ``POST /hooks/publish`` record each request
+(``FakeBackend.calls``) and answer by the channel's name: the part after the
+first ``:`` up to a ``.`` is the behaviour (``chat:rewrite.1`` → ``rewrite``):
+
+- ``allow`` / ``ok`` / anything unknown: ``{"result": "allow"}`` (subscribe) or
+  ``{"result": "accept"}`` (publish);
+- ``refuse``: a refusal with the message ``"not in this room"``;
+- ``refusecode``: a refusal with ``"code": "not_found"``; ``refusebogus``: with an
+  unknown code;
+- ``rewrite``: publish accepted with ``{"data": {"rewritten": <the data>}}``;
+- ``hang``: no answer until ``release`` is set (``pending`` counts the waiting calls);
+- ``http500``: a 500; ``badjson``: a 200 with a body that is not JSON;
+  ``unknown``: ``{"result": "maybe"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.conftest import free_port
+
+REFUSAL = "not in this room"
+
+
+@dataclass
+class HookCall:
+    hook: str
+    body: dict[str, Any]
+
+
+def behaviour(channel: str) -> str:
+    return channel.partition(":")[2].partition(".")[0]
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.calls: list[HookCall] = []
+        self.pending = 0
+        self.release = asyncio.Event()
+        self.url = ""
+        self.app = Starlette(
+            routes=[
+                Route("/hooks/subscribe", self.subscribe, methods=["POST"]),
+                Route("/hooks/publish", self.publish, methods=["POST"]),
+            ]
+        )
+
+    def hooks(self, **timeouts: float) -> str:
+        """``GATEWAY_HOOKS`` for this backend: both hooks on ``chat:*`` and ``private:*``."""
+        config = {
+            name: {
+                "url": f"{self.url}/hooks/{name}",
+                "channels": ["chat:*", "private:*"],
+                "timeout": timeouts.get(name, 5),
+            }
+            for name in ("subscribe", "publish")
+        }
+        return orjson.dumps(config).decode()
+
+    def calls_of(self, hook: str, channel: str | None = None) -> list[dict[str, Any]]:
+        return [
+            c.body
+            for c in self.calls
+            if c.hook == hook and (channel is None or c.body.get("channel") == channel)
+        ]
+
+    async def subscribe(self, request: Request) -> Response:
+        return await self._answer("subscribe", request, {"result": "allow"})
+
+    async def publish(self, request: Request) -> Response:
+        return await self._answer("publish", request, {"result": "accept"})
+
+    async def _answer(self, hook: str, request: Request, ok: dict[str, Any]) -> Response:
+        body = orjson.loads(await request.body())
+        self.calls.append(HookCall(hook, body))
+        kind = behaviour(str(body.get("channel", "")))
+        reply: dict[str, Any] = ok
+        if kind == "refuse":
+            reply = {"result": "refuse", "message": REFUSAL}
+        elif kind == "refusecode":
+            reply = {"result": "refuse", "code": "not_found", "message": REFUSAL}
+        elif kind == "refusebogus":
+            reply = {"result": "refuse", "code": "teapot", "message": REFUSAL}
+        elif kind == "rewrite" and hook == "publish":
+            reply = {"result": "accept", "data": {"rewritten": body["data"]}}
+        elif kind == "unknown":
+            reply = {"result": "maybe"}
+        elif kind == "http500":
+            return Response("backend broke", status_code=500)
+        elif kind == "badjson":
+            return Response(b"{not json", media_type="application/json")
+        elif kind == "hang":
+            self.pending += 1
+            try:
+                await self.release.wait()
+            finally:
+                self.pending -= 1
+        return Response(orjson.dumps(reply), media_type="application/json")
+
+
+@contextlib.asynccontextmanager
+async def serve_fake_backend() -> AsyncIterator[FakeBackend]:
+    """Run a ``FakeBackend`` with uvicorn on a free port in the current event loop."""
+    backend = FakeBackend()
+    port = free_port()
+    config = uvicorn.Config(
+        backend.app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("fake backend exited during start-up")
+        if time.monotonic() > deadline:
+            raise TimeoutError("fake backend did not start")
+        await asyncio.sleep(0.01)
+    backend.url = f"http://127.0.0.1:{port}"
+    try:
+        yield backend
+    finally:
+        backend.release.set()
+        server.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 5)
+        if not task.done():
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
