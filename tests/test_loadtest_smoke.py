@@ -29,7 +29,10 @@ BASELINES = ["fastapi_tutorial", "sse_starlette", "websockets_broadcast", "socke
 
 def runs(redis_url: str) -> dict[str, list[str]]:
     """Name -> arguments of ``python -m loadtest``."""
+    # Latency is measured and reported, never a pass criterion here (a shared machine):
+    # a step fails on loss or a publisher that cannot keep up, not on its p99.
     common = ["--quiet", "--connect-timeout", "20", "--drain-timeout", "15"]
+    common += ["--p99-limit-ms", "600000"]
     result = {
         "fanout-ws": [
             "fanout",
