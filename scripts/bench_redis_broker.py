@@ -30,7 +30,7 @@ from channels.backend_url import create_backend
 from channels.broker import Broker, BrokerOptions
 from channels.coalescer import Coalescer
 from channels.publication import Message, Publication
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, evalsha_calls
 
 PAYLOAD = b'{"symbol":"ACME","price":101.25,"ts":1700000000.123}'
 CONCURRENCY = 50
@@ -41,23 +41,18 @@ async def redis_cpu(admin: Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-async def script_calls(admin: Redis) -> int:
-    stats = await admin.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 class Bench:
     def __init__(self, admin: Redis) -> None:
         self.admin = admin
 
     async def timed(self, label: str, n: int, run: Awaitable[object]) -> None:
-        calls = await script_calls(self.admin)
+        calls = await evalsha_calls(self.admin)
         cpu = await redis_cpu(self.admin)
         started = time.perf_counter()
         await run
         elapsed = time.perf_counter() - started
         cpu = await redis_cpu(self.admin) - cpu
-        calls = await script_calls(self.admin) - calls
+        calls = await evalsha_calls(self.admin) - calls
         per_call = f"{n / calls:5.1f}/call" if calls > 0 else " " * 10
         print(
             f"{label:<62} {elapsed:6.2f} s {n / elapsed:9,.0f} pub/s {per_call}"

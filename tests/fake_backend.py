@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.conftest import free_port
+from tests.fake_upstream import serve_app
 
 REFUSAL = "not in this room"
 
@@ -116,35 +114,9 @@ class FakeBackend:
 async def serve_fake_backend() -> AsyncIterator[FakeBackend]:
     """Run a ``FakeBackend`` with uvicorn on a free port in the current event loop."""
     backend = FakeBackend()
-    port = free_port()
-    config = uvicorn.Config(
-        backend.app,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("fake backend exited during start-up")
-        if time.monotonic() > deadline:
-            raise TimeoutError("fake backend did not start")
-        await asyncio.sleep(0.01)
-    backend.url = f"http://127.0.0.1:{port}"
-    try:
-        yield backend
-    finally:
-        backend.release.set()
-        server.should_exit = True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), 5)
-        if not task.done():
-            server.force_exit = True
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+    async with serve_app(backend.app, "fake backend") as url:
+        backend.url = url
+        try:
+            yield backend
+        finally:
+            backend.release.set()  # a hung call answers: the server can stop

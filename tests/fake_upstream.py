@@ -193,12 +193,12 @@ class FakeUpstream:
 
 
 @contextlib.asynccontextmanager
-async def serve_fake_upstream() -> AsyncIterator[FakeUpstream]:
-    """Run a ``FakeUpstream`` with uvicorn on a free port in the current event loop."""
-    upstream = FakeUpstream()
+async def serve_app(app: Any, what: str) -> AsyncIterator[str]:
+    """Serve the ASGI ``app`` with uvicorn on a free port in the current event loop; its
+    base URL. ``what`` names it in start-up errors."""
     port = free_port()
     config = uvicorn.Config(
-        upstream.app,
+        app,
         host="127.0.0.1",
         port=port,
         log_config=None,
@@ -211,13 +211,12 @@ async def serve_fake_upstream() -> AsyncIterator[FakeUpstream]:
     while not server.started:
         if task.done():
             task.result()
-            raise RuntimeError("fake upstream exited during start-up")
+            raise RuntimeError(f"{what} exited during start-up")
         if time.monotonic() > deadline:
-            raise TimeoutError("fake upstream did not start")
+            raise TimeoutError(f"{what} did not start")
         await asyncio.sleep(0.01)
-    upstream.url = f"http://127.0.0.1:{port}/v1"
     try:
-        yield upstream
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.TimeoutError):
@@ -227,3 +226,12 @@ async def serve_fake_upstream() -> AsyncIterator[FakeUpstream]:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+@contextlib.asynccontextmanager
+async def serve_fake_upstream() -> AsyncIterator[FakeUpstream]:
+    """Run a ``FakeUpstream`` with uvicorn on a free port in the current event loop."""
+    upstream = FakeUpstream()
+    async with serve_app(upstream.app, "fake upstream") as url:
+        upstream.url = f"{url}/v1"
+        yield upstream

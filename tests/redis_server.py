@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from redis.asyncio import Redis
 
 T = TypeVar("T")
 
@@ -206,6 +207,21 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def evalsha_calls(admin: Redis) -> int:
+    """EVALSHA calls the server has run so far (``INFO commandstats``): script calls."""
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def script_calls(server: RedisServer) -> int:
+    """``evalsha_calls`` of ``server``, through a client of its own."""
+    admin = Redis.from_url(server.url)
+    try:
+        return await evalsha_calls(admin)
+    finally:
+        await admin.aclose()
 
 
 # Fixtures, made visible to every test module by tests/conftest.py.

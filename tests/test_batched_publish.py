@@ -12,22 +12,12 @@ from typing import Any
 
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from tests.conftest import RunningServer
 from tests.fake_upstream import serve_fake_upstream
 from tests.helpers import api_client, api_history, bearer, open_sse, ws_client
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, script_calls
 from tests.test_llm import gen, ndjson, new_channel, publish_stream, start_relay, ws_until_final
-
-
-async def script_calls(redis_server: RedisServer) -> int:
-    admin = Redis.from_url(redis_server.url)
-    try:
-        stats = await admin.info("commandstats")
-    finally:
-        await admin.aclose()
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
 
 from channels.backend_url import create_backend
 from channels.broker import Broker, BrokerOptions, BrokerUnavailable
@@ -22,7 +21,7 @@ from channels.hub import Hub
 from channels.publication import Publication
 from tests.conftest import eventually
 from tests.contract import MakeWorker, Received
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, script_calls
 
 
 class Gated:
@@ -290,15 +289,6 @@ async def redis_hub(redis_server: RedisServer, redis_prefix: str) -> AsyncIterat
     await hub.start()
     yield hub
     await hub.close()
-
-
-async def script_calls(redis_server: RedisServer) -> int:
-    admin = Redis.from_url(redis_server.url)
-    try:
-        stats = await admin.info("commandstats")
-    finally:
-        await admin.aclose()
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 async def test_fifty_concurrent_hub_publishes_to_one_channel_are_two_script_calls(

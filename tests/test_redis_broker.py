@@ -21,7 +21,7 @@ from channels.publication import StreamPosition
 from tests.conftest import eventually
 from tests.contract import Received
 from tests.helpers import poll
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, evalsha_calls
 
 
 class Worker:
@@ -422,11 +422,6 @@ async def test_each_lua_file_is_read_once_however_many_backends(
     assert len(shas) == 1
     for backend in backends:
         await backend.broker.close()
-
-
-async def evalsha_calls(admin: Redis) -> int:
-    stats = await admin.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 async def test_publish_many_is_one_script_call_and_one_pubsub_message(
