@@ -29,6 +29,7 @@ from prometheus_client import Counter, Histogram
 
 from auth import Claims, PatternSet
 from gateway.errors import ErrorCode, GatewayError
+from gateway.settings import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,7 @@ class Hook:
 
 def load_hooks(raw: str) -> dict[str, Hook]:
     """Parse ``GATEWAY_HOOKS``; raises ValueError naming what is wrong (at start-up)."""
-    try:
-        config = orjson.loads(raw or "{}")
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"GATEWAY_HOOKS is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError("GATEWAY_HOOKS must be a JSON object of hook name -> hook")
+    config = json_object(raw, "GATEWAY_HOOKS", "hook name -> hook")
     hooks: dict[str, Hook] = {}
     for name, spec in config.items():
         if name not in HOOK_NAMES:

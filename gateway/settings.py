@@ -7,10 +7,23 @@ writes them) and are split by the properties below.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import orjson
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def json_object(raw: str, setting: str, of: str) -> dict[str, Any]:
+    """A setting holding a JSON object (``of`` says of what, for the error); ValueError
+    naming ``setting`` when it is not one."""
+    try:
+        config = orjson.loads(raw or "{}")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{setting} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{setting} must be a JSON object of {of}")
+    return config
 
 
 def split_csv(value: str) -> list[str]:

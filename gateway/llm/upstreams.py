@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import orjson
+from gateway.settings import json_object
 
 FAKE_SCHEME = "fake"  # the built-in demo upstream (gateway.llm.fake), dev mode only
 
@@ -42,12 +42,7 @@ def _api_key(spec: dict[str, object]) -> str | None:
 
 def load_upstreams(raw: str, *, allow_fake: bool = False) -> dict[str, Upstream]:
     """Parse the setting; raises ValueError naming what is wrong (at start-up, not per request)."""
-    try:
-        config = orjson.loads(raw or "{}")
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"GATEWAY_LLM_UPSTREAMS is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError("GATEWAY_LLM_UPSTREAMS must be a JSON object of name -> upstream")
+    config = json_object(raw, "GATEWAY_LLM_UPSTREAMS", "name -> upstream")
     upstreams: dict[str, Upstream] = {}
     for name, spec in config.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):

@@ -41,6 +41,7 @@ from channels.backends.redis.connection import (
     TopicFilter,
     TopicHandler,
     TopicResync,
+    notify_resync,
     unavailable,
 )
 from channels.backends.redis.pools import COMMAND_TIMEOUT, CONNECT_TIMEOUT, display_name
@@ -236,16 +237,11 @@ class ClusterConnection:
 
         def resync(which: TopicFilter) -> None:
             self.reconnects += 1
-            self._notify(lambda topic: self._home.get(topic) == node and which(topic))
+            notify_resync(
+                self._on_resync, lambda topic: self._home.get(topic) == node and which(topic)
+            )
 
         return resync
-
-    def _notify(self, which: TopicFilter) -> None:
-        if self._on_resync is not None:
-            try:
-                self._on_resync(which)
-            except Exception:
-                logger.exception("resync handler failed")
 
     def _layout_changed(self) -> None:
         """A reader lost its node, a slot moved, or a node refused a topic: read the
@@ -266,7 +262,7 @@ class ClusterConnection:
                     )
                     self.reconnects += 1
                     changed = set(moved)
-                    self._notify(changed.__contains__)
+                    notify_resync(self._on_resync, changed.__contains__)
                 await self._drop_idle_readers()
             except (*REDIS_ERRORS, BrokerUnavailable) as exc:
                 logger.debug("Redis Cluster %s: layout not settled (%s)", self.name, exc)

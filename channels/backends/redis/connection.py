@@ -225,7 +225,7 @@ class Connection:
                 logger.warning(
                     "Redis %s reconnected: resyncing %d topics", self.name, len(self._routes)
                 )
-                self._notify_resync()
+                notify_resync(self._on_resync, every_topic)
             try:
                 await self._read(pubsub)
             except REDIS_ERRORS as exc:
@@ -326,19 +326,22 @@ class Connection:
             # Not ours (we forget a topic before unsubscribing): its slot moved away.
             self._on_moved(message["channel"])
 
-    def _notify_resync(self) -> None:
-        if self._on_resync is not None:
-            try:
-                self._on_resync(every_topic)
-            except Exception:
-                logger.exception("resync handler failed")
-
     def _fail_waiters(self) -> None:
         waiters, self._waiters = self._waiters, {}
         for futures in waiters.values():
             for waiter in futures:
                 if not waiter.done():
                     waiter.set_exception(BrokerUnavailable("Redis pub/sub connection lost"))
+
+
+def notify_resync(on_resync: TopicResync | None, which: TopicFilter) -> None:
+    """Tell ``on_resync`` (if any) that ``which`` topics may have missed messages; a
+    handler that fails is logged, never the reader's problem."""
+    if on_resync is not None:
+        try:
+            on_resync(which)
+        except Exception:
+            logger.exception("resync handler failed")
 
 
 def unavailable(operation: str, exc: BaseException) -> BrokerUnavailable:
