@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+
+
+async def gather_grouped(
+    items: list[str], group: Callable[[str], K], run: Callable[[K, list[str]], Awaitable[list[R]]]
+) -> list[R]:
+    """``run`` once per group of ``items`` (by ``group``), the groups at once, each with
+    its items in order; the results put back in the order of ``items``."""
+    groups: dict[K, list[int]] = {}  # group -> positions in items
+    for n, item in enumerate(items):
+        groups.setdefault(group(item), []).append(n)
+    done = await asyncio.gather(
+        *(run(key, [items[n] for n in spots]) for key, spots in groups.items())
+    )
+    placed: list[R | None] = [None] * len(items)
+    for spots, results in zip(groups.values(), done, strict=True):
+        for n, result in zip(spots, results, strict=True):
+            placed[n] = result
+    return [result for result in placed if result is not None]
 
 
 class Tasks:

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from channels.backends import redis as redis_backend
-from channels.backends.redis import Connection, RedisBroker, connection, scripts
+from channels.backends.redis import Connection, RedisBroker, connection, pools, scripts
 from channels.broker import BrokerOptions, BrokerUnavailable
 from channels.publication import StreamPosition
 from tests.conftest import eventually
@@ -188,7 +188,7 @@ async def test_redis_down_fails_fast_and_a_restart_resubscribes_and_resyncs(
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable):
         await broker.subscribe("other")
-    assert time.monotonic() - started < connection.CONNECT_TIMEOUT + 1
+    assert time.monotonic() - started < pools.CONNECT_TIMEOUT + 1
 
     own_redis_server.start()
     await eventually(lambda: worker.reconnects == 1 and received.resyncs == 1, timeout=10)

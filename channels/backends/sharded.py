@@ -36,6 +36,7 @@ from channels.broker import (
     ResyncHandler,
 )
 from channels.publication import Publication, StreamPosition
+from channels.tasks import gather_grouped
 
 _JUMP = 2862933555777941757
 _MASK = (1 << 64) - 1
@@ -97,20 +98,11 @@ class ShardedBroker:
 
     async def publish_each(self, channels: list[str], data: bytes) -> list[Publication]:
         """Each shard's channels in one call to it, the shards at once."""
-        groups: dict[int, list[int]] = {}  # shard -> positions in channels
-        for n, channel in enumerate(channels):
-            groups.setdefault(self.shard(channel), []).append(n)
-        done = await asyncio.gather(
-            *(
-                self.brokers[shard].publish_each([channels[n] for n in spots], data)
-                for shard, spots in groups.items()
-            )
-        )
-        placed: list[Publication | None] = [None] * len(channels)
-        for spots, publications in zip(groups.values(), done, strict=True):
-            for n, publication in zip(spots, publications, strict=True):
-                placed[n] = publication
-        return [p for p in placed if p is not None]
+
+        async def on_shard(shard: int, names: list[str]) -> list[Publication]:
+            return await self.brokers[shard].publish_each(names, data)
+
+        return await gather_grouped(channels, self.shard, on_shard)
 
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         await self._of(channel).publish_event(channel, event, client)

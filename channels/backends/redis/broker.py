@@ -3,7 +3,6 @@ docstring for the guarantees, ``keys`` for the layout and payloads)."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import secrets
@@ -20,6 +19,7 @@ from channels.backends.redis.link import Link
 from channels.backends.redis.scripts import Scripts
 from channels.broker import BrokerOptions, HistoryPage, MessageHandler, ResyncHandler
 from channels.publication import Message, PresenceEvent, Publication, StreamPosition
+from channels.tasks import gather_grouped
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,11 @@ class RedisBroker:
         if len(channels) <= 1:
             return [await self.publish(channel, data) for channel in channels]
         if isinstance(self.connection, ClusterConnection):
-            return await self._publish_concurrently(channels, data)
+
+            async def in_turn(channel: str, repeats: list[str]) -> list[Publication]:
+                return [await self.publish(channel, data) for _ in repeats]
+
+            return await gather_grouped(channels, lambda channel: channel, in_turn)
         stamp = f"{time.time():.6f}"
         script = self._scripts.publish
         replies: list[Any] = [None] * len(channels)
@@ -151,21 +155,6 @@ class RedisBroker:
             Publication(channel, int(offset), epoch.decode(), data, published_at=at)
             for channel, (offset, epoch) in zip(channels, replies, strict=True)
         ]
-
-    async def _publish_concurrently(self, channels: list[str], data: bytes) -> list[Publication]:
-        spots: dict[str, list[int]] = {}  # channel -> its positions in channels
-        for n, channel in enumerate(channels):
-            spots.setdefault(channel, []).append(n)
-
-        async def each(channel: str) -> list[Publication]:
-            return [await self.publish(channel, data) for _ in spots[channel]]
-
-        done = await asyncio.gather(*(each(channel) for channel in spots))
-        placed: list[Publication | None] = [None] * len(channels)
-        for channel, publications in zip(spots, done, strict=True):
-            for n, publication in zip(spots[channel], publications, strict=True):
-                placed[n] = publication
-        return [p for p in placed if p is not None]
 
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         payload = b"e" + event.encode() + b" " + client

@@ -44,7 +44,7 @@ from channels.backends.redis.connection import (
     notify_resync,
     unavailable,
 )
-from channels.backends.redis.pools import COMMAND_TIMEOUT, CONNECT_TIMEOUT, display_name
+from channels.backends.redis.pools import COMMAND_TIMEOUT, CONNECT_TIMEOUT, address, display_name
 from channels.broker import BrokerUnavailable
 from channels.tasks import Tasks
 
@@ -81,7 +81,7 @@ class ClusterConnection:
         self.client_name = client_name
         self.name = display_name(url)
         userinfo, at, hosts = parts.netloc.rpartition("@")
-        seeds = [_node(host) for host in hosts.split(",") if host]
+        seeds = [ClusterNode(*address(host, "Cluster node")) for host in hosts.split(",") if host]
         if not seeds or parts.path.strip("/") not in ("", "0"):
             raise ValueError(
                 f"a Cluster URL is {parts.scheme}://host:port[,host:port...] (database 0 "
@@ -276,10 +276,3 @@ class ClusterConnection:
         used = set(self._home.values())
         for name in [name for name in self._readers if name not in used]:
             await self._readers.pop(name).close()
-
-
-def _node(host: str) -> ClusterNode:
-    name, _, port = host.rpartition(":")
-    if not name or not port.isdigit():
-        raise ValueError(f"a Cluster node address is host:port, not {host!r}")
-    return ClusterNode(name.strip("[]"), int(port))

@@ -38,8 +38,6 @@ from channels.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMMAND_TIMEOUT", "CONNECT_TIMEOUT", "Connection", "unavailable"]
-
 # What a Redis call raises when Redis cannot answer (a Cluster without a node for a slot
 # raises the one that is not a RedisError).
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)

@@ -67,7 +67,7 @@ def command_pool(url: str, client_name: str, max_connections: int) -> Connection
 def _sentinel_pool(url: str, client_name: str, max_connections: int) -> ConnectionPool:
     parts = urlsplit(url)
     userinfo, _, hosts = parts.netloc.rpartition("@")
-    addresses = [_address(host) for host in hosts.split(",") if host]
+    addresses = [address(host, "Sentinel") for host in hosts.split(",") if host]
     path = [p for p in parts.path.split("/") if p]
     if not addresses or not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError(
@@ -115,10 +115,11 @@ async def close(redis: Redis) -> None:
         await pool.sentinel_manager.aclose()
 
 
-def _address(host: str) -> tuple[str, int]:
+def address(host: str, what: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) of a URL's address list; ValueError naming ``what``."""
     name, _, port = host.rpartition(":")
     if not name or not port.isdigit():
-        raise ValueError(f"a Sentinel address is host:port, not {host!r}")
+        raise ValueError(f"a {what} address is host:port, not {host!r}")
     return name.strip("[]"), int(port)
 
 
