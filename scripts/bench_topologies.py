@@ -60,6 +60,14 @@ def masters(setup: Any) -> list[RedisServer]:
     return [setup]
 
 
+async def send(broker: Broker, channel: str, batch: int) -> None:
+    """One publication, or ``batch`` of them in one ``publish_many``."""
+    if batch == 1:
+        await broker.publish(channel, PAYLOAD)
+    else:
+        await broker.publish_many(channel, [PAYLOAD] * batch)
+
+
 async def paced(
     broker: Broker, channels: list[str], rate: float, seconds: float, batch: int
 ) -> int:
@@ -71,10 +79,7 @@ async def paced(
 
     async def one(channel: str) -> None:
         try:
-            if batch == 1:
-                await broker.publish(channel, PAYLOAD)
-            else:
-                await broker.publish_many(channel, [PAYLOAD] * batch)
+            await send(broker, channel, batch)
         finally:
             room.release()
 
@@ -101,10 +106,7 @@ async def flat_out(broker: Broker, channels: list[str], count: int, batch: int) 
     async def publisher(k: int) -> None:
         for n in range(per_worker):
             channel = channels[(k * per_worker + n) % len(channels)]
-            if batch == 1:
-                await broker.publish(channel, PAYLOAD)
-            else:
-                await broker.publish_many(channel, [PAYLOAD] * batch)
+            await send(broker, channel, batch)
 
     started = time.perf_counter()
     await asyncio.gather(*(publisher(k) for k in range(CONCURRENCY)))
