@@ -289,7 +289,7 @@ class Harness:
             )
 
         self.status = status
-        await pool.wait_connected()
+        connected = await pool.wait_connected()
         self.status = None
         elapsed = time.time() - began
         totals = pool.totals()
@@ -297,7 +297,11 @@ class Harness:
             f"{totals['ready']:,}/{total:,} connections subscribed in {elapsed:.1f} s"
             + (f", {totals['failed']:,} failed" if totals["failed"] else "")
         )
-        return {"elapsed_s": round(elapsed, 2), **totals}
+        # From the first worker's first connect to the last one's last subscribe: the
+        # workers' start-up (a second or so) is in ``elapsed_s``, not in this.
+        windows = [c["connect_window"] for c in connected if c.get("connect_window")]
+        connecting = max(w[1] for w in windows) - min(w[0] for w in windows) if windows else None
+        return {"elapsed_s": round(elapsed, 2), "connecting_s": connecting, **totals}
 
     def publisher(self) -> Publisher:
         kind = self.target.publish
@@ -319,8 +323,9 @@ class Harness:
             return self.setup.publish_via
         return "redis"
 
-    async def gateway_metrics(self) -> dict[str, float]:
-        """The gateway's own counters from ``GET /metrics`` (empty for other targets)."""
+    async def gateway_metrics(self, names: tuple[str, ...] | None = None) -> dict[str, float]:
+        """The gateway's own counters from ``GET /metrics`` (empty for other targets):
+        ``GATEWAY_COUNTERS``, or the samples ``names``."""
         if self.target.publish != "gateway":
             return {}
         import httpx
@@ -330,7 +335,9 @@ class Harness:
                 response = await client.get(f"{self.base_url}/metrics")
         except httpx.HTTPError:
             return {}
-        return parse_metrics(response.text) if response.status_code == 200 else {}
+        if response.status_code != 200:
+            return {}
+        return parse_metrics(response.text, GATEWAY_COUNTERS if names is None else names)
 
     async def drain(self, step: int, published: dict[str, int], timeout: float) -> bool:
         """Wait until every open subscriber got every publication of ``step``."""
@@ -358,14 +365,14 @@ GATEWAY_COUNTERS = (
 )
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Selected Prometheus samples, labels kept in the key (``name{label="v"}``)."""
+def parse_metrics(text: str, names: tuple[str, ...] = GATEWAY_COUNTERS) -> dict[str, float]:
+    """The Prometheus samples ``names``, labels kept in the key (``name{label="v"}``)."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")
-        if name.split("{", 1)[0] in GATEWAY_COUNTERS:
+        if name.split("{", 1)[0] in names:
             try:
                 values[name] = float(value)
             except ValueError:

@@ -119,3 +119,23 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
         ]
 
     return {"samples": samples, "self": ranked(own), "total": ranked(total)}
+
+
+def shares(path: Path, groups: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """Per group, the % of samples with a frame of it anywhere on the stack (a frame is
+    in a group when its file contains one of the group's markers, e.g. ``"httpx/"``)."""
+    hits: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        try:
+            count = int(count_text)
+        except ValueError:
+            continue
+        if not stack:
+            continue
+        samples += count
+        for name, markers in groups.items():
+            if any(marker in stack for marker in markers):
+                hits[name] += count
+    return {name: round(100 * hits[name] / samples, 1) if samples else 0.0 for name in groups}

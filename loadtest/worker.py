@@ -101,6 +101,7 @@ class Worker:
         self.lag_max = 0.0  # since the last progress message
         self.lag_by_second: dict[int, float] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.connect_window: tuple[float, float] | None = None  # wall time, first to last
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -279,14 +280,18 @@ class Worker:
         ).start()
         self.spawn(self.report_progress())
         self.spawn(self.watch_lag())
+        began = time.time()
         await self.connect_all()
+        self.connect_window = (began, time.time())
         # Deliveries allocate short-lived dicts only (freed by reference counting); a full
         # collection over tens of thousands of connection objects would stall the loop
         # for tens of milliseconds and show up as latency.
         gc.collect()
         gc.freeze()
         gc.disable()
-        self.send(("connected", self.recorder.progress()))
+        progress = self.recorder.progress()
+        progress["connect_window"] = self.connect_window
+        self.send(("connected", progress))
         await self.finish.wait()
         await self.catch_up()
         state = self.recorder.state()
