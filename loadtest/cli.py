@@ -24,6 +24,21 @@ def env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def names_of(*allowed: str) -> Callable[[str], list[str]]:
+    """A comma-separated subset of ``allowed``, in the order given."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(allowed)}"
+            )
+        return names
+
+    return parse
+
+
 def share(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -211,6 +226,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=12.0, help="seconds of publishing")
     p.add_argument("--cut-after", type=float, default=3.0, help="seconds into publishing")
 
+    p = scenario("hooks", "connects/s and publishes/s with and without backend hooks")
+    p.add_argument(
+        "--parts",
+        type=names_of("connects", "publishes"),
+        default=["connects", "publishes"],
+        help="connects, publishes or both (default both)",
+    )
+    p.add_argument("--clients", type=int, default=2000, help="clients per connect run")
+    p.add_argument("--concurrency", type=int, default=50, help="connects in flight at once")
+    p.add_argument(
+        "--connect-variants",
+        type=names_of("none", "connect", "subscribe"),
+        default=["none", "connect", "subscribe"],
+        help="gateways to connect to: without hooks, with a connect hook, with a subscribe "
+        "hook on every channel (default all three)",
+    )
+    p.add_argument("--publishers", type=int, default=50, help="publishing WebSocket connections")
+    p.add_argument("--window", type=int, default=1, help="publishes in flight per connection")
+    p.add_argument("--publish-duration", type=float, default=5.0, help="seconds per run")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="times each variant runs, alternating (default 2)"
+    )
+    p.add_argument("--hook-timeout", type=float, default=2.0, help="each hook's timeout (s)")
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="record a py-spy profile of the gateway during every run into DIR",
+    )
+    # Connects as fast as the server takes them: --concurrency is the only bound.
+    p.set_defaults(connect_rate=1_000_000.0)
+
     from loadtest.compare import add_compare_parser
     from loadtest.hotpath import add_parser as add_hotpath_parser
     from loadtest.sendfloor import add_parser as add_sendfloor_parser
@@ -302,6 +349,20 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             distinct_tokens=args.distinct_tokens,
             live_channel=args.live_channel,
         )
+    if args.command == "hooks":
+        return scenarios.run_hooks(
+            setup,
+            parts=args.parts,
+            clients=args.clients,
+            concurrency=args.concurrency,
+            connect_variants=args.connect_variants,
+            publishers=args.publishers,
+            window=args.window,
+            publish_duration=args.publish_duration,
+            rounds=args.rounds,
+            hook_timeout=args.hook_timeout,
+            profile_dir=args.py_spy,
+        )
     if args.command == "storm":
         return scenarios.run_storm(
             setup,
@@ -364,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif args.command == "hooks":
+        from loadtest.scenarios.hooks import summary as hooks_summary
+
+        sys.stdout.write(hooks_summary(report) + "\n")
     else:
         sys.stdout.write(summary_text(report) + "\n")
     return 0

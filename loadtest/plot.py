@@ -76,3 +76,50 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def plot_hooks(report: dict[str, Any], path: Path) -> bool:
+    """``hooks``: per part and variant, the rate of each round, and the mean latency of
+    each round split into the hook's own duration (as the gateway saw it) and the rest."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    parts = [
+        (name, rate_key, [r for r in report.get(name, []) if "skipped" not in r])
+        for name, rate_key in (("connects", "connects_per_s"), ("publishes", "publishes_per_s"))
+    ]
+    parts = [p for p in parts if p[2]]
+    if not parts:
+        return False
+    fig, axes = plt.subplots(len(parts), 2, figsize=(11, 3.6 * len(parts)), squeeze=False)
+    for row, (name, rate_key, runs) in enumerate(parts):
+        labels = [f"{r['variant']}\n#{r['round'] + 1}" for r in runs]
+        x = list(range(len(runs)))
+        rate_ax, lat_ax = axes[row]
+        rate_ax.bar(x, [r[rate_key] or 0 for r in runs], color="tab:green")
+        rate_ax.set_ylabel(f"{name}/s")
+        rate_ax.set_title(f"{name}: rate per run", fontsize="medium")
+        hook = [(r["hook"]["mean_ms"] or 0.0) for r in runs]
+        rest = [max(0.0, r["latency_ms"]["mean"] - h) for r, h in zip(runs, hook, strict=True)]
+        lat_ax.bar(x, rest, color="tab:blue", label="mean latency less the hook")
+        lat_ax.bar(x, hook, bottom=rest, color="tab:orange", label="hook, as the gateway saw it")
+        lat_ax.plot(x, [r["latency_ms"]["p99"] for r in runs], "k_", markersize=14, label="p99")
+        lat_ax.set_ylabel("ms")
+        lat_ax.set_title(f"{name}: latency per run", fontsize="medium")
+        lat_ax.legend(loc="upper left", fontsize="x-small")
+        for ax in (rate_ax, lat_ax):
+            ax.set_xticks(x, labels, fontsize="x-small")
+            ax.grid(True, axis="y", alpha=0.3)
+    target = report["target"]
+    fig.suptitle(
+        f"hooks: gateway {target['transport']} connects, ws publishes, {target['broker']} broker"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
