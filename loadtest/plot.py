@@ -101,14 +101,21 @@ def plot_hooks(report: dict[str, Any], path: Path) -> bool:
         x = list(range(len(runs)))
         rate_ax, lat_ax = axes[row]
         rate_ax.bar(x, [r[rate_key] or 0 for r in runs], color="tab:green")
-        rate_ax.set_ylabel(f"{name}/s")
+        rate_ax.set_yscale("log")
+        rate_ax.set_ylim(bottom=max(1.0, min(r[rate_key] or 1.0 for r in runs) / 2))
+        rate_ax.set_ylabel(f"{name}/s (log)")
         rate_ax.set_title(f"{name}: rate per run", fontsize="medium")
         hook = [(r["hook"]["mean_ms"] or 0.0) for r in runs]
-        rest = [max(0.0, r["latency_ms"]["mean"] - h) for r, h in zip(runs, hook, strict=True)]
+        # Under saturation the hook's mean (which then includes waiting for the loop) can
+        # pass the client's mean: the rest is then drawn as nothing.
+        rest = [max(1e-3, r["latency_ms"]["mean"] - h) for r, h in zip(runs, hook, strict=True)]
         lat_ax.bar(x, rest, color="tab:blue", label="mean latency less the hook")
         lat_ax.bar(x, hook, bottom=rest, color="tab:orange", label="hook, as the gateway saw it")
         lat_ax.plot(x, [r["latency_ms"]["p99"] for r in runs], "k_", markersize=14, label="p99")
-        lat_ax.set_ylabel("ms")
+        lat_ax.set_yscale("log")
+        lowest = min(min(r["latency_ms"]["p50"], r["latency_ms"]["mean"]) for r in runs)
+        lat_ax.set_ylim(bottom=max(1e-3, lowest / 2))
+        lat_ax.set_ylabel("ms (log)")
         lat_ax.set_title(f"{name}: latency per run", fontsize="medium")
         lat_ax.legend(loc="upper left", fontsize="x-small")
         for ax in (rate_ax, lat_ax):
