@@ -121,11 +121,18 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
     return {"samples": samples, "self": ranked(own), "total": ranked(total)}
 
 
-def shares(path: Path, groups: dict[str, tuple[str, ...]]) -> dict[str, float]:
+# The event loop itself as the innermost frame: waiting in ``epoll`` (py-spy
+# --nonblocking does not tell idle apart) or uvloop's own socket reads and writes in C
+# (native code is counted in the Python frame that called it).
+LOOP_FRAMES = ("asyncio/runners.py",)
+
+
+def shares(path: Path, groups: dict[str, tuple[str, ...]]) -> dict[str, Any]:
     """Per group, the % of samples with a frame of it anywhere on the stack (a frame is
-    in a group when its file contains one of the group's markers, e.g. ``"httpx/"``)."""
+    in a group when its file contains one of the group's markers, e.g. ``"httpx/"``): of
+    all samples, and of those where Python code ran (the loop's frame not innermost)."""
     hits: Counter[str] = Counter()
-    samples = 0
+    samples = in_loop = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         try:
@@ -135,7 +142,20 @@ def shares(path: Path, groups: dict[str, tuple[str, ...]]) -> dict[str, float]:
         if not stack:
             continue
         samples += count
+        innermost = stack.rsplit(";", 1)[-1]
+        if any(marker in innermost for marker in LOOP_FRAMES):
+            in_loop += count
+            continue
         for name, markers in groups.items():
             if any(marker in stack for marker in markers):
                 hits[name] += count
-    return {name: round(100 * hits[name] / samples, 1) if samples else 0.0 for name in groups}
+
+    def percent(of: int) -> dict[str, float]:
+        return {name: round(100 * hits[name] / of, 1) if of else 0.0 for name in groups}
+
+    return {
+        "samples": samples,
+        "loop_innermost": in_loop,
+        "percent_of_samples": percent(samples),
+        "percent_of_python": percent(samples - in_loop),
+    }

@@ -72,9 +72,12 @@ HOOK_METRICS = (
 # the web framework (FastAPI's endpoint and Starlette's stack) and the hooks module.
 PROFILE_GROUPS = {
     "hook_http_client": ("httpx/", "httpcore/", "h11/", "anyio/"),
+    "httpcore_connection_pool": ("httpcore/_async/connection_pool.py",),
+    "httpcore_synchronization": ("httpcore/_synchronization.py",),
     "imports_at_run_time": ("importlib._bootstrap",),
-    "framework": ("fastapi/", "starlette/"),
     "gateway_hooks_module": ("gateway/hooks.py",),
+    "framework": ("fastapi/", "starlette/"),
+    "prometheus_client": ("prometheus_client/",),
 }
 WARMUP_PUBLISH_S = 1.0
 
@@ -209,7 +212,7 @@ class Profiling:
         return {
             "samples": summary["samples"],
             "raw": summary["raw"],
-            "groups_percent": shares(self.profiler.out, PROFILE_GROUPS),
+            "groups": shares(self.profiler.out, PROFILE_GROUPS),
             "self": summary["self"][:10],
             "total": summary["total"][:25],
         }
