@@ -421,3 +421,42 @@ async def test_without_hooks_nothing_changes_for_a_tokenless_client(make_server)
     async with httpx.AsyncClient(base_url=gw.url, trust_env=False) as http:
         r = await http.get("/sse", params={"channel": "news"})
     assert r.status_code == 401
+
+
+# --------------------------------------------------------------------------- below ASGI
+
+
+@pytest.mark.gateway_protocols
+async def test_the_connect_hook_is_awaited_below_asgi(hooked, backend):
+    from gateway.server.upgraded import UpgradedWebSocket
+
+    async with tokenless(hooked, session="pat") as c:
+        await c.subscribe("room:p")
+        connections = hooked.server.server_state.connections
+        assert [type(p) for p in connections if isinstance(p, UpgradedWebSocket)] == [
+            UpgradedWebSocket
+        ]
+    assert len(backend.calls_of("connect")) == 1
+    await eventually(lambda: hooked.gateway.connections.total == 0)
+
+
+@pytest.mark.gateway_protocols
+async def test_a_client_gone_while_the_connect_hook_waits_leaves_nothing(make_server, backend):
+    gw = await make_server(hooks=backend.hooks(connect=30))
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Cookie: hook=hang\r\n\r\n"
+    )
+    await writer.drain()
+    await eventually(lambda: backend.pending == 1)
+    writer.close()
+    await writer.wait_closed()
+    # Nothing is read while the hook is asked (the client's leaving shows once it
+    # answered): the connection is held no longer than the hook's timeout.
+    backend.release.set()
+    await eventually(lambda: not gw.server.server_state.connections)
+    assert gw.gateway.connections.total == 0 and not gw.gateway.hub.sessions
+    async with tokenless(gw, session="quinn") as c:  # the worker goes on
+        await c.ping_ok()
