@@ -260,13 +260,25 @@ async def test_sse_refused_by_the_connect_hook_is_an_http_error(
 
 async def test_sse_bad_requests_are_refused_without_asking_the_hook(hooked, backend):
     async with api_client(hooked) as http:
-        got, _, _ = await sse_request(http, [("channel", "bad name!")], cookie_header(session="n"))
+        cookies = cookie_header(session="n")
+        tok = token("n")
+        got, _, _ = await sse_request(http, [("channel", "bad name!"), ("token", tok)], cookies)
         assert got == 400
         got, _, _ = await sse_request(
-            http, [("channel", "room:1"), ("token", "not-a-jwt")], cookie_header(session="n")
+            http, [("channel", "room:1"), ("token", "not-a-jwt")], cookies
         )
         assert got == 401
     assert backend.calls_of("connect") == []
+
+
+async def test_sse_without_a_token_is_authenticated_first(hooked, backend):
+    async with api_client(hooked) as http:
+        # No cookie: unauthorized, as without hooks, whatever else is wrong.
+        got, _, _ = await sse_request(http, [("channel", "bad name!")])
+        assert got == 401
+        got, _, _ = await sse_request(http, [("channel", "bad name!")], cookie_header(session="o"))
+        assert got == 400
+    assert len(backend.calls_of("connect")) == 2
 
 
 async def test_a_burst_of_a_thousand_connects_through_the_hook(make_server, backend):
