@@ -25,8 +25,8 @@ service time and request count from the backend itself. The report subtracts the
 hook's mean from the client's latency: what is left is the gateway's own part. The
 extra server CPU per connect or publish (the same round's run with the hook less the
 one without) is what the hook costs the gateway besides the wait: building, sending
-and parsing the HTTP call, and for a connect hook the framework's endpoint that a
-WebSocket connect then goes through.
+and parsing the HTTP call, and for an SSE stream the connect hook decides, the
+framework's endpoint it then goes through.
 
 ``--py-spy DIR`` records a profile of the gateway during every run into DIR and adds
 its top frames and the share of samples in the hook's HTTP client to the run's entry
@@ -67,18 +67,19 @@ HOOK_METRICS = (
     "gateway_hook_outcomes_total",
     "gateway_publications_total",
 )
-# Where a profile's samples are: the hook's HTTP client (httpx and what it runs on),
-# imports done while running (a failed ``import`` is searched for on every call),
-# the web framework (FastAPI's endpoint and Starlette's stack) and the hooks module.
+# Where a profile's samples are: the hooks' HTTP client (aiohttp and its parts; httpx
+# and its, which the hooks used before), imports done while running (a failed
+# ``import`` is searched for on every call), the hooks' own modules, the web framework
+# (FastAPI's endpoint and Starlette's stack) and the metrics.
 PROFILE_GROUPS = {
-    "hook_http_client": ("httpx/", "httpcore/", "h11/", "anyio/"),
-    "httpcore_connection_pool": ("httpcore/_async/connection_pool.py",),
-    "httpcore_synchronization": ("httpcore/_synchronization.py",),
+    "hook_http_client": (
+        "aiohttp/", "yarl/", "multidict/", "httpx/", "httpcore/", "h11/", "anyio/",
+    ),
     "imports_at_run_time": ("importlib._bootstrap",),
-    "gateway_hooks_module": ("gateway/hooks.py",),
+    "gateway_hooks_modules": ("gateway/hooks.py", "gateway/pooled_http.py"),
     "framework": ("fastapi/", "starlette/"),
     "prometheus_client": ("prometheus_client/",),
-}
+}  # fmt: skip
 WARMUP_PUBLISH_S = 1.0
 
 
