@@ -136,6 +136,35 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "--no-plot",
             *common,
         ],
+        # The two parts of ``hooks`` as two runs, side by side: four gateways in turn
+        # would be the longest run of all.
+        "hooks-connects": [
+            "hooks",
+            "--parts",
+            "connects",
+            "--clients",
+            "20",
+            "--concurrency",
+            "5",
+            "--rounds",
+            "1",
+            *common,
+        ],
+        "hooks-publishes": [
+            "hooks",
+            "--parts",
+            "publishes",
+            "--publishers",
+            "3",
+            "--window",
+            "2",
+            "--publish-duration",
+            "1",
+            "--rounds",
+            "1",
+            "--no-plot",
+            *common,
+        ],
     }
     for name in BASELINES:
         transport = "sse" if name == "sse_starlette" else "ws"
@@ -325,6 +354,66 @@ def test_storm_brings_every_client_back_resumed_with_nothing_lost(
     assert storm["back_ms"]["count"] == 20 and storm["back_ms"]["p99"] > 0
     assert storm["server_cpu_ms_per_client_back"] >= 0
     check_deliveries(report, 20, [15], per_channel=10)
+
+
+def test_hooks_connects_count_every_hook_call(reports: dict[str, Run]) -> None:
+    """Every client subscribed through each gateway, and the hook calls the gateway
+    counted, the backend served and the clients made agree."""
+    report = report_of(reports, "hooks-connects")
+    assert report["scenario"] == "hooks"
+    assert report["publishes"] == []
+    connects = {run["variant"]: run for run in report["connects"]}
+    assert list(connects) == ["none", "connect", "subscribe"]
+    for variant, run in connects.items():
+        assert "skipped" not in run, run.get("skipped")
+        assert (run["clients"], run["subscribed"], run["failed"]) == (20, 20, 0)
+        assert run["latency_ms"]["count"] == 20
+        assert run["connects_per_s"] > 0 and run["server_cpu_us_per_connect"] > 0
+        hook = run["hook"]
+        if variant == "none":
+            assert hook["calls"] == 0 and run["backend"]["requests"] == {}
+            assert run["latency_minus_hook_ms"] is None
+        else:
+            assert hook["name"] == variant
+            assert hook["calls"] == run["backend"]["requests"][f"/{variant}"] == 20
+            assert hook["outcomes"] == {"allow": 20}
+            assert hook["mean_ms"] > 0
+            assert set(run["latency_minus_hook_ms"]) == {"mean", "p50", "p99"}
+    summary = report["summary"]["connects"]
+    assert set(summary) == {"none", "connect", "subscribe"}
+    assert summary["connect"]["runs"] == summary["subscribe"]["runs"] == 1
+    assert set(summary["subscribe"]["vs_none"]) == {
+        "extra_server_cpu_us",
+        "extra_latency_mean_ms",
+        "rate_ratio",
+    }
+    plot = Path(report["files"]["plot"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hooks_publishes_answer_every_command_and_count_hook_calls(
+    reports: dict[str, Run],
+) -> None:
+    """Every publish sent is acknowledged and published once; the hook is called for
+    each one to the matching channel and never for the other."""
+    report = report_of(reports, "hooks-publishes")
+    assert report["connects"] == []
+    publishes = {run["variant"]: run for run in report["publishes"]}
+    assert list(publishes) == ["plain", "hooked"]
+    for variant, run in publishes.items():
+        assert (run["publishers"], run["connected"], run["window"]) == (3, 3, 2)
+        assert run["sent"] == run["acked"] > 0
+        assert (run["refused"], run["unanswered"]) == ({}, 0)
+        assert run["published"] == run["acked"] == run["latency_ms"]["count"]
+        assert run["publishes_per_s"] > 0 and run["server_cpu_us_per_publish"] > 0
+        hook = run["hook"]
+        if variant == "plain":
+            assert hook["calls"] == 0 and run["backend"]["requests"] == {}
+        else:
+            assert hook["calls"] == run["backend"]["requests"]["/publish"] == run["acked"]
+            assert hook["outcomes"] == {"accept": run["acked"]}
+    assert set(report["summary"]["publishes"]) == {"plain", "hooked"}
+    assert report["files"]["plot"] is None
 
 
 @pytest.mark.parametrize("name", BASELINES)
