@@ -18,11 +18,13 @@ MAX_INFO_BYTES = 4096
 
 
 class AuthError(Exception):
-    """A token that cannot be used. ``expired`` tells the two close reasons apart."""
+    """A token that cannot be used. ``expired`` tells the two close reasons apart;
+    ``missing``: there was no token at all."""
 
-    def __init__(self, message: str, *, expired: bool = False) -> None:
+    def __init__(self, message: str, *, expired: bool = False, missing: bool = False) -> None:
         super().__init__(message)
         self.expired = expired
+        self.missing = missing
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,7 +85,7 @@ class TokenVerifier:
 
     def verify(self, token: str | None) -> Claims:
         if not token:
-            raise AuthError("token required")
+            raise AuthError("token required", missing=True)
         claims = self._verified.get(token)
         if claims is not None:
             if claims.expires_at is not None and time.time() > claims.expires_at + self.leeway:

@@ -111,10 +111,11 @@ class Session:
         transport_name: str,
         send_timeout: float | None = None,
         observe_latency: Callable[[float], None] | None = None,
+        client_id: str | None = None,
     ) -> None:
         self._transport = transport
         self.transport_name = transport_name
-        self.client_id = new_client_id()
+        self.client_id = client_id or new_client_id()
         self.user = user
         self.info = info
         self.presence_entry = compact(

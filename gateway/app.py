@@ -118,6 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
         "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID"],
         "max_age": 600,
+        # Cookie authentication (a connect hook) from pages of the origins listed, never
+        # from any origin: with "*" a cross-origin request's cookies are not honoured.
+        "allow_credentials": "connect" in gateway.hooks.hooks and "*" not in settings.origins,
     }
     app.add_middleware(HTTPOnlyCORSMiddleware, **cors)
     app.sse_shortcut = sse.Shortcut(gateway, lambda inner: HTTPOnlyCORSMiddleware(inner, **cors))

@@ -20,7 +20,9 @@ from channels.publication import StreamPosition
 
 CommandId = int | str | None
 
-OPS = frozenset({"subscribe", "unsubscribe", "publish", "presence", "history", "ping", "refresh"})
+OPS = frozenset(
+    {"subscribe", "unsubscribe", "publish", "presence", "history", "ping", "refresh", "rpc"}
+)
 CHANNEL_OPS = frozenset({"subscribe", "unsubscribe", "publish", "presence", "history"})
 MAX_OFFSET = 2**63 - 1
 
@@ -37,7 +39,7 @@ class BadFrame(Exception):
 class Command:
     op: str
     id: CommandId = None
-    channel: str = ""
+    channel: str = ""  # rpc: the method
     since: StreamPosition | None = None
     limit: int | None = None
     data: bytes = b"null"  # publish: the payload, re-encoded once with orjson
@@ -85,6 +87,14 @@ def parse_command(frame: str | bytes) -> Command:
         if not isinstance(tok, str) or not tok:
             raise BadFrame("'token' must be a non-empty string", id)
         return Command(op, id, token=tok)
+
+    if op == "rpc":
+        method = message.get("method")
+        if not isinstance(method, str):
+            raise BadFrame("'method' is required and must be a string", id)
+        if not is_valid_channel(method):
+            raise BadFrame("invalid method name", id, malformed=False)
+        return Command(op, id, method, data=orjson.dumps(message.get("data")))
 
     channel = message.get("channel")
     if not isinstance(channel, str):

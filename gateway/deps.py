@@ -72,6 +72,13 @@ async def verified_claims(
         return exc
 
 
+def hooked(gateway: Gateway, claims: Claims | AuthError) -> bool:
+    """Whether the connect hook decides this connection (a bad token never gets there)."""
+    if isinstance(claims, AuthError):
+        return claims.missing and gateway.hooks.connects(has_token=False)
+    return gateway.hooks.connects(has_token=True)
+
+
 async def require_claims(claims: Annotated[Claims | AuthError, Depends(verified_claims)]) -> Claims:
     """For HTTP: a bad token is a 401 with a JSON error body."""
     if isinstance(claims, AuthError):

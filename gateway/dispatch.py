@@ -22,6 +22,7 @@ from gateway import wire
 from gateway.access import require
 from gateway.commands import Command
 from gateway.errors import ErrorCode, GatewayError
+from gateway.hooks import NO_INFO
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
 
@@ -82,10 +83,14 @@ def _failed(session: Session, command: Command, exc: Exception) -> None:
         session.push(wire.error_reply(command.id, ErrorCode.INTERNAL, "internal error"))
 
 
-def _subscribe_reply(session: Session, command: Command) -> Callable[[SubscribeResult], None]:
+def _subscribe_reply(
+    session: Session, command: Command, info: Any = NO_INFO
+) -> Callable[[SubscribeResult], None]:
     def reply(result: SubscribeResult) -> None:
         position = result.position
         body = {"offset": position.offset, "epoch": position.epoch, "recovered": result.recovered}
+        if info is not NO_INFO:  # what the subscribe hook attached
+            body["info"] = info
         session.push(wire.reply(command.id, body))
 
     return reply
@@ -94,8 +99,9 @@ def _subscribe_reply(session: Session, command: Command) -> Callable[[SubscribeR
 async def subscribe(client: Client, command: Command) -> None:
     channel = command.channel
     require(client.claims.can_subscribe(channel), "subscribing to", channel)
-    await client.gateway.hooks.check_subscribe(client.claims, client.session.client_id, channel)
-    reply = _subscribe_reply(client.session, command)
+    hooks = client.gateway.hooks
+    info = await hooks.check_subscribe(client.claims, client.session.client_id, channel)
+    reply = _subscribe_reply(client.session, command, info)
     await client.gateway.hub.subscribe(client.session, channel, command.since, on_ready=reply)
 
 
@@ -130,8 +136,18 @@ async def publish(client: Client, command: Command) -> dict[str, Any]:
     data = await gateway.hooks.check_publish(
         client.claims, client.session.client_id, channel, command.data
     )
+    if data is not command.data and len(data) > gateway.settings.max_message_bytes:
+        raise GatewayError(ErrorCode.TOO_LARGE, "the publish hook's data is over the size limit")
     publication = await gateway.hub.publish(channel, data)
     return {"offset": publication.offset, "epoch": publication.epoch}
+
+
+async def rpc(client: Client, command: Command) -> dict[str, Any]:
+    if not client.publish_limiter.allow():  # a call to the backend, as a publish is
+        raise GatewayError(ErrorCode.RATE_LIMITED, "calling too fast")
+    hooks = client.gateway.hooks
+    data = await hooks.rpc(client.claims, client.session.client_id, command.channel, command.data)
+    return {"data": data}
 
 
 async def presence(client: Client, command: Command) -> dict[str, Any]:
@@ -182,6 +198,7 @@ OPS: dict[str, Op] = {
     "history": history,
     "ping": ping,
     "refresh": refresh,
+    "rpc": rpc,
 }
 # The ops that can complete without a wait, when their state allows (``handle_now``).
 NOW: dict[str, Callable[[Client, Command], bool]] = {

@@ -57,6 +57,9 @@ class GatewayError(Exception):
         return {"error": {"code": str(self.code), "message": self.message}}
 
 
+MAX_CLOSE_REASON = 123  # bytes: a close frame's payload is at most 125, the code 2 of them
+
+
 class Close(NamedTuple):
     code: int
     reason: str
@@ -72,6 +75,8 @@ class CloseCode:
     SERVICE_RESTART = Close(1012, "service restart")
     TRY_AGAIN_LATER = Close(1013, "try again later")
     INTERNAL_ERROR = Close(1011, "internal error")
+    CONNECT_HOOK_FAILED = Close(1011, "connect hook failed")
+    REFUSED = Close(4003, "forbidden")  # by the connect hook; its message is the reason
     NORMAL = Close(1000, "")
 
 

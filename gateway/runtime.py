@@ -76,7 +76,12 @@ class Gateway:
         self.metrics = Metrics(self.hub, self.connections)
         self.hub.observe_latency = self.metrics.latency.observe
         metrics = self.metrics
-        self.hooks = Hooks(load_hooks(settings.hooks), metrics.hook_seconds, metrics.hook_outcomes)
+        self.hooks = Hooks(
+            load_hooks(settings.hooks),
+            metrics.hook_seconds,
+            metrics.hook_outcomes,
+            max_channels=settings.max_channels_per_connection,
+        )
         self.draining = False
         self._features: list[Feature] = []
         self._drain: asyncio.Task[None] | None = None
@@ -93,11 +98,19 @@ class Gateway:
     def at_capacity(self) -> bool:
         return self.connections.at_capacity
 
-    def new_session(self, transport: Transport, claims: Claims, transport_name: str) -> Session:
-        """A session for a connection holding ``claims``, with the settings' limits."""
+    def new_session(
+        self,
+        transport: Transport,
+        claims: Claims,
+        transport_name: str,
+        client_id: str | None = None,
+    ) -> Session:
+        """A session for a connection holding ``claims``, with the settings' limits (and
+        ``client_id``: the one a connect hook was told, if it was)."""
         settings = self.settings
         return Session(
             transport,
+            client_id=client_id,
             user=claims.user,
             info=claims.info,
             max_queue_bytes=settings.client_queue_bytes,

@@ -34,11 +34,12 @@ from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
 from channels.publication import Batch, Publication, StreamPosition
-from channels.session import Ending, Gap, Outgoing
+from channels.session import Ending, Gap, Outgoing, new_client_id
 from gateway import cursor, wire
 from gateway.access import checked_channel, require
-from gateway.deps import ClaimsDep, GatewayDep, query_value, query_values, token_of
+from gateway.deps import GatewayDep, MaybeClaimsDep, hooked, query_value, query_values, token_of
 from gateway.errors import CloseCode, ErrorCode, GatewayError, JSONBody
+from gateway.hooks import Opening
 from gateway.runtime import Gateway
 from gateway.server.ports import StreamPort, stream_port
 from gateway.timers import Timer, loop_timers
@@ -118,10 +119,12 @@ class Stream:
 
     __slots__ = ("_beat", "_expiry", "_writer", "deadline", "gateway", "session", "transport")
 
-    def __init__(self, gateway: Gateway, claims: Claims, channels: list[str]) -> None:
+    def __init__(
+        self, gateway: Gateway, claims: Claims, channels: list[str], client_id: str | None = None
+    ) -> None:
         self.gateway = gateway
         self.transport = SSETransport(channels)
-        self.session = gateway.new_session(self.transport, claims, "sse")
+        self.session = gateway.new_session(self.transport, claims, "sse", client_id)
         self.deadline = gateway.verifier.deadline(claims)
         self._beat: Timer | None = None
         self._expiry: Timer | None = None
@@ -216,17 +219,23 @@ def _positions_from(raw: str | None) -> dict[str, StreamPosition]:
 
 
 def checked_request(
-    gateway: Gateway, claims: Claims, requested: list[str], last_event_id: str | None
+    gateway: Gateway,
+    claims: Claims,
+    requested: list[str],
+    last_event_id: str | None,
+    granted: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, StreamPosition]]:
     """The channels and resume positions of a ``GET /sse``, or the ``GatewayError`` it
-    gets, in the endpoint's order of checks (shared by the endpoint and ``Shortcut``)."""
-    channels = list(dict.fromkeys(requested))
+    gets, in the endpoint's order of checks (shared by the endpoint and ``Shortcut``).
+    ``granted``: the connect hook's channels, which need no permission."""
+    channels = list(dict.fromkeys([*requested, *granted]))
     if not channels:
         raise GatewayError(ErrorCode.BAD_REQUEST, "at least one ?channel= is required")
     for channel in channels:
         checked_channel(channel)
     for channel in channels:
-        require(claims.can_subscribe(channel), "subscribing to", channel)
+        if channel not in granted:
+            require(claims.can_subscribe(channel), "subscribing to", channel)
     if len(channels) > gateway.settings.max_channels_per_connection:
         raise GatewayError(ErrorCode.LIMIT_EXCEEDED, "too many channels on one stream")
     positions = _positions_from(last_event_id)
@@ -236,27 +245,50 @@ def checked_request(
 
 
 @router.get("/sse", response_class=Response)
-async def sse_endpoint(request: Request, gateway: GatewayDep, claims: ClaimsDep) -> Any:
+async def sse_endpoint(request: Request, gateway: GatewayDep, claims: MaybeClaimsDep) -> Any:
     last_event_id = request.headers.get("last-event-id") or request.query_params.get(
         "last_event_id"
     )
-    channels, positions = checked_request(
-        gateway, claims, request.query_params.getlist("channel"), last_event_id
-    )
-    return EventStream(await open_stream(gateway, claims, channels, positions))
+    requested = request.query_params.getlist("channel")
+    if not hooked(gateway, claims):
+        if isinstance(claims, AuthError):
+            raise GatewayError(ErrorCode.UNAUTHORIZED, str(claims))
+        channels, positions = checked_request(gateway, claims, requested, last_event_id)
+        return EventStream(await open_stream(gateway, claims, channels, positions))
+    # The connect hook decides: what can be refused without it is, first.
+    for channel in requested:
+        checked_channel(channel)
+    _positions_from(last_event_id)
+    if gateway.draining or gateway.at_capacity:
+        raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
+    client_id = new_client_id()
+    token_claims = None if isinstance(claims, AuthError) else claims
+    opening = Opening("sse", client_id, request.cookies, request.headers, requested)
+    grant = await gateway.hooks.connect(token_claims, opening)
+    claims = grant.apply(token_claims)
+    channels, positions = checked_request(gateway, claims, requested, last_event_id, grant.channels)
+    stream = await open_stream(gateway, claims, channels, positions, client_id, grant.channels)
+    return EventStream(stream)
 
 
 async def open_stream(
-    gateway: Gateway, claims: Claims, channels: list[str], positions: dict[str, StreamPosition]
+    gateway: Gateway,
+    claims: Claims,
+    channels: list[str],
+    positions: dict[str, StreamPosition],
+    client_id: str | None = None,
+    granted: tuple[str, ...] = (),
 ) -> Stream:
     """A ``Stream`` subscribed to ``channels`` (from ``positions``), ready to start; or
-    the ``GatewayError`` to answer, with nothing left behind."""
-    stream = Stream(gateway, claims, channels)
+    the ``GatewayError`` to answer, with nothing left behind. ``client_id`` and
+    ``granted`` (its channels, decided already) come from the connect hook."""
+    stream = Stream(gateway, claims, channels, client_id)
     transport, session = stream.transport, stream.session
     gateway.opened(session)
     try:
         for channel in channels:  # the backend's say first: nothing subscribed if it refuses
-            await gateway.hooks.check_subscribe(claims, session.client_id, channel)
+            if channel not in granted:
+                await gateway.hooks.check_subscribe(claims, session.client_id, channel)
         for channel in channels:
             since = positions.get(channel)
 
@@ -323,6 +355,8 @@ class Shortcut:
             channels, positions = checked_request(gateway, claims, requested, last_event_id)
         except (AuthError, GatewayError):
             return None
+        if hooked(gateway, claims):
+            return None  # the connect hook is a wait: the endpoint calls it
         return claims, channels, positions
 
     async def _open(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -30,11 +30,14 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 
 from auth import AuthError, Claims
-from channels.session import Ending, Gap, Outgoing
+from channels.broker import BrokerUnavailable
+from channels.hub import SubscribeError
+from channels.session import Ending, Gap, Outgoing, new_client_id
 from gateway import dispatch, wire
 from gateway.commands import BadFrame, Command, parse_command
-from gateway.deps import MaybeClaimsDep, query_value, token_of
-from gateway.errors import Close, CloseCode, ErrorCode, close_for
+from gateway.deps import MaybeClaimsDep, hooked, query_value, token_of
+from gateway.errors import MAX_CLOSE_REASON, Close, CloseCode, ErrorCode, GatewayError, close_for
+from gateway.hooks import Grant, Opening
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
 from gateway.server.ports import Accept, Opener, Refuse, Upgrade, WebSocketPort, websocket_port
@@ -74,16 +77,28 @@ class Connection:
         "bad_frames",
         "claims",
         "gateway",
+        "grant",
         "port",
         "publish_limiter",
         "session",
     )
 
-    def __init__(self, gateway: Gateway, claims: Claims, port: WebSocketPort) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        claims: Claims,
+        port: WebSocketPort,
+        grant: Grant | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        """``grant``: the connect hook's, which ``claims`` include already; ``client_id``:
+        the id the hook was told."""
         self.gateway = gateway
         self.claims = claims
         self.port = port
-        self.session = gateway.new_session(WebSocketTransport(port), claims, "websocket")
+        self.grant = grant
+        transport = WebSocketTransport(port)
+        self.session = gateway.new_session(transport, claims, "websocket", client_id)
         self.bad_frames = 0
         self.publish_limiter = RateLimiter(gateway.settings.client_publish_rate)
         self._expiry: Timer | None = None
@@ -95,9 +110,29 @@ class Connection:
 
     def start(self) -> None:
         self.gateway.opened(self.session)
-        self.refresh(self.claims)
+        self._hold(self.claims)
         self.session.writer_on_demand(self._start_writer)  # idle connections need no task
+        if self.grant is not None and self.grant.channels:
+            # The connect hook's channels, before any command: the reader waits for them.
+            name = f"ws-reader:{self.session.client_id}"
+            self._reader = asyncio.create_task(self._subscribe_granted(), name=name)
         self.port.listen(self._wake_reader)
+
+    async def _subscribe_granted(self) -> None:
+        assert self.grant is not None
+        try:
+            for channel in self.grant.channels:
+                await self.gateway.hub.subscribe(self.session, channel)
+        except BrokerUnavailable:
+            self.session.close(CloseCode.TRY_AGAIN_LATER)
+        except SubscribeError:  # closed meanwhile
+            pass
+        except Exception:
+            logger.exception("subscribing the connect hook's channels failed")
+            self.session.close(CloseCode.INTERNAL_ERROR)
+        finally:
+            self._reader = None
+        self._wake_reader()  # what the client sent meanwhile
 
     def _wake_reader(self) -> None:
         """Handle what the client sent, here, while each message needs no wait; a task
@@ -197,6 +232,10 @@ class Connection:
                 await self.port.close(close.code, close.reason)
 
     def refresh(self, claims: Claims) -> None:
+        """Hold a refreshed token's ``claims`` (with what the connect hook granted on top)."""
+        self._hold(claims if self.grant is None else self.grant.apply(claims))
+
+    def _hold(self, claims: Claims) -> None:
         """Hold ``claims`` from now on, and close when they expire."""
         self.claims = claims
         if self._expiry is not None:
@@ -255,29 +294,55 @@ async def _refuse(websocket: WebSocket, close: Close) -> None:
     await websocket.close(close.code, close.reason)
 
 
-def _refusal(gateway: Gateway, origin: str | None, claims: Claims | AuthError) -> Close | None:
+def _refusal(
+    gateway: Gateway, origin: str | None, claims: Claims | AuthError, hooked: bool = False
+) -> Close | None:
+    """``hooked``: the connect hook decides a connection without a token."""
     if not gateway.origin_allowed(origin):
         return CloseCode.ORIGIN_NOT_ALLOWED
     if gateway.draining:
         return CloseCode.SERVICE_RESTART
     if gateway.at_capacity:
         return CloseCode.TRY_AGAIN_LATER
-    if isinstance(claims, AuthError):
+    if isinstance(claims, AuthError) and not (hooked and claims.missing):
         return CloseCode.TOKEN_EXPIRED if claims.expired else CloseCode.UNAUTHORIZED
     return None
+
+
+def _hook_close(exc: GatewayError) -> Close:
+    """The close frame for a connect hook's refusal or failure."""
+    if exc.code is ErrorCode.UNAUTHORIZED:
+        return CloseCode.UNAUTHORIZED
+    if exc.code is ErrorCode.INTERNAL:
+        return CloseCode.CONNECT_HOOK_FAILED
+    reason = exc.message.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
+    return Close(CloseCode.REFUSED.code, reason or CloseCode.REFUSED.reason)
 
 
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket, claims: MaybeClaimsDep) -> None:
     gateway: Gateway = websocket.app.state.gateway
-    refusal = _refusal(gateway, websocket.headers.get("origin"), claims)
+    by_hook = hooked(gateway, claims)
+    refusal = _refusal(gateway, websocket.headers.get("origin"), claims, by_hook)
     if refusal is not None:
         return await _refuse(websocket, refusal)
+    grant = client_id = None
+    if by_hook:
+        client_id = new_client_id()
+        token_claims = None if isinstance(claims, AuthError) else claims
+        opening = Opening("websocket", client_id, websocket.cookies, websocket.headers)
+        try:
+            grant = await gateway.hooks.connect(token_claims, opening)
+        except GatewayError as exc:
+            return await _refuse(websocket, _hook_close(exc))
+        if gateway.draining:  # while the backend answered
+            return await _refuse(websocket, CloseCode.SERVICE_RESTART)
+        claims = grant.apply(token_claims)
     assert not isinstance(claims, AuthError)
     await websocket.accept()
     raw = gateway.settings.raw_writes
     port = websocket_port(websocket.scope, websocket.receive, websocket.send, raw=raw)
-    connection = Connection(gateway, claims, port)
+    connection = Connection(gateway, claims, port, grant, client_id)
     connection.start()
     try:
         await port.hold()  # the gateway's protocol: at once, and the connection lives on
@@ -302,6 +367,8 @@ def opener(gateway: Gateway) -> Opener:
             claims: Claims | AuthError = gateway.verifier.verify(token)
         except AuthError as exc:
             claims = exc
+        if hooked(gateway, claims):
+            return None  # the connect hook is a wait: the endpoint calls it
         refusal = _refusal(gateway, upgrade.header("origin"), claims)
         if refusal is not None:
             return Refuse(refusal.code, refusal.reason)

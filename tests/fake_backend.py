@@ -12,13 +12,27 @@ first ``:`` up to a ``.`` is the behaviour (``chat:rewrite.1`` → ``rewrite``):
 - ``rewrite``: publish accepted with ``{"data": {"rewritten": <the data>}}``;
 - ``hang``: no answer until ``release`` is set (``pending`` counts the waiting calls);
 - ``http500``: a 500; ``badjson``: a 200 with a body that is not JSON;
-  ``unknown``: ``{"result": "maybe"}``.
+  ``unknown``: ``{"result": "maybe"}``;
+- ``info`` (subscribe): allowed with ``{"info": INFO}``; ``huge`` (publish): accepted
+  with data of ``HUGE`` bytes.
+
+``POST /hooks/rpc`` does the same by the method's name (``rpc:echo`` → ``echo``); an
+allowed call answers ``{"result": "ok", "data": {"echo": <data>, "user": <user>}}``.
+
+``POST /hooks/connect`` reads the request's cookies: ``session=<user>`` is the user it
+allows (with ``info`` ``{"name": <user>}`` and ``room:*`` to subscribe and publish);
+without it a connection with a token is allowed as it is, one without is refused
+``unauthorized`` (``LOGIN``). ``hook=<behaviour>`` as above (``refuse``, ``hang``,
+``http500``, ``badjson``, ``unknown``), or ``nouser`` (an allow without a user),
+``longrefusal`` (a refusal whose message is 300 bytes); ``channels=a|b`` adds
+server-side channels; ``ttl=<s>`` an ``expire_at`` that many seconds ahead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +46,9 @@ from starlette.routing import Route
 from tests.fake_upstream import serve_app
 
 REFUSAL = "not in this room"
+LOGIN = "please log in"
+INFO = {"role": "moderator", "unread": 3}
+HUGE = 70_000
 
 
 @dataclass
@@ -54,12 +71,15 @@ class FakeBackend:
             routes=[
                 Route("/hooks/subscribe", self.subscribe, methods=["POST"]),
                 Route("/hooks/publish", self.publish, methods=["POST"]),
+                Route("/hooks/rpc", self.rpc, methods=["POST"]),
+                Route("/hooks/connect", self.connect, methods=["POST"]),
             ]
         )
 
     def hooks(self, **timeouts: float) -> str:
-        """``GATEWAY_HOOKS`` for this backend: both hooks on ``chat:*`` and ``private:*``."""
-        config = {
+        """``GATEWAY_HOOKS`` for this backend: subscribe and publish on ``chat:*`` and
+        ``private:*``, rpc for ``rpc:*``; connect too when given a timeout."""
+        config: dict[str, Any] = {
             name: {
                 "url": f"{self.url}/hooks/{name}",
                 "channels": ["chat:*", "private:*"],
@@ -67,7 +87,17 @@ class FakeBackend:
             }
             for name in ("subscribe", "publish")
         }
+        config["rpc"] = {
+            "url": f"{self.url}/hooks/rpc",
+            "methods": ["rpc:*"],
+            "timeout": timeouts.get("rpc", 5),
+        }
+        if "connect" in timeouts:
+            config["connect"] = self.connect_hook(timeout=timeouts["connect"])
         return orjson.dumps(config).decode()
+
+    def connect_hook(self, **options: Any) -> dict[str, Any]:
+        return {"url": f"{self.url}/hooks/connect", **options}
 
     def calls_of(self, hook: str, channel: str | None = None) -> list[dict[str, Any]]:
         return [
@@ -82,10 +112,42 @@ class FakeBackend:
     async def publish(self, request: Request) -> Response:
         return await self._answer("publish", request, {"result": "accept"})
 
-    async def _answer(self, hook: str, request: Request, ok: dict[str, Any]) -> Response:
+    async def rpc(self, request: Request) -> Response:
+        return await self._answer("rpc", request, {"result": "ok"})
+
+    async def connect(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
+        cookies = body["cookies"]
+        user = cookies.get("session")
+        kind = cookies.get("hook", "allow")
+        reply: dict[str, Any] = {"result": "allow"}
+        if user:
+            reply.update(user=user, info={"name": user}, subscribe=["room:*"], publish=["room:*"])
+        elif body["claims"] is None and kind == "allow":
+            reply = {"result": "refuse", "code": "unauthorized", "message": LOGIN}
+        if cookies.get("channels"):
+            reply["channels"] = cookies["channels"].split("|")
+        if cookies.get("ttl"):
+            reply["expire_at"] = time.time() + float(cookies["ttl"])
+        if kind == "nouser":
+            reply = {"result": "allow"}
+        elif kind == "longrefusal":
+            reply = {"result": "refuse", "message": "é" * 150}
+        return await self._answer("connect", request, reply, body, kind)
+
+    async def _answer(
+        self,
+        hook: str,
+        request: Request,
+        ok: dict[str, Any],
+        body: dict[str, Any] | None = None,
+        kind: str | None = None,
+    ) -> Response:
+        if body is None:
+            body = orjson.loads(await request.body())
         self.calls.append(HookCall(hook, body))
-        kind = behaviour(str(body.get("channel", "")))
+        if kind is None:
+            kind = behaviour(str(body.get("channel", body.get("method", ""))))
         reply: dict[str, Any] = ok
         if kind == "refuse":
             reply = {"result": "refuse", "message": REFUSAL}
@@ -95,6 +157,12 @@ class FakeBackend:
             reply = {"result": "refuse", "code": "teapot", "message": REFUSAL}
         elif kind == "rewrite" and hook == "publish":
             reply = {"result": "accept", "data": {"rewritten": body["data"]}}
+        elif kind == "info" and hook == "subscribe":
+            reply = {"result": "allow", "info": INFO}
+        elif kind == "huge" and hook == "publish":
+            reply = {"result": "accept", "data": "x" * HUGE}
+        elif hook == "rpc" and kind not in ("hang", "http500", "badjson", "unknown"):
+            reply = {"result": "ok", "data": {"echo": body["data"], "user": body["user"]}}
         elif kind == "unknown":
             reply = {"result": "maybe"}
         elif kind == "http500":

@@ -40,7 +40,12 @@ async def hooked(make_server: MakeServer, backend: FakeBackend) -> RunningServer
     [
         ("{not json", "not valid JSON"),
         ('["subscribe"]', "must be a JSON object"),
-        ('{"connect": {"url": "http://app/h", "channels": ["*"]}}', "unknown hook 'connect'"),
+        ('{"accept": {"url": "http://app/h", "channels": ["*"]}}', "unknown hook 'accept'"),
+        ('{"connect": {"url": "http://app/h", "channels": ["*"]}}', "unknown key 'channels'"),
+        ('{"publish": {"url": "http://app/h", "channels": ["*"], "tmeout": 1}}', "'tmeout'"),
+        ('{"connect": {"url": "http://app/h", "headers": "cookie"}}', "'headers' must be"),
+        ('{"connect": {"url": "http://app/h", "with_token": "no"}}', "'with_token' must be"),
+        ('{"rpc": {"url": "http://app/h", "methods": []}}', "needs 'methods'"),
         ('{"subscribe": {"channels": ["*"]}}', "needs an http(s) 'url'"),
         ('{"subscribe": {"url": "ftp://app/h", "channels": ["*"]}}', "needs an http(s) 'url'"),
         ('{"publish": {"url": "http://app/h"}}', "needs 'channels'"),

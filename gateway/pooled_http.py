@@ -1,0 +1,46 @@
+"""The HTTP client of the backend hooks: many small POSTs at once to one backend, each
+costing little CPU, over keep-alive connections.
+
+A hook call is on the path of a connect, so its client-side cost is a connect's cost:
+when every client of a worker reconnects through the connect hook, the worker makes a
+thousand calls at once. Measured on this project's machine (2 cores, uvloop, a
+backend answering at once on the other core): httpx 0.29 spent 1.3-1.5 ms of CPU per
+call alone and 2.5-5 ms with 16-128 calls in flight (its pool re-examines every
+connection for every request that starts or ends); aiohttp 230-320 µs whatever the
+concurrency. So hooks go through one aiohttp session; httpx stays the client of the
+LLM relay (long streams, where a call's set-up cost does not matter).
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+CONNECTIONS = 256  # to the backend; more calls at once wait for one (within their timeout)
+
+
+class PooledClient:
+    """One ``aiohttp.ClientSession``, made in the running loop on first use."""
+
+    def __init__(self, connections: int = CONNECTIONS) -> None:
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._connections, limit_per_host=0)
+        # The caller's deadline bounds each call (``asyncio.timeout``): none of aiohttp's.
+        timeout = aiohttp.ClientTimeout(total=None)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, trust_env=False, raise_for_status=False
+        )
+        return self._session
+
+    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """The status and body of a POST of ``content``; raises ``aiohttp.ClientError``
+        (or ``OSError``) when the backend cannot be reached or breaks the exchange."""
+        session = self._session or self._open()
+        async with session.post(url, data=content, headers=headers, allow_redirects=False) as r:
+            return r.status, await r.read()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
