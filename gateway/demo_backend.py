@@ -203,6 +203,8 @@ def positive_int(value: object) -> int:
 
 
 class ChatBackend:
+    """The routes above, on one session key and one store of messages."""
+
     def __init__(self, secret: str, *, cookie_login: bool) -> None:
         self.sessions = Sessions(secret)
         self.rooms = Rooms()

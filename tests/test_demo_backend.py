@@ -1,15 +1,20 @@
 """The chat demo's backend (gateway.demo_backend): its login and the hooks it answers, called
-over HTTP as the gateway calls them, on a dev-mode gateway with the demo on."""
+over HTTP as the gateway calls them, on a dev-mode gateway with the demo on; then
+``python -m gateway`` in dev mode, whose hooks it is, with real WebSocket and SSE clients."""
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
+from gateway.__main__ import _local_url
 from gateway.demo_backend import (
     COOKIE,
     HISTORY_METHOD,
@@ -19,8 +24,10 @@ from gateway.demo_backend import (
     Rooms,
     Sessions,
 )
+from tests.browser_helpers import wait_ready_sync
 from tests.conftest import RunningServer
-from tests.helpers import api_client
+from tests.helpers import WsClient, api_client
+from tests.procs import GatewayProcess
 
 ROOM = "chat:demo-lobby"
 
@@ -294,3 +301,129 @@ def test_rooms_keep_the_last_messages_of_the_rooms_written_to_last() -> None:
     assert [m["text"] for m in rooms.page("a", None, 10)[0]] == ["a3", "a4", "a5"]
     last = rooms.add("b", "bob", "b1")
     assert last["id"] == 9  # never an id given before
+
+
+# --------------------------------------------------------------------------- python -m gateway
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("localhost", "http://localhost:8000"),
+        ("fd00::5", "http://[fd00::5]:8000"),
+    ],
+)
+def test_dev_mode_calls_its_hooks_where_this_machine_reaches_the_server(
+    host: str, url: str
+) -> None:
+    assert _local_url(host, 8000) == url
+
+
+@pytest.fixture(scope="module")
+def dev_gateway() -> Iterator[GatewayProcess]:
+    """``python -m gateway`` in dev mode: its hooks are the demo backend's."""
+    gateway = GatewayProcess(env={"GATEWAY_LOG_LEVEL": "warning"})
+    try:
+        wait_ready_sync(gateway.url, gateway.proc, gateway.output)
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+async def cookie_of(url: str, name: str) -> dict[str, str]:
+    """The ``Cookie`` header of a session logged in as ``name``."""
+    async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+        response = await client.post("/demo/login", json={"name": name})
+    assert response.status_code == 200, response.text
+    return {"Cookie": f"{COOKIE}={response.cookies[COOKIE]}"}
+
+
+@contextlib.asynccontextmanager
+async def ws_at(url: str, headers: dict[str, str] | None = None) -> AsyncIterator[WsClient]:
+    async with connect(url, additional_headers=headers, proxy=None, open_timeout=5) as conn:
+        yield WsClient(conn)
+
+
+async def test_python_m_gateway_in_dev_mode_calls_the_demo_backend(
+    dev_gateway: GatewayProcess,
+) -> None:
+    room = f"chat:demo-{secrets.token_hex(4)}"
+    headers = await cookie_of(dev_gateway.url, "ada")
+    async with httpx.AsyncClient(base_url=dev_gateway.url, trust_env=False) as client:
+        state = (await client.get("/demo/session", headers=headers)).json()
+    assert state == {"user": "ada", "connect": "cookie"}
+
+    async with ws_at(f"{dev_gateway.ws_url}/ws", headers) as ws:  # no token
+        await ws.subscribe(room)
+        presence = await ws.call("presence", channel=room)
+        assert [(c["user"], c["info"]) for c in presence["result"]["clients"]] == [
+            ("ada", {"name": "ada"})
+        ]
+        refused = await ws.call("publish", channel=room, data={"text": "Darn."})
+        assert refused["ok"] is False and refused["error"]["code"] == "forbidden"
+        assert refused["error"]["message"] == 'please keep it civil: "darn" is not allowed'
+        await ws.publish(room, {"text": "hi", "user": "mallory", "ts": 1})
+        [push] = await ws.publications(room, 1)
+        message = push["data"]
+        assert (message["user"], message["text"]) == ("ada", "hi") and message["ts"] > 1
+        answer = await ws.call("rpc", method=HISTORY_METHOD, data={"room": room[10:]})
+        assert answer["result"]["data"] == {"messages": [message], "more": False}
+        # The cookie's grant covers the demo's rooms only.
+        forbidden = await ws.call("subscribe", channel="demo:ticker")
+        assert forbidden["error"]["code"] == "forbidden"
+
+
+async def test_without_the_cookie_a_connection_without_a_token_is_still_refused(
+    dev_gateway: GatewayProcess,
+) -> None:
+    for headers in (None, {"Cookie": f"{COOKIE}=forged.0000"}):
+        async with ws_at(f"{dev_gateway.ws_url}/ws", headers) as ws:
+            code, reason, _ = await ws.expect_close()
+        assert (code, reason) == (4001, "unauthorized")
+    async with httpx.AsyncClient(base_url=dev_gateway.url, trust_env=False) as client:
+        response = await client.get("/sse", params={"channel": "chat:demo-x"})
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+        headers = await cookie_of(dev_gateway.url, "ada")
+        async with client.stream(
+            "GET", "/sse", params={"channel": "chat:demo-x"}, headers=headers
+        ) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+
+
+async def test_token_clients_of_other_channels_publish_as_before(
+    dev_gateway: GatewayProcess,
+) -> None:
+    async with httpx.AsyncClient(base_url=dev_gateway.url, trust_env=False) as client:
+        minted = (await client.get("/dev/token", params={"user": "zoe"})).json()["token"]
+    data = {"text": "darn", "n": 1}
+    async with ws_at(f"{dev_gateway.ws_url}/ws?token={minted}") as ws:
+        await ws.subscribe("chat:lobby")
+        await ws.publish("chat:lobby", data)
+        [push] = await ws.publications("chat:lobby", 1)
+    assert push["data"] == data
+
+
+async def test_a_gateway_hooks_setting_of_the_user_wins() -> None:
+    proc = GatewayProcess(env={"GATEWAY_HOOKS": "{}", "GATEWAY_LOG_LEVEL": "warning"})
+    try:
+        await proc.wait_ready()
+        headers = await cookie_of(proc.url, "ada")
+        async with httpx.AsyncClient(base_url=proc.url, trust_env=False) as client:
+            state = (await client.get("/demo/session", headers=headers)).json()
+            minted = (await client.get("/dev/token", params={"user": "zoe"})).json()["token"]
+        assert state == {"user": "ada", "connect": "token"}  # the page uses a dev token
+        async with ws_at(f"{proc.ws_url}/ws", headers) as ws:
+            code, _, _ = await ws.expect_close()
+        assert code == 4001  # no connect hook: a token is needed
+        async with ws_at(f"{proc.ws_url}/ws?token={minted}") as ws:
+            await ws.subscribe("chat:demo-x")
+            await ws.publish("chat:demo-x", {"text": "darn"})
+            [push] = await ws.publications("chat:demo-x", 1)
+        assert push["data"] == {"text": "darn"}  # no publish hook either
+    finally:
+        proc.stop()
