@@ -185,6 +185,26 @@ async def test_slow_consumer_closes_are_counted_per_transport(make_server: MakeS
     assert body["totals"]["slow_consumer_closes"] == {"websocket": 0, "sse": 3}
 
 
+async def test_stats_show_the_broker_down_and_its_reconnect(
+    make_server: MakeServer, own_redis_server: Any, redis_prefix: str
+) -> None:
+    server = await make_server(
+        admin_token=ADMIN, broker_url=own_redis_server.url, broker_prefix=redis_prefix
+    )
+    async with api_client(server) as http:
+        broker = (await stats(http))["workers"][0]["broker"]
+        assert broker == {"kind": "redis", "ready": True, "reconnects": 0}
+        own_redis_server.stop()
+        await stats_until(http, lambda s: s["workers"][0]["broker"]["ready"] is False)
+        own_redis_server.restart()
+        back = await stats_until(
+            http,
+            lambda s: s["workers"][0]["broker"]["ready"] and s["totals"]["broker_reconnects"] >= 1,
+            timeout=15,
+        )
+    assert back["workers"][0]["broker"]["reconnects"] == back["totals"]["broker_reconnects"]
+
+
 # --------------------------------------------------------------------------- channel tools
 
 

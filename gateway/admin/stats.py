@@ -66,10 +66,7 @@ class ClusterStats:
         """This worker, now."""
         gateway = self.gateway
         hub, connections, stats = gateway.hub, gateway.connections, gateway.hub.stats
-        try:
-            ready = await hub.ready()
-        except Exception:  # a broker that cannot answer is not ready
-            ready = False
+        ready = await hub.ready()
         return {
             "worker": self.worker,
             "time": time.time(),
