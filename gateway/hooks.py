@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -136,6 +136,11 @@ def claims_body(claims: Claims) -> dict[str, Any]:
     }
 
 
+class HeaderLookup(Protocol):
+    def get(self, name: str, /) -> str | None:
+        """The first value of header ``name`` (lower-case), None when absent."""
+
+
 @dataclass(frozen=True, slots=True)
 class Opening:
     """What the connect hook is told of a connection being opened."""
@@ -143,7 +148,7 @@ class Opening:
     transport: str  # "websocket" or "sse"
     client: str  # the client id the connection will have
     cookies: Mapping[str, str]
-    headers: Mapping[str, str]  # the request's, looked up by lower-case name
+    headers: HeaderLookup  # the request's
     channels: list[str] | None = None  # SSE: the stream's ?channel= list
 
 

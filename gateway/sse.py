@@ -255,12 +255,14 @@ async def sse_endpoint(request: Request, gateway: GatewayDep, claims: MaybeClaim
             raise GatewayError(ErrorCode.UNAUTHORIZED, str(claims))
         channels, positions = checked_request(gateway, claims, requested, last_event_id)
         return EventStream(await open_stream(gateway, claims, channels, positions))
-    # The connect hook decides: what can be refused without it is, first.
-    for channel in requested:
-        checked_channel(channel)
-    _positions_from(last_event_id)
+    # The connect hook decides. Without a token it is the authentication, which comes
+    # first as the token's check does; with one, a bad request is refused without it.
     if gateway.draining or gateway.at_capacity:
         raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
+    if isinstance(claims, Claims):
+        for channel in requested:
+            checked_channel(channel)
+        _positions_from(last_event_id)
     client_id = new_client_id()
     token_claims = None if isinstance(claims, AuthError) else claims
     opening = Opening("sse", client_id, request.cookies, request.headers, requested)

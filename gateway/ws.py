@@ -27,6 +27,7 @@ import logging
 import time
 
 from fastapi import APIRouter, WebSocket
+from starlette.requests import cookie_parser
 from starlette.types import Message
 
 from auth import AuthError, Claims
@@ -40,7 +41,15 @@ from gateway.errors import MAX_CLOSE_REASON, Close, CloseCode, ErrorCode, Gatewa
 from gateway.hooks import Grant, Opening
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
-from gateway.server.ports import Accept, Opener, Refuse, Upgrade, WebSocketPort, websocket_port
+from gateway.server.ports import (
+    Accept,
+    Deferred,
+    Opener,
+    Refuse,
+    Upgrade,
+    WebSocketPort,
+    websocket_port,
+)
 from gateway.timers import Timer, loop_timers
 
 logger = logging.getLogger(__name__)
@@ -357,7 +366,7 @@ def opener(gateway: Gateway) -> Opener:
     checks, in the same order, as the endpoint and its token dependency, with no framework
     call, dependency solving or task on the way; the connection starts on the protocol."""
 
-    def open_websocket(upgrade: Upgrade) -> Accept | Refuse | None:
+    def open_websocket(upgrade: Upgrade) -> Accept | Refuse | Deferred | None:
         if upgrade.path != "/ws":
             return None
         token = token_of(
@@ -367,12 +376,44 @@ def opener(gateway: Gateway) -> Opener:
             claims: Claims | AuthError = gateway.verifier.verify(token)
         except AuthError as exc:
             claims = exc
-        if hooked(gateway, claims):
-            return None  # the connect hook is a wait: the endpoint calls it
-        refusal = _refusal(gateway, upgrade.header("origin"), claims)
+        by_hook = hooked(gateway, claims)
+        refusal = _refusal(gateway, upgrade.header("origin"), claims, by_hook)
         if refusal is not None:
             return Refuse(refusal.code, refusal.reason)
+        if by_hook:
+            token_claims = None if isinstance(claims, AuthError) else claims
+            return Deferred(lambda: _ask_the_backend(gateway, token_claims, upgrade))
         assert not isinstance(claims, AuthError)
         return lambda port: Connection(gateway, claims, port).start()
 
     return open_websocket
+
+
+class _UpgradeHeaders:
+    """An upgrade's headers as the connect hook reads them (``Opening.headers``)."""
+
+    __slots__ = ("_upgrade",)
+
+    def __init__(self, upgrade: Upgrade) -> None:
+        self._upgrade = upgrade
+
+    def get(self, name: str) -> str | None:
+        return self._upgrade.header(name)
+
+
+async def _ask_the_backend(
+    gateway: Gateway, token_claims: Claims | None, upgrade: Upgrade
+) -> Accept | Refuse:
+    """The opener's answer once the connect hook's is in (the endpoint's, below ASGI)."""
+    client_id = new_client_id()
+    cookies = cookie_parser(upgrade.header("cookie") or "")
+    opening = Opening("websocket", client_id, cookies, _UpgradeHeaders(upgrade))
+    try:
+        grant = await gateway.hooks.connect(token_claims, opening)
+    except GatewayError as exc:
+        close = _hook_close(exc)
+        return Refuse(close.code, close.reason)
+    if gateway.draining:  # while the backend answered
+        return Refuse(CloseCode.SERVICE_RESTART.code, CloseCode.SERVICE_RESTART.reason)
+    claims = grant.apply(token_claims)
+    return lambda port: Connection(gateway, claims, port, grant, client_id).start()

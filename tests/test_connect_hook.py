@@ -260,13 +260,25 @@ async def test_sse_refused_by_the_connect_hook_is_an_http_error(
 
 async def test_sse_bad_requests_are_refused_without_asking_the_hook(hooked, backend):
     async with api_client(hooked) as http:
-        got, _, _ = await sse_request(http, [("channel", "bad name!")], cookie_header(session="n"))
+        cookies = cookie_header(session="n")
+        tok = token("n")
+        got, _, _ = await sse_request(http, [("channel", "bad name!"), ("token", tok)], cookies)
         assert got == 400
         got, _, _ = await sse_request(
-            http, [("channel", "room:1"), ("token", "not-a-jwt")], cookie_header(session="n")
+            http, [("channel", "room:1"), ("token", "not-a-jwt")], cookies
         )
         assert got == 401
     assert backend.calls_of("connect") == []
+
+
+async def test_sse_without_a_token_is_authenticated_first(hooked, backend):
+    async with api_client(hooked) as http:
+        # No cookie: unauthorized, as without hooks, whatever else is wrong.
+        got, _, _ = await sse_request(http, [("channel", "bad name!")])
+        assert got == 401
+        got, _, _ = await sse_request(http, [("channel", "bad name!")], cookie_header(session="o"))
+        assert got == 400
+    assert len(backend.calls_of("connect")) == 2
 
 
 async def test_a_burst_of_a_thousand_connects_through_the_hook(make_server, backend):
@@ -421,3 +433,42 @@ async def test_without_hooks_nothing_changes_for_a_tokenless_client(make_server)
     async with httpx.AsyncClient(base_url=gw.url, trust_env=False) as http:
         r = await http.get("/sse", params={"channel": "news"})
     assert r.status_code == 401
+
+
+# --------------------------------------------------------------------------- below ASGI
+
+
+@pytest.mark.gateway_protocols
+async def test_the_connect_hook_is_awaited_below_asgi(hooked, backend):
+    from gateway.server.upgraded import UpgradedWebSocket
+
+    async with tokenless(hooked, session="pat") as c:
+        await c.subscribe("room:p")
+        connections = hooked.server.server_state.connections
+        assert [type(p) for p in connections if isinstance(p, UpgradedWebSocket)] == [
+            UpgradedWebSocket
+        ]
+    assert len(backend.calls_of("connect")) == 1
+    await eventually(lambda: hooked.gateway.connections.total == 0)
+
+
+@pytest.mark.gateway_protocols
+async def test_a_client_gone_while_the_connect_hook_waits_leaves_nothing(make_server, backend):
+    gw = await make_server(hooks=backend.hooks(connect=30))
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Cookie: hook=hang\r\n\r\n"
+    )
+    await writer.drain()
+    await eventually(lambda: backend.pending == 1)
+    writer.close()
+    await writer.wait_closed()
+    # Nothing is read while the hook is asked (the client's leaving shows once it
+    # answered): the connection is held no longer than the hook's timeout.
+    backend.release.set()
+    await eventually(lambda: not gw.server.server_state.connections)
+    assert gw.gateway.connections.total == 0 and not gw.gateway.hub.sessions
+    async with tokenless(gw, session="quinn") as c:  # the worker goes on
+        await c.ping_ok()

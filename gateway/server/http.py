@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote
@@ -52,9 +53,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 
-from gateway.server.ports import OPEN_WEBSOCKET, RAW_BODY, Opener, Refuse
+from gateway.server.ports import OPEN_WEBSOCKET, RAW_BODY, Accept, Deferred, Opener, Refuse
 from gateway.server.upgraded import UpgradedWebSocket, switching_head
 from gateway.server.waiting import LiteEvent
+
+logger = logging.getLogger("uvicorn.error")
 
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
 # dedented source when it was copied; tests/test_server_adapter.py compares.
@@ -233,6 +236,29 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             super().handle_websocket_upgrade()  # uvicorn: the WebSocket protocol parses it again
             return
         assert key is not None
+        if isinstance(decision, Deferred):
+            # The app answers later (a backend's say): read nothing meanwhile.
+            self.transport.pause_reading()
+            task = asyncio.ensure_future(decision.decide())
+            task.add_done_callback(lambda done: self._decided(key, self.url, done))
+            return
+        self._switch(key, self.url, decision)
+
+    def _decided(self, key: str, url: bytes, task: asyncio.Future[Accept | Refuse]) -> None:
+        """A deferred decision is in: switch, unless the client left (or the server
+        closed the connection, stopping) meanwhile."""
+        if task.cancelled() or self.transport.is_closing():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("deciding a WebSocket upgrade failed", exc_info=error)
+            self.transport.close()
+            return
+        self.transport.resume_reading()
+        self._switch(key, url, task.result())
+
+    def _switch(self, key: str, url: bytes, decision: Accept | Refuse) -> None:
+        """Write the 101 and hand the connection to the gateway's WebSocket protocol."""
         config = self.config
         protocol = UpgradedWebSocket(
             connections=self.connections,
@@ -245,7 +271,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.connections.discard(self)
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
-        protocol.open(switching_head(accept_key(key), self.server_state.default_headers), self.url)
+        protocol.open(switching_head(accept_key(key), self.server_state.default_headers), url)
         self.url, self.headers = b"", []
         if isinstance(decision, Refuse):
             protocol.refuse(decision.code, decision.reason)

@@ -19,7 +19,7 @@ Either way a transport has one lifecycle: set up, ``listen``/``on_lost``, write,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -106,9 +106,21 @@ class Refuse:
 
 # Called with the connection's port once the 101 is out: the app takes the connection.
 Accept = Callable[[WebSocketPort], object]
-# The app's answer to an upgrade: take it (``Accept``), refuse it, or None: not one of
-# its fast paths, run the ASGI app as usual. Synchronous: nothing awaits before the 101.
-Opener = Callable[[Upgrade], Accept | Refuse | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """The answer comes later (the app asks its backend first): the server reads
+    nothing from the client until ``decide()`` is done, then takes or refuses the
+    upgrade as if answered at once; a client that left meanwhile is forgotten. A
+    server that cannot wait runs the ASGI app instead (``decide`` is never called)."""
+
+    decide: Callable[[], Awaitable[Accept | Refuse]]
+
+
+# The app's answer to an upgrade: take it (``Accept``), refuse it, decide later
+# (``Deferred``), or None: not one of its fast paths, run the ASGI app as usual.
+Opener = Callable[[Upgrade], Accept | Refuse | Deferred | None]
 
 
 _warned: set[str] = set()

@@ -53,6 +53,7 @@ from gateway.server.ports import (
     OPEN_WEBSOCKET,
     RAW_FRAMES,
     Accept,
+    Deferred,
     Opener,
     Refuse,
     WebSocketPort,
@@ -115,6 +116,8 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Request) -> None:
         opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
         decision = opener(_Upgrade(event)) if opener is not None else None
+        if isinstance(decision, Deferred):
+            decision = None  # no waiting here: the ASGI endpoint decides
         if decision is not None and self._handshake(event):
             self._open(decision)
             return
