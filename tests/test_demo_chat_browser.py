@@ -8,7 +8,8 @@ are the demo backend's (gateway.demo_backend).
   a banned word is refused with a message the user sees, and nobody receives it;
 - after a reload the page is straight back in (the cookie) with the messages, which it
   loaded over the ``chat.history`` rpc, never the gateway's ``history``; older ones come a
-  page at a time from "Load older messages".
+  page at a time from "Load older messages";
+- with ``GATEWAY_HOOKS`` of the user's, the page falls back to a dev token.
 
 Synchronisation is by polling with deadlines (``page.wait_for_function``).
 """
@@ -201,3 +202,27 @@ async def test_older_messages_come_a_page_at_a_time_over_rpc(
     assert ids == sorted(ids) and len(set(ids)) == count
     rpcs = [c for c in ops(page) if c["op"] == "rpc"]
     assert [c["data"].get("before") for c in rpcs] == [None, ids[count - PAGE]]
+
+
+async def test_with_the_users_own_hooks_the_page_connects_with_a_dev_token(
+    new_page: PageFactory,
+) -> None:
+    """GATEWAY_HOOKS set by the user: no connect hook takes the demo's cookie, so the page
+    uses a dev token and the gateway's own history, as before the demo backend."""
+    gateway = GatewayProcess(env={"GATEWAY_HOOKS": "{}", "GATEWAY_LOG_LEVEL": "warning"})
+    try:
+        await gateway.wait_ready()
+        url = f"{gateway.url}/chat?room={secrets.token_hex(4)}"
+        alice = await new_page()
+        await log_in(alice, url, "alice")
+        assert all("/ws?token=" in u for u in alice.sockets), alice.sockets
+        await send(alice, "darn, no moderation here")  # no publish hook either
+        await wait_texts(alice, ["darn, no moderation here"])
+        assert await alice.locator("[data-testid=message-id]").count() == 0
+
+        bob = await new_page()
+        await log_in(bob, url, "bob")
+        await wait_texts(bob, ["darn, no moderation here"])  # from the gateway's history
+        assert [c["op"] for c in ops(bob) if c["op"] in ("history", "rpc")] == ["history"]
+    finally:
+        gateway.stop()
