@@ -18,6 +18,8 @@ from gatewayclient.models import (
     Publication,
     PublishResult,
 )
+from gatewayclient.publisher import Publisher, StreamResult
+from gatewayclient.sse import SseClient
 from gatewayclient.subscription import Subscription
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
     "PresenceEvent",
     "Publication",
     "PublishResult",
+    "Publisher",
+    "SseClient",
+    "StreamResult",
     "Subscription",
     "connect",
 ]
