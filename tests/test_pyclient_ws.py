@@ -17,6 +17,7 @@ from gatewayclient import (
     Position,
     PresenceEvent,
     Publication,
+    Publisher,
     Subscription,
     connect,
 )
@@ -240,3 +241,24 @@ async def test_a_4001_close_gets_a_new_token_from_the_factory(server):
         assert len(made) == 2
         await client.publish("news", 1)
         assert isinstance(await sub.get(5), Publication)
+
+
+async def test_a_stored_position_resumes_in_a_new_client(server):
+    async with connect(server.url, token=token()) as client:
+        sub = await client.subscribe("news")
+        for n in (1, 2):
+            await client.publish("news", n)
+        await take(sub, 2)
+        stored = sub.position
+    assert stored is not None and stored.offset == 2
+    async with Publisher(server.url, token("backend")) as api:
+        for n in (3, 4):
+            await api.publish("news", n)
+    async with connect(server.url, token=token()) as client:
+        resumed = await client.subscribe("news", since=stored)
+        assert resumed.recovered is True
+        items = await take(resumed, 2)
+        assert [(i.offset, i.data) for i in items if isinstance(i, Publication)] == [(3, 3), (4, 4)]
+        stale = await client.subscribe("other", since=Position("not-the-epoch", 7))
+        gap = await stale.get(5)
+        assert isinstance(gap, Gap) and (gap.reason, gap.last_offset) == ("epoch", 7)
