@@ -164,6 +164,9 @@ class Client:
                     code, reason = ws.close_code, ws.close_reason or ""
                 except (OSError, InvalidHandshake, TimeoutError) as exc:
                     reason = repr(exc)
+                except Exception as exc:  # a frame this client could not handle: start over
+                    logger.exception("the connection to %s failed", url)
+                    reason = repr(exc)
             self.last_close = (code, reason)
             if opened:
                 attempt = 0

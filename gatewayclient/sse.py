@@ -155,25 +155,33 @@ class SseClient:
     async def _run(self) -> None:
         attempt = 0
         while True:
+            opened = False
             try:
                 token = await self.tokens.current()
-                opened = await self._stream(token)
             except GatewayError as exc:
-                self._items.put_nowait(exc)
+                self._items.put_nowait(exc)  # rejected and nothing can renew it
                 return
-            except httpx.HTTPError as exc:
-                logger.info("SSE stream failed: %r", exc)
-                opened = False
             except Exception:
                 logger.exception("token_factory failed")
-                opened = False
+            else:
+                streams = self.connections
+                try:
+                    await self._stream(token)
+                except GatewayError as exc:
+                    self._items.put_nowait(exc)
+                    return
+                except httpx.HTTPError as exc:
+                    logger.info("SSE stream failed: %r", exc)
+                except Exception:  # an event this client could not handle: start over
+                    logger.exception("SSE stream failed")
+                opened = self.connections > streams  # however it ended
             attempt = 0 if opened else attempt + 1
             await asyncio.sleep(
                 backoff(attempt, self.min_reconnect_delay, self.max_reconnect_delay)
             )
 
-    async def _stream(self, token: str) -> bool:
-        """One stream, until it ends. Returns whether it opened."""
+    async def _stream(self, token: str) -> None:
+        """One stream, until it ends."""
         params = (*(("channel", c) for c in self.channels), ("token", token))
         headers = {"Accept": "text/event-stream"}
         if self.cursor is not None:
@@ -185,12 +193,11 @@ class SseClient:
             if response.status_code != 200:
                 await response.aread()
                 self._refused(response)
-                return False
+                return
             self.connections += 1
             async for block in sse_blocks(response.aiter_lines()):
                 self._on_block(block)
                 self._opened.set()
-            return True
 
     def _refused(self, response: httpx.Response) -> None:
         try:
