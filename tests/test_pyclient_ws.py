@@ -220,11 +220,13 @@ async def test_the_token_is_refreshed_before_it_expires(make_server: MakeServer)
     async with connect(gw.url, token_factory=factory, refresh_before_expiry=30) as client:
         assert len(made) == 1
         sub = await client.subscribe("news")
-        # A 3 s token is replaced halfway (~1.5 s); without it the gateway closes at 3 s.
-        await eventually(lambda: len(made) >= 3, timeout=8)
-        assert client.connections == 1
+        # A 3 s token is replaced halfway through (every ~1.5 s); the fourth comes ~4.5 s
+        # in, well past the first one's exp, when the gateway would have closed without
+        # the refresh ops.
+        await eventually(lambda: len(made) >= 4, timeout=10)
         await client.publish("news", "still here")
         assert isinstance(await sub.get(5), Publication)
+        assert client.last_close is None and client.connections == 1  # never dropped
 
 
 async def test_a_4001_close_gets_a_new_token_from_the_factory(server):
