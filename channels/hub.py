@@ -30,6 +30,7 @@ who joins and leaves; presence is ``channels.presence``.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import zlib
 from collections.abc import Callable
@@ -117,6 +118,11 @@ class Hub(Fanout):
     @property
     def subscription_count(self) -> int:
         return sum(len(lc) for lc in self._channels.values())
+
+    def busiest_channels(self, n: int) -> list[tuple[str, int]]:
+        """The ``n`` channels with the most subscribers on this worker, with their counts."""
+        counts = ((name, len(lc)) for name, lc in self._channels.items())
+        return heapq.nlargest(n, counts, key=lambda item: item[1])
 
     def local_subscribers(self, channel: str) -> int:
         lc = self._channels.get(channel)

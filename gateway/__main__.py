@@ -1,7 +1,9 @@
 """``python -m gateway`` / ``gateway``: run the gateway under uvicorn.
 
 In dev mode (no key configured) this prints a ready-to-use dev token on
-stdout; the token is deliberately never given to a logger.
+stdout; the token is deliberately never given to a logger. With the demo on, and
+``GATEWAY_HOOKS`` not set, the gateway's hooks are the chat demo's backend on this same
+server (gateway.demo_backend).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import uvicorn
 
 from auth.tokens import make_token, new_dev_secret
+from gateway.demo_backend import hooks_config
 from gateway.server.draining import DrainingServer
 from gateway.server.options import ServerChoice, server_choice, uvicorn_options
 from gateway.settings import Settings
@@ -71,14 +74,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.app import create_app
 
+    demo_hooks = _demo_hooks(settings, args.host, args.port)
+    if demo_hooks is not None:
+        settings = settings.model_copy(update={"hooks": demo_hooks})
     app = create_app(settings)
     gateway = app.state.gateway
     if gateway.dev_token is not None:
         _announce_dev(gateway.dev_token, base)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, **options))
     _log_choice(choice)
+    if demo_hooks is not None:
+        logger.info("dev mode: GATEWAY_HOOKS is the chat demo's backend: %s", demo_hooks)
     server.run()
     return 0
+
+
+def _demo_hooks(settings: Settings, host: str, port: int) -> str | None:
+    """Dev mode with the demo: ``GATEWAY_HOOKS`` for the chat demo's backend on this server,
+    unless the user set the variable (even to ``{}``: no hooks)."""
+    if not (settings.dev_mode and settings.demo) or "GATEWAY_HOOKS" in os.environ or not port:
+        return None
+    return hooks_config(_local_url(host, port))
+
+
+def _local_url(host: str, port: int) -> str:
+    """Where this machine reaches a server bound to ``host`` (a wildcard: on loopback)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _log_choice(choice: ServerChoice) -> None:

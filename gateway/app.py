@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
-from gateway import api, demo, llm, ops, sse, ws
+from gateway import admin, api, demo, llm, ops, sse, ws
 from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
 from gateway.logs import install_redaction
 from gateway.runtime import Gateway
@@ -130,4 +130,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     llm.install(app, gateway)
     demo.install(app, gateway)
+    admin.install(app, gateway)
     return app

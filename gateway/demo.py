@@ -1,5 +1,5 @@
-"""Demo pages and, in dev mode only, a demo publisher and a dev token endpoint. ``install``
-adds them to an app."""
+"""Demo pages and, in dev mode only, a demo publisher, a dev token endpoint and the chat
+demo's backend (gateway.demo_backend). ``install`` adds them to an app."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from auth.tokens import make_token
 from channels.broker import BrokerUnavailable
+from gateway import demo_backend
 from gateway.deps import GatewayDep
 from gateway.errors import ErrorCode, GatewayError
 from gateway.runtime import Gateway
@@ -29,11 +30,13 @@ SYMBOLS = {"ACME": 101.0, "GLOBEX": 55.0, "INITECH": 12.5, "UMBRELLA": 230.0}
 
 
 def install(app: FastAPI, gateway: Gateway) -> None:
-    """The pages and the client script; in dev mode with ``GATEWAY_DEMO`` the publisher."""
+    """The pages and the client script; in dev mode with ``GATEWAY_DEMO`` the publisher and
+    the chat's backend."""
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     if gateway.dev_secret is not None and gateway.settings.demo:
         gateway.add_feature(DemoPublisher(gateway))
+        demo_backend.install(app, gateway)
 
 
 def _page(name: str) -> HTMLResponse:

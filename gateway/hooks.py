@@ -136,6 +136,9 @@ def claims_body(claims: Claims) -> dict[str, Any]:
     }
 
 
+Cookies = Mapping[str, str]
+
+
 class HeaderLookup(Protocol):
     def get(self, name: str, /) -> str | None:
         """The first value of header ``name`` (lower-case), None when absent."""
@@ -147,7 +150,7 @@ class Opening:
 
     transport: str  # "websocket" or "sse"
     client: str  # the client id the connection will have
-    cookies: Mapping[str, str]
+    cookies: Cookies
     headers: HeaderLookup  # the request's
     channels: list[str] | None = None  # SSE: the stream's ?channel= list
 

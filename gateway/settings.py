@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -79,10 +79,20 @@ class Settings(BaseSettings):
     hooks: str = "{}"
 
     demo: bool = True
+    # The admin page and its API (gateway.admin): open in dev mode; with a key configured,
+    # off (404) unless this is set, then every admin request needs it as a bearer token.
+    admin_token: str = Field("", repr=False)
     log_level: str = "info"
     # One line per HTTP request and per accepted WebSocket (uvicorn's access log); off, a
     # reconnect storm writes no line per client.
     access_log: bool = True
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("GATEWAY_ADMIN_TOKEN must be at least 16 characters")
+        return value
 
     @property
     def origins(self) -> list[str]:

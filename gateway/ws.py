@@ -33,12 +33,13 @@ from starlette.types import Message
 from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
-from channels.session import Ending, Gap, Outgoing, new_client_id
+from channels.session import Ending, Gap, Outgoing
 from gateway import dispatch, wire
+from gateway.admission import ask_backend, refusal
 from gateway.commands import BadFrame, Command, parse_command
 from gateway.deps import MaybeClaimsDep, hooked, query_value, token_of
-from gateway.errors import MAX_CLOSE_REASON, Close, CloseCode, ErrorCode, GatewayError, close_for
-from gateway.hooks import Grant, Opening
+from gateway.errors import Close, CloseCode, ErrorCode, close_for
+from gateway.hooks import Grant
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
 from gateway.server.ports import (
@@ -303,50 +304,19 @@ async def _refuse(websocket: WebSocket, close: Close) -> None:
     await websocket.close(close.code, close.reason)
 
 
-def _refusal(
-    gateway: Gateway, origin: str | None, claims: Claims | AuthError, hooked: bool = False
-) -> Close | None:
-    """``hooked``: the connect hook decides a connection without a token."""
-    if not gateway.origin_allowed(origin):
-        return CloseCode.ORIGIN_NOT_ALLOWED
-    if gateway.draining:
-        return CloseCode.SERVICE_RESTART
-    if gateway.at_capacity:
-        return CloseCode.TRY_AGAIN_LATER
-    if isinstance(claims, AuthError) and not (hooked and claims.missing):
-        return CloseCode.TOKEN_EXPIRED if claims.expired else CloseCode.UNAUTHORIZED
-    return None
-
-
-def _hook_close(exc: GatewayError) -> Close:
-    """The close frame for a connect hook's refusal or failure."""
-    if exc.code is ErrorCode.UNAUTHORIZED:
-        return CloseCode.UNAUTHORIZED
-    if exc.code is ErrorCode.INTERNAL:
-        return CloseCode.CONNECT_HOOK_FAILED
-    reason = exc.message.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
-    return Close(CloseCode.REFUSED.code, reason or CloseCode.REFUSED.reason)
-
-
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket, claims: MaybeClaimsDep) -> None:
     gateway: Gateway = websocket.app.state.gateway
     by_hook = hooked(gateway, claims)
-    refusal = _refusal(gateway, websocket.headers.get("origin"), claims, by_hook)
-    if refusal is not None:
-        return await _refuse(websocket, refusal)
+    refused = refusal(gateway, websocket.headers.get("origin"), claims, by_hook)
+    if refused is not None:
+        return await _refuse(websocket, refused)
     grant = client_id = None
     if by_hook:
-        client_id = new_client_id()
-        token_claims = None if isinstance(claims, AuthError) else claims
-        opening = Opening("websocket", client_id, websocket.cookies, websocket.headers)
-        try:
-            grant = await gateway.hooks.connect(token_claims, opening)
-        except GatewayError as exc:
-            return await _refuse(websocket, _hook_close(exc))
-        if gateway.draining:  # while the backend answered
-            return await _refuse(websocket, CloseCode.SERVICE_RESTART)
-        claims = grant.apply(token_claims)
+        answer = await ask_backend(gateway, claims, websocket.cookies, websocket.headers)
+        if isinstance(answer, Close):
+            return await _refuse(websocket, answer)
+        claims, grant, client_id = answer.claims, answer.grant, answer.client_id
     assert not isinstance(claims, AuthError)
     await websocket.accept()
     raw = gateway.settings.raw_writes
@@ -377,12 +347,11 @@ def opener(gateway: Gateway) -> Opener:
         except AuthError as exc:
             claims = exc
         by_hook = hooked(gateway, claims)
-        refusal = _refusal(gateway, upgrade.header("origin"), claims, by_hook)
-        if refusal is not None:
-            return Refuse(refusal.code, refusal.reason)
+        refused = refusal(gateway, upgrade.header("origin"), claims, by_hook)
+        if refused is not None:
+            return Refuse(refused.code, refused.reason)
         if by_hook:
-            token_claims = None if isinstance(claims, AuthError) else claims
-            return Deferred(lambda: _ask_the_backend(gateway, token_claims, upgrade))
+            return Deferred(lambda: _ask_backend(gateway, claims, upgrade))
         assert not isinstance(claims, AuthError)
         return lambda port: Connection(gateway, claims, port).start()
 
@@ -401,19 +370,14 @@ class _UpgradeHeaders:
         return self._upgrade.header(name)
 
 
-async def _ask_the_backend(
-    gateway: Gateway, token_claims: Claims | None, upgrade: Upgrade
+async def _ask_backend(
+    gateway: Gateway, claims: Claims | AuthError, upgrade: Upgrade
 ) -> Accept | Refuse:
-    """The opener's answer once the connect hook's is in (the endpoint's, below ASGI)."""
-    client_id = new_client_id()
+    """The opener's answer once the connect hook's is in (``Deferred``)."""
     cookies = cookie_parser(upgrade.header("cookie") or "")
-    opening = Opening("websocket", client_id, cookies, _UpgradeHeaders(upgrade))
-    try:
-        grant = await gateway.hooks.connect(token_claims, opening)
-    except GatewayError as exc:
-        close = _hook_close(exc)
-        return Refuse(close.code, close.reason)
-    if gateway.draining:  # while the backend answered
-        return Refuse(CloseCode.SERVICE_RESTART.code, CloseCode.SERVICE_RESTART.reason)
-    claims = grant.apply(token_claims)
-    return lambda port: Connection(gateway, claims, port, grant, client_id).start()
+    answer = await ask_backend(gateway, claims, cookies, _UpgradeHeaders(upgrade))
+    if isinstance(answer, Close):
+        return Refuse(answer.code, answer.reason)
+    return lambda port: Connection(
+        gateway, answer.claims, port, answer.grant, answer.client_id
+    ).start()

@@ -7,14 +7,15 @@ under ``TYPE_CHECKING`` included: a cycle hidden in a function is still a cycle.
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("gateway", "channels", "auth", "loadtest")
-MAX_LINES = 400  # gateway/, channels/, auth/
+PACKAGES = ("gateway", "gatewayclient", "channels", "auth", "loadtest")
+MAX_LINES = 400  # gateway/, gatewayclient/, channels/, auth/
 
 
 def modules() -> dict[str, Path]:
@@ -155,3 +156,17 @@ def test_the_runtime_knows_no_feature_and_only_channels_knows_the_backends() -> 
         if not name.startswith("channels")
     ]
     assert [(name, deps) for name, deps in outside if deps] == []
+
+
+def test_the_python_client_needs_only_websockets_httpx_and_orjson() -> None:
+    """``gatewayclient`` is installed by applications that never run the gateway: it
+    imports nothing of the server side (no FastAPI, no gateway, channels or auth)."""
+    allowed = {"websockets", "httpx", "orjson", "gatewayclient", "__future__"}
+    wrong = {
+        (name, module)
+        for name in MODULES
+        if name.startswith("gatewayclient")
+        for module in third_party_imports(name)
+        if module not in allowed and module not in sys.stdlib_module_names
+    }
+    assert wrong == set()

@@ -7,8 +7,10 @@
  * WebSocket with automatic reconnect (exponential backoff with jitter), lossless
  * resubscription from each channel's last (epoch, offset), duplicates dropped,
  * `recoveryFailed` when history no longer covers a gap, token refresh through
- * `getToken()`, and a fallback to Server-Sent Events (+ the HTTP API to publish)
- * when WebSockets are blocked. Guide: docs/client.md.
+ * `getToken()` (or no token at all: `tokenless`, cookie authentication by the
+ * application's connect hook), `rpc()` to the application's backend, and a fallback
+ * to Server-Sent Events (+ the HTTP API to publish) when WebSockets are blocked.
+ * Guide: docs/client.md.
  */
 // `var` on purpose: in a classic script it becomes `window.GatewayClient`; in the module
 // form (`/client.mjs` is this file followed by `export`s) it stays module-scoped.
@@ -16,8 +18,9 @@
 var GatewayClient = (function () {
   'use strict';
 
-  const VERSION = '1.0.0';
+  const VERSION = '1.1.0';
   const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,128}$/;
+  const METHOD_RE = CHANNEL_RE; // rpc method names are spelled as channel names
   const EPOCH_RE = /^[A-Za-z0-9_-]{1,64}$/;
   const MAX_TIMER = 2147483647;
   const WS_OPEN = 1;
@@ -27,6 +30,8 @@ var GatewayClient = (function () {
     url: '', // gateway base URL (http(s):// or ws(s)://); '' = the page's origin
     token: null, // a JWT to start with
     getToken: null, // async () => JWT: first token, refresh before expiry, after 4001
+    tokenless: false, // never send a token: the gateway's connect hook authenticates the
+    //                   connection from its cookies (docs/protocol.md, "Backend hooks")
     transport: 'auto', // 'auto' (WebSocket, SSE when blocked) | 'websocket' | 'sse'
     wsFailuresBeforeSse: 3, // 'auto': failed handshakes (never opened) before using SSE
     minReconnectDelay: 500, // ms; the backoff doubles from here ...
@@ -417,6 +422,24 @@ var GatewayClient = (function () {
       return { publications, offset: toInt(result.offset), epoch };
     }
 
+    /**
+     * Call `method` of the application's backend (the gateway's rpc hook) with `data`:
+     * resolves with `{data}`, the backend's answer; rejects with its refusal, or
+     * `not_found` when no rpc hook takes that method. Over WebSocket only: the SSE
+     * fallback has no way to send it (`unavailable`).
+     */
+    async rpc(method, data) {
+      if (typeof method !== 'string' || !METHOD_RE.test(method)) {
+        throw new GatewayError('bad_request', 'invalid rpc method: ' + method);
+      }
+      await this._whenConnected();
+      if (this.transport !== 'websocket') {
+        throw new GatewayError('unavailable', 'rpc needs a WebSocket; this client is on SSE');
+      }
+      const result = await this._send(this._ws, { op: 'rpc', method, data: data === undefined ? null : data });
+      return { data: result.data === undefined ? null : result.data };
+    }
+
     /** Use `token` from now on; on an open WebSocket it is sent as a `refresh`. */
     async setToken(token) {
       if (typeof token !== 'string' || !token) throw new GatewayError('bad_request', 'token must be a non-empty string');
@@ -556,8 +579,10 @@ var GatewayClient = (function () {
       return exp !== null && exp * 1000 - Date.now() < 5000;
     }
 
-    /** The token for a new connection: the latest one, or a new one when it is stale. */
+    /** The token for a new connection: the latest one, or a new one when it is stale;
+     * null with `tokenless`. */
     async _currentToken() {
+      if (this.options.tokenless) return null;
       if (!this._tokenStale()) return this._token;
       if (typeof this.options.getToken !== 'function') {
         if (this._token && !this._tokenRejected) return this._token; // let the gateway judge
@@ -645,7 +670,7 @@ var GatewayClient = (function () {
       this._wsOpened = false;
       this._wsReady = false;
       try {
-        ws = new WS(this._urls.ws + '/ws?token=' + encodeURIComponent(token));
+        ws = new WS(this._urls.ws + '/ws' + (token ? '?token=' + encodeURIComponent(token) : ''));
       } catch (err) {
         this._ws = null;
         this._wsClosed(null, 1006, String(err && err.message));
@@ -825,9 +850,11 @@ var GatewayClient = (function () {
       let delay = this._backoff();
       if (code === CLOSE.UNAUTHORIZED) {
         this._tokenRejected = true;
-        if (typeof this.options.getToken !== 'function') {
+        if (typeof this.options.getToken !== 'function' || this.options.tokenless) {
           // Nothing can make the next attempt succeed: stop.
-          const err = new GatewayError('unauthorized', 'the gateway refused the token (' + (reason || code) + ') and there is no getToken()');
+          const err = this.options.tokenless
+            ? new GatewayError('unauthorized', 'the gateway refused the connection (' + (reason || code) + ')')
+            : new GatewayError('unauthorized', 'the gateway refused the token (' + (reason || code) + ') and there is no getToken()');
           return this._stop('unauthorized', info, err);
         }
         if (ready) delay = jitter(500); // a new token, then straight back
@@ -950,7 +977,7 @@ var GatewayClient = (function () {
       }
       const q = new URLSearchParams();
       for (const s of subs) q.append('channel', s.channel);
-      q.set('token', token);
+      if (token) q.set('token', token);
       const cursor = subs
         .filter((s) => s.position !== null && EPOCH_RE.test(s.epoch))
         .map((s) => s.channel + '~' + s.epoch + '~' + s.offset)
@@ -1065,7 +1092,7 @@ var GatewayClient = (function () {
     async _http(method, path, body, token, retried) {
       const f = this._fetch();
       const tok = token || (await this._currentToken());
-      const init = { method, headers: { Authorization: 'Bearer ' + tok }, cache: 'no-store' };
+      const init = { method, headers: tok ? { Authorization: 'Bearer ' + tok } : {}, cache: 'no-store' };
       if (body != null) {
         init.headers['Content-Type'] = 'application/json';
         init.body = JSON.stringify(body);

@@ -1,0 +1,108 @@
+"""The admin routes and who may use them (``gateway.admin`` says who)."""
+
+from __future__ import annotations
+
+import hmac
+from importlib import resources
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse
+from starlette.exceptions import HTTPException
+
+from channels.broker import BrokerUnavailable
+from channels.hub import SubscribeError
+from gateway.access import checked_channel
+from gateway.admin.stats import ClusterStats
+from gateway.bodies import json_object
+from gateway.deps import GatewayDep
+from gateway.errors import ErrorCode, GatewayError, JSONBody
+
+PAGE = resources.files("gateway") / "static" / "admin.html"
+
+
+async def admin_enabled(gateway: GatewayDep) -> None:
+    """404, as for any unknown path, when the admin view is off."""
+    if not gateway.settings.admin_token and gateway.dev_secret is None:
+        raise HTTPException(404, "Not Found")
+
+
+async def admin_only(request: Request, gateway: GatewayDep) -> None:
+    """The admin token as a bearer token, when one is set (compared in constant time)."""
+    expected = gateway.settings.admin_token
+    if not expected:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        raise GatewayError(ErrorCode.UNAUTHORIZED, "the admin token is required")
+
+
+router = APIRouter(include_in_schema=False, dependencies=[Depends(admin_enabled)])
+api = APIRouter(
+    prefix="/admin/api", default_response_class=JSONBody, dependencies=[Depends(admin_only)]
+)
+
+
+@router.get("/admin")
+async def page() -> HTMLResponse:
+    """The page holds no figures: it fetches them from the API with the token."""
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+
+
+@api.get("/stats")
+async def stats(request: Request, gateway: GatewayDep) -> JSONBody:
+    cluster: ClusterStats = request.app.state.admin_stats
+    body = await cluster.cluster()
+    body["dev_mode"] = gateway.dev_secret is not None
+    return JSONBody(body)
+
+
+@api.post("/publish")
+async def publish(request: Request, gateway: GatewayDep) -> JSONBody:
+    body = await json_object(request, gateway.settings.max_message_bytes)
+    channel = checked_channel(body.get("channel"))
+    if "data" not in body:
+        raise GatewayError(ErrorCode.BAD_REQUEST, "'data' is required")
+    try:
+        publication = await gateway.hub.publish(channel, orjson.dumps(body["data"]))
+    except BrokerUnavailable:
+        raise GatewayError.unavailable() from None
+    return JSONBody({"offset": publication.offset, "epoch": publication.epoch})
+
+
+@api.get("/channels/{channel}/history")
+async def history(
+    channel: str, gateway: GatewayDep, limit: Annotated[int, Query(ge=1, le=1000)] = 20
+) -> JSONBody:
+    checked_channel(channel)
+    try:
+        page = await gateway.hub.history(channel, limit=limit)
+    except BrokerUnavailable:
+        raise GatewayError.unavailable() from None
+    return JSONBody(
+        {
+            "publications": [pub.history_entry() for pub in page.publications],
+            "offset": page.position.offset,
+            "epoch": page.position.epoch,
+        }
+    )
+
+
+@api.get("/channels/{channel}/presence")
+async def presence(channel: str, gateway: GatewayDep) -> JSONBody:
+    checked_channel(channel)
+    subscribers = gateway.hub.local_subscribers(channel)
+    clients: list[Any] = []
+    try:
+        clients = [orjson.Fragment(entry) for entry in await gateway.hub.presence(channel)]
+    except SubscribeError:  # no presence on this channel (GATEWAY_PRESENCE_CHANNELS)
+        return JSONBody({"presence": False, "clients": [], "local_subscribers": subscribers})
+    except BrokerUnavailable:
+        raise GatewayError.unavailable() from None
+    return JSONBody({"presence": True, "clients": clients, "local_subscribers": subscribers})
+
+
+router.include_router(api)

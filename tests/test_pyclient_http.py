@@ -1,0 +1,186 @@
+"""The Python client's read-only SSE mode (cursor resume, gaps, token renewal) and its
+HTTP publisher (publish, broadcast, NDJSON streamed publish) against a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from gateway.errors import CloseCode
+from gatewayclient import (
+    Gap,
+    GatewayError,
+    Item,
+    Publication,
+    Publisher,
+    SseClient,
+    connect,
+)
+from tests.conftest import RunningServer, eventually, token
+
+MakeServer = Callable[..., Awaitable[RunningServer]]
+
+
+async def take(source: SseClient, count: int, timeout: float = 5.0) -> list[Item]:
+    return [await source.get(timeout) for _ in range(count)]
+
+
+def offsets(items: list[Item], channel: str) -> list[tuple[int, Any]]:
+    return [
+        (i.offset, i.data) for i in items if isinstance(i, Publication) and i.channel == channel
+    ]
+
+
+# --------------------------------------------------------------------------- SSE
+
+
+async def test_sse_resumes_from_a_stored_cursor(server):
+    async with Publisher(server.url, token("backend")) as api:
+        sse = SseClient(server.url, ["a", "b"], token=token("reader"))
+        await sse.start()
+        await api.publish("a", 1)
+        await api.publish("b", 1)
+        first = await take(sse, 2)
+        assert offsets(first, "a") == offsets(first, "b") == [(1, 1)]
+        cursor = sse.cursor
+        await sse.close()
+        assert cursor is not None
+        for n in (2, 3):
+            await api.publish("a", n)
+            await api.publish("b", n)
+        async with SseClient(server.url, ["a", "b"], token=token("reader"), cursor=cursor) as again:
+            items = await take(again, 4)
+            assert offsets(items, "a") == [(2, 2), (3, 3)]
+            assert offsets(items, "b") == [(2, 2), (3, 3)]
+            await api.publish("a", 4)
+            assert offsets(await take(again, 1), "a") == [(4, 4)]
+
+
+async def test_sse_reconnects_by_itself_with_last_event_id(server):
+    """The server ends the stream; the client reopens it with its cursor, and what was
+    published in between arrives once, in order."""
+    async with (
+        Publisher(server.url, token("backend")) as api,
+        SseClient(server.url, ["news"], token=token(), min_reconnect_delay=2.0) as sse,
+    ):
+        await api.publish("news", 1)
+        assert offsets(await take(sse, 1), "news") == [(1, 1)]
+        for session in list(server.gateway.hub.sessions):
+            session.close(CloseCode.SERVICE_RESTART)
+        await eventually(lambda: not server.gateway.hub.sessions)
+        for n in range(2, 6):
+            await api.publish("news", n)
+        assert sse.connections == 1  # all published before the stream was reopened
+        items = await take(sse, 4, timeout=10)
+        assert sse.connections == 2
+        assert offsets(items, "news") == [(n, n) for n in range(2, 6)]
+        await api.publish("news", 6)
+        assert offsets(await take(sse, 1), "news") == [(6, 6)]
+
+
+async def test_sse_gap_when_history_is_gone(make_server: MakeServer) -> None:
+    gw = await make_server(history_size=2)
+    async with Publisher(gw.url, token("backend")) as api:
+        async with SseClient(gw.url, ["news"], token=token()) as sse:
+            await api.publish("news", 1)
+            await take(sse, 1)
+            cursor = sse.cursor
+        for n in range(2, 7):
+            await api.publish("news", n)
+        async with SseClient(gw.url, ["news"], token=token(), cursor=cursor) as again:
+            gap = await again.get(5)
+            assert isinstance(gap, Gap)
+            assert (gap.reason, gap.last_offset, gap.offset) == ("history", 1, 6)
+            await api.publish("news", 7)
+            assert offsets(await take(again, 1), "news") == [(7, 7)]
+
+
+async def test_sse_refusal_is_raised(server):
+    sse = SseClient(server.url, ["secret"], token=token(subscribe=["public"]))
+    with pytest.raises(GatewayError) as refused:
+        await sse.start()
+    assert (refused.value.code, refused.value.status) == ("forbidden", 403)
+    await sse.close()
+
+
+async def test_sse_reopens_with_a_new_token_when_the_stream_ends_at_expiry(
+    make_server: MakeServer,
+) -> None:
+    gw = await make_server(jwt_leeway=0)
+    made: list[str] = []
+
+    async def factory() -> str:
+        made.append(token("reader", ttl=7))
+        return made[-1]
+
+    async with (
+        Publisher(gw.url, token("backend")) as api,
+        SseClient(gw.url, ["news"], token_factory=factory) as sse,
+    ):
+        # A 7 s token is within 5 s of expiry in 2 s: the stream ends at 7 s, the next
+        # one opens with a new token and resumes.
+        await api.publish("news", 1)
+        await eventually(lambda: sse.connections >= 2, timeout=15)
+        assert len(made) >= 2
+        await api.publish("news", 2)
+        assert offsets(await take(sse, 2), "news") == [(1, 1), (2, 2)]
+
+
+# --------------------------------------------------------------------------- publisher
+
+
+async def test_publish_broadcast_history_and_presence_over_http(server):
+    async with (
+        Publisher(server.url, token("backend")) as api,
+        connect(server.url, token=token("alice")) as alice,
+    ):
+        await alice.subscribe("chat:x")
+        first = await api.publish("news", {"n": 1})
+        assert first.offset == 1
+        results = await api.broadcast(["news", "other"], {"n": 2})
+        assert [r.offset for r in results] == [2, 1]
+        page = await api.history("news", since_offset=1)
+        assert [(p.offset, p.data) for p in page.publications] == [(2, {"n": 2})]
+        assert page.offset == 2 and page.epoch == first.epoch
+        assert [c["user"] for c in await api.presence("chat:x")] == ["alice"]
+    async with Publisher(server.url, token("backend", publish=["news"])) as limited:
+        with pytest.raises(GatewayError) as refused:
+            await limited.broadcast(["news", "other"], 1)
+        assert (refused.value.code, refused.value.status) == ("forbidden", 403)
+        assert (await limited.history("other")).offset == 1  # nothing more was published
+
+
+async def test_publish_stream_publishes_each_item_as_it_is_produced(server):
+    """The generator waits until the subscriber received each item before producing the
+    next: the stream would hang if the publisher buffered the body."""
+    async with (
+        Publisher(server.url, token("backend")) as api,
+        connect(server.url, token=token()) as client,
+    ):
+        sub = await client.subscribe("gen:1")
+
+        async def tokens() -> AsyncIterator[dict[str, str]]:
+            for word in ("The", " answer", " is", " 42"):
+                yield {"type": "token", "text": word}
+                got = await sub.get(5)
+                assert isinstance(got, Publication) and got.data["text"] == word
+
+        result = await asyncio.wait_for(api.publish_stream("gen:1", tokens()), 20)
+        assert (result.published, result.offset) == (4, 4)
+
+
+async def test_a_refused_stream_line_says_what_was_published(server):
+    async def lines() -> AsyncIterator[Any]:
+        yield 1
+        yield 2
+        yield "x" * 70_000  # over GATEWAY_MAX_MESSAGE_BYTES
+
+    async with Publisher(server.url, token("backend")) as api:
+        with pytest.raises(GatewayError) as refused:
+            await api.publish_stream("gen:2", lines())
+        assert (refused.value.code, refused.value.status) == ("too_large", 413)
+        assert refused.value.details["published"] == 2
+        assert (await api.history("gen:2")).offset == 2

@@ -1,0 +1,79 @@
+"""The Python client's pure parts: backoff bounds, reading a token's ``exp``, when to
+refresh, URLs, the SSE parser and cursor, and a subscription's deduplication."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from gatewayclient import Gap, Position, Publication
+from gatewayclient.sse import cursor_positions, sse_blocks
+from gatewayclient.subscription import Subscription
+from gatewayclient.tokens import backoff, refresh_delay, token_exp
+from gatewayclient.wire import websocket_url
+from tests.conftest import token
+
+
+def test_backoff_is_equal_jitter_under_the_cap() -> None:
+    for attempt in range(40):
+        ceiling = min(20.0, 0.5 * 2**attempt)
+        for _ in range(20):
+            assert ceiling / 2 <= backoff(attempt, 0.5, 20.0) <= ceiling
+
+
+def test_token_exp_and_refresh_delay() -> None:
+    now = time.time()
+    long = token(ttl=3600)
+    exp = token_exp(long)
+    assert exp is not None and abs(exp - (now + 3600)) < 5
+    assert abs((refresh_delay(long, 30, now) or 0) - 3570) < 5
+    short = token(ttl=20)  # shorter than twice 30 s: halfway
+    assert abs((refresh_delay(short, 30, now) or 0) - 10) < 5
+    assert token_exp(token(ttl=None)) is None and token_exp("not.a-jwt") is None
+    assert refresh_delay("garbage", 30) is None
+
+
+def test_websocket_url_keeps_a_path_prefix_and_quotes_the_token() -> None:
+    assert websocket_url("https://gw.example/rt/", "a+b") == "wss://gw.example/rt/ws?token=a%2Bb"
+    assert websocket_url("ws://127.0.0.1:8000", "t") == "ws://127.0.0.1:8000/ws?token=t"
+
+
+async def lines(*items: str) -> AsyncIterator[str]:
+    for item in items:
+        yield item
+
+
+async def test_sse_blocks_and_cursor() -> None:
+    raw = [
+        "retry: 1000",
+        "id: a~e1~3",
+        "",
+        ": ping",
+        "event: gap",
+        "id: x",
+        "data: {",
+        "data: }",
+        "",
+    ]
+    blocks = [b async for b in sse_blocks(lines(*raw))]
+    assert blocks == [
+        {"retry": "1000", "id": "a~e1~3"},
+        {"event": "gap", "id": "x", "data": "{\n}"},
+    ]
+    assert cursor_positions("a~e1~3,b.c~e2~0") == {
+        "a": Position("e1", 3),
+        "b.c": Position("e2", 0),
+    }
+    assert cursor_positions("opaque") == {}
+
+
+async def test_a_subscription_drops_repeats_and_reports_a_new_epoch() -> None:
+    sub = Subscription("a", Position("e1", 2))
+    for offset in (1, 2, 3, 3):
+        sub.on_push({"channel": "a", "offset": offset, "epoch": "e1", "data": offset})
+    sub.on_push({"channel": "a", "offset": 1, "epoch": "e2", "data": "new"})
+    assert await sub.get(1) == Publication("a", 3, "e1", 3)
+    assert await sub.get(1) == Gap("a", "epoch", "e1", 3, "e2", 0)
+    assert await sub.get(1) == Publication("a", 1, "e2", "new")
+    sub.end()
+    assert [item async for item in sub] == []
