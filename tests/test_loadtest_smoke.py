@@ -137,7 +137,7 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             *common,
         ],
         # The two parts of ``hooks`` as two runs, side by side: four gateways in turn
-        # would be the longest run of all.
+        # would be the longest run of all. Publishing is flat out: briefly.
         "hooks-connects": [
             "hooks",
             "--parts",
@@ -155,11 +155,11 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "--parts",
             "publishes",
             "--publishers",
-            "3",
+            "2",
             "--window",
             "2",
             "--publish-duration",
-            "1",
+            "0.5",
             "--rounds",
             "1",
             "--no-plot",
@@ -401,7 +401,7 @@ def test_hooks_publishes_answer_every_command_and_count_hook_calls(
     publishes = {run["variant"]: run for run in report["publishes"]}
     assert list(publishes) == ["plain", "hooked"]
     for variant, run in publishes.items():
-        assert (run["publishers"], run["connected"], run["window"]) == (3, 3, 2)
+        assert (run["publishers"], run["connected"], run["window"]) == (2, 2, 2)
         assert run["sent"] == run["acked"] > 0
         assert (run["refused"], run["unanswered"]) == ({}, 0)
         assert run["published"] == run["acked"] == run["latency_ms"]["count"]
