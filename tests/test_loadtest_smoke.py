@@ -2,9 +2,10 @@
 
 Each run is the real command line in a subprocess (it starts its own server, client worker
 and, when asked, talks to this suite's redis-server). The runs are independent, so they
-all start at once and the tests then read their JSON reports. The load is tiny (tens of
-clients, a few publications per second): the assertions check that the figures are
-consistent - nothing lost, counts that add up - never how fast anything was.
+all start at once and the tests then read their JSON reports; the ``hooks`` runs, which
+publish flat out, start once the others have ended. The load is tiny (tens of clients,
+a few publications per second): the assertions check that the figures are consistent -
+nothing lost, counts that add up - never how fast anything was.
 """
 
 from __future__ import annotations
@@ -136,8 +137,22 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "--no-plot",
             *common,
         ],
-        # The two parts of ``hooks`` as two runs, side by side: four gateways in turn
-        # would be the longest run of all. Publishing is flat out: briefly.
+    }
+    for name in BASELINES:
+        transport = "sse" if name == "sse_starlette" else "ws"
+        result[f"baseline-{name}"] = [
+            "fanout", "--target", name, "--transport", transport, "--redis-url", redis_url,
+            "--clients", "10", "--rates", "10", "--step-duration", "1", "--no-plot", *common,
+        ]  # fmt: skip
+    return result
+
+
+def hook_runs() -> dict[str, list[str]]:
+    """The two parts of ``hooks`` as two runs side by side, in a batch of their own after
+    the others: they publish flat out, which would make the paced publishers of the
+    other runs fall behind their rates."""
+    common = ["--quiet", "--connect-timeout", "20"]
+    return {
         "hooks-connects": [
             "hooks",
             "--parts",
@@ -166,13 +181,6 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             *common,
         ],
     }
-    for name in BASELINES:
-        transport = "sse" if name == "sse_starlette" else "ws"
-        result[f"baseline-{name}"] = [
-            "fanout", "--target", name, "--transport", transport, "--redis-url", redis_url,
-            "--clients", "10", "--rates", "10", "--step-duration", "1", "--no-plot", *common,
-        ]  # fmt: skip
-    return result
 
 
 @dataclass
@@ -187,13 +195,12 @@ class Run:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
-    server = RedisServer().start()
-    tmp = tmp_path_factory.mktemp("loadtest")
+def start_all(runs: dict[str, list[str]], tmp: Path) -> Iterator[dict[str, Run]]:
+    """Start every run at once, wait for all (at most ``RUN_TIMEOUT``), read their
+    reports; whatever still runs when the caller is done is killed."""
     started: dict[str, Run] = {}
     try:
-        for name, args in runs(server.url).items():
+        for name, args in runs.items():
             out = tmp / f"{name}.json"
             log = tmp / f"{name}.log"
             with log.open("wb") as sink:
@@ -220,7 +227,23 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]
             if run.proc.poll() is None:
                 run.proc.kill()
                 run.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
+    server = RedisServer().start()
+    try:
+        yield from start_all(runs(server.url), tmp_path_factory.mktemp("loadtest"))
+    finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def hook_reports(
+    reports: dict[str, Run], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Run]]:
+    """After ``reports``: its runs have all ended before these start."""
+    yield from start_all(hook_runs(), tmp_path_factory.mktemp("loadtest-hooks"))
 
 
 def report_of(reports: dict[str, Run], name: str) -> dict[str, Any]:
@@ -356,10 +379,10 @@ def test_storm_brings_every_client_back_resumed_with_nothing_lost(
     check_deliveries(report, 20, [15], per_channel=10)
 
 
-def test_hooks_connects_count_every_hook_call(reports: dict[str, Run]) -> None:
+def test_hooks_connects_count_every_hook_call(hook_reports: dict[str, Run]) -> None:
     """Every client subscribed through each gateway, and the hook calls the gateway
     counted, the backend served and the clients made agree."""
-    report = report_of(reports, "hooks-connects")
+    report = report_of(hook_reports, "hooks-connects")
     assert report["scenario"] == "hooks"
     assert report["publishes"] == []
     connects = {run["variant"]: run for run in report["connects"]}
@@ -392,11 +415,11 @@ def test_hooks_connects_count_every_hook_call(reports: dict[str, Run]) -> None:
 
 
 def test_hooks_publishes_answer_every_command_and_count_hook_calls(
-    reports: dict[str, Run],
+    hook_reports: dict[str, Run],
 ) -> None:
     """Every publish sent is acknowledged and published once; the hook is called for
     each one to the matching channel and never for the other."""
-    report = report_of(reports, "hooks-publishes")
+    report = report_of(hook_reports, "hooks-publishes")
     assert report["connects"] == []
     publishes = {run["variant"]: run for run in report["publishes"]}
     assert list(publishes) == ["plain", "hooked"]
