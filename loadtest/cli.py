@@ -13,6 +13,7 @@ import orjson
 
 from loadtest.argtypes import cpus, floats
 from loadtest.config import Setup
+from loadtest.hookreport import CONNECT_VARIANTS, PARTS
 from loadtest.report import summary_text
 from loadtest.targets import TARGETS
 
@@ -229,16 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = scenario("hooks", "connects/s and publishes/s with and without backend hooks")
     p.add_argument(
         "--parts",
-        type=names_of("connects", "publishes"),
-        default=["connects", "publishes"],
+        type=names_of(*PARTS),
+        default=list(PARTS),
         help="connects, publishes or both (default both)",
     )
     p.add_argument("--clients", type=int, default=2000, help="clients per connect run")
     p.add_argument("--concurrency", type=int, default=50, help="connects in flight at once")
     p.add_argument(
         "--connect-variants",
-        type=names_of("none", "connect", "subscribe"),
-        default=["none", "connect", "subscribe"],
+        type=names_of(*CONNECT_VARIANTS),
+        default=list(CONNECT_VARIANTS),
         help="gateways to connect to: without hooks, with a connect hook, with a subscribe "
         "hook on every channel (default all three)",
     )
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     elif args.command == "hooks":
-        from loadtest.scenarios.hooks import summary as hooks_summary
+        from loadtest.hookreport import summary as hooks_summary
 
         sys.stdout.write(hooks_summary(report) + "\n")
     else:

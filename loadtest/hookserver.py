@@ -14,7 +14,8 @@ request to the reply handed to the socket, ``perf_counter_ns``: a client that se
 the head and the body in two writes is not charged for the gap between them), the
 requests per path and the TCP connections opened for hook requests (a client that
 does not keep its connections alive shows up there). ``GET /stats`` returns them as
-JSON, ``POST /reset`` zeroes them; neither is counted.
+JSON, ``POST /reset`` zeroes them; neither is counted. ``HookBackend`` is the
+coordinator's handle on it.
 
     python -m loadtest.hookserver --port 8010
 """
@@ -24,14 +25,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 import time
 from collections import Counter
 from typing import Any
 
 import httptools
+import httpx
 import orjson
 
 from loadtest.histogram import Histogram
+from loadtest.servers import TargetServer, free_port
 
 ANSWERS = {
     b"/connect": b'{"result":"allow"}',
@@ -156,6 +160,37 @@ async def serve(host: str, port: int) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     await stop.wait()
     server.close()
+
+
+class HookBackend:
+    """``python -m loadtest.hookserver`` on the load-generator CPUs."""
+
+    def __init__(self, cpus: list[int] | None) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "loadtest.hookserver", "--port", str(self.port)]
+        self.server = TargetServer("hook-backend", argv, self.port, cpus=cpus)
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=5.0, trust_env=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server.start()
+        await self.server.wait_ready()
+
+    async def reset(self) -> None:
+        (await self.http.post("/reset")).raise_for_status()
+
+    async def stats(self) -> dict[str, Any]:
+        response = await self.http.get("/stats")
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+    async def stop(self) -> None:
+        await self.http.aclose()
+        self.server.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,30 +36,33 @@ its top frames and the share of samples in the hook's HTTP client to the run's e
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 from loadtest.config import Setup
 from loadtest.harness import Harness
 from loadtest.histogram import Histogram
+from loadtest.hookreport import (
+    PUBLISH_VARIANTS,
+    delta,
+    hook_figures,
+    minus_hook,
+    rounded,
+    summarise,
+)
+from loadtest.hookserver import HookBackend
 from loadtest.procstat import ProcessSampler, machine_info
 from loadtest.profile import Profiler, shares
 from loadtest.report import BUSY_PERCENT, SCHEMA, Merged, write_report
 from loadtest.scenarios.connect import quiet_cpu
 from loadtest.scenarios.idle import WARMUP_CONNECTIONS, warm_up
-from loadtest.servers import TargetServer, free_port
 from loadtest.targets import TARGETS
 from loadtest.wspublish import PublisherProcess, PublishPlan
 
-CONNECT_VARIANTS = ("none", "connect", "subscribe")
-PUBLISH_VARIANTS = ("plain", "hooked")
-PARTS = ("connects", "publishes")
 HOOKED = "-hooked"  # the publish hook's channels end so
 HOOK_METRICS = (
     "gateway_hook_seconds_sum",
@@ -83,37 +86,6 @@ PROFILE_GROUPS = {
 WARMUP_PUBLISH_S = 1.0
 
 
-class HookBackend:
-    """``python -m loadtest.hookserver`` on the load-generator CPUs."""
-
-    def __init__(self, cpus: list[int] | None) -> None:
-        self.port = free_port()
-        argv = [sys.executable, "-m", "loadtest.hookserver", "--port", str(self.port)]
-        self.server = TargetServer("hook-backend", argv, self.port, cpus=cpus)
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=5.0, trust_env=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.server.start()
-        await self.server.wait_ready()
-
-    async def reset(self) -> None:
-        (await self.http.post("/reset")).raise_for_status()
-
-    async def stats(self) -> dict[str, Any]:
-        response = await self.http.get("/stats")
-        response.raise_for_status()
-        stats: dict[str, Any] = response.json()
-        return stats
-
-    async def stop(self) -> None:
-        await self.http.aclose()
-        self.server.stop()
-
-
 def hooks_setting(variant: str, backend: str, timeout: float) -> dict[str, Any]:
     """The ``GATEWAY_HOOKS`` of a variant (``{}``: none)."""
     if variant == "connect":
@@ -135,44 +107,6 @@ def with_hooks(setup: Setup, hooks: dict[str, Any]) -> Setup:
     if hooks:
         env["GATEWAY_HOOKS"] = orjson.dumps(hooks).decode()
     return dataclasses.replace(setup, server_env=env)
-
-
-def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
-    return after.get(key, 0.0) - before.get(key, 0.0)
-
-
-def hook_figures(
-    hook: str | None, before: dict[str, float], after: dict[str, float]
-) -> dict[str, Any]:
-    """Calls, outcomes and mean duration of ``hook`` between two /metrics readings."""
-    if hook is None:
-        calls = sum(
-            delta(before, after, key) for key in after if key.startswith("gateway_hook_seconds_c")
-        )
-        return {"name": None, "calls": int(calls), "mean_ms": None, "outcomes": {}}
-    label = f'{{hook="{hook}"}}'
-    calls = delta(before, after, f"gateway_hook_seconds_count{label}")
-    seconds = delta(before, after, f"gateway_hook_seconds_sum{label}")
-    prefix = f'gateway_hook_outcomes_total{{hook="{hook}",outcome="'
-    outcomes = {
-        key[len(prefix) : -2]: int(delta(before, after, key))
-        for key in after
-        if key.startswith(prefix) and delta(before, after, key)
-    }
-    return {
-        "name": hook,
-        "calls": int(calls),
-        "mean_ms": round(seconds / calls * 1000, 3) if calls else None,
-        "outcomes": outcomes,
-    }
-
-
-def minus_hook(latency: dict[str, Any], hook: dict[str, Any]) -> dict[str, float] | None:
-    """The client's latency less the hook's mean duration (percentiles: approximate)."""
-    mean = hook.get("mean_ms")
-    if mean is None:
-        return None
-    return {key: round(latency[key] - mean, 3) for key in ("mean", "p50", "p99")}
 
 
 def loadgen_cpu(h: Harness, start: float, end: float) -> dict[str, Any]:
@@ -431,65 +365,6 @@ async def publish_runs(
 # -- the report --------------------------------------------------------------------------
 
 
-def span(values: list[float | None]) -> list[float] | None:
-    """[lowest, highest] of the values that exist."""
-    present = [v for v in values if v is not None]
-    return [min(present), max(present)] if present else None
-
-
-def summarise(runs: list[dict[str, Any]], baseline: str, rate_key: str, cpu_key: str) -> Any:
-    """Per variant, the range over the rounds; and against ``baseline`` of the same round,
-    the range of the differences (the A/B figure on a noisy machine)."""
-    measured = [r for r in runs if "skipped" not in r]
-    by_round = {(r["variant"], r["round"]): r for r in measured}
-    summary: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in runs):
-        own = [r for r in measured if r["variant"] == variant]
-        if not own:
-            summary[variant] = {"skipped": next(r["skipped"] for r in runs if "skipped" in r)}
-            continue
-        entry: dict[str, Any] = {
-            "runs": len(own),
-            rate_key: span([r[rate_key] for r in own]),
-            "latency_p50_ms": span([r["latency_ms"]["p50"] for r in own]),
-            "latency_p99_ms": span([r["latency_ms"]["p99"] for r in own]),
-            "latency_mean_ms": span([r["latency_ms"]["mean"] for r in own]),
-            cpu_key: span([r[cpu_key] for r in own]),
-            "hook_mean_ms": span([r["hook"]["mean_ms"] for r in own]),
-            "backend_service_us_mean": span(
-                [s["mean"] for r in own for s in r["backend"]["service_us"].values()]
-            ),
-            "latency_mean_minus_hook_ms": span(
-                [(r["latency_minus_hook_ms"] or {}).get("mean") for r in own]
-            ),
-        }
-        if variant != baseline:
-            pairs = [
-                (r, by_round[(baseline, r["round"])])
-                for r in own
-                if (baseline, r["round"]) in by_round
-            ]
-            entry["vs_" + baseline] = {
-                "extra_server_cpu_us": span([r[cpu_key] - b[cpu_key] for r, b in pairs]),
-                "extra_latency_mean_ms": span(
-                    [r["latency_ms"]["mean"] - b["latency_ms"]["mean"] for r, b in pairs]
-                ),
-                "rate_ratio": span([r[rate_key] / b[rate_key] for r, b in pairs if b[rate_key]]),
-            }
-        summary[variant] = entry
-    return summary
-
-
-def rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 3)
-    if isinstance(value, list):
-        return [rounded(v) for v in value]
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    return value
-
-
 def output_paths(setup: Setup, t0: float) -> tuple[Path, Path | None]:
     stamp = datetime.fromtimestamp(t0).strftime("%Y%m%d-%H%M%S")
     name = f"hooks-gateway-{setup.transport}-{stamp}.json"
@@ -602,35 +477,3 @@ async def run_hooks(
     report["files"] = files
     write_report(report, json_path)
     return report
-
-
-def summary(report: dict[str, Any]) -> str:
-    """What a person reads at the end of a run."""
-    lines = [f"hooks: gateway, one worker, {report['target']['broker']} broker"]
-    for run in report["connects"]:
-        head = f"  connects {run['variant']:<9} round {run['round'] + 1}"
-        if "skipped" in run:
-            lines.append(f"{head}: skipped ({run['skipped']})")
-            continue
-        lat, hook = run["latency_ms"], run["hook"]
-        lines.append(
-            f"{head}: {run['connects_per_s']:>7,.0f}/s  p50 {lat['p50']:6.2f}  p99 "
-            f"{lat['p99']:6.2f} ms  server {run['server_cpu_us_per_connect']:6.0f} µs/connect"
-            + (f"  hook {hook['mean_ms']:.3f} ms x {hook['calls']}" if hook["mean_ms"] else "")
-            + (f"  failed {run['failed']}" if run["failed"] else "")
-        )
-    for run in report["publishes"]:
-        lat, hook = run["latency_ms"], run["hook"]
-        lines.append(
-            f"  publishes {run['variant']:<8} round {run['round'] + 1}: "
-            f"{run['publishes_per_s']:>7,.0f}/s  p50 {lat['p50']:6.2f}  p99 {lat['p99']:6.2f} ms  "
-            f"server {run['server_cpu_us_per_publish']:6.0f} µs/publish"
-            + (f"  hook {hook['mean_ms']:.3f} ms x {hook['calls']}" if hook["mean_ms"] else "")
-            + (f"  refused {run['refused']}" if run["refused"] else "")
-        )
-    for note in report["notes"]:
-        lines.append(f"  note: {note}")
-    for key in ("json", "plot"):
-        if report["files"].get(key):
-            lines.append(f"  {key}: {report['files'][key]}")
-    return "\n".join(lines)
