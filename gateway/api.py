@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
+from gateway import wire
 from gateway.access import checked_channel, require
 from gateway.bodies import json_object
 from gateway.deps import ClaimsDep, GatewayDep, PublisherDep
@@ -74,13 +75,7 @@ async def history(
             page.publications = after if limit is None else after[:limit]
     except BrokerUnavailable:
         raise GatewayError.unavailable() from None
-    return JSONBody(
-        {
-            "publications": [pub.history_entry() for pub in page.publications],
-            "offset": page.position.offset,
-            "epoch": page.position.epoch,
-        }
-    )
+    return JSONBody(wire.history_body(page))
 
 
 @router.get("/channels/{channel}/presence")

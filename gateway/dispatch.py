@@ -163,11 +163,7 @@ async def history(client: Client, command: Command) -> dict[str, Any]:
     page = await client.gateway.hub.history(channel, since=command.since, limit=command.limit)
     if not page.complete:
         raise GatewayError(ErrorCode.NOT_FOUND, "history no longer covers that position")
-    return {
-        "publications": [pub.history_entry() for pub in page.publications],
-        "offset": page.position.offset,
-        "epoch": page.position.epoch,
-    }
+    return wire.history_body(page)
 
 
 async def ping(client: Client, command: Command) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from channels.broker import HistoryPage
 from channels.publication import Batch, Message, PresenceEvent, Publication, compact
 from gateway import cursor
 from gateway.commands import CommandId
@@ -204,3 +205,12 @@ def single_chunk(item: Publication | Batch) -> bytes:
         )
     chunk = _encoded(item).chunk = frame_chunk(events)
     return chunk
+
+
+def history_body(page: HistoryPage) -> dict[str, Any]:
+    """A history page as the WebSocket reply's result and the API's body carry it."""
+    return {
+        "publications": [pub.history_entry() for pub in page.publications],
+        "offset": page.position.offset,
+        "epoch": page.position.epoch,
+    }

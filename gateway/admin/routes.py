@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
+from gateway import wire
 from gateway.access import checked_channel
 from gateway.admin.stats import ClusterStats
 from gateway.bodies import json_object
@@ -82,13 +83,7 @@ async def history(
         page = await gateway.hub.history(channel, limit=limit)
     except BrokerUnavailable:
         raise GatewayError.unavailable() from None
-    return JSONBody(
-        {
-            "publications": [pub.history_entry() for pub in page.publications],
-            "offset": page.position.offset,
-            "epoch": page.position.epoch,
-        }
-    )
+    return JSONBody(wire.history_body(page))
 
 
 @api.get("/channels/{channel}/presence")
