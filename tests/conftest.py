@@ -1,4 +1,4 @@
-"""Shared fixtures: a real uvicorn server on a free port, tokens, clients.
+"""Shared fixtures: a real uvicorn server on a free port, tokens, clients, a hook backend.
 
 ``make_server(**settings)`` starts the gateway app in this test's event loop
 (uvicorn ``Server.serve`` as a task, as uvicorn's own tests do) and returns a
@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvicorn
@@ -22,6 +22,9 @@ import uvicorn
 from auth.tokens import make_token
 from gateway.app import create_app
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.fake_backend import FakeBackend
 
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 # GATEWAY_TEST_RAW_WRITES=false runs the in-process servers on uvicorn's stock protocols
@@ -133,9 +136,22 @@ async def make_server(
                 await task
 
 
+MakeServer = Callable[..., Awaitable[RunningServer]]
+
+
 @pytest.fixture
-async def server(make_server: Callable[..., Awaitable[RunningServer]]) -> RunningServer:
+async def server(make_server: MakeServer) -> RunningServer:
     return await make_server()
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[FakeBackend]:
+    """A hook backend (tests/fake_backend.py) on a free port; ``backend.hooks(...)`` is the
+    ``GATEWAY_HOOKS`` setting that sends hooks to it."""
+    from tests.fake_backend import serve_fake_backend  # it imports this module
+
+    async with serve_fake_backend() as running:
+        yield running
 
 
 async def eventually(

@@ -7,7 +7,7 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,11 +15,10 @@ import pydantic
 import pytest
 
 from gateway.settings import Settings
-from tests.conftest import RunningServer, token
+from tests.conftest import MakeServer, token
 from tests.helpers import api_client, api_publish, open_sse, ws_client
 
 ADMIN = "admin-" + secrets.token_hex(12)
-MakeServer = Callable[..., Awaitable[RunningServer]]
 
 
 def admin(tok: str = ADMIN) -> dict[str, str]:

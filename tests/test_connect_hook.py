@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -15,17 +14,9 @@ import pytest
 from websockets.asyncio.client import connect
 
 from gateway.hooks import load_hooks
-from tests.conftest import RunningServer, eventually, token
-from tests.fake_backend import HUGE, INFO, LOGIN, REFUSAL, FakeBackend, serve_fake_backend
+from tests.conftest import MakeServer, RunningServer, eventually, token
+from tests.fake_backend import HUGE, INFO, LOGIN, REFUSAL, FakeBackend
 from tests.helpers import QueryPairs, api_client, api_publish, sse_params, sse_request, ws_client
-
-MakeServer = Callable[..., Awaitable[RunningServer]]
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[FakeBackend]:
-    async with serve_fake_backend() as running:
-        yield running
 
 
 @pytest.fixture

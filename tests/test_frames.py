@@ -22,8 +22,8 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from tests.conftest import RunningServer, eventually
-from tests.test_handshake import TIMEOUT, MakeServer, standard, status, upgrade
+from tests.conftest import MakeServer, RunningServer, eventually
+from tests.test_handshake import TIMEOUT, standard, status, upgrade
 
 pytestmark = pytest.mark.gateway_protocols
 

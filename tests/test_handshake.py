@@ -17,15 +17,13 @@ import contextlib
 import os
 import random
 import re
-from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
 
-from tests.conftest import RunningServer, eventually, token
+from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.helpers import client_text_frame, read_raw_frame
 
-MakeServer = Callable[..., Awaitable[RunningServer]]
 DATE = re.compile(rb"(?im)^date: [^\r\n]*\r\n")
 TIMEOUT = 5.0
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -13,17 +12,9 @@ import pytest
 from gateway.app import create_app
 from gateway.hooks import load_hooks
 from gateway.settings import Settings
-from tests.conftest import SECRET, RunningServer, eventually, free_port, token
-from tests.fake_backend import REFUSAL, FakeBackend, serve_fake_backend
+from tests.conftest import SECRET, MakeServer, RunningServer, eventually, free_port, token
+from tests.fake_backend import REFUSAL, FakeBackend
 from tests.helpers import api_client, open_sse, sse_params, sse_request, ws_client
-
-MakeServer = Callable[..., Awaitable[RunningServer]]
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[FakeBackend]:
-    async with serve_fake_backend() as running:
-        yield running
 
 
 @pytest.fixture

@@ -12,16 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
 
 from gateway import sse
-from tests.conftest import RunningServer, eventually, token
+from tests.conftest import MakeServer, eventually, token
 from tests.redis_server import RedisServer
 
-MakeServer = Callable[..., Awaitable[RunningServer]]
 DATE = re.compile(rb"(?im)^date: [^\r\n]*\r\n")
 TIMEOUT = 5.0
 
