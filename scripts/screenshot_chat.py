@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.browser_helpers import chromium
+from tests.browser_helpers import chromium, join_chat
 from tests.procs import GatewayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,16 +28,7 @@ VIEWPORT = {"width": 1100, "height": 720}
 async def join(browser: Any, url: str, name: str) -> Any:
     context = await browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
     page = await context.new_page()
-    await page.goto(url)
-    await page.fill("[data-testid=name-input]", name)
-    await page.click("[data-testid=join]")
-    await page.wait_for_function(
-        "name => document.querySelector('[data-testid=state]').dataset.state === 'connected' && "
-        "[...document.querySelectorAll('[data-testid=online-user]')].some((u) => "
-        "u.textContent === name)",
-        arg=name,
-        timeout=10_000,
-    )
+    await join_chat(page, url, name)
     return page
 
 

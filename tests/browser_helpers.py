@@ -7,6 +7,8 @@
   port per process).
 - ``Publisher``: a backend publishing over the HTTP API at a steady pace, tolerant of the
   gateway being down.
+- ``join_chat`` / ``in_the_chat``: the chat page (/chat) joined under a name, and the wait
+  until it is connected and lists that name online.
 """
 
 from __future__ import annotations
@@ -70,6 +72,25 @@ async def chromium() -> AsyncIterator[Any]:
             yield browser
         finally:
             await browser.close()
+
+
+async def join_chat(page: Any, url: str, name: str) -> None:
+    """Open the chat page at ``url``, join as ``name`` and wait until it is in the room."""
+    await page.goto(url)
+    await page.fill("[data-testid=name-input]", name)
+    await page.click("[data-testid=join]")
+    await in_the_chat(page, name)
+
+
+async def in_the_chat(page: Any, name: str) -> None:
+    """Wait until the chat page is connected and lists ``name`` online."""
+    await page.wait_for_function(
+        "name => document.querySelector('[data-testid=state]').dataset.state === 'connected' && "
+        "[...document.querySelectorAll('[data-testid=online-user]')].some((u) => "
+        "u.textContent === name)",
+        arg=name,
+        timeout=10_000,
+    )
 
 
 def wait_ready_sync(

@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from tests.fake_backend import FakeBackend
+    from tests.procs import GatewayProcess
 
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 # GATEWAY_TEST_RAW_WRITES=false runs the in-process servers on uvicorn's stock protocols
@@ -166,6 +167,21 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def dev_gateway() -> Iterator[GatewayProcess]:
+    """``python -m gateway`` in dev mode (no secret): /dev/token, the demo pages and
+    publisher, and the demo backend as its hooks; one per test module."""
+    from tests.browser_helpers import wait_ready_sync  # they import this module
+    from tests.procs import GatewayProcess
+
+    gateway = GatewayProcess(env={"GATEWAY_LOG_LEVEL": "warning"})
+    try:
+        wait_ready_sync(gateway.url, gateway.proc, gateway.output)
+        yield gateway
+    finally:
+        gateway.stop()
 
 
 # --------------------------------------------------------------------------- Redis

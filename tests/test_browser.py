@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.browser_helpers import Publisher, RestartableGateway, chromium, wait_ready_sync
+from tests.browser_helpers import Publisher, RestartableGateway, chromium, join_chat
 from tests.conftest import SECRET, eventually, token
 from tests.procs import GatewayProcess
 
@@ -61,17 +61,6 @@ async def new_page(browser: Any) -> AsyncIterator[PageFactory]:
     for context in contexts:
         await context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
-
-
-@pytest.fixture(scope="module")
-def dev_gateway() -> Iterator[GatewayProcess]:
-    """A dev-mode gateway (no secret): /dev/token works and the demo publisher runs."""
-    gateway = GatewayProcess(env={"GATEWAY_LOG_LEVEL": "warning"})
-    try:
-        wait_ready_sync(gateway.url, gateway.proc, gateway.output)
-        yield gateway
-    finally:
-        gateway.stop()
 
 
 @pytest.fixture
@@ -160,19 +149,6 @@ async def test_dashboard_shows_live_updates(
     )
 
 
-async def chat_join(page: Any, url: str, name: str) -> None:
-    await page.goto(url)
-    await page.fill("[data-testid=name-input]", name)
-    await page.click("[data-testid=join]")
-    await page.wait_for_function(
-        "name => document.querySelector('[data-testid=state]').dataset.state === 'connected' && "
-        "[...document.querySelectorAll('[data-testid=online-user]')].some((u) => "
-        "u.textContent === name)",
-        arg=name,
-        timeout=10_000,
-    )
-
-
 async def presence_events(page: Any, event: str, user: str, count: int = 1) -> None:
     """Wait for ``count`` ``event`` pushes (join/leave) of ``user`` in window.chatEvents."""
     await page.wait_for_function(
@@ -195,8 +171,8 @@ async def test_two_chat_pages_talk_and_see_each_others_join_and_leave(
 ) -> None:
     url = f"{dev_gateway.url}/chat?room={secrets.token_hex(4)}"
     alice, bob = await new_page(), await new_page()
-    await chat_join(alice, url, "alice")
-    await chat_join(bob, url, "bob")
+    await join_chat(alice, url, "alice")
+    await join_chat(bob, url, "bob")
     await presence_events(alice, "join", "bob")
     assert await online(alice) == await online(bob) == ["alice", "bob"]
 

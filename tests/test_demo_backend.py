@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -24,7 +24,6 @@ from gateway.demo_backend import (
     Rooms,
     Sessions,
 )
-from tests.browser_helpers import wait_ready_sync
 from tests.conftest import RunningServer
 from tests.helpers import WsClient, api_client
 from tests.procs import GatewayProcess
@@ -320,17 +319,6 @@ def test_dev_mode_calls_its_hooks_where_this_machine_reaches_the_server(
     host: str, url: str
 ) -> None:
     assert _local_url(host, 8000) == url
-
-
-@pytest.fixture(scope="module")
-def dev_gateway() -> Iterator[GatewayProcess]:
-    """``python -m gateway`` in dev mode: its hooks are the demo backend's."""
-    gateway = GatewayProcess(env={"GATEWAY_LOG_LEVEL": "warning"})
-    try:
-        wait_ready_sync(gateway.url, gateway.proc, gateway.output)
-        yield gateway
-    finally:
-        gateway.stop()
 
 
 async def cookie_of(url: str, name: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ Synchronisation is by polling with deadlines (``page.wait_for_function``).
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -26,24 +26,13 @@ import pytest
 from websockets.asyncio.client import connect
 
 from gateway.demo_backend import COOKIE, PAGE
-from tests.browser_helpers import chromium, wait_ready_sync
+from tests.browser_helpers import chromium, in_the_chat, join_chat
 from tests.helpers import WsClient
 from tests.procs import GatewayProcess
 
 pytestmark = pytest.mark.timeout(90)
 
 PageFactory = Callable[..., Awaitable[Any]]
-
-
-@pytest.fixture(scope="module")
-def dev_gateway() -> Iterator[GatewayProcess]:
-    """``python -m gateway`` in dev mode: the demo backend is its hooks."""
-    gateway = GatewayProcess(env={"GATEWAY_LOG_LEVEL": "warning"})
-    try:
-        wait_ready_sync(gateway.url, gateway.proc, gateway.output)
-        yield gateway
-    finally:
-        gateway.stop()
 
 
 @pytest.fixture
@@ -69,23 +58,6 @@ async def new_page() -> AsyncIterator[PageFactory]:
 
         yield make
     assert not errors, f"uncaught errors in the page: {errors}"
-
-
-async def log_in(page: Any, url: str, name: str) -> None:
-    await page.goto(url)
-    await page.fill("[data-testid=name-input]", name)
-    await page.click("[data-testid=join]")
-    await in_the_room(page, name)
-
-
-async def in_the_room(page: Any, name: str) -> None:
-    await page.wait_for_function(
-        "name => document.querySelector('[data-testid=state]').dataset.state === 'connected' && "
-        "[...document.querySelectorAll('[data-testid=online-user]')].some((u) => "
-        "u.textContent === name)",
-        arg=name,
-        timeout=10_000,
-    )
 
 
 async def texts(page: Any) -> list[str]:
@@ -120,8 +92,8 @@ async def test_cookie_login_moderated_publish_and_history_over_rpc_after_a_reloa
     room = secrets.token_hex(4)
     url = f"{dev_gateway.url}/chat?room={room}"
     alice, bob = await new_page(), await new_page()
-    await log_in(alice, url, "alice")
-    await log_in(bob, url, "bob")
+    await join_chat(alice, url, "alice")
+    await join_chat(bob, url, "bob")
 
     # Connected by the cookie alone: no token in any WebSocket URL, nor in a cookie the
     # page's scripts could read.
@@ -158,7 +130,7 @@ async def test_cookie_login_moderated_publish_and_history_over_rpc_after_a_reloa
     # A reload: back in with the cookie, the messages from the backend over rpc.
     before = len(alice.sent)
     await alice.reload()
-    await in_the_room(alice, "alice")
+    await in_the_chat(alice, "alice")
     await wait_texts(alice, ["hello bob", "sorry"])
     sent = ops(alice, before)
     assert [c for c in sent if c["op"] == "rpc"] == [
@@ -188,7 +160,7 @@ async def test_older_messages_come_a_page_at_a_time_over_rpc(
             await ws.publish(f"chat:demo-{room}", {"text": f"m{i}"})
 
     page = await new_page()
-    await log_in(page, f"{dev_gateway.url}/chat?room={room}", "carol")
+    await join_chat(page, f"{dev_gateway.url}/chat?room={room}", "carol")
     await wait_texts(page, [f"m{i}" for i in range(count - PAGE, count)])
     older = page.locator("[data-testid=older]")
     assert await older.is_visible()
@@ -214,14 +186,14 @@ async def test_with_the_users_own_hooks_the_page_connects_with_a_dev_token(
         await gateway.wait_ready()
         url = f"{gateway.url}/chat?room={secrets.token_hex(4)}"
         alice = await new_page()
-        await log_in(alice, url, "alice")
+        await join_chat(alice, url, "alice")
         assert all("/ws?token=" in u for u in alice.sockets), alice.sockets
         await send(alice, "darn, no moderation here")  # no publish hook either
         await wait_texts(alice, ["darn, no moderation here"])
         assert await alice.locator("[data-testid=message-id]").count() == 0
 
         bob = await new_page()
-        await log_in(bob, url, "bob")
+        await join_chat(bob, url, "bob")
         await wait_texts(bob, ["darn, no moderation here"])  # from the gateway's history
         assert [c["op"] for c in ops(bob) if c["op"] in ("history", "rpc")] == ["history"]
     finally:
