@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -225,7 +225,7 @@ def parse_grant(reply: dict[str, Any], has_token: bool, max_channels: int) -> Gr
     )
 
 
-Check = Callable[[dict[str, Any]], None]  # raises HookFailed("bad_reply") for a bad allow
+T = TypeVar("T")
 
 
 class Hooks:
@@ -273,15 +273,13 @@ class Hooks:
         }
         if opening.channels is not None:
             body["channels"] = opening.channels
-        grants: list[Grant] = []
-
-        def check(reply: dict[str, Any]) -> None:
-            grants.append(parse_grant(reply, claims is not None, self.max_channels))
-
-        reply = await self._call(hook, orjson.dumps(body), "allow", check)
-        if reply["result"] != "allow":
-            raise self._refusal(hook.name, reply)
-        return grants[0]
+        has_token = claims is not None
+        return await self._call(
+            hook,
+            orjson.dumps(body),
+            "allow",
+            lambda reply: parse_grant(reply, has_token, self.max_channels),
+        )
 
     async def check_subscribe(self, claims: Claims, client: str, channel: str) -> Any:
         """What the backend attached to its allow (``NO_INFO``: nothing, or no hook for
@@ -290,10 +288,10 @@ class Hooks:
             return NO_INFO
         body: dict[str, Any] = {"channel": channel, "user": claims.user, "client": client}
         body["claims"] = claims_body(claims)
-        reply = await self._call(self.hooks["subscribe"], orjson.dumps(body), "allow")
-        if reply["result"] != "allow":
-            raise self._refusal("subscribe", reply)
-        return reply.get("info", NO_INFO)
+        hook = self.hooks["subscribe"]
+        return await self._call(
+            hook, orjson.dumps(body), "allow", lambda reply: reply.get("info", NO_INFO)
+        )
 
     async def check_publish(self, claims: Claims, client: str, channel: str, data: bytes) -> bytes:
         """The data to publish (the backend's, when it returned some), or the ``GatewayError``."""
@@ -301,12 +299,12 @@ class Hooks:
             return data
         body: dict[str, Any] = {"channel": channel, "user": claims.user, "client": client}
         body["data"] = orjson.Fragment(data)
-        reply = await self._call(self.hooks["publish"], orjson.dumps(body), "accept")
-        if reply["result"] != "accept":
-            raise self._refusal("publish", reply)
-        if "data" in reply:
-            return orjson.dumps(reply["data"])
-        return data
+        return await self._call(
+            self.hooks["publish"],
+            orjson.dumps(body),
+            "accept",
+            lambda reply: orjson.dumps(reply["data"]) if "data" in reply else data,
+        )
 
     async def rpc(self, claims: Claims, client: str, method: str, data: bytes) -> Any:
         """The backend's answer to ``method`` (its ``data``), or the ``GatewayError``."""
@@ -315,10 +313,9 @@ class Hooks:
         body: dict[str, Any] = {"method": method, "user": claims.user, "client": client}
         body["data"] = orjson.Fragment(data)
         body["claims"] = claims_body(claims)
-        reply = await self._call(self.hooks["rpc"], orjson.dumps(body), "ok")
-        if reply["result"] != "ok":
-            raise self._refusal("rpc", reply)
-        return reply.get("data")
+        return await self._call(
+            self.hooks["rpc"], orjson.dumps(body), "ok", lambda reply: reply.get("data")
+        )
 
     def _refusal(self, name: str, reply: dict[str, Any]) -> GatewayError:
         code = reply.get("code", ErrorCode.FORBIDDEN)
@@ -330,24 +327,27 @@ class Hooks:
         return GatewayError(ErrorCode(code), message)
 
     async def _call(
-        self, hook: Hook, body: bytes, accepted: str, check: Check | None = None
-    ) -> dict[str, Any]:
-        """The hook's reply, a JSON object whose ``result`` is ``accepted`` (and passes
-        ``check``) or ``refuse``; every failure is an ``internal`` GatewayError."""
+        self, hook: Hook, body: bytes, accepted: str, parse: Callable[[dict[str, Any]], T]
+    ) -> T:
+        """``parse`` of the hook's reply when its ``result`` is ``accepted`` (``parse`` may
+        raise ``HookFailed("bad_reply")``); the ``GatewayError`` of a ``refuse``; every
+        failure is an ``internal`` GatewayError."""
         started = time.perf_counter()
         try:
             reply = await self._post(hook, body)
             result = reply.get("result")
-            if result not in (accepted, "refuse"):
+            if result == accepted:
+                value = parse(reply)
+            elif result != "refuse":
                 raise HookFailed("bad_reply", f"unknown result {str(result)[:40]!r}")
-            if result == accepted and check is not None:
-                check(reply)
         except HookFailed as exc:
             self._observe(hook, started, exc.outcome)
             logger.warning("%s hook failed: %s", hook.name, exc)
             raise GatewayError(ErrorCode.INTERNAL, f"{hook.name} hook failed: {exc}") from None
         self._observe(hook, started, str(result))
-        return reply
+        if result != accepted:
+            raise self._refusal(hook.name, reply)
+        return value
 
     async def _post(self, hook: Hook, body: bytes) -> dict[str, Any]:
         client = self._client
