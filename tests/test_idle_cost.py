@@ -186,6 +186,32 @@ async def test_keepalive_pings_come_from_one_timer_per_loop(
     await eventually(lambda: not keepalive.members)
 
 
+async def test_a_crowd_that_connected_at_once_is_pinged_a_bucket_at_a_time(
+    make_server: Callable[..., Awaitable[RunningServer]],
+) -> None:
+    """Regression: the keep-alive timer asked every connection of the loop in one pass,
+    so clients that connected together (a deploy, a reconnect storm) were pinged, and
+    answered, all in the same pass every interval: a pause that every publication behind
+    it waited for. Now they are spread over the period, a bucket per tick."""
+    from gateway.server.keepalive import loop_keepalive
+
+    server = await make_server(ping_interval=1.0, ping_timeout=5)  # period 0.25 s: 5 buckets
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(50):
+            await (await stack.enter_async_context(ws_client(server))).ping_ok()
+        keepalive = loop_keepalive(asyncio.get_running_loop())
+        assert keepalive is not None and len(keepalive.buckets) == 5
+        members: list[Any] = keepalive.members
+        assert len(members) == 50
+        opened = max(m.ping_sent_at for m in members)
+        await eventually(lambda: all(m.ping_sent_at > opened for m in members), timeout=5)
+        by_tick: dict[float, int] = {}
+        for m in members:
+            by_tick[m.ping_sent_at] = by_tick.get(m.ping_sent_at, 0) + 1
+        # At most a bucket (50 / 5) per tick; all at once, or in two ticks, before.
+        assert max(by_tick.values()) <= 10 and len(by_tick) >= 5, by_tick
+
+
 def live_instances(*kinds: type) -> int:
     gc.collect()
     return sum(1 for o in gc.get_objects() if isinstance(o, kinds))

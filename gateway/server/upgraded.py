@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - a websockets build without it
 
 from gateway.errors import CloseCode
 from gateway.logs import REDACTED_ALREADY, redact
-from gateway.server.keepalive import Keepalive, keepalive_for
+from gateway.server.keepalive import Bucket, keepalive_for
 from gateway.server.waiting import LiteEvent, LiteQueue
 
 logger = logging.getLogger("uvicorn.error")
@@ -145,7 +145,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         self.close_timer: asyncio.TimerHandle | None = None
         self.pending_ping: bytes | None = None
         self.ping_sent_at = self.last_ping_rtt = 0.0
-        self._keepalive: Keepalive | None = None
+        self._keepalive: Bucket | None = None  # where ``Keepalive`` holds this connection
         self._buffer = b""
         self._fragments: list[bytes] | None = None
         self._fragments_size = 0
@@ -167,8 +167,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         interval = self.ping_interval
         if interval is not None and interval > 0:
             self.ping_sent_at = self.loop.time()  # the first ping one interval from now
-            self._keepalive = keepalive_for(self.loop, interval, self.ping_timeout)
-            self._keepalive.add(self)
+            self._keepalive = keepalive_for(self.loop, interval, self.ping_timeout).add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_keepalive()
@@ -388,6 +387,6 @@ class UpgradedWebSocket(asyncio.Protocol):
 
     def _stop_keepalive(self) -> None:
         if self._keepalive is not None:
-            self._keepalive.discard(self)
+            self._keepalive.pop(self, None)
             self._keepalive = None
         self.pending_ping = None

@@ -48,7 +48,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 
 from gateway.errors import CloseCode
-from gateway.server.keepalive import keepalive_for, loop_keepalive
+from gateway.server.keepalive import Bucket, keepalive_for
 from gateway.server.ports import (
     OPEN_WEBSOCKET,
     RAW_FRAMES,
@@ -102,6 +102,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.writable = LiteEvent()  # type: ignore[assignment]
         self.writable.set()
         self.detached = False
+        self.keepalive_bucket: Bucket | None = None  # where ``Keepalive`` holds it
 
     async def send(self, message: Any) -> None:
         await super().send(message)
@@ -250,13 +251,13 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         keepalive = keepalive_for(self.loop, interval, self.ping_timeout)
         self.ping_sent_at = self.loop.time()  # the first ping one interval from now
-        keepalive.add(self)
+        self.keepalive_bucket = keepalive.add(self)
 
     def stop_keepalive(self) -> None:
         super().stop_keepalive()
-        keepalive = loop_keepalive(self.loop)
-        if keepalive is not None:
-            keepalive.discard(self)
+        if self.keepalive_bucket is not None:
+            self.keepalive_bucket.pop(self, None)
+            self.keepalive_bucket = None
 
     def keepalive_check(self, now: float) -> None:
         """Called by ``Keepalive`` every tick: time out a missing pong, or send a ping."""
