@@ -4,6 +4,10 @@ Every connection has timers for its whole life that nearly never fire: its
 token's expiry, an SSE stream's heartbeat. A uvloop ``TimerHandle`` each costs
 memory per idle connection (figures in docs/benchmarks.md); ``Timers`` keeps one
 heap entry per timer and one loop timer for the earliest of them.
+
+Timers that fall due together (the heartbeats of streams that all connected in the
+same second) run ``PER_PASS`` at a time, one batch per pass of the loop, so that what
+the loop has to deliver meanwhile is not held up behind all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+PER_PASS = 64  # timer callbacks run in one pass of the event loop, at most
 
 
 class Timer:
@@ -65,7 +71,7 @@ class Timers:
         self._heap: list[Timer] = []
         self._seq = itertools.count()
         self._cancelled = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._timer_when = math.inf
 
     def __len__(self) -> int:
@@ -97,13 +103,18 @@ class Timers:
     def _run(self) -> None:
         self._timer, self._timer_when = None, math.inf
         heap, now = self._heap, self._loop.time()
+        budget = PER_PASS
         while heap and heap[0].when <= now:
+            if not budget:  # more are due: the rest in the next pass, after the I/O
+                self._timer, self._timer_when = self._loop.call_soon(self._run), now
+                return
             timer = heapq.heappop(heap)
             callback, args = timer.callback, timer.args
             if callback is None:
                 self._cancelled -= 1
                 continue
             timer.callback, timer.args = None, ()  # ran: a later cancel() is a no-op
+            budget -= 1
             try:
                 callback(*args)
             except Exception:

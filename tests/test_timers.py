@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from gateway.timers import Timers, loop_timers
+from gateway.timers import PER_PASS, Timers, loop_timers
 
 
 async def test_timers_run_in_deadline_order_however_they_were_added() -> None:
@@ -75,4 +75,28 @@ async def test_cancelled_timers_are_dropped_from_the_heap_once_they_are_most_of_
     assert all(not t.cancelled() for t in kept)
     for timer in kept:
         timer.cancel()
+    assert len(timers) == 0
+
+
+async def test_timers_due_together_run_a_batch_per_loop_pass_in_order() -> None:
+    """The heartbeats of streams that connected in the same second fall due together;
+    they run ``PER_PASS`` at a time, so what the loop has to do meanwhile (a fan-out
+    scheduled with ``call_soon``) runs between two batches, not after all of them."""
+    loop = asyncio.get_running_loop()
+    timers = Timers(loop)
+    ran: list[object] = []
+    done = asyncio.Event()
+
+    def first() -> None:
+        ran.append(0)
+        loop.call_soon(ran.append, "other work")
+
+    timers.call_later(0.01, first)
+    for i in range(1, 3 * PER_PASS):
+        timers.call_later(0.01, ran.append, i)
+    timers.call_later(0.01, done.set)
+    await asyncio.wait_for(done.wait(), 5)
+    assert ran.index("other work") == PER_PASS
+    ran.remove("other work")
+    assert ran == list(range(3 * PER_PASS))
     assert len(timers) == 0
