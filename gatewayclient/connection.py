@@ -18,8 +18,8 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import orjson
 from websockets.asyncio.client import ClientConnection
@@ -27,7 +27,15 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from gatewayclient.errors import CLOSED, DISCONNECTED, TIMEOUT, GatewayError
-from gatewayclient.models import History, Position, Publication, PublishResult
+from gatewayclient.items import notify
+from gatewayclient.models import (
+    History,
+    Position,
+    Publication,
+    PublishResult,
+    StateChange,
+    SubscriptionEvent,
+)
 from gatewayclient.subscription import Subscription
 from gatewayclient.tokens import TokenFactory, TokenSource, backoff, refresh_delay
 from gatewayclient.wire import (
@@ -58,6 +66,7 @@ class Client:
         refresh_before_expiry: float = 30.0,
         command_timeout: float = 10.0,
         websocket_options: dict[str, Any] | None = None,
+        on_state: Callable[[StateChange], object] | None = None,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
@@ -69,6 +78,7 @@ class Client:
         self.refresh_before_expiry = refresh_before_expiry
         self.command_timeout = command_timeout
         self.websocket_options = {"max_size": 2**24, **(websocket_options or {})}
+        self.on_state = on_state
         self.subscriptions: dict[str, Subscription] = {}
         self.url: str | None = None  # the gateway URL of the current connection
         self.connections = 0  # connections established so far (1 + reconnects)
@@ -114,16 +124,17 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection and stop; every subscription's iteration ends. Idempotent."""
-        self._stop(None)
+        self._stop(None, reason="closed by the client")
         if self._runner is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
 
-    def _stop(self, error: GatewayError | None) -> None:
+    def _stop(self, error: GatewayError | None, code: int | None = None, reason: str = "") -> None:
         if self._stopped.is_set():
             return
         self._fatal = error
         self._stopped.set()
+        self._state("closed", self.url, code, reason or (error.message if error else ""))
         if self._runner is not None and self._runner is not asyncio.current_task():
             self._runner.cancel()
         for sub in self.subscriptions.values():
@@ -139,14 +150,25 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _state(
+        self,
+        state: Literal["connecting", "connected", "disconnected", "closed"],
+        url: str | None,
+        code: int | None = None,
+        reason: str = "",
+    ) -> None:
+        notify(self.on_state, StateChange(state, url, code, reason))
+
     # -- the reconnect loop ------------------------------------------------------
 
     async def _run(self) -> None:
         attempt = 0
+        code: int | None = None
+        reason = ""
         for turn in itertools.count():
             url = self.urls[turn % len(self.urls)]
-            code: int | None = None
-            reason = ""
+            self._state("connecting", url, code, reason)
+            code, reason = None, ""
             opened = False
             try:
                 token = await self.tokens.current()
@@ -170,10 +192,12 @@ class Client:
             self.last_close = (code, reason)
             if opened:
                 attempt = 0
+                self._state("disconnected", url, code, reason)
             if code == UNAUTHORIZED:
                 self.tokens.rejected = True
                 if self.tokens.factory is None:
-                    self._stop(GatewayError("unauthorized", reason or "unauthorized"))
+                    error = GatewayError("unauthorized", reason or "unauthorized")
+                    self._stop(error, code, error.message)
                     return
             if code in (SERVICE_RESTART, SLOW_CONSUMER) and opened:
                 delay = random.uniform(0, QUICK_RECONNECT)
@@ -198,6 +222,7 @@ class Client:
             self.url = url
             self.connections += 1
             self._connected.set()
+            self._state("connected", url)
             refresher = asyncio.create_task(self._refresh_loop())
             await reader
             return True
@@ -312,16 +337,23 @@ class Client:
             raise GatewayError(DISCONNECTED, "the connection dropped")
         return await self._call_on(ws, op, fields, max(0.001, deadline - loop.time()))
 
-    async def subscribe(self, channel: str, *, since: Position | None = None) -> Subscription:
+    async def subscribe(
+        self,
+        channel: str,
+        *,
+        since: Position | None = None,
+        on_event: Callable[[SubscriptionEvent], object] | None = None,
+    ) -> Subscription:
         """Subscribe; return once the gateway confirmed it (``GatewayError`` if refused).
 
         ``since`` resumes from a position you stored; the subscription then starts with a
-        ``Gap`` if the gateway could not recover from it."""
+        ``Gap`` if the gateway could not recover from it. ``on_event`` is called with
+        ``Subscribed`` on every subscribe reply (reconnects too) and with each ``Gap``."""
         if self._stopped.is_set():
             raise self._fatal or GatewayError(CLOSED, "the client is closed")
         if channel in self.subscriptions:
             raise GatewayError("bad_request", f"already subscribed to {channel}")
-        sub = Subscription(channel, since)
+        sub = Subscription(channel, since, on_event)
         self.subscriptions[channel] = sub
         ws = self._ws
         if ws is not None and self._sent_on.get(channel) is not ws:
