@@ -106,6 +106,7 @@ class SseClient:
         self.on_state = on_state
         self.connections = 0  # streams opened so far (token switches included)
         self.switches = 0  # streams replaced before their token expired
+        self.repeats = 0  # publications dropped as already delivered (the gateway sends none)
         self.positions: dict[str, Position] = {}  # of the last publication delivered
         self._own = http is None
         self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
@@ -352,7 +353,8 @@ class SseClient:
         elif event == "message" and "offset" in data:
             pub = Publication(channel, int(data["offset"]), str(data["epoch"]), data.get("data"))
             if last is not None and pub.epoch == last.epoch and pub.offset <= last.offset:
-                return  # already delivered
+                self.repeats += 1  # already delivered
+                return
             self.positions[channel] = Position(pub.epoch, pub.offset)
             self._items.put(pub)
 

@@ -49,6 +49,9 @@ class Subscription:
         self.position = since  # of the last delivered publication, or the subscribe reply
         self.recovered: bool | None = None  # of the last (re)subscription that had a since
         self.active = True
+        # Publications dropped as already delivered: a gateway that keeps the contract
+        # sends none (a resubscription resumes after the last delivered offset).
+        self.repeats = 0
         self._items = ItemQueue(f"subscription to {channel} ended")
         # Resolved by the first subscribe reply (an error reply: its GatewayError).
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -98,7 +101,8 @@ class Subscription:
         pub = Publication(self.channel, int(push["offset"]), str(push["epoch"]), push.get("data"))
         last = self.position
         if last is not None and pub.epoch == last.epoch and pub.offset <= last.offset:
-            return  # already delivered
+            self.repeats += 1  # already delivered
+            return
         if last is not None and pub.epoch != last.epoch:
             self.gap("epoch", pub.epoch, pub.offset - 1)
         self.position = Position(pub.epoch, pub.offset)

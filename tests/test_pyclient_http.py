@@ -167,6 +167,8 @@ async def test_sse_switches_to_a_new_token_before_expiry_losing_and_repeating_no
         await api.publish("a", "last")
         assert offsets(await take(sse, 1), "a") == [(count + 1, "last")]
         assert len(made) == 3 and sse.connections == 3 and sse.switches == 2
+        # Each new stream started from what was delivered: it had nothing to repeat.
+        assert sse.repeats == 0
         # The old streams were closed: the gateway holds the last one only.
         await eventually(lambda: len(gw.gateway.hub.sessions) == 1)
     assert changes(states) == [("connecting", None), ("connected", None), ("closed", None)]

@@ -79,6 +79,7 @@ async def test_a_subscription_drops_repeats_and_reports_a_new_epoch() -> None:
     assert await sub.get(1) == Publication("a", 3, "e1", 3)
     assert await sub.get(1) == Gap("a", "epoch", "e1", 3, "e2", 0)
     assert await sub.get(1) == Publication("a", 1, "e2", "new")
+    assert sub.repeats == 3
     sub.end()
     assert [item async for item in sub] == []
 
