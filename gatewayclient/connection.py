@@ -26,16 +26,10 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from gatewayclient.commands import Commands
 from gatewayclient.errors import CLOSED, DISCONNECTED, TIMEOUT, GatewayError
 from gatewayclient.items import notify
-from gatewayclient.models import (
-    History,
-    Position,
-    Publication,
-    PublishResult,
-    StateChange,
-    SubscriptionEvent,
-)
+from gatewayclient.models import Position, StateChange, SubscriptionEvent
 from gatewayclient.subscription import Subscription
 from gatewayclient.tokens import TokenFactory, TokenSource, backoff, refresh_delay
 from gatewayclient.wire import (
@@ -51,7 +45,7 @@ from gatewayclient.wire import (
 logger = logging.getLogger(__name__)
 
 
-class Client:
+class Client(Commands):
     """An asyncio client of the gateway's WebSocket. Use ``connect()``."""
 
     def __init__(
@@ -378,38 +372,3 @@ class Client:
         if self._connected.is_set():
             with contextlib.suppress(GatewayError):
                 await self._call("unsubscribe", channel=channel)
-
-    async def publish(self, channel: str, data: Any) -> PublishResult:
-        result = await self._call("publish", channel=channel, data=data)
-        return PublishResult(int(result["offset"]), str(result["epoch"]))
-
-    async def presence(self, channel: str) -> list[dict[str, Any]]:
-        """The channel's clients: ``[{"client", "user", "info"}]``."""
-        result = await self._call("presence", channel=channel)
-        return list(result.get("clients") or [])
-
-    async def history(
-        self, channel: str, *, limit: int | None = None, since: Position | None = None
-    ) -> History:
-        """The last ``limit`` publications (all history holds without it), or the first
-        ``limit`` after ``since`` (``not_found`` when history lost that position)."""
-        fields: dict[str, Any] = {"channel": channel}
-        if limit is not None:
-            fields["limit"] = limit
-        if since is not None:
-            fields["since"] = since.as_since()
-        result = await self._call("history", **fields)
-        epoch = str(result["epoch"])
-        pubs = [
-            Publication(channel, int(p["offset"]), str(p.get("epoch", epoch)), p.get("data"))
-            for p in result.get("publications") or []
-        ]
-        return History(pubs, int(result["offset"]), epoch)
-
-    async def rpc(self, method: str, data: Any = None) -> Any:
-        """Call the application's rpc hook; returns its ``data``."""
-        result = await self._call("rpc", method=method, data=data)
-        return result.get("data")
-
-    async def ping(self) -> None:
-        await self._call("ping")
