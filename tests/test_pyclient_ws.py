@@ -26,7 +26,6 @@ from gatewayclient import (
 )
 from tests.conftest import RunningServer, eventually, token
 from tests.fake_backend import FakeBackend, serve_fake_backend
-from tests.helpers import api_client, api_publish
 
 MakeServer = Callable[..., Awaitable[RunningServer]]
 
@@ -127,22 +126,22 @@ async def test_reconnect_resumes_every_channel_with_nothing_lost_or_repeated(ser
     client = await connect(server.url, token=token(), min_reconnect_delay=2.0)
     try:
         subs = [await client.subscribe("a"), await client.subscribe("b")]
-        async with api_client(server) as http:
+        async with Publisher(server.url, token("backend")) as api:
             for n in range(1, 4):
                 for ch in ("a", "b"):
-                    await api_publish(http, ch, n)
+                    await api.publish(ch, n)
             kick(server)
             await eventually(lambda: not client.connected)
             for n in range(4, 9):
                 for ch in ("a", "b"):
-                    await api_publish(http, ch, n)
+                    await api.publish(ch, n)
             # All published while the client was away (its backoff is at least 1 s).
             assert client.connections == 1
             await client.wait_connected(10)
             assert client.connections == 2
             for n in range(9, 11):
                 for ch in ("a", "b"):
-                    await api_publish(http, ch, n)
+                    await api.publish(ch, n)
         for sub in subs:
             items = await take(sub, 10)
             assert [(i.offset, i.data) for i in items if isinstance(i, Publication)] == [
@@ -166,9 +165,9 @@ async def test_history_lost_while_away_is_a_gap(make_server: MakeServer) -> None
         assert isinstance(await sub.get(5), Publication)
         kick(gw)
         await eventually(lambda: not client.connected)
-        async with api_client(gw) as http:
+        async with Publisher(gw.url, token("backend")) as api:
             for n in range(2, 7):
-                await api_publish(http, "news", n)
+                await api.publish("news", n)
         await client.wait_connected(10)
         gap = await sub.get(5)
         assert isinstance(gap, Gap)
