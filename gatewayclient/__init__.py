@@ -17,6 +17,9 @@ from gatewayclient.models import (
     PresenceEvent,
     Publication,
     PublishResult,
+    StateChange,
+    Subscribed,
+    SubscriptionEvent,
 )
 from gatewayclient.publisher import Publisher, StreamResult
 from gatewayclient.sse import SseClient
@@ -34,8 +37,11 @@ __all__ = [
     "PublishResult",
     "Publisher",
     "SseClient",
+    "StateChange",
     "StreamResult",
+    "Subscribed",
     "Subscription",
+    "SubscriptionEvent",
     "connect",
 ]
 

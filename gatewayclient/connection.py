@@ -18,16 +18,18 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from gatewayclient.commands import Commands
 from gatewayclient.errors import CLOSED, DISCONNECTED, TIMEOUT, GatewayError
-from gatewayclient.models import History, Position, Publication, PublishResult
+from gatewayclient.items import notify
+from gatewayclient.models import Position, StateChange, SubscriptionEvent
 from gatewayclient.subscription import Subscription
 from gatewayclient.tokens import TokenFactory, TokenSource, backoff, refresh_delay
 from gatewayclient.wire import (
@@ -43,7 +45,7 @@ from gatewayclient.wire import (
 logger = logging.getLogger(__name__)
 
 
-class Client:
+class Client(Commands):
     """An asyncio client of the gateway's WebSocket. Use ``connect()``."""
 
     def __init__(
@@ -58,6 +60,7 @@ class Client:
         refresh_before_expiry: float = 30.0,
         command_timeout: float = 10.0,
         websocket_options: dict[str, Any] | None = None,
+        on_state: Callable[[StateChange], object] | None = None,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
@@ -69,6 +72,7 @@ class Client:
         self.refresh_before_expiry = refresh_before_expiry
         self.command_timeout = command_timeout
         self.websocket_options = {"max_size": 2**24, **(websocket_options or {})}
+        self.on_state = on_state
         self.subscriptions: dict[str, Subscription] = {}
         self.url: str | None = None  # the gateway URL of the current connection
         self.connections = 0  # connections established so far (1 + reconnects)
@@ -114,16 +118,17 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection and stop; every subscription's iteration ends. Idempotent."""
-        self._stop(None)
+        self._stop(None, reason="closed by the client")
         if self._runner is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
 
-    def _stop(self, error: GatewayError | None) -> None:
+    def _stop(self, error: GatewayError | None, code: int | None = None, reason: str = "") -> None:
         if self._stopped.is_set():
             return
         self._fatal = error
         self._stopped.set()
+        self._state("closed", self.url, code, reason or (error.message if error else ""))
         if self._runner is not None and self._runner is not asyncio.current_task():
             self._runner.cancel()
         for sub in self.subscriptions.values():
@@ -139,14 +144,25 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _state(
+        self,
+        state: Literal["connecting", "connected", "disconnected", "closed"],
+        url: str | None,
+        code: int | None = None,
+        reason: str = "",
+    ) -> None:
+        notify(self.on_state, StateChange(state, url, code, reason))
+
     # -- the reconnect loop ------------------------------------------------------
 
     async def _run(self) -> None:
         attempt = 0
+        code: int | None = None
+        reason = ""
         for turn in itertools.count():
             url = self.urls[turn % len(self.urls)]
-            code: int | None = None
-            reason = ""
+            self._state("connecting", url, code, reason)
+            code, reason = None, ""
             opened = False
             try:
                 token = await self.tokens.current()
@@ -170,10 +186,12 @@ class Client:
             self.last_close = (code, reason)
             if opened:
                 attempt = 0
+                self._state("disconnected", url, code, reason)
             if code == UNAUTHORIZED:
                 self.tokens.rejected = True
                 if self.tokens.factory is None:
-                    self._stop(GatewayError("unauthorized", reason or "unauthorized"))
+                    error = GatewayError("unauthorized", reason or "unauthorized")
+                    self._stop(error, code, error.message)
                     return
             if code in (SERVICE_RESTART, SLOW_CONSUMER) and opened:
                 delay = random.uniform(0, QUICK_RECONNECT)
@@ -198,6 +216,7 @@ class Client:
             self.url = url
             self.connections += 1
             self._connected.set()
+            self._state("connected", url)
             refresher = asyncio.create_task(self._refresh_loop())
             await reader
             return True
@@ -312,16 +331,23 @@ class Client:
             raise GatewayError(DISCONNECTED, "the connection dropped")
         return await self._call_on(ws, op, fields, max(0.001, deadline - loop.time()))
 
-    async def subscribe(self, channel: str, *, since: Position | None = None) -> Subscription:
+    async def subscribe(
+        self,
+        channel: str,
+        *,
+        since: Position | None = None,
+        on_event: Callable[[SubscriptionEvent], object] | None = None,
+    ) -> Subscription:
         """Subscribe; return once the gateway confirmed it (``GatewayError`` if refused).
 
         ``since`` resumes from a position you stored; the subscription then starts with a
-        ``Gap`` if the gateway could not recover from it."""
+        ``Gap`` if the gateway could not recover from it. ``on_event`` is called with
+        ``Subscribed`` on every subscribe reply (reconnects too) and with each ``Gap``."""
         if self._stopped.is_set():
             raise self._fatal or GatewayError(CLOSED, "the client is closed")
         if channel in self.subscriptions:
             raise GatewayError("bad_request", f"already subscribed to {channel}")
-        sub = Subscription(channel, since)
+        sub = Subscription(channel, since, on_event)
         self.subscriptions[channel] = sub
         ws = self._ws
         if ws is not None and self._sent_on.get(channel) is not ws:
@@ -346,38 +372,3 @@ class Client:
         if self._connected.is_set():
             with contextlib.suppress(GatewayError):
                 await self._call("unsubscribe", channel=channel)
-
-    async def publish(self, channel: str, data: Any) -> PublishResult:
-        result = await self._call("publish", channel=channel, data=data)
-        return PublishResult(int(result["offset"]), str(result["epoch"]))
-
-    async def presence(self, channel: str) -> list[dict[str, Any]]:
-        """The channel's clients: ``[{"client", "user", "info"}]``."""
-        result = await self._call("presence", channel=channel)
-        return list(result.get("clients") or [])
-
-    async def history(
-        self, channel: str, *, limit: int | None = None, since: Position | None = None
-    ) -> History:
-        """The last ``limit`` publications (all history holds without it), or the first
-        ``limit`` after ``since`` (``not_found`` when history lost that position)."""
-        fields: dict[str, Any] = {"channel": channel}
-        if limit is not None:
-            fields["limit"] = limit
-        if since is not None:
-            fields["since"] = since.as_since()
-        result = await self._call("history", **fields)
-        epoch = str(result["epoch"])
-        pubs = [
-            Publication(channel, int(p["offset"]), str(p.get("epoch", epoch)), p.get("data"))
-            for p in result.get("publications") or []
-        ]
-        return History(pubs, int(result["offset"]), epoch)
-
-    async def rpc(self, method: str, data: Any = None) -> Any:
-        """Call the application's rpc hook; returns its ``data``."""
-        result = await self._call("rpc", method=method, data=data)
-        return result.get("data")
-
-    async def ping(self) -> None:
-        await self._call("ping")

@@ -3,9 +3,14 @@
 One stream carries every channel. The client keeps the last ``id:`` (the cursor, opaque,
 the position of every channel) and sends it back as ``Last-Event-ID`` when it reopens
 the stream: after a dropped connection, a drained worker, or the end of the stream at
-the token's expiry (SSE cannot refresh a token in place: the stream is reopened with a
-new one from ``token_factory``, resuming from the cursor, nothing lost). ``event: gap``
-becomes a ``Gap`` item. Publications are also deduplicated by (channel, epoch, offset).
+the token's expiry. SSE cannot refresh a token in place: with a ``token_factory`` the
+client opens a second stream with a new token shortly before the first one's ``exp``
+and switches to it. Reading the old stream pauses while the new one opens, so the new
+one starts from the cursor of exactly what was delivered; once it answers 200 the old
+one is closed unread, and anything the new one repeats would be dropped by the
+deduplication by (channel, epoch, offset). If the switch fails the old stream is read
+on, and ends at expiry: the client reconnects as after any end. ``event: gap`` becomes
+a ``Gap`` item.
 """
 
 from __future__ import annotations
@@ -13,20 +18,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Literal
 
 import httpx
 import orjson
 
-from gatewayclient.errors import CLOSED, TIMEOUT, GatewayError
-from gatewayclient.models import Gap, Item, Position, PresenceEvent, Publication
-from gatewayclient.tokens import TokenFactory, TokenSource, backoff
+from gatewayclient.errors import TIMEOUT, GatewayError
+from gatewayclient.items import ItemQueue, notify
+from gatewayclient.models import Gap, Item, Position, PresenceEvent, Publication, StateChange
+from gatewayclient.tokens import TokenFactory, TokenSource, backoff, refresh_delay
 
 logger = logging.getLogger(__name__)
 
-_END = object()
 PERMANENT = {400, 403, 404}  # a request that will not get better by retrying
+
+
+class _Refused(Exception):
+    """A refusal worth retrying (401 with a ``token_factory``, 503, …)."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(f"HTTP {status} {code}")
+        self.status = status
 
 
 def cursor_positions(cursor: str) -> dict[str, Position]:
@@ -79,6 +92,8 @@ class SseClient:
         cursor: str | None = None,
         min_reconnect_delay: float = 0.5,
         max_reconnect_delay: float = 20.0,
+        refresh_before_expiry: float = 30.0,
+        on_state: Callable[[StateChange], object] | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
         self.base = url.rstrip("/")
@@ -87,12 +102,18 @@ class SseClient:
         self.cursor = cursor
         self.min_reconnect_delay = min_reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
-        self.connections = 0  # streams opened so far
+        self.refresh_before_expiry = refresh_before_expiry
+        self.on_state = on_state
+        self.connections = 0  # streams opened so far (token switches included)
+        self.switches = 0  # streams replaced before their token expired
+        self.repeats = 0  # publications dropped as already delivered (the gateway sends none)
         self.positions: dict[str, Position] = {}  # of the last publication delivered
         self._own = http is None
         self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
-        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._items = ItemQueue("the stream was closed")
         self._opened = asyncio.Event()
+        self._reading = asyncio.Event()  # cleared while a switch opens the next stream
+        self._reading.set()
         self._runner: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 10.0) -> None:
@@ -114,11 +135,14 @@ class SseClient:
         raise GatewayError(TIMEOUT, f"the stream did not open within {timeout}s")
 
     async def close(self) -> None:
+        """Close the stream and stop; the iteration ends. Idempotent."""
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        self._items.put_nowait(_END)
+        if not self._items.finished:
+            self._state("closed", None, "closed by the client")
+            self._items.end()
         if self._own:
             await self.http.aclose()
 
@@ -133,73 +157,150 @@ class SseClient:
         return self
 
     async def __anext__(self) -> Item:
-        item = await self._items.get()
-        if item is _END:
-            self._items.put_nowait(item)
-            raise StopAsyncIteration
-        if isinstance(item, GatewayError):
-            self._items.put_nowait(item)
-            raise item
-        assert isinstance(item, Publication | Gap | PresenceEvent)
-        return item
+        return await self._items.next()
 
     async def get(self, timeout: float | None = None) -> Item:
-        try:
-            async with asyncio.timeout(timeout):
-                return await self.__anext__()
-        except StopAsyncIteration:
-            raise GatewayError(CLOSED, "the stream was closed") from None
+        """The next item, waiting at most ``timeout`` seconds (``TimeoutError``)."""
+        return await self._items.get(timeout)
+
+    def _state(
+        self,
+        state: Literal["connecting", "connected", "disconnected", "closed"],
+        code: int | None = None,
+        reason: str = "",
+    ) -> None:
+        notify(self.on_state, StateChange(state, self.base, code, reason))
+
+    def _fail(self, error: GatewayError) -> None:
+        self._state("closed", error.status, error.message or error.code)
+        self._items.fail(error)
 
     # -- the reconnect loop ------------------------------------------------------
 
     async def _run(self) -> None:
         attempt = 0
+        code: int | None = None
+        reason = ""
         while True:
+            self._state("connecting", code, reason)
+            code, reason = None, ""
             opened = False
             try:
                 token = await self.tokens.current()
             except GatewayError as exc:
-                self._items.put_nowait(exc)  # rejected and nothing can renew it
+                self._fail(exc)  # rejected and nothing can renew it
                 return
-            except Exception:
+            except Exception as exc:
                 logger.exception("token_factory failed")
+                reason = repr(exc)
             else:
-                streams = self.connections
                 try:
-                    await self._stream(token)
+                    response = await self._open(token)
+                    opened = True
+                    self._state("connected")
+                    await self._session(response, token)
+                    reason = "the stream ended"
                 except GatewayError as exc:
-                    self._items.put_nowait(exc)
+                    self._fail(exc)
                     return
+                except _Refused as exc:
+                    logger.info("SSE refused (%s), retrying", exc)
+                    code, reason = exc.status, str(exc)
                 except httpx.HTTPError as exc:
                     logger.info("SSE stream failed: %r", exc)
-                except Exception:  # an event this client could not handle: start over
+                    reason = repr(exc)
+                except Exception as exc:  # an event this client could not handle: start over
                     logger.exception("SSE stream failed")
-                opened = self.connections > streams  # however it ended
+                    reason = repr(exc)
+            if opened:
+                self._state("disconnected", code, reason)
             attempt = 0 if opened else attempt + 1
             await asyncio.sleep(
                 backoff(attempt, self.min_reconnect_delay, self.max_reconnect_delay)
             )
 
-    async def _stream(self, token: str) -> None:
-        """One stream, until it ends."""
+    async def _open(self, token: str) -> httpx.Response:
+        """A stream from the cursor, answered 200 (its body unread). Raises
+        ``GatewayError`` for a refusal that retrying cannot fix, ``_Refused`` for one
+        worth retrying, ``httpx.HTTPError``."""
         params = (*(("channel", c) for c in self.channels), ("token", token))
         headers = {"Accept": "text/event-stream"}
         if self.cursor is not None:
             headers["Last-Event-ID"] = self.cursor
             # Where each channel resumes from (for the Gap items, if it cannot).
             self.positions.update(cursor_positions(self.cursor))
-        url = f"{self.base}/sse"
-        async with self.http.stream("GET", url, params=params, headers=headers) as response:
-            if response.status_code != 200:
-                await response.aread()
-                self._refused(response)
-                return
+        request = self.http.build_request("GET", f"{self.base}/sse", params=params, headers=headers)
+        response = await self.http.send(request, stream=True)
+        if response.status_code == 200:
             self.connections += 1
-            async for block in sse_blocks(response.aiter_lines()):
-                self._on_block(block)
-                self._opened.set()
+            return response
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        raise self._refusal(response)
 
-    def _refused(self, response: httpx.Response) -> None:
+    async def _session(self, response: httpx.Response, token: str) -> None:
+        """Read ``response`` until it ends, switching to a stream with a new token shortly
+        before ``token`` expires (as often as it takes)."""
+        reader: asyncio.Task[None] | None = None
+        switch: asyncio.Task[tuple[httpx.Response, str]] | None = None
+        try:
+            while True:
+                self._reading.set()
+                reader = asyncio.create_task(self._read(response))
+                switch = asyncio.create_task(self._next_stream(token))
+                await asyncio.wait({reader, switch}, return_when="FIRST_COMPLETED")
+                if not switch.done():
+                    await _cancel(switch)
+                    reader.result()  # the stream broke (raises) or ended
+                    return
+                await _cancel(reader)
+                await response.aclose()
+                response, token = switch.result()
+                self.switches += 1
+        finally:
+            for task in (reader, switch):
+                if task is not None:
+                    await _cancel(task)
+            if switch is not None and not switch.cancelled() and switch.exception() is None:
+                opened, _ = switch.result()
+                if opened is not response:
+                    await opened.aclose()  # opened, then cancelled before the switch
+            self._reading.set()
+            await response.aclose()
+
+    async def _read(self, response: httpx.Response) -> None:
+        async for block in sse_blocks(response.aiter_lines()):
+            await self._reading.wait()  # (a switch is opening the next stream)
+            self._on_block(block)
+            self._opened.set()
+
+    async def _next_stream(self, token: str) -> tuple[httpx.Response, str]:
+        """Shortly before ``token`` expires: a stream opened with a new token from the
+        cursor of what was delivered (the reader waits meanwhile), and that token."""
+        while True:
+            delay = None
+            if self.tokens.factory is not None:
+                delay = refresh_delay(token, self.refresh_before_expiry)
+            if delay is None:
+                await asyncio.Event().wait()  # no factory, or a token that never expires
+            await asyncio.sleep(max(delay or 0.0, 1.0))
+            try:
+                fresh = await self.tokens.renew()
+            except Exception:
+                logger.exception("token_factory failed")
+                continue
+            # The reader stops before its next block: self.cursor stays that of what was
+            # delivered. On success it stays stopped until _session has cancelled it.
+            self._reading.clear()
+            try:
+                return await self._open(fresh), fresh
+            except (GatewayError, _Refused, httpx.HTTPError) as exc:
+                logger.info("could not switch the SSE stream to a new token: %r", exc)
+                self._reading.set()
+
+    def _refusal(self, response: httpx.Response) -> Exception:
         try:
             body = orjson.loads(response.content)
             error = body["error"]
@@ -209,10 +310,10 @@ class SseClient:
         if response.status_code == 401:
             self.tokens.rejected = True
             if self.tokens.factory is None:
-                raise GatewayError(code, message, status=401)
+                return GatewayError(code, message, status=401)
         elif response.status_code in PERMANENT:
-            raise GatewayError(code, message, status=response.status_code)
-        logger.info("SSE refused (HTTP %d %s), retrying", response.status_code, code)
+            return GatewayError(code, message, status=response.status_code)
+        return _Refused(response.status_code, code)
 
     def _on_block(self, block: dict[str, str]) -> None:
         if "data" in block:
@@ -232,14 +333,14 @@ class SseClient:
         last = self.positions.get(channel)
         if event in ("join", "leave"):
             kind: Literal["join", "leave"] = "join" if event == "join" else "leave"
-            self._items.put_nowait(PresenceEvent(channel, kind, data.get("client") or {}))
+            self._items.put(PresenceEvent(channel, kind, data.get("client") or {}))
         elif event == "gap":
             now = cursor_positions(cursor).get(channel) if cursor else None
             if now is not None:
                 self.positions[channel] = now
             same_epoch = now is not None and last is not None and now.epoch == last.epoch
             reason: Literal["history", "epoch"] = "history" if same_epoch else "epoch"
-            self._items.put_nowait(
+            self._items.put(
                 Gap(
                     channel,
                     reason,
@@ -252,6 +353,15 @@ class SseClient:
         elif event == "message" and "offset" in data:
             pub = Publication(channel, int(data["offset"]), str(data["epoch"]), data.get("data"))
             if last is not None and pub.epoch == last.epoch and pub.offset <= last.offset:
-                return  # already delivered
+                self.repeats += 1  # already delivered
+                return
             self.positions[channel] = Position(pub.epoch, pub.offset)
-            self._items.put_nowait(pub)
+            self._items.put(pub)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end, however it ends (its error is dropped)."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: not logged as "never retrieved"

@@ -1,8 +1,9 @@
 """Clients of real gateway workers through a Redis failure, and what they saw.
 
 ``run(scenario)`` starts a topology (tests/redis_topologies.py), two gateway processes on
-it, WebSocket clients subscribed to a few channels on both, and one publisher per channel
-through the HTTP API; after ``before`` seconds it breaks the topology:
+it, WebSocket clients subscribed to a few channels on both (raw: they count what the
+gateway sent, repeats included), and one publisher per channel through the HTTP API
+(gatewayclient's ``Publisher``); after ``before`` seconds it breaks the topology:
 
 * ``sentinel``: SIGKILL the master; the Sentinels promote the replica;
 * ``cluster``: SIGKILL the master of the first channel's slot; its replica takes over;
@@ -35,6 +36,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from gatewayclient import GatewayError, Publisher
 from tests.conftest import SECRET, token
 from tests.helpers import poll
 from tests.procs import GatewayProcess
@@ -115,7 +117,7 @@ async def topology(scenario: str) -> AsyncIterator[Any]:
 
 
 async def publisher(
-    http: httpx.AsyncClient,
+    api: Publisher,
     channel: str,
     rate: float,
     stop: asyncio.Event,
@@ -125,20 +127,12 @@ async def publisher(
     n = 0
     while not stop.is_set():
         n += 1
-        body = {"channel": channel, "data": n}
-        headers = {"Authorization": f"Bearer {token('publisher')}"}
         try:
-            r = await http.post("/api/publish", json=body, headers=headers)
-        except httpx.HTTPError:
+            sent = await api.publish(channel, n)
+        except (GatewayError, httpx.HTTPError):
             refused.append(time.monotonic())
         else:
-            if r.status_code == 200:
-                result = r.json()
-                accepted.append(
-                    Accepted(time.monotonic(), channel, result["epoch"], result["offset"])
-                )
-            else:
-                refused.append(time.monotonic())
+            accepted.append(Accepted(time.monotonic(), channel, sent.epoch, sent.offset))
         await asyncio.sleep(1 / rate)
 
 
@@ -242,14 +236,13 @@ async def watch(
                 await conn.send(orjson.dumps(command).decode())
             watchers.append(Client(conn))
         readers = [asyncio.create_task(client.read()) for client in watchers]
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=procs[0].url, trust_env=False, timeout=5.0)
-        )
+        http = await stack.enter_async_context(httpx.AsyncClient(trust_env=False, timeout=5.0))
+        api = Publisher(procs[0].url, token("publisher"), http=http)
         stop = asyncio.Event()
         accepted: list[Accepted] = []
         refused: list[float] = []
         publishers = [
-            asyncio.create_task(publisher(http, channel, rate, stop, accepted, refused))
+            asyncio.create_task(publisher(api, channel, rate, stop, accepted, refused))
             for channel in CHANNELS
         ]
         await asyncio.sleep(before)

@@ -4,6 +4,7 @@ HTTP publisher (publish, broadcast, NDJSON streamed publish) against a real gate
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,8 +18,10 @@ from gatewayclient import (
     Publication,
     Publisher,
     SseClient,
+    StateChange,
     connect,
 )
+from gatewayclient.tokens import token_exp
 from tests.conftest import RunningServer, eventually, token
 
 MakeServer = Callable[..., Awaitable[RunningServer]]
@@ -26,6 +29,10 @@ MakeServer = Callable[..., Awaitable[RunningServer]]
 
 async def take(source: SseClient, count: int, timeout: float = 5.0) -> list[Item]:
     return [await source.get(timeout) for _ in range(count)]
+
+
+def changes(states: list[StateChange]) -> list[tuple[str, int | None]]:
+    return [(s.state, s.code) for s in states]
 
 
 def offsets(items: list[Item], channel: str) -> list[tuple[int, Any]]:
@@ -61,10 +68,14 @@ async def test_sse_resumes_from_a_stored_cursor(server):
 
 async def test_sse_reconnects_by_itself_with_last_event_id(server):
     """The server ends the stream; the client reopens it with its cursor, and what was
-    published in between arrives once, in order."""
+    published in between arrives once, in order; ``on_state`` saw the stream go and come
+    back."""
+    states: list[StateChange] = []
     async with (
         Publisher(server.url, token("backend")) as api,
-        SseClient(server.url, ["news"], token=token(), min_reconnect_delay=2.0) as sse,
+        SseClient(
+            server.url, ["news"], token=token(), min_reconnect_delay=2.0, on_state=states.append
+        ) as sse,
     ):
         await api.publish("news", 1)
         assert offsets(await take(sse, 1), "news") == [(1, 1)]
@@ -79,6 +90,15 @@ async def test_sse_reconnects_by_itself_with_last_event_id(server):
         assert offsets(items, "news") == [(n, n) for n in range(2, 6)]
         await api.publish("news", 6)
         assert offsets(await take(sse, 1), "news") == [(6, 6)]
+    assert changes(states) == [
+        ("connecting", None),
+        ("connected", None),
+        ("disconnected", None),
+        ("connecting", None),
+        ("connected", None),
+        ("closed", None),
+    ]
+    assert states[2].reason == "the stream ended" and states[1].url == server.url
 
 
 async def test_sse_gap_when_history_is_gone(make_server: MakeServer) -> None:
@@ -99,32 +119,82 @@ async def test_sse_gap_when_history_is_gone(make_server: MakeServer) -> None:
 
 
 async def test_sse_refusal_is_raised(server):
-    sse = SseClient(server.url, ["secret"], token=token(subscribe=["public"]))
+    states: list[StateChange] = []
+    sse = SseClient(
+        server.url, ["secret"], token=token(subscribe=["public"]), on_state=states.append
+    )
     with pytest.raises(GatewayError) as refused:
         await sse.start()
     assert (refused.value.code, refused.value.status) == ("forbidden", 403)
     await sse.close()
+    assert changes(states) == [("connecting", None), ("closed", 403)]
 
 
-async def test_sse_reopens_with_a_new_token_when_the_stream_ends_at_expiry(
+async def test_sse_switches_to_a_new_token_before_expiry_losing_and_repeating_nothing(
     make_server: MakeServer,
 ) -> None:
+    """Tokens of 4 s: halfway through each, the client opens a stream with a new one from
+    its cursor, switches to it and closes the old one, while publications flow on two
+    channels. Each arrives once, in order, and the stream never dropped."""
+    gw = await make_server(jwt_leeway=0)
+    made: list[str] = []
+    states: list[StateChange] = []
+
+    async def factory() -> str:
+        made.append(token("reader", ttl=4))
+        return made[-1]
+
+    async with (
+        Publisher(gw.url, token("backend")) as api,
+        SseClient(gw.url, ["a", "b"], token_factory=factory, on_state=states.append) as sse,
+    ):
+
+        async def publish_until_two_switches() -> int:
+            n = 0
+            while sse.switches < 2:
+                n += 1
+                await api.publish("a", n)
+                await api.publish("b", n)
+                await asyncio.sleep(0.01)  # a steady trickle, not a synchronisation
+            return n
+
+        count = await asyncio.wait_for(publish_until_two_switches(), 20)
+        items = await take(sse, 2 * count, timeout=10)
+        for channel in ("a", "b"):
+            assert offsets(items, channel) == [(n, n) for n in range(1, count + 1)]
+        assert not [i for i in items if isinstance(i, Gap)]
+        # Nothing more: a repeat would come before this one.
+        await api.publish("a", "last")
+        assert offsets(await take(sse, 1), "a") == [(count + 1, "last")]
+        assert len(made) == 3 and sse.connections == 3 and sse.switches == 2
+        # Each new stream started from what was delivered: it had nothing to repeat.
+        assert sse.repeats == 0
+        # The old streams were closed: the gateway holds the last one only.
+        await eventually(lambda: len(gw.gateway.hub.sessions) == 1)
+    assert changes(states) == [("connecting", None), ("connected", None), ("closed", None)]
+
+
+async def test_sse_reconnects_with_a_new_token_when_the_stream_ends_at_expiry(
+    make_server: MakeServer,
+) -> None:
+    """No switch (the token service is down until the token expired): the stream ends at
+    the token's expiry, and the client reopens it with a new token, from its cursor."""
     gw = await make_server(jwt_leeway=0)
     made: list[str] = []
 
     async def factory() -> str:
-        made.append(token("reader", ttl=7))
+        if made and time.time() < (token_exp(made[-1]) or 0):
+            raise RuntimeError("the token service is down until the token expired")
+        made.append(token("reader", ttl=5))
         return made[-1]
 
     async with (
         Publisher(gw.url, token("backend")) as api,
         SseClient(gw.url, ["news"], token_factory=factory) as sse,
     ):
-        # A 7 s token is within 5 s of expiry in 2 s: the stream ends at 7 s, the next
-        # one opens with a new token and resumes.
         await api.publish("news", 1)
         await eventually(lambda: sse.connections >= 2, timeout=15)
-        assert len(made) >= 2
+        assert len(made) == 2 and sse.switches == 0
         await api.publish("news", 2)
         assert offsets(await take(sse, 2), "news") == [(1, 1), (2, 2)]
 

@@ -1,12 +1,16 @@
 """The Python client's pure parts: backoff bounds, reading a token's ``exp``, when to
-refresh, URLs, the SSE parser and cursor, and a subscription's deduplication."""
+refresh, URLs, the SSE parser and cursor, the item queue and a subscription's
+deduplication."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
 
-from gatewayclient import Gap, Position, Publication
+import pytest
+
+from gatewayclient import Gap, GatewayError, Position, Publication
+from gatewayclient.items import ItemQueue
 from gatewayclient.sse import cursor_positions, sse_blocks
 from gatewayclient.subscription import Subscription
 from gatewayclient.tokens import backoff, refresh_delay, token_exp
@@ -75,5 +79,29 @@ async def test_a_subscription_drops_repeats_and_reports_a_new_epoch() -> None:
     assert await sub.get(1) == Publication("a", 3, "e1", 3)
     assert await sub.get(1) == Gap("a", "epoch", "e1", 3, "e2", 0)
     assert await sub.get(1) == Publication("a", 1, "e2", "new")
+    assert sub.repeats == 3
     sub.end()
     assert [item async for item in sub] == []
+
+
+async def test_the_item_queue_ends_once_and_for_every_reader() -> None:
+    queue = ItemQueue("it ended")
+    with pytest.raises(TimeoutError):
+        await queue.get(0.01)
+    pub = Publication("a", 1, "e1", None)
+    queue.put(pub)
+    queue.fail(GatewayError("forbidden"))
+    queue.end()  # after the end: ignored, as are items
+    queue.put(pub)
+    assert await queue.get(1) == pub
+    for _ in range(2):
+        with pytest.raises(GatewayError) as failed:
+            await queue.next()
+        assert failed.value.code == "forbidden"
+    ended = ItemQueue("it ended")
+    ended.end()
+    with pytest.raises(StopAsyncIteration):
+        await ended.next()
+    with pytest.raises(GatewayError) as closed:
+        await ended.get(1)
+    assert (closed.value.code, closed.value.message) == ("closed", "it ended")

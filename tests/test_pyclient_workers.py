@@ -92,6 +92,7 @@ async def test_a_worker_restart_loses_nothing(workers: list[GatewayProcess]) -> 
     assert client.connections == 2 and client.url == second.url
     assert published_while_away > 0
     assert sse.connections >= 2
+    assert sse.repeats == client.subscriptions["ticks"].repeats == 0
     for items in (got, sse_got):
         assert not [i for i in items if isinstance(i, Gap)]
         assert [i.data for i in items if isinstance(i, Publication)] == list(range(1, COUNT + 1))

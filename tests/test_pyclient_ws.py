@@ -18,12 +18,14 @@ from gatewayclient import (
     PresenceEvent,
     Publication,
     Publisher,
+    StateChange,
+    Subscribed,
     Subscription,
+    SubscriptionEvent,
     connect,
 )
 from tests.conftest import RunningServer, eventually, token
 from tests.fake_backend import FakeBackend, serve_fake_backend
-from tests.helpers import api_client, api_publish
 
 MakeServer = Callable[..., Awaitable[RunningServer]]
 
@@ -124,28 +126,28 @@ async def test_reconnect_resumes_every_channel_with_nothing_lost_or_repeated(ser
     client = await connect(server.url, token=token(), min_reconnect_delay=2.0)
     try:
         subs = [await client.subscribe("a"), await client.subscribe("b")]
-        async with api_client(server) as http:
+        async with Publisher(server.url, token("backend")) as api:
             for n in range(1, 4):
                 for ch in ("a", "b"):
-                    await api_publish(http, ch, n)
+                    await api.publish(ch, n)
             kick(server)
             await eventually(lambda: not client.connected)
             for n in range(4, 9):
                 for ch in ("a", "b"):
-                    await api_publish(http, ch, n)
+                    await api.publish(ch, n)
             # All published while the client was away (its backoff is at least 1 s).
             assert client.connections == 1
             await client.wait_connected(10)
             assert client.connections == 2
             for n in range(9, 11):
                 for ch in ("a", "b"):
-                    await api_publish(http, ch, n)
+                    await api.publish(ch, n)
         for sub in subs:
             items = await take(sub, 10)
             assert [(i.offset, i.data) for i in items if isinstance(i, Publication)] == [
                 (n, n) for n in range(1, 11)
             ]
-            assert sub.recovered is True
+            assert sub.recovered is True and sub.repeats == 0
             # Nothing more: a duplicate would be next.
             await client.publish(sub.channel, "last")
             last = await sub.get(5)
@@ -156,15 +158,16 @@ async def test_reconnect_resumes_every_channel_with_nothing_lost_or_repeated(ser
 
 async def test_history_lost_while_away_is_a_gap(make_server: MakeServer) -> None:
     gw = await make_server(history_size=2)
+    events: list[SubscriptionEvent] = []
     async with connect(gw.url, token=token(), min_reconnect_delay=2.0) as client:
-        sub = await client.subscribe("news")
+        sub = await client.subscribe("news", on_event=events.append)
         await client.publish("news", 1)
         assert isinstance(await sub.get(5), Publication)
         kick(gw)
         await eventually(lambda: not client.connected)
-        async with api_client(gw) as http:
+        async with Publisher(gw.url, token("backend")) as api:
             for n in range(2, 7):
-                await api_publish(http, "news", n)
+                await api.publish("news", n)
         await client.wait_connected(10)
         gap = await sub.get(5)
         assert isinstance(gap, Gap)
@@ -173,6 +176,12 @@ async def test_history_lost_while_away_is_a_gap(make_server: MakeServer) -> None
         await client.publish("news", 7)
         after = await sub.get(5)
         assert isinstance(after, Publication) and after.offset == 7
+    epoch = after.epoch
+    assert events == [
+        Subscribed("news", Position(epoch, 0), None),
+        Subscribed("news", Position(epoch, 6), False),
+        gap,
+    ]
 
 
 async def test_a_new_epoch_after_failing_over_is_a_gap(make_server: MakeServer) -> None:
@@ -264,3 +273,48 @@ async def test_a_stored_position_resumes_in_a_new_client(server):
         stale = await client.subscribe("other", since=Position("not-the-epoch", 7))
         gap = await stale.get(5)
         assert isinstance(gap, Gap) and (gap.reason, gap.last_offset) == ("epoch", 7)
+
+
+async def test_state_callbacks_follow_a_cut_connection_and_a_refused_token(server):
+    states: list[StateChange] = []
+    events: list[SubscriptionEvent] = []
+    async with connect(
+        server.url, token=token(), min_reconnect_delay=0.1, on_state=states.append
+    ) as client:
+        sub = await client.subscribe("news", on_event=events.append)
+        kick(server)
+        await eventually(lambda: client.connections == 2 and client.connected)
+        sent = await client.publish("news", 1)
+        assert isinstance(await sub.get(5), Publication)
+    assert [(s.state, s.code) for s in states] == [
+        ("connecting", None),
+        ("connected", None),
+        ("disconnected", 1011),
+        ("connecting", 1011),
+        ("connected", None),
+        ("closed", None),
+    ]
+    assert {s.url for s in states} == {server.url}
+    assert states[2].reason == states[3].reason == "internal error"
+    assert events == [
+        Subscribed("news", Position(sent.epoch, 0), None),
+        Subscribed("news", Position(sent.epoch, 0), True),
+    ]
+    refused: list[StateChange] = []
+    with pytest.raises(GatewayError):
+        await connect(server.url, token="not-a-jwt", on_state=refused.append)
+    assert [(s.state, s.code) for s in refused] == [
+        ("connecting", None),
+        ("closed", 4001),
+    ]
+
+
+async def test_a_failing_callback_is_logged_and_the_client_goes_on(server, caplog):
+    def broken(change: StateChange) -> None:
+        raise RuntimeError("a bug in the application")
+
+    async with connect(server.url, token=token(), on_state=broken) as client:
+        sub = await client.subscribe("news")
+        await client.publish("news", 1)
+        assert isinstance(await sub.get(5), Publication)
+    assert "a gatewayclient callback failed" in caplog.text
