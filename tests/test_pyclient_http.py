@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,9 +22,7 @@ from gatewayclient import (
     connect,
 )
 from gatewayclient.tokens import token_exp
-from tests.conftest import RunningServer, eventually, token
-
-MakeServer = Callable[..., Awaitable[RunningServer]]
+from tests.conftest import MakeServer, eventually, token
 
 
 async def take(source: SseClient, count: int, timeout: float = 5.0) -> list[Item]:

@@ -3,7 +3,6 @@ commands, rpc, reconnects that resume every channel, and gaps surfaced as ``Gap`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -24,10 +23,8 @@ from gatewayclient import (
     SubscriptionEvent,
     connect,
 )
-from tests.conftest import RunningServer, eventually, token
-from tests.fake_backend import FakeBackend, serve_fake_backend
-
-MakeServer = Callable[..., Awaitable[RunningServer]]
+from tests.conftest import MakeServer, RunningServer, eventually, token
+from tests.fake_backend import FakeBackend
 
 
 async def take(sub: Subscription, count: int, timeout: float = 5.0) -> list[Item]:
@@ -38,12 +35,6 @@ def kick(server: RunningServer, close: Any = CloseCode.INTERNAL_ERROR) -> None:
     """Close every WebSocket of ``server`` from the server's side."""
     for session in list(server.gateway.hub.sessions):
         session.close(close)
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[FakeBackend]:
-    async with serve_fake_backend() as running:
-        yield running
 
 
 async def test_subscribe_then_publish_delivers_the_publication(server):
