@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RAW",
         help="record a py-spy profile of the server during the steps into RAW",
     )
+    p.add_argument(
+        "--trace",
+        type=Path,
+        metavar="JSON",
+        help="gateway: timestamps along each publication's way through the worker "
+        "(loadtest/tracing.py) into JSON, and the latency breakdown per step in the report",
+    )
 
     p = scenario("idle", "N idle subscribed connections: server memory per connection")
     p.add_argument("--clients", type=int, default=1000)
@@ -330,6 +337,7 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             step_duration=args.step_duration,
             stop_on_fail=args.stop_on_fail,
             profile=args.py_spy,
+            trace=args.trace,
         )
     if args.command == "idle":
         return scenarios.run_idle(setup, clients=args.clients, hold=args.hold)

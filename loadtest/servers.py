@@ -225,7 +225,9 @@ def gateway_server(
         }
     )
     env.update(extra_env or {})
-    argv = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port)]
+    # LOADTEST_TRACE: the gateway with the timestamps of loadtest.tracing (fanout --trace).
+    module = "loadtest.tracing" if env.get("LOADTEST_TRACE") else "gateway"
+    argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)]
     return TargetServer("gateway", argv, port, env=env, cpus=cpus, ready_path="/readyz")
 
 

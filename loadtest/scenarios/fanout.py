@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,7 @@ from loadtest.harness import Harness
 from loadtest.procstat import ProcessSampler
 from loadtest.profile import Profiler
 from loadtest.scenarios.common import finish_report, run_steps, save
+from loadtest.tracing import breakdown, breakdown_lines, forget_trace, read_trace
 
 
 async def run_fanout(
@@ -22,9 +27,15 @@ async def run_fanout(
     stop_on_fail: bool = False,
     settle: float = 1.0,
     profile: Path | None = None,
+    trace: Path | None = None,
 ) -> dict[str, Any]:
     """With ``profile``, py-spy records the server while the steps run (raw stacks there,
-    the top frames in the report's ``profile``)."""
+    the top frames in the report's ``profile``). With ``trace`` (a gateway the tool
+    starts), the gateway runs under ``loadtest.tracing``: its trace goes to ``trace`` and
+    the latency breakdown per step into the report's ``breakdown``."""
+    if trace is not None:
+        forget_trace(trace)
+        setup = replace(setup, server_env={**setup.server_env, "LOADTEST_TRACE": str(trace)})
     config = {
         "clients": clients,
         "rates": rates,
@@ -54,8 +65,28 @@ async def run_fanout(
         finally:
             summary = profiler.stop() if profiler is not None else None
         report, _ = await finish_report(h, "fanout", config, clients, connect, runs, rp)
+        if trace is not None:
+            await _add_breakdown(h, report, trace)
         if summary is not None:
             report["profile"] = summary
         elif profiler is not None:
             h.notes.append(f"no profile: {profiler.error}")
         return save(h, "fanout", report)
+
+
+async def _add_breakdown(h: Harness, report: dict[str, Any], trace: Path) -> None:
+    """Ask the traced gateway for its trace (SIGUSR1) and put the breakdown in ``report``."""
+    if h.server is None or h.setup.target != "gateway":
+        h.notes.append("no trace: --trace needs a gateway the tool starts")
+        return
+    os.kill(h.server.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while (found := read_trace(trace)) is None:
+        if time.monotonic() > deadline:
+            h.notes.append(f"no trace: the gateway wrote nothing to {trace}")
+            return
+        await asyncio.sleep(0.05)
+    rows = breakdown(found, report)
+    report["breakdown"] = rows
+    for line in breakdown_lines(rows):
+        h.progress.note(line)
