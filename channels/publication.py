@@ -46,10 +46,15 @@ class Publication:
     published_at: float = field(default_factory=time.time)
     # The gateway's encodings of this publication (gateway.wire), built on first use.
     wire: Any = field(default=None, repr=False, compare=False)
+    _position: StreamPosition | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def position(self) -> StreamPosition:
-        return StreamPosition(self.offset, self.epoch)
+        """Built once: every SSE stream of the channel keeps it as its position."""
+        position = self._position
+        if position is None:
+            position = self._position = StreamPosition(self.offset, self.epoch)
+        return position
 
     @property
     def size(self) -> int:
