@@ -137,13 +137,6 @@ class NchanPublisher:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._all: list[asyncio.StreamWriter] = []
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._idle:
-            return self._idle.pop()
-        reader, writer = await asyncio.open_connection(self._host, self._port)
-        self._all.append(writer)
-        return reader, writer
-
     async def publish(self, channel: str, payload: bytes) -> None:
         from urllib.parse import quote
 
@@ -152,7 +145,19 @@ class NchanPublisher:
             f"Host: {self._host}:{self._port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode() + payload
-        reader, writer = await self._connection()
+        if self._idle:
+            try:
+                await self._request(request, *self._idle.pop())
+                return
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass  # nginx closed the idle connection (keepalive_timeout): a new one
+        reader, writer = await asyncio.open_connection(self._host, self._port)
+        self._all.append(writer)
+        await self._request(request, reader, writer)
+
+    async def _request(
+        self, request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             writer.write(request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
