@@ -16,6 +16,8 @@ END = "<!-- loadtest:compare:end -->"
 IDLE_TARGET_KIB = {"ws": 12.0, "sse": 16.0}
 LIGHT_P50_MS = 5.0
 LIGHT_P99_MS = 50.0
+# The WebSocket light step the gateway is held against Nchan at (issue 16).
+LIGHT_VS_NCHAN_WS_RATE = 10.0
 IDLE_AT_SCALE = 50_000
 
 
@@ -120,21 +122,77 @@ def idle_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def light_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per step of every server's light run."""
     lines = [
         "| server | subscribers | pub/s | p50 | p95 | p99 | max (ms) | lost | server CPU % |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         report = row["report"]
+        name = f"{row['target']} ({row['transport']})"
         if "error" in report or not report.get("steps"):
-            lines.append(f"| {row['target']} | error: {report.get('error')} | | | | | | | |")
+            lines.append(f"| {name} | error: {report.get('error')} | | | | | | | |")
             continue
-        step = report["steps"][0]
-        lat = step["latency_ms"]
+        for step in report["steps"]:
+            lat = step["latency_ms"]
+            lines.append(
+                f"| {name} | {fmt(row['clients'])} | {step['rate']:g} | "
+                f"{lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} | {lat['max']:.1f} | "
+                f"{step['lost']} | {fmt(step['server'].get('cpu_percent'))} |"
+            )
+    return lines
+
+
+def light_steps(
+    rows: list[dict[str, Any]], target: str, transport: str
+) -> tuple[int, dict[float, dict[str, Any]]] | None:
+    """(subscribers, rate -> step) of ``target``'s light run over ``transport``."""
+    for row in rows:
+        if (row["target"], row["transport"]) == (target, transport):
+            if "error" in row["report"]:
+                return None
+            steps = {float(s["rate"]): s for s in row["report"].get("steps", [])}
+            return row["clients"], steps
+    return None
+
+
+def light_vs_nchan(rows: list[dict[str, Any]]) -> list[str]:
+    """The gateway against Nchan on the light steps of the same run: p50 and p99 over
+    WebSocket at ``LIGHT_VS_NCHAN_WS_RATE`` (else the highest rate both ran), p99 at every
+    SSE rate both ran."""
+    lines = []
+    gw_ws, nchan_ws = light_steps(rows, "gateway", "ws"), light_steps(rows, "nchan", "ws")
+    common = set(gw_ws[1]) & set(nchan_ws[1]) if gw_ws and nchan_ws else set()
+    ws_rate = LIGHT_VS_NCHAN_WS_RATE if LIGHT_VS_NCHAN_WS_RATE in common else max(common or [0])
+    if gw_ws and nchan_ws and common:
+        gw, nc = gw_ws[1][ws_rate]["latency_ms"], nchan_ws[1][ws_rate]["latency_ms"]
         lines.append(
-            f"| {row['target']} ({row['transport']}) | {fmt(row['clients'])} | {step['rate']:g} | "
-            f"{lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} | {lat['max']:.1f} | "
-            f"{step['lost']} | {fmt(step['server'].get('cpu_percent'))} |"
+            f"| light {ws_rate:g} pub/s x {gw_ws[0]:,} WS: gateway p50 and p99 ≤ Nchan's | "
+            f"gateway p50 {gw['p50']:.1f} / p99 {gw['p99']:.1f} ms, "
+            f"Nchan p50 {nc['p50']:.1f} / p99 {nc['p99']:.1f} ms | "
+            f"{verdict(gw['p50'] <= nc['p50'] and gw['p99'] <= nc['p99'])} |"
+        )
+    elif gw_ws or nchan_ws:
+        lines.append(
+            f"| light {LIGHT_VS_NCHAN_WS_RATE:g} pub/s WS: gateway p50 and p99 ≤ Nchan's | "
+            "not measured (needs both in the light section) | - |"
+        )
+    gw_sse, nchan_sse = light_steps(rows, "gateway", "sse"), light_steps(rows, "nchan", "sse")
+    rates = sorted(set(gw_sse[1]) & set(nchan_sse[1])) if gw_sse and nchan_sse else []
+    if gw_sse and nchan_sse and rates:
+        parts, ok = [], True
+        for rate in rates:
+            gw, nc = gw_sse[1][rate]["latency_ms"], nchan_sse[1][rate]["latency_ms"]
+            parts.append(f"{rate:g}/s: gateway {gw['p99']:.1f} vs Nchan {nc['p99']:.1f} ms")
+            ok = ok and gw["p99"] <= nc["p99"]
+        lines.append(
+            f"| light SSE steps ({gw_sse[0]:,} streams): gateway p99 ≤ Nchan's | "
+            f"{'; '.join(parts)} | {verdict(ok)} |"
+        )
+    elif gw_sse or nchan_sse:
+        lines.append(
+            "| light SSE steps: gateway p99 ≤ Nchan's | "
+            "not measured (needs both in the light section) | - |"
         )
     return lines
 
@@ -223,17 +281,20 @@ def targets_table(
             f"| {IDLE_AT_SCALE:,} idle connections on one worker | largest run held "
             f"{held:,} | {'met' if held >= IDLE_AT_SCALE else 'not run at that scale'} |"
         )
-    for row in by_section.get("light", []):
-        if "error" in row["report"] or not row["report"].get("steps"):
+    light = by_section.get("light", [])
+    for row in light:
+        if row["target"] != "gateway" or "error" in row["report"]:
             continue
-        step = row["report"]["steps"][0]
-        lat = step["latency_ms"]
-        lines.append(
-            f"| light load ({fmt(row['clients'])} subscribers, {step['rate']:g} pub/s): "
-            f"p50 ≤ {LIGHT_P50_MS:g} ms, p99 ≤ {LIGHT_P99_MS:g} ms | "
-            f"p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, lost {step['lost']} | "
-            f"{verdict(lat['p50'] <= LIGHT_P50_MS and lat['p99'] <= LIGHT_P99_MS)} |"
-        )
+        for step in row["report"].get("steps", []):
+            lat = step["latency_ms"]
+            lines.append(
+                f"| light load ({fmt(row['clients'])} {row['transport'].upper()} subscribers, "
+                f"{step['rate']:g} pub/s): p50 ≤ {LIGHT_P50_MS:g} ms, p99 ≤ {LIGHT_P99_MS:g} ms | "
+                f"p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, lost {step['lost']} | "
+                f"{verdict(lat['p50'] <= LIGHT_P50_MS and lat['p99'] <= LIGHT_P99_MS)} |"
+            )
+    if light:
+        lines += light_vs_nchan(light)
     return lines
 
 
@@ -295,14 +356,18 @@ def render_section(
         f"Steps of {args.step_duration:g} s, the run stops at a server's first failing step "
         f"(p99 ≥ {args.p99_limit_ms:g} ms, anything lost, or the publisher could not keep "
         "the rate). Publications enter through Redis: the gateway's Redis broker publish "
-        "path (offset + history + PUBLISH), a plain PUBLISH for the baselines.",
+        "path (offset + history + PUBLISH), a plain PUBLISH for the Python baselines, and "
+        "for Nchan an HTTP POST to a second nginx (its publisher location, on the "
+        "load-generator CPU) that stores the message in the same Redis and publishes it "
+        "there. Nchan runs as one nginx worker process (its master only waits); the "
+        "figures are the worker's.",
         "",
     ]
     titles = {
         "fanout-ws": f"### Fan-out: {args.ws_clients:,} WebSocket subscribers on one channel",
         "fanout-sse": f"### Fan-out: {args.sse_clients:,} SSE subscribers on one channel",
         "idle": f"### Idle: {args.idle_clients:,} subscribed connections held",
-        "light": "### Light load",
+        "light": "### Light load (every server, fixed rates, nothing stops early)",
     }
     tables = {
         "fanout-ws": fanout_table,

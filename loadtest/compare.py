@@ -2,14 +2,24 @@
 
 Every server runs alone, one worker pinned to ``--server-cpus`` (one core by default),
 and is fed by the same Redis publisher (the gateway through its Redis broker's publish
-path, the baselines with a plain ``PUBLISH``). The sections:
+path, the Python baselines with a plain ``PUBLISH``, Nchan by HTTP POST to its publisher
+nginx). The sections:
 
 * ``fanout-ws``: ``--ws-clients`` WebSocket subscribers, stepped ``--ws-rates``, stopping
   at the first failing step; the figure is the highest rate with p99 below the limit and
   nothing lost.
 * ``fanout-sse``: the same with ``--sse-clients`` SSE streams.
 * ``idle``: ``--idle-clients`` idle subscribed connections: server memory per connection.
-* ``light``: the gateway at ``--light-rate`` publications/s to ``--light-clients``.
+* ``light``: every server at light load, each rate a step of ``--light-duration`` s:
+  ``--light-clients`` WebSocket subscribers at each of ``--light-ws-rates`` and
+  ``--light-sse-clients`` SSE streams at each of ``--light-sse-rates`` (a server that
+  speaks only one of them runs only those steps); latency p50/p95/p99/max, lost and server
+  CPU per step.
+
+The servers: the gateway, the Python baselines of ``loadtest/baselines`` and Nchan (nginx
+with the nchan module, ``nchan_redis_pass``; publications by HTTP POST to a second nginx
+on the same Redis, see ``loadtest/nchan.py``; needs the Debian packages
+``nginx-light libnginx-mod-nchan``).
 
 Each run's JSON (and PNG) lands in ``--out-dir``; the table goes into ``--doc`` between
 the markers of ``loadtest.benchdoc`` (text outside them is kept).
@@ -50,23 +60,81 @@ def add_compare_parser(sub: Any) -> None:
         "only rewrite the document from earlier reports)",
     )
     p.add_argument(
-        "--targets", default=",".join(TARGETS), help="comma-separated subset of the servers"
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated subset of the servers: {', '.join(TARGETS)} (default all)",
     )
-    p.add_argument("--ws-clients", type=int, default=5000)
-    p.add_argument("--ws-rates", type=floats, default=floats(DEFAULT_RATES))
-    p.add_argument("--sse-clients", type=int, default=2000)
-    p.add_argument("--sse-rates", type=floats, default=floats(DEFAULT_RATES))
-    p.add_argument("--step-duration", type=float, default=5.0)
-    p.add_argument("--idle-clients", type=int, default=5000)
-    p.add_argument("--idle-hold", type=float, default=5.0)
-    p.add_argument("--light-clients", type=int, default=5000)
-    p.add_argument("--light-rate", type=float, default=20.0)
-    p.add_argument("--light-duration", type=float, default=20.0)
-    p.add_argument("--connect-rate", type=float, default=500.0)
-    p.add_argument("--payload-bytes", type=int, default=64)
-    p.add_argument("--p99-limit-ms", type=float, default=250.0)
-    p.add_argument("--server-cpus", type=cpus, default=None)
-    p.add_argument("--loadgen-cpus", type=cpus, default=None)
+    p.add_argument(
+        "--ws-clients", type=int, default=5000, help="WebSocket subscribers of fanout-ws"
+    )
+    p.add_argument(
+        "--ws-rates",
+        type=floats,
+        default=floats(DEFAULT_RATES),
+        help=f"publications/s of the fanout-ws steps (default {DEFAULT_RATES})",
+    )
+    p.add_argument("--sse-clients", type=int, default=2000, help="SSE subscribers of fanout-sse")
+    p.add_argument(
+        "--sse-rates",
+        type=floats,
+        default=floats(DEFAULT_RATES),
+        help="publications/s of the fanout-sse steps (default as --ws-rates)",
+    )
+    p.add_argument(
+        "--step-duration", type=float, default=5.0, help="seconds per fan-out step (default 5)"
+    )
+    p.add_argument(
+        "--idle-clients", type=int, default=5000, help="connections held by the idle runs"
+    )
+    p.add_argument(
+        "--idle-hold", type=float, default=5.0, help="seconds the idle connections are held"
+    )
+    p.add_argument(
+        "--light-clients", type=int, default=5000, help="WebSocket subscribers of the light steps"
+    )
+    p.add_argument(
+        "--light-ws-rates",
+        type=floats,
+        default=floats("2,10"),
+        help="publications/s of the WebSocket light steps (default 2,10)",
+    )
+    p.add_argument(
+        "--light-sse-clients", type=int, default=2000, help="SSE subscribers of the light steps"
+    )
+    p.add_argument(
+        "--light-sse-rates",
+        type=floats,
+        default=floats("10,30"),
+        help="publications/s of the SSE light steps (default 10,30)",
+    )
+    p.add_argument(
+        "--light-duration", type=float, default=20.0, help="seconds per light step (default 20)"
+    )
+    p.add_argument(
+        "--connect-rate", type=float, default=500.0, help="client connects/s (default 500)"
+    )
+    p.add_argument(
+        "--payload-bytes", type=int, default=64, help="padding per publication (default 64)"
+    )
+    p.add_argument(
+        "--p99-limit-ms",
+        type=float,
+        default=250.0,
+        help="a fan-out step fails at this p99 or above (default 250)",
+    )
+    p.add_argument(
+        "--server-cpus",
+        type=cpus,
+        default=None,
+        help="CPUs of the server under test (default: the first usable CPU)",
+    )
+    p.add_argument(
+        "--loadgen-cpus",
+        type=cpus,
+        default=None,
+        help="CPUs of the clients, publisher, redis-server and Nchan's publisher nginx "
+        "(default: the others)",
+    )
     p.add_argument(
         "--quiet-threshold",
         type=float,
@@ -74,7 +142,12 @@ def add_compare_parser(sub: Any) -> None:
         help="before each run wait until every CPU is below this %% busy "
         "(a shared machine; 0: do not wait)",
     )
-    p.add_argument("--quiet-max-wait", type=float, default=300.0)
+    p.add_argument(
+        "--quiet-max-wait",
+        type=float,
+        default=300.0,
+        help="seconds to wait at most for --quiet-threshold (default 300)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -87,9 +160,14 @@ def add_compare_parser(sub: Any) -> None:
         help="take the reports of the servers not in --targets from an earlier --out-dir",
     )
     p.add_argument("--out-dir", type=Path, help="default loadtest-results/compare-<time>")
-    p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
-    p.add_argument("--no-doc", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--doc",
+        type=Path,
+        default=Path("docs/benchmarks.md"),
+        help="the document whose loadtest:compare section is rewritten",
+    )
+    p.add_argument("--no-doc", action="store_true", help="leave --doc alone")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
 def base_setup(args: argparse.Namespace, target: str, transport: str) -> Setup:
@@ -150,16 +228,23 @@ def plan(args: argparse.Namespace, targets: list[str] | None = None) -> list[dic
                             "clients": args.idle_clients,
                         }
                     )
-            elif section == "light" and name == "gateway":
-                runs.append(
-                    {
-                        "section": section,
-                        "target": name,
-                        "transport": "ws",
-                        "clients": args.light_clients,
-                        "rates": [args.light_rate],
-                    }
-                )
+            elif section == "light":
+                steps = {
+                    "ws": (args.light_clients, args.light_ws_rates),
+                    "sse": (args.light_sse_clients, args.light_sse_rates),
+                }
+                for transport in target.transports:
+                    clients, rates = steps[transport]
+                    if clients > 0 and rates:
+                        runs.append(
+                            {
+                                "section": section,
+                                "target": name,
+                                "transport": transport,
+                                "clients": clients,
+                                "rates": list(rates),
+                            }
+                        )
     if args.profile and "gateway" in targets:
         # A run of its own: py-spy takes a good part of a client core, so the measured
         # runs go without it. Its rate is the gateway's first failing fan-out rate.

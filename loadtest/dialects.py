@@ -51,6 +51,8 @@ Transport = Literal["ws", "sse"]
 
 class WsDialect:
     transport: Transport = "ws"
+    # The subscription is live once the handshake is done (no frame says so).
+    ready_on_open = False
 
     def path(self, channel: str, token: str) -> str:
         raise NotImplementedError
@@ -69,6 +71,8 @@ class WsDialect:
 
 class SseDialect:
     transport: Transport = "sse"
+    # The subscription is live once the response's headers say 200 (no event says so).
+    ready_on_open = False
 
     def path(self, channel: str, token: str) -> str:
         raise NotImplementedError
@@ -139,6 +143,40 @@ class PlainSse(SseDialect):
             return loads(data)  # type: ignore[no-any-return]
         if event == b"ready":
             return READY
+        return None
+
+
+class NchanWs(WsDialect):
+    """Nchan: ``/sub/C``; every message is its publisher's body as one text frame.
+
+    Nchan sends nothing when the subscription starts: the client counts it live once the
+    handshake is done. A subscriber whose channel's Redis subscription is still being set
+    up misses nothing: it starts from the oldest message Nchan keeps for the channel
+    (``nchan_subscriber_first_message`` defaults to ``oldest``), and the channel is new.
+    """
+
+    ready_on_open = True
+
+    def path(self, channel: str, token: str) -> str:
+        return f"/sub/{quote(channel, safe='')}"
+
+    def parse(self, data: bytes, channel: str) -> Event:
+        message = loads(data)
+        return message if "seq" in message else None
+
+
+class NchanSse(SseDialect):
+    """Nchan's EventSource: ``: hi`` on opening, then ``id: <msg id>`` and ``data: <body>``
+    per message (the client skips ``id:`` lines and comments)."""
+
+    ready_on_open = True
+
+    def path(self, channel: str, token: str) -> str:
+        return f"/sub/{quote(channel, safe='')}"
+
+    def parse(self, event: bytes | None, data: bytes | None, retry: bool) -> Event:
+        if event is None and data:
+            return loads(data)  # type: ignore[no-any-return]
         return None
 
 

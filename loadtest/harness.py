@@ -26,6 +26,7 @@ from loadtest.progress import Progress
 from loadtest.publisher import (
     ApiPublisher,
     GatewayBrokerPublisher,
+    NchanPublisher,
     Publisher,
     RedisPublisher,
     SocketIoPublisher,
@@ -58,6 +59,8 @@ class Harness:
         self.notes: list[str] = []
         self.redis: RedisServer | None = None
         self.server: TargetServer | None = None
+        # Nchan: the second nginx that takes the publications (on the load-generator CPUs).
+        self.publish_server: TargetServer | None = None
         self.pool: WorkerPool | None = None
         self.server_sampler: ProcessSampler | None = None
         self.loadgen_samplers: dict[str, ProcessSampler] = {}
@@ -80,6 +83,8 @@ class Harness:
 
     @property
     def needs_redis(self) -> bool:
+        if self.target.publish == "nchan":
+            return self.setup.url is None  # both nginx the tool starts share one Redis
         if self.target.publish != "gateway" or self.setup.publish_via == "redis":
             return True
         return self.setup.url is None and self.setup.broker == "redis"
@@ -121,7 +126,20 @@ class Harness:
         secret = setup.jwt_secret or new_secret()
         if setup.url is None:
             self.port = free_port()
-            if self.target.module is None:
+            if self.target.publish == "nchan":
+                from loadtest.nchan import nchan_servers
+
+                assert self.redis_url is not None
+                self.server, self.publish_server = nchan_servers(
+                    self.port,
+                    redis_url=self.redis_url,
+                    server_cpus=self.server_cpus,
+                    loadgen_cpus=self.loadgen_cpus,
+                )
+                self.publish_server.start()
+                await self.publish_server.wait_ready()
+                self.loadgen_samplers["nginx-publisher"] = ProcessSampler(self.publish_server.pid)
+            elif self.target.module is None:
                 broker_url = "memory://"
                 if setup.broker == "redis":
                     assert self.redis_url is not None
@@ -176,6 +194,8 @@ class Harness:
     async def _stop_servers(self) -> None:
         if self.server is not None:
             self.server.stop()
+        if self.publish_server is not None:
+            self.publish_server.stop()
         if self.redis is not None:
             self.redis.stop()
 
@@ -312,6 +332,10 @@ class Harness:
             return GatewayBrokerPublisher(
                 self.redis_url, self.setup.redis_prefix, self.setup.history_size
             )
+        if kind == "nchan":
+            if self.publish_server is not None:
+                return NchanPublisher(f"http://127.0.0.1:{self.publish_server.port}")
+            return NchanPublisher(self.base_url)  # --url: a deployment with /pub/ beside /sub/
         assert self.redis_url is not None
         if kind == "socketio":
             return SocketIoPublisher(self.redis_url)
@@ -321,6 +345,8 @@ class Harness:
     def publish_via(self) -> str:
         if self.target.publish == "gateway":
             return self.setup.publish_via
+        if self.target.publish == "nchan":
+            return "nchan-http"
         return "redis"
 
     async def gateway_metrics(self, names: tuple[str, ...] | None = None) -> dict[str, float]:

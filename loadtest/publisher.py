@@ -1,4 +1,5 @@
-"""Publishers: the same payloads through the gateway's HTTP API, its Redis broker, or Redis.
+"""Publishers: the same payloads through the gateway's HTTP API, its Redis broker, Redis,
+or an HTTP POST to Nchan's publisher location.
 
 A payload is ``{"seq": n, "s": step, "t": time.time(), "pad": "x" * k}``: ``seq`` counts
 per channel from 1, ``t`` is taken just before the publish call, so latency includes the
@@ -114,6 +115,80 @@ class SocketIoPublisher(RedisPublisher):
             + b',"skip_sid":null,"callback":null,"host_id":"loadtest"}'
         )
         await self._redis.publish(self._sio_channel, message)
+
+
+class NchanPublisher:
+    """``POST /pub/<channel>`` with the payload as the body, to Nchan's publisher nginx
+    (which stores it in Redis and publishes it there for the subscriber nginx).
+
+    A bare HTTP/1.1 client on keep-alive connections: one request per connection at a
+    time, a connection per concurrent caller (one per publishing lane), opened again
+    when nginx closes it. Nchan answers 201 (subscribers present) or 202 (none)."""
+
+    name = "nchan-http"
+
+    def __init__(self, base_url: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 80
+        self._prefix = parts.path.rstrip("/") + "/pub/"
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._all: list[asyncio.StreamWriter] = []
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        from urllib.parse import quote
+
+        request = (
+            f"POST {self._prefix}{quote(channel, safe='')} HTTP/1.1\r\n"
+            f"Host: {self._host}:{self._port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
+        if self._idle:
+            try:
+                await self._request(request, *self._idle.pop())
+                return
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass  # nginx closed the idle connection (keepalive_timeout): a new one
+        reader, writer = await asyncio.open_connection(self._host, self._port)
+        self._all.append(writer)
+        await self._request(request, reader, writer)
+
+    async def _request(
+        self, request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            status_line, _, headers = head.partition(b"\r\n")
+            length = 0
+            keep = True
+            for line in headers.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    keep = False
+            if length:
+                await asyncio.wait_for(reader.readexactly(length), 10.0)
+        except BaseException:
+            writer.close()
+            raise
+        if keep:
+            self._idle.append((reader, writer))
+        else:
+            writer.close()
+        status = status_line.split(b" ", 2)[1] if b" " in status_line else b"?"
+        if status not in (b"201", b"202"):
+            raise RuntimeError(f"HTTP {status.decode(errors='replace')}")
+
+    async def close(self) -> None:
+        for writer in self._all:
+            writer.close()
+        self._all.clear()
+        self._idle.clear()
 
 
 class RatePublisher:

@@ -9,23 +9,27 @@ from loadtest.dialects import (
     Dialect,
     GatewaySse,
     GatewayWs,
+    NchanSse,
+    NchanWs,
     PlainSse,
     PlainWs,
     SocketIoWs,
 )
 
-PublishKind = Literal["gateway", "redis", "socketio"]
+PublishKind = Literal["gateway", "redis", "socketio", "nchan"]
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
     description: str
-    # ``python -m <module> --port P --redis-url U`` starts it (None: the gateway, see servers).
+    # ``python -m <module> --port P --redis-url U`` starts it (None: the gateway or Nchan,
+    # see servers and nchan).
     module: str | None
     dialects: dict[str, Dialect] = field(default_factory=dict)
     # gateway: HTTP API or the gateway's Redis broker; redis: plain PUBLISH of the payload on
-    # the channel; socketio: PUBLISH of a python-socketio manager message (room = channel).
+    # the channel; socketio: PUBLISH of a python-socketio manager message (room = channel);
+    # nchan: HTTP POST of the payload to a second nginx, Nchan's publisher on the same Redis.
     publish: PublishKind = "redis"
 
     @property
@@ -82,6 +86,14 @@ TARGETS: dict[str, Target] = {
             "loadtest.baselines.socketio_app",
             {"ws": SocketIoWs()},
             publish="socketio",
+        ),
+        Target(
+            "nchan",
+            "Nginx with the Nchan module (nchan_redis_pass), one worker process; "
+            "published by HTTP POST to a second nginx on the same Redis",
+            None,
+            {"ws": NchanWs(), "sse": NchanSse()},
+            publish="nchan",
         ),
     ]
 }

@@ -10,6 +10,7 @@ nothing lost, counts that add up - never how fast anything was.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -21,6 +22,9 @@ from typing import Any
 
 import pytest
 
+from loadtest.benchdoc import light_table, light_vs_nchan
+from loadtest.compare import add_compare_parser, plan
+from loadtest.nchan import NchanMissing, require_nchan
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +142,12 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             *common,
         ],
     }
+    # Nchan: two nginx (subscribers; publisher, taking HTTP POSTs) on the suite's Redis.
+    for transport in ("ws", "sse"):
+        result[f"nchan-{transport}"] = [
+            "fanout", "--target", "nchan", "--transport", transport, "--redis-url", redis_url,
+            "--clients", "20", "--rates", "5,10", "--step-duration", "1", "--no-plot", *common,
+        ]  # fmt: skip
     for name in BASELINES:
         transport = "sse" if name == "sse_starlette" else "ws"
         result[f"baseline-{name}"] = [
@@ -445,6 +455,87 @@ def test_baseline_fanout(reports: dict[str, Run], name: str) -> None:
     assert report["target"]["name"] == name
     assert report["target"]["publish_via"] == "redis"
     check_deliveries(report, 10, [10])
+
+
+def test_nchan_is_installed() -> None:
+    """The nchan target needs nginx and its nchan module: missing, the suite fails here
+    saying what to install, rather than skipping the Nchan runs."""
+    try:
+        require_nchan()
+    except NchanMissing as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+def test_nchan_fanout(reports: dict[str, Run], transport: str) -> None:
+    """Nchan over both transports: every step delivered everything, published by HTTP
+    POST through the second nginx (a load-generator process of the run)."""
+    test_nchan_is_installed()
+    report = report_of(reports, f"nchan-{transport}")
+    assert report["target"]["name"] == "nchan"
+    assert report["target"]["transport"] == transport
+    assert report["target"]["publish_via"] == "nchan-http"
+    check_deliveries(report, 20, [5, 10])
+    assert all("nginx-publisher" in s["loadgen"]["cpu_percent"] for s in report["steps"])
+    assert report["publisher"]["errors"] == {}
+
+
+def compare_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_compare_parser(parser.add_subparsers())
+    return parser.parse_args(["compare", *argv])
+
+
+def test_compare_light_section_runs_every_server_on_its_transports() -> None:
+    args = compare_args(
+        "--sections", "light", "--targets", "gateway,nchan,websockets_broadcast,sse_starlette",
+        "--light-clients", "50", "--light-sse-clients", "30",
+    )  # fmt: skip
+    planned = [(r["target"], r["transport"], r["clients"], r["rates"]) for r in plan(args)]
+    assert planned == [
+        ("gateway", "sse", 30, [10.0, 30.0]),
+        ("gateway", "ws", 50, [2.0, 10.0]),
+        ("nchan", "sse", 30, [10.0, 30.0]),
+        ("nchan", "ws", 50, [2.0, 10.0]),
+        ("websockets_broadcast", "ws", 50, [2.0, 10.0]),
+        ("sse_starlette", "sse", 30, [10.0, 30.0]),
+    ]
+
+
+def light_row(target: str, transport: str, latencies: dict[float, tuple[float, float]]) -> Any:
+    steps = [
+        {"rate": rate, "lost": 0, "server": {"cpu_percent": 1.0},
+         "latency_ms": {"p50": p50, "p95": p99, "p99": p99, "max": p99}}
+        for rate, (p50, p99) in latencies.items()
+    ]  # fmt: skip
+    clients = 5000 if transport == "ws" else 2000
+    return {"section": "light", "target": target, "transport": transport,
+            "clients": clients, "report": {"steps": steps}}  # fmt: skip
+
+
+def test_light_table_and_targets_hold_the_gateway_against_nchan() -> None:
+    """A line per light step; p50 and p99 at 10 pub/s over WebSocket and p99 on every SSE
+    step both ran, against Nchan's."""
+    rows = [
+        light_row("gateway", "ws", {2.0: (1, 2), 10.0: (20.0, 50.0)}),
+        light_row("gateway", "sse", {10.0: (5, 10), 30.0: (9, 30.0)}),
+        light_row("nchan", "ws", {2.0: (9, 9), 10.0: (29.0, 58.0)}),
+        light_row("nchan", "sse", {10.0: (5, 12), 30.0: (15, 28.0)}),
+    ]
+    table = light_table(rows)
+    assert len(table) == 2 + 8
+    assert table[3] == "| gateway (ws) | 5,000 | 10 | 20.0 | 50.0 | 50.0 | 50.0 | 0 | 1.0 |"
+    ws, sse = light_vs_nchan(rows)
+    assert ws.startswith("| light 10 pub/s x 5,000 WS: gateway p50 and p99 ≤ Nchan's |")
+    assert "gateway p50 20.0 / p99 50.0 ms, Nchan p50 29.0 / p99 58.0 ms | met |" in ws
+    assert "10/s: gateway 10.0 vs Nchan 12.0 ms; 30/s: gateway 30.0 vs Nchan 28.0 ms" in sse
+    assert sse.endswith("| **missed** |")
+    assert light_vs_nchan(rows[:2]) == [
+        "| light 10 pub/s WS: gateway p50 and p99 ≤ Nchan's | "
+        "not measured (needs both in the light section) | - |",
+        "| light SSE steps: gateway p99 ≤ Nchan's | "
+        "not measured (needs both in the light section) | - |",
+    ]
 
 
 def loadtest_json(argv: list[str]) -> Any:

@@ -68,6 +68,8 @@ class SseClient(asyncio.Protocol):
                 self._fail(f"HTTP {parts[1].decode() if len(parts) > 1 else '?'}")
                 return
             self.chunked = b"transfer-encoding: chunked" in headers.lower()
+            if self.dialect.ready_on_open:
+                self._on_ready()
             if not data:
                 return
         if self.chunked:
@@ -139,13 +141,16 @@ class SseClient(asyncio.Protocol):
             if self.throttle is not None:
                 self.throttle.on_data()
         elif parsed is READY:
-            if not self.ready.done():
-                self.recorder.on_ready(self.conn)
-                self.ready.set_result(None)
-                if self.slow_interval and self.transport is not None:
-                    self.throttle = ReadThrottle(self.transport, self.slow_interval)
+            self._on_ready()
         elif isinstance(parsed, Failed):
             self._fail(parsed.reason)
+
+    def _on_ready(self) -> None:
+        if not self.ready.done():
+            self.recorder.on_ready(self.conn)
+            self.ready.set_result(None)
+            if self.slow_interval and self.transport is not None:
+                self.throttle = ReadThrottle(self.transport, self.slow_interval)
 
     def _end_of_stream(self) -> None:
         if self.transport is not None:

@@ -45,6 +45,8 @@ class WsClient(WSListener):
         self.transport = transport
         for frame in self.dialect.hello(self.channel):
             transport.send(TEXT, frame)
+        if self.dialect.ready_on_open:
+            self._on_ready(transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
