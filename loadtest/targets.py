@@ -81,6 +81,13 @@ TARGETS: dict[str, Target] = {
             {"ws": PlainWs()},
         ),
         Target(
+            "socketio_node",
+            "Node socket.io 4 (WebSocket transport), one room per channel, fed by a Redis "
+            "PSUBSCRIBE",
+            "loadtest.baselines.socketio_node",
+            {"ws": SocketIoWs()},
+        ),
+        Target(
             "socketio",
             "python-socketio (ASGI, uvicorn) with AsyncRedisManager, one room per channel",
             "loadtest.baselines.socketio_app",

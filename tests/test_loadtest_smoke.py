@@ -29,7 +29,13 @@ from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 75.0
-BASELINES = ["fastapi_tutorial", "sse_starlette", "websockets_broadcast", "socketio"]
+BASELINES = [
+    "fastapi_tutorial",
+    "sse_starlette",
+    "websockets_broadcast",
+    "socketio",
+    "socketio_node",
+]
 
 
 def runs(redis_url: str) -> dict[str, list[str]]:
