@@ -167,7 +167,7 @@ class NginxServer(TargetServer):
     def master_pid(self) -> int:
         return super().pid
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
+    async def wait_ready(self, timeout: float = 90.0) -> None:
         await super().wait_ready(timeout)
         workers = children_of(self.master_pid)
         if len(workers) != 1:

@@ -188,7 +188,7 @@ class TargetServer(ManagedProcess):
         self.port = port
         self.ready_path = ready_path
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
+    async def wait_ready(self, timeout: float = 90.0) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout

@@ -35,7 +35,7 @@ from tests.redis_server import RedisServer
 
 UPSTREAM_TIMEOUT = 2.0  # "fake": the upstream timeout of the normal cases
 STALL_TIMEOUT = 0.5  # "impatient": the same upstream with a short timeout, for stalls
-CANCEL_BOUND = 2.0  # seconds from a cancel to the upstream seeing its client go
+CANCEL_BOUND = 10.0  # a deadline (shared machine) from a cancel to the upstream seeing it
 LONG = [f" w{i}" for i in range(400)]  # an answer that would take far longer than any test
 StartGateway = Callable[..., Awaitable[RunningServer]]
 
