@@ -33,6 +33,7 @@ from types import FrameType
 import uvicorn
 
 from gateway.server.draining import DrainingServer
+from gateway.server.heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ def _worker_main(config: uvicorn.Config, sock: socket.socket, parent_pid: int) -
         target=_watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True
     ).start()
     config.configure_logging()
+    config.load()  # the app, built before the heap is frozen (the server skips it then)
+    freeze_startup_heap()
     DrainingServer(config).run(sockets=[sock])
 
 
