@@ -83,7 +83,7 @@ TARGETS: dict[str, Target] = {
         Target(
             "socketio_node",
             "Node socket.io 4 (WebSocket transport), one room per channel, fed by a Redis "
-            "PSUBSCRIBE",
+            "subscription per channel",
             "loadtest.baselines.socketio_node",
             {"ws": SocketIoWs()},
         ),

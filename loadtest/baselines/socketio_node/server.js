@@ -1,8 +1,8 @@
 // Baseline: Node socket.io 4 (WebSocket transport only), one room per channel.
 //
 // Clients emit "subscribe" with a channel name, join the room of that name and get
-// "subscribed" back; publications come from Redis (PSUBSCRIBE *: the payload published
-// on a channel goes to its room as "pub"), as for the tool's other plain baselines.
+// "subscribed" back once the channel's Redis subscription is live; the payload published
+// on a channel goes to its room as "pub", as for the tool's other plain baselines.
 //
 //   node server.js --port 8006 --redis-url redis://127.0.0.1:6379/0 [--host 127.0.0.1]
 "use strict";
@@ -26,18 +26,29 @@ async function main() {
     res.end(res.statusCode === 200 ? "ok" : "");
   });
   const io = new Server(server, { transports: ["websocket"], serveClient: false });
-  io.on("connection", (socket) => {
-    socket.on("subscribe", (channel) => {
-      socket.join(channel);
-      socket.emit("subscribed", channel);
-    });
-  });
-
   const redis = createClient({ url: redisUrl });
   redis.on("error", (err) => console.error("redis:", err.message));
   await redis.connect();
-  await redis.pSubscribe("*", (message, channel) => {
-    io.to(channel).emit("pub", JSON.parse(message));
+  // One Redis subscription per channel, made by its first subscriber: the Redis may be
+  // shared with other servers publishing on other channels.
+  const subscribed = new Map();
+  const relay = (message, channel) => {
+    let payload;
+    try {
+      payload = JSON.parse(message);
+    } catch {
+      return; // not a publication of the tool's
+    }
+    io.to(channel).emit("pub", payload);
+  };
+  io.on("connection", (socket) => {
+    socket.on("subscribe", async (channel) => {
+      if (typeof channel !== "string") return;
+      if (!subscribed.has(channel)) subscribed.set(channel, redis.subscribe(channel, relay));
+      await subscribed.get(channel);
+      socket.join(channel);
+      socket.emit("subscribed", channel);
+    });
   });
 
   server.listen(port, host);
