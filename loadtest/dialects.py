@@ -63,6 +63,10 @@ class WsDialect:
         """The dialect one connection uses: this one, unless it keeps per-connection state."""
         return self
 
+    def bind(self, conn: Any, recorder: Any) -> None:
+        """The connection's accounting (``ConnState``, ``Recorder``), for a dialect that
+        keeps per-connection state; nothing by default."""
+
     def parse(self, data: bytes, channel: str) -> Event:
         raise NotImplementedError
 

@@ -66,10 +66,23 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
             va="top",
             fontsize="x-small",
         )
+    for event in report.get("events", []):  # storm: cuts, restarts, crashes
+        for ax in (lat_ax, rate_ax):
+            ax.axvline(event["t"], color="black", linestyle="--", linewidth=0.7, alpha=0.6)
+        lat_ax.annotate(
+            event["what"],
+            (event["t"], 0.95),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize="xx-small",
+        )
     target = report["target"]
+    mode = report.get("config", {}).get("mode")
     fig.suptitle(
-        f"{report['scenario']}: {target['name']} {target['transport']} "
-        f"(publish via {target['publish_via']})"
+        f"{report['scenario']}{' ' + mode if mode else ''}: {target['name']} "
+        f"{target['transport']} (publish via {target['publish_via']})"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

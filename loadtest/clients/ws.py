@@ -40,6 +40,7 @@ class WsClient(WSListener):
         self.close_code: int | None = None
         self.closing = False
         self.disconnected: asyncio.Future[None] = ready.get_loop().create_future()
+        dialect.bind(conn, recorder)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
