@@ -121,11 +121,15 @@ class Merged:
 
 
 def server_figures(harness: Any, start: float, end: float) -> dict[str, Any]:
-    sampler = harness.server_sampler
-    if sampler is None:
+    """CPU and peak RSS of the server, every gateway process of a fleet added up."""
+    samplers = [harness.server_sampler] if harness.server_sampler is not None else []
+    samplers += list(getattr(harness, "fleet_samplers", {}).values())
+    if not samplers:
         return {}
-    cpu = sampler.utilisation(start, end)
-    rss = sampler.rss_max_kib(start, end)
+    cpus = [c for c in (s.utilisation(start, end) for s in samplers) if c is not None]
+    peaks = [r for r in (s.rss_max_kib(start, end) for s in samplers) if r is not None]
+    cpu = sum(cpus) if cpus else None
+    rss = sum(peaks) if peaks else None
     return {
         "cpu_percent": round(cpu, 1) if cpu is not None else None,
         "rss_mib_max": round(rss / 1024, 1) if rss is not None else None,

@@ -23,7 +23,9 @@ A ``Keeper`` holds one client for the whole run: whenever its connection ends (o
 TCP reset, a close frame, the server vanishing) it waits as ``client.js`` would
 (``delay_after``), reconnects to a random gateway of ``ports`` - a refused connection is
 passed to another at once, as a load balancer does (nginx ``proxy_next_upstream``) - and
-retries with ``client.js``'s backoff until ``GIVE_UP``. With ``jitter_every`` it also
+retries with ``client.js``'s backoff until ``GIVE_UP``; a subscribe answered ``internal``
+(the broker away) is sent again on the same connection 1-2 s later, as ``client.js``
+does. With ``jitter_every`` it also
 resets its own connection at random about that often and stays offline about
 ``offline`` seconds first. The ``ConnState`` carries on across every reconnect, so the
 recorder's checks (every ``seq`` once, in order) span the client's whole life.
@@ -45,7 +47,7 @@ from typing import Any, Protocol
 import orjson
 
 from loadtest.clients import WsClient, connect_ws
-from loadtest.dialects import READY, Event, Failed, GatewayWs, loads
+from loadtest.dialects import READY, Event, Failed, GatewayWs, Later, loads
 from loadtest.histogram import Histogram
 from loadtest.recorder import ConnState, Recorder
 
@@ -213,6 +215,8 @@ class ResumingWs(GatewayWs):
                 error = message.get("error")
                 code = error.get("code") if isinstance(error, dict) else str(error)
                 self.figures.refusals[str(code)] += 1
+                if code == "internal":  # client.js: the same subscribe again in 1-2 s
+                    return Later(self.hello(channel)[0], jitter(2.0))
                 return Failed(str(code))
             result = message["result"]
             top = {"offset": result["offset"], "epoch": result["epoch"]}
