@@ -274,6 +274,7 @@ class Keeper:
         self.client = client
         self.cause: str | None = None  # set when we cut the connection ourselves
         self.offline = 0.0
+        self.reconnects = 0
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -330,6 +331,7 @@ class Keeper:
             keeping.figures.back.record_us(int((now - lost - delay) * 1e6))
             keeping.figures.outage.record_us(int((now - lost) * 1e6))
             self.client = back
+            self.reconnects += 1
 
     async def reconnect(self) -> WsClient | None:
         """Attempts until one subscribes (None after ``GIVE_UP`` s)."""

@@ -342,6 +342,7 @@ class Worker:
             state["resume"] = self.keeping.figures.to_state()
             state["resume"]["clients"] = len(self.keepers)
             state["resume"]["connected_at_end"] = sum(1 for k in self.keepers if k.connected)
+            state["resume"]["reconnected"] = sum(1 for k in self.keepers if k.reconnects)
         state["lag_by_second"] = self.lag_by_second
         state["worker"] = self.plan.index
         self.send(("final", state))

@@ -461,6 +461,7 @@ def test_storm_deploy_restarts_every_gateway_and_moves_every_client(
     storm = check_storm(report)
     # Every client was on some gateway when it drained: each got a 1012 at least once.
     assert storm["disconnects_by_cause"].get("close:1012", 0) >= 30
+    assert storm["clients_reconnected"] == 30
     assert "gateway-2#1" in storm["workers"]
     assert [e["what"] for e in report["events"]].count("gateway-2 ready") == 1
 

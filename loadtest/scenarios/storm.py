@@ -349,6 +349,7 @@ def storm_entry(
     return {
         "clients": sum(s.get("clients", 0) for s in states),
         "clients_back": sum(s.get("connected_at_end", 0) for s in states),
+        "clients_reconnected": sum(s.get("reconnected", 0) for s in states),
         "connections_cut_at_once": cut,
         "reconnects": figures.back.total,
         "reconnect_ms": figures.back.summary_ms(),
