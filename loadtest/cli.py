@@ -272,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-down", type=float, default=2.0, help="redis-restart: s Redis stays down"
     )
     p.add_argument(
+        "--history-size",
+        type=int,
+        default=100,
+        help="GATEWAY_HISTORY_SIZE of the gateways (and of the publisher's broker)",
+    )
+    p.add_argument(
         "--restart-pause",
         type=float,
         default=5.0,
@@ -355,6 +361,7 @@ def setup_from(args: argparse.Namespace, argv: list[str]) -> Setup:
         redis_prefix=args.redis_prefix,
         server_env=dict(args.server_env),
         gateways=gateways,
+        history_size=getattr(args, "history_size", 100),
         server_cpus=args.server_cpus,
         loadgen_cpus=args.loadgen_cpus,
         workers=args.workers,

@@ -164,6 +164,10 @@ def storm_runs() -> dict[str, list[str]]:
         "storm-crash": [
             "storm", "--mode", "crash", "--duration", "6", "--restart-pause", "1", *common,
         ],
+        "storm-history": [
+            "storm", "--mode", "jitter", "--duration", "6", "--history-size", "3", *jitter,
+            *common,
+        ],
         "storm-redis-restart": [
             "storm", "--mode", "redis-restart", "--duration", "6", "--redis-down", "0.5",
             *jitter, *common,
@@ -471,6 +475,21 @@ def test_storm_crash_moves_the_killed_gateways_clients(storm_reports: dict[str, 
     storm = check_storm(report)
     assert storm["disconnects_by_cause"].get("eof", 0) > 0
     assert "gateway-0#1" in storm["workers"]
+
+
+def test_storm_positions_out_of_history_are_announced_and_judged_real(
+    storm_reports: dict[str, Run],
+) -> None:
+    """History of 3 publications, 5 a second per channel, clients away 0.25-0.75 s:
+    many resume from beyond history. Each is told ``recovered: false``, and what it
+    skipped is counted as announced, never as lost; no gap is needless."""
+    report = report_of(storm_reports, "storm-history")
+    storm = check_storm(report)
+    assert report["config"]["history_size"] == 3
+    gaps = storm["gaps_announced"]
+    assert gaps["by_reason"].get("history", 0) == storm["recovered"].get("false", 0) > 0
+    assert gaps["judged"].get("real", 0) > 0
+    assert report["deliveries"]["announced_gaps_missed"] > 0
 
 
 def test_storm_redis_restart_announces_every_lost_history(storm_reports: dict[str, Run]) -> None:
