@@ -53,7 +53,8 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
             label="server CPU %",
         )
         cpu_ax.set_ylabel("server CPU %")
-        cpu_ax.set_ylim(0, 110)
+        top = max((r.get("server_cpu_percent") or 0 for r in rows), default=0)
+        cpu_ax.set_ylim(0, max(110, top * 1.1))
     for step in report.get("steps", []):
         start, end, _ = step["window"]
         shade = "tab:green" if step["ok"] else "tab:red"

@@ -240,7 +240,7 @@ def step_entry(
 
 def timeseries(harness: Any, merged: Merged) -> list[dict[str, Any]]:
     rows = []
-    sampler = harness.server_sampler
+    sampled = harness.server_sampler is not None or bool(getattr(harness, "fleet_samplers", {}))
     for second in sorted(merged.second_hists):
         hist = merged.second_hists[second]
         row: dict[str, Any] = {
@@ -251,10 +251,9 @@ def timeseries(harness: Any, merged: Merged) -> list[dict[str, Any]]:
             "max_ms": round(hist.max_us / 1000, 3),
             "client_lag_ms": round(1000 * merged.lag_by_second.get(second, 0.0), 1),
         }
-        if sampler is not None:
+        if sampled:
             at = harness.t0 + second
-            cpu = sampler.utilisation(at, at + 1.01)
-            row["server_cpu_percent"] = round(cpu, 1) if cpu is not None else None
+            row["server_cpu_percent"] = server_figures(harness, at, at + 1.01).get("cpu_percent")
         rows.append(row)
     return rows
 

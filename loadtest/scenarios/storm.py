@@ -323,6 +323,11 @@ def worker_figures(h: Harness, start: float, end: float) -> dict[str, dict[str, 
             "cpu_percent_mean": round(mean, 1) if mean is not None else None,
             "cpu_percent_peak_1s": round(peak, 1),
             "sampled_s": round(hi - lo, 1),
+            # (seconds since the start, RSS MiB) every 2 s: a leak climbs, a high-water mark
+            # levels off.
+            "rss_mib_timeline": [
+                [round(x.at - h.t0, 1), round(x.rss_kib / 1024, 1)] for x in samples[::4]
+            ],
         }
     return figures
 
