@@ -102,6 +102,8 @@ async def run_storm(
         h.dialect = ResumingWs(setup.history_size)
         names = [h.channel(i) for i in range(channels)]
         specs = h.specs([names[i % channels] for i in range(clients)], slow_share=0)
+        h.sample()
+        empty = memory_now(h)  # no client yet
         connect = await h.connect(specs, n_steps=1)
         watch_children(h)
         subscribed = connect["ready"]
@@ -160,6 +162,14 @@ async def run_storm(
         storm["disruption_s"] = round((timing["disrupted_until"] or started) - started, 2)
         storm["workers"] = worker_figures(h, started, end)
         storm["memory_mib"] = memory_entry(idle, after)
+        await asyncio.sleep(settle * 2)  # the clients closed by finish_report are gone
+        h.sample()
+        storm["memory_mib"]["without_clients"] = {
+            "before": empty,
+            "after": memory_now(h),
+            "before_total": round(sum(empty.values()), 1),
+            "after_total": round(sum(memory_now(h).values()), 1),
+        }
         storm["targets"] = targets(report, storm)
         report["storm"] = storm
         report["events"] = events
