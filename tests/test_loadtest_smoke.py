@@ -3,7 +3,8 @@
 Each run is the real command line in a subprocess (it starts its own server, client worker
 and, when asked, talks to this suite's redis-server). The runs are independent, so they
 all start at once and the tests then read their JSON reports; the ``hooks`` runs, which
-publish flat out, start once the others have ended. The load is tiny (tens of clients,
+publish flat out, start once the others have ended, and the ``storm`` modes, which start
+three gateways each, once those have. The load is tiny (tens of clients,
 a few publications per second): the assertions check that the figures are consistent -
 nothing lost, counts that add up - never how fast anything was.
 """

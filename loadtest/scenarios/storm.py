@@ -173,6 +173,10 @@ async def run_storm(
         storm["targets"] = targets(report, storm)
         report["storm"] = storm
         report["events"] = events
+        h.notes.append(
+            "a replayed publication's latency includes the time its client was away: the "
+            "step's p99 is not one of this scenario's targets (storm.targets)"
+        )
         if report["publisher"]["errors"]:
             h.notes.append(
                 f"publishes refused while {mode} went on (retried with the same seq): "
