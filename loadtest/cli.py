@@ -227,12 +227,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=10.0, help="publications/s meanwhile")
     p.add_argument("--hold", type=float, default=0.0, help="seconds a churned client stays")
 
-    p = scenario("storm", "every connection reset at once, every client back and resuming")
+    p = scenario(
+        "storm",
+        "clients resuming from their last offset while their connections, gateways or "
+        "Redis are taken away (--mode)",
+    )
     p.add_argument("--clients", type=int, default=5000)
     p.add_argument("--channels", type=int, default=5, help="channels, clients spread over them")
     p.add_argument("--rate", type=float, default=10.0, help="publications/s, over the channels")
     p.add_argument("--duration", type=float, default=12.0, help="seconds of publishing")
-    p.add_argument("--cut-after", type=float, default=3.0, help="seconds into publishing")
+    p.add_argument(
+        "--cut-after",
+        type=float,
+        default=3.0,
+        help="seconds into publishing when the cut, the crash, the first restart or the "
+        "Redis restart happens",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["cut", "jitter", "deploy", "crash", "redis-restart"],
+        default="cut",
+        help="cut: every connection reset at once; jitter: each client reset at random "
+        "about every --jitter-every s, offline about --offline s; deploy: a rolling restart "
+        "of the gateways; crash: SIGKILL one gateway; redis-restart: Redis stopped and "
+        "started again empty (default cut)",
+    )
+    p.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="single-worker gateways on ports of their own behind Redis (implies "
+        "--broker redis); clients pick one at random (default 1: one server)",
+    )
+    p.add_argument(
+        "--jitter-every",
+        type=float,
+        help="mean s between a client's random cuts (default: 15 for jitter and "
+        "redis-restart, so that clients resume across the restart too; 0 otherwise)",
+    )
+    p.add_argument(
+        "--offline", type=float, default=2.0, help="mean s a randomly cut client stays away"
+    )
+    p.add_argument(
+        "--redis-down", type=float, default=2.0, help="redis-restart: s Redis stays down"
+    )
+    p.add_argument(
+        "--history-size",
+        type=int,
+        default=100,
+        help="GATEWAY_HISTORY_SIZE of the gateways (and of the publisher's broker)",
+    )
+    p.add_argument(
+        "--restart-pause",
+        type=float,
+        default=5.0,
+        help="deploy: s between one gateway ready and the next one's SIGTERM; crash: s "
+        "before the killed gateway starts again",
+    )
 
     p = scenario("hooks", "connects/s and publishes/s with and without backend hooks")
     p.add_argument(
@@ -291,7 +342,11 @@ def setup_from(args: argparse.Namespace, argv: list[str]) -> Setup:
     if transport not in target.dialects:
         transport = target.transports[0]
     broker = args.broker
-    if args.publish_via == "redis" and args.url is None:
+    gateways = getattr(args, "gateways", 1)
+    publish_via = args.publish_via
+    if gateways > 1:
+        broker = publish_via = "redis"  # the gateways share Redis; any of them may be down
+    if publish_via == "redis" and args.url is None:
         broker = "redis"
     return Setup(
         target=args.target,
@@ -301,10 +356,12 @@ def setup_from(args: argparse.Namespace, argv: list[str]) -> Setup:
         token=args.token,
         jwt_secret=args.jwt_secret,
         broker=broker,
-        publish_via=args.publish_via,
+        publish_via=publish_via,
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
         server_env=dict(args.server_env),
+        gateways=gateways,
+        history_size=getattr(args, "history_size", 100),
         server_cpus=args.server_cpus,
         loadgen_cpus=args.loadgen_cpus,
         workers=args.workers,
@@ -380,6 +437,11 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             rate=args.rate,
             duration=args.duration,
             cut_after=args.cut_after,
+            mode=args.mode,
+            jitter_every=args.jitter_every,
+            offline=args.offline,
+            redis_down=args.redis_down,
+            restart_pause=args.restart_pause,
         )
     return scenarios.run_churn(
         setup,

@@ -28,6 +28,9 @@ class Setup:
     redis_prefix: str = "gw"
     history_size: int = 100
     server_env: dict[str, str] = field(default_factory=dict)
+    # More than one: that many single-worker gateways on ports of their own behind Redis
+    # (``servers.GatewayFleet``); the clients pick one at random.
+    gateways: int = 1
     # CPU placement: the server (when the tool starts it) and everything else.
     server_cpus: list[int] | None = None
     loadgen_cpus: list[int] | None = None

@@ -5,7 +5,8 @@ A dialect turns one received WebSocket frame, or one SSE event, into one of:
 * a payload ``dict`` (``{"seq", "s", "t", "pad"}``, what the publisher sent),
 * ``READY`` (the subscription is live: publishing may start),
 * ``Failed(reason)`` (the server refused the subscription),
-* ``Reply(frame)`` (a frame to send back, e.g. Socket.IO's pong),
+* ``Reply(frame)`` (a frame to send back, e.g. Socket.IO's pong), ``Later(frame, delay)``
+  (one to send a little later),
 * ``None`` (anything else: heartbeats, presence, gaps).
 
 Every server forwards the publisher's JSON unchanged, so latency is always measured
@@ -45,7 +46,16 @@ class Reply:
     frame: bytes
 
 
-Event = dict[str, Any] | _Ready | Failed | Reply | None
+@dataclass(frozen=True, slots=True)
+class Later:
+    """A frame to send ``delay`` seconds from now (a command retried, as ``client.js``
+    retries a subscribe the gateway could not serve for now)."""
+
+    frame: bytes
+    delay: float
+
+
+Event = dict[str, Any] | _Ready | Failed | Reply | Later | None
 Transport = Literal["ws", "sse"]
 
 
@@ -64,6 +74,10 @@ class WsDialect:
     def per_connection(self) -> WsDialect:
         """The dialect one connection uses: this one, unless it keeps per-connection state."""
         return self
+
+    def bind(self, conn: Any, recorder: Any) -> None:
+        """The connection's accounting (``ConnState``, ``Recorder``), for a dialect that
+        keeps per-connection state; nothing by default."""
 
     def parse(self, data: bytes, channel: str) -> Event:
         raise NotImplementedError

@@ -32,6 +32,7 @@ from loadtest.publisher import (
     SocketIoPublisher,
 )
 from loadtest.servers import (
+    GatewayFleet,
     RedisServer,
     TargetServer,
     baseline_server,
@@ -61,6 +62,10 @@ class Harness:
         self.server: TargetServer | None = None
         # Nchan: the second nginx that takes the publications (on the load-generator CPUs).
         self.publish_server: TargetServer | None = None
+        self.fleet: GatewayFleet | None = None
+        # Every gateway process of a fleet, by name ("gateway-0", "gateway-0#1" once it
+        # was started again, ...): sampled like the server.
+        self.fleet_samplers: dict[str, ProcessSampler] = {}
         self.pool: WorkerPool | None = None
         self.server_sampler: ProcessSampler | None = None
         self.loadgen_samplers: dict[str, ProcessSampler] = {}
@@ -146,6 +151,11 @@ class Harness:
                     broker_url = self.redis_url
                 env = {"GATEWAY_BROKER_PREFIX": setup.redis_prefix, **setup.server_env}
                 env["GATEWAY_HISTORY_SIZE"] = str(setup.history_size)
+                if setup.gateways > 1:
+                    await self._start_fleet(broker_url, secret, env)
+                    self.secret = secret
+                    self.token = setup.token or self._make_token(secret)
+                    return
                 self.server = gateway_server(
                     self.port,
                     broker_url=broker_url,
@@ -181,6 +191,32 @@ class Harness:
         if pid is not None:
             self.server_sampler = ProcessSampler(pid)
 
+    async def _start_fleet(self, broker_url: str, secret: str, env: dict[str, str]) -> None:
+        if broker_url == "memory://":
+            raise SystemExit("--gateways N shares one channel space: it needs --broker redis")
+        self.fleet = fleet = GatewayFleet(
+            self.setup.gateways,
+            broker_url=broker_url,
+            secret=secret,
+            cpus=self.server_cpus,
+            extra_env=env,
+        )
+        self.port = fleet.ports[0]
+        self.progress.note(
+            f"starting {len(fleet.ports)} gateways on ports {', '.join(map(str, fleet.ports))}: "
+            f"{fleet.servers[0].command}"
+        )
+        await fleet.start_all()
+        for i in range(len(fleet.ports)):
+            self.watch_gateway(i)
+
+    def watch_gateway(self, i: int) -> None:
+        """Sample fleet gateway ``i`` (again, once it was started again)."""
+        assert self.fleet is not None
+        generation = self.fleet.generation[i]
+        name = f"gateway-{i}" + (f"#{generation}" if generation else "")
+        self.fleet_samplers[name] = ProcessSampler(self.fleet.servers[i].pid)
+
     @staticmethod
     def _make_token(secret: str, user: str = "loadtest") -> str:
         from auth.tokens import make_token
@@ -192,6 +228,8 @@ class Harness:
         return self._make_token(self.secret, f"loadtest-{n}")
 
     async def _stop_servers(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop_all()
         if self.server is not None:
             self.server.stop()
         if self.publish_server is not None:
@@ -208,6 +246,8 @@ class Harness:
     def sample(self) -> None:
         if self.server_sampler is not None:
             self.server_sampler.sample()
+        for sampler in self.fleet_samplers.values():
+            sampler.sample()
         for sampler in self.loadgen_samplers.values():
             sampler.sample()
         self.machine.sample()
@@ -232,6 +272,8 @@ class Harness:
             self.progress.update(phase, fraction, detail + server)
 
     def server_alive(self) -> bool:
+        if self.fleet is not None:
+            return any(self.fleet.running())
         return self.server is None or self.server.running()
 
     # -- clients ---------------------------------------------------------------------
@@ -289,6 +331,7 @@ class Harness:
                 slow_rcvbuf=setup.slow_rcvbuf,
                 cpus=self.loadgen_cpus,
                 churn_local_ips=list(ips),
+                ports=list(self.fleet.ports) if self.fleet is not None else [],
             )
             for i, chunk in enumerate(chunks)
         ]
@@ -373,6 +416,8 @@ class Harness:
             totals = self.pool.totals()
             alive = totals["alive_by_channel"]
             expected = sum(n * alive.get(ch, 0) for ch, n in published.items())
+            announced = totals["announced_by_step"]
+            expected -= announced[step] if step < len(announced) else 0
             got = totals["unique_by_step"][step] if step < len(totals["unique_by_step"]) else 0
             if got >= expected:
                 return True

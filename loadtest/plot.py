@@ -53,7 +53,8 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
             label="server CPU %",
         )
         cpu_ax.set_ylabel("server CPU %")
-        cpu_ax.set_ylim(0, 110)
+        top = max((r.get("server_cpu_percent") or 0 for r in rows), default=0)
+        cpu_ax.set_ylim(0, max(110, top * 1.1))
     for step in report.get("steps", []):
         start, end, _ = step["window"]
         shade = "tab:green" if step["ok"] else "tab:red"
@@ -66,10 +67,23 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
             va="top",
             fontsize="x-small",
         )
+    for event in report.get("events", []):  # storm: cuts, restarts, crashes
+        for ax in (lat_ax, rate_ax):
+            ax.axvline(event["t"], color="black", linestyle="--", linewidth=0.7, alpha=0.6)
+        lat_ax.annotate(
+            event["what"],
+            (event["t"], 0.95),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize="xx-small",
+        )
     target = report["target"]
+    mode = report.get("config", {}).get("mode")
     fig.suptitle(
-        f"{report['scenario']}: {target['name']} {target['transport']} "
-        f"(publish via {target['publish_via']})"
+        f"{report['scenario']}{' ' + mode if mode else ''}: {target['name']} "
+        f"{target['transport']} (publish via {target['publish_via']})"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

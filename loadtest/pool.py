@@ -30,14 +30,16 @@ class WorkerPool:
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.pipes: list[Connection] = []
         self.progress: list[dict[str, Any]] = [{} for _ in plans]
+        self.progress_received = [0] * len(plans)  # progress messages, per worker
         self.connected: list[asyncio.Future[dict[str, Any]]] = []
         self.finals: list[asyncio.Future[dict[str, Any]]] = []
         self.replies: dict[tuple[str, int, int], asyncio.Future[tuple[Any, ...]]] = {}
         self.churned = 0  # churn connections attempted, over the workers that finished
         self.churn_done = 0
         self.churn_finished = asyncio.Event()  # every worker reported its churn
-        self.stormed: list[dict[str, Any]] = []  # each worker's storm figures
-        self.storm_finished = asyncio.Event()
+        self.cut = 0  # connections cut by ``("cut", at)``, over the workers that did
+        self.cut_done = 0
+        self.cut_finished = asyncio.Event()  # every worker cut its connections
 
     @property
     def pids(self) -> list[int]:
@@ -86,6 +88,7 @@ class WorkerPool:
         kind = message[0]
         if kind == "progress":
             self.progress[i] = message[1]
+            self.progress_received[i] += 1
         elif kind == "connected":
             self.progress[i] = message[1]
             if not self.connected[i].done():
@@ -97,10 +100,11 @@ class WorkerPool:
             future = self.replies.pop(("step", message[1], i), None)
             if future is not None and not future.done():
                 future.set_result(message)
-        elif kind == "stormed":
-            self.stormed.append(message[1])
-            if len(self.stormed) >= len(self.procs):
-                self.storm_finished.set()
+        elif kind == "cut":
+            self.cut += message[1]
+            self.cut_done += 1
+            if self.cut_done >= len(self.procs):
+                self.cut_finished.set()
         elif kind == "churned":
             self.churned += message[1]
             self.churn_done += 1
@@ -130,6 +134,7 @@ class WorkerPool:
             "lag_ms": 0.0,
         }
         unique: list[int] = []
+        announced: list[int] = []
         alive: Counter[str] = Counter()
         for p in self.progress:
             if not p:
@@ -141,8 +146,13 @@ class WorkerPool:
                 if k >= len(unique):
                     unique.append(0)
                 unique[k] += n
+            for k, n in enumerate(p.get("announced_by_step", [])):
+                if k >= len(announced):
+                    announced.append(0)
+                announced[k] += n
             alive.update(p["alive_by_channel"])
         total["unique_by_step"] = unique
+        total["announced_by_step"] = announced
         total["alive_by_channel"] = alive
         return total
 
@@ -164,8 +174,10 @@ class WorkerPool:
             unique += n
         return hist, unique
 
-    async def finish(self, timeout: float = 60.0) -> list[dict[str, Any]]:
-        self.send(("finish",))
+    async def finish(
+        self, timeout: float = 60.0, last_seq: dict[str, int] | None = None
+    ) -> list[dict[str, Any]]:
+        self.send(("finish", last_seq))
         results = await asyncio.wait_for(asyncio.gather(*self.finals), timeout)
         await self.close()
         return list(results)

@@ -11,7 +11,11 @@ subscribes before the first publication, so it expects every ``seq`` from 1:
   anything else is a *duplicate*.
 
 Only connections that are still open at the end count towards loss: a connection the
-server closed (e.g. a slow consumer) is reported by its close code instead. Slow
+server closed (e.g. a slow consumer) is reported by its close code instead, unless the
+worker keeps its clients (``resuming``: each comes back and resumes, so a close is an
+event in its life, not its end). A gap the server *announced* (a subscribe answered
+``recovered: false``, or a push in a new epoch) is not a loss: the numbers it skipped
+are counted as ``announced`` (``Recorder.announce``). Slow
 consumers' deliveries are counted but kept out of the latency figures, which describe
 the clients that keep up.
 """
@@ -28,9 +32,11 @@ MISSING_CAP = 100_000
 
 class ConnState:
     __slots__ = (
+        "announced",
         "channel",
         "close_code",
         "closed",
+        "counted",
         "dups",
         "last",
         "missing",
@@ -49,8 +55,10 @@ class ConnState:
         self.dups = 0
         self.reordered = 0
         self.ready = False
+        self.counted = False  # in ``alive_by_channel``
         self.closed = False
         self.close_code: int | None = None
+        self.announced = 0  # numbers skipped across gaps the server announced
 
 
 class Recorder:
@@ -62,6 +70,8 @@ class Recorder:
         self.step_hists = [Histogram() for _ in range(n_steps)]
         self.second_hists: dict[int, Histogram] = {}
         self.unique_by_step = [0] * n_steps
+        self.announced_by_step = [0] * n_steps
+        self.resuming = False  # a closed connection comes back (``loadtest.storm.Keeper``)
         self.conns: list[ConnState] = []
         self.alive_by_channel: Counter[str] = Counter()
         self.received = 0
@@ -83,8 +93,21 @@ class Recorder:
 
     def on_ready(self, conn: ConnState) -> None:
         conn.ready = True
-        if not conn.slow:
+        if not conn.slow and not conn.counted:
+            conn.counted = True
             self.alive_by_channel[conn.channel] += 1
+
+    def announce(self, conn: ConnState, seq: int, step: int) -> int:
+        """The server announced a gap before the publication ``seq`` (of ``step``): the
+        numbers between the last one received and ``seq`` are announced, not lost.
+        Returns how many that is."""
+        missed = max(0, seq - conn.last - 1)
+        if missed:
+            conn.last = seq - 1
+            conn.announced += missed
+            if 0 <= step < self.n_steps:
+                self.announced_by_step[step] += missed
+        return missed
 
     def on_payload(self, conn: ConnState, payload: dict[str, Any], now: float) -> None:
         self.received += 1
@@ -141,7 +164,10 @@ class Recorder:
             return
         kind = "slow" if conn.slow else "normal"
         self.closes[f"{kind}:{code if code is not None else 'eof'}"] += 1
-        if conn.ready and not conn.slow:
+        if self.resuming:
+            return
+        if conn.counted:
+            conn.counted = False
             self.alive_by_channel[conn.channel] -= 1
             for step, n in enumerate(conn.unique):
                 self.unique_by_step[step] -= n
@@ -150,6 +176,7 @@ class Recorder:
         return {
             "received": self.received,
             "unique_by_step": list(self.unique_by_step),
+            "announced_by_step": list(self.announced_by_step),
             "alive_by_channel": dict(self.alive_by_channel),
             "ready": sum(1 for c in self.conns if c.ready and not c.closed),
             "closed": sum(self.closes.values()),
@@ -161,11 +188,16 @@ class Recorder:
     def state(self) -> dict[str, Any]:
         """Final figures; unique deliveries only of normal connections still open."""
         unique: Counter[tuple[str, int]] = Counter()
+        unannounced = 0  # numbers skipped without an announced gap, never received
+        with_loss = 0
         for conn in self.conns:
-            if conn.ready and not conn.slow and not conn.closed:
+            if conn.counted and (self.resuming or not conn.closed):
                 for step, n in enumerate(conn.unique):
                     if n:
                         unique[(conn.channel, step)] += n
+                if conn.missing:
+                    unannounced += len(conn.missing)
+                    with_loss += 1
         return {
             "received": self.received,
             "duplicates": self.duplicates,
@@ -175,6 +207,9 @@ class Recorder:
             "closes": dict(self.closes),
             "alive_by_channel": {k: v for k, v in self.alive_by_channel.items() if v},
             "unique": dict(unique),
+            "announced_by_step": list(self.announced_by_step),
+            "unannounced_missing": unannounced,
+            "clients_with_unannounced_missing": with_loss,
             "step_hists": [h.to_state() for h in self.step_hists],
             "second_hists": {s: h.to_state() for s, h in self.second_hists.items()},
             "connect_hist": self.connect_hist.to_state(),

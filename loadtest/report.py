@@ -2,7 +2,9 @@
 
 Loss is counted per step: every publication of step ``k`` should reach every normal
 subscriber of its channel that is still open at the end, so
-``lost = sum(published[ch][k] * open_subscribers[ch]) - unique deliveries``.
+``lost = sum(published[ch][k] * open_subscribers[ch]) - announced - unique deliveries``,
+where ``announced`` counts the publications subscribers skipped across a gap the server
+announced (``recovered: false``, a new epoch): history no longer had them.
 
 The load generator is declared the bottleneck of a step when one of its processes used
 more than ``BUSY_PERCENT`` of a core, or a worker's event loop lagged more than
@@ -36,6 +38,10 @@ class Merged:
     step_hists: list[Histogram] = field(default_factory=list)
     second_hists: dict[int, Histogram] = field(default_factory=dict)
     unique: Counter[tuple[str, int]] = field(default_factory=Counter)
+    announced_by_step: list[int] = field(default_factory=list)
+    unannounced_missing: int = 0
+    resume_states: list[dict[str, Any]] = field(default_factory=list)  # keepers' figures
+    clients_with_unannounced_missing: int = 0
     alive: Counter[str] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
     connect_hist: Histogram = field(default_factory=Histogram)
@@ -63,6 +69,14 @@ class Merged:
             for second, state in f["second_hists"].items():
                 m.second_hists.setdefault(second, Histogram()).merge(Histogram.from_state(state))
             m.unique.update(f["unique"])
+            for k, n in enumerate(f.get("announced_by_step", [])):
+                while len(m.announced_by_step) <= k:
+                    m.announced_by_step.append(0)
+                m.announced_by_step[k] += n
+            m.unannounced_missing += f.get("unannounced_missing", 0)
+            if "resume" in f:
+                m.resume_states.append(f["resume"])
+            m.clients_with_unannounced_missing += f.get("clients_with_unannounced_missing", 0)
             m.alive.update(f["alive_by_channel"])
             m.closes.update(f["closes"])
             m.connect_hist.merge(Histogram.from_state(f["connect_hist"]))
@@ -87,6 +101,9 @@ class Merged:
     def delivered(self, step: int) -> int:
         return sum(n for (_, k), n in self.unique.items() if k == step)
 
+    def announced(self, step: int) -> int:
+        return self.announced_by_step[step] if step < len(self.announced_by_step) else 0
+
     def expected(self, step: int, published: dict[str, int]) -> int:
         return sum(n * self.alive.get(ch, 0) for ch, n in published.items())
 
@@ -104,11 +121,15 @@ class Merged:
 
 
 def server_figures(harness: Any, start: float, end: float) -> dict[str, Any]:
-    sampler = harness.server_sampler
-    if sampler is None:
+    """CPU and peak RSS of the server, every gateway process of a fleet added up."""
+    samplers = [harness.server_sampler] if harness.server_sampler is not None else []
+    samplers += list(getattr(harness, "fleet_samplers", {}).values())
+    if not samplers:
         return {}
-    cpu = sampler.utilisation(start, end)
-    rss = sampler.rss_max_kib(start, end)
+    cpus = [c for c in (s.utilisation(start, end) for s in samplers) if c is not None]
+    peaks = [r for r in (s.rss_max_kib(start, end) for s in samplers) if r is not None]
+    cpu = sum(cpus) if cpus else None
+    rss = sum(peaks) if peaks else None
     return {
         "cpu_percent": round(cpu, 1) if cpu is not None else None,
         "rss_mib_max": round(rss / 1024, 1) if rss is not None else None,
@@ -174,7 +195,8 @@ def step_entry(
     hist = merged.step_hists[k] if k < len(merged.step_hists) else Histogram()
     expected = merged.expected(k, published)
     delivered = merged.delivered(k)
-    lost = max(0, expected - delivered)
+    announced = merged.announced(k)
+    lost = max(0, expected - announced - delivered)
     latency = hist.summary_ms()
     limit = harness.setup.p99_limit_ms
     rate_ok = publish["achieved_rate"] >= 0.95 * publish["target_rate"]
@@ -197,6 +219,7 @@ def step_entry(
         "rate": publish["target_rate"],
         "publish": publish,
         "expected": expected,
+        "announced_gaps_missed": announced,
         "delivered": delivered,
         # Over the nominal step (or longer, if publishing fell behind).
         "deliveries_per_s": round(delivered / max(1e-9, publish["elapsed_s"], nominal), 1),
@@ -217,7 +240,7 @@ def step_entry(
 
 def timeseries(harness: Any, merged: Merged) -> list[dict[str, Any]]:
     rows = []
-    sampler = harness.server_sampler
+    sampled = harness.server_sampler is not None or bool(getattr(harness, "fleet_samplers", {}))
     for second in sorted(merged.second_hists):
         hist = merged.second_hists[second]
         row: dict[str, Any] = {
@@ -228,10 +251,9 @@ def timeseries(harness: Any, merged: Merged) -> list[dict[str, Any]]:
             "max_ms": round(hist.max_us / 1000, 3),
             "client_lag_ms": round(1000 * merged.lag_by_second.get(second, 0.0), 1),
         }
-        if sampler is not None:
+        if sampled:
             at = harness.t0 + second
-            cpu = sampler.utilisation(at, at + 1.01)
-            row["server_cpu_percent"] = round(cpu, 1) if cpu is not None else None
+            row["server_cpu_percent"] = server_figures(harness, at, at + 1.01).get("cpu_percent")
         rows.append(row)
     return rows
 
@@ -285,6 +307,9 @@ def deliveries_entry(merged: Merged, steps: list[dict[str, Any]]) -> dict[str, A
         "delivered": sum(s["delivered"] for s in steps),
         "expected": sum(s["expected"] for s in steps),
         "lost": sum(s["lost"] for s in steps),
+        "announced_gaps_missed": sum(s["announced_gaps_missed"] for s in steps),
+        "unannounced_missing": merged.unannounced_missing,
+        "clients_with_unannounced_missing": merged.clients_with_unannounced_missing,
         "duplicated": merged.duplicates,
         "reordered": merged.reordered,
         "slow_consumer_received": merged.slow_received,
@@ -359,9 +384,39 @@ def summary_text(report: dict[str, Any]) -> str:
             f"  deliveries: {d['delivered']:,} of {d['expected']:,} expected, lost {d['lost']}, "
             f"duplicated {d['duplicated']}, reordered {d['reordered']}"
         )
+    storm = report.get("storm")
+    if storm:
+        lines.extend(storm_text(report, storm))
     for note in report.get("notes", []):
         lines.append(f"  note: {note}")
     for key in ("json", "plot"):
         if report.get("files", {}).get(key):
             lines.append(f"  {key}: {report['files'][key]}")
     return "\n".join(lines)
+
+
+def storm_text(report: dict[str, Any], storm: dict[str, Any]) -> list[str]:
+    back, out, replay = storm["reconnect_ms"], storm["outage_ms"], storm["replay_ms"]
+    gaps = storm["gaps_announced"]
+    lines = [
+        f"  storm {report['config'].get('mode', 'cut')}: {storm['clients_back']:,}/"
+        f"{storm['clients']:,} clients back, {storm['reconnects']:,} reconnects; reconnect "
+        f"p50/p95/p99 {back['p50']:.0f}/{back['p95']:.0f}/{back['p99']:.0f} ms (outage p95 "
+        f"{out['p95']:.0f} ms), replay p99 {replay['p99']:.1f} ms",
+        f"    recovered {storm['recovered']}, gaps announced {gaps['total']} "
+        f"{gaps['judged']}, publications skipped across them {gaps['missed_by_kind']}",
+        f"    disconnects {storm['disconnects_by_cause']}, failed attempts "
+        f"{storm['failed_attempts']}, subscribe errors {storm['subscribe_errors']}",
+    ]
+    memory = storm.get("memory_mib")
+    if memory:
+        lines.append(
+            f"    gateway RSS {memory['idle_total']} MiB before, {memory['after_total']} MiB after"
+        )
+    targets = storm.get("targets")
+    if targets:
+        missed = ", ".join(
+            f"{k} {got} (target {want})" for k, (got, want) in targets["missed"].items()
+        )
+        lines.append(f"    targets: {'all met' if targets['all_met'] else 'missed: ' + missed}")
+    return lines

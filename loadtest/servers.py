@@ -116,8 +116,8 @@ class ManagedProcess:
 
 
 class RedisServer(ManagedProcess):
-    def __init__(self, cpus: list[int] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, cpus: list[int] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="loadtest-redis-")
         binary = shutil.which("redis-server")
         if binary is None:
@@ -229,6 +229,70 @@ def gateway_server(
     module = "loadtest.tracing" if env.get("LOADTEST_TRACE") else "gateway"
     argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)]
     return TargetServer("gateway", argv, port, env=env, cpus=cpus, ready_path="/readyz")
+
+
+class GatewayFleet:
+    """Several single-worker gateways on ports of their own behind one broker (a load
+    balancer's backends), each stopped, killed or started again on its own."""
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        broker_url: str,
+        secret: str,
+        cpus: list[int] | None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.ports = [free_port() for _ in range(n)]
+        self.broker_url, self.secret, self.cpus = broker_url, secret, cpus
+        self.extra_env = dict(extra_env or {})
+        self.servers = [self._make(port) for port in self.ports]
+        self.generation = [0] * n  # times each was started again
+
+    def _make(self, port: int) -> TargetServer:
+        server = gateway_server(
+            port,
+            broker_url=self.broker_url,
+            secret=self.secret,
+            cpus=self.cpus,
+            extra_env=self.extra_env,
+        )
+        server.name = f"gateway-{self.ports.index(port)}"
+        return server
+
+    async def start_all(self, timeout: float = 120.0) -> None:
+        """Start every gateway; several starting at once on a busy machine take a while."""
+        for server in self.servers:
+            server.start()
+        await asyncio.gather(*(server.wait_ready(timeout) for server in self.servers))
+
+    def running(self) -> list[bool]:
+        return [server.running() for server in self.servers]
+
+    async def stop(self, i: int) -> None:
+        """SIGTERM and wait: the gateway drains (close 1012) and exits."""
+        await asyncio.get_running_loop().run_in_executor(None, self.servers[i].stop)
+
+    async def kill(self, i: int) -> None:
+        """SIGKILL: no drain, its clients see their connections vanish."""
+        server = self.servers[i]
+        if server.proc is not None and server.running():
+            server.proc.kill()
+            await asyncio.get_running_loop().run_in_executor(None, server.proc.wait)
+        server.stop()
+
+    async def start(self, i: int) -> TargetServer:
+        """Start gateway ``i`` again on its port; returns once it is ready."""
+        server = self.servers[i] = self._make(self.ports[i])
+        self.generation[i] += 1
+        server.start()
+        await server.wait_ready(60.0)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 def baseline_server(

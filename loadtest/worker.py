@@ -7,9 +7,14 @@ its pipe every ``progress_interval`` and answers commands:
 
 * ``("step", k)``: the latency histogram and unique deliveries of step ``k`` so far;
 * ``("churn", rate, duration, hold)``: open, subscribe and close connections at ``rate``/s;
-* ``("storm", at)``: at wall time ``at`` reset every connection and resume each
-  (``loadtest.storm``);
-* ``("finish",)``: send the final figures and close everything.
+* ``("keep", jitter_every, offline)``: from now on every WebSocket client comes back
+  whenever its connection ends, resuming (``loadtest.storm.Keeper``), and with
+  ``jitter_every`` cuts its own connection at random that often;
+* ``("cut", at)``: at wall time ``at`` reset every kept connection at once (a reconnect
+  storm); ``("calm",)``: no more random cuts;
+* ``("finish", last_seq)``: send the final figures and close everything; ``last_seq``
+  (channel -> the last ``seq`` published) settles gaps announced after the last
+  publication a client received.
 
 It also measures its own event-loop lag: a client whose loop lags is the bottleneck,
 and the latencies it records are inflated by that lag.
@@ -21,6 +26,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import random
 import resource
 import threading
 import time
@@ -31,7 +37,7 @@ from typing import Any
 from loadtest.clients import SseClient, WsClient, connect_sse, connect_ws
 from loadtest.dialects import Dialect, WsDialect
 from loadtest.recorder import ConnState, Recorder
-from loadtest.storm import storm
+from loadtest.storm import Keeper, Keeping, ResumingWs, cut_all, failure_reason
 
 LAG_TICK = 0.05
 SLOW_CATCH_UP = 3.0
@@ -63,6 +69,8 @@ class WorkerPlan:
     cpus: list[int] | None = None
     progress_interval: float = 0.25
     churn_local_ips: list[str | None] = field(default_factory=lambda: [None])
+    # Several gateways behind one address each: every (re)connect picks one at random.
+    ports: list[int] = field(default_factory=list)
 
 
 def raise_fd_limit() -> int:
@@ -102,6 +110,9 @@ class Worker:
         self.lag_by_second: dict[int, float] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.connect_window: tuple[float, float] | None = None  # wall time, first to last
+        self.keepers: list[Keeper] = []
+        self.last_seq: dict[str, int] | None = None
+        self.keeping: Keeping | None = None
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -132,6 +143,7 @@ class Worker:
     def handle(self, command: tuple[Any, ...]) -> None:
         name = command[0]
         if name == "finish":
+            self.last_seq = command[1] if len(command) > 1 else None
             self.finish.set()
         elif name == "step":
             k = command[1]
@@ -146,8 +158,12 @@ class Worker:
         elif name == "churn":
             _, rate, duration, hold = command
             self.spawn(self.churn(rate, duration, hold))
-        elif name == "storm":
-            self.spawn(self.storm(command[1]))
+        elif name == "keep":
+            self.keep(command[1], command[2])
+        elif name == "cut":
+            self.spawn(self.cut(command[1]))
+        elif name == "calm" and self.keeping is not None:
+            self.keeping.calm = True
 
     async def report_progress(self) -> None:
         while True:
@@ -253,10 +269,37 @@ class Worker:
             await asyncio.sleep(hold)
         client.close()
 
-    async def storm(self, at: float) -> None:
-        figures, back = await storm(self.plan, self.recorder, self.clients, at)
-        self.clients = [*back, *(c for c in self.clients if not isinstance(c, WsClient))]
-        self.send(("stormed", figures))
+    def keep(self, jitter_every: float, offline: float) -> None:
+        dialect = self.plan.dialect
+        assert isinstance(dialect, ResumingWs)
+        self.recorder.resuming = True
+        self.keeping = Keeping(self.plan, self.recorder, dialect.figures, jitter_every, offline)
+        for client in self.clients:
+            if isinstance(client, WsClient):
+                keeper = Keeper(self.keeping, client)
+                self.keepers.append(keeper)
+                keeper.task = asyncio.create_task(keeper.run())
+
+    async def cut(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.time()))
+        cut = cut_all(self.keepers)
+        self.send(("progress", self.recorder.progress()))  # no longer subscribed
+        self.send(("cut", cut))
+
+    def stop_keeping(self) -> None:
+        """The end: no keeper reconnects any more; gaps announced after the last
+        publication a client received are settled with what was published."""
+        for keeper in self.keepers:
+            if keeper.task is not None:
+                keeper.task.cancel()
+        if self.keepers:
+            self.clients = [k.client for k in self.keepers]
+        last_seq = self.last_seq or {}
+        for keeper in self.keepers:
+            dialect = keeper.client.dialect
+            conn = keeper.client.conn
+            if isinstance(dialect, ResumingWs) and dialect.gap is not None:
+                dialect.judge(last_seq.get(conn.channel, conn.last) + 1, self.plan.n_steps - 1)
 
     async def catch_up(self, timeout: float = SLOW_CATCH_UP) -> None:
         """Let slow consumers read their backlog at full speed, so that a close the server
@@ -292,8 +335,14 @@ class Worker:
         progress["connect_window"] = self.connect_window
         self.send(("connected", progress))
         await self.finish.wait()
+        self.stop_keeping()
         await self.catch_up()
         state = self.recorder.state()
+        if self.keeping is not None:
+            state["resume"] = self.keeping.figures.to_state()
+            state["resume"]["clients"] = len(self.keepers)
+            state["resume"]["connected_at_end"] = sum(1 for k in self.keepers if k.connected)
+            state["resume"]["reconnected"] = sum(1 for k in self.keepers if k.reconnects)
         state["lag_by_second"] = self.lag_by_second
         state["worker"] = self.plan.index
         self.send(("final", state))
@@ -316,20 +365,11 @@ async def open_connection(
         "slow_interval": plan.slow_interval if spec.slow else None,
         "timeout": plan.connect_timeout,
     }
-    args = (plan.host, plan.port, spec.token or plan.token, conn, recorder)
+    port = random.choice(plan.ports) if plan.ports else plan.port
+    args = (plan.host, port, spec.token or plan.token, conn, recorder)
     client: Client
     if isinstance(dialect, WsDialect):
         client = await connect_ws(dialect.per_connection(), *args, **options)
     else:
         client = await connect_sse(dialect, *args, **options)
     return client, conn
-
-
-def failure_reason(exc: BaseException) -> str:
-    """A short, stable label for a failed connect (counted, not logged one by one)."""
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return "timeout"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        text = os.strerror(exc.errno)
-    return f"{type(exc).__name__}: {text}"[:160]

@@ -9,7 +9,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 from loadtest.clients.net import open_socket
 from loadtest.clients.slow import ReadThrottle
-from loadtest.dialects import READY, Failed, Reply, WsDialect
+from loadtest.dialects import READY, Failed, Later, Reply, WsDialect
 from loadtest.recorder import ConnState, Recorder
 
 TEXT = WSMsgType.TEXT
@@ -40,6 +40,7 @@ class WsClient(WSListener):
         self.close_code: int | None = None
         self.closing = False
         self.disconnected: asyncio.Future[None] = ready.get_loop().create_future()
+        dialect.bind(conn, recorder)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -65,6 +66,8 @@ class WsClient(WSListener):
                 self._on_ready(transport)
             elif isinstance(event, Reply):
                 transport.send(TEXT, event.frame)
+            elif isinstance(event, Later):
+                self.ready.get_loop().call_later(event.delay, self._send_later, event.frame)
             elif isinstance(event, Failed):
                 if not self.ready.done():
                     self.ready.set_exception(ConnectionError(f"refused: {event.reason}"))
@@ -76,6 +79,10 @@ class WsClient(WSListener):
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             transport.send_close(frame.get_close_code())
             transport.disconnect()
+
+    def _send_later(self, frame: bytes) -> None:
+        if self.transport is not None and not self.transport.is_disconnected:
+            self.transport.send(TEXT, frame)
 
     def _on_ready(self, transport: WSTransport) -> None:
         if self.ready.done():

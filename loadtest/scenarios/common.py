@@ -139,7 +139,7 @@ async def finish_report(
     h.status = None
     h.sample()
     server_metrics = await h.gateway_metrics()  # before the clients leave
-    finals = await h.pool.finish()
+    finals = await h.pool.finish(last_seq=dict(rp.seq) if rp is not None else None)
     merged = Merged.of(finals)
     steps = [step_entry(h, merged, r.index, r.window, r.publish, r.published) for r in runs]
     report = base_report(h, scenario, config)
