@@ -4,10 +4,12 @@ lines without one left exactly as they were."""
 from __future__ import annotations
 
 import logging
+import random
 
 import pytest
+from uvicorn.logging import AccessFormatter
 
-from gateway.logs import REDACTED, REDACTED_ALREADY, RedactTokens, redact
+from gateway.logs import REDACTED, REDACTED_ALREADY, LeanAccessFormatter, RedactTokens, redact
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
 
@@ -74,3 +76,49 @@ def test_a_record_is_redacted_once_whatever_the_filters_it_passes() -> None:
     finally:
         logger.removeHandler(handler)
     assert seen == [f"GET /sse?token={REDACTED}", f"/ws?token={REDACTED}"]
+
+
+def test_no_token_survives_whatever_surrounds_it() -> None:
+    """Randomised: a JWT, or a secret after ``token=``, ``Bearer`` or a JSON ``"token"``,
+    amid pieces that look like the others' starts, is gone from the line."""
+    rng = random.Random(7)
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.c2lnbmF0dXJlLXNlY3JldA"
+    noise = ["token", "TOKEN", "Bear", "eyJ", '"', "'", "&", "?", ";", " ", "=", ":", "x=1", "…"]
+    for _ in range(5000):
+        secret = "s3cr3t" + str(rng.randrange(10**6))
+        carriers = [
+            f"?token={secret}",
+            f"&ACCESS_TOKEN={secret}",
+            f" Bearer {secret}",
+            f'"token": "{secret}"',
+            jwt,
+            jwt[:24] + "...",
+        ]
+        carrier = rng.choice(carriers)
+        parts = [rng.choice(noise) for _ in range(rng.randint(0, 6))]
+        parts.insert(rng.randint(0, len(parts)), carrier)
+        line = "".join(parts)
+        redacted = redact(line)
+        hidden = jwt[:24] if carrier.startswith("eyJ") else secret
+        assert hidden not in redacted, (line, redacted)
+        assert REDACTED in redacted
+
+
+@pytest.mark.parametrize("status", [200, 101, 404, 503, 299])
+def test_the_lean_access_formatter_writes_uvicorns_line(status: int) -> None:
+    """Same text as uvicorn's ``AccessFormatter`` without colours, from the same record,
+    which it leaves readable by every other handler."""
+    fmt = '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'
+    args = ("203.0.113.9:5555", "GET", "/sse?channel=x&token=[redacted]", "1.1", status)
+    theirs = AccessFormatter(fmt=fmt, use_colors=False)
+    ours = LeanAccessFormatter(fmt=fmt, use_colors=False)
+
+    def record() -> logging.LogRecord:
+        template = '%s - "%s %s HTTP/%s" %d'
+        return logging.LogRecord("uvicorn.access", logging.INFO, "x", 1, template, args, None)
+
+    kept = record()
+    assert ours.format(kept) == theirs.format(record())
+    assert kept.getMessage() == record().getMessage()
+    coloured = LeanAccessFormatter(fmt=fmt, use_colors=True)
+    assert coloured.format(record()) == AccessFormatter(fmt=fmt, use_colors=True).format(record())
