@@ -82,6 +82,7 @@ def _size(item: Outgoing) -> int:
 class Session:
     __slots__ = (
         "_aborted",
+        "_presence_entry",
         "_queue",
         "_queued_bytes",
         "_start_writer",
@@ -95,7 +96,6 @@ class Session:
         "info",
         "max_queue_bytes",
         "observe_latency",
-        "presence_entry",
         "send_timeout",
         "transport_name",
         "user",
@@ -118,9 +118,7 @@ class Session:
         self.client_id = client_id or new_client_id()
         self.user = user
         self.info = info
-        self.presence_entry = compact(
-            orjson.dumps({"client": self.client_id, "user": user, "info": info})
-        )
+        self._presence_entry: bytes | None = None
         self.channels: set[str] = set()
         self.max_queue_bytes = max_queue_bytes
         self.send_timeout = send_timeout
@@ -137,6 +135,16 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.user!r} {self.transport_name}>"
+
+    @property
+    def presence_entry(self) -> bytes:
+        """The session in presence (join, leave, the member list), built on first use:
+        most sessions never join a channel with presence."""
+        entry = self._presence_entry
+        if entry is None:
+            member = {"client": self.client_id, "user": self.user, "info": self.info}
+            entry = self._presence_entry = compact(orjson.dumps(member))
+        return entry
 
     @property
     def queued_bytes(self) -> int:
