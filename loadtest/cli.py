@@ -219,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one client stays subscribed throughout, so that the server relays the "
         "channel (with --recover: a reconnect to a live channel)",
     )
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="gateway: also count the server's user-space instructions per connect, close "
+        "and cycle under valgrind's callgrind (the same on a busy machine; the server runs "
+        "~50x slower: use a few hundred clients and a long --connect-timeout)",
+    )
 
     p = scenario("churn", "connects and disconnects per second beside steady subscribers")
     p.add_argument("--clients", type=int, default=500, help="steady subscribers")
@@ -414,6 +421,7 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             recover=args.recover,
             distinct_tokens=args.distinct_tokens,
             live_channel=args.live_channel,
+            instructions=args.instructions,
         )
     if args.command == "hooks":
         return scenarios.run_hooks(

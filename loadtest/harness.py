@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from loadtest import callgrind
 from loadtest.config import USABLE_CPUS, Setup
 from loadtest.pool import WorkerPool
 from loadtest.procstat import MachineSampler, ProcessSampler, find_pid_by_port
@@ -171,6 +172,7 @@ class Harness:
                     self.port,
                     redis_url=self.redis_url,
                     cpus=self.server_cpus,
+                    callgrind_out=setup.server_env.get(callgrind.ENV),
                 )
             self.server.start()
             self.progress.note(f"started {self.target.name}: {self.server.command}")

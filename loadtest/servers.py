@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
+from loadtest import callgrind
 from loadtest.config import USABLE_CPUS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +229,8 @@ def gateway_server(
     # LOADTEST_TRACE: the gateway with the timestamps of loadtest.tracing (fanout --trace).
     module = "loadtest.tracing" if env.get("LOADTEST_TRACE") else "gateway"
     argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)]
+    if env.get(callgrind.ENV):  # connect --instructions: the server's instructions counted
+        argv = callgrind.wrapped(argv, env[callgrind.ENV])
     return TargetServer("gateway", argv, port, env=env, cpus=cpus, ready_path="/readyz")
 
 
@@ -296,9 +299,17 @@ class GatewayFleet:
 
 
 def baseline_server(
-    name: str, module: str, port: int, *, redis_url: str, cpus: list[int] | None
+    name: str,
+    module: str,
+    port: int,
+    *,
+    redis_url: str,
+    cpus: list[int] | None,
+    callgrind_out: str | None = None,
 ) -> TargetServer:
     argv = [sys.executable, "-m", module, "--port", str(port), "--redis-url", redis_url]
+    if callgrind_out:  # connect --instructions
+        argv = callgrind.wrapped(argv, callgrind_out)
     return TargetServer(name, argv, port, cpus=cpus)
 
 

@@ -101,6 +101,9 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "--recover",
             "3",
             "--live-channel",
+            "--instructions",
+            "--connect-timeout",
+            "60",
             "--no-plot",
             *common,
         ],
@@ -402,6 +405,11 @@ def test_connect_measures_server_cpu_per_connect_and_close(reports: dict[str, Ru
     )
     assert per_connect > 0 and per_close >= 0
     assert connect["server_cpu_us_per_cycle"] == pytest.approx(per_connect + per_close, abs=0.2)
+    # --instructions: the server ran under callgrind, counted for the measured phases only
+    # (a connect of the gateway runs well over 50,000 instructions, start-up millions).
+    counted = [connect[f"server_kinstructions_per_{phase}"] for phase in ("connect", "close")]
+    assert 50 < counted[0] < 5000 and 5 < counted[1] < 5000, counted
+    assert connect["server_kinstructions_per_cycle"] == pytest.approx(sum(counted), abs=0.2)
 
 
 def test_channels_delivers_each_channel_to_its_subscribers(reports: dict[str, Run]) -> None:

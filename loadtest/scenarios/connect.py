@@ -9,19 +9,25 @@ publications are made first and every client subscribes from K publications befo
 top (a WebSocket ``since``, an SSE cursor): each subscribe then includes a
 K-publication recovery, as after a reconnect. With ``--distinct-tokens`` every client
 has a token of its own (the gateway remembers tokens it verified: one token for all
-measures a reconnect to the same worker, distinct ones a first connect).
+measures a reconnect to the same worker, distinct ones a first connect). With
+``--instructions`` the server runs under callgrind and the report adds its user-space
+instructions per connect, close and cycle (``loadtest.callgrind``): figures that stay the
+same on a busy machine, where CPU time does not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import orjson
 
+from loadtest import callgrind
 from loadtest.config import Setup
 from loadtest.dialects import Dialect, GatewaySse, GatewayWs
 from loadtest.harness import Harness
@@ -29,6 +35,7 @@ from loadtest.procstat import exact_cpu_seconds
 from loadtest.recorder import Recorder
 from loadtest.scenarios.common import finish_report, save
 from loadtest.scenarios.idle import WARMUP_CONNECTIONS, coordinator_plan, warm_up
+from loadtest.targets import TARGETS
 from loadtest.worker import ConnSpec, open_connection
 
 QUIET_CPU_SHARE = 0.05  # the server counts as quiet below this share of a core
@@ -99,13 +106,34 @@ async def run_connect(
     recover: int,
     distinct_tokens: bool = False,
     live_channel: bool = False,
+    instructions: bool = False,
 ) -> dict[str, Any]:
     config = {
         "clients": clients,
         "recover": recover,
         "distinct_tokens": distinct_tokens,
         "live_channel": live_channel,
+        "instructions": instructions,
     }
+    out = None
+    if instructions:
+        missing = callgrind.available()
+        python_server = setup.target == "gateway" or TARGETS[setup.target].module is not None
+        if missing or not python_server or setup.url:
+            why = missing or "for a Python server this tool starts (the gateway, a baseline)"
+            raise SystemExit(f"--instructions: {why}")
+        out = str(Path(tempfile.mkdtemp(prefix="loadtest-callgrind-")) / "callgrind.out")
+        setup.server_env[callgrind.ENV] = out
+    try:
+        return await _connect(setup, config, out)
+    finally:
+        if out is not None:  # the server has stopped: its last output is written
+            callgrind.remove(out)
+
+
+async def _connect(setup: Setup, config: dict[str, Any], out: str | None) -> dict[str, Any]:
+    clients, recover = config["clients"], config["recover"]
+    distinct_tokens, live_channel = config["distinct_tokens"], config["live_channel"]
     async with Harness(setup, "connect") as h:
         if h.server_sampler is None:
             raise SystemExit("connect needs the server's pid (a local server, or --server-pid)")
@@ -123,14 +151,21 @@ async def run_connect(
         if distinct_tokens:
             for n, spec in enumerate(specs):
                 spec.token = h.client_token(n)
+        counter = callgrind.Counter(pid, out) if out else None
         start = await quiet_cpu(pid)
+        if counter is not None:
+            await counter.start()
         began = time.time()
         connect = await h.connect(specs, n_steps=1)
         h.status = lambda: ("settling", None, "")
         connected = await quiet_cpu(pid)
         subscribed_in = time.time() - began
+        counted = [await counter.phase()] if counter is not None else []
         report, merged = await finish_report(h, "connect", config, clients, connect, [], None)
         closed = await quiet_cpu(pid)
+        if counter is not None:
+            counted.append(await counter.phase())
+            await counter.stop()
         if held is not None:
             held.close()
         ok = max(1, merged.connect_hist.total)
@@ -148,4 +183,11 @@ async def run_connect(
             "server_cpu_us_per_close": us(closed - connected),
             "server_cpu_us_per_cycle": us(closed - start),
         }
+        if counted:
+            connects, closes = (round(n / ok / 1000, 1) for n in counted)
+            report["connect"].update(
+                server_kinstructions_per_connect=connects,
+                server_kinstructions_per_close=closes,
+                server_kinstructions_per_cycle=round(connects + closes, 1),
+            )
         return save(h, "connect", report)
