@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
-from gateway import admin, api, demo, llm, ops, sse, ws
+from gateway import admin, api, demo, llm, ops, sse, sse_open, ws
+from gateway.cors import CorsHeaders, HTTPOnlyCORSMiddleware
 from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
 from gateway.logs import install_redaction
 from gateway.runtime import Gateway
 from gateway.server.draining import DRAIN
-from gateway.server.ports import OPEN_WEBSOCKET
+from gateway.server.ports import OPEN_STREAM, OPEN_WEBSOCKET
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,24 +52,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONBody:
     return error_response(code, str(exc.detail), exc.status_code)
 
 
-class HTTPOnlyCORSMiddleware(CORSMiddleware):
-    """CORS concerns HTTP only. A WebSocket scope is handed on as a tail call (this
-    ``__call__`` is not ``async``), so a connection does not keep one more coroutine
-    frame parked here for its whole life."""
-
-    def __call__(  # type: ignore[override]
-        self, scope: Scope, receive: Receive, send: Send
-    ) -> Awaitable[None]:
-        if scope["type"] != "http":
-            return self.app(scope, receive, send)
-        return super().__call__(scope, receive, send)
-
-
 class GatewayApp(FastAPI):
     """FastAPI, with the gateway's shortcut for opening SSE streams in front of it
-    (``sse.Shortcut``). (``async``, so that servers detect an ASGI 3 app.)"""
+    (``sse_open.Shortcut``). (``async``, so that servers detect an ASGI 3 app.)"""
 
-    sse_shortcut: sse.Shortcut | None = None
+    sse_shortcut: sse_open.Shortcut | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         shortcut = self.sse_shortcut
@@ -92,8 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # For the server: the drain, to run when it starts shutting down, before it
             # closes any connection (gateway.server.draining), and the WebSocket opener.
             state: dict[str, Any] = {DRAIN: gateway.drain}
-            if settings.raw_writes:  # /ws below ASGI, under the gateway's own protocol
+            if settings.raw_writes:  # /ws and /sse below ASGI, under the gateway's protocols
                 state[OPEN_WEBSOCKET] = ws.opener(gateway)
+                state[OPEN_STREAM] = sse_open.opener(gateway, cors_headers)
             yield state
         finally:
             # Shutdown, in order: the drain (not ready, sessions closed with 1012 / end of
@@ -123,7 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "allow_credentials": "connect" in gateway.hooks.hooks and "*" not in settings.origins,
     }
     app.add_middleware(HTTPOnlyCORSMiddleware, **cors)
-    app.sse_shortcut = sse.Shortcut(gateway, lambda inner: HTTPOnlyCORSMiddleware(inner, **cors))
+    app.sse_shortcut = sse_open.Shortcut(
+        gateway, lambda inner: HTTPOnlyCORSMiddleware(inner, **cors)
+    )
+    cors_headers = CorsHeaders(HTTPOnlyCORSMiddleware(app, **cors))
     app.include_router(ws.router)
     app.include_router(sse.router)
     app.include_router(api.router)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
@@ -37,8 +37,8 @@ from channels.publication import Batch, Publication, StreamPosition
 from channels.session import Ending, Gap, Outgoing, new_client_id
 from gateway import cursor, wire
 from gateway.access import checked_channel, require
-from gateway.deps import GatewayDep, MaybeClaimsDep, hooked, query_value, query_values, token_of
-from gateway.errors import CloseCode, ErrorCode, GatewayError, JSONBody
+from gateway.deps import GatewayDep, MaybeClaimsDep, hooked
+from gateway.errors import CloseCode, ErrorCode, GatewayError
 from gateway.hooks import Opening
 from gateway.runtime import Gateway
 from gateway.server.ports import StreamPort, stream_port
@@ -150,7 +150,20 @@ class Stream:
             )
 
     def _lost(self) -> None:
-        self.session.close(Ending.CLIENT_GONE)
+        """The client left. With no writer running, the stream ends here and now when the
+        hub can forget the session at once: no task, no last chunk (nobody would read it).
+        Otherwise the writer ends it (``_write``)."""
+        session = self.session
+        if self._writer is None:
+            session.writer_on_demand(None)
+            session.close(Ending.CLIENT_GONE)
+            if self.gateway.closed_now(session):
+                for timer in (self._beat, self._expiry):
+                    if timer is not None:
+                        timer.cancel()
+                return
+            session.writer_on_demand(self._start_writer)  # closed: it starts at once
+        session.close(Ending.CLIENT_GONE)
 
     def _start_writer(self) -> None:
         name = f"sse:{self.session.client_id}"
@@ -226,7 +239,7 @@ def checked_request(
     granted: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, StreamPosition]]:
     """The channels and resume positions of a ``GET /sse``, or the ``GatewayError`` it
-    gets, in the endpoint's order of checks (shared by the endpoint and ``Shortcut``).
+    gets, in the endpoint's order of checks (the endpoint's and ``gateway.sse_open``'s).
     ``granted``: the connect hook's channels, which need no permission."""
     channels = list(dict.fromkeys([*requested, *granted]))
     if not channels:
@@ -285,91 +298,47 @@ async def open_stream(
     the ``GatewayError`` to answer, with nothing left behind. ``client_id`` and
     ``granted`` (its channels, decided already) come from the connect hook."""
     stream = Stream(gateway, claims, channels, client_id)
-    transport, session = stream.transport, stream.session
-    gateway.opened(session)
+    gateway.opened(stream.session)
     try:
         for channel in channels:  # the backend's say first: nothing subscribed if it refuses
             if channel not in granted:
-                await gateway.hooks.check_subscribe(claims, session.client_id, channel)
-        for channel in channels:
-            since = positions.get(channel)
-
-            def on_ready(
-                result: SubscribeResult,
-                channel: str = channel,
-                since: StreamPosition | None = since,
-            ) -> None:
-                resumed = since is not None and result.recovered
-                transport.positions[channel] = since if resumed and since else result.position
-                if since is not None and not result.recovered:
-                    session.push(Gap(channel))
-
-            await gateway.hub.subscribe(session, channel, since, on_ready=on_ready)
-    except BrokerUnavailable:
+                await gateway.hooks.check_subscribe(claims, stream.session.client_id, channel)
+        await subscribe_channels(stream, channels, positions)
+    except BaseException as exc:
         await stream.abandon()
-        raise GatewayError.unavailable() from None
-    except SubscribeError as exc:
-        await stream.abandon()
-        raise GatewayError(ErrorCode(exc.code), str(exc)) from None
-    except BaseException:
-        await stream.abandon()
-        raise
+        raise gateway_error_of(exc) from None
     return stream
 
 
-class Shortcut:
-    """A ``GET /sse`` that passes every check is opened here, in front of the framework
-    (``GatewayApp``): no middleware stack, routing, dependency solving or exception
-    handling (two thirds of an SSE connect's CPU went there), only the app's own CORS
-    around the response. The checks are the endpoint's (``checked_request``, the token
-    through the same verifier); a request that fails one goes on to the framework and
-    its endpoint, which answers it as before: the shortcut only takes what the
-    endpoint would accept, and answers it with the same bytes
-    (tests/test_sse_shortcut.py)."""
-
-    def __init__(self, gateway: Gateway, cors: Callable[[ASGIApp], ASGIApp]) -> None:
-        self.gateway = gateway
-        self._opening = cors(lambda scope, receive, send: self._open(scope, receive, send))
-
-    def take(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None] | None:
-        """The request's answer, if it is a stream to open here; else None."""
-        if scope["type"] != "http" or scope["path"] != "/sse" or scope["method"] != "GET":
-            return None
-        checked = self._checked(scope)
-        if checked is None:
-            return None
-        scope[CHECKED] = checked
-        return self._opening(scope, receive, send)
-
-    def _checked(self, scope: Scope) -> Checked | None:
-        query: bytes = scope["query_string"]
-        authorization = last_event_id = None
-        for name, value in scope["headers"]:  # the first of each, as starlette's Headers
-            if name == b"authorization" and authorization is None:
-                authorization = value.decode("latin-1")
-            elif name == b"last-event-id" and last_event_id is None:
-                last_event_id = value.decode("latin-1")
-        gateway = self.gateway
-        try:
-            claims = gateway.verifier.verify(token_of(query_value(query, "token"), authorization))
-            requested = query_values(query, "channel")
-            last_event_id = last_event_id or query_value(query, "last_event_id")
-            channels, positions = checked_request(gateway, claims, requested, last_event_id)
-        except (AuthError, GatewayError):
-            return None
-        if hooked(gateway, claims):
-            return None  # the connect hook is a wait: the endpoint calls it
-        return claims, channels, positions
-
-    async def _open(self, scope: Scope, receive: Receive, send: Send) -> None:
-        claims, channels, positions = scope.pop(CHECKED)
-        try:
-            stream = await open_stream(self.gateway, claims, channels, positions)
-        except GatewayError as exc:  # the broker, while subscribing: as the app answers it
-            await JSONBody(exc.body(), status_code=exc.status)(scope, receive, send)
-            return
-        await EventStream(stream)(scope, receive, send)
+async def subscribe_channels(
+    stream: Stream, channels: list[str], positions: dict[str, StreamPosition]
+) -> None:
+    hub = stream.gateway.hub
+    for channel in channels:
+        since = positions.get(channel)
+        await hub.subscribe(stream.session, channel, since, on_ready_for(stream, channel, since))
 
 
-Checked = tuple[Claims, list[str], dict[str, StreamPosition]]
-CHECKED = "gateway.sse.checked"  # the scope's key for what Shortcut._checked found
+def on_ready_for(
+    stream: Stream, channel: str, since: StreamPosition | None
+) -> Callable[[SubscribeResult], None]:
+    """Where the stream starts on ``channel``: the client's position when recovered, else
+    the channel's, announced as a gap when the client's could not be recovered."""
+    transport, session = stream.transport, stream.session
+
+    def on_ready(result: SubscribeResult) -> None:
+        resumed = since is not None and result.recovered
+        transport.positions[channel] = since if resumed and since else result.position
+        if since is not None and not result.recovered:
+            session.push(Gap(channel))
+
+    return on_ready
+
+
+def gateway_error_of(exc: BaseException) -> BaseException:
+    """What a failed subscribe raises to the endpoint: its ``GatewayError``."""
+    if isinstance(exc, BrokerUnavailable):
+        return GatewayError.unavailable()
+    if isinstance(exc, SubscribeError):
+        return GatewayError(ErrorCode(exc.code), str(exc))
+    return exc

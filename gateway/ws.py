@@ -47,7 +47,7 @@ from gateway.server.ports import (
     Deferred,
     Opener,
     Refuse,
-    Upgrade,
+    RequestHead,
     WebSocketPort,
     websocket_port,
 )
@@ -336,7 +336,7 @@ def opener(gateway: Gateway) -> Opener:
     checks, in the same order, as the endpoint and its token dependency, with no framework
     call, dependency solving or task on the way; the connection starts on the protocol."""
 
-    def open_websocket(upgrade: Upgrade) -> Accept | Refuse | Deferred | None:
+    def open_websocket(upgrade: RequestHead) -> Accept | Refuse | Deferred | None:
         if upgrade.path != "/ws":
             return None
         token = token_of(
@@ -363,7 +363,7 @@ class _UpgradeHeaders:
 
     __slots__ = ("_upgrade",)
 
-    def __init__(self, upgrade: Upgrade) -> None:
+    def __init__(self, upgrade: RequestHead) -> None:
         self._upgrade = upgrade
 
     def get(self, name: str) -> str | None:
@@ -371,7 +371,7 @@ class _UpgradeHeaders:
 
 
 async def _ask_backend(
-    gateway: Gateway, claims: Claims | AuthError, upgrade: Upgrade
+    gateway: Gateway, claims: Claims | AuthError, upgrade: RequestHead
 ) -> Accept | Refuse:
     """The opener's answer once the connect hook's is in (``Deferred``)."""
     cookies = cookie_parser(upgrade.header("cookie") or "")

@@ -10,6 +10,7 @@ gateway runs on uvicorn's stock protocols, and says so.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import inspect
@@ -26,8 +27,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from gateway.server import http, ports, websocket
-from gateway.server.http import DetachableCycle, GatewayHttpToolsProtocol
+from gateway.server import cycle, http, ports, websocket
+from gateway.server.cycle import DetachableCycle
+from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.server.options import UVICORN_TESTED, is_tested, server_choice, uvicorn_options
 from gateway.server.websocket import GatewayWebSocketProtocol
 from gateway.settings import Settings
@@ -69,7 +71,7 @@ ATTRIBUTES = {
         "conn",
     ],
 }
-COPIED = {**websocket.COPIED_FROM_UVICORN, **http.COPIED_FROM_UVICORN}
+COPIED = {**websocket.COPIED_FROM_UVICORN, **http.COPIED_FROM_UVICORN, **cycle.COPIED_FROM_UVICORN}
 
 
 def fingerprint(function: Callable[..., Any]) -> str:
@@ -97,7 +99,10 @@ def test_the_methods_copied_from_uvicorn_are_unchanged_there(path: str) -> None:
 
 def test_copies_are_recorded_for_both_protocols() -> None:
     assert sorted(COPIED) == [
+        "uvicorn.middleware.proxy_headers:ProxyHeadersMiddleware.__call__",
+        "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.connection_made",
         "uvicorn.protocols.http.httptools_impl:RequestResponseCycle.run_asgi",
+        "uvicorn.protocols.http.httptools_impl:RequestResponseCycle.send",
         "uvicorn.protocols.websockets.websockets_sansio_impl:WebSocketsSansIOProtocol.run_asgi",
     ]
 
@@ -200,3 +205,34 @@ async def test_a_server_without_raw_ports_is_a_logged_fallback_to_asgi(
             await api_publish(http, "fallback", {"n": 1})
             assert len(await client.publications("fallback", 1)) == 1
     assert "offers no raw WebSocket port: writing through ASGI" in caplog.text
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_protocol_names_both_ends_as_uvicorn_does(host: str) -> None:
+    """``connection_made`` reads the addresses from sockname and peername (no socket object
+    per connection under uvloop): the same tuples as uvicorn's, IPv6 included."""
+    import uvloop
+    from uvicorn.protocols.utils import get_local_addr, get_remote_addr
+
+    async def both_ways() -> list[tuple[Any, Any]]:
+        made: asyncio.Future[asyncio.Transport] = asyncio.get_running_loop().create_future()
+
+        class Taker(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.set_result(transport)  # type: ignore[arg-type]
+
+        server = await asyncio.get_running_loop().create_server(Taker, host, 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection(host, port)
+        transport = await asyncio.wait_for(made, 5)
+        ours = (
+            http._address(transport.get_extra_info("sockname"), local=True),
+            http._address(transport.get_extra_info("peername"), local=False),
+        )
+        writer.close()
+        server.close()
+        return [ours, (get_local_addr(transport), get_remote_addr(transport))]
+
+    ours, uvicorns = uvloop.run(both_ways())
+    assert ours == uvicorns
+    assert ours[0] is not None and ours[0][0] == host and ours[1] is not None

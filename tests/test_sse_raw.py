@@ -23,7 +23,8 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from channels.publication import StreamPosition
 from gateway import cursor
-from gateway.server.http import GatewayHttpToolsProtocol, RawBody
+from gateway.server.cycle import RawBody
+from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.wire import frame_chunk
 from tests.conftest import RunningServer, eventually, token
 from tests.helpers import api_client, api_publish, bearer, sse_params

@@ -1,10 +1,11 @@
-"""``GET /sse`` opened by ``sse.Shortcut`` instead of the framework's route.
+"""``GET /sse`` opened below the framework: by the gateway's HTTP protocol
+(``sse_open.opener``, ``OPEN_STREAM``) or by ``sse_open.Shortcut`` in front of the app.
 
-The shortcut takes a request only when every check of the endpoint passes, and must
-then answer exactly what the endpoint answers. Each request of a table is sent twice
-over a raw socket to the same server: once as it comes (the shortcut), once with the
-shortcut declining everything (the route), and the two answers (status line, headers
-but the date, the stream's opening, or an error's body) must be the same bytes.
+Each takes a request only when every check of the endpoint passes, and must then
+answer exactly what the endpoint answers. Each request of a table is sent over a raw
+socket to the same server once per way (the opener with cold channels, the opener on
+channels the worker relays, the shortcut, the route), and the answers (status line,
+headers but the date, the stream's opening, or an error's body) must be the same bytes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from typing import Any
 
 import pytest
 
-from gateway import sse
+from gateway import sse_open
+from gateway.server.cycle import DetachableCycle
+from gateway.server.http import GatewayHttpToolsProtocol
 from tests.conftest import MakeServer, eventually, token
+from tests.fake_backend import FakeBackend
 from tests.redis_server import RedisServer
 
 DATE = re.compile(rb"(?im)^date: [^\r\n]*\r\n")
@@ -58,6 +62,9 @@ def cases(cursor: str) -> dict[str, bytes]:
         "one channel": request(f"/sse?channel=news&token={tok}"),
         "two channels, one twice": request(f"/sse?channel=a1&channel=b1&channel=a1&token={tok}"),
         "from an origin": request(f"/sse?channel=news&token={tok}", [("Origin", "https://x.io")]),
+        "from another origin": request(
+            f"/sse?channel=news&token={tok}", [("Origin", "https://z.io")]
+        ),
         "token in the header": request("/sse?channel=news", [("Authorization", f"Bearer {tok}")]),
         "Last-Event-ID": request(f"/sse?channel=news&token={tok}", [("Last-Event-ID", cursor)]),
         "last_event_id": request(f"/sse?channel=news&token={tok}&last_event_id={cursor}"),
@@ -68,58 +75,178 @@ def cases(cursor: str) -> dict[str, bytes]:
         "no token": request("/sse?channel=news", [("Origin", "https://x.io")]),
         "bad token": request("/sse?channel=news&token=nope"),
         "bad cursor": request(f"/sse?channel=news&token={tok}", [("Last-Event-ID", "%%")]),
+        "not UTF-8, percent-encoded": request(f"/sse?channel=n%FFws&token={tok}"),
+        "not UTF-8, raw": request(f"/sse?channel=news&token={tok}").replace(b"news", b"n\xffws"),
+        "a token that is not UTF-8": request("/sse?channel=news&token=%C3%28"),
+        "an empty channel": request(f"/sse?channel=&token={tok}"),
         "too many channels": request(
             "/sse?" + "&".join(f"channel=c{n}" for n in range(5)) + f"&token={tok}"
         ),
     }
 
 
-async def test_the_shortcut_answers_what_the_route_answers(
-    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+class Ways:
+    """Which way each request took, and the switches that send it the longer way: the
+    protocol's opener (at once, or once its subscribes are done), the app's shortcut,
+    the framework's route."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.taken: list[str] = []
+        original_start, original_later = DetachableCycle.start_stream, DetachableCycle.open_later
+        original_open = sse_open.Shortcut._open
+        later: list[object] = []
+
+        def start(cycle: DetachableCycle, started: Any) -> None:
+            self.taken.append("later" if started in later else "now")
+            original_start(cycle, started)
+
+        async def open_later(cycle: DetachableCycle, answer: Any) -> None:
+            opened = answer.open
+            answer = type(answer)(lambda: _noted(opened(), later))
+            await original_later(cycle, answer)
+
+        def shortcut(self_: sse_open.Shortcut, *args: Any) -> Awaitable[None]:
+            self.taken.append("shortcut")
+            return original_open(self_, *args)
+
+        monkeypatch.setattr(DetachableCycle, "start_stream", start)
+        monkeypatch.setattr(DetachableCycle, "open_later", open_later)
+        monkeypatch.setattr(sse_open.Shortcut, "_open", shortcut)
+
+    def without_opener(self) -> None:
+        self.monkeypatch.setattr(GatewayHttpToolsProtocol, "_open_stream", lambda *a: False)
+
+    def without_shortcut(self) -> None:
+        self.monkeypatch.setattr(sse_open.Shortcut, "_checked", lambda self, scope: None)
+
+    def take(self) -> list[str]:
+        taken, self.taken = self.taken, []
+        return taken
+
+
+async def _noted(opening: Awaitable[Any], later: list[object]) -> Any:
+    answer = await opening
+    later.append(answer)
+    return answer
+
+
+async def kept_open(port: int, channels: list[str]) -> tuple[asyncio.StreamWriter, bytes]:
+    """A stream left open, so that the worker relays its channels."""
+    query = "&".join(f"channel={c}" for c in channels)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request(f"/sse?{query}&token={token()}"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    return writer, head
+
+
+@pytest.mark.gateway_protocols
+@pytest.mark.parametrize("origins", ["https://x.io,https://y.io", "*"])
+async def test_every_way_answers_the_same_bytes(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch, origins: str
 ) -> None:
-    server = await make_server(
-        max_channels_per_connection=4, allowed_origins="https://x.io,https://y.io"
-    )
-    taken: list[Any] = []
-    original_open = sse.Shortcut._open
-
-    def counted(self: sse.Shortcut, *args: Any) -> Awaitable[None]:
-        taken.append(args[0]["query_string"])
-        return original_open(self, *args)
-
-    monkeypatch.setattr(sse.Shortcut, "_open", counted)
+    """The protocol's opener (subscribing after a broker call, then at once on channels
+    the worker relays), the shortcut and the route: the same answer to every request."""
+    server = await make_server(max_channels_per_connection=4, allowed_origins=origins)
+    ways = Ways(monkeypatch)
     # A cursor of a stream that saw nothing: the opening of a first stream on "news".
     first = await answer(server.port, request(f"/sse?channel=news&token={token()}"))
     cursor = re.search(rb"id: (\S+)", first)
     assert cursor is not None
+    assert ways.take() == ["later"]
     table = cases(cursor[1].decode())
-    via_shortcut = {name: await answer(server.port, raw) for name, raw in table.items()}
-    assert len(taken) == 1 + 7  # the streams the endpoint would open, and only those
+    streams = 8  # the requests of the table the endpoint answers with a stream
 
-    original_checked = sse.Shortcut._checked
-    monkeypatch.setattr(sse.Shortcut, "_checked", lambda self, scope: None)
+    cold = {name: await answer(server.port, raw) for name, raw in table.items()}
+    assert ways.take() == ["later"] * streams
+    keepers = [await kept_open(server.port, ["news"]), await kept_open(server.port, ["a1", "b1"])]
+    ways.take()
+    live = {name: await answer(server.port, raw) for name, raw in table.items()}
+    assert ways.take() == ["now"] * streams
+    ways.without_opener()
+    via_shortcut = {name: await answer(server.port, raw) for name, raw in table.items()}
+    assert ways.take() == ["shortcut"] * streams
+    ways.without_shortcut()
     via_route = {name: await answer(server.port, raw) for name, raw in table.items()}
-    monkeypatch.setattr(sse.Shortcut, "_checked", original_checked)
+    assert ways.take() == []
 
     for name in table:
-        assert via_shortcut[name] == via_route[name], name
-    assert via_shortcut["one channel"].startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"access-control-allow-origin: https://x.io" in via_shortcut["from an origin"]
-    assert via_shortcut["forbidden"].startswith(b"HTTP/1.1 403")
+        assert cold[name] == live[name] == via_shortcut[name] == via_route[name], name
+    assert live["one channel"].startswith(b"HTTP/1.1 200 OK\r\n")
+    allowed = b"*" if origins == "*" else b"https://x.io"
+    assert b"access-control-allow-origin: " + allowed in live["from an origin"]
+    refused = b"access-control-allow-origin" not in live["from another origin"]
+    assert refused == (origins != "*")
+    assert b"access-control-allow-origin" not in live["one channel"]
+    assert live["forbidden"].startswith(b"HTTP/1.1 403")
+    for writer, head in keepers:
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        writer.close()
     await eventually(lambda: server.gateway.connections.open["sse"] == 0)
 
 
+@pytest.mark.gateway_protocols
+async def test_the_openers_log_line_is_the_routes(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same access log line, the client behind a trusted proxy included, token redacted."""
+    server = await make_server()
+    ways = Ways(monkeypatch)
+    tok = token()
+    raw = request(f"/sse?channel=news&token={tok}", [("X-Forwarded-For", "203.0.113.9")])
+    lines = []
+    for opener in (True, False):
+        if not opener:
+            ways.without_opener()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="uvicorn.access"):
+            await answer(server.port, raw)
+        lines.append([r.getMessage() for r in caplog.records if r.name == "uvicorn.access"])
+    assert ways.take() == ["later", "shortcut"]
+    via_opener, via_app = lines
+    assert len(via_opener) == 1
+    assert re.sub(r":\d+ ", " ", via_opener[0]) == re.sub(r":\d+ ", " ", via_app[0])
+    assert via_opener[0].startswith("203.0.113.9:")
+    assert tok not in via_opener[0] and "token=[redacted]" in via_opener[0]
+
+
+@pytest.mark.gateway_protocols
+async def test_a_client_gone_before_its_subscribe_is_answered_leaves_nothing(
+    make_server: MakeServer, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subscribe hook keeps the opener waiting; the client leaves meanwhile: once the
+    backend answers, the stream is forgotten and nothing is written."""
+    server = await make_server(hooks=backend.hooks())
+    ways = Ways(monkeypatch)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request(f"/sse?channel=chat:hang&token={token()}"))
+    await eventually(lambda: backend.pending == 1)
+    assert server.gateway.connections.open["sse"] == 1
+    writer.close()
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    backend.release.set()
+    await eventually(lambda: backend.pending == 0)
+    await eventually(lambda: server.gateway.connections.open["sse"] == 0)
+    assert ways.take() == []  # neither started nor handed to the app
+
+
+@pytest.mark.gateway_protocols
 async def test_a_broker_down_while_subscribing_is_the_routes_503(
     make_server: MakeServer, own_redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every check passes, so the shortcut takes the stream; Redis is down, so the
-    subscribe fails: the answer is the route's 503, CORS headers included."""
+    """Every check passes, so the opener (then the shortcut) takes the stream; Redis is
+    down, so the subscribe fails: the answer is the route's 503, CORS headers included."""
     server = await make_server(broker_url=own_redis_server.url)
     own_redis_server.stop()
+    ways = Ways(monkeypatch)
     raw = request(f"/sse?channel=news&token={token()}", [("Origin", "https://x.io")])
+    via_opener = await answer(server.port, raw)
+    ways.without_opener()
     via_shortcut = await answer(server.port, raw)
-    monkeypatch.setattr(sse.Shortcut, "_checked", lambda self, scope: None)
-    assert via_shortcut == await answer(server.port, raw)
+    ways.without_shortcut()
+    assert via_opener == via_shortcut == await answer(server.port, raw)
+    assert ways.take() == ["shortcut"]
+    via_shortcut = via_opener
     assert via_shortcut.startswith(b"HTTP/1.1 503")
     assert b"access-control-allow-origin: *" in via_shortcut
     assert b'"code":"unavailable"' in via_shortcut

@@ -7,8 +7,8 @@ The chunk of a one-channel event is the same for every subscriber (``gateway.wir
 so the whole delivery can be one ``transport.write`` of bytes framed once.
 
 How: every request's scope gets ``scope["extensions"][RAW_BODY]``, a ``RawBody`` bound
-to that request's ``RequestResponseCycle``. It writes a chunk only while that is
-exactly what uvicorn itself would write:
+to that request's ``RequestResponseCycle`` (``gateway.server.cycle``). It writes a chunk
+only while that is exactly what uvicorn itself would write:
 
 - only once ``http.response.start`` went out and uvicorn chose chunked transfer
   encoding (no ``content-length``, not HEAD/204/304, not an HTTP/1.0 client): until
@@ -32,6 +32,16 @@ the request for a WebSocket protocol to parse again. Anything else (another path
 handshake websockets would refuse or answer differently, over its header limits) takes
 uvicorn's path and gets its answer.
 
+Streams opened below ASGI: before a request's ASGI task starts, the app's stream opener
+(``OPEN_STREAM``) may take a plain HTTP/1.1 GET (the gateway's ``/sse``). It answers at
+once with a ``Started`` stream (the head, uvicorn's default headers and the app's, and
+the first chunk go out in one write: ``DetachableCycle.start_stream`` writes them as
+uvicorn's ``send`` would, access log line included), or later (``OpenLater``: a stream
+or the app's error response, written through ``send``). No task, middleware or
+framework runs for it; like the WebSocket opener, this bypasses any ASGI middleware
+wrapped around the gateway's app. uvicorn's proxy headers middleware is honoured for
+the client address of the log line (``gateway.server.forwarded``).
+
 Detached responses: ``hold`` lets the ASGI call return with the response still open
 (``DetachableCycle.run_asgi``, uvicorn's copied with that one branch more; see
 ``COPIED_FROM_UVICORN``); the app keeps writing and ends the response later with
@@ -44,16 +54,30 @@ import asyncio
 import base64
 import binascii
 import logging
-from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote
 
 from uvicorn._types import ASGI3Application
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import is_ssl
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 
-from gateway.server.ports import OPEN_WEBSOCKET, RAW_BODY, Accept, Deferred, Opener, Refuse
+from gateway.server.cycle import DetachableCycle, RawBody, log_failure
+from gateway.server.forwarded import forwarded_client
+from gateway.server.ports import (
+    OPEN_STREAM,
+    OPEN_WEBSOCKET,
+    RAW_BODY,
+    Accept,
+    Deferred,
+    Opener,
+    OpenLater,
+    Refuse,
+    StreamOpener,
+)
 from gateway.server.upgraded import UpgradedWebSocket, switching_head
 from gateway.server.waiting import LiteEvent
 
@@ -62,147 +86,64 @@ logger = logging.getLogger("uvicorn.error")
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
 # dedented source when it was copied; tests/test_server_adapter.py compares.
 COPIED_FROM_UVICORN = {
-    "uvicorn.protocols.http.httptools_impl:RequestResponseCycle.run_asgi": "c3a6430de81255c9",
+    "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.connection_made": "ba1915817ccf6c1b",
+    # the client it puts in the scope (``forwarded_client``)
+    "uvicorn.middleware.proxy_headers:ProxyHeadersMiddleware.__call__": "85cff06f8cb98a0c",
 }
-
-
-class RawBody:
-    """Synchronous writes of already framed chunks to one response's socket.
-
-    ``on_lost``'s callback is called once the connection is lost: a stream that
-    writes nothing for a while still learns at once that its client left.
-    """
-
-    __slots__ = ("_cycle", "_on_lost")
-
-    def __init__(self, cycle: RequestResponseCycle) -> None:
-        self._cycle = cycle
-        self._on_lost: Callable[[], object] | None = None
-
-    @property
-    def chunked(self) -> bool:
-        """The response started with chunked encoding and is still going."""
-        cycle = self._cycle
-        return (
-            cycle.response_started
-            and cycle.chunked_encoding is True
-            and not cycle.response_complete
-            and not cycle.disconnected
-        )
-
-    # -- the port (gateway.server.ports.StreamPort) ------------------------------
-
-    def on_lost(self, callback: Callable[[], object] | None) -> None:
-        self._on_lost = callback
-        if callback is not None and self._cycle.disconnected:
-            callback()
-
-    def lost(self) -> None:
-        """The protocol's ``connection_lost``: tell the owner, once."""
-        callback, self._on_lost = self._on_lost, None
-        if callback is not None:
-            callback()
-
-    def try_write(self, chunk: bytes) -> bool:
-        cycle = self._cycle
-        if cycle.disconnected or cycle.response_complete or cycle.transport.is_closing():
-            raise ConnectionError("response closed")
-        if not cycle.response_started or cycle.chunked_encoding is not True:
-            return False
-        if cycle.flow.write_paused:
-            return False
-        cycle.transport.write(chunk)
-        return True
-
-    async def write(self, chunk: bytes) -> None:
-        while not self.try_write(chunk):
-            if not self.chunked:
-                raise ConnectionError("not a started chunked response")
-            await self._cycle.flow.drain()  # also returns when the client leaves
-
-    async def finish(self) -> None:
-        await self._cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    def abort(self) -> None:
-        """Close the connection without finishing the response (what uvicorn does when an
-        app returns from an unfinished one): the client sees the stream end."""
-        self._cycle.transport.close()
-
-    async def hold(self) -> None:
-        """Detach: the ASGI call may return, the response stays open."""
-        cycle = self._cycle
-        if not isinstance(cycle, DetachableCycle):
-            raise RuntimeError("this response cannot be detached")
-        cycle.detached = True
-
-    def release(self) -> None:
-        """Nothing to do: a detached response has no ASGI call waiting."""
-
-
-class DetachableCycle(RequestResponseCycle):
-    """uvicorn's cycle, except that a detached response stays open when the app returns."""
-
-    detached = False
-
-    async def run_asgi(self, app: ASGI3Application) -> None:
-        # uvicorn's (COPIED_FROM_UVICORN), except for the ``detached`` branch.
-        try:
-            result = await app(  # type: ignore[func-returns-value]
-                self.scope, self.receive, self.send
-            )
-        except BaseException as exc:
-            msg = "Exception in ASGI application\n"
-            self.logger.error(msg, exc_info=exc)
-            if not self.response_started:
-                await self.send_500_response()
-            else:
-                self.transport.close()
-        else:
-            if result is not None:
-                msg = "ASGI callable should return None, but returned '%s'."  # type: ignore[unreachable]
-                self.logger.error(msg, result)
-                self.transport.close()
-            elif self.detached:
-                self._forget_request()
-                return  # the app finishes the response (RawBody.finish)
-            elif not self.response_started and not self.disconnected:
-                msg = "ASGI callable returned without starting response."
-                self.logger.error(msg)
-                await self.send_500_response()
-            elif not self.response_complete and not self.disconnected:
-                msg = "ASGI callable returned without completing response."
-                self.logger.error(msg)
-                self.transport.close()
-        finally:
-            if not self.detached:
-                self.on_response = lambda: None
-
-    def _forget_request(self) -> None:
-        """Drop what only the ASGI call needed, once it returned: all of the scope (what
-        the framework stored in it included) but what ``send`` still reads."""
-        scope: dict[str, Any] = cast(dict[str, Any], self.scope)
-        kept: dict[str, Any] = {
-            key: scope[key] for key in ("type", "method", "http_version") if key in scope
-        }
-        scope.clear()
-        scope.update(kept)
 
 
 class GatewayHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that offers a ``RawBody`` in each request's scope."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # uvicorn's (COPIED_FROM_UVICORN), but the addresses come from the transport's
+        # sockname and peername: uvicorn asks for its "socket", for which uvloop builds a
+        # socket object per connection (and detaches it at close), a fifteenth of an SSE
+        # connect's CPU.
+        self.connections.add(self)
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        self.server = _address(transport.get_extra_info("sockname"), local=True)
+        self.client = _address(transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
+        self.scheme = "https" if is_ssl(transport) else "http"
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+            self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
         # Less memory per idle stream: an Event without an empty waiter deque.
         writable = LiteEvent()
         writable.set()
         self.flow._is_writable_event = writable  # type: ignore[assignment]
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        # uvicorn builds the cycle inline in on_headers_complete; make it detachable
-        # (same attributes, one method more) before its task starts.
+        # uvicorn builds the cycle inline in on_headers_complete (or takes a pipelined
+        # one); make it detachable (same attributes, a few methods more), give it its
+        # port, and let the app's stream opener answer it before any task does.
         cycle.__class__ = DetachableCycle
+        scope = cast(dict[str, Any], cycle.scope)
+        self.raw_body = scope.setdefault("extensions", {})[RAW_BODY] = RawBody(cycle)
+        if app is self.app and self._open_stream(cast(DetachableCycle, cycle)):
+            return
         super()._start_asgi_task(cycle, app)
+
+    def _open_stream(self, cycle: DetachableCycle) -> bool:
+        """Whether the app's ``StreamOpener`` took the request (see the module docstring)."""
+        opener: StreamOpener | None = self.app_state.get(OPEN_STREAM)
+        scope = cast(dict[str, Any], cycle.scope)
+        if opener is None or scope["method"] != "GET" or scope["http_version"] != "1.1":
+            return False
+        answer = opener(_ScopeHead(scope))
+        if answer is None:
+            return False
+        if self.access_log and self.access_logger.isEnabledFor(logging.INFO):
+            forwarded_client(self.app, scope)  # the client of the log line, as uvicorn's
+        if isinstance(answer, OpenLater):
+            task = self.loop.create_task(cycle.open_later(answer))
+            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(log_failure)
+            self.tasks.add(task)
+        else:
+            cycle.start_stream(answer)
+        return True
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -210,8 +151,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         # No new cycle for a WebSocket upgrade: the scope then belongs to the ws protocol.
         if cycle is not None and cycle.scope is self.scope:
             cycle.message_event = LiteEvent()  # type: ignore[assignment]  # nobody waits yet
-            scope = cast(dict[str, Any], self.scope)
-            self.raw_body = scope.setdefault("extensions", {})[RAW_BODY] = RawBody(cycle)
             # Parsed into the scope, which the app owns from here (and which a detached
             # response trims): a long stream keeps neither, nor the token in the URL.
             self.url = b""
@@ -306,8 +245,43 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         return keys[0].decode("ascii")
 
 
+def _address(info: Any, *, local: bool) -> tuple[str, int | None] | None:
+    """What uvicorn's ``get_local_addr`` / ``get_remote_addr`` make of the socket's
+    ``getsockname()`` / ``getpeername()``: host and port (IPv6's four-tuple too), a
+    Unix socket's path for the local end only."""
+    if isinstance(info, tuple | list) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    if local and isinstance(info, str):
+        return (info, None)
+    return None
+
+
+class _ScopeHead:
+    """What a ``StreamOpener`` sees of a request (``RequestHead``): its ASGI scope."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self._scope = scope
+
+    @property
+    def path(self) -> str:
+        return cast(str, self._scope["path"])
+
+    @property
+    def query_string(self) -> bytes:
+        return cast(bytes, self._scope["query_string"])
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode("latin-1")
+        for key, value in self._scope["headers"]:
+            if key == wanted:
+                return cast(bytes, value).decode("latin-1")
+        return None
+
+
 class _HttpUpgrade:
-    """What an ``Opener`` sees of an upgrade parsed by the HTTP protocol (``Upgrade``)."""
+    """What an ``Opener`` sees of an upgrade parsed by the HTTP protocol (``RequestHead``)."""
 
     __slots__ = ("_headers", "_url")
 

@@ -36,6 +36,9 @@ RAW_BODY = "gateway.raw_body"  # gateway.server.http: a RawBody per request
 # Lifespan state: the app's answer to a WebSocket upgrade, which the gateway's protocol
 # asks before running the ASGI app at all (an ``Opener``).
 OPEN_WEBSOCKET = "gateway.open_websocket"
+# Lifespan state: the app's answer to a plain HTTP/1.1 GET that may open a stream (a
+# ``StreamOpener``), asked by the gateway's HTTP protocol before running the ASGI app.
+OPEN_STREAM = "gateway.open_stream"
 
 
 class Port(Protocol):
@@ -81,8 +84,9 @@ class StreamPort(Port, Protocol):
         """Close without finishing (a client that does not read)."""
 
 
-class Upgrade(Protocol):
-    """A WebSocket upgrade request, before anything was answered."""
+class RequestHead(Protocol):
+    """A request's head (a WebSocket upgrade, a GET that may open a stream), before
+    anything was answered."""
 
     @property
     def path(self) -> str:
@@ -120,7 +124,42 @@ class Deferred:
 
 # The app's answer to an upgrade: take it (``Accept``), refuse it, decide later
 # (``Deferred``), or None: not one of its fast paths, run the ASGI app as usual.
-Opener = Callable[[Upgrade], Accept | Refuse | Deferred | None]
+Opener = Callable[[RequestHead], Accept | Refuse | Deferred | None]
+
+
+class Started(Protocol):
+    """A stream the app opened: the server writes the response head (status 200, its own
+    default headers, then ``headers``, chunked) and ``opening`` as the first chunk, in
+    one write, then hands the response's port to ``start``."""
+
+    headers: list[tuple[bytes, bytes]]
+    opening: bytes
+
+    def start(self, port: StreamPort) -> None: ...
+
+    async def abandon(self) -> None:
+        """The response never started (the client left first): forget the stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """A whole response to answer instead of a stream (an error found while opening)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLater:
+    """The stream opens once ``open()`` is done (a broker call, a backend's say)."""
+
+    open: Callable[[], Awaitable[Started | Respond]]
+
+
+# The app's answer to a GET: a stream opened now, one opening later, or None: not one of
+# its fast paths, run the ASGI app as usual (which answers it, errors included).
+StreamOpener = Callable[[RequestHead], Started | OpenLater | None]
 
 
 _warned: set[str] = set()

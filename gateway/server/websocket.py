@@ -70,7 +70,7 @@ COPIED_FROM_UVICORN = {
 
 
 class _Upgrade:
-    """What an ``Opener`` sees of the upgrade request (``gateway.server.ports.Upgrade``)."""
+    """What an ``Opener`` sees of the upgrade request (``gateway.server.ports.RequestHead``)."""
 
     __slots__ = ("_request",)
 

@@ -1,0 +1,207 @@
+"""``GET /sse`` opened in front of the framework, when every check of the endpoint passes.
+
+Two ways, each answering exactly what the endpoint would (tests/test_sse_shortcut.py):
+
+- ``opener``: under the gateway's own HTTP protocol (``OPEN_STREAM``), before any ASGI
+  task: the response starts in the callback that parsed the request when the worker
+  already relays the stream's channels;
+- ``Shortcut``: in front of the FastAPI app (``GatewayApp``) under any other server,
+  with only the app's CORS around it.
+
+What either declines goes on to the framework's route (``gateway.sse``), which answers
+it, errors included.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from auth import AuthError, Claims
+from channels.hub import SubscribeError
+from channels.publication import StreamPosition
+from gateway import wire
+from gateway.cors import CorsHeaders
+from gateway.deps import hooked, query_value, query_values, token_of
+from gateway.errors import GatewayError, JSONBody
+from gateway.runtime import Gateway
+from gateway.server.ports import OpenLater, RequestHead, Respond, Started, StreamOpener, StreamPort
+from gateway.sse import (
+    RAW_HEADERS,
+    EventStream,
+    Stream,
+    checked_request,
+    gateway_error_of,
+    on_ready_for,
+    open_stream,
+    subscribe_channels,
+)
+
+
+def passing(
+    gateway: Gateway, query: bytes, authorization: str | None, last_event_id: str | None
+) -> Checked | None:
+    """The claims, channels and positions of a ``GET /sse`` that passes every check of the
+    endpoint and needs no connect hook; None for anything else (the endpoint answers it)."""
+    try:
+        claims = gateway.verifier.verify(token_of(query_value(query, "token"), authorization))
+        requested = query_values(query, "channel")
+        last_event_id = last_event_id or query_value(query, "last_event_id")
+        channels, positions = checked_request(gateway, claims, requested, last_event_id)
+    except (AuthError, GatewayError):
+        return None
+    if hooked(gateway, claims):
+        return None  # the connect hook is a wait: the endpoint calls it
+    return claims, channels, positions
+
+
+class Shortcut:
+    """A ``GET /sse`` that passes every check is opened here, in front of the framework
+    (``GatewayApp``): no middleware stack, routing, dependency solving or exception
+    handling (two thirds of an SSE connect's CPU went there), only the app's own CORS
+    around the response. The checks are the endpoint's (``checked_request``, the token
+    through the same verifier); a request that fails one goes on to the framework and
+    its endpoint, which answers it as before: the shortcut only takes what the
+    endpoint would accept, and answers it with the same bytes
+    (tests/test_sse_shortcut.py)."""
+
+    def __init__(self, gateway: Gateway, cors: Callable[[ASGIApp], ASGIApp]) -> None:
+        self.gateway = gateway
+        self._opening = cors(lambda scope, receive, send: self._open(scope, receive, send))
+
+    def take(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None] | None:
+        """The request's answer, if it is a stream to open here; else None."""
+        if scope["type"] != "http" or scope["path"] != "/sse" or scope["method"] != "GET":
+            return None
+        checked = self._checked(scope)
+        if checked is None:
+            return None
+        scope[CHECKED] = checked
+        return self._opening(scope, receive, send)
+
+    def _checked(self, scope: Scope) -> Checked | None:
+        authorization = last_event_id = None
+        for name, value in scope["headers"]:  # the first of each, as starlette's Headers
+            if name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+            elif name == b"last-event-id" and last_event_id is None:
+                last_event_id = value.decode("latin-1")
+        return passing(self.gateway, scope["query_string"], authorization, last_event_id)
+
+    async def _open(self, scope: Scope, receive: Receive, send: Send) -> None:
+        claims, channels, positions = scope.pop(CHECKED)
+        try:
+            stream = await open_stream(self.gateway, claims, channels, positions)
+        except GatewayError as exc:  # the broker, while subscribing: as the app answers it
+            await JSONBody(exc.body(), status_code=exc.status)(scope, receive, send)
+            return
+        await EventStream(stream)(scope, receive, send)
+
+
+def opener(gateway: Gateway, cors: CorsHeaders) -> StreamOpener:
+    """``GET /sse`` opened below ASGI by the gateway's own HTTP protocol (``OPEN_STREAM``).
+
+    The checks are ``Shortcut``'s (the endpoint's, on the request's head); a stream whose
+    channels the worker already relays is subscribed at once (``Hub.subscribe_now``), so
+    the response starts in the very callback that parsed the request, with no task; the
+    others open once their subscribes are done (``OpenLater``). The head carries the
+    app's CORS headers (``CorsHeaders``), as the framework's route would; a subscribe
+    that fails is answered with the route's error. What this declines, the app answers.
+    """
+
+    def open_sse(request: RequestHead) -> Started | OpenLater | None:
+        if request.path != "/sse":
+            return None
+        authorization, last_event_id = (
+            request.header("authorization"),
+            request.header("last-event-id"),
+        )
+        checked = passing(gateway, request.query_string, authorization, last_event_id)
+        if checked is None:
+            return None
+        origin = request.header("origin")
+        claims, channels, positions = checked
+        if any(gateway.hooks.applies("subscribe", channel) for channel in channels):
+            return OpenLater(lambda: _open_later(gateway, cors, origin, checked))
+        stream = Stream(gateway, claims, channels)
+        gateway.opened(stream.session)
+        hub = gateway.hub
+        for n, channel in enumerate(channels):
+            since = positions.get(channel)
+            ready = on_ready_for(stream, channel, since)
+            try:
+                joined = hub.subscribe_now(stream.session, channel, since, ready)
+            except SubscribeError as exc:
+                return OpenLater(functools.partial(_refused, stream, cors, origin, exc))
+            if joined is None:  # a broker call first: the rest after it
+                rest = channels[n:]
+                return OpenLater(
+                    functools.partial(_subscribe_rest, stream, cors, origin, rest, positions)
+                )
+        return Opened(stream, cors.headers(RAW_HEADERS, origin))
+
+    return open_sse
+
+
+class Opened:
+    """A subscribed stream, ready for its response (``gateway.server.ports.Started``)."""
+
+    __slots__ = ("headers", "opening", "stream")
+
+    def __init__(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
+        self.stream = stream
+        self.headers = headers
+        retry = stream.gateway.settings.sse_retry_ms
+        self.opening = wire.sse_opening(retry, stream.transport.cursor())
+
+    def start(self, port: StreamPort) -> None:
+        self.stream.start(port)
+
+    async def abandon(self) -> None:
+        await self.stream.abandon()
+
+
+async def _open_later(
+    gateway: Gateway, cors: CorsHeaders, origin: str | None, checked: Checked
+) -> Opened | Respond:
+    try:
+        stream = await open_stream(gateway, *checked)
+    except GatewayError as exc:
+        return _respond(cors, origin, exc)
+    return Opened(stream, cors.headers(RAW_HEADERS, origin))
+
+
+async def _subscribe_rest(
+    stream: Stream,
+    cors: CorsHeaders,
+    origin: str | None,
+    channels: list[str],
+    positions: dict[str, StreamPosition],
+) -> Opened | Respond:
+    try:
+        await subscribe_channels(stream, channels, positions)
+    except BaseException as exc:
+        return await _refused(stream, cors, origin, exc)
+    return Opened(stream, cors.headers(RAW_HEADERS, origin))
+
+
+async def _refused(
+    stream: Stream, cors: CorsHeaders, origin: str | None, exc: BaseException
+) -> Respond:
+    await stream.abandon()
+    error = gateway_error_of(exc)
+    if not isinstance(error, GatewayError):
+        raise error
+    return _respond(cors, origin, error)
+
+
+def _respond(cors: CorsHeaders, origin: str | None, error: GatewayError) -> Respond:
+    """The route's answer to ``error`` (``JSONBody``, through the CORS middleware)."""
+    body = JSONBody(error.body(), status_code=error.status)
+    return Respond(error.status, cors.headers(list(body.raw_headers), origin), bytes(body.body))
+
+
+Checked = tuple[Claims, list[str], dict[str, StreamPosition]]
+CHECKED = "gateway.sse.checked"  # the scope's key for what Shortcut._checked found
