@@ -15,12 +15,16 @@ Needs ``valgrind`` (Debian's ``valgrind`` package), which brings ``callgrind_con
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
 import subprocess
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from loadtest.config import Setup
+from loadtest.targets import TARGETS
 
 ENV = "LOADTEST_CALLGRIND"  # the server's environment: callgrind's output file
 DUMP_TIMEOUT = 120.0
@@ -33,6 +37,19 @@ def available() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (Debian package valgrind)"
     return None
+
+
+def prepare(setup: Setup) -> tuple[Setup, str]:
+    """``setup`` with its server to run under callgrind, and callgrind's output file (in
+    a directory of its own, removed with the server: ``ManagedProcess.scratch``);
+    ``SystemExit`` saying why when that cannot be (the tool must start a Python server)."""
+    missing = available()
+    python_server = setup.target == "gateway" or TARGETS[setup.target].module is not None
+    if missing or not python_server or setup.url:
+        why = missing or "for a Python server this tool starts (the gateway, a baseline)"
+        raise SystemExit(f"--instructions: {why}")
+    out = str(Path(tempfile.mkdtemp(prefix="loadtest-callgrind-")) / "callgrind.out")
+    return replace(setup, server_env={**setup.server_env, ENV: out}), out
 
 
 def wrapped(argv: list[str], out: str) -> list[str]:
@@ -81,12 +98,3 @@ class Counter:
         )
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.decode()}")
-
-
-def remove(out: str) -> None:
-    """Callgrind's output files, and their directory once empty."""
-    path = Path(out)
-    for found in path.parent.glob(path.name + "*"):
-        found.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        path.parent.rmdir()

@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway: timestamps along each publication's way through the worker "
         "(loadtest/tracing.py) into JSON, and the latency breakdown per step in the report",
     )
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="a Python server: also count its user-space instructions per delivery under "
+        "valgrind's callgrind (the server runs ~50x slower: use a few hundred clients and "
+        "a low rate)",
+    )
 
     p = scenario("idle", "N idle subscribed connections: server memory per connection")
     p.add_argument("--clients", type=int, default=1000)
@@ -402,6 +409,7 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             stop_on_fail=args.stop_on_fail,
             profile=args.py_spy,
             trace=args.trace,
+            instructions=args.instructions,
         )
     if args.command == "idle":
         return scenarios.run_idle(setup, clients=args.clients, hold=args.hold)
@@ -503,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("interrupted\n")
         return 130
     if args.json:
-        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS  # as the JSON file is written
+        sys.stdout.write(orjson.dumps(report, option=options).decode() + "\n")
     elif args.command == "hooks":
         from loadtest.hookreport import summary as hooks_summary
 

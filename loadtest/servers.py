@@ -62,6 +62,7 @@ class ManagedProcess:
             prefix=f"loadtest-{name}-", suffix=".log", delete=False
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        self.scratch: list[str] = []  # directories removed once the process has stopped
 
     @property
     def command(self) -> str:
@@ -114,6 +115,8 @@ class ManagedProcess:
         self.log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log.name)
+        for scratch in self.scratch:  # what the process wrote until it ended
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 class RedisServer(ManagedProcess):
@@ -229,9 +232,12 @@ def gateway_server(
     # LOADTEST_TRACE: the gateway with the timestamps of loadtest.tracing (fanout --trace).
     module = "loadtest.tracing" if env.get("LOADTEST_TRACE") else "gateway"
     argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)]
-    if env.get(callgrind.ENV):  # connect --instructions: the server's instructions counted
-        argv = callgrind.wrapped(argv, env[callgrind.ENV])
-    return TargetServer("gateway", argv, port, env=env, cpus=cpus, ready_path="/readyz")
+    out = env.get(callgrind.ENV)  # --instructions: the server's instructions counted
+    if out:
+        argv = callgrind.wrapped(argv, out)
+    server = TargetServer("gateway", argv, port, env=env, cpus=cpus, ready_path="/readyz")
+    server.scratch += [os.path.dirname(out)] if out else []
+    return server
 
 
 class GatewayFleet:
@@ -308,9 +314,11 @@ def baseline_server(
     callgrind_out: str | None = None,
 ) -> TargetServer:
     argv = [sys.executable, "-m", module, "--port", str(port), "--redis-url", redis_url]
-    if callgrind_out:  # connect --instructions
+    if callgrind_out:  # --instructions
         argv = callgrind.wrapped(argv, callgrind_out)
-    return TargetServer(name, argv, port, cpus=cpus)
+    server = TargetServer(name, argv, port, cpus=cpus)
+    server.scratch += [os.path.dirname(callgrind_out)] if callgrind_out else []
+    return server
 
 
 def new_secret() -> str:

@@ -90,6 +90,7 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "10",
             "--step-duration",
             "2",
+            "--instructions",
             "--no-plot",
             *common,
         ],
@@ -380,6 +381,11 @@ def test_fanout_through_the_gateways_redis_broker(reports: dict[str, Run]) -> No
     assert report["target"]["publish_via"] == "redis"
     assert report["target"]["broker"] == "redis"
     check_deliveries(report, 20, [20])
+    # --instructions: the server under callgrind, counted while the step ran.
+    counted = report["instructions"]
+    assert counted["delivered"] == report["steps"][0]["delivered"] == 400
+    assert 500 < counted["per_delivery"] < 200_000, counted
+    assert counted["total"] == pytest.approx(counted["per_delivery"] * 400, rel=0.01)
 
 
 def test_idle_measures_memory_per_connection(reports: dict[str, Run]) -> None:

@@ -18,9 +18,7 @@ same on a busy machine, where CPU time does not.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -35,7 +33,6 @@ from loadtest.procstat import exact_cpu_seconds
 from loadtest.recorder import Recorder
 from loadtest.scenarios.common import finish_report, save
 from loadtest.scenarios.idle import WARMUP_CONNECTIONS, coordinator_plan, warm_up
-from loadtest.targets import TARGETS
 from loadtest.worker import ConnSpec, open_connection
 
 QUIET_CPU_SHARE = 0.05  # the server counts as quiet below this share of a core
@@ -117,18 +114,8 @@ async def run_connect(
     }
     out = None
     if instructions:
-        missing = callgrind.available()
-        python_server = setup.target == "gateway" or TARGETS[setup.target].module is not None
-        if missing or not python_server or setup.url:
-            why = missing or "for a Python server this tool starts (the gateway, a baseline)"
-            raise SystemExit(f"--instructions: {why}")
-        out = str(Path(tempfile.mkdtemp(prefix="loadtest-callgrind-")) / "callgrind.out")
-        setup.server_env[callgrind.ENV] = out
-    try:
-        return await _connect(setup, config, out)
-    finally:
-        if out is not None:  # the server has stopped: its last output is written
-            callgrind.remove(out)
+        setup, out = callgrind.prepare(setup)
+    return await _connect(setup, config, out)
 
 
 async def _connect(setup: Setup, config: dict[str, Any], out: str | None) -> dict[str, Any]:
