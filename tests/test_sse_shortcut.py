@@ -251,3 +251,31 @@ async def test_a_broker_down_while_subscribing_is_the_routes_503(
     assert b"access-control-allow-origin: *" in via_shortcut
     assert b'"code":"unavailable"' in via_shortcut
     assert server.gateway.connections.open["sse"] == 0
+
+
+@pytest.mark.gateway_protocols
+async def test_a_subscribe_hooks_answers_are_the_routes(
+    make_server: MakeServer, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opener waits for the subscribe hook (``OpenLater``): its refusal (with or
+    without a code), its failure and its consent get the route's bytes."""
+    server = await make_server(hooks=backend.hooks(), allowed_origins="https://x.io")
+    ways = Ways(monkeypatch)
+    origin = [("Origin", "https://x.io")]
+    table = {
+        channel: request(f"/sse?channel={channel}&token={token()}", origin)
+        for channel in ("chat:refuse", "chat:refusecode", "chat:http500", "chat:ok")
+    }
+    via_opener = {name: await answer(server.port, raw) for name, raw in table.items()}
+    assert ways.take() == ["later"]  # the one it allowed
+    ways.without_opener()
+    ways.without_shortcut()
+    via_route = {name: await answer(server.port, raw) for name, raw in table.items()}
+    assert ways.take() == []
+    for name in table:
+        assert via_opener[name] == via_route[name], name
+    assert via_opener["chat:refuse"].startswith(b"HTTP/1.1 403")
+    assert via_opener["chat:refusecode"].startswith(b"HTTP/1.1 404")
+    assert via_opener["chat:ok"].startswith(b"HTTP/1.1 200")
+    assert b"access-control-allow-origin: https://x.io" in via_opener["chat:refuse"]
+    await eventually(lambda: server.gateway.connections.open["sse"] == 0)
