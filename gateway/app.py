@@ -3,6 +3,7 @@ streams, the demo), each of which installs itself."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
 from gateway.logs import install_redaction
 from gateway.runtime import Gateway
 from gateway.server.draining import DRAIN
+from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.ports import OPEN_STREAM, OPEN_WEBSOCKET
 from gateway.settings import Settings
 
@@ -75,15 +77,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await gateway.start()
+        deadlines = None
         try:
             # For the server: the drain, to run when it starts shutting down, before it
-            # closes any connection (gateway.server.draining), and the WebSocket opener.
+            # closes any connection (gateway.server.draining); under the gateway's own
+            # protocols, the openers and the request heads' deadlines.
             state: dict[str, Any] = {DRAIN: gateway.drain}
             if settings.raw_writes:  # /ws and /sse below ASGI, under the gateway's protocols
                 state[OPEN_WEBSOCKET] = ws.opener(gateway)
                 state[OPEN_STREAM] = sse_open.opener(gateway, cors_headers)
+                loop = asyncio.get_running_loop()
+                deadlines = HeadDeadlines(loop, settings.request_head_timeout)
+                state[HEAD_DEADLINES] = deadlines
             yield state
         finally:
+            if deadlines is not None:
+                deadlines.close()
             # Shutdown, in order: the drain (not ready, sessions closed with 1012 / end of
             # stream, a bounded wait: a no-op when the server ran it already), then the
             # features and the broker.

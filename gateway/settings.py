@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # detached from their ASGI call once open); false: uvicorn's stock protocols, every
     # write through ASGI (e.g. behind a body-rewriting middleware). gateway.server.options.
     raw_writes: bool = True
+    # Seconds a connection may take to send a whole request head (from when it opened, or
+    # from a request's first byte after a response): then 408 and closed. With the
+    # gateway's own protocols only (gateway.server.headwait).
+    request_head_timeout: float = Field(10.0, gt=0)
 
     presence_channels: str = "chat:*"
     presence_ttl: float = Field(30.0, gt=0)

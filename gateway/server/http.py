@@ -60,13 +60,18 @@ from urllib.parse import unquote
 from uvicorn._types import ASGI3Application
 from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.protocols.utils import is_ssl
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 
 from gateway.server.cycle import DetachableCycle, RawBody, log_failure
 from gateway.server.forwarded import forwarded_client
+from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.ports import (
     OPEN_STREAM,
     OPEN_WEBSOCKET,
@@ -113,6 +118,36 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         writable = LiteEvent()
         writable.set()
         self.flow._is_writable_event = writable  # type: ignore[assignment]
+        self.head_deadlines: HeadDeadlines | None = self.app_state.get(HEAD_DEADLINES)
+        if self.head_deadlines is not None:
+            self.head_deadlines.start(self)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.head_deadlines is not None:  # a request after a response: its own wait
+            self.head_deadlines.start(self)
+
+    def head_timed_out(self) -> None:
+        """No whole request head in time (``gateway.server.headwait``): a 408, written as
+        uvicorn writes its 400 for a request it cannot parse, and the connection closed."""
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self.transport.close()  # a request pipelined behind a response still going
+            return
+        message = b"Request Timeout"
+        content = [STATUS_LINE[408]]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        content += [
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(message),
+            b"connection: close\r\n\r\n",
+            message,
+        ]
+        self.transport.write(b"".join(content))
+        self.transport.close()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # uvicorn builds the cycle inline in on_headers_complete (or takes a pipelined
@@ -146,6 +181,8 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         return True
 
     def on_headers_complete(self) -> None:
+        if self.head_deadlines is not None:
+            self.head_deadlines.done(self)
         super().on_headers_complete()
         cycle = self.cycle
         # No new cycle for a WebSocket upgrade: the scope then belongs to the ws protocol.
@@ -157,6 +194,8 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             self.headers = []
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_deadlines is not None:
+            self.head_deadlines.done(self)
         super().connection_lost(exc)
         raw: RawBody | None = getattr(self, "raw_body", None)
         if raw is not None:
