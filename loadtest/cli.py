@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--instructions",
         action="store_true",
-        help="gateway: also count the server's user-space instructions per connect, close "
-        "and cycle under valgrind's callgrind (the same on a busy machine; the server runs "
-        "~50x slower: use a few hundred clients and a long --connect-timeout)",
+        help="a Python server (the gateway, a baseline): also count its user-space "
+        "instructions per connect, close and cycle under valgrind's callgrind (the same on "
+        "a busy machine; the server runs ~50x slower: use a few hundred clients and a long "
+        "--connect-timeout)",
     )
 
     p = scenario("churn", "connects and disconnects per second beside steady subscribers")
