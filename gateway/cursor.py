@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Protocol
 
 from channels.names import is_valid_channel
 from channels.publication import StreamPosition
@@ -20,7 +21,17 @@ EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CURSOR_CHARS = 64 * 1024
 
 
-def encode(positions: Mapping[str, StreamPosition]) -> str:
+class Position(Protocol):
+    """A channel position: a ``StreamPosition``, or a ``Publication`` (where it is)."""
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def epoch(self) -> str: ...
+
+
+def encode(positions: Mapping[str, Position]) -> str:
     return ",".join(f"{ch}~{p.epoch}~{p.offset}" for ch, p in positions.items())
 
 

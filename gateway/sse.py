@@ -65,7 +65,9 @@ class SSETransport:
     __slots__ = ("port", "positions", "single")
 
     def __init__(self, channels: list[str]) -> None:
-        self.positions: dict[str, StreamPosition] = {}
+        # Where the stream is on each channel: the last publication it was sent, or the
+        # position it started from.
+        self.positions: dict[str, cursor.Position] = {}
         self.single = len(channels) == 1
         self.port: StreamPort | None = None
 
@@ -74,7 +76,14 @@ class SSETransport:
 
     def write_now(self, item: Outgoing) -> bool:
         port = self.port
-        return port is not None and port.try_write(self._chunk(item))
+        if port is None:
+            return False
+        if self.single and type(item) is Publication:  # the hot path, as ``_chunk``'s
+            self.positions[item.channel] = item  # a publication is its own position
+            cache = item.wire
+            chunk = cache.chunk if cache is not None else None
+            return port.try_write(chunk if chunk is not None else wire.single_chunk(item))
+        return port.try_write(self._chunk(item))
 
     async def write(self, batch: list[Outgoing]) -> None:
         port = self.port
@@ -89,18 +98,18 @@ class SSETransport:
         """``item``'s event as one HTTP chunk; framed once per publication when single."""
         if self.single:
             if type(item) is Publication:  # the hot path: the same chunk for every stream
-                self.positions[item.channel] = item.position
+                self.positions[item.channel] = item
                 return wire.single_chunk(item)
             if type(item) is Batch:
                 for message in item.messages:
                     if type(message) is Publication:
-                        self.positions[message.channel] = message.position
+                        self.positions[message.channel] = message
                 return wire.single_chunk(item)
         return wire.frame_chunk(self._event(item))
 
     def _event(self, item: Outgoing) -> bytes:
         if isinstance(item, Publication):
-            self.positions[item.channel] = item.position
+            self.positions[item.channel] = item
             if self.single:
                 return wire.single_sse(item)
             return wire.sse_publication(self.cursor(), item)

@@ -33,6 +33,7 @@ from starlette.types import Message
 from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
+from channels.publication import Publication
 from channels.session import Ending, Gap, Outgoing
 from gateway import dispatch, wire
 from gateway.admission import ask_backend, refusal
@@ -66,6 +67,10 @@ class WebSocketTransport:
         self.port = port
 
     def write_now(self, item: Outgoing) -> bool:
+        if type(item) is Publication:  # the hot path: its frame is built once, for all
+            cache = item.wire
+            frames = cache.ws if cache is not None else None
+            return self.port.try_write(frames if frames is not None else wire.ws_frames(item))
         if isinstance(item, Gap):
             return True
         return self.port.try_write(wire.ws_frames(item))

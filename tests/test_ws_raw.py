@@ -157,3 +157,52 @@ async def test_ws_is_answered_below_asgi_and_other_paths_still_reach_the_app(
         async with ws_client(server, url=f"{server.ws_url}/nowhere?token={token()}"):
             pass
     assert calls == ["/nowhere"]
+
+
+def paused(port: UpgradedWebSocket) -> bool:
+    """``port.write_paused``, read afresh (mypy would keep an earlier assertion's value)."""
+    return port.write_paused
+
+
+async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
+    """A real socket whose peer does not read: once the transport pauses the protocol,
+    ``try_write`` writes nothing and ``write`` waits; once the peer reads, the waiting
+    write goes out whole, in order; after a close frame nothing more is written."""
+    import asyncio
+    import socket
+
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    port = UpgradedWebSocket(
+        connections=set(), max_size=1 << 20, ping_interval=None, ping_timeout=None, client=None
+    )
+    transport, _ = await loop.connect_accepted_socket(lambda: port, ours)
+    try:
+        frame = text_frame(b"x" * 60_000)
+        written = 0
+        while port.try_write(frame):  # until the socket and the transport's buffer are full
+            written += 1
+            assert written < 10_000, "the transport never paused"
+        assert paused(port) and not port.writable.is_set()
+        assert port.try_write(text_frame(b"late")) is False
+        waiting = asyncio.create_task(port.write(text_frame(b"last")))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        received = bytearray()
+        end = text_frame(b"last")
+
+        async def drain() -> None:
+            while not received.endswith(end):
+                received.extend(await loop.sock_recv(theirs, 1 << 20))
+
+        await asyncio.wait_for(drain(), 10)
+        await asyncio.wait_for(waiting, 10)
+        assert not paused(port) and port.writable.is_set()
+        assert bytes(received) == frame * written + end  # nothing of "late": refused whole
+        port.refuse(1000, "")
+        with pytest.raises(ConnectionError):
+            port.try_write(frame)
+    finally:
+        transport.abort()
+        theirs.close()

@@ -40,10 +40,12 @@ class RawBody:
     writes nothing for a while still learns at once that its client left.
     """
 
-    __slots__ = ("_cycle", "_on_lost")
+    __slots__ = ("_cycle", "_flow", "_on_lost", "_transport")
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
         self._cycle = cycle
+        self._transport = cycle.transport  # the cycle's, for its life: read on every write
+        self._flow = cycle.flow
         self._on_lost: Callable[[], object] | None = None
 
     @property
@@ -71,14 +73,14 @@ class RawBody:
             callback()
 
     def try_write(self, chunk: bytes) -> bool:
-        cycle = self._cycle
-        if cycle.disconnected or cycle.response_complete or cycle.transport.is_closing():
+        cycle, transport = self._cycle, self._transport
+        if cycle.disconnected or cycle.response_complete or transport.is_closing():
             raise ConnectionError("response closed")
         if not cycle.response_started or cycle.chunked_encoding is not True:
             return False
-        if cycle.flow.write_paused:
+        if self._flow.write_paused:
             return False
-        cycle.transport.write(chunk)
+        transport.write(chunk)
         return True
 
     async def write(self, chunk: bytes) -> None:
