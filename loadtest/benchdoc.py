@@ -130,6 +130,8 @@ def light_table(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         report = row["report"]
         name = f"{row['target']} ({row['transport']})"
+        if "round" in row:
+            name += f", round {row['round']}"
         if "error" in report or not report.get("steps"):
             lines.append(f"| {name} | error: {report.get('error')} | | | | | | | |")
             continue
@@ -157,6 +159,27 @@ def light_steps(
 
 
 def light_vs_nchan(rows: list[dict[str, Any]]) -> list[str]:
+    """``one_round_vs_nchan`` of each round (``compare --rounds``), and how many met."""
+    rounds: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        rounds.setdefault(row.get("round", 0), []).append(row)
+    if len(rounds) == 1:
+        return one_round_vs_nchan(rows)
+    lines: list[str] = []
+    met: dict[str, list[bool]] = {}
+    for number, group in sorted(rounds.items()):
+        for line in one_round_vs_nchan(group):
+            target, measured, result = line.strip("| ").split(" | ")
+            lines.append(f"| {target}, round {number} | {measured} | {result} |")
+            met.setdefault(target, []).append(result == "met")
+    for target, results in met.items():
+        lines.append(
+            f"| {target}: rounds met | {sum(results)} of {len(results)} | {verdict(all(results))} |"
+        )
+    return lines
+
+
+def one_round_vs_nchan(rows: list[dict[str, Any]]) -> list[str]:
     """The gateway against Nchan on the light steps of the same run: p50 and p99 over
     WebSocket at ``LIGHT_VS_NCHAN_WS_RATE`` (else the highest rate both ran), p99 at every
     SSE rate both ran."""
@@ -287,9 +310,11 @@ def targets_table(
             continue
         for step in row["report"].get("steps", []):
             lat = step["latency_ms"]
+            which = f", round {row['round']}" if "round" in row else ""
             lines.append(
                 f"| light load ({fmt(row['clients'])} {row['transport'].upper()} subscribers, "
-                f"{step['rate']:g} pub/s): p50 ≤ {LIGHT_P50_MS:g} ms, p99 ≤ {LIGHT_P99_MS:g} ms | "
+                f"{step['rate']:g} pub/s{which}): "
+                f"p50 ≤ {LIGHT_P50_MS:g} ms, p99 ≤ {LIGHT_P99_MS:g} ms | "
                 f"p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, lost {step['lost']} | "
                 f"{verdict(lat['p50'] <= LIGHT_P50_MS and lat['p99'] <= LIGHT_P99_MS)} |"
             )

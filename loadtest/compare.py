@@ -111,6 +111,14 @@ def add_compare_parser(sub: Any) -> None:
         "--light-duration", type=float, default=20.0, help="seconds per light step (default 20)"
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the light section this many times, the servers' order reversed every "
+        "other round (A B, B A, ...), so that a machine whose speed drifts favours none; "
+        "each round compared on its own (default 1)",
+    )
+    p.add_argument(
         "--connect-rate", type=float, default=500.0, help="client connects/s (default 500)"
     )
     p.add_argument(
@@ -229,22 +237,9 @@ def plan(args: argparse.Namespace, targets: list[str] | None = None) -> list[dic
                         }
                     )
             elif section == "light":
-                steps = {
-                    "ws": (args.light_clients, args.light_ws_rates),
-                    "sse": (args.light_sse_clients, args.light_sse_rates),
-                }
-                for transport in target.transports:
-                    clients, rates = steps[transport]
-                    if clients > 0 and rates:
-                        runs.append(
-                            {
-                                "section": section,
-                                "target": name,
-                                "transport": transport,
-                                "clients": clients,
-                                "rates": list(rates),
-                            }
-                        )
+                runs += light_runs(args, name)
+    if "light" in sections and getattr(args, "rounds", 1) > 1:
+        runs = in_rounds(runs, targets, args.rounds)
     if args.profile and "gateway" in targets:
         # A run of its own: py-spy takes a good part of a client core, so the measured
         # runs go without it. Its rate is the gateway's first failing fan-out rate.
@@ -260,9 +255,46 @@ def plan(args: argparse.Namespace, targets: list[str] | None = None) -> list[dic
     return runs
 
 
+def light_runs(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
+    steps = {
+        "ws": (args.light_clients, args.light_ws_rates),
+        "sse": (args.light_sse_clients, args.light_sse_rates),
+    }
+    runs = []
+    for transport in TARGETS[name].transports:
+        clients, rates = steps[transport]
+        if clients > 0 and rates:
+            runs.append(
+                {
+                    "section": "light",
+                    "target": name,
+                    "transport": transport,
+                    "clients": clients,
+                    "rates": list(rates),
+                }
+            )
+    return runs
+
+
+def in_rounds(runs: list[dict[str, Any]], targets: list[str], rounds: int) -> list[dict[str, Any]]:
+    """``runs`` with the light ones repeated ``rounds`` times where the first of them
+    stood, each round's servers in the order of ``targets``, reversed every other round."""
+    light = [r for r in runs if r["section"] == "light"]
+    at = runs.index(light[0])
+    rest = [r for r in runs if r["section"] != "light"]
+    repeated = []
+    for number in range(1, rounds + 1):
+        order = targets if number % 2 else targets[::-1]
+        for name in order:
+            repeated += [{**r, "round": number} for r in light if r["target"] == name]
+    return rest[:at] + repeated + rest[at:]
+
+
 async def run_one(args: argparse.Namespace, run: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     setup = base_setup(args, run["target"], run["transport"])
     stem = f"{run['section']}-{run['target']}-{run['transport']}"
+    if "round" in run:
+        stem += f"-round{run['round']}"
     setup.out = out_dir / f"{stem}.json"
     if run["section"] == "idle":
         return await run_idle(setup, clients=run["clients"], hold=args.idle_hold)
@@ -301,7 +333,9 @@ def profile_rate(results: list[dict[str, Any]], default: float) -> float:
 
 def everything_of(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with every section (and the profile run) planned."""
-    return argparse.Namespace(**{**vars(args), "sections": ",".join(SECTIONS), "profile": True})
+    return argparse.Namespace(
+        **{**vars(args), "sections": ",".join(SECTIONS), "profile": True, "rounds": 1}
+    )
 
 
 def reuse(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -331,8 +365,10 @@ async def run_compare(args: argparse.Namespace, argv: list[str]) -> int:
     results: list[dict[str, Any]] = []
     reused = reuse(args, runs)
     for i, run in enumerate(runs, 1):
+        which = f", round {run['round']}" if "round" in run else ""
         print(
-            f"[{i}/{len(runs)}] {run['section']}: {run['target']} ({run['transport']})", flush=True
+            f"[{i}/{len(runs)}] {run['section']}: {run['target']} ({run['transport']}){which}",
+            flush=True,
         )
         if args.quiet_threshold > 0:
             busy, waited = await wait_for_quiet(args.quiet_threshold, max_wait=args.quiet_max_wait)

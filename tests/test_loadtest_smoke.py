@@ -686,6 +686,48 @@ def test_light_table_and_targets_hold_the_gateway_against_nchan() -> None:
     ]
 
 
+def test_compare_rounds_alternate_the_servers_of_the_light_section() -> None:
+    """``--rounds 3``: the light runs three times, A B, B A, A B; other sections once."""
+    args = compare_args(
+        "--sections", "idle,light", "--targets", "gateway,nchan", "--rounds", "3",
+        "--light-sse-clients", "0",
+    )  # fmt: skip
+    planned = [(r["section"], r["target"], r["transport"], r.get("round")) for r in plan(args)]
+    assert planned == [
+        ("idle", "gateway", "sse", None),
+        ("idle", "gateway", "ws", None),
+        ("idle", "nchan", "sse", None),
+        ("idle", "nchan", "ws", None),
+        ("light", "gateway", "ws", 1),
+        ("light", "nchan", "ws", 1),
+        ("light", "nchan", "ws", 2),
+        ("light", "gateway", "ws", 2),
+        ("light", "gateway", "ws", 3),
+        ("light", "nchan", "ws", 3),
+    ]
+
+
+def test_light_targets_are_judged_round_by_round() -> None:
+    """Each round's gateway against the same round's Nchan, then how many rounds met."""
+    rounds = [
+        (1, (20.0, 50.0), (29.0, 58.0)),  # met
+        (2, (30.0, 50.0), (29.0, 58.0)),  # p50 above Nchan's
+    ]
+    rows = [
+        {**light_row(target, "ws", {10.0: latency}), "round": number}
+        for number, gateway, nchan in rounds
+        for target, latency in (("gateway", gateway), ("nchan", nchan))
+    ]
+    assert light_table(rows)[2].startswith("| gateway (ws), round 1 | 5,000 | 10 | 20.0 |")
+    first, second, summary = light_vs_nchan(rows)
+    assert first.startswith("| light 10 pub/s x 5,000 WS: gateway p50 and p99 ≤ Nchan's, round 1")
+    assert first.endswith("| met |") and second.endswith("| **missed** |")
+    assert summary == (
+        "| light 10 pub/s x 5,000 WS: gateway p50 and p99 ≤ Nchan's: rounds met | 1 of 2 | "
+        "**missed** |"
+    )
+
+
 def loadtest_json(argv: list[str]) -> Any:
     """``python -m loadtest ARGV`` (with ``--json``): its report."""
     done = subprocess.run(
