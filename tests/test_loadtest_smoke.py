@@ -758,3 +758,30 @@ def test_hotpath_times_the_gateways_own_work_per_delivery() -> None:
     costs = report["ns_per_delivery"]
     assert set(costs) == {"websocket", "sse", "sse-2-channels"}
     assert all(isinstance(ns, int) and ns > 0 for ns in costs.values())
+
+
+def test_the_load_generators_sse_client_decodes_chunks_however_they_are_split() -> None:
+    """Whole chunks take the short path, anything else the general one; the body is the
+    same for every way of cutting the stream into reads, extensions and the end included."""
+    import random
+
+    from loadtest.clients.sse import SseClient
+
+    rng = random.Random(16)
+    bodies = [bytes([97 + rng.randrange(26)]) * rng.randrange(1, 300) for _ in range(40)]
+    chunks = [
+        b"%x%s\r\n%s\r\n" % (len(b), b";ext=1" if i % 7 == 3 else b"", b)
+        for i, b in enumerate(bodies)
+    ]
+    stream = b"".join(chunks) + b"0\r\n\r\n"
+    boundaries = [sum(map(len, chunks[:i])) for i in range(1, len(chunks) + 1)]
+    for trial in range(200):
+        client = SseClient.__new__(SseClient)
+        client.chunk_left = client.skip_crlf = 0
+        client.chunk_buf = b""
+        client.transport = None  # the end of the stream would close it
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randrange(0, 30)))
+        if trial % 2:  # reads of whole chunks: the short path only
+            cuts = sorted(rng.sample(boundaries, 10))
+        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        assert b"".join(client._dechunk(piece) for piece in pieces) == b"".join(bodies)
