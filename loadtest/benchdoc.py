@@ -124,8 +124,9 @@ def idle_table(rows: list[dict[str, Any]]) -> list[str]:
 def light_table(rows: list[dict[str, Any]]) -> list[str]:
     """One line per step of every server's light run."""
     lines = [
-        "| server | subscribers | pub/s | p50 | p95 | p99 | max (ms) | lost | server CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | subscribers | pub/s | p50 | p95 | p99 | max (ms) | lost | server CPU % "
+        "| load generator CPU % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         report = row["report"]
@@ -133,14 +134,15 @@ def light_table(rows: list[dict[str, Any]]) -> list[str]:
         if "round" in row:
             name += f", round {row['round']}"
         if "error" in report or not report.get("steps"):
-            lines.append(f"| {name} | error: {report.get('error')} | | | | | | | |")
+            lines.append(f"| {name} | error: {report.get('error')} | | | | | | | | |")
             continue
         for step in report["steps"]:
             lat = step["latency_ms"]
             lines.append(
                 f"| {name} | {fmt(row['clients'])} | {step['rate']:g} | "
                 f"{lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} | {lat['max']:.1f} | "
-                f"{step['lost']} | {fmt(step['server'].get('cpu_percent'))} |"
+                f"{step['lost']} | {fmt(step['server'].get('cpu_percent'))} | "
+                f"{fmt(step.get('loadgen', {}).get('cpu_percent_total'))} |"
             )
     return lines
 

@@ -653,6 +653,7 @@ def test_compare_light_section_runs_every_server_on_its_transports() -> None:
 def light_row(target: str, transport: str, latencies: dict[float, tuple[float, float]]) -> Any:
     steps = [
         {"rate": rate, "lost": 0, "server": {"cpu_percent": 1.0},
+         "loadgen": {"cpu_percent_total": 2.0},
          "latency_ms": {"p50": p50, "p95": p99, "p99": p99, "max": p99}}
         for rate, (p50, p99) in latencies.items()
     ]  # fmt: skip
@@ -672,7 +673,7 @@ def test_light_table_and_targets_hold_the_gateway_against_nchan() -> None:
     ]
     table = light_table(rows)
     assert len(table) == 2 + 8
-    assert table[3] == "| gateway (ws) | 5,000 | 10 | 20.0 | 50.0 | 50.0 | 50.0 | 0 | 1.0 |"
+    assert table[3] == "| gateway (ws) | 5,000 | 10 | 20.0 | 50.0 | 50.0 | 50.0 | 0 | 1.0 | 2.0 |"
     ws, sse = light_vs_nchan(rows)
     assert ws.startswith("| light 10 pub/s x 5,000 WS: gateway p50 and p99 ≤ Nchan's |")
     assert "gateway p50 20.0 / p99 50.0 ms, Nchan p50 29.0 / p99 58.0 ms | met |" in ws
