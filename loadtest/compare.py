@@ -238,7 +238,7 @@ def plan(args: argparse.Namespace, targets: list[str] | None = None) -> list[dic
                     )
             elif section == "light":
                 runs += light_runs(args, name)
-    if "light" in sections and getattr(args, "rounds", 1) > 1:
+    if args.rounds > 1:
         runs = in_rounds(runs, targets, args.rounds)
     if args.profile and "gateway" in targets:
         # A run of its own: py-spy takes a good part of a client core, so the measured
@@ -280,6 +280,8 @@ def in_rounds(runs: list[dict[str, Any]], targets: list[str], rounds: int) -> li
     """``runs`` with the light ones repeated ``rounds`` times where the first of them
     stood, each round's servers in the order of ``targets``, reversed every other round."""
     light = [r for r in runs if r["section"] == "light"]
+    if not light:
+        return runs
     at = runs.index(light[0])
     rest = [r for r in runs if r["section"] != "light"]
     repeated = []
