@@ -159,9 +159,9 @@ async def test_ws_is_answered_below_asgi_and_other_paths_still_reach_the_app(
     assert calls == ["/nowhere"]
 
 
-def paused(port: UpgradedWebSocket) -> bool:
-    """``port.write_paused``, read afresh (mypy would keep an earlier assertion's value)."""
-    return port.write_paused
+def writable(port: UpgradedWebSocket) -> bool:
+    """``port.writable.flag``, read afresh (mypy would keep an earlier assertion's value)."""
+    return port.writable.flag
 
 
 async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
@@ -184,7 +184,7 @@ async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
         while port.try_write(frame):  # until the socket and the transport's buffer are full
             written += 1
             assert written < 10_000, "the transport never paused"
-        assert paused(port) and not port.writable.is_set()
+        assert not writable(port) and not port.writable.is_set()
         assert port.try_write(text_frame(b"late")) is False
         waiting = asyncio.create_task(port.write(text_frame(b"last")))
         await asyncio.sleep(0)
@@ -198,7 +198,7 @@ async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
 
         await asyncio.wait_for(drain(), 10)
         await asyncio.wait_for(waiting, 10)
-        assert not paused(port) and port.writable.is_set()
+        assert writable(port) and port.writable.is_set()
         assert bytes(received) == frame * written + end  # nothing of "late": refused whole
         port.refuse(1000, "")
         with pytest.raises(ConnectionError):

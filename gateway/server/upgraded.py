@@ -118,7 +118,6 @@ class UpgradedWebSocket(asyncio.Protocol):
         "queue",
         "transport",
         "writable",
-        "write_paused",
     )
 
     def __init__(
@@ -140,9 +139,8 @@ class UpgradedWebSocket(asyncio.Protocol):
         self.access_log = access_log
         self.transport: asyncio.Transport
         self.queue: LiteQueue[Message] = LiteQueue()
-        self.writable = LiteEvent()  # for the writes that wait
+        self.writable = LiteEvent()
         self.writable.set()
-        self.write_paused = False  # the same, read on the fan-out's path
         self.close_sent = self.ended = self._read_paused = False
         self.close_timer: asyncio.TimerHandle | None = None
         self.pending_ping: bytes | None = None
@@ -186,11 +184,9 @@ class UpgradedWebSocket(asyncio.Protocol):
         return None  # the transport closes itself
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         self.writable.clear()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         self.writable.set()
 
     def refuse(self, code: int, reason: str) -> None:
@@ -346,7 +342,7 @@ class UpgradedWebSocket(asyncio.Protocol):
     def try_write(self, frames: bytes) -> bool:
         if self.close_sent or self.transport.is_closing():
             raise ConnectionError("websocket closed")
-        if self.write_paused:
+        if not self.writable.flag:  # the fan-out's path: an attribute, not a call
             return False
         self.transport.write(frames)
         return True

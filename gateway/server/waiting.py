@@ -22,19 +22,19 @@ T = TypeVar("T")
 class LiteEvent:
     """An ``asyncio.Event`` whose waiter list exists only while someone waits."""
 
-    __slots__ = ("_flag", "_waiters")
+    __slots__ = ("_waiters", "flag")
 
     def __init__(self) -> None:
-        self._flag = False
+        self.flag = False  # ``is_set()``, as an attribute for the paths that read it often
         self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
-        return self._flag
+        return self.flag
 
     def set(self) -> None:
-        if self._flag:
+        if self.flag:
             return
-        self._flag = True
+        self.flag = True
         waiters, self._waiters = self._waiters, None
         if waiters:
             for waiter in waiters:
@@ -42,10 +42,10 @@ class LiteEvent:
                     waiter.set_result(None)
 
     def clear(self) -> None:
-        self._flag = False
+        self.flag = False
 
     async def wait(self) -> bool:
-        if self._flag:
+        if self.flag:
             return True
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._waiters is None:
