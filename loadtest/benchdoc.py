@@ -161,46 +161,57 @@ def light_steps(
 
 
 def light_vs_nchan(rows: list[dict[str, Any]]) -> list[str]:
-    """``one_round_vs_nchan`` of each round (``compare --rounds``), and how many met."""
+    """Target lines of ``one_round_vs_nchan``: for the one run, or for each round
+    (``compare --rounds``) followed by how many rounds met each target."""
     rounds: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         rounds.setdefault(row.get("round", 0), []).append(row)
     if len(rounds) == 1:
-        return one_round_vs_nchan(rows)
+        return [_target_line(*check) for check in one_round_vs_nchan(rows)]
     lines: list[str] = []
     met: dict[str, list[bool]] = {}
     for number, group in sorted(rounds.items()):
-        for line in one_round_vs_nchan(group):
-            target, measured, result = line.strip("| ").split(" | ")
-            lines.append(f"| {target}, round {number} | {measured} | {result} |")
-            met.setdefault(target, []).append(result == "met")
+        for target, measured, ok in one_round_vs_nchan(group):
+            lines.append(_target_line(f"{target}, round {number}", measured, ok))
+            met.setdefault(target, []).append(ok is True)
     for target, results in met.items():
         lines.append(
-            f"| {target}: rounds met | {sum(results)} of {len(results)} | {verdict(all(results))} |"
+            _target_line(f"{target}: rounds met", f"{sum(results)} of {len(results)}", all(results))
         )
     return lines
 
 
-def one_round_vs_nchan(rows: list[dict[str, Any]]) -> list[str]:
-    """The gateway against Nchan on the light steps of the same run: p50 and p99 over
-    WebSocket at ``LIGHT_VS_NCHAN_WS_RATE`` (else the highest rate both ran), p99 at every
-    SSE rate both ran."""
-    lines = []
+def _target_line(target: str, measured: str, ok: bool | None) -> str:
+    return f"| {target} | {measured} | {verdict(ok)} |"
+
+
+def one_round_vs_nchan(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
+    """The gateway against Nchan on the light steps of the same run, as (target,
+    measured, met; None: not measured): p50 and p99 over WebSocket at
+    ``LIGHT_VS_NCHAN_WS_RATE`` (else the highest rate both ran), p99 at every SSE rate
+    both ran."""
+    checks: list[tuple[str, str, bool | None]] = []
+    not_measured = "not measured (needs both in the light section)"
     gw_ws, nchan_ws = light_steps(rows, "gateway", "ws"), light_steps(rows, "nchan", "ws")
     common = set(gw_ws[1]) & set(nchan_ws[1]) if gw_ws and nchan_ws else set()
     ws_rate = LIGHT_VS_NCHAN_WS_RATE if LIGHT_VS_NCHAN_WS_RATE in common else max(common or [0])
     if gw_ws and nchan_ws and common:
         gw, nc = gw_ws[1][ws_rate]["latency_ms"], nchan_ws[1][ws_rate]["latency_ms"]
-        lines.append(
-            f"| light {ws_rate:g} pub/s x {gw_ws[0]:,} WS: gateway p50 and p99 ≤ Nchan's | "
-            f"gateway p50 {gw['p50']:.1f} / p99 {gw['p99']:.1f} ms, "
-            f"Nchan p50 {nc['p50']:.1f} / p99 {nc['p99']:.1f} ms | "
-            f"{verdict(gw['p50'] <= nc['p50'] and gw['p99'] <= nc['p99'])} |"
+        checks.append(
+            (
+                f"light {ws_rate:g} pub/s x {gw_ws[0]:,} WS: gateway p50 and p99 ≤ Nchan's",
+                f"gateway p50 {gw['p50']:.1f} / p99 {gw['p99']:.1f} ms, "
+                f"Nchan p50 {nc['p50']:.1f} / p99 {nc['p99']:.1f} ms",
+                gw["p50"] <= nc["p50"] and gw["p99"] <= nc["p99"],
+            )
         )
     elif gw_ws or nchan_ws:
-        lines.append(
-            f"| light {LIGHT_VS_NCHAN_WS_RATE:g} pub/s WS: gateway p50 and p99 ≤ Nchan's | "
-            "not measured (needs both in the light section) | - |"
+        checks.append(
+            (
+                f"light {LIGHT_VS_NCHAN_WS_RATE:g} pub/s WS: gateway p50 and p99 ≤ Nchan's",
+                not_measured,
+                None,
+            )
         )
     gw_sse, nchan_sse = light_steps(rows, "gateway", "sse"), light_steps(rows, "nchan", "sse")
     rates = sorted(set(gw_sse[1]) & set(nchan_sse[1])) if gw_sse and nchan_sse else []
@@ -210,16 +221,16 @@ def one_round_vs_nchan(rows: list[dict[str, Any]]) -> list[str]:
             gw, nc = gw_sse[1][rate]["latency_ms"], nchan_sse[1][rate]["latency_ms"]
             parts.append(f"{rate:g}/s: gateway {gw['p99']:.1f} vs Nchan {nc['p99']:.1f} ms")
             ok = ok and gw["p99"] <= nc["p99"]
-        lines.append(
-            f"| light SSE steps ({gw_sse[0]:,} streams): gateway p99 ≤ Nchan's | "
-            f"{'; '.join(parts)} | {verdict(ok)} |"
+        checks.append(
+            (
+                f"light SSE steps ({gw_sse[0]:,} streams): gateway p99 ≤ Nchan's",
+                "; ".join(parts),
+                ok,
+            )
         )
     elif gw_sse or nchan_sse:
-        lines.append(
-            "| light SSE steps: gateway p99 ≤ Nchan's | "
-            "not measured (needs both in the light section) | - |"
-        )
-    return lines
+        checks.append(("light SSE steps: gateway p99 ≤ Nchan's", not_measured, None))
+    return checks
 
 
 def max_rate(rows: list[dict[str, Any]], target: str) -> tuple[float, bool] | None:
