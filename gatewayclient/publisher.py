@@ -13,6 +13,8 @@ import orjson
 from gatewayclient.errors import GatewayError
 from gatewayclient.models import History, Publication, PublishResult
 
+KEEPALIVE_EXPIRY = 4.0  # seconds; below the gateway's keep-alive timeout
+
 
 @dataclass(frozen=True, slots=True)
 class StreamResult:
@@ -60,7 +62,12 @@ class Publisher:
         self.base = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
         self._own = http is None
-        self.http = http or httpx.AsyncClient(timeout=timeout)
+        # An idle connection is given up before the gateway's server closes it (uvicorn's
+        # keep-alive timeout, 5 s): with both at 5 s a publish sent just as the server
+        # closed the connection failed with a ReadError, never having reached it.
+        self.http = http or httpx.AsyncClient(
+            timeout=timeout, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)
+        )
 
     async def aclose(self) -> None:
         if self._own:

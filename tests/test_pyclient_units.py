@@ -105,3 +105,22 @@ async def test_the_item_queue_ends_once_and_for_every_reader() -> None:
     with pytest.raises(GatewayError) as closed:
         await ended.get(1)
     assert (closed.value.code, closed.value.message) == ("closed", "it ended")
+
+
+def test_the_publisher_gives_up_idle_connections_before_the_gateway_closes_them() -> None:
+    """Both at 5 s, a publish sent as the server closed its idle connection failed with a
+    ReadError without reaching it (seen in CI); the client's expiry stays below the
+    keep-alive timeout the gateway's uvicorn configuration gives."""
+    import uvicorn
+
+    from gateway.server.options import uvicorn_options
+    from gateway.settings import Settings
+    from gatewayclient.publisher import KEEPALIVE_EXPIRY, Publisher
+
+    config = uvicorn.Config(
+        "gateway.app:create_app", **uvicorn_options(Settings(jwt_secret="x" * 32))
+    )
+    assert config.timeout_keep_alive > KEEPALIVE_EXPIRY
+    publisher = Publisher("http://127.0.0.1:1", token("backend"))
+    pool = publisher.http._transport._pool  # type: ignore[attr-defined]
+    assert pool._keepalive_expiry == KEEPALIVE_EXPIRY
