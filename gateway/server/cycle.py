@@ -145,6 +145,9 @@ class DetachableCycle(RequestResponseCycle):
         finally:
             if not self.detached:
                 self.on_response = lambda: None
+                # The scope holds the body port, which holds this cycle: not a cycle
+                # left for the collector once the call is over.
+                self.scope.get("extensions", {}).pop(RAW_BODY, None)
 
     def start_stream(self, started: Started) -> None:
         """Answer with ``started``: the head as ``send`` writes a chunked 200 (uvicorn's

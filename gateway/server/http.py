@@ -100,6 +100,8 @@ COPIED_FROM_UVICORN = {
 class GatewayHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that offers a ``RawBody`` in each request's scope."""
 
+    raw_body: RawBody | None = None  # the current request's
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # uvicorn's (COPIED_FROM_UVICORN), but the addresses come from the transport's
         # sockname and peername: uvicorn asks for its "socket", for which uvloop builds a
@@ -197,9 +199,18 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         if self.head_deadlines is not None:
             self.head_deadlines.done(self)
         super().connection_lost(exc)
-        raw: RawBody | None = getattr(self, "raw_body", None)
+        raw = self.raw_body
         if raw is not None:
             raw.lost()
+        # uvicorn drops the parser here (its callbacks hold this protocol); a request's
+        # cycle holds this protocol's ``on_response_complete`` too, and the body port its
+        # cycle. Drop them as well: a closed connection's objects are then freed as soon
+        # as the transport lets go, not left as cycles for the collector's next full pass
+        # (after a reconnect storm, thousands of them). A task still running a request
+        # keeps its own cycle.
+        self.cycle = None  # type: ignore[assignment]
+        self.raw_body = None
+        self.pipeline.clear()
 
     # -- WebSocket upgrades answered here (see the module docstring) -------------
 
@@ -212,6 +223,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         decision = opener(_HttpUpgrade(self.url, self.headers)) if opener and key else None
         if decision is None:
             super().handle_websocket_upgrade()  # uvicorn: the WebSocket protocol parses it again
+            self._retire()
             return
         assert key is not None
         if isinstance(decision, Deferred):
@@ -248,6 +260,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         )
         self.connections.discard(self)
         self.transport.set_protocol(protocol)
+        self._retire()
         protocol.connection_made(self.transport)
         protocol.open(switching_head(accept_key(key), self.server_state.default_headers), url)
         self.url, self.headers = b"", []
@@ -255,6 +268,13 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             protocol.refuse(decision.code, decision.reason)
         else:
             decision(protocol)
+
+    def _retire(self) -> None:
+        """The connection is another protocol's now. Drop the parser, which holds this
+        protocol's callbacks (as uvicorn does in ``connection_lost``, which this protocol
+        no longer gets): otherwise each upgraded connection leaves a reference cycle that
+        only a full collection frees, and a reconnect storm leaves thousands of them."""
+        self.parser = None  # type: ignore[assignment]
 
     def _websocket_key(self) -> str | None:
         """The ``Sec-WebSocket-Key`` of a handshake that websockets would accept as it is;

@@ -367,7 +367,10 @@ class UpgradedWebSocket(asyncio.Protocol):
         """Nothing to hold: no ASGI call runs for this connection."""
 
     def release(self) -> None:
-        """Nothing to release (see ``hold``)."""
+        """The owner is done with the connection: forget its listener, the one edge from
+        this protocol back to the owner (which holds it as its port), so that both are
+        freed as soon as the transport lets go, not at the collector's next full pass."""
+        self.queue.on_put = None
 
     # -- keep-alive (``Keepalive``) ----------------------------------------------------
 
