@@ -1,4 +1,5 @@
-"""``python -m loadtest``: the scenarios, compare, sendfloor, hotpath (loadtest/README.md)."""
+"""``python -m loadtest``: the scenarios, compare, sendfloor, hotpath, connectpath
+(loadtest/README.md)."""
 
 from __future__ import annotations
 
@@ -333,12 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(connect_rate=1_000_000.0)
 
     from loadtest.compare import add_compare_parser
+    from loadtest.connectpath import add_parser as add_connectpath_parser
     from loadtest.hotpath import add_parser as add_hotpath_parser
     from loadtest.sendfloor import add_parser as add_sendfloor_parser
 
     add_compare_parser(sub)
     add_sendfloor_parser(sub)
     add_hotpath_parser(sub)
+    add_connectpath_parser(sub)
     return parser
 
 
@@ -493,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
 
         costs = run_hotpath(sessions=args.sessions, publications=args.publications)
         return _emit(costs, hotpath_summary, as_json=args.json)
+    if args.command == "connectpath":
+        from loadtest.connectpath import run_connectpath
+        from loadtest.connectpath import summary as connectpath_summary
+
+        stages = run_connectpath(cycles=args.cycles, rounds=args.rounds)
+        return _emit(stages, connectpath_summary, as_json=args.json)
     if args.command == "sendfloor":
         from loadtest.sendfloor import run_sendfloor, summary
 

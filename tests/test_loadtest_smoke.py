@@ -761,6 +761,33 @@ def test_hotpath_times_the_gateways_own_work_per_delivery() -> None:
     assert all(isinstance(ns, int) and ns > 0 for ns in costs.values())
 
 
+def test_connectpath_times_the_gateways_own_work_per_connection() -> None:
+    report = loadtest_json(["connectpath", "--cycles", "200", "--rounds", "1", "--json"])
+    assert (report["cycles"], report["rounds"]) == (200, 1)
+    ws, sse = report["us_per_connection"]["ws"], report["us_per_connection"]["sse"]
+    assert list(ws) == ["made", "request_to_101", "subscribe", "close", "total"]
+    assert list(sse) == ["made", "request_to_stream", "close", "total"]
+    for stages in (ws, sse):
+        assert all(us > 0 for us in stages.values()), stages
+        parts = sum(us for stage, us in stages.items() if stage != "total")
+        assert abs(stages["total"] - parts) < 0.1, stages
+
+
+def test_connectpath_refuses_to_time_an_error_path() -> None:
+    from loadtest.connectpath import _check_sse, _check_ws
+
+    switching = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    reply = b'\x81\x20{"id":1,"ok":true,"result":{}}'
+    _check_ws([switching, reply])
+    with pytest.raises(RuntimeError, match="upgrade was not accepted"):
+        _check_ws([b"HTTP/1.1 403 Forbidden\r\n\r\n"])
+    with pytest.raises(RuntimeError, match="not answered ok"):
+        _check_ws([switching, b'\x81\x30{"id":1,"ok":false,"error":{"code":"forbidden"}}'])
+    _check_sse([b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"])
+    with pytest.raises(RuntimeError, match="did not open"):
+        _check_sse([b"HTTP/1.1 401 Unauthorized\r\n\r\n"])
+
+
 def test_the_load_generators_sse_client_decodes_chunks_however_they_are_split() -> None:
     """Whole chunks take the short path, anything else the general one; the body is the
     same for every way of cutting the stream into reads, extensions and the end included."""
