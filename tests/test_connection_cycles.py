@@ -66,32 +66,57 @@ def cycles_left() -> Counter[str]:
         gc.garbage.clear()
 
 
-async def all_gone(server: RunningServer) -> None:
-    """Every session forgotten and every connection closed on the server's side."""
+async def settled(server: RunningServer, remaining: int = 0) -> None:
+    """Every session but ``remaining`` forgotten, and every connection but theirs closed
+    on the server's side."""
     hub = server.gateway.hub
     state = server.server.server_state
-    await eventually(lambda: not hub.sessions and not state.connections)
+    await eventually(lambda: len(hub.sessions) == len(state.connections) == remaining)
 
 
-async def test_a_closed_websocket_leaves_no_cycle(server: RunningServer) -> None:
-    with collector_off():
+async def websocket_rounds(server: RunningServer, channel: str) -> None:
+    for n in range(ROUNDS):
+        async with ws_client(server) as ws:
+            await ws.subscribe(channel)
+            await ws.publish(channel, {"n": n})
+            [push] = await ws.publications(channel, 1)
+            assert push["data"] == {"n": n}
+
+
+async def sse_rounds(server: RunningServer, channel: str) -> None:
+    async with api_client(server) as http:
         for n in range(ROUNDS):
-            async with ws_client(server) as ws:
-                await ws.subscribe("cycles")
-                await ws.publish("cycles", {"n": n})
-                [push] = await ws.publications("cycles", 1)
-                assert push["data"] == {"n": n}
-        await all_gone(server)
-        assert cycles_left() == Counter()
+            async with open_sse(http, [channel]) as stream:
+                await api_publish(http, channel, {"n": n})
+                [event] = await stream.publications(1)
+                assert event["json"]["data"] == {"n": n}
 
 
-async def test_a_closed_sse_stream_leaves_no_cycle(server: RunningServer) -> None:
-    with collector_off():
-        async with api_client(server) as http:
-            for n in range(ROUNDS):
-                async with open_sse(http, ["cycles"]) as stream:
-                    await api_publish(http, "cycles", {"n": n})
-                    [event] = await stream.publications(1)
-                    assert event["json"]["data"] == {"n": n}
-        await all_gone(server)
-        assert cycles_left() == Counter()
+@pytest.mark.parametrize("live", [False, True], ids=["channel-joined-anew", "channel-live"])
+async def test_a_closed_websocket_leaves_no_cycle(server: RunningServer, live: bool) -> None:
+    """Each subscribe joins the channel anew (a broker call, the reader's task), or one
+    other client keeps it live (answered in the protocol's callback)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if live:
+            keeper = await stack.enter_async_context(ws_client(server))
+            await keeper.subscribe("cycles")
+        with collector_off():
+            await websocket_rounds(server, "cycles")
+            await settled(server, remaining=int(live))
+            assert cycles_left() == Counter()
+    await settled(server)
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["channel-joined-anew", "channel-live"])
+async def test_a_closed_sse_stream_leaves_no_cycle(server: RunningServer, live: bool) -> None:
+    """Each stream opens once its subscribe is done (``OpenLater``), or at once in the
+    callback that parsed its request, the channel being live."""
+    async with contextlib.AsyncExitStack() as stack:
+        if live:
+            keeper = await stack.enter_async_context(ws_client(server))
+            await keeper.subscribe("cycles")
+        with collector_off():
+            await sse_rounds(server, "cycles")
+            await settled(server, remaining=int(live))
+            assert cycles_left() == Counter()
+    await settled(server)
