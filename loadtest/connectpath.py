@@ -144,13 +144,18 @@ class _Bench:
         transport.protocol = protocol
         return transport, protocol
 
-    async def ws_cycle(self, clock: Callable[[], int], totals: list[int], check: bool) -> None:
+    def _request(self, clock: Callable[[], int]) -> tuple[_Transport, int, int, int]:
+        """A new connection and its request: the transport, and the clock before, between
+        (the protocol made) and after (the request handled)."""
         t0 = clock()
         transport, protocol = self._protocol()
         protocol.connection_made(transport)
         t1 = clock()
         protocol.data_received(self.request)
-        t2 = clock()
+        return transport, t0, t1, clock()
+
+    async def ws_cycle(self, clock: Callable[[], int], totals: list[int], check: bool) -> None:
+        transport, t0, t1, t2 = self._request(clock)
         upgraded = transport.protocol
         upgraded.data_received(self.subscribe)
         t3 = clock()
@@ -166,12 +171,7 @@ class _Bench:
             totals[i] += spent
 
     async def sse_cycle(self, clock: Callable[[], int], totals: list[int], check: bool) -> None:
-        t0 = clock()
-        transport, protocol = self._protocol()
-        protocol.connection_made(transport)
-        t1 = clock()
-        protocol.data_received(self.request)
-        t2 = clock()
+        transport, t0, t1, t2 = self._request(clock)
         if check:
             _check_sse(transport.written)
         await asyncio.sleep(0)

@@ -92,31 +92,24 @@ async def sse_rounds(server: RunningServer, channel: str) -> None:
                 assert event["json"]["data"] == {"n": n}
 
 
+ROUNDS_OF = {"websocket": websocket_rounds, "sse": sse_rounds}
+
+
+@pytest.mark.parametrize("transport", sorted(ROUNDS_OF))
 @pytest.mark.parametrize("live", [False, True], ids=["channel-joined-anew", "channel-live"])
-async def test_a_closed_websocket_leaves_no_cycle(server: RunningServer, live: bool) -> None:
-    """Each subscribe joins the channel anew (a broker call, the reader's task), or one
-    other client keeps it live (answered in the protocol's callback)."""
+async def test_a_closed_connection_leaves_no_cycle(
+    server: RunningServer, transport: str, live: bool
+) -> None:
+    """Each subscribe joins the channel anew (a broker call first: the WebSocket reader's
+    task, an SSE stream opened later), or one other client keeps it live (the subscribe
+    answered, the stream opened, in the callback that parsed the client's frame or
+    request)."""
     async with contextlib.AsyncExitStack() as stack:
         if live:
             keeper = await stack.enter_async_context(ws_client(server))
             await keeper.subscribe("cycles")
         with collector_off():
-            await websocket_rounds(server, "cycles")
-            await settled(server, remaining=int(live))
-            assert cycles_left() == Counter()
-    await settled(server)
-
-
-@pytest.mark.parametrize("live", [False, True], ids=["channel-joined-anew", "channel-live"])
-async def test_a_closed_sse_stream_leaves_no_cycle(server: RunningServer, live: bool) -> None:
-    """Each stream opens once its subscribe is done (``OpenLater``), or at once in the
-    callback that parsed its request, the channel being live."""
-    async with contextlib.AsyncExitStack() as stack:
-        if live:
-            keeper = await stack.enter_async_context(ws_client(server))
-            await keeper.subscribe("cycles")
-        with collector_off():
-            await sse_rounds(server, "cycles")
+            await ROUNDS_OF[transport](server, "cycles")
             await settled(server, remaining=int(live))
             assert cycles_left() == Counter()
     await settled(server)
