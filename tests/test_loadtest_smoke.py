@@ -788,12 +788,28 @@ def test_connectpath_refuses_to_time_an_error_path() -> None:
         _check_sse([b"HTTP/1.1 401 Unauthorized\r\n\r\n"])
 
 
-def test_the_load_generators_sse_client_decodes_chunks_however_they_are_split() -> None:
-    """Whole chunks take the short path, anything else the general one; the body is the
-    same for every way of cutting the stream into reads, extensions and the end included."""
+def test_the_load_generators_sse_client_decodes_the_body_however_it_is_split() -> None:
+    """A chunked body (extensions and the last chunk included) and one that ends with the
+    connection, as Nchan's: the body the client reads is the same for every way of
+    cutting the response into reads, and a chunked stream's end is seen."""
     import random
 
+    import httptools
+
     from loadtest.clients.sse import SseClient
+
+    class Collecting(SseClient):
+        def __init__(self) -> None:  # only what the parser's callbacks use
+            self.failed = self.ended = False
+            self.parser = httptools.HttpResponseParser(self)
+            self.dialect = type("Dialect", (), {"ready_on_open": False})()
+            self.body: list[bytes] = []
+
+        def _feed(self, data: bytes) -> None:
+            self.body.append(data)
+
+        def _end_of_stream(self) -> None:
+            self.ended = True
 
     rng = random.Random(16)
     bodies = [bytes([97 + rng.randrange(26)]) * rng.randrange(1, 300) for _ in range(40)]
@@ -801,15 +817,48 @@ def test_the_load_generators_sse_client_decodes_chunks_however_they_are_split() 
         b"%x%s\r\n%s\r\n" % (len(b), b";ext=1" if i % 7 == 3 else b"", b)
         for i, b in enumerate(bodies)
     ]
-    stream = b"".join(chunks) + b"0\r\n\r\n"
-    boundaries = [sum(map(len, chunks[:i])) for i in range(1, len(chunks) + 1)]
-    for trial in range(200):
-        client = SseClient.__new__(SseClient)
-        client.chunk_left = client.skip_crlf = 0
-        client.chunk_buf = b""
-        client.transport = None  # the end of the stream would close it
-        cuts = sorted(rng.sample(range(1, len(stream)), rng.randrange(0, 30)))
-        if trial % 2:  # reads of whole chunks: the short path only
-            cuts = sorted(rng.sample(boundaries, 10))
-        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
-        assert b"".join(client._dechunk(piece) for piece in pieces) == b"".join(bodies)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    chunked = b"transfer-encoding: chunked\r\n\r\n" + b"".join(chunks) + b"0\r\n\r\n"
+    responses = {
+        "chunked": head + chunked,
+        "until-close": head + b"connection: close\r\n\r\n" + b"".join(bodies),
+    }
+    for framing, response in responses.items():
+        for _ in range(100):
+            client = Collecting()
+            cuts = sorted(rng.sample(range(1, len(response)), rng.randrange(0, 30)))
+            for a, b in zip([0, *cuts], [*cuts, len(response)], strict=True):
+                client.data_received(response[a:b])
+            assert not client.failed, framing
+            assert b"".join(client.body) == b"".join(bodies), framing
+            assert client.ended == (framing == "chunked"), framing
+
+
+def test_the_load_generators_sse_client_fails_a_refused_or_broken_response() -> None:
+    import httptools
+
+    from loadtest.clients.sse import SseClient
+
+    class Failing(SseClient):
+        def __init__(self) -> None:
+            self.failed = False
+            self.parser = httptools.HttpResponseParser(self)
+            self.dialect = type("Dialect", (), {"ready_on_open": True})()
+            self.reasons: list[str] = []
+            self.body: list[bytes] = []
+
+        def _fail(self, reason: str) -> None:
+            self.failed = True
+            self.reasons.append(reason)
+
+        def _feed(self, data: bytes) -> None:
+            self.body.append(data)
+
+        def _end_of_stream(self) -> None: ...
+
+    refused = Failing()
+    refused.data_received(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\n{}")
+    assert refused.reasons == ["HTTP 401"] and refused.body == []
+    broken = Failing()
+    broken.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+    assert len(broken.reasons) == 1 and broken.reasons[0].startswith("bad response")
