@@ -100,11 +100,71 @@ def test_the_methods_copied_from_uvicorn_are_unchanged_there(path: str) -> None:
 def test_copies_are_recorded_for_both_protocols() -> None:
     assert sorted(COPIED) == [
         "uvicorn.middleware.proxy_headers:ProxyHeadersMiddleware.__call__",
+        "uvicorn.protocols.http.flow_control:FlowControl.__init__",
+        "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.__init__",
         "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.connection_made",
         "uvicorn.protocols.http.httptools_impl:RequestResponseCycle.run_asgi",
         "uvicorn.protocols.http.httptools_impl:RequestResponseCycle.send",
         "uvicorn.protocols.websockets.websockets_sansio_impl:WebSocketsSansIOProtocol.run_asgi",
     ]
+
+
+class _Transport:
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 40000)}.get(name)
+
+    def close(self) -> None: ...
+
+
+def _protocol_state(protocol: Any, names: Any) -> dict[str, Any]:
+    """The attributes ``names`` of ``protocol`` (of the objects made anew per
+    connection, their type)."""
+    return {
+        name: type(getattr(protocol, name))
+        if name in ("parser", "pipeline")
+        else getattr(protocol, name)
+        for name in names
+    }
+
+
+async def test_the_lean_constructor_leaves_what_uvicorns_would() -> None:
+    """``GatewayHttpToolsProtocol.__init__`` sets per server what uvicorn's sets per
+    connection: the same attributes, the same values, each server its own."""
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.server import ServerState
+
+    from gateway.app import create_app
+
+    loop = asyncio.get_running_loop()
+    servers = []
+    for path in ("/a", "/b"):
+        config = Config(create_app(Settings(jwt_secret=SECRET)), root_path=path)
+        config.load()
+        servers.append((config, ServerState(), {"n": path}))
+    for config, server_state, app_state in servers * 2:
+        theirs = HttpToolsProtocol(config, server_state, app_state, _loop=loop)
+        ours = GatewayHttpToolsProtocol(config, server_state, app_state, _loop=loop)
+        assert _protocol_state(ours, vars(theirs)) == _protocol_state(theirs, vars(theirs))
+        assert ours.root_path == config.root_path and ours.app_state is app_state
+        assert (
+            ours.pipeline
+            is not GatewayHttpToolsProtocol(config, server_state, app_state, _loop=loop).pipeline
+        )
+        transport: Any = _Transport()
+        ours.connection_made(transport)
+        theirs.connection_made(transport)
+        assert type(ours.flow) is FlowControl
+        assert vars(ours.flow).keys() == vars(theirs.flow).keys()
+        assert not ours.flow.read_paused and not ours.flow.write_paused
+        assert ours.flow._is_writable_event.is_set()
+        assert (ours.server, ours.client, ours.scheme) == (
+            theirs.server,
+            theirs.client,
+            theirs.scheme,
+        )
+        ours.connection_lost(None)
+        theirs.connections.discard(theirs)
 
 
 @pytest.mark.parametrize("base", list(EXTENDED), ids=lambda c: c.__name__)

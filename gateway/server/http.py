@@ -53,11 +53,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
-from typing import Any, cast
+from collections import deque
+from typing import Any, Literal, cast
 from urllib.parse import unquote
 
-from uvicorn._types import ASGI3Application
+import httptools
+from uvicorn._types import ASGI3Application, HTTPScope
+from uvicorn.config import Config
 from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import (
@@ -66,6 +70,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 from uvicorn.protocols.utils import is_ssl
+from uvicorn.server import ServerState
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 
@@ -91,7 +96,9 @@ logger = logging.getLogger("uvicorn.error")
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
 # dedented source when it was copied; tests/test_server_adapter.py compares.
 COPIED_FROM_UVICORN = {
+    "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.__init__": "264f2f06759670d4",
     "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.connection_made": "ba1915817ccf6c1b",
+    "uvicorn.protocols.http.flow_control:FlowControl.__init__": "56685b6831683d3d",
     # the client it puts in the scope (``forwarded_client``)
     "uvicorn.middleware.proxy_headers:ProxyHeadersMiddleware.__call__": "85cff06f8cb98a0c",
 }
@@ -101,6 +108,38 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that offers a ``RawBody`` in each request's scope."""
 
     raw_body: RawBody | None = None  # the current request's
+    # uvicorn's per-connection and per-request state until the connection sets it: read
+    # from the class, not set on each new protocol (``__init__``)
+    transport: asyncio.Transport = None  # type: ignore[assignment]
+    flow: FlowControl = None  # type: ignore[assignment]
+    server: tuple[str, int | None] | None = None
+    client: tuple[str, int] | None = None
+    scheme: Literal["http", "https"] | None = None
+    scope: HTTPScope = None  # type: ignore[assignment]
+    headers: list[tuple[bytes, bytes]] = None  # type: ignore[assignment]
+    expect_100_continue = False
+    cycle: RequestResponseCycle = None  # type: ignore[assignment]
+    timeout_keep_alive_task: asyncio.TimerHandle | None = None
+    upgrade_answer: bool | None = None  # ``_should_upgrade``'s, for the current request
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # uvicorn's (COPIED_FROM_UVICORN): what it computes the same for every connection
+        # of a server (the config's settings, its loggers, the server's sets) is computed
+        # once and set in one update; the per-connection state above comes from the class.
+        # A new protocol object is most of what a connection costs before its request.
+        self.__dict__.update(_server_wide(config, server_state, app_state))
+        self.loop = _loop or asyncio.get_event_loop()
+        self.access_log = self.access_logger.hasHandlers()
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # httptools < 0.6.3 has none
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.pipeline = deque()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # uvicorn's (COPIED_FROM_UVICORN), but the addresses come from the transport's
@@ -109,25 +148,31 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         # connect's CPU.
         self.connections.add(self)
         self.transport = transport
-        self.flow = FlowControl(transport)
+        self.flow = _flow_control(transport)
         self.server = _address(transport.get_extra_info("sockname"), local=True)
         self.client = _address(transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
         self.scheme = "https" if is_ssl(transport) else "http"
         if self.logger.level <= TRACE_LOG_LEVEL:
             prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
             self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
-        # Less memory per idle stream: an Event without an empty waiter deque.
-        writable = LiteEvent()
-        writable.set()
-        self.flow._is_writable_event = writable  # type: ignore[assignment]
         self.head_deadlines: HeadDeadlines | None = self.app_state.get(HEAD_DEADLINES)
         if self.head_deadlines is not None:
             self.head_deadlines.start(self)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.upgrade_answer = None
         if self.head_deadlines is not None:  # a request after a response: its own wait
             self.head_deadlines.start(self)
+
+    def _should_upgrade(self) -> bool:
+        # uvicorn asks once its headers are in, again at the message's end and once more
+        # when the parser stops for the upgrade, each time reading the headers anew: the
+        # same answer for the same request, so kept for the request.
+        answer = self.upgrade_answer
+        if answer is None:
+            answer = self.upgrade_answer = super()._should_upgrade()
+        return answer
 
     def head_timed_out(self) -> None:
         """No whole request head in time (``gateway.server.headwait``): a 408, written as
@@ -302,6 +347,49 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         except (binascii.Error, ValueError):
             return None
         return keys[0].decode("ascii")
+
+
+def _server_wide(
+    config: Config, server_state: ServerState, app_state: dict[str, Any]
+) -> dict[str, Any]:
+    """The attributes uvicorn's ``__init__`` gives every protocol of one server the same
+    values, made on the server's first connection and kept on its ``ServerState``."""
+    kept = getattr(server_state, "gateway_protocol_attributes", None)
+    if kept is not None and kept["config"] is config and kept["app_state"] is app_state:
+        return cast(dict[str, Any], kept)
+    if not config.loaded:
+        config.load()
+    attributes = {
+        "config": config,
+        "app": config.loaded_app,
+        "logger": logging.getLogger("uvicorn.error"),
+        "access_logger": logging.getLogger("uvicorn.access"),
+        "ws_protocol_class": config.ws_protocol_class,
+        "root_path": config.root_path,
+        "asgi_version": config.asgi_version,
+        "limit_concurrency": config.limit_concurrency,
+        "app_state": app_state,
+        "timeout_keep_alive": config.timeout_keep_alive,
+        "server_state": server_state,
+        "connections": server_state.connections,
+        "tasks": server_state.tasks,
+    }
+    server_state.gateway_protocol_attributes = attributes  # type: ignore[attr-defined]
+    return attributes
+
+
+def _flow_control(transport: asyncio.Transport) -> FlowControl:
+    """uvicorn's ``FlowControl(transport)`` with a ``LiteEvent`` for its writable event
+    (less memory per idle stream: no empty waiter deque), not an ``asyncio.Event`` made
+    and dropped at once."""
+    flow = FlowControl.__new__(FlowControl)
+    flow._transport = transport
+    flow.read_paused = False
+    flow.write_paused = False
+    writable = LiteEvent()
+    writable.set()
+    flow._is_writable_event = writable  # type: ignore[assignment]
+    return flow
 
 
 def _address(info: Any, *, local: bool) -> tuple[str, int | None] | None:
