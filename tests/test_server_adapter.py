@@ -33,7 +33,7 @@ from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.server.options import UVICORN_TESTED, is_tested, server_choice, uvicorn_options
 from gateway.server.websocket import GatewayWebSocketProtocol
 from gateway.settings import Settings
-from tests.conftest import SECRET, RunningServer
+from tests.conftest import SECRET, RunningServer, eventually
 from tests.helpers import api_client, api_publish, ws_client
 from tests.procs import GatewayProcess
 
@@ -296,3 +296,28 @@ def test_the_protocol_names_both_ends_as_uvicorn_does(host: str) -> None:
     ours, uvicorns = uvloop.run(both_ways())
     assert ours == uvicorns
     assert ours[0] is not None and ours[0][0] == host and ours[1] is not None
+
+
+@pytest.mark.gateway_protocols
+async def test_an_upgrade_answered_here_keeps_the_transports_protocol(
+    server: RunningServer,
+) -> None:
+    """The upgrade is handed on, not switched: uvloop's ``set_protocol`` stops and starts
+    reading the socket (an epoll change each way per connection). The HTTP protocol stays
+    the transport's, with nothing of its own left but the WebSocket it hands to, which
+    gets every frame and the connection's end."""
+    from gateway.server.upgraded import UpgradedWebSocket
+
+    state = server.server.server_state
+    async with ws_client(server) as ws:
+        await ws.subscribe("handed-on")
+        (upgraded,) = [c for c in state.connections if isinstance(c, UpgradedWebSocket)]
+        protocol = upgraded.transport.get_protocol()
+        assert type(protocol) is GatewayHttpToolsProtocol
+        assert vars(protocol) == {"upgraded": upgraded}
+        async with api_client(server) as api:
+            await api_publish(api, "handed-on", {"n": 1})
+        (push,) = await ws.publications("handed-on", 1)
+        assert push["data"] == {"n": 1}
+    await eventually(lambda: not state.connections and not server.gateway.hub.sessions)
+    assert upgraded.ended

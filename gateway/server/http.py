@@ -28,7 +28,9 @@ WebSocket upgrades: when the app's opener (``OPEN_WEBSOCKET``) takes an upgrade 
 handshake websockets would accept as it is, this protocol answers it: the request was
 parsed once, here, so the 101 is written and the connection handed to the gateway's
 lean WebSocket protocol (``gateway.server.upgraded``), without uvicorn's rebuilding
-the request for a WebSocket protocol to parse again. Anything else (another path, a
+the request for a WebSocket protocol to parse again. This protocol stays the
+transport's (uvloop's ``set_protocol`` would stop and start reading the socket) and
+hands everything on, its own state dropped. Anything else (another path, a
 handshake websockets would refuse or answer differently, over its header limits) takes
 uvicorn's path and gets its answer.
 
@@ -121,6 +123,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     cycle: RequestResponseCycle = None  # type: ignore[assignment]
     timeout_keep_alive_task: asyncio.TimerHandle | None = None
     upgrade_answer: bool | None = None  # ``_should_upgrade``'s, for the current request
+    upgraded: UpgradedWebSocket | None = None  # the protocol this one hands everything to
 
     def __init__(
         self,
@@ -241,6 +244,10 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             self.headers = []
 
     def connection_lost(self, exc: Exception | None) -> None:
+        upgraded = self.upgraded
+        if upgraded is not None:
+            upgraded.connection_lost(exc)
+            return
         if self.head_deadlines is not None:
             self.head_deadlines.done(self)
         super().connection_lost(exc)
@@ -304,15 +311,47 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             access_log=config.access_log,
         )
         self.connections.discard(self)
-        self.transport.set_protocol(protocol)
-        self._retire()
-        protocol.connection_made(self.transport)
+        transport = self.transport
+        protocol.connection_made(transport)
         protocol.open(switching_head(accept_key(key), self.server_state.default_headers), url)
-        self.url, self.headers = b"", []
+        # Not ``transport.set_protocol``: uvloop's stops and starts reading the socket
+        # again to switch it (an epoll change each way, a tenth of a connect's CPU).
+        # This protocol stays the transport's and hands everything on; all of its own
+        # state goes (the parser with it, whose callbacks hold this protocol).
+        self.__dict__.clear()
+        self.upgraded = protocol
         if isinstance(decision, Refuse):
             protocol.refuse(decision.code, decision.reason)
         else:
             decision(protocol)
+
+    # -- after an upgrade answered here: the WebSocket protocol's (``_switch``) ---------
+
+    def data_received(self, data: bytes) -> None:
+        upgraded = self.upgraded
+        if upgraded is not None:
+            upgraded.data_received(data)
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> None:
+        upgraded = self.upgraded
+        if upgraded is not None:
+            upgraded.eof_received()
+
+    def pause_writing(self) -> None:
+        upgraded = self.upgraded
+        if upgraded is not None:
+            upgraded.pause_writing()
+        else:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        upgraded = self.upgraded
+        if upgraded is not None:
+            upgraded.resume_writing()
+        else:
+            super().resume_writing()
 
     def _retire(self) -> None:
         """The connection is another protocol's now. Drop the parser, which holds this
