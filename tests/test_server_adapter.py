@@ -52,7 +52,18 @@ EXTENDED = {
         "keepalive_timeout",
         "send_500_response",
     ],
-    HttpToolsProtocol: ["_start_asgi_task", "on_headers_complete", "connection_lost"],
+    HttpToolsProtocol: [
+        "_start_asgi_task",
+        "on_headers_complete",
+        "on_message_begin",
+        "connection_lost",
+        "handle_websocket_upgrade",
+        "_should_upgrade",
+        "data_received",
+        "eof_received",
+        "pause_writing",
+        "resume_writing",
+    ],
     RequestResponseCycle: ["run_asgi", "send", "send_500_response"],
 }
 ATTRIBUTES = {

@@ -24,15 +24,8 @@ Raw writes skip every middleware's ``send`` wrapper. That is correct for ``/sse`
 because nothing in front of it changes a body (CORS only adds headers to the start
 message); a body-rewriting middleware (gzip, say) needs ``GATEWAY_RAW_WRITES=false``.
 
-WebSocket upgrades: when the app's opener (``OPEN_WEBSOCKET``) takes an upgrade whose
-handshake websockets would accept as it is, this protocol answers it: the request was
-parsed once, here, so the 101 is written and the connection handed to the gateway's
-lean WebSocket protocol (``gateway.server.upgraded``), without uvicorn's rebuilding
-the request for a WebSocket protocol to parse again. This protocol stays the
-transport's (uvloop's ``set_protocol`` would stop and start reading the socket) and
-hands everything on, its own state dropped. Anything else (another path, a
-handshake websockets would refuse or answer differently, over its header limits) takes
-uvicorn's path and gets its answer.
+WebSocket upgrades the app's opener takes are answered here too
+(``gateway.server.handover``, the base class).
 
 Streams opened below ASGI: before a request's ASGI task starts, the app's stream opener
 (``OPEN_STREAM``) may take a plain HTTP/1.1 GET (the gateway's ``/sse``). It answers at
@@ -53,13 +46,10 @@ Detached responses: ``hold`` lets the ASGI call return with the response still o
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 from collections import deque
 from typing import Any, Literal, cast
-from urllib.parse import unquote
 
 import httptools
 from uvicorn._types import ASGI3Application, HTTPScope
@@ -68,29 +58,21 @@ from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
-    HttpToolsProtocol,
     RequestResponseCycle,
 )
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
-from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
-from websockets.utils import accept_key
 
 from gateway.server.cycle import DetachableCycle, RawBody, log_failure
 from gateway.server.forwarded import forwarded_client
+from gateway.server.handover import AnswersUpgrades
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.ports import (
     OPEN_STREAM,
-    OPEN_WEBSOCKET,
     RAW_BODY,
-    Accept,
-    Deferred,
-    Opener,
     OpenLater,
-    Refuse,
     StreamOpener,
 )
-from gateway.server.upgraded import UpgradedWebSocket, switching_head
 from gateway.server.waiting import LiteEvent
 
 logger = logging.getLogger("uvicorn.error")
@@ -106,7 +88,7 @@ COPIED_FROM_UVICORN = {
 }
 
 
-class GatewayHttpToolsProtocol(HttpToolsProtocol):
+class GatewayHttpToolsProtocol(AnswersUpgrades):
     """``HttpToolsProtocol`` that offers a ``RawBody`` in each request's scope."""
 
     raw_body: RawBody | None = None  # the current request's
@@ -123,7 +105,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     cycle: RequestResponseCycle = None  # type: ignore[assignment]
     timeout_keep_alive_task: asyncio.TimerHandle | None = None
     upgrade_answer: bool | None = None  # ``_should_upgrade``'s, for the current request
-    upgraded: UpgradedWebSocket | None = None  # the protocol this one hands everything to
 
     def __init__(
         self,
@@ -264,129 +245,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.raw_body = None
         self.pipeline.clear()
 
-    # -- WebSocket upgrades answered here (see the module docstring) -------------
-
-    def handle_websocket_upgrade(self) -> None:
-        opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
-        # With the gateway's WebSocket protocol configured, the config's limits are the
-        # gateway's (the 1009 limit, pings): upgrades may skip it for the lean one.
-        ours = getattr(self.ws_protocol_class, "lends_upgrades", False)
-        key = self._websocket_key() if opener is not None and ours else None
-        decision = opener(_HttpUpgrade(self.url, self.headers)) if opener and key else None
-        if decision is None:
-            super().handle_websocket_upgrade()  # uvicorn: the WebSocket protocol parses it again
-            self._retire()
-            return
-        assert key is not None
-        if isinstance(decision, Deferred):
-            # The app answers later (a backend's say): read nothing meanwhile.
-            self.transport.pause_reading()
-            task = asyncio.ensure_future(decision.decide())
-            task.add_done_callback(lambda done: self._decided(key, self.url, done))
-            return
-        self._switch(key, self.url, decision)
-
-    def _decided(self, key: str, url: bytes, task: asyncio.Future[Accept | Refuse]) -> None:
-        """A deferred decision is in: switch, unless the client left (or the server
-        closed the connection, stopping) meanwhile."""
-        if task.cancelled() or self.transport.is_closing():
-            return
-        error = task.exception()
-        if error is not None:
-            logger.error("deciding a WebSocket upgrade failed", exc_info=error)
-            self.transport.close()
-            return
-        self.transport.resume_reading()
-        self._switch(key, url, task.result())
-
-    def _switch(self, key: str, url: bytes, decision: Accept | Refuse) -> None:
-        """Write the 101 and hand the connection to the gateway's WebSocket protocol."""
-        config = self.config
-        protocol = UpgradedWebSocket(
-            connections=self.connections,
-            max_size=config.ws_max_size,
-            ping_interval=config.ws_ping_interval,
-            ping_timeout=config.ws_ping_timeout,
-            client=self.client,
-            access_log=config.access_log,
-        )
-        self.connections.discard(self)
-        transport = self.transport
-        protocol.connection_made(transport)
-        protocol.open(switching_head(accept_key(key), self.server_state.default_headers), url)
-        # Not ``transport.set_protocol``: uvloop's stops and starts reading the socket
-        # again to switch it (an epoll change each way, a tenth of a connect's CPU).
-        # This protocol stays the transport's and hands everything on; all of its own
-        # state goes (the parser with it, whose callbacks hold this protocol).
-        self.__dict__.clear()
-        self.upgraded = protocol
-        if isinstance(decision, Refuse):
-            protocol.refuse(decision.code, decision.reason)
-        else:
-            decision(protocol)
-
-    # -- after an upgrade answered here: the WebSocket protocol's (``_switch``) ---------
-
-    def data_received(self, data: bytes) -> None:
-        upgraded = self.upgraded
-        if upgraded is not None:
-            upgraded.data_received(data)
-        else:
-            super().data_received(data)
-
-    def eof_received(self) -> None:
-        upgraded = self.upgraded
-        if upgraded is not None:
-            upgraded.eof_received()
-
-    def pause_writing(self) -> None:
-        upgraded = self.upgraded
-        if upgraded is not None:
-            upgraded.pause_writing()
-        else:
-            super().pause_writing()
-
-    def resume_writing(self) -> None:
-        upgraded = self.upgraded
-        if upgraded is not None:
-            upgraded.resume_writing()
-        else:
-            super().resume_writing()
-
-    def _retire(self) -> None:
-        """The connection is another protocol's now. Drop the parser, which holds this
-        protocol's callbacks (as uvicorn does in ``connection_lost``, which this protocol
-        no longer gets): otherwise each upgraded connection leaves a reference cycle that
-        only a full collection frees, and a reconnect storm leaves thousands of them."""
-        self.parser = None  # type: ignore[assignment]
-
-    def _websocket_key(self) -> str | None:
-        """The ``Sec-WebSocket-Key`` of a handshake that websockets would accept as it is;
-        None for anything else, which then takes uvicorn's path and gets its answer."""
-        if self.scope.get("method") != "GET" or self.parser.get_http_version() != "1.1":
-            return None
-        # websockets' own limits on the request it parses (431 / 414 when over)
-        if len(self.headers) > MAX_NUM_HEADERS or len(self.url) + 16 > MAX_LINE_LENGTH:
-            return None
-        keys, versions, upgrades = [], [], []
-        for name, value in self.headers:
-            if len(name) + len(value) + 4 > MAX_LINE_LENGTH:
-                return None
-            if name == b"sec-websocket-key":
-                keys.append(value)
-            elif name == b"sec-websocket-version":
-                versions.append(value)
-            elif name == b"upgrade":
-                upgrades.append(value.lower())
-        if len(keys) != 1 or versions != [b"13"] or upgrades != [b"websocket"]:
-            return None
-        try:
-            if len(base64.b64decode(keys[0], validate=True)) != 16:
-                return None
-        except (binascii.Error, ValueError):
-            return None
-        return keys[0].decode("ascii")
-
 
 def _server_wide(
     config: Config, server_state: ServerState, app_state: dict[str, Any]
@@ -463,29 +321,4 @@ class _ScopeHead:
         for key, value in self._scope["headers"]:
             if key == wanted:
                 return cast(bytes, value).decode("latin-1")
-        return None
-
-
-class _HttpUpgrade:
-    """What an ``Opener`` sees of an upgrade parsed by the HTTP protocol (``RequestHead``)."""
-
-    __slots__ = ("_headers", "_url")
-
-    def __init__(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self._url = url
-        self._headers = headers
-
-    @property
-    def path(self) -> str:
-        return unquote(self._url.partition(b"?")[0].decode("latin-1"))
-
-    @property
-    def query_string(self) -> bytes:
-        return self._url.partition(b"?")[2]
-
-    def header(self, name: str) -> str | None:
-        wanted = name.lower().encode("latin-1")
-        for key, value in self._headers:
-            if key == wanted:
-                return value.decode("latin-1")
         return None
