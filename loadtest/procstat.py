@@ -118,17 +118,20 @@ class ProcessSampler:
     def window(self, start: float, end: float) -> list[Sample]:
         return [s for s in self.samples if start <= s.at <= end]
 
-    def utilisation(self, start: float, end: float) -> float | None:
-        """CPU % (100 = one core) between the first and last samples inside the window.
-
-        A window too short for two samples (a sampler starved on a busy machine) is
-        widened to the nearest sample on either side.
-        """
+    def around(self, start: float, end: float) -> list[Sample]:
+        """``window``; one too short for two samples (a sampler starved on a busy
+        machine) widened to the nearest sample on either side."""
         inside = self.window(start, end)
         if len(inside) < 2:
             before = [s for s in self.samples if s.at < start][-1:]
             after = [s for s in self.samples if s.at > end][:1]
             inside = before + inside + after
+        return inside
+
+    def utilisation(self, start: float, end: float) -> float | None:
+        """CPU % (100 = one core) between the first and last samples ``around`` the
+        window."""
+        inside = self.around(start, end)
         if len(inside) < 2 or inside[-1].at <= inside[0].at:
             return None
         return 100.0 * (inside[-1].cpu - inside[0].cpu) / (inside[-1].at - inside[0].at)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from loadtest.procstat import cpu_seconds, exact_cpu_seconds
+from loadtest.procstat import ProcessSampler, Sample, cpu_seconds, exact_cpu_seconds
 
 
 def spin(seconds: float) -> None:
@@ -45,3 +45,12 @@ def test_exact_cpu_time_agrees_with_the_ticks() -> None:
         child.stdin.close()
     assert exact >= 0.3
     assert abs(exact - ticks) <= 0.05
+
+
+def test_a_window_a_starved_sampler_missed_is_widened_to_its_nearest_samples() -> None:
+    sampler = ProcessSampler(0, [Sample(t, t / 10, 1000) for t in (1.0, 2.0, 6.0, 7.0)])
+    assert [s.at for s in sampler.around(1.5, 2.5)] == [1.0, 2.0, 6.0]  # one inside
+    assert [s.at for s in sampler.around(3.0, 5.0)] == [2.0, 6.0]  # none inside
+    assert [s.at for s in sampler.around(0.5, 6.5)] == [1.0, 2.0, 6.0]  # enough inside
+    assert sampler.around(8.0, 9.0)[-1].at == 7.0
+    assert sampler.utilisation(3.0, 5.0) == 10.0

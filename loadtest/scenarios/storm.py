@@ -322,7 +322,7 @@ def worker_figures(h: Harness, start: float, end: float) -> dict[str, dict[str, 
     """Per gateway process: peak RSS, mean CPU over the run and its busiest second."""
     figures: dict[str, dict[str, Any]] = {}
     for name, sampler in gateway_samplers(h).items():
-        samples = sampler.window(start, end)
+        samples = sampler.around(start, end)
         if not samples:
             continue
         lo, hi = samples[0].at, samples[-1].at
