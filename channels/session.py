@@ -203,6 +203,18 @@ class Session:
         if writer is not None and not writer.done():
             writer.cancel()
 
+    def take_queued(self) -> list[Outgoing]:
+        """What queued while the transport could not write yet (a resume's publications,
+        before an SSE response started), handed to the caller to write first, with what
+        opens the stream. Nothing while a writer runs or the session closes: the writer
+        writes it then."""
+        if self._writer is not None or self._writing or self.close_reason is not None:
+            return []
+        queued = list(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        return queued
+
     def writer_on_demand(self, start: Callable[[], object] | None) -> None:
         """Have ``start`` (which starts a task running ``run_writer``) called only once
         the writer is needed: an item has to queue or the session closes. Most sessions

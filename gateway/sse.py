@@ -107,6 +107,10 @@ class SSETransport:
                 return wire.single_chunk(item)
         return wire.frame_chunk(self._event(item))
 
+    def events(self, items: list[Outgoing]) -> bytes:
+        """``items`` as SSE events, unframed (the cursor kept)."""
+        return b"".join([self._event(item) for item in items])
+
     def _event(self, item: Outgoing) -> bytes:
         if isinstance(item, Publication):
             self.positions[item.channel] = item
@@ -138,6 +142,16 @@ class Stream:
         self._beat: Timer | None = None
         self._expiry: Timer | None = None
         self._writer: asyncio.Task[None] | None = None
+
+    def opening(self) -> bytes:
+        """The response's first piece: the opening event (``retry:``, and the position
+        the stream starts from as ``id:``), then the events its subscribes queued
+        meanwhile (a resume's publications). Written at once with the response's head,
+        a resume needs no writer task and no second write."""
+        retry = self.gateway.settings.sse_retry_ms
+        opening = wire.sse_opening(retry, self.transport.cursor())
+        queued = self.session.take_queued()
+        return opening + self.transport.events(queued) if queued else opening
 
     def start(self, port: StreamPort) -> None:
         """The response has started: write to ``port`` from now on."""
@@ -214,7 +228,7 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = self.stream
         settings = stream.gateway.settings
-        opening = wire.sse_opening(settings.sse_retry_ms, stream.transport.cursor())
+        opening = stream.opening()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": opening, "more_body": True})

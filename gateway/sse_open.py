@@ -22,7 +22,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from auth import AuthError, Claims
 from channels.hub import SubscribeError
 from channels.publication import StreamPosition
-from gateway import wire
 from gateway.cors import CorsHeaders
 from gateway.deps import hooked, query_value, query_values, token_of
 from gateway.errors import GatewayError, JSONBody
@@ -153,8 +152,7 @@ class Opened:
     def __init__(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
         self.stream = stream
         self.headers = headers
-        retry = stream.gateway.settings.sse_retry_ms
-        self.opening = wire.sse_opening(retry, stream.transport.cursor())
+        self.opening = stream.opening()
 
     def start(self, port: StreamPort) -> None:
         self.stream.start(port)

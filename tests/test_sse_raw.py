@@ -271,14 +271,44 @@ async def test_gap_event_is_written_raw_and_exact(server, raw_writes):
         pubs = [await publish(http, "raw:gap", n) for n in range(1, 3)]
         await live.chunks(2)
         before = raw_writes["written"]
-        # Resuming from an unknown epoch: the gap queued before the response started is
-        # the writer's first (raw) write.
+        # Resuming from an unknown epoch: the gap queued before the response started goes
+        # out with the opening, in the response's first write (no writer, no raw write).
         async with raw_sse(server, ["raw:gap"], headers={"Last-Event-ID": stale}) as s:
-            first, gap = await s.chunks(2)
+            (first,) = await s.chunks(1)
     now = cursor.encode({"raw:gap": StreamPosition(2, pubs[0]["epoch"])}).encode()
-    assert first == b"retry: 2000\nid: %s\n\n" % now
-    assert gap == b'event: gap\nid: %s\ndata: {"channel":"raw:gap"}\n\n' % now
-    assert raw_writes["written"] == before + 1
+    opening = b"retry: 2000\nid: %s\n\n" % now
+    gap = b'event: gap\nid: %s\ndata: {"channel":"raw:gap"}\n\n' % now
+    assert first == opening + gap
+    assert raw_writes["written"] == before
+
+
+async def test_a_resume_goes_out_with_the_opening_in_one_write(server, raw_writes):
+    """A reconnect with ``Last-Event-ID``: the publications it missed follow the opening
+    in the response's first write, on a channel the worker relays (from what it relayed)
+    and on one it does not (from history); no writer task, no raw write of their own."""
+    async with api_client(server) as http, raw_sse(server, ["raw:resume-live"]) as live:
+        await live.chunk()
+        for channel in ("raw:resume-live", "raw:resume-cold"):
+            pubs = [await publish(http, channel, {"n": n}) for n in range(4)]
+            if channel == "raw:resume-live":
+                await live.chunks(4)
+            since = {channel: StreamPosition(pubs[0]["offset"], pubs[0]["epoch"])}
+            before = raw_writes["written"]
+            headers = {"Last-Event-ID": cursor.encode(since)}
+            async with raw_sse(server, [channel], headers=headers) as s:
+                (first,) = await s.chunks(1)
+                more = await publish(http, channel, {"n": 4})
+                (after,) = await s.chunks(1)
+            positions = dict(since)
+            expected = b"retry: 2000\nid: %s\n\n" % cursor.encode(positions).encode()
+            for p in pubs[1:]:
+                positions[channel] = StreamPosition(p["offset"], p["epoch"])
+                expected += publication_event(positions, p)
+            assert first == expected, channel
+            positions[channel] = StreamPosition(more["offset"], more["epoch"])
+            assert after == publication_event(positions, more)
+            # the later publication alone (to the live stream too, on its channel)
+            assert raw_writes["written"] == before + (2 if channel == "raw:resume-live" else 1)
 
 
 # --------------------------------------------------------------------------- flow control
