@@ -226,7 +226,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
 
     def connection_lost(self, exc: Exception | None) -> None:
         upgraded = self.upgraded
-        if upgraded is not None:
+        if upgraded is not None:  # handed over (``AnswersUpgrades._switch``): its end
             upgraded.connection_lost(exc)
             return
         if self.head_deadlines is not None:
