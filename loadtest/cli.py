@@ -125,6 +125,12 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--slow-interval", type=float, default=1.0)
     g.add_argument("--slow-rcvbuf", type=int, default=8192)
+    g.add_argument(
+        "--kernel-stamps",
+        action="store_true",
+        help="read with the kernel's receive times (SO_TIMESTAMPNS): each step's latency "
+        "also at arrival in the client's kernel, apart from the clients' own queue",
+    )
     g.add_argument("--payload-bytes", type=int, default=64, help="padding per payload")
     g.add_argument(
         "--drain-timeout",
@@ -389,6 +395,7 @@ def setup_from(args: argparse.Namespace, argv: list[str]) -> Setup:
         slow_share=args.slow_share,
         slow_interval=args.slow_interval,
         slow_rcvbuf=args.slow_rcvbuf,
+        kernel_stamps=getattr(args, "kernel_stamps", False),
         pad_bytes=args.payload_bytes,
         publish_lanes=getattr(args, "publish_lanes", 1),
         drain_timeout=args.drain_timeout,

@@ -14,7 +14,9 @@ nginx). The sections:
   ``--light-clients`` WebSocket subscribers at each of ``--light-ws-rates`` and
   ``--light-sse-clients`` SSE streams at each of ``--light-sse-rates`` (a server that
   speaks only one of them runs only those steps); latency p50/p95/p99/max, lost and server
-  CPU per step.
+  CPU per step. The clients read with the kernel's receive times here (``--kernel-stamps``):
+  each step's latency when the client process read it and when it arrived in its kernel,
+  the second apart from the time one client process takes to read thousands of sockets.
 
 The servers: the gateway, the Python baselines of ``loadtest/baselines`` and Nchan (nginx
 with the nchan module, ``nchan_redis_pass``; publications by HTTP POST to a second nginx
@@ -292,8 +294,15 @@ def in_rounds(runs: list[dict[str, Any]], targets: list[str], rounds: int) -> li
     return rest[:at] + repeated + rest[at:]
 
 
-async def run_one(args: argparse.Namespace, run: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def setup_of(args: argparse.Namespace, run: dict[str, Any]) -> Setup:
+    """``run``'s setup: the light steps' clients read with the kernel's receive times."""
     setup = base_setup(args, run["target"], run["transport"])
+    setup.kernel_stamps = run["section"] == "light"
+    return setup
+
+
+async def run_one(args: argparse.Namespace, run: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    setup = setup_of(args, run)
     stem = f"{run['section']}-{run['target']}-{run['transport']}"
     if "round" in run:
         stem += f"-round{run['round']}"

@@ -43,6 +43,9 @@ class Setup:
     slow_share: float = 0.0
     slow_interval: float = 1.0
     slow_rcvbuf: int = 8192
+    # Read with the kernel's receive times (``loadtest.clients.stamped``): each step's
+    # latency also at arrival in the client's kernel, not only when its process read it.
+    kernel_stamps: bool = False
     # Publications.
     pad_bytes: int = 64
     publish_lanes: int = 1

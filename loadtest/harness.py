@@ -331,6 +331,7 @@ class Harness:
                 connect_timeout=setup.connect_timeout,
                 slow_interval=setup.slow_interval,
                 slow_rcvbuf=setup.slow_rcvbuf,
+                kernel_stamps=setup.kernel_stamps,
                 cpus=self.loadgen_cpus,
                 churn_local_ips=list(ips),
                 ports=list(self.fleet.ports) if self.fleet is not None else [],

@@ -18,6 +18,11 @@ event in its life, not its end). A gap the server *announced* (a subscribe answe
 are counted as ``announced`` (``Recorder.announce``). Slow
 consumers' deliveries are counted but kept out of the latency figures, which describe
 the clients that keep up.
+
+A delivery's latency is measured when the client process reads it (``now``) and, where
+the client reads with the kernel's receive times (``loadtest.clients.stamped``), also
+when it arrived in the client's kernel (``arrived``): the first includes the time it
+waited for one process to read thousands of sockets, the second is the server's alone.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class Recorder:
         self.t0 = t0
         self.n_steps = n_steps
         self.step_hists = [Histogram() for _ in range(n_steps)]
+        self.arrival_hists = [Histogram() for _ in range(n_steps)]  # kernel receive times
         self.second_hists: dict[int, Histogram] = {}
         self.unique_by_step = [0] * n_steps
         self.announced_by_step = [0] * n_steps
@@ -109,7 +115,9 @@ class Recorder:
                 self.announced_by_step[step] += missed
         return missed
 
-    def on_payload(self, conn: ConnState, payload: dict[str, Any], now: float) -> None:
+    def on_payload(
+        self, conn: ConnState, payload: dict[str, Any], now: float, arrived: float | None = None
+    ) -> None:
         self.received += 1
         try:
             seq = payload["seq"]
@@ -148,6 +156,8 @@ class Recorder:
         self.unique_by_step[step] += 1
         us = int((now - sent) * 1_000_000)
         self.step_hists[step].record_us(us)
+        if arrived is not None:
+            self.arrival_hists[step].record_us(max(0, int((arrived - sent) * 1_000_000)))
         second = int(now - self.t0)
         hist = self.second_hists.get(second)
         if hist is None:
@@ -211,6 +221,7 @@ class Recorder:
             "unannounced_missing": unannounced,
             "clients_with_unannounced_missing": with_loss,
             "step_hists": [h.to_state() for h in self.step_hists],
+            "arrival_hists": [h.to_state() for h in self.arrival_hists],
             "second_hists": {s: h.to_state() for s, h in self.second_hists.items()},
             "connect_hist": self.connect_hist.to_state(),
             "connect_failures": dict(self.connect_failures),

@@ -36,6 +36,7 @@ SCHEMA = 1
 @dataclass
 class Merged:
     step_hists: list[Histogram] = field(default_factory=list)
+    arrival_hists: list[Histogram] = field(default_factory=list)  # kernel receive times
     second_hists: dict[int, Histogram] = field(default_factory=dict)
     unique: Counter[tuple[str, int]] = field(default_factory=Counter)
     announced_by_step: list[int] = field(default_factory=list)
@@ -62,10 +63,14 @@ class Merged:
     def of(cls, finals: list[dict[str, Any]]) -> Merged:
         m = cls()
         for f in finals:
-            for k, state in enumerate(f["step_hists"]):
-                while len(m.step_hists) <= k:
-                    m.step_hists.append(Histogram())
-                m.step_hists[k].merge(Histogram.from_state(state))
+            for hists, states in (
+                (m.step_hists, f["step_hists"]),
+                (m.arrival_hists, f.get("arrival_hists", [])),
+            ):
+                for k, state in enumerate(states):
+                    while len(hists) <= k:
+                        hists.append(Histogram())
+                    hists[k].merge(Histogram.from_state(state))
             for second, state in f["second_hists"].items():
                 m.second_hists.setdefault(second, Histogram()).merge(Histogram.from_state(state))
             m.unique.update(f["unique"])
@@ -214,6 +219,8 @@ def step_entry(
     loadgen = loadgen_figures(harness, merged, start, publish_end)
     contended = contention(harness, start, publish_end, loadgen["cpu_percent"])
     nominal = publish["published"] / publish["target_rate"]
+    arrival = merged.arrival_hists[k] if k < len(merged.arrival_hists) else None
+    extra = {"arrival_latency_ms": arrival.summary_ms()} if arrival and arrival.total else {}
     return {
         "step": k,
         "rate": publish["target_rate"],
@@ -225,6 +232,7 @@ def step_entry(
         "deliveries_per_s": round(delivered / max(1e-9, publish["elapsed_s"], nominal), 1),
         "lost": lost,
         "latency_ms": latency,
+        **extra,
         "server": server_figures(harness, start, publish_end),
         "loadgen": loadgen,
         "window": [

@@ -66,6 +66,7 @@ class WorkerPlan:
     connect_timeout: float = 15.0
     slow_interval: float = 1.0
     slow_rcvbuf: int = 8192
+    kernel_stamps: bool = False
     cpus: list[int] | None = None
     progress_interval: float = 0.25
     churn_local_ips: list[str | None] = field(default_factory=lambda: [None])
@@ -364,6 +365,7 @@ async def open_connection(
         "rcvbuf": plan.slow_rcvbuf if spec.slow else None,
         "slow_interval": plan.slow_interval if spec.slow else None,
         "timeout": plan.connect_timeout,
+        "stamped": plan.kernel_stamps,
     }
     port = random.choice(plan.ports) if plan.ports else plan.port
     args = (plan.host, port, spec.token or plan.token, conn, recorder)

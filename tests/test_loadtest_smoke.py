@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from loadtest.benchdoc import light_table, light_vs_nchan
-from loadtest.compare import add_compare_parser, plan
+from loadtest.compare import add_compare_parser, plan, setup_of
 from loadtest.nchan import NchanMissing, require_nchan
 from tests.redis_server import RedisServer
 
@@ -74,6 +74,7 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "--step-duration",
             "2",
             "--no-plot",
+            "--kernel-stamps",
             *common,
         ],
         "fanout-redis": [
@@ -91,6 +92,7 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "--step-duration",
             "2",
             "--instructions",
+            "--kernel-stamps",
             "--no-plot",
             *common,
         ],
@@ -164,6 +166,8 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "fanout", "--target", "nchan", "--transport", transport, "--redis-url", redis_url,
             "--clients", "20", "--rates", "5,10", "--step-duration", "1", "--no-plot", *common,
         ]  # fmt: skip
+        if transport == "ws":  # picows' protocol over the kernel-stamped reads
+            result["nchan-ws"].append("--kernel-stamps")
     for name in BASELINES:
         transport = "sse" if name == "sse_starlette" else "ws"
         result[f"baseline-{name}"] = [
@@ -374,6 +378,23 @@ def test_fanout_sse(reports: dict[str, Run]) -> None:
     assert report["target"]["transport"] == "sse"
     check_deliveries(report, 20, [20])
     assert report["files"]["plot"] is None
+    check_arrivals(report)
+
+
+def check_arrivals(report: dict[str, Any]) -> None:
+    """``--kernel-stamps``: every delivery also timed at its arrival in the client's
+    kernel, which is never later than the client process read it."""
+    for step in report["steps"]:
+        read, arrived = step["latency_ms"], step["arrival_latency_ms"]
+        assert arrived["count"] == read["count"] == step["delivered"]
+        assert 0 < arrived["p50"] <= read["p50"]
+        assert arrived["p99"] <= read["p99"] and arrived["max"] <= read["max"]
+
+
+def test_fanout_without_kernel_stamps_reports_the_read_latency_alone(
+    reports: dict[str, Run],
+) -> None:
+    assert all("arrival_latency_ms" not in s for s in report_of(reports, "fanout-ws")["steps"])
 
 
 def test_fanout_through_the_gateways_redis_broker(reports: dict[str, Run]) -> None:
@@ -381,6 +402,7 @@ def test_fanout_through_the_gateways_redis_broker(reports: dict[str, Run]) -> No
     assert report["target"]["publish_via"] == "redis"
     assert report["target"]["broker"] == "redis"
     check_deliveries(report, 20, [20])
+    check_arrivals(report)
     # --instructions: the server under callgrind, counted while the step ran.
     counted = report["instructions"]
     assert counted["delivered"] == report["steps"][0]["delivered"] == 400
@@ -624,6 +646,8 @@ def test_nchan_fanout(reports: dict[str, Run], transport: str) -> None:
     assert report["target"]["transport"] == transport
     assert report["target"]["publish_via"] == "nchan-http"
     check_deliveries(report, 20, [5, 10])
+    if transport == "ws":
+        check_arrivals(report)
     assert all("nginx-publisher" in s["loadgen"]["cpu_percent"] for s in report["steps"])
     assert report["publisher"]["errors"] == {}
 
@@ -650,13 +674,21 @@ def test_compare_light_section_runs_every_server_on_its_transports() -> None:
     ]
 
 
-def light_row(target: str, transport: str, latencies: dict[float, tuple[float, float]]) -> Any:
+def light_row(
+    target: str,
+    transport: str,
+    latencies: dict[float, tuple[float, float]],
+    arrivals: dict[float, tuple[float, float]] | None = None,
+) -> Any:
     steps = [
         {"rate": rate, "lost": 0, "server": {"cpu_percent": 1.0},
          "loadgen": {"cpu_percent_total": 2.0},
          "latency_ms": {"p50": p50, "p95": p99, "p99": p99, "max": p99}}
         for rate, (p50, p99) in latencies.items()
     ]  # fmt: skip
+    for step in steps if arrivals else []:
+        p50, p99 = arrivals[step["rate"]]  # type: ignore[index]
+        step["arrival_latency_ms"] = {"p50": p50, "p95": p99, "p99": p99, "max": p99}
     clients = 5000 if transport == "ws" else 2000
     return {"section": "light", "target": target, "transport": transport,
             "clients": clients, "report": {"steps": steps}}  # fmt: skip
@@ -673,7 +705,9 @@ def test_light_table_and_targets_hold_the_gateway_against_nchan() -> None:
     ]
     table = light_table(rows)
     assert len(table) == 2 + 8
-    assert table[3] == "| gateway (ws) | 5,000 | 10 | 20.0 | 50.0 | 50.0 | 50.0 | 0 | 1.0 | 2.0 |"
+    assert table[3] == (
+        "| gateway (ws) | 5,000 | 10 | 20.0 | 50.0 | 50.0 | 50.0 | - | 0 | 1.0 | 2.0 |"
+    )
     ws, sse = light_vs_nchan(rows)
     assert ws.startswith("| light 10 pub/s x 5,000 WS: gateway p50 and p99 ≤ Nchan's |")
     assert "gateway p50 20.0 / p99 50.0 ms, Nchan p50 29.0 / p99 58.0 ms | met |" in ws
@@ -685,6 +719,39 @@ def test_light_table_and_targets_hold_the_gateway_against_nchan() -> None:
         "| light SSE steps: gateway p99 ≤ Nchan's | "
         "not measured (needs both in the light section) | - |",
     ]
+
+
+def test_light_steps_are_judged_also_at_arrival_when_the_clients_stamped_them() -> None:
+    """Clients reading with the kernel's receive times (every light run of ``compare``):
+    the table has each step's latency at arrival beside the read one, and the targets
+    are judged by both."""
+    rows = [
+        light_row("gateway", "ws", {10.0: (30.0, 60.0)}, {10.0: (10.0, 20.0)}),
+        light_row("gateway", "sse", {10.0: (9.0, 19.0)}, {10.0: (5.0, 9.5)}),
+        light_row("nchan", "ws", {10.0: (29.0, 58.0)}, {10.0: (11.0, 21.0)}),
+        light_row("nchan", "sse", {10.0: (8.0, 18.0)}, {10.0: (5.0, 9.0)}),
+    ]
+    assert light_table(rows)[2] == (
+        "| gateway (ws) | 5,000 | 10 | 30.0 | 60.0 | 60.0 | 60.0 | 10.0 / 20.0 | 0 | 1.0 | 2.0 |"
+    )
+    ws, sse, ws_arrival, sse_arrival = light_vs_nchan(rows)
+    assert ws.endswith("| **missed** |") and sse.endswith("| **missed** |")
+    assert ws_arrival.startswith(
+        "| light 10 pub/s x 5,000 WS, at arrival: gateway p50 and p99 ≤ Nchan's | "
+        "gateway p50 10.0 / p99 20.0 ms, Nchan p50 11.0 / p99 21.0 ms | met |"
+    )
+    assert sse_arrival.startswith("| light SSE steps (2,000 streams), at arrival: gateway p99")
+    assert sse_arrival.endswith("| **missed** |")  # 9.5 against 9.0
+    del rows[2]["report"]["steps"][0]["arrival_latency_ms"]  # one run read without stamps
+    assert len(light_vs_nchan(rows)) == 2
+
+
+def test_compare_reads_the_light_steps_with_kernel_stamps_and_the_others_without() -> None:
+    args = compare_args("--targets", "gateway,nchan")
+    runs = plan(args)
+    assert {r["section"] for r in runs} == {"fanout-ws", "fanout-sse", "idle", "light"}
+    for run in runs:
+        assert setup_of(args, run).kernel_stamps == (run["section"] == "light")
 
 
 def test_compare_rounds_alternate_the_servers_of_the_light_section() -> None:

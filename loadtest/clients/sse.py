@@ -19,6 +19,7 @@ import httptools
 
 from loadtest.clients.net import open_socket
 from loadtest.clients.slow import ReadThrottle
+from loadtest.clients.stamped import StampedTransport
 from loadtest.dialects import READY, Failed, SseDialect
 from loadtest.recorder import ConnState, Recorder
 
@@ -41,6 +42,7 @@ class SseClient(asyncio.Protocol):
         self.slow_interval = slow_interval
         self.throttle: ReadThrottle | None = None
         self.transport: asyncio.Transport | None = None
+        self.stamps: StampedTransport | None = None  # the kernel's receive times
         self.closing = False
         self.failed = False
         self.parser = httptools.HttpResponseParser(self)
@@ -50,6 +52,8 @@ class SseClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
         self.transport = transport  # type: ignore[assignment]
+        if isinstance(transport, StampedTransport):
+            self.stamps = transport
         transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -106,7 +110,10 @@ class SseClient(asyncio.Protocol):
             self.recorder.foreign += 1
             return
         if type(parsed) is dict:
-            self.recorder.on_payload(self.conn, parsed, now)
+            stamps = self.stamps
+            self.recorder.on_payload(
+                self.conn, parsed, now, stamps.arrived if stamps is not None else None
+            )
             if self.throttle is not None:
                 self.throttle.on_data()
         elif parsed is READY:
@@ -168,8 +175,10 @@ async def connect_sse(
     rcvbuf: int | None = None,
     slow_interval: float | None = None,
     timeout: float = 10.0,
+    stamped: bool = False,
 ) -> SseClient:
-    """Open the stream and wait until the dialect says the subscription is live."""
+    """Open the stream and wait until the dialect says the subscription is live;
+    ``stamped``: read the socket with the kernel's receive times (``StampedTransport``)."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
     ready.add_done_callback(_retrieve)
@@ -178,12 +187,14 @@ async def connect_sse(
         f"Host: {host}:{port}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
     ).encode()
     sock = await asyncio.wait_for(
-        open_socket(host, port, local_ip=local_ip, rcvbuf=rcvbuf), timeout
+        open_socket(host, port, local_ip=local_ip, rcvbuf=rcvbuf, stamped=stamped), timeout
     )
     try:
-        _, client = await loop.create_connection(
-            lambda: SseClient(dialect, conn, recorder, ready, request, slow_interval), sock=sock
-        )
+        client = SseClient(dialect, conn, recorder, ready, request, slow_interval)
+        if stamped:
+            StampedTransport(loop, sock, client)
+        else:
+            await loop.create_connection(lambda: client, sock=sock)
     except BaseException:
         sock.close()
         raise

@@ -1,14 +1,35 @@
-"""WebSocket subscriber on picows (Cython frame parser, callbacks on the event loop)."""
+"""WebSocket subscriber on picows (Cython frame parser, callbacks on the event loop).
+
+With ``stamped``, picows' protocol reads through ``StampedTransport`` (the kernel's
+receive time of every read) instead of uvloop's transport: ``ws_connect`` cannot be
+given a transport, so its protocol is made here as ``ws_connect`` makes it (picows'
+``WSProtocol`` constructor is not public API: pyproject.toml bounds picows to the
+versions this was tested on).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
+from collections.abc import Callable
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import (
+    WSAutoPingStrategy,
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+)
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its stub
+from picows.url import parse_url
 
 from loadtest.clients.net import open_socket
 from loadtest.clients.slow import ReadThrottle
+from loadtest.clients.stamped import StampedTransport
 from loadtest.dialects import READY, Failed, Later, Reply, WsDialect
 from loadtest.recorder import ConnState, Recorder
 
@@ -37,6 +58,7 @@ class WsClient(WSListener):
         self.slow_interval = slow_interval
         self.throttle: ReadThrottle | None = None
         self.transport: WSTransport | None = None
+        self.stamps: StampedTransport | None = None  # the kernel's receive times
         self.close_code: int | None = None
         self.closing = False
         self.disconnected: asyncio.Future[None] = ready.get_loop().create_future()
@@ -44,6 +66,9 @@ class WsClient(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        underlying = transport.underlying_transport
+        if isinstance(underlying, StampedTransport):
+            self.stamps = underlying
         for frame in self.dialect.hello(self.channel):
             transport.send(TEXT, frame)
         if self.dialect.ready_on_open:
@@ -59,7 +84,10 @@ class WsClient(WSListener):
                 self.recorder.foreign += 1
                 return
             if type(event) is dict:
-                self.recorder.on_payload(self.conn, event, now)
+                stamps = self.stamps
+                self.recorder.on_payload(
+                    self.conn, event, now, stamps.arrived if stamps is not None else None
+                )
                 if self.throttle is not None:
                     self.throttle.on_data()
             elif event is READY:
@@ -132,26 +160,33 @@ async def connect_ws(
     rcvbuf: int | None = None,
     slow_interval: float | None = None,
     timeout: float = 10.0,
+    stamped: bool = False,
 ) -> WsClient:
-    """Connect, send the dialect's opening frames and wait until the subscription is live."""
+    """Connect, send the dialect's opening frames and wait until the subscription is live;
+    ``stamped``: read the socket with the kernel's receive times (``StampedTransport``)."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
     ready.add_done_callback(_retrieve)
     sock = await asyncio.wait_for(
-        open_socket(host, port, local_ip=local_ip, rcvbuf=rcvbuf), timeout
+        open_socket(host, port, local_ip=local_ip, rcvbuf=rcvbuf, stamped=stamped), timeout
     )
     url = f"ws://{host}:{port}{dialect.path(conn.channel, token)}"
     try:
-        _, client = await ws_connect(
-            lambda: WsClient(dialect, conn, recorder, ready, slow_interval),
-            url,
-            socket_factory=lambda _url: sock,
-            websocket_handshake_timeout=timeout,
-            enable_auto_pong=True,
-            max_frame_size=MAX_FRAME,
-            read_buffer_init_size=4096,
-            logger_name="loadtest",
-        )
+        if stamped:
+            client = await _stamped(
+                lambda: WsClient(dialect, conn, recorder, ready, slow_interval), url, sock, timeout
+            )
+        else:
+            _, client = await ws_connect(
+                lambda: WsClient(dialect, conn, recorder, ready, slow_interval),
+                url,
+                socket_factory=lambda _url: sock,
+                websocket_handshake_timeout=timeout,
+                enable_auto_pong=True,
+                max_frame_size=MAX_FRAME,
+                read_buffer_init_size=4096,
+                logger_name="loadtest",
+            )
     except BaseException:
         sock.close()
         raise
@@ -162,6 +197,38 @@ async def connect_ws(
         client.close()
         raise
     return client
+
+
+async def _stamped(
+    factory: Callable[[], WsClient], url: str, sock: socket.socket, timeout: float
+) -> WSListener:
+    """``ws_connect``'s handshake over a ``StampedTransport``, with the options above."""
+    parsed = parse_url(url)
+    protocol = WSProtocol(
+        parsed.netloc,
+        parsed.resource_name,
+        True,  # the client's side
+        factory,
+        logging.getLogger("picows.loadtest"),
+        True,  # disconnect on an exception in a callback
+        timeout,  # the handshake's
+        False,  # no automatic pings
+        10.0,
+        10.0,
+        WSAutoPingStrategy.PING_WHEN_IDLE,
+        True,  # automatic pongs
+        MAX_FRAME,
+        None,  # no extra headers
+        4096,  # the read buffer's initial size
+    )
+    transport = StampedTransport(asyncio.get_running_loop(), sock, protocol)
+    try:
+        await protocol.wait_until_handshake_complete()
+    except BaseException:
+        transport.abort()
+        raise
+    listener: WSListener = protocol.listener
+    return listener
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
