@@ -29,24 +29,12 @@ PER_PASS = 64  # timer callbacks run in one pass of the event loop, at most
 class Timer:
     """One scheduled call of ``Timers``; ``cancel()`` drops its references at once."""
 
-    __slots__ = ("args", "callback", "owner", "seq", "when")
+    __slots__ = ("args", "callback", "owner")
 
-    def __init__(
-        self,
-        owner: Timers,
-        when: float,
-        seq: int,
-        callback: Callable[..., object],
-        args: Any,
-    ) -> None:
+    def __init__(self, owner: Timers, callback: Callable[..., object], args: Any) -> None:
         self.owner = owner
-        self.when = when
-        self.seq = seq
         self.callback: Callable[..., object] | None = callback
         self.args = args
-
-    def __lt__(self, other: Timer) -> bool:
-        return (self.when, self.seq) < (other.when, other.seq)
 
     def cancel(self) -> None:
         if self.callback is not None:
@@ -64,11 +52,13 @@ class Timers:
     A cancelled timer keeps only its place in the heap (no callback, no arguments);
     when cancelled ones are more than half of the heap it is rebuilt without them,
     as asyncio does with its own timers. Use ``loop_timers()`` for the running loop's.
+    The heap holds ``(when, seq, timer)``: ordered by tuples' comparison, in C (a
+    ``Timer.__lt__`` was a Python call for every step of every push and pop).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._heap: list[Timer] = []
+        self._heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._cancelled = 0
         self._timer: asyncio.Handle | None = None
@@ -80,8 +70,8 @@ class Timers:
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         when = self._loop.time() + max(0.0, delay)
-        timer = Timer(self, when, next(self._seq), callback, args)
-        heapq.heappush(self._heap, timer)
+        timer = Timer(self, callback, args)
+        heapq.heappush(self._heap, (when, next(self._seq), timer))
         if when < self._timer_when:
             self._arm(when)
         return timer
@@ -90,7 +80,7 @@ class Timers:
         self._cancelled += 1
         heap = self._heap
         if self._cancelled > 64 and self._cancelled * 2 > len(heap):
-            self._heap = [t for t in heap if t.callback is not None]
+            self._heap = [entry for entry in heap if entry[2].callback is not None]
             heapq.heapify(self._heap)
             self._cancelled = 0
 
@@ -104,11 +94,11 @@ class Timers:
         self._timer, self._timer_when = None, math.inf
         heap, now = self._heap, self._loop.time()
         budget = PER_PASS
-        while heap and heap[0].when <= now:
+        while heap and heap[0][0] <= now:
             if not budget:  # more are due: the rest in the next pass, after the I/O
                 self._timer, self._timer_when = self._loop.call_soon(self._run), now
                 return
-            timer = heapq.heappop(heap)
+            timer = heapq.heappop(heap)[2]
             callback, args = timer.callback, timer.args
             if callback is None:
                 self._cancelled -= 1
@@ -120,7 +110,7 @@ class Timers:
             except Exception:
                 logger.exception("timer callback %r failed", callback)
         if heap:
-            self._arm(heap[0].when)
+            self._arm(heap[0][0])
 
 
 _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = weakref.WeakKeyDictionary()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import (
@@ -153,7 +153,7 @@ class DetachableCycle(RequestResponseCycle):
         """Answer with ``started``: the head as ``send`` writes a chunked 200 (uvicorn's
         default headers, then the app's) and the opening as its first chunk, in one write;
         then the app writes on the response's port, as after ``hold``."""
-        scope = cast(dict[str, Any], self.scope)
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         headers = [*self.default_headers, *started.headers]
         if not all(map(_valid_header, headers)):
             # What uvicorn's send raises on: the app's error, the connection closed.
@@ -215,7 +215,7 @@ class DetachableCycle(RequestResponseCycle):
     def _forget_request(self) -> None:
         """Drop what only the ASGI call needed, once it returned: all of the scope (what
         the framework stored in it included) but what ``send`` still reads."""
-        scope: dict[str, Any] = cast(dict[str, Any], self.scope)
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         kept: dict[str, Any] = {
             key: scope[key] for key in ("type", "method", "http_version") if key in scope
         }

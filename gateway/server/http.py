@@ -184,17 +184,18 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         # uvicorn builds the cycle inline in on_headers_complete (or takes a pipelined
         # one); make it detachable (same attributes, a few methods more), give it its
         # port, and let the app's stream opener answer it before any task does.
+        # (No ``typing.cast`` on this path: it is a call, at every request.)
         cycle.__class__ = DetachableCycle
-        scope = cast(dict[str, Any], cycle.scope)
+        scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
         self.raw_body = scope.setdefault("extensions", {})[RAW_BODY] = RawBody(cycle)
-        if app is self.app and self._open_stream(cast(DetachableCycle, cycle)):
+        if app is self.app and self._open_stream(cycle):  # type: ignore[arg-type]
             return
         super()._start_asgi_task(cycle, app)
 
     def _open_stream(self, cycle: DetachableCycle) -> bool:
         """Whether the app's ``StreamOpener`` took the request (see the module docstring)."""
         opener: StreamOpener | None = self.app_state.get(OPEN_STREAM)
-        scope = cast(dict[str, Any], cycle.scope)
+        scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
         if opener is None or scope["method"] != "GET" or scope["http_version"] != "1.1":
             return False
         answer = opener(_ScopeHead(scope))
@@ -310,15 +311,18 @@ class _ScopeHead:
 
     @property
     def path(self) -> str:
-        return cast(str, self._scope["path"])
+        path: str = self._scope["path"]
+        return path
 
     @property
     def query_string(self) -> bytes:
-        return cast(bytes, self._scope["query_string"])
+        query: bytes = self._scope["query_string"]
+        return query
 
     def header(self, name: str) -> str | None:
         wanted = name.lower().encode("latin-1")
         for key, value in self._scope["headers"]:
             if key == wanted:
-                return cast(bytes, value).decode("latin-1")
+                found: str = value.decode("latin-1")
+                return found
         return None
