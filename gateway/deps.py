@@ -34,24 +34,36 @@ def token_of(query_token: str | None, authorization: str | None) -> str | None:
     return None
 
 
-def query_values(query: bytes, name: str) -> list[str]:
-    """The values of ``name`` in a raw query string exactly as starlette's ``QueryParams``
-    gives them (``parse_qsl`` with blank values kept: ``getlist``), without building the
-    whole map: the paths that skip the framework read one or two parameters."""
-    found = []
+def query_params(query: bytes) -> dict[str, list[str]]:
+    """A raw query string's parameters exactly as starlette's ``QueryParams`` gives them
+    (``parse_qsl`` with blank values kept; ``getlist`` of each name), parsed once for
+    the paths that skip the framework."""
+    found: dict[str, list[str]] = {}
     for part in query.decode("latin-1").split("&"):
+        if not part:
+            continue
         key, _, value = part.partition("=")
         if "%" in key or "+" in key:
             key = unquote_plus(key)
-        if key == name:
-            found.append(unquote_plus(value) if "%" in value or "+" in value else value)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        values = found.get(key)
+        if values is None:
+            found[key] = [value]
+        else:
+            values.append(value)
     return found
 
 
-def query_value(query: bytes, name: str) -> str | None:
+def last_of(params: dict[str, list[str]], name: str) -> str | None:
     """``QueryParams.get``: the last value of ``name``."""
-    values = query_values(query, name)
+    values = params.get(name)
     return values[-1] if values else None
+
+
+def query_value(query: bytes, name: str) -> str | None:
+    """``QueryParams.get`` of a raw query string."""
+    return last_of(query_params(query), name)
 
 
 async def bearer_or_query_token(

@@ -23,7 +23,7 @@ from auth import AuthError, Claims
 from channels.hub import SubscribeError
 from channels.publication import StreamPosition
 from gateway.cors import CorsHeaders
-from gateway.deps import hooked, query_value, query_values, token_of
+from gateway.deps import hooked, last_of, query_params, token_of
 from gateway.errors import GatewayError, JSONBody
 from gateway.runtime import Gateway
 from gateway.server.ports import OpenLater, RequestHead, Respond, Started, StreamOpener, StreamPort
@@ -45,9 +45,10 @@ def passing(
     """The claims, channels and positions of a ``GET /sse`` that passes every check of the
     endpoint and needs no connect hook; None for anything else (the endpoint answers it)."""
     try:
-        claims = gateway.verifier.verify(token_of(query_value(query, "token"), authorization))
-        requested = query_values(query, "channel")
-        last_event_id = last_event_id or query_value(query, "last_event_id")
+        params = query_params(query)  # once, for the three it reads
+        claims = gateway.verifier.verify(token_of(last_of(params, "token"), authorization))
+        requested = params.get("channel", [])
+        last_event_id = last_event_id or last_of(params, "last_event_id")
         channels, positions = checked_request(gateway, claims, requested, last_event_id)
     except (AuthError, GatewayError):
         return None

@@ -215,15 +215,18 @@ async def test_under_h11_the_websocket_protocol_answers_ws_below_asgi(
 
 
 def test_the_token_is_read_from_the_query_as_the_framework_reads_it() -> None:
-    """The handshakes below ASGI read ``token`` with ``query_value``; the endpoints of the
-    framework path with starlette's ``QueryParams``: the same value for any query."""
+    """The handshakes below ASGI read the query with ``query_params`` (``token``,
+    ``channel``, ``last_event_id``); the endpoints of the framework path with starlette's
+    ``QueryParams``: the same values for any query."""
     from starlette.datastructures import QueryParams
 
-    from gateway.deps import query_value
+    from gateway.deps import query_params, query_value
 
     pieces = ["token", "t%6Fken", "tok", "=", "==", "&", "&&", "+", "%", "%2", "%3D", "%26"]
     pieces += ["a", "é", "%C3%A9", "%FF", " ", ";", "x=y", "token=", "token=z"]
     rng = random.Random(19)
     for _ in range(20_000):
         raw = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 9))).encode()
-        assert query_value(raw, "token") == QueryParams(raw.decode("latin-1")).get("token"), raw
+        framework = QueryParams(raw.decode("latin-1"))
+        assert query_value(raw, "token") == framework.get("token"), raw
+        assert query_params(raw) == {key: framework.getlist(key) for key in framework}, raw

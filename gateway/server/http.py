@@ -46,7 +46,6 @@ Detached responses: ``hold`` lets the ASGI call return with the response still o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from typing import Any, Literal, cast
@@ -121,7 +120,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         self.loop = _loop or asyncio.get_event_loop()
         self.access_log = self.access_logger.hasHandlers()
         self.parser = httptools.HttpRequestParser(self)
-        with contextlib.suppress(AttributeError):  # httptools < 0.6.3 has none
+        if _LENIENCIES:  # (uvicorn's ``contextlib.suppress``: three calls a connection)
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.pipeline = deque()
 
@@ -245,6 +244,10 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         self.cycle = None  # type: ignore[assignment]
         self.raw_body = None
         self.pipeline.clear()
+
+
+# httptools < 0.6.3 has no leniencies to set.
+_LENIENCIES = hasattr(httptools.HttpRequestParser, "set_dangerous_leniencies")
 
 
 def _server_wide(
