@@ -7,7 +7,8 @@ connection outlives its ASGI call, and an idle one runs no task at all) and unde
 any other server keeps the call until the connection is over.
 
 A ``Connection`` is its ``Session`` (in the hub), a reader task that exists only
-while received commands wait (``gateway.dispatch`` handles them), and a writer task
+while received commands wait (``gateway.dispatch`` handles them; a port may hand each
+message over as it is read, ``_take_direct``), and a writer task
 (``Session.run_writer``) that exists only once needed: something had to queue
 behind a full socket, or the session closes, in which case the writer owns the
 close frame. Pushes are written straight to the socket from the fan-out loop
@@ -121,8 +122,6 @@ class Connection:
         self._reader: asyncio.Task[None] | None = None
         self._finished = False
 
-    # -- lifecycle -------------------------------------------------------------
-
     def start(self) -> None:
         self.gateway.opened(self.session)
         self._hold(self.claims)
@@ -131,7 +130,7 @@ class Connection:
             # The connect hook's channels, before any command: the reader waits for them.
             name = f"ws-reader:{self.session.client_id}"
             self._reader = asyncio.create_task(self._subscribe_granted(), name=name)
-        self.port.listen(self._wake_reader)
+        self.port.listen(self._wake_reader, self._take_direct)
 
     async def _subscribe_granted(self) -> None:
         assert self.grant is not None
@@ -154,16 +153,29 @@ class Connection:
         from the first one that does (it then reads the rest, in order)."""
         port = self.port
         while self._reader is None and not self._finished and port.pending():
-            message = port.take()
-            try:
-                if self._take_now(message):
-                    continue
-            except Exception:
-                logger.exception("websocket reader failed")
-                self.session.close(CloseCode.INTERNAL_ERROR)
+            if not self._handle(port.take()):
                 return
-            name = f"ws-reader:{self.session.client_id}"
-            self._reader = asyncio.create_task(self._read_pending(message), name=name)
+
+    def _take_direct(self, message: Message) -> bool:
+        """``listen``'s ``take``: a message handled as it is read, none waiting before
+        it; False (it waits) while a reader task runs, or once finished."""
+        if self._reader is not None or self._finished:
+            return False
+        self._handle(message)
+        return True
+
+    def _handle(self, message: Message) -> bool:
+        """Handle ``message`` now, or start the reader task with it; False if it failed."""
+        try:
+            if self._take_now(message):
+                return True
+        except Exception:
+            logger.exception("websocket reader failed")
+            self.session.close(CloseCode.INTERNAL_ERROR)
+            return False
+        name = f"ws-reader:{self.session.client_id}"
+        self._reader = asyncio.create_task(self._read_pending(message), name=name)
+        return True
 
     def _take_now(self, message: Message) -> bool:
         """Handle ``message`` without a wait; False, with nothing done, if it needs one."""
@@ -261,8 +273,6 @@ class Connection:
             self._expiry = loop_timers().call_later(
                 deadline - time.time(), self.session.close, CloseCode.TOKEN_EXPIRED
             )
-
-    # -- reading ---------------------------------------------------------------
 
     async def _take(self, message: Message) -> None:
         """Handle one received message."""

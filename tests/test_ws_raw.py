@@ -206,3 +206,34 @@ async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
     finally:
         transport.abort()
         theirs.close()
+
+
+async def test_commands_in_one_packet_are_answered_in_order_around_one_that_waits(
+    server: RunningServer,
+) -> None:
+    """The upgraded protocol hands each message straight to the connection while none
+    waits before it; a subscribe to a channel the worker does not relay yet needs the
+    broker (a reader task), and what came behind it in the same packet must wait for it
+    and be answered after it, in order; a later packet is then taken at once again."""
+    reader, writer = await raw_ws_handshake(server.port, token())
+    try:
+        commands = [
+            {"id": 1, "op": "ping"},
+            {"id": 2, "op": "subscribe", "channel": "order:new"},  # a broker call: waits
+            {"id": 3, "op": "ping"},
+            {"id": 4, "op": "subscribe", "channel": "order:new"},  # already subscribed
+            {"id": 5, "op": "ping"},
+        ]
+        writer.write(b"".join(client_text_frame(orjson.dumps(c)) for c in commands))
+        replies = [orjson.loads((await read_raw_frame(reader))[2:]) for _ in commands]
+        assert [r["id"] for r in replies] == [1, 2, 3, 4, 5]
+        assert [r["ok"] for r in replies] == [True, True, True, False, True]
+        assert replies[3]["error"]["code"] == "bad_request"
+        writer.write(client_text_frame(b'{"id": 6, "op": "unsubscribe", "channel": "order:new"}'))
+        writer.write(client_text_frame(b'{"id": 7, "op": "ping"}'))
+        later = [orjson.loads((await read_raw_frame(reader))[2:]) for _ in range(2)]
+        assert [(r["id"], r["ok"]) for r in later] == [(6, True), (7, True)]
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

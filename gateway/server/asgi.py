@@ -47,7 +47,9 @@ class AsgiWebSocketPort:
         self._taken = asyncio.Event()
         self._released = asyncio.Event()
 
-    def listen(self, on_message: Callable[[], object]) -> None:
+    def listen(
+        self, on_message: Callable[[], object], take: Callable[[Message], bool] | None = None
+    ) -> None:
         self._on_message = on_message
         if self._inbox:
             on_message()

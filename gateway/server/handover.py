@@ -26,8 +26,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 
+from gateway.server.frames import switching_head
 from gateway.server.ports import OPEN_WEBSOCKET, Accept, Deferred, Opener, Refuse
-from gateway.server.upgraded import UpgradedWebSocket, switching_head
+from gateway.server.upgraded import UpgradedWebSocket
 
 logger = logging.getLogger("uvicorn.error")
 

@@ -59,8 +59,13 @@ class Port(Protocol):
 class WebSocketPort(Port, Protocol):
     """An accepted WebSocket: text frames out, ASGI ``websocket.*`` messages in."""
 
-    def listen(self, on_message: Callable[[], object]) -> None:
-        """Call ``on_message`` whenever a message waits (now too, if one does)."""
+    def listen(
+        self, on_message: Callable[[], object], take: Callable[[Message], bool] | None = None
+    ) -> None:
+        """Call ``on_message`` whenever a message waits (now too, if one does). ``take``,
+        where the port offers it, is given each message as it arrives while none waits
+        before it, and returns whether it took it; one it did not take waits as any other
+        (a port may also never call it)."""
 
     def pending(self) -> bool: ...
 

@@ -28,8 +28,6 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from websockets.frames import EXTERNAL_CLOSE_CODES
-
 try:  # websockets' C extension, as its own parser uses it
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - a websockets build without it
@@ -37,61 +35,29 @@ except ImportError:  # pragma: no cover - a websockets build without it
 
 from gateway.errors import CloseCode
 from gateway.logs import REDACTED_ALREADY, redact
+from gateway.server.frames import (
+    CLOSE,
+    CONT,
+    CONTROL_OPCODES,
+    DATA_OPCODES,
+    PING,
+    PONG,
+    TEXT,
+    ProtocolViolation,
+    close_payload,
+    control_frame,
+    parse_close,
+)
 from gateway.server.keepalive import Bucket, keepalive_for
 from gateway.server.waiting import LiteEvent, LiteQueue
 
 logger = logging.getLogger("uvicorn.error")
 
-CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-DATA_OPCODES = (CONT, TEXT, BINARY)
-CONTROL_OPCODES = (CLOSE, PING, PONG)
 PAUSE_READING_AT = 32  # messages waiting for the owner
 CLOSE_TIMEOUT = 10.0  # uvicorn's: the client's answer to our close frame
 
 Message = dict[str, Any]
 ACCEPTED = '%s - "WebSocket %s" [accepted]'  # uvicorn's line
-
-# The 101 as uvicorn writes it on websocket.accept, up to the accept key; uvicorn's default
-# headers (date, server) follow it.
-SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-
-
-def switching_head(accept: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    head = [SWITCHING, b"Sec-WebSocket-Accept: ", accept.encode(), b"\r\n"]
-    for name, value in default_headers:
-        head += [name.lower(), b": ", value, b"\r\n"]
-    head.append(b"\r\n")
-    return b"".join(head)
-
-
-class ProtocolViolation(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
-def control_frame(opcode: int, payload: bytes) -> bytes:
-    return bytes((0x80 | opcode, len(payload))) + payload
-
-
-def close_payload(code: int, reason: str) -> bytes:
-    return struct.pack("!H", code) + reason.encode()
-
-
-def parse_close(payload: bytes) -> tuple[int, str]:
-    """A close frame's code and reason, as websockets' ``Close.parse`` reads them."""
-    if not payload:
-        return 1005, ""
-    if len(payload) == 1:
-        raise ProtocolViolation(1002, "close frame too short")
-    (code,) = struct.unpack_from("!H", payload)
-    try:
-        reason = payload[2:].decode()
-    except UnicodeDecodeError as exc:
-        raise ProtocolViolation(1007, f"{exc.reason} at position {exc.start}") from None
-    if not (code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000):
-        raise ProtocolViolation(1002, "invalid status code")
-    return code, reason
 
 
 class UpgradedWebSocket(asyncio.Protocol):
@@ -102,6 +68,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         "_fragments_text",
         "_keepalive",
         "_read_paused",
+        "_take",
         "access_log",
         "client",
         "close_sent",
@@ -150,6 +117,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         self._fragments: list[bytes] | None = None
         self._fragments_size = 0
         self._fragments_text = False
+        self._take: Callable[[Message], bool] | None = None  # the owner's (``listen``)
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -292,6 +260,9 @@ class UpgradedWebSocket(asyncio.Protocol):
                 raise ProtocolViolation(1007, "") from None
         else:
             message = {"type": "websocket.receive", "bytes": payload}
+        take = self._take
+        if take is not None and self.queue.empty() and take(message):
+            return  # taken as it came: no queue, no wake-up
         self.queue.put_nowait(message)
         if not self._read_paused and self.queue.qsize() >= PAUSE_READING_AT:
             self._read_paused = True
@@ -319,12 +290,18 @@ class UpgradedWebSocket(asyncio.Protocol):
         """Tell the owner the connection ended (once)."""
         if not self.ended:
             self.ended = True
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            message = {"type": "websocket.disconnect", "code": code, "reason": reason}
+            take = self._take
+            if take is None or not self.queue.empty() or not take(message):
+                self.queue.put_nowait(message)
 
     # -- the port (gateway.server.ports.WebSocketPort) ---------------------------------
 
-    def listen(self, on_message: Callable[[], object]) -> None:
+    def listen(
+        self, on_message: Callable[[], object], take: Callable[[Message], bool] | None = None
+    ) -> None:
         self.queue.on_put = on_message
+        self._take = take
         if not self.queue.empty():
             on_message()
 
@@ -371,6 +348,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         this protocol back to the owner (which holds it as its port), so that both are
         freed as soon as the transport lets go, not at the collector's next full pass."""
         self.queue.on_put = None
+        self._take = None
 
     # -- keep-alive (``Keepalive``) ----------------------------------------------------
 

@@ -171,7 +171,9 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     # -- the port (gateway.server.ports.WebSocketPort) -------------------------
 
-    def listen(self, on_message: Callable[[], object]) -> None:
+    def listen(
+        self, on_message: Callable[[], object], take: Callable[[Any], bool] | None = None
+    ) -> None:
         queue: LiteQueue[Any] = self.queue  # type: ignore[assignment]
         # Called soon, not from inside the put: uvicorn pauses reading right after it
         # queues a message, and only a ``take`` that finds it paused resumes it.
