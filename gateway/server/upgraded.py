@@ -260,9 +260,8 @@ class UpgradedWebSocket(asyncio.Protocol):
                 raise ProtocolViolation(1007, "") from None
         else:
             message = {"type": "websocket.receive", "bytes": payload}
-        take = self._take
-        if take is not None and self.queue.empty() and take(message):
-            return  # taken as it came: no queue, no wake-up
+        if self._taken(message):
+            return
         self.queue.put_nowait(message)
         if not self._read_paused and self.queue.qsize() >= PAUSE_READING_AT:
             self._read_paused = True
@@ -291,9 +290,14 @@ class UpgradedWebSocket(asyncio.Protocol):
         if not self.ended:
             self.ended = True
             message = {"type": "websocket.disconnect", "code": code, "reason": reason}
-            take = self._take
-            if take is None or not self.queue.empty() or not take(message):
+            if not self._taken(message):
                 self.queue.put_nowait(message)
+
+    def _taken(self, message: Message) -> bool:
+        """Whether the owner took ``message`` as it came (``listen``'s ``take``, offered
+        while none waits before it): then no queue and no wake-up."""
+        take = self._take
+        return take is not None and self.queue.empty() and take(message)
 
     # -- the port (gateway.server.ports.WebSocketPort) ---------------------------------
 
