@@ -171,14 +171,16 @@ async def connect_ws(
         open_socket(host, port, local_ip=local_ip, rcvbuf=rcvbuf, stamped=stamped), timeout
     )
     url = f"ws://{host}:{port}{dialect.path(conn.channel, token)}"
+
+    def factory() -> WsClient:
+        return WsClient(dialect, conn, recorder, ready, slow_interval)
+
     try:
         if stamped:
-            client = await _stamped(
-                lambda: WsClient(dialect, conn, recorder, ready, slow_interval), url, sock, timeout
-            )
+            client = await _stamped(factory, url, sock, timeout)
         else:
             _, client = await ws_connect(
-                lambda: WsClient(dialect, conn, recorder, ready, slow_interval),
+                factory,
                 url,
                 socket_factory=lambda _url: sock,
                 websocket_handshake_timeout=timeout,
