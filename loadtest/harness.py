@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from loadtest import callgrind
 from loadtest.config import USABLE_CPUS, Setup
 from loadtest.pool import WorkerPool
+from loadtest.ports import free_port
 from loadtest.procstat import MachineSampler, ProcessSampler, find_pid_by_port
 from loadtest.progress import Progress
 from loadtest.publisher import (
@@ -37,7 +38,6 @@ from loadtest.servers import (
     RedisServer,
     TargetServer,
     baseline_server,
-    free_port,
     gateway_server,
     new_secret,
 )

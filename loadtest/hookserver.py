@@ -35,7 +35,8 @@ import httpx
 import orjson
 
 from loadtest.histogram import Histogram
-from loadtest.servers import TargetServer, free_port
+from loadtest.ports import free_port
+from loadtest.servers import TargetServer
 
 ANSWERS = {
     b"/connect": b'{"result":"allow"}',

@@ -21,7 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from loadtest.servers import TargetServer, free_port
+from loadtest.ports import free_port
+from loadtest.servers import TargetServer
 
 DEBIAN_PACKAGES = "nginx-light libnginx-mod-nchan"
 MODULE_PATHS = (

@@ -62,12 +62,8 @@ def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def find_pid_by_port(port: int) -> int | None:
-    """The pid of the process listening on TCP ``port`` (IPv4 or IPv6), or None.
-
-    Reads the socket inodes of listening sockets from ``/proc/net/tcp*`` and looks for a
-    process holding one of them; processes of other users cannot be seen without root.
-    """
+def listening_inodes(port: int) -> set[str]:
+    """The sockets listening on TCP ``port`` (IPv4 or IPv6), as ``socket:[inode]``."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -79,6 +75,16 @@ def find_pid_by_port(port: int) -> int | None:
             local, state, inode = parts[1], parts[3], parts[9]
             if state == LISTEN and int(local.rsplit(":", 1)[1], 16) == port:
                 inodes.add(f"socket:[{inode}]")
+    return inodes
+
+
+def find_pid_by_port(port: int) -> int | None:
+    """The pid of the process listening on TCP ``port`` (IPv4 or IPv6), or None.
+
+    Reads the socket inodes of listening sockets from ``/proc/net/tcp*`` and looks for a
+    process holding one of them; processes of other users cannot be seen without root.
+    """
+    inodes = listening_inodes(port)
     if not inodes:
         return None
     for proc in Path("/proc").iterdir():

@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,14 +22,9 @@ from typing import Self
 
 from loadtest import callgrind
 from loadtest.config import USABLE_CPUS
+from loadtest.ports import free_port, holds_listener
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_list(cpus: list[int]) -> str:
@@ -104,6 +98,11 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def answers_on(self, port: int) -> bool:
+        """Whether what answered on ``port`` is this process, not one that had the port
+        first (this one then fails to bind and exits); True when /proc cannot tell."""
+        return self.running() and holds_listener(self.pid, port) is not False
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -162,7 +161,7 @@ class RedisServer(ManagedProcess):
                 writer.write(b"PING\r\n")
                 line = await asyncio.wait_for(reader.readline(), 2)
                 writer.close()
-                if line.startswith(b"+PONG"):
+                if line.startswith(b"+PONG") and self.answers_on(self.port):
                     return
             except OSError:
                 pass
@@ -202,7 +201,7 @@ class TargetServer(ManagedProcess):
                     raise RuntimeError(f"{self.name} exited during start-up:\n{self.output()}")
                 with contextlib.suppress(httpx.TransportError):
                     url = f"http://127.0.0.1:{self.port}{self.ready_path}"
-                    if (await client.get(url)).status_code == 200:
+                    if (await client.get(url)).status_code == 200 and self.answers_on(self.port):
                         return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name} not ready:\n{self.output()}")

@@ -481,7 +481,7 @@ def check_storm(report: dict[str, Any], clients: int = 30) -> dict[str, Any]:
     whatever was skipped, skipped across a gap the gateway announced."""
     storm: dict[str, Any] = report["storm"]
     assert report["config"]["gateways"] == 3
-    assert report["connections"]["subscribed"] == clients
+    assert report["connections"]["subscribed"] == clients, report["connections"]
     assert storm["clients"] == storm["clients_back"] == clients
     assert storm["gave_up"] == 0
     checks = storm["targets"]["checks"]
