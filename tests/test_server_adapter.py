@@ -29,6 +29,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from gateway.server import cycle, http, ports, websocket
 from gateway.server.cycle import DetachableCycle
+from gateway.server.front import FrontDoor
 from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.server.options import UVICORN_TESTED, is_tested, server_choice, uvicorn_options
 from gateway.server.websocket import GatewayWebSocketProtocol
@@ -219,7 +220,8 @@ def test_raw_writes_installs_the_gateways_protocols() -> None:
     choice = server_choice(settings)
     options = uvicorn_options(settings, choice)
     assert options["ws"] is GatewayWebSocketProtocol
-    assert options["http"] is GatewayHttpToolsProtocol
+    assert options["http"] is FrontDoor
+    assert issubclass(FrontDoor, GatewayHttpToolsProtocol)
     assert options["ws_max_size"] == settings.max_message_bytes
     assert choice.fallbacks == [] and "gateway's protocols" in choice.summary
 
@@ -297,8 +299,8 @@ def test_the_protocol_names_both_ends_as_uvicorn_does(host: str) -> None:
         _, writer = await asyncio.open_connection(host, port)
         transport = await asyncio.wait_for(made, 5)
         ours = (
-            http._address(transport.get_extra_info("sockname"), local=True),
-            http._address(transport.get_extra_info("peername"), local=False),
+            http.address(transport.get_extra_info("sockname"), local=True),
+            http.address(transport.get_extra_info("peername"), local=False),
         )
         writer.close()
         server.close()
@@ -324,7 +326,7 @@ async def test_an_upgrade_answered_here_keeps_the_transports_protocol(
         await ws.subscribe("handed-on")
         (upgraded,) = [c for c in state.connections if isinstance(c, UpgradedWebSocket)]
         protocol = upgraded.transport.get_protocol()
-        assert type(protocol) is GatewayHttpToolsProtocol
+        assert type(protocol) is FrontDoor
         assert vars(protocol) == {"upgraded": upgraded}
         async with api_client(server) as api:
             await api_publish(api, "handed-on", {"n": 1})
@@ -332,3 +334,32 @@ async def test_an_upgrade_answered_here_keeps_the_transports_protocol(
         assert push["data"] == {"n": 1}
     await eventually(lambda: not state.connections and not server.gateway.hub.sessions)
     assert upgraded.ended
+
+
+async def test_the_front_door_made_in_full_is_what_uvicorns_protocol_is() -> None:
+    """``FrontDoor`` starts lean; once it is uvicorn's (``_begin``: a request that is not
+    an upgrade it answers), it holds what uvicorn's protocol holds after
+    ``connection_made``, the same values."""
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.server import ServerState
+
+    from gateway.app import create_app
+
+    loop = asyncio.get_running_loop()
+    config = Config(create_app(Settings(jwt_secret=SECRET)), root_path="/r")
+    config.load()
+    server_state, app_state = ServerState(), {"n": 1}
+    theirs = HttpToolsProtocol(config, server_state, app_state, _loop=loop)
+    ours = FrontDoor(config, server_state, app_state, _loop=loop)
+    transport: Any = _Transport()
+    theirs.connection_made(transport)
+    ours.connection_made(transport)
+    assert "parser" not in vars(ours) and "flow" not in vars(ours)  # lean until needed
+    ours._begin()
+    names = [name for name in vars(theirs) if name != "flow"]
+    assert _protocol_state(ours, names) == _protocol_state(theirs, names)
+    assert type(ours.flow) is FlowControl and ours.begun
+    ours.connection_lost(None)
+    theirs.connections.discard(theirs)
+    assert not server_state.connections

@@ -24,6 +24,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from channels.publication import StreamPosition
 from gateway import cursor
 from gateway.server.cycle import RawBody
+from gateway.server.front import FrontDoor
 from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.wire import frame_chunk
 from tests.conftest import RunningServer, eventually, token
@@ -172,7 +173,8 @@ def sessions_of(server: RunningServer, user: str) -> list[Any]:
 
 
 async def test_real_server_uses_the_gateway_protocol_and_writes_events_raw(server, raw_writes):
-    assert server.server.config.http_protocol_class is GatewayHttpToolsProtocol
+    assert server.server.config.http_protocol_class is FrontDoor
+    assert issubclass(FrontDoor, GatewayHttpToolsProtocol)
     async with api_client(server) as http, raw_sse(server, ["raw:on"]) as s:
         await s.chunk()  # the opening block goes through ASGI
         assert raw_writes == {"written": 0, "refused": 0}

@@ -22,7 +22,9 @@ import binascii
 import logging
 from urllib.parse import unquote
 
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 
@@ -37,6 +39,9 @@ class AnswersUpgrades(HttpToolsProtocol):
     """uvicorn's HTTP protocol answering the upgrades the app's opener takes."""
 
     upgraded: UpgradedWebSocket | None = None  # the protocol this one hands everything to
+    # The opener's answer, when it was asked before this protocol parsed the request
+    # (``gateway.server.front``): not asked again.
+    decided: Deferred | None = None
 
     def handle_websocket_upgrade(self) -> None:
         opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
@@ -44,7 +49,10 @@ class AnswersUpgrades(HttpToolsProtocol):
         # gateway's (the 1009 limit, pings): upgrades may skip it for the lean one.
         ours = getattr(self.ws_protocol_class, "lends_upgrades", False)
         key = self._websocket_key() if opener is not None and ours else None
-        decision = opener(_HttpUpgrade(self.url, self.headers)) if opener and key else None
+        decision: Accept | Refuse | Deferred | None = self.decided
+        self.decided = None
+        if decision is None and opener and key:
+            decision = opener(HttpUpgrade(self.url, self.headers))
         if decision is None:
             super().handle_websocket_upgrade()  # uvicorn: the WebSocket protocol parses it again
             self._retire()
@@ -73,30 +81,17 @@ class AnswersUpgrades(HttpToolsProtocol):
 
     def _switch(self, key: str, url: bytes, decision: Accept | Refuse) -> None:
         """Write the 101 and hand the connection to the gateway's WebSocket protocol."""
-        config = self.config
-        protocol = UpgradedWebSocket(
-            connections=self.connections,
-            max_size=config.ws_max_size,
-            ping_interval=config.ws_ping_interval,
-            ping_timeout=config.ws_ping_timeout,
-            client=self.client,
-            access_log=config.access_log,
-        )
         self.connections.discard(self)
-        transport = self.transport
-        protocol.connection_made(transport)
-        protocol.open(switching_head(accept_key(key), self.server_state.default_headers), url)
+        upgraded = hand_over(
+            self.transport, self.config, self.server_state, self.client, key, url, decision
+        )
         # Not ``transport.set_protocol``: uvloop's stops and starts reading the socket
         # again to switch it (an epoll change each way, about 5 µs of a connect's CPU).
         # This protocol stays the transport's and hands everything on; all of its own
         # state goes (the parser with it, whose callbacks hold this protocol), so none
         # of its methods may run but the hand-over's (``connection_lost`` included).
         self.__dict__.clear()
-        self.upgraded = protocol
-        if isinstance(decision, Refuse):
-            protocol.refuse(decision.code, decision.reason)
-        else:
-            decision(protocol)
+        self.upgraded = upgraded
 
     # -- after an upgrade answered here: the WebSocket protocol's (``_switch``) ---------
 
@@ -138,30 +133,65 @@ class AnswersUpgrades(HttpToolsProtocol):
         None for anything else, which then takes uvicorn's path and gets its answer."""
         if self.scope.get("method") != "GET" or self.parser.get_http_version() != "1.1":
             return None
-        # websockets' own limits on the request it parses (431 / 414 when over)
-        if len(self.headers) > MAX_NUM_HEADERS or len(self.url) + 16 > MAX_LINE_LENGTH:
-            return None
-        keys, versions, upgrades = [], [], []
-        for name, value in self.headers:
-            if len(name) + len(value) + 4 > MAX_LINE_LENGTH:
-                return None
-            if name == b"sec-websocket-key":
-                keys.append(value)
-            elif name == b"sec-websocket-version":
-                versions.append(value)
-            elif name == b"upgrade":
-                upgrades.append(value.lower())
-        if len(keys) != 1 or versions != [b"13"] or upgrades != [b"websocket"]:
-            return None
-        try:
-            if len(base64.b64decode(keys[0], validate=True)) != 16:
-                return None
-        except (binascii.Error, ValueError):
-            return None
-        return keys[0].decode("ascii")
+        return websocket_key(self.url, self.headers)
 
 
-class _HttpUpgrade:
+def hand_over(
+    transport: asyncio.Transport,
+    config: Config,
+    server_state: ServerState,
+    client: tuple[str, int] | None,
+    key: str,
+    url: bytes,
+    decision: Accept | Refuse,
+) -> UpgradedWebSocket:
+    """Write the 101 for a handshake with ``key`` and give the connection to the gateway's
+    WebSocket protocol (which the caller then hands the socket's events to); the
+    opener's ``decision`` opens or refuses it."""
+    protocol = UpgradedWebSocket(
+        connections=server_state.connections,
+        max_size=config.ws_max_size,
+        ping_interval=config.ws_ping_interval,
+        ping_timeout=config.ws_ping_timeout,
+        client=client,
+        access_log=config.access_log,
+    )
+    protocol.connection_made(transport)
+    protocol.open(switching_head(accept_key(key), server_state.default_headers), url)
+    if isinstance(decision, Refuse):
+        protocol.refuse(decision.code, decision.reason)
+    else:
+        decision(protocol)
+    return protocol
+
+
+def websocket_key(url: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The ``Sec-WebSocket-Key`` of a GET over HTTP/1.1 (the caller checks both) whose
+    handshake websockets would accept as it is; None for anything else."""
+    # websockets' own limits on the request it parses (431 / 414 when over)
+    if len(headers) > MAX_NUM_HEADERS or len(url) + 16 > MAX_LINE_LENGTH:
+        return None
+    keys, versions, upgrades = [], [], []
+    for name, value in headers:
+        if len(name) + len(value) + 4 > MAX_LINE_LENGTH:
+            return None
+        if name == b"sec-websocket-key":
+            keys.append(value)
+        elif name == b"sec-websocket-version":
+            versions.append(value)
+        elif name == b"upgrade":
+            upgrades.append(value.lower())
+    if len(keys) != 1 or versions != [b"13"] or upgrades != [b"websocket"]:
+        return None
+    try:
+        if len(base64.b64decode(keys[0], validate=True)) != 16:
+            return None
+    except (binascii.Error, ValueError):
+        return None
+    return keys[0].decode("ascii")
+
+
+class HttpUpgrade:
     """What an ``Opener`` sees of an upgrade parsed by the HTTP protocol (``RequestHead``)."""
 
     __slots__ = ("_headers", "_url")

@@ -116,7 +116,11 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         # of a server (the config's settings, its loggers, the server's sets) is computed
         # once and set in one update; the per-connection state above comes from the class.
         # A new protocol object is most of what a connection costs before its request.
-        self.__dict__.update(_server_wide(config, server_state, app_state))
+        self.__dict__.update(server_wide(config, server_state, app_state))
+        self._parsing(_loop)
+
+    def _parsing(self, _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """The rest of uvicorn's ``__init__``: what a connection needs to parse requests."""
         self.loop = _loop or asyncio.get_event_loop()
         self.access_log = self.access_logger.hasHandlers()
         self.parser = httptools.HttpRequestParser(self)
@@ -131,16 +135,20 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         # connect's CPU.
         self.connections.add(self)
         self.transport = transport
+        self._connected(transport)
+        self.head_deadlines: HeadDeadlines | None = self.app_state.get(HEAD_DEADLINES)
+        if self.head_deadlines is not None:
+            self.head_deadlines.start(self)
+
+    def _connected(self, transport: asyncio.Transport) -> None:
+        """The rest of uvicorn's ``connection_made``: what responses need."""
         self.flow = _flow_control(transport)
-        self.server = _address(transport.get_extra_info("sockname"), local=True)
-        self.client = _address(transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
+        self.server = address(transport.get_extra_info("sockname"), local=True)
+        self.client = address(transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
         self.scheme = "https" if is_ssl(transport) else "http"
         if self.logger.level <= TRACE_LOG_LEVEL:
             prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
             self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
-        self.head_deadlines: HeadDeadlines | None = self.app_state.get(HEAD_DEADLINES)
-        if self.head_deadlines is not None:
-            self.head_deadlines.start(self)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -250,7 +258,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
 _LENIENCIES = hasattr(httptools.HttpRequestParser, "set_dangerous_leniencies")
 
 
-def _server_wide(
+def server_wide(
     config: Config, server_state: ServerState, app_state: dict[str, Any]
 ) -> dict[str, Any]:
     """The attributes uvicorn's ``__init__`` gives every protocol of one server the same
@@ -293,7 +301,7 @@ def _flow_control(transport: asyncio.Transport) -> FlowControl:
     return flow
 
 
-def _address(info: Any, *, local: bool) -> tuple[str, int | None] | None:
+def address(info: Any, *, local: bool) -> tuple[str, int | None] | None:
     """What uvicorn's ``get_local_addr`` / ``get_remote_addr`` make of the socket's
     ``getsockname()`` / ``getpeername()``: host and port (IPv6's four-tuple too), a
     Unix socket's path for the local end only."""

@@ -120,9 +120,9 @@ def uvicorn_options(settings: Settings, choice: ServerChoice | None = None) -> d
         options["ws"] = "websockets-sansio"
         options["ws_max_size"] = max(STOCK_PARSER_LIMIT, settings.max_message_bytes)
     if choice.http:
-        from gateway.server.http import GatewayHttpToolsProtocol
+        from gateway.server.front import FrontDoor
 
-        options["http"] = GatewayHttpToolsProtocol
+        options["http"] = FrontDoor
     else:
         options["http"] = "httptools" if choice.httptools else "h11"
     return options

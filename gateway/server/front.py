@@ -1,0 +1,226 @@
+"""The protocol a connection gets: the gateway's HTTP protocol, made in two steps, with a
+WebSocket upgrade answered from a lean head before the second.
+
+Most of what a WebSocket connect cost in uvicorn's HTTP protocol was the protocol, not
+the handshake: per connection its parser, flow control, the two addresses and the
+scheme; per request an ASGI scope with a copy of the lifespan state (for a request
+that never reaches ASGI) and a header list built by a Python call per header, each
+checked for ``Expect``. ``FrontDoor`` starts with only the transport and its places
+among the server's connections and the head deadlines. Its first read:
+
+- holds an ``Upgrade:`` header: read by a parser of its own that keeps the URL and the
+  headers (``_Head``), over as many reads as the head takes. A WebSocket upgrade that
+  uvicorn would hand to its WebSocket protocol, whose handshake websockets would accept
+  as it is (``handover.websocket_key``) and which the app's opener answers at once, is
+  answered here: the 101 written and the connection handed to the lean WebSocket
+  protocol, as ``AnswersUpgrades`` does;
+- anything else (no upgrade, an upgrade the app answers later or not at all, bytes the
+  parser refuses, a head past ``FRONT_LIMIT`` or its deadline): the protocol is made
+  uvicorn's in full (``_parsing``, ``_connected``) and its parser given every byte read
+  so far, so that it answers them as if it had read them itself: the same codes,
+  headers and logs, nothing lost or read twice.
+
+A first read without the header (a head split before it, or written ``UPGRADE:``) is
+uvicorn's at once, and an upgrade in it is still answered below ASGI, by
+``AnswersUpgrades``. The stock-protocol mode (``GATEWAY_RAW_WRITES=false``) does not use
+this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httptools
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway.server.handover import HttpUpgrade, websocket_key
+from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
+from gateway.server.http import GatewayHttpToolsProtocol, address, server_wide
+from gateway.server.ports import OPEN_WEBSOCKET, Deferred, Opener
+
+# A head larger than this is left to uvicorn's protocol (which parses as it reads, not
+# keeping the bytes): websockets refuses a handshake this large anyway.
+FRONT_LIMIT = 16 * 1024
+
+
+class _Head:
+    """The parser's callbacks: the URL and the headers, as uvicorn keeps them."""
+
+    __slots__ = ("complete", "headers", "upgrade", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.upgrade = False  # an Upgrade header came
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"upgrade":
+            self.upgrade = True
+        # uvicorn's: llhttp keeps the trailing whitespace that RFC 9110 excludes
+        self.headers.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        # (Not an exception to stop the parser early: httptools wraps one in another,
+        # each with a traceback through its frames, several µs.)
+        self.complete = True
+
+
+class FrontDoor(GatewayHttpToolsProtocol):
+    """uvicorn's HTTP protocol (the gateway's), made in two steps: until the first read
+    shows a request that is not a WebSocket upgrade answered here, only what every
+    connection needs (its transport, its place among the server's connections and the
+    head deadlines); the rest (``_parsing``, ``_connected``) once it is uvicorn's."""
+
+    begun = False  # uvicorn's protocol state made (``_begin``)
+    loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # until _parsing
+    _received = b""  # an upgrade's head so far
+    _head: _Head | None = None  # and its parser, while one is read here
+    _parser: httptools.HttpRequestParser | None = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.__dict__.update(server_wide(config, server_state, app_state))
+        if _loop is not None:
+            self.loop = _loop
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.connections.add(self)
+        self.transport = transport
+        self.head_deadlines: HeadDeadlines | None = self.app_state.get(HEAD_DEADLINES)
+        if self.head_deadlines is not None:
+            self.head_deadlines.start(self)
+
+    def _begin(self) -> None:
+        """Become uvicorn's protocol in full; the caller hands it what was read."""
+        self.begun = True
+        self._parsing(self.loop)
+        self._connected(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.begun:  # uvicorn's (not ``super()``: in a call per read, it costs)
+            HttpToolsProtocol.data_received(self, data)
+            return
+        upgraded = self.upgraded
+        if upgraded is not None:  # handed over here (``AnswersUpgrades._switch``)
+            upgraded.data_received(data)
+            return
+        parser = self._parser
+        if parser is not None:
+            received = self._received + data
+        # "Upgrade:" or "upgrade:". (``find``, not ``in``: bytes' ``in`` first tries its
+        # operand as an integer, and makes and drops a TypeError.)
+        elif data.find(b"pgrade:") >= 0:
+            received = data
+            self._head = _Head()
+            parser = self._parser = httptools.HttpRequestParser(self._head)
+        else:
+            # A first read with no Upgrade header (as clients write it) is not parsed
+            # here at all. (One split over reads, or written "UPGRADE:", is uvicorn's,
+            # whose protocol answers upgrades too: ``AnswersUpgrades``.)
+            self.begun = True
+            self._parsing(self.loop)
+            self._connected(self.transport)
+            HttpToolsProtocol.data_received(self, data)
+            return
+        self._received = received
+        head = self._head
+        assert head is not None
+        try:
+            if len(received) > FRONT_LIMIT:
+                raise httptools.HttpParserError
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade()
+            return
+        except httptools.HttpParserError:
+            self._to_http()
+            return
+        if head.complete:  # a request that is no upgrade
+            self._to_http()
+
+    def _upgrade(self) -> None:
+        """A whole upgrade head is in: answer it here, or leave it to uvicorn's parser."""
+        head, parser = self._head, self._parser
+        assert head is not None and parser is not None
+        opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
+        key = None
+        if (
+            opener is not None
+            and getattr(self.ws_protocol_class, "lends_upgrades", False)
+            and _upgrade_to(head.headers) == b"websocket"
+            and parser.get_method() == b"GET"
+            and parser.get_http_version() == "1.1"
+        ):
+            key = websocket_key(head.url, head.headers)
+        decision = opener(HttpUpgrade(head.url, head.headers)) if opener and key else None
+        if decision is None or isinstance(decision, Deferred):
+            # Not the app's, or answered later (a backend's say): uvicorn's, told the
+            # opener's answer so that it does not ask again.
+            self._to_http(decision)
+            return
+        assert key is not None
+        if self.head_deadlines is not None:
+            self.head_deadlines.done(self)
+        self.client = address(self.transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
+        self._switch(key, head.url, decision)
+
+    def _to_http(self, decided: Deferred | None = None) -> None:
+        """uvicorn's from here: everything read so far handed to its parser."""
+        received = self._received
+        if self._parser is not None:  # (an upgrade's head kept so far)
+            del self._received, self._head, self._parser
+        self._begin()
+        if decided is not None:
+            self.decided = decided
+        HttpToolsProtocol.data_received(self, received)
+
+    def head_timed_out(self) -> None:
+        if not self.begun:
+            self._to_http()
+        super().head_timed_out()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        upgraded = self.upgraded
+        if upgraded is not None:  # (not through ``super()``: a call more per connection)
+            upgraded.connection_lost(exc)
+        elif self.begun:
+            GatewayHttpToolsProtocol.connection_lost(self, exc)
+        else:  # gone before its first request head was read
+            self.connections.discard(self)
+            if self.head_deadlines is not None:
+                self.head_deadlines.done(self)
+            self.__dict__.clear()
+
+    def pause_writing(self) -> None:
+        if self.begun or self.upgraded is not None:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.begun or self.upgraded is not None:
+            super().resume_writing()
+
+
+def _upgrade_to(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """uvicorn's ``_get_upgrade``: the Upgrade header's value when a Connection header
+    lists ``upgrade`` (the last of each, as uvicorn reads them)."""
+    connection: list[bytes] = []
+    upgrade = None
+    for name, value in headers:
+        if name == b"connection":
+            connection = [token.lower().strip() for token in value.split(b",")]
+        if name == b"upgrade":
+            upgrade = value.lower()
+    return upgrade if b"upgrade" in connection else None

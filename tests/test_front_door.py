@@ -1,0 +1,189 @@
+"""The front door (``gateway.server.front``): a connection's first request head read by
+a lean parser, a WebSocket upgrade answered from it, anything else handed to uvicorn's
+protocol with every byte read so far.
+
+The handshake tests (tests/test_handshake.py) send each request in one write. These send
+heads over several reads, split where the front door keeps what it read (an Upgrade
+header in the first read) and where it does not, and hold every answer against stock
+uvicorn's; then what a connection leaves behind when it ends inside a head, times out
+inside one, or sends a request before its upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import socket
+
+import orjson
+import pytest
+
+from gateway.server.front import FRONT_LIMIT, FrontDoor
+from tests.conftest import MakeServer, RunningServer, eventually, token
+from tests.helpers import client_text_frame, read_raw_frame
+from tests.test_handshake import TIMEOUT, standard, status, upgrade
+from tests.test_request_head_timeout import HEAD_TIMEOUT, ended_with
+
+pytestmark = pytest.mark.gateway_protocols
+
+
+async def answer_in_pieces(port: int, pieces: list[bytes]) -> tuple[bytes, bool]:
+    """Send ``pieces`` as separate segments; the response head, and whether the server
+    then closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.005)  # pacing, so that the server reads them apart
+        head = b""
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        try:
+            rest = await asyncio.wait_for(reader.read(65536), 0.5)
+            closed = rest == b"" or not head.startswith(b"HTTP/1.1 101")
+        except TimeoutError:
+            closed = False
+        except ConnectionError:
+            closed = True
+        return head, closed
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def split(request: bytes, rng: random.Random) -> list[bytes]:
+    """``request`` in 1 to 4 pieces; often the first holds the Upgrade header."""
+    cuts = sorted(rng.sample(range(1, len(request)), rng.randrange(0, 4)))
+    if cuts and rng.random() < 0.5:
+        after = request.find(b"pgrade:")
+        if after > 0:
+            cuts = sorted({c for c in cuts if c > after + 8} | {after + 8})
+    bounds = [0, *cuts, len(request)]
+    return [request[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+@pytest.fixture
+async def pair(make_server: MakeServer) -> tuple[RunningServer, RunningServer]:
+    return await make_server(), await make_server(raw_writes=False)
+
+
+async def test_heads_over_several_reads_get_what_stock_uvicorn_answers(
+    pair: tuple[RunningServer, RunningServer],
+) -> None:
+    rng = random.Random(20261204)
+    upgrades = 0
+    for _ in range(50):
+        fields = standard()
+        if rng.random() < 0.4:
+            i = rng.randrange(len(fields))
+            name, value = fields[i]
+            change = rng.choice(["drop", "mangle", "case"])
+            if change == "drop":
+                del fields[i]
+            elif change == "mangle":
+                fields[i] = (name, "".join(rng.sample(value, len(value))) or "x")
+            else:
+                fields[i] = (name.upper(), value.swapcase())
+        target = rng.choice(["/ws?token=" + token(), "/ws?token=" + token(), "/ws", "/x"])
+        if rng.random() < 0.15:  # no upgrade at all: a plain request
+            fields = [("Accept", "text/plain")]
+            target = "/healthz"
+        request = upgrade(target, headers=fields)
+        pieces = split(request, rng)
+        (ours, ours_closed), (stock, stock_closed) = [
+            await answer_in_pieces(s.port, pieces) for s in pair
+        ]
+        assert status(ours) == status(stock), (pieces, ours, stock)
+        assert ours_closed == stock_closed, pieces
+        upgrades += status(ours) == b"HTTP/1.1 101 Switching Protocols"
+    assert upgrades >= 10  # the table did exercise the answered path
+    for server in pair:
+        await eventually(lambda s=server: s.gateway.connections.total == 0)  # type: ignore[misc]
+        await eventually(lambda s=server: not s.server.server_state.connections)  # type: ignore[misc]
+
+
+async def test_an_upgrade_answered_over_three_reads_works(server: RunningServer) -> None:
+    request = upgrade(headers=standard())
+    at = request.find(b"pgrade:") + 8
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        for piece in (request[:at], request[at : at + 30], request[at + 30 :]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert status(head) == b"HTTP/1.1 101 Switching Protocols"
+        writer.write(client_text_frame(b'{"id": 7, "op": "ping"}'))
+        reply = orjson.loads((await read_raw_frame(reader))[2:])
+        assert reply == {"id": 7, "ok": True, "result": {}}
+        protocols = [
+            c for c in server.server.server_state.connections if not isinstance(c, FrontDoor)
+        ]
+        assert len(protocols) == 1  # the WebSocket; the front door left the set
+    finally:
+        writer.close()
+    await eventually(lambda: server.gateway.connections.total == 0)
+    await eventually(lambda: not server.server.server_state.connections)
+
+
+async def test_a_request_before_the_upgrade_on_one_connection(server: RunningServer) -> None:
+    """The first request is uvicorn's; the upgrade after it on the same connection is
+    answered there (``AnswersUpgrades``), as before the front door."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert status(first) == b"HTTP/1.1 200 OK"
+        length = int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(upgrade(headers=standard()))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert status(head) == b"HTTP/1.1 101 Switching Protocols"
+        writer.write(client_text_frame(b'{"id": 1, "op": "ping"}'))
+        assert orjson.loads((await read_raw_frame(reader))[2:])["ok"] is True
+    finally:
+        writer.close()
+    await eventually(lambda: server.gateway.connections.total == 0)
+
+
+async def test_a_client_leaving_inside_a_head_leaves_nothing(server: RunningServer) -> None:
+    state = server.server.server_state
+    request = upgrade(headers=standard())
+    for cut in (request.find(b"pgrade:") + 8, 10, len(request) - 3):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request[:cut])
+        await writer.drain()
+        await eventually(lambda: len(state.connections) == 1)
+        writer.close()
+        await eventually(lambda: not state.connections)
+    assert server.gateway.connections.total == 0
+
+
+async def test_a_head_larger_than_the_front_door_keeps_is_uvicorns(
+    pair: tuple[RunningServer, RunningServer],
+) -> None:
+    """Past ``FRONT_LIMIT`` the front door stops keeping bytes; uvicorn's answer."""
+    big = upgrade(headers=[*standard(), *[(f"X-{n}", "p" * 1000) for n in range(20)]])
+    assert len(big) > FRONT_LIMIT
+    for pieces in ([big], [big[:200], big[200:]]):
+        (ours, ours_closed), (stock, stock_closed) = [
+            await answer_in_pieces(s.port, pieces) for s in pair
+        ]
+        assert status(ours) == status(stock) and ours_closed == stock_closed
+
+
+async def test_a_kept_head_that_stalls_gets_the_408(make_server: MakeServer) -> None:
+    server = await make_server(request_head_timeout=HEAD_TIMEOUT)
+    request = upgrade(headers=standard())
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request[: request.find(b"pgrade:") + 20])  # kept by the front door
+    answer = await ended_with(reader)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    await eventually(lambda: not server.server.server_state.connections)
+    writer.close()
