@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+import random
 import re
 import textwrap
 import tomllib
@@ -115,6 +116,7 @@ def test_copies_are_recorded_for_both_protocols() -> None:
         "uvicorn.protocols.http.flow_control:FlowControl.__init__",
         "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.__init__",
         "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.connection_made",
+        "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.on_headers_complete",
         "uvicorn.protocols.http.httptools_impl:RequestResponseCycle.run_asgi",
         "uvicorn.protocols.http.httptools_impl:RequestResponseCycle.send",
         "uvicorn.protocols.websockets.websockets_sansio_impl:WebSocketsSansIOProtocol.run_asgi",
@@ -363,3 +365,38 @@ async def test_the_front_door_made_in_full_is_what_uvicorns_protocol_is() -> Non
     ours.connection_lost(None)
     theirs.connections.discard(theirs)
     assert not server_state.connections
+
+
+def test_request_targets_split_as_httptools_splits_them() -> None:
+    """``request_target`` against ``httptools.parse_url``, which uvicorn uses: random
+    targets over every byte, plain ones (the split) and others (the parser) alike."""
+    import httptools
+
+    from gateway.server.target import request_target
+
+    def theirs(url: bytes) -> tuple[bytes, bytes] | str:
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            return "invalid"
+        return parsed.path, parsed.query or b""
+
+    def ours(url: bytes) -> tuple[bytes, bytes] | str:
+        try:
+            return request_target(url)
+        except httptools.HttpParserInvalidURLError:
+            return "invalid"
+
+    rng = random.Random(2026)
+    common = b"/?=&%#:@+-._~az09AZ" * 4
+    seen_plain = 0
+    for _ in range(30_000):
+        pool = common if rng.random() < 0.7 else bytes(range(256))
+        url = bytes(rng.choice(pool) for _ in range(rng.randrange(0, 24)))
+        if rng.random() < 0.8:
+            url = b"/" + url
+        assert ours(url) == theirs(url), url
+        seen_plain += url[:1] == b"/" and b"#" not in url and url.isascii()
+    assert seen_plain > 10_000
+    token = b"/sse?channel=a&token=" + b"eyJ0eXAiOiJKV1Qi.x-y_z" * 20
+    assert request_target(token) == (b"/sse", token[5:])

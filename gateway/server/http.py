@@ -49,12 +49,13 @@ import asyncio
 import logging
 from collections import deque
 from typing import Any, Literal, cast
+from urllib.parse import unquote
 
 import httptools
 from uvicorn._types import ASGI3Application, HTTPScope
 from uvicorn.config import Config
 from uvicorn.logging import TRACE_LOG_LEVEL
-from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     RequestResponseCycle,
@@ -72,6 +73,7 @@ from gateway.server.ports import (
     OpenLater,
     StreamOpener,
 )
+from gateway.server.target import request_target
 from gateway.server.waiting import LiteEvent
 
 logger = logging.getLogger("uvicorn.error")
@@ -81,6 +83,9 @@ logger = logging.getLogger("uvicorn.error")
 COPIED_FROM_UVICORN = {
     "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.__init__": "264f2f06759670d4",
     "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.connection_made": "ba1915817ccf6c1b",
+    "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol.on_headers_complete": (
+        "7e259152e5aade71"
+    ),
     "uvicorn.protocols.http.flow_control:FlowControl.__init__": "56685b6831683d3d",
     # the client it puts in the scope (``forwarded_client``)
     "uvicorn.middleware.proxy_headers:ProxyHeadersMiddleware.__call__": "85cff06f8cb98a0c",
@@ -220,17 +225,53 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         return True
 
     def on_headers_complete(self) -> None:
+        # uvicorn's (COPIED_FROM_UVICORN), but its target split by ``request_target``
+        # (not httptools' URL parser, for plain targets), the cycle's message event a
+        # ``LiteEvent`` from the start (nobody waits on it yet; uvicorn makes an
+        # ``asyncio.Event``), and the URL and headers dropped once parsed into the
+        # scope, which the app owns from here (and which a detached response trims): a
+        # long stream keeps neither, nor the token in the URL.
         if self.head_deadlines is not None:
             self.head_deadlines.done(self)
-        super().on_headers_complete()
-        cycle = self.cycle
-        # No new cycle for a WebSocket upgrade: the scope then belongs to the ws protocol.
-        if cycle is not None and cycle.scope is self.scope:
-            cycle.message_event = LiteEvent()  # type: ignore[assignment]  # nobody waits yet
-            # Parsed into the scope, which the app owns from here (and which a detached
-            # response trims): a long stream keeps neither, nor the token in the URL.
-            self.url = b""
-            self.headers = []
+        parser, scope = self.parser, self.scope
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        raw_path, scope["query_string"] = request_target(self.url)
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        app: ASGI3Application = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing_cycle = self.cycle
+        self.cycle = RequestResponseCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=LiteEvent(),  # type: ignore[arg-type]
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        self.url = b""
+        self.headers = []
+        if existing_cycle is None or existing_cycle.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:  # pipelined: queued
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
 
     def connection_lost(self, exc: Exception | None) -> None:
         upgraded = self.upgraded
