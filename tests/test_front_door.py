@@ -12,10 +12,8 @@ inside one, or sends a request before its upgrade.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import random
-import socket
 
 import orjson
 import pytest
@@ -23,38 +21,10 @@ import pytest
 from gateway.server.front import FRONT_LIMIT, FrontDoor
 from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.helpers import client_text_frame, read_raw_frame
-from tests.test_handshake import TIMEOUT, standard, status, upgrade
+from tests.test_handshake import TIMEOUT, answer, standard, status, upgrade
 from tests.test_request_head_timeout import HEAD_TIMEOUT, ended_with
 
 pytestmark = pytest.mark.gateway_protocols
-
-
-async def answer_in_pieces(port: int, pieces: list[bytes]) -> tuple[bytes, bool]:
-    """Send ``pieces`` as separate segments; the response head, and whether the server
-    then closed the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        for piece in pieces:
-            writer.write(piece)
-            await writer.drain()
-            await asyncio.sleep(0.005)  # pacing, so that the server reads them apart
-        head = b""
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        try:
-            rest = await asyncio.wait_for(reader.read(65536), 0.5)
-            closed = rest == b"" or not head.startswith(b"HTTP/1.1 101")
-        except TimeoutError:
-            closed = False
-        except ConnectionError:
-            closed = True
-        return head, closed
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 def split(request: bytes, rng: random.Random) -> list[bytes]:
@@ -96,9 +66,7 @@ async def test_heads_over_several_reads_get_what_stock_uvicorn_answers(
             target = "/healthz"
         request = upgrade(target, headers=fields)
         pieces = split(request, rng)
-        (ours, ours_closed), (stock, stock_closed) = [
-            await answer_in_pieces(s.port, pieces) for s in pair
-        ]
+        (ours, ours_closed), (stock, stock_closed) = [await answer(s.port, *pieces) for s in pair]
         assert status(ours) == status(stock), (pieces, ours, stock)
         assert ours_closed == stock_closed, pieces
         upgrades += status(ours) == b"HTTP/1.1 101 Switching Protocols"
@@ -172,9 +140,7 @@ async def test_a_head_larger_than_the_front_door_keeps_is_uvicorns(
     big = upgrade(headers=[*standard(), *[(f"X-{n}", "p" * 1000) for n in range(20)]])
     assert len(big) > FRONT_LIMIT
     for pieces in ([big], [big[:200], big[200:]]):
-        (ours, ours_closed), (stock, stock_closed) = [
-            await answer_in_pieces(s.port, pieces) for s in pair
-        ]
+        (ours, ours_closed), (stock, stock_closed) = [await answer(s.port, *pieces) for s in pair]
         assert status(ours) == status(stock) and ours_closed == stock_closed
 
 

@@ -17,6 +17,7 @@ import contextlib
 import os
 import random
 import re
+import socket
 
 import orjson
 import pytest
@@ -58,20 +59,28 @@ def standard(**override: str | None) -> list[tuple[str, str]]:
     return [(name, value) for name, value in fields.items() if value is not None]
 
 
-async def answer(port: int, request: bytes) -> tuple[bytes, bool]:
+async def answer(port: int, *pieces: bytes) -> tuple[bytes, bool]:
     """The response head (up to the blank line, or what came before EOF), and whether the
-    server then closed the connection."""
+    server then closed the connection. The request is sent as ``pieces``, each its own
+    segment (paced, so that the server reads them apart)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        writer.write(request)
+        for n, piece in enumerate(pieces):
+            if n:
+                await writer.drain()
+                await asyncio.sleep(0.005)
+            writer.write(piece)
         head = b""
-        with contextlib.suppress(asyncio.IncompleteReadError):
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
         try:
             rest = await asyncio.wait_for(reader.read(65536), 0.5)
             closed = rest == b"" or not head.startswith(b"HTTP/1.1 101")
         except TimeoutError:
             closed = False
+        except ConnectionError:
+            closed = True
         return head, closed
     finally:
         writer.close()
