@@ -146,6 +146,12 @@ async def server(make_server: MakeServer) -> RunningServer:
 
 
 @pytest.fixture
+async def stock_pair(make_server: MakeServer) -> tuple[RunningServer, RunningServer]:
+    """The gateway on its own protocols, and the same app on stock uvicorn's."""
+    return await make_server(), await make_server(raw_writes=False)
+
+
+@pytest.fixture
 async def backend() -> AsyncIterator[FakeBackend]:
     """A hook backend (tests/fake_backend.py) on a free port; ``backend.hooks(...)`` is the
     ``GATEWAY_HOOKS`` setting that sends hooks to it."""

@@ -140,11 +140,6 @@ def alike(fast: Answer, stock: Answer) -> bool:
     ] and fast_replies[: len(stock_replies)] == stock_replies
 
 
-@pytest.fixture
-async def pair(make_server: MakeServer) -> tuple[RunningServer, RunningServer]:
-    return await make_server(), await make_server(raw_writes=False)
-
-
 HELLO = frame(TEXT, command(1))
 CASES: dict[str, list[bytes]] = {
     "a command": [HELLO],
@@ -190,19 +185,19 @@ CASES: dict[str, list[bytes]] = {
 
 @pytest.mark.parametrize("name", list(CASES))
 async def test_frames_get_what_stock_uvicorn_answers(
-    pair: tuple[RunningServer, RunningServer], name: str
+    stock_pair: tuple[RunningServer, RunningServer], name: str
 ) -> None:
-    fast, stock = [await exchange(s.port, CASES[name]) for s in pair]
+    fast, stock = [await exchange(s.port, CASES[name]) for s in stock_pair]
     assert alike(fast, stock), (name, fast, stock)
-    for server in pair:
+    for server in stock_pair:
         await eventually(lambda s=server: s.gateway.connections.total == 0)  # type: ignore[misc]
 
 
 async def test_protocol_violations_are_closed_with_websockets_codes(
-    pair: tuple[RunningServer, RunningServer],
+    stock_pair: tuple[RunningServer, RunningServer],
 ) -> None:
     """Not only alike: what the answers are (one case each, on the gateway)."""
-    fast = pair[0]
+    fast = stock_pair[0]
     expected = {
         "unmasked frame": (1002, "incorrect masking"),
         "reserved bit": (1002, "reserved bits must be 0"),

@@ -21,7 +21,7 @@ import pytest
 from gateway.server.front import FRONT_LIMIT, FrontDoor
 from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.helpers import client_text_frame, read_raw_frame
-from tests.test_handshake import TIMEOUT, answer, standard, status, upgrade
+from tests.test_handshake import TIMEOUT, answer, change_one, standard, status, upgrade
 from tests.test_request_head_timeout import HEAD_TIMEOUT, ended_with
 
 pytestmark = pytest.mark.gateway_protocols
@@ -38,40 +38,29 @@ def split(request: bytes, rng: random.Random) -> list[bytes]:
     return [request[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-@pytest.fixture
-async def pair(make_server: MakeServer) -> tuple[RunningServer, RunningServer]:
-    return await make_server(), await make_server(raw_writes=False)
-
-
 async def test_heads_over_several_reads_get_what_stock_uvicorn_answers(
-    pair: tuple[RunningServer, RunningServer],
+    stock_pair: tuple[RunningServer, RunningServer],
 ) -> None:
     rng = random.Random(20261204)
     upgrades = 0
     for _ in range(50):
         fields = standard()
         if rng.random() < 0.4:
-            i = rng.randrange(len(fields))
-            name, value = fields[i]
-            change = rng.choice(["drop", "mangle", "case"])
-            if change == "drop":
-                del fields[i]
-            elif change == "mangle":
-                fields[i] = (name, "".join(rng.sample(value, len(value))) or "x")
-            else:
-                fields[i] = (name.upper(), value.swapcase())
+            change_one(fields, rng, ["drop", "mangle", "case"])
         target = rng.choice(["/ws?token=" + token(), "/ws?token=" + token(), "/ws", "/x"])
         if rng.random() < 0.15:  # no upgrade at all: a plain request
             fields = [("Accept", "text/plain")]
             target = "/healthz"
         request = upgrade(target, headers=fields)
         pieces = split(request, rng)
-        (ours, ours_closed), (stock, stock_closed) = [await answer(s.port, *pieces) for s in pair]
+        (ours, ours_closed), (stock, stock_closed) = [
+            await answer(s.port, *pieces) for s in stock_pair
+        ]
         assert status(ours) == status(stock), (pieces, ours, stock)
         assert ours_closed == stock_closed, pieces
         upgrades += status(ours) == b"HTTP/1.1 101 Switching Protocols"
     assert upgrades >= 10  # the table did exercise the answered path
-    for server in pair:
+    for server in stock_pair:
         await eventually(lambda s=server: s.gateway.connections.total == 0)  # type: ignore[misc]
         await eventually(lambda s=server: not s.server.server_state.connections)  # type: ignore[misc]
 
@@ -134,13 +123,15 @@ async def test_a_client_leaving_inside_a_head_leaves_nothing(server: RunningServ
 
 
 async def test_a_head_larger_than_the_front_door_keeps_is_uvicorns(
-    pair: tuple[RunningServer, RunningServer],
+    stock_pair: tuple[RunningServer, RunningServer],
 ) -> None:
     """Past ``FRONT_LIMIT`` the front door stops keeping bytes; uvicorn's answer."""
     big = upgrade(headers=[*standard(), *[(f"X-{n}", "p" * 1000) for n in range(20)]])
     assert len(big) > FRONT_LIMIT
     for pieces in ([big], [big[:200], big[200:]]):
-        (ours, ours_closed), (stock, stock_closed) = [await answer(s.port, *pieces) for s in pair]
+        (ours, ours_closed), (stock, stock_closed) = [
+            await answer(s.port, *pieces) for s in stock_pair
+        ]
         assert status(ours) == status(stock) and ours_closed == stock_closed
 
 

@@ -88,21 +88,31 @@ async def answer(port: int, *pieces: bytes) -> tuple[bytes, bool]:
             await writer.wait_closed()
 
 
+def change_one(fields: list[tuple[str, str]], rng: random.Random, changes: list[str]) -> None:
+    """One of ``fields`` changed in place by one of ``changes``: dropped, its value
+    shuffled, its case swapped, or repeated."""
+    i = rng.randrange(len(fields))
+    name, value = fields[i]
+    change = rng.choice(changes)
+    if change == "drop":
+        del fields[i]
+    elif change == "mangle":
+        fields[i] = (name, "".join(rng.sample(value, len(value))) or "x")
+    elif change == "case":
+        fields[i] = (name.upper(), value.swapcase())
+    else:
+        fields.append((name, value))
+
+
 def status(head: bytes) -> bytes:
     return head.split(b"\r\n", 1)[0]
 
 
-@pytest.fixture
-async def pair(make_server: MakeServer) -> tuple[RunningServer, RunningServer]:
-    """The gateway on its own protocols, and the same app on stock uvicorn."""
-    return await make_server(), await make_server(raw_writes=False)
-
-
 async def test_the_101_is_the_one_stock_uvicorn_writes(
-    pair: tuple[RunningServer, RunningServer],
+    stock_pair: tuple[RunningServer, RunningServer],
 ) -> None:
     fixed = standard(**{"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
-    heads = [(await answer(s.port, upgrade(headers=fixed)))[0] for s in pair]
+    heads = [(await answer(s.port, upgrade(headers=fixed)))[0] for s in stock_pair]
     assert heads[0].startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in heads[0]
     assert DATE.sub(b"", heads[0]) == DATE.sub(b"", heads[1])
@@ -150,44 +160,34 @@ MALFORMED = {
 
 @pytest.mark.parametrize("name", list(MALFORMED))
 async def test_a_malformed_upgrade_gets_what_stock_uvicorn_answers(
-    pair: tuple[RunningServer, RunningServer], name: str
+    stock_pair: tuple[RunningServer, RunningServer], name: str
 ) -> None:
     request = MALFORMED[name]
     (fast_head, fast_closed), (stock_head, stock_closed) = [
-        await answer(s.port, request) for s in pair
+        await answer(s.port, request) for s in stock_pair
     ]
     assert status(fast_head) == status(stock_head), (name, fast_head, stock_head)
     assert fast_closed == stock_closed, name
-    for server in pair:  # nothing left behind: no session, no connection counted
+    for server in stock_pair:  # nothing left behind: no session, no connection counted
         await eventually(lambda s=server: s.gateway.connections.total == 0)  # type: ignore[misc]
 
 
 async def test_randomised_upgrades_get_what_stock_uvicorn_answers(
-    pair: tuple[RunningServer, RunningServer],
+    stock_pair: tuple[RunningServer, RunningServer],
 ) -> None:
     rng = random.Random(19)
     for _ in range(60):
         fields = standard()
         if rng.random() < 0.5:
-            i = rng.randrange(len(fields))
-            name, value = fields[i]
-            choice = rng.choice(["drop", "mangle", "case", "duplicate"])
-            if choice == "drop":
-                del fields[i]
-            elif choice == "mangle":
-                fields[i] = (name, "".join(rng.sample(value, len(value))) or "x")
-            elif choice == "case":
-                fields[i] = (name.upper(), value.swapcase())
-            else:
-                fields.append((name, value))
+            change_one(fields, rng, ["drop", "mangle", "case", "duplicate"])
         target = rng.choice(["/ws", "/ws?token=" + token(), "/w%73?token=" + token(), "/x"])
         request = upgrade(target, headers=fields)
         (fast_head, fast_closed), (stock_head, stock_closed) = [
-            await answer(s.port, request) for s in pair
+            await answer(s.port, request) for s in stock_pair
         ]
         assert status(fast_head) == status(stock_head), (request, fast_head, stock_head)
         assert fast_closed == stock_closed, request
-    for server in pair:
+    for server in stock_pair:
         await eventually(lambda s=server: s.gateway.connections.total == 0)  # type: ignore[misc]
 
 

@@ -130,9 +130,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
             # A first read with no Upgrade header (as clients write it) is not parsed
             # here at all. (One split over reads, or written "UPGRADE:", is uvicorn's,
             # whose protocol answers upgrades too: ``AnswersUpgrades``.)
-            self.begun = True
-            self._parsing(self.loop)
-            self._connected(self.transport)
+            self._begin()
             HttpToolsProtocol.data_received(self, data)
             return
         self._received = received
