@@ -67,8 +67,29 @@ class Transport(Protocol):
         """Write ``batch``, waiting for the socket as long as it takes."""
 
 
+# Client ids are 8 random bytes (``secrets.token_hex(8)``) taken from the kernel 4 KiB at a
+# time: a system call per 512 connections, not one each. A forked child starts with none
+# of its parent's bytes, which would repeat its parent's ids.
+_random_hex = ""
+_random_at = 0
+
+
 def new_client_id() -> str:
-    return "c-" + os.urandom(8).hex()  # secrets.token_hex(8), without its two calls
+    global _random_hex, _random_at
+    at = _random_at
+    if at >= len(_random_hex):
+        _random_hex, at = os.urandom(4096).hex(), 0
+    _random_at = at + 16
+    return "c-" + _random_hex[at : at + 16]
+
+
+def _forget_random_hex() -> None:
+    global _random_hex, _random_at
+    _random_hex, _random_at = "", 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_random_hex)
 
 
 def _size(item: Outgoing) -> int:

@@ -116,10 +116,18 @@ class Timers:
 _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = weakref.WeakKeyDictionary()
 
 
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Timers] | None = None  # the last asked
+
+
 def loop_timers() -> Timers:
     """The running loop's ``Timers``."""
+    global _last
     loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last[0]() is loop:  # (no weak key made and dropped per call)
+        return last[1]
     timers = _timers.get(loop)
     if timers is None:
         timers = _timers[loop] = Timers(loop)
+    _last = (weakref.ref(loop), timers)
     return timers

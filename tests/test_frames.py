@@ -341,3 +341,23 @@ async def test_randomised_frames_are_parsed_as_websockets_parses_them(
         got = [f for f in frames if f[0] != TEXT] + ([] if closed else [end])
         assert (got, closed) == expected, data
     await eventually(lambda: server.gateway.connections.total == 0)
+
+
+def test_switching_head_is_websockets_accept_with_the_servers_headers() -> None:
+    """The 101 head: websockets' ``accept_key`` of each key, then the default headers of
+    the list it is given (remade when the server's list is a new one, as each second)."""
+    import base64
+    import os
+
+    from websockets.utils import accept_key
+
+    from gateway.server.frames import SWITCHING, switching_head
+
+    first = [(b"date", b"Fri, 04 Dec 2026 19:00:00 GMT"), (b"Server", b"uvicorn")]
+    second = [(b"date", b"Fri, 04 Dec 2026 19:00:01 GMT"), (b"Server", b"uvicorn")]
+    for defaults in (first, first, second, first):
+        for _ in range(20):
+            key = base64.b64encode(os.urandom(16)).decode()
+            lines = b"".join(name.lower() + b": " + value + b"\r\n" for name, value in defaults)
+            expected = SWITCHING + f"Sec-WebSocket-Accept: {accept_key(key)}\r\n".encode()
+            assert switching_head(key, defaults) == expected + lines + b"\r\n"

@@ -14,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import types
 
+import httptools
 import orjson
 import pytest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.server.front import FRONT_LIMIT, FrontDoor
+from gateway.server.front import FRONT_LIMIT, FrontDoor, _Head
+from gateway.server.handover import websocket_key
 from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.helpers import client_text_frame, read_raw_frame
 from tests.test_handshake import TIMEOUT, answer, change_one, standard, status, upgrade
@@ -144,3 +148,40 @@ async def test_a_kept_head_that_stalls_gets_the_408(make_server: MakeServer) -> 
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     await eventually(lambda: not server.server.server_state.connections)
     writer.close()
+
+
+def test_the_key_noted_as_headers_come_is_uvicorns_and_websockets_answer() -> None:
+    """``_Head.websocket_key`` (what a head's callbacks noted) against what uvicorn and
+    websockets make of its header list: uvicorn's ``_get_upgrade`` is ``websocket`` and
+    ``handover.websocket_key`` finds the key. Random heads: headers dropped, mangled,
+    recased, repeated, Connection lists, values past websockets' line limit, too many."""
+    rng = random.Random(20261204)
+    keys = 0
+    for n in range(3000):
+        fields = standard()
+        for _ in range(rng.choice([0, 0, 1, 2, 3])):
+            change_one(fields, rng, ["drop", "mangle", "case", "repeat"])
+        if rng.random() < 0.2:
+            listed = rng.choice(["keep-alive, Upgrade", "close", "x,upgrade "])
+            fields.append(("Connection", listed))
+        if rng.random() < 0.05:
+            fields.append(("X-Long", "v" * rng.choice([8180, 8188, 8200])))
+        if rng.random() < 0.05:
+            fields += [(f"X-{i}", "1") for i in range(rng.choice([120, 124, 130]))]
+        rng.shuffle(fields)
+        target = "/ws?token=" + "t" * rng.choice([10, 8170, 8180])
+        request = upgrade(target, headers=fields)
+        head = _Head()
+        parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(request)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError:
+            continue
+        stand_in = types.SimpleNamespace(headers=head.headers)
+        upgrade_to = HttpToolsProtocol._get_upgrade(stand_in)  # type: ignore[arg-type]
+        expected = websocket_key(head.url, head.headers) if upgrade_to == b"websocket" else None
+        assert head.websocket_key() == expected, (n, fields)
+        keys += expected is not None
+    assert 300 < keys < 2900  # both answers came often

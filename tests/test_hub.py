@@ -456,3 +456,27 @@ async def test_a_recovery_is_one_write_and_a_large_one_is_cut_into_bounded_batch
     finally:
         writer.cancel()
         await hub.close()
+
+
+def test_client_ids_are_random_and_not_a_forked_parents() -> None:
+    """Ids come from a buffer of the kernel's random bytes: each one distinct (past a
+    refill of the buffer), 8 bytes in hex, and a child forked mid-buffer does not
+    repeat its parent's next ids."""
+    import os
+
+    from channels.session import new_client_id
+
+    ids = [new_client_id() for _ in range(1500)]  # the buffer refilled twice
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 18 and i.startswith("c-") and int(i[2:], 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.write(write, " ".join(new_client_id() for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 1000).decode().split()
+    os.close(read)
+    parent = [new_client_id() for _ in range(5)]
+    assert len(child) == 5 and not set(child) & set(parent)

@@ -4,6 +4,9 @@ the 101 head, control frames, close frames read as websockets reads them."""
 from __future__ import annotations
 
 import struct
+from binascii import b2a_base64
+from hashlib import sha1
+from typing import Any
 
 from websockets.frames import EXTERNAL_CLOSE_CODES
 
@@ -15,14 +18,24 @@ CONTROL_OPCODES = (CLOSE, PING, PONG)
 # The 101 as uvicorn writes it on websocket.accept, up to the accept key; uvicorn's default
 # headers (date, server) follow it.
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's
+
+# uvicorn's default headers as the head's last lines, for the list they were made from:
+# the server makes a new list once a second (the date), the same for every 101 meanwhile.
+_defaults: list[Any] = [None, b""]  # [the list, its lines]
 
 
-def switching_head(accept: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    head = [SWITCHING, b"Sec-WebSocket-Accept: ", accept.encode(), b"\r\n"]
-    for name, value in default_headers:
-        head += [name.lower(), b": ", value, b"\r\n"]
-    head.append(b"\r\n")
-    return b"".join(head)
+def switching_head(key: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The 101 for a handshake whose (valid) ``Sec-WebSocket-Key`` is ``key``: websockets'
+    ``accept_key`` of it, with neither its text round trip nor a list joined per head."""
+    accept = b2a_base64(sha1(key.encode() + GUID).digest(), newline=False)
+    kept = _defaults
+    if kept[0] is not default_headers:
+        lines = [name.lower() + b": " + value + b"\r\n" for name, value in default_headers]
+        kept[1] = b"".join(lines) + b"\r\n"
+        kept[0] = default_headers  # held: its id is not another list's while it is kept
+    ending: bytes = kept[1]
+    return SWITCHING + b"Sec-WebSocket-Accept: " + accept + b"\r\n" + ending
 
 
 class ProtocolViolation(Exception):

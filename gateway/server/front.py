@@ -35,8 +35,9 @@ import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
-from gateway.server.handover import HttpUpgrade, websocket_key
+from gateway.server.handover import HttpUpgrade, key_of
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.http import GatewayHttpToolsProtocol, address, server_wide
 from gateway.server.ports import OPEN_WEBSOCKET, Deferred, Opener
@@ -47,14 +48,30 @@ FRONT_LIMIT = 16 * 1024
 
 
 class _Head:
-    """The parser's callbacks: the URL and the headers, as uvicorn keeps them."""
+    """The parser's callbacks: the URL and the headers, as uvicorn keeps them, and what a
+    WebSocket handshake needs of them noted as they come (``websocket_key``)."""
 
-    __slots__ = ("complete", "headers", "upgrade", "url")
+    __slots__ = (
+        "complete",
+        "connection",
+        "headers",
+        "key",
+        "keys",
+        "long_line",
+        "upgrade",
+        "upgrades",
+        "url",
+        "version",
+        "versions",
+    )
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.upgrade = False  # an Upgrade header came
+        self.upgrade = self.key = self.version = b""  # the last of each
+        self.upgrades = self.keys = self.versions = 0  # how many came
+        self.connection: bytes | None = None  # the last Connection header
+        self.long_line = False  # a header line past websockets' limit
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
@@ -62,15 +79,56 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name == b"upgrade":
-            self.upgrade = True
         # uvicorn's: llhttp keeps the trailing whitespace that RFC 9110 excludes
-        self.headers.append((name, value.rstrip(b" \t")))
+        value = value.rstrip(b" \t")
+        self.headers.append((name, value))
+        if len(name) + len(value) > LINE_LIMIT:
+            self.long_line = True
+        kind = _NOTED.get(name)
+        if kind is None:
+            return
+        if kind == 0:
+            self.connection = value
+        elif kind == 1:
+            self.upgrade = value
+            self.upgrades += 1
+        elif kind == 2:
+            self.key = value
+            self.keys += 1
+        else:
+            self.version = value
+            self.versions += 1
 
     def on_headers_complete(self) -> None:
         # (Not an exception to stop the parser early: httptools wraps one in another,
         # each with a traceback through its frames, several µs.)
         self.complete = True
+
+    def websocket_key(self) -> str | None:
+        """The key of a handshake uvicorn would hand to its WebSocket protocol (a
+        ``Connection`` listing ``upgrade``, an ``Upgrade`` of ``websocket``) and
+        websockets accept as it is (``handover.websocket_key``), from what was noted;
+        None for any other head. tests/test_front_door.py holds it against both."""
+        connection = self.connection
+        if (
+            connection is None
+            or self.upgrades != 1
+            or self.upgrade.lower() != b"websocket"
+            or self.keys != 1
+            or self.versions != 1
+            or self.version != b"13"
+            or self.long_line
+            or len(self.headers) > MAX_NUM_HEADERS
+            or len(self.url) + 16 > MAX_LINE_LENGTH
+            or b"upgrade" not in [token.lower().strip() for token in connection.split(b",")]
+        ):
+            return None
+        return key_of(self.key)
+
+
+# The headers a handshake needs, noted by ``_Head`` as they come.
+_NOTED = {b"connection": 0, b"upgrade": 1, b"sec-websocket-key": 2, b"sec-websocket-version": 3}
+LINE_LIMIT = MAX_LINE_LENGTH - 4  # websockets' limit on "name: value" (CRLF included)
 
 
 class FrontDoor(GatewayHttpToolsProtocol):
@@ -158,11 +216,10 @@ class FrontDoor(GatewayHttpToolsProtocol):
         if (
             opener is not None
             and getattr(self.ws_protocol_class, "lends_upgrades", False)
-            and _upgrade_to(head.headers) == b"websocket"
             and parser.get_method() == b"GET"
             and parser.get_http_version() == "1.1"
         ):
-            key = websocket_key(head.url, head.headers)
+            key = head.websocket_key()
         decision = opener(HttpUpgrade(head.url, head.headers)) if opener and key else None
         if decision is None or isinstance(decision, Deferred):
             # Not the app's, or answered later (a backend's say): uvicorn's, told the
@@ -209,16 +266,3 @@ class FrontDoor(GatewayHttpToolsProtocol):
     def resume_writing(self) -> None:
         if self.begun or self.upgraded is not None:
             super().resume_writing()
-
-
-def _upgrade_to(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """uvicorn's ``_get_upgrade``: the Upgrade header's value when a Connection header
-    lists ``upgrade`` (the last of each, as uvicorn reads them)."""
-    connection: list[bytes] = []
-    upgrade = None
-    for name, value in headers:
-        if name == b"connection":
-            connection = [token.lower().strip() for token in value.split(b",")]
-        if name == b"upgrade":
-            upgrade = value.lower()
-    return upgrade if b"upgrade" in connection else None

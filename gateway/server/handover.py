@@ -26,7 +26,6 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
-from websockets.utils import accept_key
 
 from gateway.server.frames import switching_head
 from gateway.server.ports import OPEN_WEBSOCKET, Accept, Deferred, Opener, Refuse
@@ -157,7 +156,7 @@ def hand_over(
         access_log=config.access_log,
     )
     protocol.connection_made(transport)
-    protocol.open(switching_head(accept_key(key), server_state.default_headers), url)
+    protocol.open(switching_head(key, server_state.default_headers), url)
     if isinstance(decision, Refuse):
         protocol.refuse(decision.code, decision.reason)
     else:
@@ -183,12 +182,18 @@ def websocket_key(url: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
             upgrades.append(value.lower())
     if len(keys) != 1 or versions != [b"13"] or upgrades != [b"websocket"]:
         return None
+    return key_of(keys[0])
+
+
+def key_of(value: bytes) -> str | None:
+    """A ``Sec-WebSocket-Key`` header's value, if it is one websockets accepts: 16 bytes
+    in base64."""
     try:
-        if len(base64.b64decode(keys[0], validate=True)) != 16:
+        if len(base64.b64decode(value, validate=True)) != 16:
             return None
     except (binascii.Error, ValueError):
         return None
-    return keys[0].decode("ascii")
+    return value.decode("ascii")
 
 
 class HttpUpgrade:

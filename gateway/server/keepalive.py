@@ -72,14 +72,22 @@ _keepalives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Keepalive] = (
 )
 
 
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Keepalive] | None = None  # the last asked
+
+
 def keepalive_for(
     loop: asyncio.AbstractEventLoop, interval: float, timeout: float | None
 ) -> Keepalive:
     """The loop's ``Keepalive`` (made on first use, with the period of the first caller)."""
+    global _last
+    last = _last
+    if last is not None and last[0]() is loop:  # (no weak key made and dropped per call)
+        return last[1]
     keepalive = _keepalives.get(loop)
     if keepalive is None:
         period = max(0.02, min(interval, timeout or interval) / 4)
         keepalive = _keepalives[loop] = Keepalive(loop, period)
+    _last = (weakref.ref(loop), keepalive)
     return keepalive
 
 
