@@ -25,6 +25,7 @@ from channels.publication import StreamPosition
 from gateway import cursor
 from gateway.server.cycle import RawBody
 from gateway.server.front import FrontDoor
+from gateway.server.front_stream import FrontStream
 from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.wire import frame_chunk
 from tests.conftest import RunningServer, eventually, token
@@ -129,16 +130,18 @@ async def raw_sse(
 
 @pytest.fixture
 def raw_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts ``RawBody.try_write`` calls: ``written`` and ``refused`` (nothing written)."""
+    """Counts the ports' ``try_write`` calls (``RawBody``'s, and ``FrontStream``'s for a
+    stream the front door opened): ``written`` and ``refused`` (nothing written)."""
     counts = {"written": 0, "refused": 0}
-    original = RawBody.try_write
+    for port in (RawBody, FrontStream):
+        original = port.try_write
 
-    def try_write(self: RawBody, chunk: bytes) -> bool:
-        ok = original(self, chunk)
-        counts["written" if ok else "refused"] += 1
-        return ok
+        def try_write(self: Any, chunk: bytes, original: Any = original) -> bool:
+            ok: bool = original(self, chunk)
+            counts["written" if ok else "refused"] += 1
+            return ok
 
-    monkeypatch.setattr(RawBody, "try_write", try_write)
+        monkeypatch.setattr(port, "try_write", try_write)
     return counts
 
 

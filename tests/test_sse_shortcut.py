@@ -1,11 +1,13 @@
-"""``GET /sse`` opened below the framework: by the gateway's HTTP protocol
-(``sse_open.opener``, ``OPEN_STREAM``) or by ``sse_open.Shortcut`` in front of the app.
+"""``GET /sse`` opened below the framework: by the gateway's protocols
+(``sse_open.opener``, ``OPEN_STREAM``: asked by the front door, or by uvicorn's HTTP
+protocol) or by ``sse_open.Shortcut`` in front of the app.
 
 Each takes a request only when every check of the endpoint passes, and must then
 answer exactly what the endpoint answers. Each request of a table is sent over a raw
 socket to the same server once per way (the opener with cold channels, the opener on
-channels the worker relays, the shortcut, the route), and the answers (status line,
-headers but the date, the stream's opening, or an error's body) must be the same bytes.
+channels the worker relays, from the front door and from uvicorn's protocol, the
+shortcut, the route), and the answers (status line, headers but the date, the stream's
+opening, or an error's body) must be the same bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import pytest
 
 from gateway import sse_open
 from gateway.server.cycle import DetachableCycle
+from gateway.server.front import FrontDoor
+from gateway.server.front_stream import FrontStream
 from gateway.server.http import GatewayHttpToolsProtocol
 from tests.conftest import MakeServer, eventually, token
 from tests.fake_backend import FakeBackend
@@ -87,15 +91,20 @@ def cases(cursor: str) -> dict[str, bytes]:
 
 class Ways:
     """Which way each request took, and the switches that send it the longer way: the
-    protocol's opener (at once, or once its subscribes are done), the app's shortcut,
-    the framework's route."""
+    front door's stream, the protocol's opener (at once, or once its subscribes are
+    done), the app's shortcut, the framework's route."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.monkeypatch = monkeypatch
         self.taken: list[str] = []
         original_start, original_later = DetachableCycle.start_stream, DetachableCycle.open_later
         original_open = sse_open.Shortcut._open
+        original_front = FrontStream.__init__
         later: list[object] = []
+
+        def front(stream: FrontStream, door: Any) -> None:
+            self.taken.append("front")
+            original_front(stream, door)
 
         def start(cycle: DetachableCycle, started: Any) -> None:
             self.taken.append("later" if started in later else "now")
@@ -113,8 +122,13 @@ class Ways:
         monkeypatch.setattr(DetachableCycle, "start_stream", start)
         monkeypatch.setattr(DetachableCycle, "open_later", open_later)
         monkeypatch.setattr(sse_open.Shortcut, "_open", shortcut)
+        monkeypatch.setattr(FrontStream, "__init__", front)
+
+    def without_front_door(self) -> None:
+        self.monkeypatch.setattr(FrontDoor, "_stream_here", lambda *a: False)
 
     def without_opener(self) -> None:
+        self.without_front_door()
         self.monkeypatch.setattr(GatewayHttpToolsProtocol, "_open_stream", lambda *a: False)
 
     def without_shortcut(self) -> None:
@@ -162,6 +176,9 @@ async def test_every_way_answers_the_same_bytes(
     keepers = [await kept_open(server.port, ["news"]), await kept_open(server.port, ["a1", "b1"])]
     ways.take()
     live = {name: await answer(server.port, raw) for name, raw in table.items()}
+    assert ways.take() == ["front"] * streams
+    ways.without_front_door()
+    via_protocol = {name: await answer(server.port, raw) for name, raw in table.items()}
     assert ways.take() == ["now"] * streams
     ways.without_opener()
     via_shortcut = {name: await answer(server.port, raw) for name, raw in table.items()}
@@ -171,7 +188,8 @@ async def test_every_way_answers_the_same_bytes(
     assert ways.take() == []
 
     for name in table:
-        assert cold[name] == live[name] == via_shortcut[name] == via_route[name], name
+        ways_ = (cold, live, via_protocol, via_shortcut, via_route)
+        assert len({way[name] for way in ways_}) == 1, name
     assert live["one channel"].startswith(b"HTTP/1.1 200 OK\r\n")
     allowed = b"*" if origins == "*" else b"https://x.io"
     assert b"access-control-allow-origin: " + allowed in live["from an origin"]
@@ -189,25 +207,34 @@ async def test_every_way_answers_the_same_bytes(
 async def test_the_openers_log_line_is_the_routes(
     make_server: MakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Same access log line, the client behind a trusted proxy included, token redacted."""
+    """Same access log line, the client behind a trusted proxy included, token redacted:
+    the opener's once its subscribe is done, the front door's (on a channel the worker
+    relays), uvicorn's protocol's, the app's."""
     server = await make_server()
     ways = Ways(monkeypatch)
     tok = token()
     raw = request(f"/sse?channel=news&token={tok}", [("X-Forwarded-For", "203.0.113.9")])
     lines = []
-    for opener in (True, False):
-        if not opener:
+    keeper = None
+    for way in ("later", "front", "now", "app"):
+        if way == "now":
+            ways.without_front_door()
+        elif way == "app":
             ways.without_opener()
         caplog.clear()
         with caplog.at_level("INFO", logger="uvicorn.access"):
             await answer(server.port, raw)
         lines.append([r.getMessage() for r in caplog.records if r.name == "uvicorn.access"])
-    assert ways.take() == ["later", "shortcut"]
-    via_opener, via_app = lines
-    assert len(via_opener) == 1
-    assert re.sub(r":\d+ ", " ", via_opener[0]) == re.sub(r":\d+ ", " ", via_app[0])
-    assert via_opener[0].startswith("203.0.113.9:")
-    assert tok not in via_opener[0] and "token=[redacted]" in via_opener[0]
+        if keeper is None:  # the channel relayed from here on
+            keeper = await kept_open(server.port, ["news"])
+            ways.take()
+    assert ways.take() == ["front", "now", "shortcut"]
+    assert all(len(found) == 1 for found in lines), lines
+    assert len({re.sub(r":\d+ ", " ", found[0]) for found in lines}) == 1, lines
+    assert lines[0][0].startswith("203.0.113.9:")
+    assert tok not in lines[0][0] and "token=[redacted]" in lines[0][0]
+    assert keeper is not None
+    keeper[0].close()
 
 
 @pytest.mark.gateway_protocols
@@ -279,3 +306,47 @@ async def test_a_subscribe_hooks_answers_are_the_routes(
     assert via_opener["chat:ok"].startswith(b"HTTP/1.1 200")
     assert b"access-control-allow-origin: https://x.io" in via_opener["chat:refuse"]
     await eventually(lambda: server.gateway.connections.open["sse"] == 0)
+
+
+async def _response(reader: asyncio.StreamReader) -> bytes:
+    """One whole response with a Content-Length, its date dropped."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    length = re.search(rb"(?i)content-length: (\d+)", head)
+    assert length is not None, head
+    return DATE.sub(b"", head) + await reader.readexactly(int(length[1]))
+
+
+@pytest.mark.gateway_protocols
+async def test_a_stream_the_server_ends_keeps_its_connection_as_uvicorn_does(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream the server ends (its token expired) ends with the last chunk, and its
+    connection lives on: a request the client sent during the stream is answered after
+    it, then another one; the same bytes whether the front door or uvicorn's protocol
+    opened the stream."""
+    server = await make_server(jwt_leeway=0)
+    ways = Ways(monkeypatch)
+    keeper, _ = await kept_open(server.port, ["news"])  # relayed: streams open at once
+    ways.take()
+    seen = []
+    for way in ("front", "now"):
+        if way == "now":
+            ways.without_front_door()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request(f"/sse?channel=news&token={token(ttl=2)}"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        writer.write(request("/healthz"))  # during the stream
+        body = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), TIMEOUT)
+        pipelined = await _response(reader)
+        writer.write(request("/healthz"))
+        after = await _response(reader)
+        seen.append((DATE.sub(b"", head), body, pipelined, after))
+        writer.close()
+    assert ways.take() == ["front", "now"]
+    assert seen[0] == seen[1]
+    head, body, pipelined, after = seen[0]
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"transfer-encoding: chunked" in head
+    assert pipelined.startswith(b"HTTP/1.1 200 OK") and pipelined == after
+    keeper.close()
+    await eventually(lambda: server.gateway.connections.open["sse"] == 0)
+    await eventually(lambda: len(server.server.server_state.connections) == 0)

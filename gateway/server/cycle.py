@@ -155,7 +155,7 @@ class DetachableCycle(RequestResponseCycle):
         then the app writes on the response's port, as after ``hold``."""
         scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         headers = [*self.default_headers, *started.headers]
-        if not all(map(_valid_header, headers)):
+        if not all(map(valid_header, headers)):
             # What uvicorn's send raises on: the app's error, the connection closed.
             self.logger.error("Exception in ASGI application: invalid HTTP header")
             self.transport.close()
@@ -177,15 +177,7 @@ class DetachableCycle(RequestResponseCycle):
                 200,
                 extra={REDACTED_ALREADY: True},
             )
-        content = [STATUS_LINE[200]]
-        for name, value in headers:
-            content += [name.lower(), b": ", value, b"\r\n"]
-        if not self.keep_alive:
-            content.append(b"connection: close\r\n")
-        opening = started.opening
-        content += [b"transfer-encoding: chunked\r\n\r\n", b"%x\r\n" % len(opening), opening]
-        content.append(b"\r\n")
-        self.transport.write(b"".join(content))
+        self.transport.write(stream_head(headers, self.keep_alive, started.opening))
         port = scope["extensions"][RAW_BODY]
         self.detached = True
         self._forget_request()
@@ -223,12 +215,25 @@ class DetachableCycle(RequestResponseCycle):
         scope.update(kept)
 
 
+def stream_head(headers: list[tuple[bytes, bytes]], keep_alive: bool, opening: bytes) -> bytes:
+    """A chunked 200's head with ``headers`` and ``opening`` as its first chunk, as
+    uvicorn's ``send`` writes them."""
+    content = [STATUS_LINE[200]]
+    for name, value in headers:
+        content += [name.lower(), b": ", value, b"\r\n"]
+    if not keep_alive:
+        content.append(b"connection: close\r\n")
+    content += [b"transfer-encoding: chunked\r\n\r\n", b"%x\r\n" % len(opening), opening]
+    content.append(b"\r\n")
+    return b"".join(content)
+
+
 _ABANDONING: set[asyncio.Future[None]] = set()
 _VALID_HEADERS: set[tuple[bytes, bytes]] = set()  # checked already: the same each stream
 _VALID_HEADERS_LIMIT = 1024
 
 
-def _valid_header(header: tuple[bytes, bytes]) -> bool:
+def valid_header(header: tuple[bytes, bytes]) -> bool:
     """What uvicorn's ``send`` checks of each header, remembered: a stream's headers are
     the same few (uvicorn's date changes once a second, CORS's origin with the client)."""
     if header in _VALID_HEADERS:

@@ -29,7 +29,9 @@ this class.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+from urllib.parse import unquote
 
 import httptools
 from uvicorn.config import Config
@@ -37,10 +39,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
+from gateway.server.cycle import stream_head, valid_header
+from gateway.server.front_stream import FrontStream, StreamRequest, log_stream
 from gateway.server.handover import HttpUpgrade, key_of
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.http import GatewayHttpToolsProtocol, address, server_wide
-from gateway.server.ports import OPEN_WEBSOCKET, Deferred, Opener
+from gateway.server.ports import OPEN_STREAM, OPEN_WEBSOCKET, Deferred, Opener, OpenLater
+from gateway.server.target import request_target
 
 # A head larger than this is left to uvicorn's protocol (which parses as it reads, not
 # keeping the bytes): websockets refuses a handshake this large anyway.
@@ -54,6 +59,8 @@ class _Head:
     __slots__ = (
         "complete",
         "connection",
+        "done",
+        "expects",
         "headers",
         "key",
         "keys",
@@ -72,7 +79,9 @@ class _Head:
         self.upgrades = self.keys = self.versions = 0  # how many came
         self.connection: bytes | None = None  # the last Connection header
         self.long_line = False  # a header line past websockets' limit
-        self.complete = False
+        self.expects = False  # an Expect header came
+        self.complete = False  # the head is in
+        self.done = False  # the whole request is in
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -95,14 +104,19 @@ class _Head:
         elif kind == 2:
             self.key = value
             self.keys += 1
-        else:
+        elif kind == 3:
             self.version = value
             self.versions += 1
+        else:
+            self.expects = True
 
     def on_headers_complete(self) -> None:
         # (Not an exception to stop the parser early: httptools wraps one in another,
         # each with a traceback through its frames, several µs.)
         self.complete = True
+
+    def on_message_complete(self) -> None:
+        self.done = True
 
     def websocket_key(self) -> str | None:
         """The key of a handshake uvicorn would hand to its WebSocket protocol (a
@@ -127,7 +141,13 @@ class _Head:
 
 
 # The headers a handshake needs, noted by ``_Head`` as they come.
-_NOTED = {b"connection": 0, b"upgrade": 1, b"sec-websocket-key": 2, b"sec-websocket-version": 3}
+_NOTED = {
+    b"connection": 0,
+    b"upgrade": 1,
+    b"sec-websocket-key": 2,
+    b"sec-websocket-version": 3,
+    b"expect": 4,
+}
 LINE_LIMIT = MAX_LINE_LENGTH - 4  # websockets' limit on "name: value" (CRLF included)
 
 
@@ -142,6 +162,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
     _received = b""  # an upgrade's head so far
     _head: _Head | None = None  # and its parser, while one is read here
     _parser: httptools.HttpRequestParser | None = None
+    _stream: FrontStream | None = None  # the response to a GET /sse, opened here
 
     def __init__(
         self,
@@ -175,6 +196,10 @@ class FrontDoor(GatewayHttpToolsProtocol):
         if upgraded is not None:  # handed over here (``AnswersUpgrades._switch``)
             upgraded.data_received(data)
             return
+        stream = self._stream
+        if stream is not None:  # after a request whose stream is opened here
+            stream.received(data)
+            return
         parser = self._parser
         if parser is not None:
             received = self._received + data
@@ -184,6 +209,8 @@ class FrontDoor(GatewayHttpToolsProtocol):
             received = data
             self._head = _Head()
             parser = self._parser = httptools.HttpRequestParser(self._head)
+        elif data.startswith(b"GET /sse") and self._stream_here(data):
+            return
         else:
             # A first read with no Upgrade header (as clients write it) is not parsed
             # here at all. (One split over reads, or written "UPGRADE:", is uvicorn's,
@@ -232,6 +259,79 @@ class FrontDoor(GatewayHttpToolsProtocol):
         self.client = address(self.transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
         self._switch(key, head.url, decision)
 
+    def _stream_here(self, data: bytes) -> bool:
+        """A first read holding a whole ``GET /sse`` head and nothing after it, which
+        uvicorn would hand to the app's stream opener as it is: the opener asked here,
+        and a stream it opens at once started here (``FrontStream``), written as
+        ``DetachableCycle.start_stream`` writes it. False when uvicorn's protocol is to
+        read it: told the opener's answer, if it was asked (``stream_asked``)."""
+        opener = self.app_state.get(OPEN_STREAM)
+        if (
+            opener is None
+            or self.limit_concurrency is not None
+            or self.root_path
+            or data.find(b"\r\n\r\n") != len(data) - 4
+        ):
+            return False
+        head = _Head()
+        parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError:
+            return False
+        if (
+            not head.done
+            or head.expects
+            or head.upgrades
+            or parser.get_method() != b"GET"
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+        ):
+            return False
+        raw_path, query = request_target(head.url)
+        if not raw_path.isascii():
+            return False
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        answer = opener(StreamRequest(path, query, head.url, head.headers))
+        if answer is not None and not isinstance(answer, OpenLater):
+            headers = [*self.server_state.default_headers, *answer.headers]
+            if all(map(valid_header, headers)):
+                if self.head_deadlines is not None:
+                    self.head_deadlines.done(self)
+                access = self.access_logger
+                if access.isEnabledFor(logging.INFO) and access.hasHandlers():
+                    client = address(self.transport.get_extra_info("peername"), local=False)
+                    log_stream(access, self.app, client, raw_path, query, head.headers)  # type: ignore[arg-type]
+                self._stream = stream = FrontStream(self)
+                self.transport.write(stream_head(headers, True, answer.opening))
+                answer.start(stream)
+                return True
+        self.stream_asked, self.stream_answer = True, answer  # uvicorn's answers as told
+        return False
+
+    def stream_ended(self, pending: bytes, keep_alive: bool) -> None:
+        """The stream's last chunk is out (``FrontStream.finish``): the connection closed,
+        or kept alive by uvicorn's protocol from here, given what the client sent."""
+        self._stream = None
+        if not keep_alive:
+            self.server_state.total_requests += 1
+            self.transport.close()
+            return
+        self._begin()
+        self.on_response_complete()  # counted, and the keep-alive timeout armed
+        if pending:
+            self.transport.resume_reading()
+            HttpToolsProtocol.data_received(self, pending)
+
+    def shutdown(self) -> None:
+        stream = self._stream
+        if stream is not None:  # closed once the app ends the stream (its drain does)
+            stream.keep_alive = False
+        else:
+            super().shutdown()
+
     def _to_http(self, decided: Deferred | None = None) -> None:
         """uvicorn's from here: everything read so far handed to its parser."""
         received = self._received
@@ -253,6 +353,11 @@ class FrontDoor(GatewayHttpToolsProtocol):
             upgraded.connection_lost(exc)
         elif self.begun:
             GatewayHttpToolsProtocol.connection_lost(self, exc)
+        elif self._stream is not None:  # during a stream opened here
+            self.connections.discard(self)
+            stream, self._stream = self._stream, None
+            stream.lost()
+            self.__dict__.clear()
         else:  # gone before its first request head was read
             self.connections.discard(self)
             if self.head_deadlines is not None:
@@ -262,7 +367,11 @@ class FrontDoor(GatewayHttpToolsProtocol):
     def pause_writing(self) -> None:
         if self.begun or self.upgraded is not None:
             super().pause_writing()
+        elif self._stream is not None:
+            self._stream.pause_writing()
 
     def resume_writing(self) -> None:
         if self.begun or self.upgraded is not None:
             super().resume_writing()
+        elif self._stream is not None:
+            self._stream.resume_writing()

@@ -71,12 +71,14 @@ from gateway.server.ports import (
     OPEN_STREAM,
     RAW_BODY,
     OpenLater,
+    Started,
     StreamOpener,
 )
 from gateway.server.target import request_target
 from gateway.server.waiting import LiteEvent
 
 logger = logging.getLogger("uvicorn.error")
+
 
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
 # dedented source when it was copied; tests/test_server_adapter.py compares.
@@ -109,6 +111,10 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     cycle: RequestResponseCycle = None  # type: ignore[assignment]
     timeout_keep_alive_task: asyncio.TimerHandle | None = None
     upgrade_answer: bool | None = None  # ``_should_upgrade``'s, for the current request
+    # The app's stream opener's answer for the request being read, when the front door
+    # asked it already (``FrontDoor._stream_here``).
+    stream_asked = False
+    stream_answer: Started | OpenLater | None = None
 
     def __init__(
         self,
@@ -208,9 +214,13 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         """Whether the app's ``StreamOpener`` took the request (see the module docstring)."""
         opener: StreamOpener | None = self.app_state.get(OPEN_STREAM)
         scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
-        if opener is None or scope["method"] != "GET" or scope["http_version"] != "1.1":
+        answer = self.stream_answer
+        if self.stream_asked:  # by the front door (``FrontDoor._stream_here``)
+            self.stream_asked, self.stream_answer = False, None
+        elif opener is None or scope["method"] != "GET" or scope["http_version"] != "1.1":
             return False
-        answer = opener(_ScopeHead(scope))
+        else:
+            answer = opener(_ScopeHead(scope))
         if answer is None:
             return False
         if self.access_log and self.access_logger.isEnabledFor(logging.INFO):
