@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
 from collections.abc import Awaitable
 from typing import Any
@@ -350,3 +351,73 @@ async def test_a_stream_the_server_ends_keeps_its_connection_as_uvicorn_does(
     keeper.close()
     await eventually(lambda: server.gateway.connections.open["sse"] == 0)
     await eventually(lambda: len(server.server.server_state.connections) == 0)
+
+
+@pytest.mark.gateway_protocols
+async def test_random_stream_requests_get_the_same_answer_with_the_front_door_or_without(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests for a stream, changed at random (targets the path or query decode to
+    ``/sse`` or not, HTTP/1.0, ``Connection``, ``Expect``, a body announced, headers in
+    any case, bare line feeds), each sent in one write once with the front door and once
+    with uvicorn's protocol reading it: the same answer, and the front door took the
+    streams it can (checked to fail when it answers a head it should leave alone)."""
+    server = await make_server(allowed_origins="https://x.io")
+    ways = Ways(monkeypatch)
+    keeper, _ = await kept_open(server.port, ["news", "a1"])  # relayed: opened at once
+    ways.take()
+    rng = random.Random(20261204)
+    tok = token()
+    targets = [
+        f"/sse?channel=news&token={tok}",
+        f"/sse?channel=news&channel=a1&token={tok}",
+        f"/ss%65?channel=n%65ws&token={tok}",
+        f"http://127.0.0.1/sse?channel=news&token={tok}",
+        f"/sse/?channel=news&token={tok}",
+        f"/sse?channel=news&token={tok}#part",
+        f"/sse?token={tok}",
+        "/sse?channel=news",
+    ]
+    extras = [
+        ("Connection", "close"),
+        ("Connection", "keep-alive"),
+        ("Expect", "100-continue"),
+        ("Content-Length", "0"),
+        ("Content-Length", "3"),
+        ("Origin", "https://x.io"),
+        ("Origin", "https://z.io"),
+        ("Authorization", f"Bearer {tok}"),
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("Accept", "text/event-stream"),
+    ]
+    fronted = 0
+    for n in range(150):
+        headers = [extra for extra in extras if rng.random() < 0.15]
+        rng.shuffle(headers)
+        if rng.random() < 0.2:
+            headers = [(name.upper(), value) for name, value in headers]
+        raw = request(rng.choice(targets), headers)
+        if rng.random() < 0.1:
+            raw = raw.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+        if rng.random() < 0.05:
+            raw = raw.replace(b"\r\n", b"\n")
+        with_front = await answer_or_close(server.port, raw)
+        taken = ways.take()
+        fronted += taken == ["front"]
+        with monkeypatch.context() as patched:
+            patched.setattr(FrontDoor, "_stream_here", lambda *a: False)
+            without = await answer_or_close(server.port, raw)
+        assert with_front == without, (n, raw)
+        assert "front" not in ways.take()
+    assert fronted >= 20  # the front door answered a good share of them
+    keeper.close()
+    await eventually(lambda: server.gateway.connections.open["sse"] == 0)
+
+
+async def answer_or_close(port: int, raw: bytes) -> bytes:
+    """``answer``, or what came before the server closed the connection."""
+    try:
+        return await answer(port, raw)
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        partial = getattr(exc, "partial", b"")
+        return b"closed after " + DATE.sub(b"", partial)

@@ -1,5 +1,6 @@
 """The protocol a connection gets: the gateway's HTTP protocol, made in two steps, with a
-WebSocket upgrade answered from a lean head before the second.
+WebSocket upgrade, or an SSE stream that opens at once, answered from a lean head
+before the second.
 
 Most of what a WebSocket connect cost in uvicorn's HTTP protocol was the protocol, not
 the handshake: per connection its parser, flow control, the two addresses and the
@@ -14,11 +15,16 @@ among the server's connections and the head deadlines. Its first read:
   as it is (``handover.websocket_key``) and which the app's opener answers at once, is
   answered here: the 101 written and the connection handed to the lean WebSocket
   protocol, as ``AnswersUpgrades`` does;
+- is a whole ``GET /sse`` head and nothing more: read by the same parser, and a stream
+  the app's stream opener opens at once is started here (``_stream_here``), on a
+  ``FrontStream``; the protocol becomes uvicorn's only if the server ends the stream
+  and the connection is kept alive;
 - anything else (no upgrade, an upgrade the app answers later or not at all, bytes the
   parser refuses, a head past ``FRONT_LIMIT`` or its deadline): the protocol is made
   uvicorn's in full (``_parsing``, ``_connected``) and its parser given every byte read
   so far, so that it answers them as if it had read them itself: the same codes,
-  headers and logs, nothing lost or read twice.
+  headers and logs, nothing lost or read twice (and a stream opener's answer, when it
+  was asked here, is handed on: it is not asked twice).
 
 A first read without the header (a head split before it, or written ``UPGRADE:``) is
 uvicorn's at once, and an upgrade in it is still answered below ASGI, by
@@ -62,9 +68,11 @@ class _Head:
         "done",
         "expects",
         "headers",
+        "keep_alive",
         "key",
         "keys",
         "long_line",
+        "parser",
         "upgrade",
         "upgrades",
         "url",
@@ -82,6 +90,10 @@ class _Head:
         self.expects = False  # an Expect header came
         self.complete = False  # the head is in
         self.done = False  # the whole request is in
+        # The parser's keep-alive answer when the head was in (llhttp forgets the request's
+        # Connection header once the request is whole), with ``parser`` set to ask it.
+        self.parser: httptools.HttpRequestParser | None = None
+        self.keep_alive = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -114,6 +126,8 @@ class _Head:
         # (Not an exception to stop the parser early: httptools wraps one in another,
         # each with a traceback through its frames, several µs.)
         self.complete = True
+        if self.parser is not None:
+            self.keep_alive = self.parser.should_keep_alive()
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -274,18 +288,20 @@ class FrontDoor(GatewayHttpToolsProtocol):
         ):
             return False
         head = _Head()
-        parser = httptools.HttpRequestParser(head)
+        parser = head.parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(data)
         except httptools.HttpParserError:
             return False
+        finally:
+            head.parser = None  # (it holds the head's callbacks)
         if (
             not head.done
+            or not head.keep_alive
             or head.expects
             or head.upgrades
             or parser.get_method() != b"GET"
             or parser.get_http_version() != "1.1"
-            or not parser.should_keep_alive()
         ):
             return False
         raw_path, query = request_target(head.url)
