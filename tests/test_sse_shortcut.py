@@ -23,7 +23,7 @@ import pytest
 
 from gateway import sse_open
 from gateway.server.cycle import DetachableCycle
-from gateway.server.front import FrontDoor
+from gateway.server.front import FRONT_LIMIT, FrontDoor
 from gateway.server.front_stream import FrontStream
 from gateway.server.http import GatewayHttpToolsProtocol
 from tests.conftest import MakeServer, eventually, token
@@ -359,9 +359,10 @@ async def test_random_stream_requests_get_the_same_answer_with_the_front_door_or
 ) -> None:
     """Requests for a stream, changed at random (targets the path or query decode to
     ``/sse`` or not, HTTP/1.0, ``Connection``, ``Expect``, a body announced, headers in
-    any case, bare line feeds), each sent in one write once with the front door and once
-    with uvicorn's protocol reading it: the same answer, and the front door took the
-    streams it can (checked to fail when it answers a head it should leave alone)."""
+    any case, bare line feeds, a head past the front door's limit), each sent in one
+    write once with the front door and once with uvicorn's protocol reading it: the
+    same answer, and the front door took the streams it can (checked to fail when it
+    answers a head it should leave alone)."""
     server = await make_server(allowed_origins="https://x.io")
     ways = Ways(monkeypatch)
     keeper, _ = await kept_open(server.port, ["news", "a1"])  # relayed: opened at once
@@ -389,6 +390,7 @@ async def test_random_stream_requests_get_the_same_answer_with_the_front_door_or
         ("Authorization", f"Bearer {tok}"),
         ("X-Forwarded-For", "203.0.113.9"),
         ("Accept", "text/event-stream"),
+        ("X-Pad", "p" * (FRONT_LIMIT + 1)),  # a head larger than the front door keeps
     ]
     fronted = 0
     for n in range(150):
@@ -404,6 +406,7 @@ async def test_random_stream_requests_get_the_same_answer_with_the_front_door_or
         with_front = await answer_or_close(server.port, raw)
         taken = ways.take()
         fronted += taken == ["front"]
+        assert len(raw) <= FRONT_LIMIT or taken != ["front"]
         with monkeypatch.context() as patched:
             patched.setattr(FrontDoor, "_stream_here", lambda *a: False)
             without = await answer_or_close(server.port, raw)

@@ -284,6 +284,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
             opener is None
             or self.limit_concurrency is not None
             or self.root_path
+            or len(data) > FRONT_LIMIT
             or data.find(b"\r\n\r\n") != len(data) - 4
         ):
             return False
