@@ -79,7 +79,6 @@ from gateway.server.waiting import LiteEvent
 
 logger = logging.getLogger("uvicorn.error")
 
-
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
 # dedented source when it was copied; tests/test_server_adapter.py compares.
 COPIED_FROM_UVICORN = {
