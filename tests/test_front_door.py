@@ -21,8 +21,9 @@ import orjson
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.server.front import FRONT_LIMIT, FrontDoor, _Head
+from gateway.server.front import FRONT_LIMIT, FrontDoor
 from gateway.server.handover import websocket_key
+from gateway.server.head import Head
 from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.helpers import client_text_frame, read_raw_frame
 from tests.test_handshake import TIMEOUT, answer, change_one, standard, status, upgrade
@@ -151,7 +152,7 @@ async def test_a_kept_head_that_stalls_gets_the_408(make_server: MakeServer) -> 
 
 
 def test_the_key_noted_as_headers_come_is_uvicorns_and_websockets_answer() -> None:
-    """``_Head.websocket_key`` (what a head's callbacks noted) against what uvicorn and
+    """``Head.websocket_key`` (what a head's callbacks noted) against what uvicorn and
     websockets make of its header list: uvicorn's ``_get_upgrade`` is ``websocket`` and
     ``handover.websocket_key`` finds the key. Random heads: headers dropped, mangled,
     recased, repeated, Connection lists, values past websockets' line limit, too many."""
@@ -171,7 +172,7 @@ def test_the_key_noted_as_headers_come_is_uvicorns_and_websockets_answer() -> No
         rng.shuffle(fields)
         target = "/ws?token=" + "t" * rng.choice([10, 8170, 8180])
         request = upgrade(target, headers=fields)
-        head = _Head()
+        head = Head()
         parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(request)

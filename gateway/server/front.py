@@ -10,7 +10,7 @@ checked for ``Expect``. ``FrontDoor`` starts with only the transport and its pla
 among the server's connections and the head deadlines. Its first read:
 
 - holds an ``Upgrade:`` header: read by a parser of its own that keeps the URL and the
-  headers (``_Head``), over as many reads as the head takes. A WebSocket upgrade that
+  headers (``Head``), over as many reads as the head takes. A WebSocket upgrade that
   uvicorn would hand to its WebSocket protocol, whose handshake websockets would accept
   as it is (``handover.websocket_key``) and which the app's opener answers at once, is
   answered here: the 101 written and the connection handed to the lean WebSocket
@@ -43,11 +43,11 @@ import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
-from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
 from gateway.server.cycle import stream_head, valid_header
 from gateway.server.front_stream import FrontStream, StreamRequest, log_stream
-from gateway.server.handover import HttpUpgrade, key_of
+from gateway.server.handover import HttpUpgrade
+from gateway.server.head import Head
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.http import GatewayHttpToolsProtocol, address, server_wide
 from gateway.server.ports import OPEN_STREAM, OPEN_WEBSOCKET, Deferred, Opener, OpenLater
@@ -56,113 +56,6 @@ from gateway.server.target import request_target
 # A head larger than this is left to uvicorn's protocol (which parses as it reads, not
 # keeping the bytes): websockets refuses a handshake this large anyway.
 FRONT_LIMIT = 16 * 1024
-
-
-class _Head:
-    """The parser's callbacks: the URL and the headers, as uvicorn keeps them, and what a
-    WebSocket handshake needs of them noted as they come (``websocket_key``)."""
-
-    __slots__ = (
-        "complete",
-        "connection",
-        "done",
-        "expects",
-        "headers",
-        "keep_alive",
-        "key",
-        "keys",
-        "long_line",
-        "parser",
-        "upgrade",
-        "upgrades",
-        "url",
-        "version",
-        "versions",
-    )
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.upgrade = self.key = self.version = b""  # the last of each
-        self.upgrades = self.keys = self.versions = 0  # how many came
-        self.connection: bytes | None = None  # the last Connection header
-        self.long_line = False  # a header line past websockets' limit
-        self.expects = False  # an Expect header came
-        self.complete = False  # the head is in
-        self.done = False  # the whole request is in
-        # The parser's keep-alive answer when the head was in (llhttp forgets the request's
-        # Connection header once the request is whole), with ``parser`` set to ask it.
-        self.parser: httptools.HttpRequestParser | None = None
-        self.keep_alive = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        # uvicorn's: llhttp keeps the trailing whitespace that RFC 9110 excludes
-        value = value.rstrip(b" \t")
-        self.headers.append((name, value))
-        if len(name) + len(value) > LINE_LIMIT:
-            self.long_line = True
-        kind = _NOTED.get(name)
-        if kind is None:
-            return
-        if kind == 0:
-            self.connection = value
-        elif kind == 1:
-            self.upgrade = value
-            self.upgrades += 1
-        elif kind == 2:
-            self.key = value
-            self.keys += 1
-        elif kind == 3:
-            self.version = value
-            self.versions += 1
-        else:
-            self.expects = True
-
-    def on_headers_complete(self) -> None:
-        # (Not an exception to stop the parser early: httptools wraps one in another,
-        # each with a traceback through its frames, several µs.)
-        self.complete = True
-        if self.parser is not None:
-            self.keep_alive = self.parser.should_keep_alive()
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-    def websocket_key(self) -> str | None:
-        """The key of a handshake uvicorn would hand to its WebSocket protocol (a
-        ``Connection`` listing ``upgrade``, an ``Upgrade`` of ``websocket``) and
-        websockets accept as it is (``handover.websocket_key``), from what was noted;
-        None for any other head. tests/test_front_door.py holds it against both."""
-        connection = self.connection
-        if (
-            connection is None
-            or self.upgrades != 1
-            or self.upgrade.lower() != b"websocket"
-            or self.keys != 1
-            or self.versions != 1
-            or self.version != b"13"
-            or self.long_line
-            or len(self.headers) > MAX_NUM_HEADERS
-            or len(self.url) + 16 > MAX_LINE_LENGTH
-            or b"upgrade" not in [token.lower().strip() for token in connection.split(b",")]
-        ):
-            return None
-        return key_of(self.key)
-
-
-# The headers a handshake needs, noted by ``_Head`` as they come.
-_NOTED = {
-    b"connection": 0,
-    b"upgrade": 1,
-    b"sec-websocket-key": 2,
-    b"sec-websocket-version": 3,
-    b"expect": 4,
-}
-LINE_LIMIT = MAX_LINE_LENGTH - 4  # websockets' limit on "name: value" (CRLF included)
 
 
 class FrontDoor(GatewayHttpToolsProtocol):
@@ -174,7 +67,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
     begun = False  # uvicorn's protocol state made (``_begin``)
     loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # until _parsing
     _received = b""  # an upgrade's head so far
-    _head: _Head | None = None  # and its parser, while one is read here
+    _head: Head | None = None  # and its parser, while one is read here
     _parser: httptools.HttpRequestParser | None = None
     _stream: FrontStream | None = None  # the response to a GET /sse, opened here
 
@@ -221,7 +114,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
         # operand as an integer, and makes and drops a TypeError.)
         elif data.find(b"pgrade:") >= 0:
             received = data
-            self._head = _Head()
+            self._head = Head()
             parser = self._parser = httptools.HttpRequestParser(self._head)
         elif data.startswith(b"GET /sse") and self._stream_here(data):
             return
@@ -288,7 +181,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
             or data.find(b"\r\n\r\n") != len(data) - 4
         ):
             return False
-        head = _Head()
+        head = Head()
         parser = head.parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(data)

@@ -1,0 +1,117 @@
+"""A request head as the front door reads it (``gateway.server.front``): httptools'
+callbacks keeping the URL and the headers as uvicorn keeps them, and noting, as the
+headers come, what a WebSocket handshake and a stream's keep-alive need."""
+
+from __future__ import annotations
+
+import httptools
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+
+from gateway.server.handover import key_of
+
+
+class Head:
+    """The parser's callbacks: the URL and the headers, as uvicorn keeps them, and what a
+    WebSocket handshake needs of them noted as they come (``websocket_key``)."""
+
+    __slots__ = (
+        "complete",
+        "connection",
+        "done",
+        "expects",
+        "headers",
+        "keep_alive",
+        "key",
+        "keys",
+        "long_line",
+        "parser",
+        "upgrade",
+        "upgrades",
+        "url",
+        "version",
+        "versions",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.upgrade = self.key = self.version = b""  # the last of each
+        self.upgrades = self.keys = self.versions = 0  # how many came
+        self.connection: bytes | None = None  # the last Connection header
+        self.long_line = False  # a header line past websockets' limit
+        self.expects = False  # an Expect header came
+        self.complete = False  # the head is in
+        self.done = False  # the whole request is in
+        # The parser's keep-alive answer when the head was in (llhttp forgets the request's
+        # Connection header once the request is whole), with ``parser`` set to ask it.
+        self.parser: httptools.HttpRequestParser | None = None
+        self.keep_alive = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        # uvicorn's: llhttp keeps the trailing whitespace that RFC 9110 excludes
+        value = value.rstrip(b" \t")
+        self.headers.append((name, value))
+        if len(name) + len(value) > LINE_LIMIT:
+            self.long_line = True
+        kind = _NOTED.get(name)
+        if kind is None:
+            return
+        if kind == 0:
+            self.connection = value
+        elif kind == 1:
+            self.upgrade = value
+            self.upgrades += 1
+        elif kind == 2:
+            self.key = value
+            self.keys += 1
+        elif kind == 3:
+            self.version = value
+            self.versions += 1
+        else:
+            self.expects = True
+
+    def on_headers_complete(self) -> None:
+        # (Not an exception to stop the parser early: httptools wraps one in another,
+        # each with a traceback through its frames, several µs.)
+        self.complete = True
+        if self.parser is not None:
+            self.keep_alive = self.parser.should_keep_alive()
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def websocket_key(self) -> str | None:
+        """The key of a handshake uvicorn would hand to its WebSocket protocol (a
+        ``Connection`` listing ``upgrade``, an ``Upgrade`` of ``websocket``) and
+        websockets accept as it is (``handover.websocket_key``), from what was noted;
+        None for any other head. tests/test_front_door.py holds it against both."""
+        connection = self.connection
+        if (
+            connection is None
+            or self.upgrades != 1
+            or self.upgrade.lower() != b"websocket"
+            or self.keys != 1
+            or self.versions != 1
+            or self.version != b"13"
+            or self.long_line
+            or len(self.headers) > MAX_NUM_HEADERS
+            or len(self.url) + 16 > MAX_LINE_LENGTH
+            or b"upgrade" not in [token.lower().strip() for token in connection.split(b",")]
+        ):
+            return None
+        return key_of(self.key)
+
+
+# The headers a handshake needs, noted by ``Head`` as they come.
+_NOTED = {
+    b"connection": 0,
+    b"upgrade": 1,
+    b"sec-websocket-key": 2,
+    b"sec-websocket-version": 3,
+    b"expect": 4,
+}
+LINE_LIMIT = MAX_LINE_LENGTH - 4  # websockets' limit on "name: value" (CRLF included)
