@@ -99,17 +99,31 @@ async def test_a_websocket_upgraded_below_asgi_keeps_nothing_of_its_request(
         await client.ping_ok()  # and the connection is as alive as before
 
 
-async def test_a_detached_sse_stream_forgets_its_request(server: RunningServer) -> None:
+@pytest.mark.parametrize("front_door", [True, False], ids=["front-door", "uvicorn"])
+async def test_a_detached_sse_stream_forgets_its_request(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, front_door: bool
+) -> None:
+    """Opened by the front door, a stream's protocol holds no request at all; opened by
+    uvicorn's protocol, its cycle keeps of the scope only what ``send`` reads."""
+    from gateway.server.front import FrontDoor
     from gateway.server.http import GatewayHttpToolsProtocol
 
+    if not front_door:
+        monkeypatch.setattr(FrontDoor, "_stream_here", lambda *a: False)
     tok = token("forgetful-sse")
     async with raw_sse(server, ["forget-sse"], tok) as stream, api_client(server) as http:
         await stream.chunk()
         await eventually(lambda: asgi_calls("DetachableCycle") == [])
         (protocol,) = protocols(server, GatewayHttpToolsProtocol)
-        assert protocol.cycle.scope == {"type": "http", "method": "GET", "http_version": "1.1"}
-        assert protocol.headers == [] and protocol.url == b""
-        assert tok not in repr(vars(protocol.cycle))
+        if front_door:
+            assert protocol.cycle is None and protocol._stream is not None
+            assert tok not in repr(vars(protocol))
+            assert {"url", "headers", "scope", "parser"}.isdisjoint(vars(protocol))
+        else:
+            scope = {"type": "http", "method": "GET", "http_version": "1.1"}
+            assert protocol.cycle.scope == scope
+            assert tok not in repr(vars(protocol.cycle))
+            assert protocol.headers == [] and protocol.url == b""
         await api_publish(http, "forget-sse", {"still": "streaming"})
         assert b'"still":"streaming"' in await stream.chunk()
 

@@ -26,7 +26,7 @@ from gateway.server.cycle import DetachableCycle
 from gateway.server.front import FRONT_LIMIT, FrontDoor
 from gateway.server.front_stream import FrontStream
 from gateway.server.http import GatewayHttpToolsProtocol
-from tests.conftest import MakeServer, eventually, token
+from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.fake_backend import FakeBackend
 from tests.redis_server import RedisServer
 
@@ -100,12 +100,16 @@ class Ways:
         self.taken: list[str] = []
         original_start, original_later = DetachableCycle.start_stream, DetachableCycle.open_later
         original_open = sse_open.Shortcut._open
-        original_front = FrontStream.__init__
+        original_front, original_front_later = FrontStream.__init__, FrontDoor._open_later
         later: list[object] = []
 
         def front(stream: FrontStream, door: Any) -> None:
             self.taken.append("front")
             original_front(stream, door)
+
+        def front_later(door: FrontDoor, *args: Any) -> Awaitable[None]:
+            self.taken.append("front-later")
+            return original_front_later(door, *args)
 
         def start(cycle: DetachableCycle, started: Any) -> None:
             self.taken.append("later" if started in later else "now")
@@ -124,6 +128,7 @@ class Ways:
         monkeypatch.setattr(DetachableCycle, "open_later", open_later)
         monkeypatch.setattr(sse_open.Shortcut, "_open", shortcut)
         monkeypatch.setattr(FrontStream, "__init__", front)
+        monkeypatch.setattr(FrontDoor, "_open_later", front_later)
 
     def without_front_door(self) -> None:
         self.monkeypatch.setattr(FrontDoor, "_stream_here", lambda *a: False)
@@ -161,18 +166,23 @@ async def test_every_way_answers_the_same_bytes(
     make_server: MakeServer, monkeypatch: pytest.MonkeyPatch, origins: str
 ) -> None:
     """The protocol's opener (subscribing after a broker call, then at once on channels
-    the worker relays), the shortcut and the route: the same answer to every request."""
+    the worker relays; asked by the front door, then by uvicorn's protocol), the
+    shortcut and the route: the same answer to every request."""
     server = await make_server(max_channels_per_connection=4, allowed_origins=origins)
     ways = Ways(monkeypatch)
     # A cursor of a stream that saw nothing: the opening of a first stream on "news".
     first = await answer(server.port, request(f"/sse?channel=news&token={token()}"))
     cursor = re.search(rb"id: (\S+)", first)
     assert cursor is not None
-    assert ways.take() == ["later"]
+    assert ways.take() == ["front-later", "front"]
     table = cases(cursor[1].decode())
     streams = 8  # the requests of the table the endpoint answers with a stream
 
     cold = {name: await answer(server.port, raw) for name, raw in table.items()}
+    assert ways.take() == ["front-later", "front"] * streams
+    with monkeypatch.context() as patched:
+        patched.setattr(FrontDoor, "_stream_here", lambda *a: False)
+        cold_protocol = {name: await answer(server.port, raw) for name, raw in table.items()}
     assert ways.take() == ["later"] * streams
     keepers = [await kept_open(server.port, ["news"]), await kept_open(server.port, ["a1", "b1"])]
     ways.take()
@@ -189,7 +199,7 @@ async def test_every_way_answers_the_same_bytes(
     assert ways.take() == []
 
     for name in table:
-        ways_ = (cold, live, via_protocol, via_shortcut, via_route)
+        ways_ = (cold, cold_protocol, live, via_protocol, via_shortcut, via_route)
         assert len({way[name] for way in ways_}) == 1, name
     assert live["one channel"].startswith(b"HTTP/1.1 200 OK\r\n")
     allowed = b"*" if origins == "*" else b"https://x.io"
@@ -243,9 +253,19 @@ async def test_a_client_gone_before_its_subscribe_is_answered_leaves_nothing(
     make_server: MakeServer, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The subscribe hook keeps the opener waiting; the client leaves meanwhile: once the
-    backend answers, the stream is forgotten and nothing is written."""
+    backend answers, the stream is forgotten and nothing is written (the front door's
+    wait, then uvicorn's protocol's)."""
     server = await make_server(hooks=backend.hooks())
     ways = Ways(monkeypatch)
+    for front in (True, False):
+        if not front:
+            ways.without_front_door()
+        await _leave_while_the_backend_decides(server, backend)
+        assert ways.take() == (["front-later"] if front else [])  # no stream started
+
+
+async def _leave_while_the_backend_decides(server: RunningServer, backend: FakeBackend) -> None:
+    backend.release.clear()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(request(f"/sse?channel=chat:hang&token={token()}"))
     await eventually(lambda: backend.pending == 1)
@@ -255,7 +275,7 @@ async def test_a_client_gone_before_its_subscribe_is_answered_leaves_nothing(
     backend.release.set()
     await eventually(lambda: backend.pending == 0)
     await eventually(lambda: server.gateway.connections.open["sse"] == 0)
-    assert ways.take() == []  # neither started nor handed to the app
+    await eventually(lambda: not server.server.server_state.connections)
 
 
 @pytest.mark.gateway_protocols
@@ -269,11 +289,13 @@ async def test_a_broker_down_while_subscribing_is_the_routes_503(
     ways = Ways(monkeypatch)
     raw = request(f"/sse?channel=news&token={token()}", [("Origin", "https://x.io")])
     via_opener = await answer(server.port, raw)
+    ways.without_front_door()
+    via_protocol = await answer(server.port, raw)
     ways.without_opener()
     via_shortcut = await answer(server.port, raw)
     ways.without_shortcut()
-    assert via_opener == via_shortcut == await answer(server.port, raw)
-    assert ways.take() == ["shortcut"]
+    assert via_opener == via_protocol == via_shortcut == await answer(server.port, raw)
+    assert ways.take() == ["front-later", "shortcut"]
     via_shortcut = via_opener
     assert via_shortcut.startswith(b"HTTP/1.1 503")
     assert b"access-control-allow-origin: *" in via_shortcut
@@ -295,13 +317,16 @@ async def test_a_subscribe_hooks_answers_are_the_routes(
         for channel in ("chat:refuse", "chat:refusecode", "chat:http500", "chat:ok")
     }
     via_opener = {name: await answer(server.port, raw) for name, raw in table.items()}
-    assert ways.take() == ["later"]  # the one it allowed
+    assert ways.take() == ["front-later"] * 4 + ["front"]  # each waited; the one it allowed
+    ways.without_front_door()
+    via_protocol = {name: await answer(server.port, raw) for name, raw in table.items()}
+    assert ways.take() == ["later"]
     ways.without_opener()
     ways.without_shortcut()
     via_route = {name: await answer(server.port, raw) for name, raw in table.items()}
     assert ways.take() == []
     for name in table:
-        assert via_opener[name] == via_route[name], name
+        assert via_opener[name] == via_protocol[name] == via_route[name], name
     assert via_opener["chat:refuse"].startswith(b"HTTP/1.1 403")
     assert via_opener["chat:refusecode"].startswith(b"HTTP/1.1 404")
     assert via_opener["chat:ok"].startswith(b"HTTP/1.1 200")
@@ -351,6 +376,52 @@ async def test_a_stream_the_server_ends_keeps_its_connection_as_uvicorn_does(
     keeper.close()
     await eventually(lambda: server.gateway.connections.open["sse"] == 0)
     await eventually(lambda: len(server.server.server_state.connections) == 0)
+
+
+@pytest.mark.gateway_protocols
+async def test_a_request_sent_while_a_stream_waits_is_answered_after_the_stream(
+    make_server: MakeServer, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that opens once the subscribe hook answers; the client sends another
+    request meanwhile: the stream opens, ends (its token expires), then that request is
+    answered on the same connection; the same bytes from the front door's wait and from
+    uvicorn's protocol."""
+    server = await make_server(hooks=backend.hooks(), jwt_leeway=0)
+    ways = Ways(monkeypatch)
+    seen = []
+    for front in (True, False):
+        if not front:
+            ways.without_front_door()
+        backend.release.clear()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request(f"/sse?channel=chat:hang&token={token(ttl=2)}"))
+        await eventually(lambda: backend.pending == 1)
+        writer.write(request("/healthz"))  # while the stream waits for the backend
+        await eventually(lambda: _kept_for_later(server))
+        backend.release.set()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        body = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), TIMEOUT)
+        body = CLIENT_ID.sub(b'"client":"c-"', body)  # (presence's join names the client)
+        seen.append((DATE.sub(b"", head), body, await _response(reader)))
+        writer.close()
+    assert ways.take() == ["front-later", "front", "later"]
+    assert seen[0] == seen[1]
+    assert seen[0][0].startswith(b"HTTP/1.1 200 OK")
+    assert seen[0][2].startswith(b"HTTP/1.1 200 OK")
+    await eventually(lambda: len(server.server.server_state.connections) == 0)
+
+
+CLIENT_ID = re.compile(rb'"client":"c-[0-9a-f]+"')
+
+
+def _kept_for_later(server: RunningServer) -> bool:
+    """A request read by the server while its connection's stream waits: kept by the
+    front door, or queued by uvicorn's protocol behind the stream's cycle."""
+    for protocol in server.server.server_state.connections:
+        waiting = getattr(protocol, "_waiting", None)
+        if (waiting is not None and waiting.pending) or getattr(protocol, "pipeline", None):
+            return True
+    return False
 
 
 @pytest.mark.gateway_protocols

@@ -16,9 +16,10 @@ among the server's connections and the head deadlines. Its first read:
   answered here: the 101 written and the connection handed to the lean WebSocket
   protocol, as ``AnswersUpgrades`` does;
 - is a whole ``GET /sse`` head and nothing more: read by the same parser, and a stream
-  the app's stream opener opens at once is started here (``_stream_here``), on a
-  ``FrontStream``; the protocol becomes uvicorn's only if the server ends the stream
-  and the connection is kept alive;
+  the app's stream opener opens, at once or once its subscribes are done
+  (``_open_later``), is started here (``_stream_here``), on a ``FrontStream``; the
+  protocol becomes uvicorn's if the server ends the stream and the connection is kept
+  alive, or if the answer after a wait is an error response for uvicorn's cycle;
 - anything else (no upgrade, an upgrade the app answers later or not at all, bytes the
   parser refuses, a head past ``FRONT_LIMIT`` or its deadline): the protocol is made
   uvicorn's in full (``_parsing``, ``_connected``) and its parser given every byte read
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
@@ -44,13 +46,21 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway.server.cycle import stream_head, valid_header
-from gateway.server.front_stream import FrontStream, StreamRequest, log_stream
+from gateway.server.cycle import log_failure, stream_head, valid_header
+from gateway.server.front_stream import FrontStream, StreamRequest, Waiting, log_stream, outcome
 from gateway.server.handover import HttpUpgrade
 from gateway.server.head import Head
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.http import GatewayHttpToolsProtocol, address, server_wide
-from gateway.server.ports import OPEN_STREAM, OPEN_WEBSOCKET, Deferred, Opener, OpenLater
+from gateway.server.ports import (
+    OPEN_STREAM,
+    OPEN_WEBSOCKET,
+    Deferred,
+    Opener,
+    OpenLater,
+    Respond,
+    Started,
+)
 from gateway.server.target import request_target
 
 # A head larger than this is left to uvicorn's protocol (which parses as it reads, not
@@ -70,6 +80,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
     _head: Head | None = None  # and its parser, while one is read here
     _parser: httptools.HttpRequestParser | None = None
     _stream: FrontStream | None = None  # the response to a GET /sse, opened here
+    _waiting: Waiting | None = None  # a GET /sse whose stream opens here later
 
     def __init__(
         self,
@@ -106,6 +117,10 @@ class FrontDoor(GatewayHttpToolsProtocol):
         stream = self._stream
         if stream is not None:  # after a request whose stream is opened here
             stream.received(data)
+            return
+        waiting = self._waiting
+        if waiting is not None:  # after a request whose stream opens here later
+            waiting.received(data, self.transport)
             return
         parser = self._parser
         if parser is not None:
@@ -205,21 +220,80 @@ class FrontDoor(GatewayHttpToolsProtocol):
         if "%" in path:
             path = unquote(path)
         answer = opener(StreamRequest(path, query, head.url, head.headers))
-        if answer is not None and not isinstance(answer, OpenLater):
-            headers = [*self.server_state.default_headers, *answer.headers]
-            if all(map(valid_header, headers)):
-                if self.head_deadlines is not None:
-                    self.head_deadlines.done(self)
-                access = self.access_logger
-                if access.isEnabledFor(logging.INFO) and access.hasHandlers():
-                    client = address(self.transport.get_extra_info("peername"), local=False)
-                    log_stream(access, self.app, client, raw_path, query, head.headers)  # type: ignore[arg-type]
-                self._stream = stream = FrontStream(self)
-                self.transport.write(stream_head(headers, True, answer.opening))
-                answer.start(stream)
-                return True
+        if isinstance(answer, OpenLater):  # once the app's subscribes are done
+            if self.head_deadlines is not None:
+                self.head_deadlines.done(self)
+            self._waiting = Waiting(data)
+            task = asyncio.ensure_future(self._open_later(answer, raw_path, query, head.headers))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(log_failure)
+            return True
+        if answer is not None and self._start_here(answer, raw_path, query, head.headers):
+            return True
         self.stream_asked, self.stream_answer = True, answer  # uvicorn's answers as told
         return False
+
+    def _start_here(
+        self,
+        answer: Started,
+        raw_path: bytes,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        waited: Waiting | None = None,
+    ) -> bool:
+        """Start ``answer``'s stream here, as ``DetachableCycle.start_stream`` starts one;
+        False, with nothing done, when its headers are not ones uvicorn would write (its
+        cycle then answers)."""
+        lines = [*self.server_state.default_headers, *answer.headers]
+        if not all(map(valid_header, lines)):
+            return False
+        if self.head_deadlines is not None:
+            self.head_deadlines.done(self)
+        access = self.access_logger
+        if access.isEnabledFor(logging.INFO) and access.hasHandlers():
+            client = address(self.transport.get_extra_info("peername"), local=False)
+            log_stream(access, self.app, client, raw_path, query, headers)  # type: ignore[arg-type]
+        self._stream = stream = FrontStream(self)
+        if waited is not None:  # what the client sent meanwhile, and the server's shutdown
+            stream.pending, stream.keep_alive = waited.pending, waited.keep_alive
+        self.transport.write(stream_head(lines, True, answer.opening))
+        answer.start(stream)
+        return True
+
+    async def _open_later(
+        self, later: OpenLater, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """``DetachableCycle.open_later`` for a request read here: the stream started here
+        once the app's ``open`` is done, nothing when the client left meanwhile; an error
+        response (or a failure) is uvicorn's to answer, its protocol told the outcome."""
+        failure: Exception | None = None
+        answer: Started | Respond | None = None
+        try:
+            answer = await later.open()
+        except Exception as exc:
+            failure = exc
+        waited = self._waiting
+        assert waited is not None
+        self._waiting = None
+        if waited.gone or self.transport.is_closing():
+            if answer is not None and not isinstance(answer, Respond):
+                await answer.abandon()
+            return
+        if (
+            answer is not None
+            and not isinstance(answer, Respond)
+            and self._start_here(answer, raw_path, query, headers, waited)
+        ):
+            return
+        # Read again by uvicorn's protocol, whose cycle then answers with the outcome.
+        self.stream_asked, self.stream_answer = True, OpenLater(partial(outcome, answer, failure))
+        self._begin()
+        if waited.pending:
+            self.transport.resume_reading()
+        HttpToolsProtocol.data_received(self, waited.data + waited.pending)
+        if not waited.keep_alive and self.cycle is not None:
+            self.cycle.keep_alive = False  # the server shut down meanwhile
 
     def stream_ended(self, pending: bytes, keep_alive: bool) -> None:
         """The stream's last chunk is out (``FrontStream.finish``): the connection closed,
@@ -236,7 +310,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
             HttpToolsProtocol.data_received(self, pending)
 
     def shutdown(self) -> None:
-        stream = self._stream
+        stream = self._stream or self._waiting
         if stream is not None:  # closed once the app ends the stream (its drain does)
             stream.keep_alive = False
         else:
@@ -268,6 +342,9 @@ class FrontDoor(GatewayHttpToolsProtocol):
             stream, self._stream = self._stream, None
             stream.lost()
             self.__dict__.clear()
+        elif self._waiting is not None:  # before it opens: ``_open_later`` forgets it
+            self.connections.discard(self)
+            self._waiting.gone = True
         else:  # gone before its first request head was read
             self.connections.discard(self)
             if self.head_deadlines is not None:

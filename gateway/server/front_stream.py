@@ -24,6 +24,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from gateway.logs import REDACTED_ALREADY, redact
 from gateway.server.forwarded import forwarded_client
 from gateway.server.handover import HttpUpgrade
+from gateway.server.ports import Respond, Started
 from gateway.server.waiting import LiteEvent
 
 
@@ -73,6 +74,32 @@ def log_stream(
     client_addr = get_client_addr(scope)  # type: ignore[arg-type]
     line = '%s - "%s %s HTTP/%s" %d'
     logger.info(line, client_addr, "GET", target, "1.1", 200, extra={REDACTED_ALREADY: True})
+
+
+class Waiting:
+    """A ``GET /sse`` whose stream the app opens later (``OpenLater``): what the front door
+    keeps meanwhile (``FrontDoor._open_later``)."""
+
+    __slots__ = ("data", "gone", "keep_alive", "pending")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data  # the request, for uvicorn's parser if the answer is its to write
+        self.pending = b""  # what the client sent after it (reading paused)
+        self.gone = False  # the connection lost
+        self.keep_alive = True  # until the server shuts down
+
+    def received(self, data: bytes, transport: Any) -> None:
+        self.pending += data
+        transport.pause_reading()
+
+
+async def outcome(answer: Started | Respond | None, failure: Exception | None) -> Started | Respond:
+    """What an ``OpenLater``'s ``open`` gave (its answer or its exception), again: for
+    uvicorn's cycle, told it once the front door read the request again."""
+    if failure is not None:
+        raise failure
+    assert answer is not None
+    return answer
 
 
 class FrontStream:
