@@ -23,11 +23,13 @@ import pytest
 
 from channels.session import Session
 from gateway.server.cycle import DetachableCycle, RawBody
+from gateway.server.front_stream import FrontStream, Waiting
 from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.server.upgraded import UpgradedWebSocket
 from gateway.sse import SSETransport
 from gateway.ws import Connection, WebSocketTransport
-from tests.conftest import RunningServer, eventually
+from tests.conftest import MakeServer, RunningServer, eventually
+from tests.fake_backend import FakeBackend
 from tests.helpers import api_client, api_publish, open_sse, ws_client
 
 pytestmark = pytest.mark.gateway_protocols  # what these tests are about
@@ -41,6 +43,8 @@ PER_CONNECTION = (
     Session,
     DetachableCycle,
     RawBody,
+    FrontStream,
+    Waiting,
 )
 ROUNDS = 5
 
@@ -113,3 +117,18 @@ async def test_a_closed_connection_leaves_no_cycle(
             await settled(server, remaining=int(live))
             assert cycles_left() == Counter()
     await settled(server)
+
+
+async def test_a_stream_left_while_it_waits_leaves_no_cycle(
+    make_server: MakeServer, backend: FakeBackend
+) -> None:
+    """Clients that leave while the subscribe hook decides (the front door waiting for
+    their streams): once it answers, nothing of them is left for the collector."""
+    from tests.test_sse_shortcut import _leave_while_the_backend_decides
+
+    server = await make_server(hooks=backend.hooks())
+    with collector_off():
+        for _ in range(ROUNDS):
+            await _leave_while_the_backend_decides(server, backend)
+        await settled(server)
+        assert cycles_left() == Counter()
