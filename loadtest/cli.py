@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         "channel (with --recover: a reconnect to a live channel)",
     )
     p.add_argument(
+        "--distinct-channels",
+        action="store_true",
+        help="a channel of its own for every client, one the server does not relay yet "
+        "(per-user channels, a fresh worker)",
+    )
+    p.add_argument(
         "--instructions",
         action="store_true",
         help="a Python server (the gateway, a baseline): also count its user-space "
@@ -440,6 +446,7 @@ def scenario_coroutine(args: argparse.Namespace, setup: Setup) -> Coroutine[Any,
             recover=args.recover,
             distinct_tokens=args.distinct_tokens,
             live_channel=args.live_channel,
+            distinct_channels=args.distinct_channels,
             instructions=args.instructions,
         )
     if args.command == "hooks":

@@ -110,6 +110,16 @@ def runs(redis_url: str) -> dict[str, list[str]]:
             "--no-plot",
             *common,
         ],
+        "connect-channels": [
+            "connect",
+            "--transport",
+            "sse",
+            "--clients",
+            "20",
+            "--distinct-channels",
+            "--no-plot",
+            *common,
+        ],
         "channels": [
             "channels",
             "--channels",
@@ -438,6 +448,16 @@ def test_connect_measures_server_cpu_per_connect_and_close(reports: dict[str, Ru
     counted = [connect[f"server_kinstructions_per_{phase}"] for phase in ("connect", "close")]
     assert 50 < counted[0] < 5000 and 5 < counted[1] < 5000, counted
     assert connect["server_kinstructions_per_cycle"] == pytest.approx(sum(counted), abs=0.2)
+
+
+def test_connect_to_channels_of_their_own(reports: dict[str, Run]) -> None:
+    """``--distinct-channels``: every client subscribed, each to a channel of its own."""
+    report = report_of(reports, "connect-channels")
+    connect = report["connect"]
+    assert connect["distinct_channels"] is True and connect["live_channel"] is False
+    assert report["connections"]["subscribed"] == 20
+    assert report["connections"]["failed"] == 0
+    assert connect["server_cpu_us_per_connect"] > 0
 
 
 def test_channels_delivers_each_channel_to_its_subscribers(reports: dict[str, Run]) -> None:

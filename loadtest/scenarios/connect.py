@@ -10,9 +10,11 @@ top (a WebSocket ``since``, an SSE cursor): each subscribe then includes a
 K-publication recovery, as after a reconnect. With ``--distinct-tokens`` every client
 has a token of its own (the gateway remembers tokens it verified: one token for all
 measures a reconnect to the same worker, distinct ones a first connect). With
-``--instructions`` the server runs under callgrind and the report adds its user-space
-instructions per connect, close and cycle (``loadtest.callgrind``): figures that stay the
-same on a busy machine, where CPU time does not.
+``--distinct-channels`` every client subscribes to a channel of its own, which the
+server does not relay yet (a per-user channel, a fresh worker): each subscribe waits for
+the broker. With ``--instructions`` the server runs under callgrind and the report adds
+its user-space instructions per connect, close and cycle (``loadtest.callgrind``):
+figures that stay the same on a busy machine, where CPU time does not.
 """
 
 from __future__ import annotations
@@ -103,13 +105,19 @@ async def run_connect(
     recover: int,
     distinct_tokens: bool = False,
     live_channel: bool = False,
+    distinct_channels: bool = False,
     instructions: bool = False,
 ) -> dict[str, Any]:
+    if distinct_channels and live_channel:
+        raise SystemExit(
+            "--distinct-channels: each client's channel is new (no --live-channel, --recover)"
+        )
     config = {
         "clients": clients,
         "recover": recover,
         "distinct_tokens": distinct_tokens,
         "live_channel": live_channel,
+        "distinct_channels": distinct_channels,
         "instructions": instructions,
     }
     out = None
@@ -134,7 +142,10 @@ async def _connect(setup: Setup, config: dict[str, Any], out: str | None) -> dic
             since = await publish_history(h, channel, recover)
             h.dialect = recovering(h.dialect, channel, since)
         h.status = lambda: ("settling", None, "")
-        specs = h.specs([channel] * clients, slow_share=0)
+        if config["distinct_channels"]:
+            specs = h.specs([f"{channel}-{n}" for n in range(clients)], slow_share=0)
+        else:
+            specs = h.specs([channel] * clients, slow_share=0)
         if distinct_tokens:
             for n, spec in enumerate(specs):
                 spec.token = h.client_token(n)
@@ -165,6 +176,7 @@ async def _connect(setup: Setup, config: dict[str, Any], out: str | None) -> dic
             "recover": recover,
             "distinct_tokens": distinct_tokens,
             "live_channel": live_channel,
+            "distinct_channels": config["distinct_channels"],
             "subscribed_in_s": round(subscribed_in, 2),
             "server_cpu_us_per_connect": us(connected - start),
             "server_cpu_us_per_close": us(closed - connected),
