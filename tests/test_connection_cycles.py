@@ -23,7 +23,7 @@ import pytest
 
 from channels.session import Session
 from gateway.server.cycle import DetachableCycle, RawBody
-from gateway.server.front_stream import FrontStream, Waiting
+from gateway.server.front_stream import FrontStream
 from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.server.upgraded import UpgradedWebSocket
 from gateway.sse import SSETransport
@@ -44,7 +44,6 @@ PER_CONNECTION = (
     DetachableCycle,
     RawBody,
     FrontStream,
-    Waiting,
 )
 ROUNDS = 5
 

@@ -24,7 +24,6 @@ import pytest
 from gateway import sse_open
 from gateway.server.cycle import DetachableCycle
 from gateway.server.front import FRONT_LIMIT, FrontDoor
-from gateway.server.front_stream import FrontStream
 from gateway.server.http import GatewayHttpToolsProtocol
 from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.fake_backend import FakeBackend
@@ -100,12 +99,14 @@ class Ways:
         self.taken: list[str] = []
         original_start, original_later = DetachableCycle.start_stream, DetachableCycle.open_later
         original_open = sse_open.Shortcut._open
-        original_front, original_front_later = FrontStream.__init__, FrontDoor._open_later
+        original_front, original_front_later = FrontDoor._start_here, FrontDoor._open_later
         later: list[object] = []
 
-        def front(stream: FrontStream, door: Any) -> None:
-            self.taken.append("front")
-            original_front(stream, door)
+        def front(door: FrontDoor, *args: Any) -> bool:
+            started = original_front(door, *args)
+            if started:
+                self.taken.append("front")
+            return started
 
         def front_later(door: FrontDoor, *args: Any) -> Awaitable[None]:
             self.taken.append("front-later")
@@ -127,7 +128,7 @@ class Ways:
         monkeypatch.setattr(DetachableCycle, "start_stream", start)
         monkeypatch.setattr(DetachableCycle, "open_later", open_later)
         monkeypatch.setattr(sse_open.Shortcut, "_open", shortcut)
-        monkeypatch.setattr(FrontStream, "__init__", front)
+        monkeypatch.setattr(FrontDoor, "_start_here", front)
         monkeypatch.setattr(FrontDoor, "_open_later", front_later)
 
     def without_front_door(self) -> None:
@@ -418,8 +419,8 @@ def _kept_for_later(server: RunningServer) -> bool:
     """A request read by the server while its connection's stream waits: kept by the
     front door, or queued by uvicorn's protocol behind the stream's cycle."""
     for protocol in server.server.server_state.connections:
-        waiting = getattr(protocol, "_waiting", None)
-        if (waiting is not None and waiting.pending) or getattr(protocol, "pipeline", None):
+        stream = getattr(protocol, "_stream", None)
+        if (stream is not None and stream.pending) or getattr(protocol, "pipeline", None):
             return True
     return False
 

@@ -38,20 +38,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
-from typing import Any
 from urllib.parse import unquote
 
 import httptools
-from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
 
 from gateway.server.cycle import log_failure, stream_head, valid_header
-from gateway.server.front_stream import FrontStream, StreamRequest, Waiting, log_stream, outcome
+from gateway.server.front_stream import FrontStream, StreamRequest, log_stream, outcome
 from gateway.server.handover import HttpUpgrade
 from gateway.server.head import Head
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
-from gateway.server.http import GatewayHttpToolsProtocol, address, server_wide
+from gateway.server.http import GatewayHttpToolsProtocol, address
 from gateway.server.ports import (
     OPEN_STREAM,
     OPEN_WEBSOCKET,
@@ -79,19 +76,9 @@ class FrontDoor(GatewayHttpToolsProtocol):
     _received = b""  # an upgrade's head so far
     _head: Head | None = None  # and its parser, while one is read here
     _parser: httptools.HttpRequestParser | None = None
-    _stream: FrontStream | None = None  # the response to a GET /sse, opened here
-    _waiting: Waiting | None = None  # a GET /sse whose stream opens here later
-
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        self.__dict__.update(server_wide(config, server_state, app_state))
-        if _loop is not None:
-            self.loop = _loop
+    # The response to a GET /sse read here: started, or waiting for the app to open it.
+    _stream: FrontStream | None = None
+    parses_at_once = False  # ``_begin`` makes uvicorn's parsing state, when needed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.connections.add(self)
@@ -117,10 +104,6 @@ class FrontDoor(GatewayHttpToolsProtocol):
         stream = self._stream
         if stream is not None:  # after a request whose stream is opened here
             stream.received(data)
-            return
-        waiting = self._waiting
-        if waiting is not None:  # after a request whose stream opens here later
-            waiting.received(data, self.transport)
             return
         parser = self._parser
         if parser is not None:
@@ -223,8 +206,9 @@ class FrontDoor(GatewayHttpToolsProtocol):
         if isinstance(answer, OpenLater):  # once the app's subscribes are done
             if self.head_deadlines is not None:
                 self.head_deadlines.done(self)
-            self._waiting = Waiting(data)
-            task = asyncio.ensure_future(self._open_later(answer, raw_path, query, head.headers))
+            self._stream = stream = FrontStream(self)
+            opening = self._open_later(answer, stream, data, raw_path, query, head.headers)
+            task = asyncio.ensure_future(opening)
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             task.add_done_callback(log_failure)
@@ -240,7 +224,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
         raw_path: bytes,
         query: bytes,
         headers: list[tuple[bytes, bytes]],
-        waited: Waiting | None = None,
+        stream: FrontStream | None = None,
     ) -> bool:
         """Start ``answer``'s stream here, as ``DetachableCycle.start_stream`` starts one;
         False, with nothing done, when its headers are not ones uvicorn would write (its
@@ -254,45 +238,49 @@ class FrontDoor(GatewayHttpToolsProtocol):
         if access.isEnabledFor(logging.INFO) and access.hasHandlers():
             client = address(self.transport.get_extra_info("peername"), local=False)
             log_stream(access, self.app, client, raw_path, query, headers)  # type: ignore[arg-type]
-        self._stream = stream = FrontStream(self)
-        if waited is not None:  # what the client sent meanwhile, and the server's shutdown
-            stream.pending, stream.keep_alive = waited.pending, waited.keep_alive
+        if stream is None:  # (one that waited has its own: ``_open_later``)
+            self._stream = stream = FrontStream(self)
         self.transport.write(stream_head(lines, True, answer.opening))
         answer.start(stream)
         return True
 
     async def _open_later(
-        self, later: OpenLater, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]]
+        self,
+        later: OpenLater,
+        stream: FrontStream,
+        request: bytes,
+        raw_path: bytes,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
     ) -> None:
         """``DetachableCycle.open_later`` for a request read here: the stream started here
         once the app's ``open`` is done, nothing when the client left meanwhile; an error
-        response (or a failure) is uvicorn's to answer, its protocol told the outcome."""
+        response (or a failure) is uvicorn's to answer, its protocol told the outcome. The
+        ``stream`` keeps, meanwhile, what the client sends and the server's shutdown."""
         failure: Exception | None = None
         answer: Started | Respond | None = None
         try:
             answer = await later.open()
         except Exception as exc:
             failure = exc
-        waited = self._waiting
-        assert waited is not None
-        self._waiting = None
-        if waited.gone or self.transport.is_closing():
+        if stream.gone or self.transport.is_closing():
             if answer is not None and not isinstance(answer, Respond):
                 await answer.abandon()
             return
         if (
             answer is not None
             and not isinstance(answer, Respond)
-            and self._start_here(answer, raw_path, query, headers, waited)
+            and self._start_here(answer, raw_path, query, headers, stream)
         ):
             return
+        self._stream = None
         # Read again by uvicorn's protocol, whose cycle then answers with the outcome.
         self.stream_asked, self.stream_answer = True, OpenLater(partial(outcome, answer, failure))
         self._begin()
-        if waited.pending:
+        if stream.pending:
             self.transport.resume_reading()
-        HttpToolsProtocol.data_received(self, waited.data + waited.pending)
-        if not waited.keep_alive and self.cycle is not None:
+        HttpToolsProtocol.data_received(self, request + stream.pending)
+        if not stream.keep_alive and self.cycle is not None:
             self.cycle.keep_alive = False  # the server shut down meanwhile
 
     def stream_ended(self, pending: bytes, keep_alive: bool) -> None:
@@ -310,7 +298,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
             HttpToolsProtocol.data_received(self, pending)
 
     def shutdown(self) -> None:
-        stream = self._stream or self._waiting
+        stream = self._stream
         if stream is not None:  # closed once the app ends the stream (its drain does)
             stream.keep_alive = False
         else:
@@ -337,14 +325,11 @@ class FrontDoor(GatewayHttpToolsProtocol):
             upgraded.connection_lost(exc)
         elif self.begun:
             GatewayHttpToolsProtocol.connection_lost(self, exc)
-        elif self._stream is not None:  # during a stream opened here
+        elif self._stream is not None:  # during a stream opened (or to open) here
             self.connections.discard(self)
             stream, self._stream = self._stream, None
             stream.lost()
             self.__dict__.clear()
-        elif self._waiting is not None:  # before it opens: ``_open_later`` forgets it
-            self.connections.discard(self)
-            self._waiting.gone = True
         else:  # gone before its first request head was read
             self.connections.discard(self)
             if self.head_deadlines is not None:

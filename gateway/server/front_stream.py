@@ -76,23 +76,6 @@ def log_stream(
     logger.info(line, client_addr, "GET", target, "1.1", 200, extra={REDACTED_ALREADY: True})
 
 
-class Waiting:
-    """A ``GET /sse`` whose stream the app opens later (``OpenLater``): what the front door
-    keeps meanwhile (``FrontDoor._open_later``)."""
-
-    __slots__ = ("data", "gone", "keep_alive", "pending")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data  # the request, for uvicorn's parser if the answer is its to write
-        self.pending = b""  # what the client sent after it (reading paused)
-        self.gone = False  # the connection lost
-        self.keep_alive = True  # until the server shuts down
-
-    def received(self, data: bytes, transport: Any) -> None:
-        self.pending += data
-        transport.pause_reading()
-
-
 async def outcome(answer: Started | Respond | None, failure: Exception | None) -> Started | Respond:
     """What an ``OpenLater``'s ``open`` gave (its answer or its exception), again: for
     uvicorn's cycle, told it once the front door read the request again."""
@@ -103,7 +86,9 @@ async def outcome(answer: Started | Respond | None, failure: Exception | None) -
 
 
 class FrontStream:
-    """The port of a chunked response the front door started (``StreamPort``)."""
+    """The port of a chunked response the front door started (``StreamPort``); made when
+    the request is read, so that while the app opens the stream (``OpenLater``) it keeps
+    what the client sends and the server's shutdown as it does once started."""
 
     __slots__ = (
         "_door",

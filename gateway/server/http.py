@@ -114,6 +114,9 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     # asked it already (``FrontDoor._stream_here``).
     stream_asked = False
     stream_answer: Started | OpenLater | None = None
+    # Whether a new protocol is made ready to parse at once (``_parsing``); the front door
+    # makes that part when its first read needs it.
+    parses_at_once = True
 
     def __init__(
         self,
@@ -127,7 +130,10 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         # once and set in one update; the per-connection state above comes from the class.
         # A new protocol object is most of what a connection costs before its request.
         self.__dict__.update(server_wide(config, server_state, app_state))
-        self._parsing(_loop)
+        if self.parses_at_once:
+            self._parsing(_loop)
+        elif _loop is not None:
+            self.loop = _loop
 
     def _parsing(self, _loop: asyncio.AbstractEventLoop | None = None) -> None:
         """The rest of uvicorn's ``__init__``: what a connection needs to parse requests."""
