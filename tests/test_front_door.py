@@ -26,7 +26,15 @@ from gateway.server.handover import websocket_key
 from gateway.server.head import Head
 from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.helpers import client_text_frame, read_raw_frame
-from tests.test_handshake import TIMEOUT, answer, change_one, standard, status, upgrade
+from tests.test_handshake import (
+    TIMEOUT,
+    answer,
+    change_one,
+    standard,
+    status,
+    upgrade,
+    upgrade_then_ping,
+)
 from tests.test_request_head_timeout import HEAD_TIMEOUT, ended_with
 
 pytestmark = pytest.mark.gateway_protocols
@@ -104,11 +112,7 @@ async def test_a_request_before_the_upgrade_on_one_connection(server: RunningSer
         assert status(first) == b"HTTP/1.1 200 OK"
         length = int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         await reader.readexactly(length)
-        writer.write(upgrade(headers=standard()))
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        assert status(head) == b"HTTP/1.1 101 Switching Protocols"
-        writer.write(client_text_frame(b'{"id": 1, "op": "ping"}'))
-        assert orjson.loads((await read_raw_frame(reader))[2:])["ok"] is True
+        await upgrade_then_ping(reader, writer)
     finally:
         writer.close()
     await eventually(lambda: server.gateway.connections.total == 0)

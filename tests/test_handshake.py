@@ -104,6 +104,15 @@ def change_one(fields: list[tuple[str, str]], rng: random.Random, changes: list[
         fields.append((name, value))
 
 
+async def upgrade_then_ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A standard upgrade on an open connection: its 101, then a ping answered ok."""
+    writer.write(upgrade(headers=standard()))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert status(head) == b"HTTP/1.1 101 Switching Protocols"
+    writer.write(client_text_frame(b'{"id": 1, "op": "ping"}'))
+    assert orjson.loads((await read_raw_frame(reader))[2:])["ok"] is True
+
+
 def status(head: bytes) -> bytes:
     return head.split(b"\r\n", 1)[0]
 
@@ -209,11 +218,7 @@ async def test_under_h11_the_websocket_protocol_answers_ws_below_asgi(
     server = await make_server(uvicorn_options={"http": "h11"})
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        writer.write(upgrade(headers=standard()))
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        assert status(head) == b"HTTP/1.1 101 Switching Protocols"
-        writer.write(client_text_frame(b'{"id": 1, "op": "ping"}'))
-        assert orjson.loads((await read_raw_frame(reader))[2:])["ok"] is True
+        await upgrade_then_ping(reader, writer)
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
