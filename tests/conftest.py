@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import uvicorn
 from auth.tokens import make_token
 from gateway.app import create_app
 from gateway.settings import Settings
+from loadtest.ports import free_port as free_port  # below the ephemeral range, never twice
 
 if TYPE_CHECKING:
     from tests.fake_backend import FakeBackend
@@ -51,12 +51,6 @@ def token(
         info=info,
         ttl=ttl,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -28,13 +28,9 @@ from typing import TypeVar
 import pytest
 from redis.asyncio import Redis
 
+from loadtest.ports import free_port  # below the ephemeral range, never handed out twice
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def redis_server_binary() -> str:

@@ -31,9 +31,9 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
 
+from loadtest.ports import free_port
 from tests.redis_server import (
     RedisServer,
-    free_port,
     log_text,
     poll_until,
     redis_server_binary,
