@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.connectpath import run_connectpath
         from loadtest.connectpath import summary as connectpath_summary
 
-        stages = run_connectpath(cycles=args.cycles, rounds=args.rounds)
+        stages = run_connectpath(cycles=args.cycles, rounds=args.rounds, recover=args.recover)
         return _emit(stages, connectpath_summary, as_json=args.json)
     if args.command == "sendfloor":
         from loadtest.sendfloor import run_sendfloor, summary

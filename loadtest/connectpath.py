@@ -15,10 +15,12 @@ that takes every write and never touches a socket:
   opening written), the connection lost.
 
 One client stays subscribed throughout, so every subscribe joins a channel the worker
-already relays (a reconnect). Each stage's figure is µs of the thread's CPU time per
-connection (less the clock's own cost), median of ``--rounds``; the first cycle of each
-run is checked (the 101, the reply ``ok``, the stream's head), so that an error path is
-never what gets timed.
+already relays (a reconnect); with ``--recover N`` the channel has N publications and
+every subscribe resumes from before them (the subscribe's ``since``, the stream's
+``last_event_id``), so each connection is also sent those N. Each stage's figure is µs
+of the thread's CPU time per connection (less the clock's own cost), median of
+``--rounds``; the first cycle of each run is checked (the 101, the reply ``ok``, the
+stream's head, the N recovered), so that an error path is never what gets timed.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def _client_frame(opcode: int, payload: bytes) -> bytes:
 
 
 class _Bench:
-    def __init__(self, transport: str, secret: str) -> None:
+    def __init__(self, transport: str, secret: str, recover: int = 0) -> None:
         from uvicorn.config import Config
         from uvicorn.lifespan.on import LifespanOn
         from uvicorn.server import ServerState
@@ -111,15 +113,31 @@ class _Bench:
         from gateway.settings import Settings
 
         settings = Settings(jwt_secret=secret, demo=False, log_level="warning")
-        self.config = Config(create_app(settings), **uvicorn_options(settings))
+        self.app = create_app(settings)
+        self.config = Config(self.app, **uvicorn_options(settings))
         self.config.load()
         self.lifespan = LifespanOn(self.config)
         self.server_state = ServerState()
         self.transport = transport
+        self.recover = recover
+        self.secret = secret
         from auth.tokens import make_token
 
-        token = make_token(secret, "bench", subscribe=["*"], publish=["*"], ttl=3600)
-        if transport == "ws":
+        self.token = make_token(secret, "bench", subscribe=["*"], publish=["*"], ttl=3600)
+        self._requests()
+        self.close = _client_frame(0x8, struct.pack("!H", 1000))
+        self.kept: list[_Transport] = []
+
+    def _requests(self, since: tuple[str, int] | None = None) -> None:
+        """The request (and the WebSocket's subscribe frame), resuming from ``since``
+        (epoch, offset) when given."""
+        token = self.token
+        resume = ""
+        command: dict[str, Any] = {"id": 1, "op": "subscribe", "channel": "bench"}
+        if since is not None:
+            resume = f"&last_event_id=bench~{since[0]}~{since[1]}"
+            command["since"] = {"epoch": since[0], "offset": since[1]}
+        if self.transport == "ws":
             key = base64.b64encode(os.urandom(16)).decode()
             self.request = (
                 f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
@@ -128,13 +146,10 @@ class _Bench:
             ).encode()
         else:
             self.request = (
-                f"GET /sse?channel=bench&token={token} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
-                "Accept: text/event-stream\r\n\r\n"
+                f"GET /sse?channel=bench&token={token}{resume} HTTP/1.1\r\n"
+                "Host: 127.0.0.1:8000\r\nAccept: text/event-stream\r\n\r\n"
             ).encode()
-        command = {"id": 1, "op": "subscribe", "channel": "bench"}
         self.subscribe = _client_frame(0x1, orjson.dumps(command))
-        self.close = _client_frame(0x8, struct.pack("!H", 1000))
-        self.kept: list[_Transport] = []
 
     def _protocol(self) -> tuple[_Transport, Any]:
         transport = _Transport()
@@ -160,7 +175,7 @@ class _Bench:
         upgraded.data_received(self.subscribe)
         t3 = clock()
         if check:
-            _check_ws(transport.written)
+            _check_ws(transport.written, self.recover)
         await asyncio.sleep(0)  # what the loop would run between the client's frames
         t4 = clock()
         upgraded.data_received(self.close)
@@ -173,7 +188,7 @@ class _Bench:
     async def sse_cycle(self, clock: Callable[[], int], totals: list[int], check: bool) -> None:
         transport, t0, t1, t2 = self._request(clock)
         if check:
-            _check_sse(transport.written)
+            _check_sse(transport.written, self.recover)
         await asyncio.sleep(0)
         t3 = clock()
         transport.lost()
@@ -191,6 +206,15 @@ class _Bench:
             transport.protocol.data_received(self.subscribe)
         await asyncio.sleep(0)
         self.kept.append(transport)
+        if self.recover:
+            hub = self.app.state.gateway.hub
+            first = None
+            for n in range(self.recover):
+                publication = await hub.publish("bench", orjson.dumps({"n": n, "pad": "x" * 64}))
+                first = first or publication
+            await asyncio.sleep(0)
+            assert first is not None
+            self._requests((first.epoch, first.offset - 1))
 
     async def run(self, cycles: int, rounds: int) -> dict[str, float]:
         await self.lifespan.startup()
@@ -233,22 +257,31 @@ def _clock_overhead(clock: Callable[[], int], samples: int = 20_000) -> float:
     return float(statistics.median(gaps))
 
 
-def _check_ws(written: list[bytes]) -> None:
+def _check_ws(written: list[bytes], recovered: int = 0) -> None:
     head = written[0] if written else b""
     if not head.startswith(b"HTTP/1.1 101 "):
         raise RuntimeError(f"connectpath: the upgrade was not accepted: {head[:200]!r}")
-    replies = b"".join(written[1:])
-    if b'"ok":true' not in replies.replace(b" ", b""):
+    replies = b"".join(written[1:]).replace(b" ", b"")
+    if b'"ok":true' not in replies:
         raise RuntimeError(f"connectpath: the subscribe was not answered ok: {replies[:200]!r}")
+    _check_recovered(replies, recovered, b'"recovered":true')
 
 
-def _check_sse(written: list[bytes]) -> None:
+def _check_sse(written: list[bytes], recovered: int = 0) -> None:
     head = b"".join(written)
     if not head.startswith(b"HTTP/1.1 200 ") or b"text/event-stream" not in head:
         raise RuntimeError(f"connectpath: the stream did not open: {head[:200]!r}")
+    _check_recovered(head.replace(b" ", b""), recovered)
 
 
-def run_connectpath(*, cycles: int, rounds: int) -> dict[str, Any]:
+def _check_recovered(written: bytes, count: int, told: bytes = b"") -> None:
+    """With ``--recover``: the client was sent the channel's ``count`` publications, and
+    the subscribe's reply said so (``told``)."""
+    if count and (told not in written or written.count(b'"channel":"bench"') < count):
+        raise RuntimeError(f"connectpath: {count} publications were not recovered: {written!r}")
+
+
+def run_connectpath(*, cycles: int, rounds: int, recover: int = 0) -> dict[str, Any]:
     """µs per connection, stage by stage, for each transport (each in a fresh event loop)."""
     try:
         import uvloop
@@ -260,8 +293,10 @@ def run_connectpath(*, cycles: int, rounds: int) -> dict[str, Any]:
     return {
         "cycles": cycles,
         "rounds": rounds,
+        "recover": recover,
         "us_per_connection": {
-            transport: runner(_Bench(transport, secret).run(cycles, rounds)) for transport in STAGES
+            transport: runner(_Bench(transport, secret, recover).run(cycles, rounds))
+            for transport in STAGES
         },
     }
 
@@ -270,6 +305,7 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"connectpath: {report['cycles']:,} connections x {report['rounds']} rounds through the "
         "gateway's protocols, no socket (µs per connection, median round)"
+        + (f", each recovering {report['recover']} publications" if report.get("recover") else "")
     ]
     for transport, stages in report["us_per_connection"].items():
         parts = "  ".join(f"{stage} {us:.1f}" for stage, us in stages.items())
@@ -285,4 +321,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--cycles", type=int, default=5000, help="connections per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--recover",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every connection resumes from before the channel's N publications",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")

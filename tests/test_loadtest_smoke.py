@@ -848,9 +848,11 @@ def test_hotpath_times_the_gateways_own_work_per_delivery() -> None:
     assert all(isinstance(ns, int) and ns > 0 for ns in costs.values())
 
 
-def test_connectpath_times_the_gateways_own_work_per_connection() -> None:
-    report = loadtest_json(["connectpath", "--cycles", "200", "--rounds", "1", "--json"])
-    assert (report["cycles"], report["rounds"]) == (200, 1)
+@pytest.mark.parametrize("recover", [0, 3])
+def test_connectpath_times_the_gateways_own_work_per_connection(recover: int) -> None:
+    args = ["connectpath", "--cycles", "200", "--rounds", "1", "--recover", str(recover)]
+    report = loadtest_json([*args, "--json"])
+    assert (report["cycles"], report["rounds"], report["recover"]) == (200, 1, recover)
     ws, sse = report["us_per_connection"]["ws"], report["us_per_connection"]["sse"]
     assert list(ws) == ["made", "request_to_101", "subscribe", "close", "total"]
     assert list(sse) == ["made", "request_to_stream", "close", "total"]
@@ -873,6 +875,15 @@ def test_connectpath_refuses_to_time_an_error_path() -> None:
     _check_sse([b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"])
     with pytest.raises(RuntimeError, match="did not open"):
         _check_sse([b"HTTP/1.1 401 Unauthorized\r\n\r\n"])
+    event = b'data: {"channel": "bench", "offset": 1}\n\n'
+    opened = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+    _check_sse([opened, event * 2], recovered=2)
+    with pytest.raises(RuntimeError, match="2 publications were not recovered"):
+        _check_sse([opened, event], recovered=2)
+    told = b'\x81\x30{"id":1,"ok":true,"result":{"recovered":true}}'
+    _check_ws([switching, told, event], recovered=1)
+    with pytest.raises(RuntimeError, match="not recovered"):
+        _check_ws([switching, told.replace(b"true}", b"false}"), event], recovered=1)
 
 
 def test_the_load_generators_sse_client_decodes_the_body_however_it_is_split() -> None:
