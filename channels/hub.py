@@ -42,7 +42,7 @@ from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
 from channels.presence import Presence
-from channels.publication import Publication, StreamPosition, compact
+from channels.publication import Batch, Publication, StreamPosition, compact
 from channels.session import Gap, Session
 
 logger = logging.getLogger(__name__)
@@ -188,9 +188,9 @@ class Hub(Fanout):
         lc = self._channels.get(channel)
         if lc is None or not lc.relaying or self._presence.enabled(channel):
             return None
-        replay: list[Publication] = []
+        replay: list[Publication | Batch] = []
         if since is not None and since != lc.position:
-            relayed = lc.relayed_since(since)
+            relayed = lc.replay_since(since)
             if relayed is None:
                 return None
             replay = relayed
@@ -287,7 +287,7 @@ class Hub(Fanout):
         lc: LocalChannel,
         since: StreamPosition | None,
         on_ready: Callable[[SubscribeResult], None] | None,
-        replay: list[Publication],
+        replay: list[Publication | Batch],
     ) -> SubscribeResult:
         """Join a channel this worker relays, from where it is: no broker call.
 
@@ -303,8 +303,10 @@ class Hub(Fanout):
         session.channels.add(lc.name)
         if on_ready is not None:
             on_ready(result)
-        session.push_replay(replay)
-        self.stats.deliveries += len(replay)
+        if replay and since is not None:  # publications since.offset + 1 to lc.offset
+            for item in replay:
+                session.push(item)
+            self.stats.deliveries += lc.offset - since.offset
         self._flush(lc)  # what arrived before is in the position the session starts from
         lc.live[session] = None
         return result

@@ -7,8 +7,11 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from channels.publication import Message, Publication, StreamPosition
-from channels.session import Session
+from channels.publication import Batch, Message, Publication, StreamPosition, in_batches
+from channels.session import REPLAY_BATCH_BYTES, Session
+
+# Positions a channel keeps a replay for (``replay_since``), until it moves on.
+MAX_REPLAYS = 8
 
 
 @dataclass(slots=True)
@@ -20,6 +23,8 @@ class Join:
 
 class LocalChannel:
     __slots__ = (
+        "_replays",
+        "_replays_at",
         "catching_up",
         "epoch",
         "joining",
@@ -48,6 +53,9 @@ class LocalChannel:
         self.recent: deque[Publication] | None = None
         # Set when a join in flight ends: subscribers that arrived meanwhile wait for it.
         self.settled: asyncio.Event | None = None
+        # ``replay_since``'s answers for where the channel is now (``_replays_at``).
+        self._replays: dict[StreamPosition, list[Publication | Batch]] | None = None
+        self._replays_at: tuple[str | None, int] = (None, 0)
 
     def __len__(self) -> int:
         return len(self.live) + len(self.joining) + len(self.catching_up)
@@ -104,6 +112,26 @@ class LocalChannel:
         ):
             return None
         return list(itertools.islice(recent, since.offset + 1 - first.offset, None))
+
+    def replay_since(self, since: StreamPosition) -> list[Publication | Batch] | None:
+        """``relayed_since`` as the items a resuming session is pushed (``in_batches``),
+        made once for every session that resumes from ``since`` while the channel stays
+        where it is: in a reconnect storm most of a channel's clients resume from the
+        same publication, and each item is then encoded once for all of them."""
+        replays = self._replays
+        at = (self.epoch, self.offset)
+        if replays is None or at != self._replays_at:
+            replays = self._replays = {}
+            self._replays_at = at
+        items = replays.get(since)
+        if items is None:
+            relayed = self.relayed_since(since)
+            if relayed is None:
+                return None
+            items = in_batches(relayed, REPLAY_BATCH_BYTES)
+            if len(replays) < MAX_REPLAYS:
+                replays[since] = items
+        return items
 
     def seed(self, publications: list[Publication], size: int) -> None:
         """What a history read gave a joining subscriber, when it ends where the channel

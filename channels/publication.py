@@ -9,6 +9,7 @@ message and not once per subscriber.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,30 @@ class Batch:
 
     messages: list[Message]
     wire: Any = field(default=None, repr=False, compare=False)
+    _size: int = field(default=-1, init=False, repr=False, compare=False)
 
     @property
     def size(self) -> int:
-        return sum(message.size for message in self.messages)
+        """Summed once: a replay's batches are pushed to every session resuming from
+        where they start."""
+        size = self._size
+        if size < 0:
+            size = self._size = sum(message.size for message in self.messages)
+        return size
+
+
+def in_batches(publications: Sequence[Publication], batch_bytes: int) -> list[Publication | Batch]:
+    """``publications`` as the items a resuming session is pushed: consecutive ones
+    together, in batches of about ``batch_bytes`` (a lone one as itself)."""
+    items: list[Publication | Batch] = []
+    batch: list[Publication] = []
+    size = 0
+    for publication in publications:
+        batch.append(publication)
+        size += publication.size
+        if size >= batch_bytes:
+            items.append(batch[0] if len(batch) == 1 else Batch([*batch]))
+            batch, size = [], 0
+    if batch:
+        items.append(batch[0] if len(batch) == 1 else Batch([*batch]))
+    return items

@@ -30,7 +30,13 @@ from typing import Protocol
 
 import orjson
 
-from channels.publication import Batch, Message, PresenceEvent, Publication, compact
+from channels.publication import (
+    Batch,
+    PresenceEvent,
+    Publication,
+    compact,
+    in_batches,
+)
 
 
 class Ending(enum.Enum):
@@ -177,16 +183,8 @@ class Session:
 
     def push_replay(self, publications: list[Publication]) -> None:
         """Push recovered ``publications`` in items of about ``REPLAY_BATCH_BYTES``."""
-        batch: list[Message] = []
-        size = 0
-        for publication in publications:
-            batch.append(publication)
-            size += publication.size
-            if size >= REPLAY_BATCH_BYTES:
-                self.push(batch[0] if len(batch) == 1 else Batch(batch))
-                batch, size = [], 0
-        if batch:
-            self.push(batch[0] if len(batch) == 1 else Batch(batch))
+        for item in in_batches(publications, REPLAY_BATCH_BYTES):
+            self.push(item)
 
     def push(self, item: Outgoing) -> bool:
         """Write or queue ``item`` without waiting. False when closing or just overflowed."""

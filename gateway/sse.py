@@ -118,6 +118,12 @@ class SSETransport:
                 return wire.single_sse(item)
             return wire.sse_publication(self.cursor(), item)
         if isinstance(item, Batch):
+            if self.single:  # the same events for every stream: the last one's position
+                for message in reversed(item.messages):
+                    if type(message) is Publication:
+                        self.positions[message.channel] = message
+                        break
+                return wire.single_events(item)
             return b"".join([self._event(message) for message in item.messages])
         if isinstance(item, Gap):
             return wire.sse_gap(self.cursor(), item.channel)

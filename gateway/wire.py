@@ -194,17 +194,24 @@ def single_chunk(item: Publication | Batch) -> bytes:
     cache = item.wire
     if cache is not None and cache.chunk is not None:  # the hot path: built already
         return cache.chunk  # type: ignore[no-any-return]
-    if isinstance(item, Publication):
-        events = single_sse(item)
-    else:
-        events = b"".join(
-            [
-                single_sse(m) if isinstance(m, Publication) else sse_presence(m)
-                for m in item.messages
-            ]
-        )
+    events = single_sse(item) if isinstance(item, Publication) else single_events(item)
     chunk = _encoded(item).chunk = frame_chunk(events)
     return chunk
+
+
+def single_events(batch: Batch) -> bytes:
+    """The events of ``batch`` on a one-channel stream, unframed (a resume's, in the
+    stream's opening); built once for every such stream."""
+    cache = _encoded(batch)
+    events = cache.sse
+    if events is None:
+        events = cache.sse = b"".join(
+            [
+                single_sse(m) if isinstance(m, Publication) else sse_presence(m)
+                for m in batch.messages
+            ]
+        )
+    return events
 
 
 def history_body(page: HistoryPage) -> dict[str, Any]:

@@ -411,25 +411,29 @@ async def test_a_storm_of_resumes_reads_history_once_per_channel() -> None:
         await hub.close()
 
 
+class Writes(Recorder):
+    """A transport that keeps every item it is handed, as handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Outgoing] = []
+
+    def write_now(self, item: Outgoing) -> bool:
+        self.calls.append(item)
+        return super().write_now(item)
+
+
+def resuming() -> tuple[Session, Writes]:
+    writes = Writes()
+    session = Session(writes, user="u", info={}, max_queue_bytes=10**7, transport_name="t")
+    return session, writes
+
+
 async def test_a_recovery_is_one_write_and_a_large_one_is_cut_into_bounded_batches() -> None:
     """Recovered publications go out batched: ten small ones in one socket write; large
     ones in items of about ``REPLAY_BATCH_BYTES``, so that a full socket makes the rest
     queue (and count towards the session's bound) instead of one huge write."""
     from channels.session import REPLAY_BATCH_BYTES
-
-    class Writes(Recorder):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[Outgoing] = []
-
-        def write_now(self, item: Outgoing) -> bool:
-            self.calls.append(item)
-            return super().write_now(item)
-
-    def resuming() -> tuple[Session, Writes]:
-        writes = Writes()
-        session = Session(writes, user="u", info={}, max_queue_bytes=10**7, transport_name="t")
-        return session, writes
 
     hub = Hub(create_backend("memory://", BrokerOptions()), presence_enabled=lambda c: False,
               recent_size=100)  # fmt: skip
@@ -453,6 +457,46 @@ async def test_a_recovery_is_one_write_and_a_large_one_is_cut_into_bounded_batch
         assert hub.subscribe_now(large, "c", since=last) is not None
         assert large_writes.offsets("c") == list(range(11, 16))
         assert [len(getattr(item, "messages", [item])) for item in large_writes.calls] == [2, 2, 1]
+    finally:
+        writer.cancel()
+        await hub.close()
+
+
+async def test_sessions_resuming_from_one_position_are_pushed_the_same_replay() -> None:
+    """A reconnect storm's clients mostly resume from the same publication: the replay
+    is cut into batches once and each of them is pushed the same objects (each encoded
+    once for all of them); a resume from elsewhere gets its own, and once the channel
+    moves on, a resume from the first position gets the new publication too."""
+    hub = Hub(create_backend("memory://", BrokerOptions()), presence_enabled=lambda c: False,
+              recent_size=100)  # fmt: skip
+    await hub.start()
+    first, first_seen, writer = new_session()
+    try:
+        await hub.subscribe(first, "c")
+        for _ in range(5):
+            top = (await hub.publish("c", b"1")).position
+        await eventually(lambda: len(first_seen.offsets("c")) == 5)
+        since = StreamPosition(2, top.epoch)
+        before = hub.stats.deliveries
+        resumed = [resuming() for _ in range(3)]
+        for session, _ in resumed:
+            assert hub.subscribe_now(session, "c", since=since) is not None
+        assert hub.stats.deliveries - before == 3 * 3
+        items = [writes.calls for _, writes in resumed]
+        assert all(writes.offsets("c") == [3, 4, 5] for _, writes in resumed)
+        assert len(items[0]) == 1 and all(calls[0] is items[0][0] for calls in items)
+
+        elsewhere, elsewhere_writes = resuming()
+        assert hub.subscribe_now(elsewhere, "c", since=StreamPosition(3, top.epoch)) is not None
+        assert elsewhere_writes.offsets("c") == [4, 5]
+        assert elsewhere_writes.calls[0] is not items[0][0]
+
+        await hub.publish("c", b"1")
+        await eventually(lambda: len(first_seen.offsets("c")) == 6)
+        later, later_writes = resuming()
+        assert hub.subscribe_now(later, "c", since=since) is not None
+        assert later_writes.offsets("c") == [3, 4, 5, 6]
+        assert all(writes.offsets("c") == [3, 4, 5, 6] for _, writes in resumed)  # live
     finally:
         writer.cancel()
         await hub.close()

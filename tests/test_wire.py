@@ -69,3 +69,24 @@ def test_a_one_channel_event_and_chunk_are_built_once() -> None:
     join = PresenceEvent("c", "join", b"{}")
     batch = Batch([pub, join])
     assert wire.single_chunk(batch) == wire.frame_chunk(event + wire.sse_presence(join))
+    assert wire.single_events(batch) is wire.single_events(batch)
+
+
+def test_a_one_channel_stream_resuming_over_a_shared_batch_keeps_its_position() -> None:
+    """A replay's batch is shared by every stream resuming from where it starts: each
+    one-channel stream writes its events as built once, and still moves its own cursor
+    to the batch's last publication (what its next gap event names)."""
+    from gateway.sse import SSETransport
+
+    batch = Batch([publication(3), publication(4), PresenceEvent("c", "join", b"{}")])
+    streams = [SSETransport(["c"]) for _ in range(2)]
+    events = [stream.events([batch]) for stream in streams]
+    per_message = b"".join(SSETransport(["c"]).events([m]) for m in batch.messages)
+    assert events[0] == per_message and events[0] is events[1]
+    assert all(
+        stream.cursor() == cursor.encode({"c": StreamPosition(4, "e1")}) for stream in streams
+    )
+    several = SSETransport(["c", "d"])  # its cursor names both channels: its own events
+    several.positions["d"] = StreamPosition(9, "e1")
+    assert several.events([batch]).count(b"id: d~e1~9,c~e1~") == 2
+    assert several.cursor() == cursor.encode({"d": StreamPosition(9, "e1"), "c": publication(4)})
