@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
 
 from gateway import wire
 from gateway.server.asgi import AsgiWebSocketPort
@@ -206,6 +207,108 @@ async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
     finally:
         transport.abort()
         theirs.close()
+
+
+class CountedWrites:
+    """A transport whose writes are kept, one entry per call; the rest is the real one's."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def test_what_is_written_while_a_read_is_handled_goes_out_in_one_write() -> None:
+    """The frames the owner writes while the protocol hands it a read's messages (a
+    subscribe's reply and its recovery, replies to commands sent together) are one
+    socket write, in order with the protocol's own (a pong, a close frame); a frame
+    written at any other time goes out at once; a read that breaks the protocol still
+    sends what was answered before its close frame."""
+    import asyncio
+    import socket
+
+    from gateway.server.frames import CLOSE, PONG, close_payload, control_frame
+
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    port = UpgradedWebSocket(
+        connections=set(), max_size=1 << 20, ping_interval=None, ping_timeout=None, client=None
+    )
+    transport, _ = await loop.connect_accepted_socket(lambda: port, ours)
+    counted = CountedWrites(port.transport)
+    port.transport = counted  # type: ignore[assignment]
+
+    def echo(message: dict[str, Any]) -> bool:  # the owner: answers each message twice
+        if message["type"] == "websocket.receive":
+            text = message["text"].encode()
+            port.try_write(text_frame(b"re:" + text))
+            port.try_write(text_frame(b"and:" + text))
+        return True
+
+    port.listen(lambda: None, take=echo)
+
+    def ping(payload: bytes) -> bytes:
+        return Frame(Opcode.PING, payload).serialize(mask=True)
+
+    try:
+        port.data_received(
+            client_text_frame(b"a") + ping(b"p") + client_text_frame(b"b")
+        )  # one read
+        answers = [text_frame(b"re:a") + text_frame(b"and:a"), control_frame(PONG, b"p")]
+        answers.append(text_frame(b"re:b") + text_frame(b"and:b"))
+        assert counted.writes == [b"".join(answers)]
+        assert port.try_write(text_frame(b"now")) and counted.writes[-1] == text_frame(b"now")
+
+        counted.writes.clear()
+        broken = client_text_frame(b"c") + bytes([0x83, 0x80]) + b"mask"  # opcode 3
+        port.data_received(broken)
+        close = control_frame(CLOSE, close_payload(1002, "invalid opcode"))
+        assert counted.writes == [text_frame(b"re:c") + text_frame(b"and:c") + close]
+        assert transport.is_closing()
+    finally:
+        transport.abort()
+        theirs.close()
+
+
+async def test_a_resume_is_answered_and_replayed_in_one_write(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client back on a channel the worker relays: its subscribe's reply and the
+    publications it missed leave in one socket write (and reach it in one read)."""
+    counted: list[CountedWrites] = []
+    made = UpgradedWebSocket.connection_made
+
+    def connection_made(self: UpgradedWebSocket, transport: Any) -> None:
+        counted.append(CountedWrites(transport))
+        made(self, counted[-1])
+
+    monkeypatch.setattr(UpgradedWebSocket, "connection_made", connection_made)
+    async with ws_client(server) as keeper, api_client(server) as http:
+        await keeper.subscribe("raw:resume")
+        pubs = [await api_publish(http, "raw:resume", n) for n in range(4)]
+        await keeper.publications("raw:resume", 4)  # the worker relayed them all
+        reader, writer = await raw_ws_handshake(server.port, token())
+        try:
+            since = {"offset": pubs[0]["offset"], "epoch": pubs[0]["epoch"]}
+            command = {"id": 1, "op": "subscribe", "channel": "raw:resume", "since": since}
+            writer.write(client_text_frame(orjson.dumps(command)))
+            frames = [orjson.loads((await read_raw_frame(reader))[2:]) for _ in range(4)]
+            assert frames[0]["result"]["recovered"] is True
+            assert [f["offset"] for f in frames[1:]] == [p["offset"] for p in pubs[1:]]
+            writes = counted[-1].writes
+            assert len(writes) == 2 and writes[0].startswith(b"HTTP/1.1 101 ")  # the 101, then
+            assert writes[1].count(b'"channel":"raw:resume"') == 3  # the reply and the three
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
 
 async def test_commands_in_one_packet_are_answered_in_order_around_one_that_waits(

@@ -1,5 +1,6 @@
 """RFC 6455 framing for the gateway's lean WebSocket protocol (``gateway.server.upgraded``):
-the 101 head, control frames, close frames read as websockets reads them."""
+the 101 head, a client's frames and close frames read as websockets reads them, control
+frames."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ from hashlib import sha1
 from typing import Any
 
 from websockets.frames import EXTERNAL_CLOSE_CODES
+
+from gateway.errors import CloseCode
+
+try:  # websockets' C extension, as its own parser uses it
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a websockets build without it
+    from websockets.utils import apply_mask
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 DATA_OPCODES = (CONT, TEXT, BINARY)
@@ -42,6 +50,35 @@ class ProtocolViolation(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code, self.reason = code, reason
+
+
+def read_frame(data: bytes, at: int, room: int) -> tuple[int, bytes, int] | None:
+    """The client frame starting at ``at`` (two bytes or more): its first byte, its
+    unmasked payload and where it ends; None while it is incomplete. A frame that is
+    not a client's, or whose length goes past ``room``, is refused from its header."""
+    head1, head2 = data[at], data[at + 1]
+    opcode = head1 & 0x0F
+    if opcode not in DATA_OPCODES and opcode not in CONTROL_OPCODES:
+        raise ProtocolViolation(1002, "invalid opcode")
+    if not head2 & 0x80:
+        raise ProtocolViolation(1002, "incorrect masking")
+    size, length, start = len(data), head2 & 0x7F, at + 2
+    if length == 126:
+        if size - start < 2:
+            return None
+        (length,) = struct.unpack_from("!H", data, start)
+        start += 2
+    elif length == 127:
+        if size - start < 8:
+            return None
+        (length,) = struct.unpack_from("!Q", data, start)
+        start += 8
+    if length > room:
+        raise ProtocolViolation(*CloseCode.MESSAGE_TOO_BIG)
+    end = start + 4 + length
+    if size < end:
+        return None
+    return head1, apply_mask(data[start + 4 : end], data[start : start + 4]), end
 
 
 def control_frame(opcode: int, payload: bytes) -> bytes:

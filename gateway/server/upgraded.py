@@ -11,8 +11,9 @@ parser. ``UpgradedWebSocket`` is what is left, a ``WebSocketPort`` on the socket
 - messages out to the owner as ASGI ``websocket.*`` dicts (``listen``/``receive``),
   reading paused while too many wait, as uvicorn pauses while one does;
 - frames out as built by ``gateway.wire`` (``try_write``/``write``, with the
-  transport's flow control), close frames and the closing handshake as uvicorn's
-  protocol does them, the same keep-alive (``Keepalive``: one timer per loop);
+  transport's flow control; what the owner writes while a read is handled, in one
+  write), close frames and the closing handshake as uvicorn's protocol does them, the
+  same keep-alive (``Keepalive``: one timer per loop);
 - uvicorn's server still sees it among its connections (``shutdown``: 1012).
 
 One object per connection, no generator; ``GatewayWebSocketProtocol`` (websockets'
@@ -28,18 +29,10 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-try:  # websockets' C extension, as its own parser uses it
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - a websockets build without it
-    from websockets.utils import apply_mask
-
-from gateway.errors import CloseCode
 from gateway.logs import REDACTED_ALREADY, redact
 from gateway.server.frames import (
     CLOSE,
     CONT,
-    CONTROL_OPCODES,
-    DATA_OPCODES,
     PING,
     PONG,
     TEXT,
@@ -47,6 +40,7 @@ from gateway.server.frames import (
     close_payload,
     control_frame,
     parse_close,
+    read_frame,
 )
 from gateway.server.keepalive import Bucket, keepalive_for
 from gateway.server.waiting import LiteEvent, LiteQueue
@@ -63,6 +57,7 @@ ACCEPTED = '%s - "WebSocket %s" [accepted]'  # uvicorn's line
 class UpgradedWebSocket(asyncio.Protocol):
     __slots__ = (
         "_buffer",
+        "_cork",
         "_fragments",
         "_fragments_size",
         "_fragments_text",
@@ -118,6 +113,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         self._fragments_size = 0
         self._fragments_text = False
         self._take: Callable[[Message], bool] | None = None  # the owner's (``listen``)
+        self._cork: list[bytes] | None = None  # frames written while a read is handled
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -148,9 +144,6 @@ class UpgradedWebSocket(asyncio.Protocol):
         if exc is None:
             self.transport.close()
 
-    def eof_received(self) -> None:
-        return None  # the transport closes itself
-
     def pause_writing(self) -> None:
         self.writable.clear()
 
@@ -160,7 +153,7 @@ class UpgradedWebSocket(asyncio.Protocol):
     def refuse(self, code: int, reason: str) -> None:
         """A close frame right after the 101 (what ASGI ``websocket.close`` does then)."""
         self._disconnect(code, reason)
-        self.transport.write(control_frame(CLOSE, close_payload(code, reason)))
+        self._send(control_frame(CLOSE, close_payload(code, reason)))
         self.close_sent = True
         self.close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.close)
 
@@ -175,44 +168,44 @@ class UpgradedWebSocket(asyncio.Protocol):
     # -- frames in ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        """Handle what the client sent; the frames the owner writes meanwhile (a
+        subscribe's reply and what it recovers, the replies to several commands sent
+        together) go out in one socket write when it is done."""
         if self._buffer:
             data, self._buffer = self._buffer + data, b""
+        self._cork = []
         try:
             self._parse(data)
         except ProtocolViolation as exc:
             self._fail(exc.code, exc.reason)
+        finally:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        """Write what was corked (before a close, too), and write at once from here on."""
+        cork, self._cork = self._cork, None
+        if cork and not self.transport.is_closing():
+            self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+
+    def _send(self, data: bytes) -> None:
+        """The protocol's own frames (pong, close), in order with the owner's."""
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
+        else:
+            self.transport.write(data)
 
     def _parse(self, data: bytes) -> None:
         size, at = len(data), 0
         transport = self.transport
         while size - at >= 2 and not transport.is_closing():
-            head1, head2 = data[at], data[at + 1]
-            opcode = head1 & 0x0F
-            if opcode not in DATA_OPCODES and opcode not in CONTROL_OPCODES:
-                raise ProtocolViolation(1002, "invalid opcode")
-            if not head2 & 0x80:
-                raise ProtocolViolation(1002, "incorrect masking")
-            length, start = head2 & 0x7F, at + 2
-            if length == 126:
-                if size - start < 2:
-                    break
-                (length,) = struct.unpack_from("!H", data, start)
-                start += 2
-            elif length == 127:
-                if size - start < 8:
-                    break
-                (length,) = struct.unpack_from("!Q", data, start)
-                start += 8
-            if length > self.max_size - self._fragments_size:  # refused from the header
-                raise ProtocolViolation(*CloseCode.MESSAGE_TOO_BIG)
-            end = start + 4 + length
-            if size < end:
+            frame = read_frame(data, at, self.max_size - self._fragments_size)
+            if frame is None:
                 break
-            payload = apply_mask(data[start + 4 : end], data[start : start + 4])
-            at = end
+            head1, payload, at = frame
             if head1 & 0x70:  # checked once the frame is read, as websockets does
                 raise ProtocolViolation(1002, "reserved bits must be 0")
-            self._frame(opcode, bool(head1 & 0x80), payload)
+            self._frame(head1 & 0x0F, bool(head1 & 0x80), payload)
         if at < size and not transport.is_closing():
             self._buffer = data[at:]
 
@@ -224,7 +217,7 @@ class UpgradedWebSocket(asyncio.Protocol):
                 raise ProtocolViolation(1002, "fragmented control frame")
             if opcode == PING:
                 if not self.close_sent:
-                    self.transport.write(control_frame(PONG, payload))
+                    self._send(control_frame(PONG, payload))
             elif opcode == PONG:
                 if payload == self.pending_ping:
                     self.pending_ping = None
@@ -269,20 +262,23 @@ class UpgradedWebSocket(asyncio.Protocol):
 
     def _close_received(self, payload: bytes) -> None:
         if self.close_sent:  # the client's answer: the closing handshake is done
+            self._uncork()
             self.transport.close()
             return
         code, reason = parse_close(payload)
         self._disconnect(code, reason)
-        self.transport.write(control_frame(CLOSE, payload))  # echoed, as websockets does
+        self._send(control_frame(CLOSE, payload))  # echoed, as websockets does
         self.close_sent = True
+        self._uncork()
         self.transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
         """Close at once with ``code``: a client that broke the protocol, a shutdown."""
         self._disconnect(code, reason)
         if not self.close_sent and not self.transport.is_closing():
-            self.transport.write(control_frame(CLOSE, close_payload(code, reason)))
+            self._send(control_frame(CLOSE, close_payload(code, reason)))
         self.close_sent = True
+        self._uncork()
         self.transport.close()
 
     def _disconnect(self, code: int, reason: str) -> None:
@@ -325,6 +321,10 @@ class UpgradedWebSocket(asyncio.Protocol):
             raise ConnectionError("websocket closed")
         if not self.writable.flag:  # the fan-out's path: an attribute, not a call
             return False
+        cork = self._cork
+        if cork is not None:  # inside data_received: sent with the read's other frames
+            cork.append(frames)
+            return True
         self.transport.write(frames)
         return True
 
