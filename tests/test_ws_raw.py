@@ -287,7 +287,7 @@ async def test_a_resume_is_answered_and_replayed_in_one_write(
 
     def connection_made(self: UpgradedWebSocket, transport: Any) -> None:
         counted.append(CountedWrites(transport))
-        made(self, counted[-1])
+        made(self, counted[-1])  # type: ignore[arg-type]  # a stand-in
 
     monkeypatch.setattr(UpgradedWebSocket, "connection_made", connection_made)
     async with ws_client(server) as keeper, api_client(server) as http:
