@@ -173,19 +173,17 @@ class UpgradedWebSocket(asyncio.Protocol):
         together) go out in one socket write when it is done."""
         if self._buffer:
             data, self._buffer = self._buffer + data, b""
-        self._cork = []
+        cork: list[bytes] = []
+        self._cork = cork
         try:
             self._parse(data)
         except ProtocolViolation as exc:
             self._fail(exc.code, exc.reason)
         finally:
-            self._uncork()
-
-    def _uncork(self) -> None:
-        """Write what was corked (before a close, too), and write at once from here on."""
-        cork, self._cork = self._cork, None
-        if cork and not self.transport.is_closing():
-            self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+            if self._cork is cork:  # (a close frame took it along already)
+                self._cork = None
+                if cork and not self.transport.is_closing():
+                    self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def _send(self, data: bytes) -> None:
         """The protocol's own frames (pong, close), in order with the owner's."""
@@ -194,6 +192,12 @@ class UpgradedWebSocket(asyncio.Protocol):
             cork.append(data)
         else:
             self.transport.write(data)
+
+    def _send_last(self, data: bytes) -> None:
+        """A close frame before the transport closes: with what was corked, if anything
+        was (nothing is once a close frame is sent: ``try_write`` refuses)."""
+        cork, self._cork = self._cork, None
+        self.transport.write(b"".join([*cork, data]) if cork else data)
 
     def _parse(self, data: bytes) -> None:
         size, at = len(data), 0
@@ -262,23 +266,20 @@ class UpgradedWebSocket(asyncio.Protocol):
 
     def _close_received(self, payload: bytes) -> None:
         if self.close_sent:  # the client's answer: the closing handshake is done
-            self._uncork()
             self.transport.close()
             return
         code, reason = parse_close(payload)
         self._disconnect(code, reason)
-        self._send(control_frame(CLOSE, payload))  # echoed, as websockets does
+        self._send_last(control_frame(CLOSE, payload))  # echoed, as websockets does
         self.close_sent = True
-        self._uncork()
         self.transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
         """Close at once with ``code``: a client that broke the protocol, a shutdown."""
         self._disconnect(code, reason)
         if not self.close_sent and not self.transport.is_closing():
-            self._send(control_frame(CLOSE, close_payload(code, reason)))
+            self._send_last(control_frame(CLOSE, close_payload(code, reason)))
         self.close_sent = True
-        self._uncork()
         self.transport.close()
 
     def _disconnect(self, code: int, reason: str) -> None:
