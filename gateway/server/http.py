@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Literal, cast
+from typing import Any, Literal
 from urllib.parse import unquote
 
 import httptools
@@ -321,7 +321,7 @@ def server_wide(
     values, made on the server's first connection and kept on its ``ServerState``."""
     kept = getattr(server_state, "gateway_protocol_attributes", None)
     if kept is not None and kept["config"] is config and kept["app_state"] is app_state:
-        return cast(dict[str, Any], kept)
+        return kept  # type: ignore[no-any-return]
     if not config.loaded:
         config.load()
     attributes = {
