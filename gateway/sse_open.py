@@ -123,8 +123,9 @@ def opener(gateway: Gateway, cors: CorsHeaders) -> StreamOpener:
             return None
         origin = request.header("origin")
         claims, channels, positions = checked
-        if any(gateway.hooks.applies("subscribe", channel) for channel in channels):
-            return OpenLater(lambda: _open_later(gateway, cors, origin, checked))
+        for channel in channels:
+            if gateway.hooks.applies("subscribe", channel):
+                return OpenLater(lambda: _open_later(gateway, cors, origin, checked))
         stream = Stream(gateway, claims, channels)
         gateway.opened(stream.session)
         hub = gateway.hub

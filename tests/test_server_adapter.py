@@ -416,3 +416,24 @@ def test_request_targets_split_as_httptools_splits_them() -> None:
     assert compared > 15_000 and plain > 10_000
     token = b"/sse?channel=a&token=" + b"eyJ0eXAiOiJKV1Qi.x-y_z" * 20
     assert request_target(token) == (b"/sse", token[5:])
+
+
+def test_a_streams_headers_are_checked_as_uvicorns_send_checks_them() -> None:
+    """``valid_headers`` answers as uvicorn's ``send`` would (a name or value it refuses
+    fails the whole list), and a list it passed once passes again from what it remembers;
+    a refused header is never remembered."""
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    from gateway.server.cycle import _VALID_HEADERS, valid_headers
+
+    def uvicorns(headers: list[tuple[bytes, bytes]]) -> bool:
+        return not any(HEADER_RE.search(n) or HEADER_VALUE_RE.search(v) for n, v in headers)
+
+    good = [(b"content-type", b"text/event-stream"), (b"x-origin", b"https://a.example")]
+    bad_values = [b"a\r\nset-cookie: x", b"a\nb", b"a\x00b", b"a\x7fb"]
+    bad = [[*good, (b"x-origin", value)] for value in bad_values]
+    bad += [[(b"bad name", b"v")], [(b"na:me", b"v")], [(b"x\r\n", b"v")]]
+    for headers in [good, *bad, good]:
+        assert valid_headers(headers) is uvicorns(headers), headers
+    assert _VALID_HEADERS.issuperset(good)
+    assert not any(_VALID_HEADERS.issuperset(headers) for headers in bad)

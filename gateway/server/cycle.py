@@ -155,7 +155,7 @@ class DetachableCycle(RequestResponseCycle):
         then the app writes on the response's port, as after ``hold``."""
         scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         headers = [*self.default_headers, *started.headers]
-        if not all(map(valid_header, headers)):
+        if not valid_headers(headers):
             # What uvicorn's send raises on: the app's error, the connection closed.
             self.logger.error("Exception in ASGI application: invalid HTTP header")
             self.transport.close()
@@ -233,9 +233,13 @@ _VALID_HEADERS: set[tuple[bytes, bytes]] = set()  # checked already: the same ea
 _VALID_HEADERS_LIMIT = 1024
 
 
-def valid_header(header: tuple[bytes, bytes]) -> bool:
+def valid_headers(headers: list[tuple[bytes, bytes]]) -> bool:
     """What uvicorn's ``send`` checks of each header, remembered: a stream's headers are
     the same few (uvicorn's date changes once a second, CORS's origin with the client)."""
+    return _VALID_HEADERS.issuperset(headers) or all(map(_valid_header, headers))
+
+
+def _valid_header(header: tuple[bytes, bytes]) -> bool:
     if header in _VALID_HEADERS:
         return True
     name, value = header

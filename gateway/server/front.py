@@ -43,7 +43,7 @@ from urllib.parse import unquote
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.server.cycle import log_failure, stream_head, valid_header
+from gateway.server.cycle import log_failure, stream_head, valid_headers
 from gateway.server.front_stream import FrontStream, StreamRequest, log_stream, outcome
 from gateway.server.handover import HttpUpgrade
 from gateway.server.head import Head
@@ -230,7 +230,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
         False, with nothing done, when its headers are not ones uvicorn would write (its
         cycle then answers)."""
         lines = [*self.server_state.default_headers, *answer.headers]
-        if not all(map(valid_header, lines)):
+        if not valid_headers(lines):
             return False
         if self.head_deadlines is not None:
             self.head_deadlines.done(self)
