@@ -328,7 +328,7 @@ async def test_an_upgrade_answered_here_keeps_the_transports_protocol(
         await ws.subscribe("handed-on")
         (upgraded,) = [c for c in state.connections if isinstance(c, UpgradedWebSocket)]
         protocol = upgraded.transport.get_protocol()
-        assert type(protocol) is FrontDoor
+        assert type(protocol).__bases__ == (FrontDoor,)  # the server's (``server_class``)
         assert vars(protocol) == {"upgraded": upgraded}
         async with api_client(server) as api:
             await api_publish(api, "handed-on", {"n": 1})
@@ -365,6 +365,38 @@ async def test_the_front_door_made_in_full_is_what_uvicorns_protocol_is() -> Non
     ours.connection_lost(None)
     theirs.connections.discard(theirs)
     assert not server_state.connections
+
+
+async def test_a_servers_connections_share_its_settings_on_their_class() -> None:
+    """What uvicorn's ``__init__`` sets the same on each connection of a server is the
+    class attributes of one subclass per server (and protocol class): each connection
+    reads uvicorn's values, and its own dict holds none of them; another server, or
+    another app state, gets a class of its own."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from gateway.app import create_app
+    from gateway.server.perserver import server_wide
+
+    loop = asyncio.get_running_loop()
+    config = Config(create_app(Settings(jwt_secret=SECRET)), root_path="/r")
+    config.load()
+    server_state, app_state = ServerState(), {"n": 1}
+    theirs = HttpToolsProtocol(config, server_state, app_state, _loop=loop)
+    first, second = (FrontDoor(config, server_state, app_state, _loop=loop) for _ in "12")
+    full = GatewayHttpToolsProtocol(config, server_state, app_state, _loop=loop)
+    assert type(first) is type(second) and type(first).__bases__ == (FrontDoor,)
+    assert type(full).__bases__ == (GatewayHttpToolsProtocol,)
+    names = list(server_wide(config, server_state, app_state))
+    assert len(names) == 13 and set(names) <= set(vars(theirs))
+    for ours in (first, full):
+        assert _protocol_state(ours, names) == _protocol_state(theirs, names)
+        assert not set(names) & set(vars(ours))
+    again = FrontDoor(config, server_state, {"n": 2}, _loop=loop)
+    other = FrontDoor(config, ServerState(), app_state, _loop=loop)
+    assert len({type(first), type(again), type(other)}) == 3
+    assert again.app_state == {"n": 2} and other.server_state is not server_state
+    theirs.connections.discard(theirs)
 
 
 def test_request_targets_split_as_httptools_splits_them() -> None:

@@ -67,6 +67,7 @@ from gateway.server.cycle import DetachableCycle, RawBody, log_failure
 from gateway.server.forwarded import forwarded_client
 from gateway.server.handover import AnswersUpgrades
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
+from gateway.server.perserver import server_class
 from gateway.server.ports import (
     OPEN_STREAM,
     RAW_BODY,
@@ -118,6 +119,15 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     # makes that part when its first read needs it.
     parses_at_once = True
 
+    def __new__(
+        cls,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Any:
+        return object.__new__(server_class(cls, config, server_state, app_state))
+
     def __init__(
         self,
         config: Config,
@@ -127,9 +137,9 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     ) -> None:
         # uvicorn's (COPIED_FROM_UVICORN): what it computes the same for every connection
         # of a server (the config's settings, its loggers, the server's sets) is computed
-        # once and set in one update; the per-connection state above comes from the class.
-        # A new protocol object is most of what a connection costs before its request.
-        self.__dict__.update(server_wide(config, server_state, app_state))
+        # once, as attributes of this class's subclass for the server (``__new__``); the
+        # per-connection state above comes from the class too. A new protocol object is
+        # most of what a connection costs before its request, and a stream keeps its own.
         if self.parses_at_once:
             self._parsing(_loop)
         elif _loop is not None:
@@ -312,35 +322,6 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
 
 # httptools < 0.6.3 has no leniencies to set.
 _LENIENCIES = hasattr(httptools.HttpRequestParser, "set_dangerous_leniencies")
-
-
-def server_wide(
-    config: Config, server_state: ServerState, app_state: dict[str, Any]
-) -> dict[str, Any]:
-    """The attributes uvicorn's ``__init__`` gives every protocol of one server the same
-    values, made on the server's first connection and kept on its ``ServerState``."""
-    kept = getattr(server_state, "gateway_protocol_attributes", None)
-    if kept is not None and kept["config"] is config and kept["app_state"] is app_state:
-        return kept  # type: ignore[no-any-return]
-    if not config.loaded:
-        config.load()
-    attributes = {
-        "config": config,
-        "app": config.loaded_app,
-        "logger": logging.getLogger("uvicorn.error"),
-        "access_logger": logging.getLogger("uvicorn.access"),
-        "ws_protocol_class": config.ws_protocol_class,
-        "root_path": config.root_path,
-        "asgi_version": config.asgi_version,
-        "limit_concurrency": config.limit_concurrency,
-        "app_state": app_state,
-        "timeout_keep_alive": config.timeout_keep_alive,
-        "server_state": server_state,
-        "connections": server_state.connections,
-        "tasks": server_state.tasks,
-    }
-    server_state.gateway_protocol_attributes = attributes  # type: ignore[attr-defined]
-    return attributes
 
 
 def _flow_control(transport: asyncio.Transport) -> FlowControl:
