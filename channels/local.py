@@ -86,7 +86,9 @@ class LocalChannel:
 
     def remember(self, publication: Publication, size: int) -> None:
         """Keep ``publication``, relayed in order, among the last ``size``; a hole or a
-        new epoch starts over (the kept ones always end where the channel is)."""
+        new epoch starts over (the kept ones always end where the channel is). The
+        channel moved on: replays made for where it was are dropped."""
+        self._replays = None
         recent = self.recent
         if (
             recent
