@@ -269,6 +269,38 @@ async def test_delete_stream_closes_the_upstream_request_and_publishes_cancelled
         assert r.status_code == 404  # gone once finished
 
 
+async def test_a_cancel_the_relays_task_never_sees_still_ends_it_at_the_next_chunk(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """Under load, a cancellation can land in the HTTP client's read where it is
+    absorbed (CI saw a cancelled relay stream on to its natural end): the relay then
+    stops at the upstream's next chunk, publishing none of its tokens and the same
+    error a cancel publishes, and closes the upstream request."""
+    server = await start_gateway()
+    channel = new_channel()
+    async with api_client(server) as http, ws_client(server) as c:
+        await c.subscribe(channel)
+        stream_id = await start_relay(http, channel, fake_tokens=LONG, fake_delay=0.02)
+        await c.publications(channel, 3)
+        relay = server.app.state.relays.relays[stream_id]
+
+        class Absorbed:  # the task as cancel() sees it: a cancellation that goes nowhere
+            def cancel(self) -> bool:
+                return True
+
+        task, relay.task = relay.task, Absorbed()
+        r = await http.delete(f"/api/streams/{stream_id}", headers=bearer())
+        assert r.json() == {"stream_id": stream_id, "cancelled": True}
+        call = upstream.last
+        await asyncio.wait_for(call.disconnected.wait(), CANCEL_BOUND)
+        assert not call.finished.is_set() and len(call.sent) < len(LONG)
+        rest = await ws_until_final(c, channel)
+        assert rest[-1]["data"] == {"type": "error", "message": "cancelled by request"}
+        await asyncio.wait_for(task, CANCEL_BOUND)
+        history = (await api_history(http, channel))["publications"]
+        assert_one_final_last(history, "error")
+
+
 async def test_stream_nobody_subscribes_to_is_cancelled_after_idle_cancel_seconds(
     upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:

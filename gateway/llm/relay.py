@@ -18,7 +18,10 @@ without ``[DONE]``, ``DELETE /api/streams/{id}``, nobody subscribed to the
 channel (on any worker) for ``GATEWAY_LLM_IDLE_CANCEL`` seconds, and a bug in
 the relay itself. (Only a broker outage leaves a channel without its end.)
 Cancelling leaves the ``async with client.stream(...)`` block, which closes
-the upstream connection at once, so no more tokens are paid for.
+the upstream connection at once, so no more tokens are paid for. A cancellation the
+HTTP client's internals absorb (it landed in a part of its read that defers or
+swallows one) still ends the relay at the upstream's next chunk, which is checked for
+a cancel reason before its tokens are published.
 
 Across workers: a relay runs on the worker that accepted its ``POST``, but the
 ``DELETE`` may reach any worker behind the load balancer. Each relay is in the
@@ -54,6 +57,10 @@ logger = logging.getLogger(__name__)
 REGISTRY_TTL = 30.0  # a dead worker's relays leave the registry this long after
 REGISTRY_REFRESH = REGISTRY_TTL / 3
 STREAM_ID = re.compile(r"s-[0-9a-f]{16}")
+
+
+class Cancelled(Exception):
+    """The relay was cancelled and its task went on: it stops at the next chunk."""
 
 
 def registry_key(stream_id: str) -> str:
@@ -195,10 +202,11 @@ class RelayManager:
         final: dict[str, Any]
         try:
             final = await self._stream(relay, request)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Cancelled) as exc:
             # Absorbed on purpose: a cancelled relay still publishes its error. Only
             # cancel() cancels this task, and it refuses once `finishing` is set.
-            if (task := asyncio.current_task()) is not None:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None:
                 task.uncancel()
             final = {"type": "error", "message": relay.cancel_reason or "cancelled"}
         except httpx.TimeoutException:
@@ -251,6 +259,8 @@ class RelayManager:
                 )
             completion = Completion(upstream.name)
             async for text in response.aiter_text():  # one HTTP chunk (or read)
+                if relay.cancel_reason:  # cancelled, and the task did not see it
+                    raise Cancelled
                 await self._relay_tokens(relay, completion, text)
                 if completion.done:
                     return completion.end()
