@@ -7,6 +7,7 @@ covered end to end in test_ws_*.py and test_sse.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 from collections.abc import AsyncIterator
@@ -411,6 +412,25 @@ async def test_a_storm_of_resumes_reads_history_once_per_channel() -> None:
         await hub.close()
 
 
+@contextlib.asynccontextmanager
+async def relaying(count: int, data: bytes) -> AsyncIterator[tuple[Hub, StreamPosition, Recorder]]:
+    """A hub relaying channel "c" (keeping its last 100) to one subscriber, after ``count``
+    publications of ``data``: the hub, the last one's position, what the subscriber saw."""
+    hub = Hub(create_backend("memory://", BrokerOptions()), presence_enabled=lambda c: False,
+              recent_size=100)  # fmt: skip
+    await hub.start()
+    first, seen, writer = new_session()
+    try:
+        await hub.subscribe(first, "c")
+        for _ in range(count):
+            top = (await hub.publish("c", data)).position
+        await eventually(lambda: len(seen.offsets("c")) == count)
+        yield hub, top, seen
+    finally:
+        writer.cancel()
+        await hub.close()
+
+
 class Writes(Recorder):
     """A transport that keeps every item it is handed, as handed."""
 
@@ -435,15 +455,7 @@ async def test_a_recovery_is_one_write_and_a_large_one_is_cut_into_bounded_batch
     queue (and count towards the session's bound) instead of one huge write."""
     from channels.session import REPLAY_BATCH_BYTES
 
-    hub = Hub(create_backend("memory://", BrokerOptions()), presence_enabled=lambda c: False,
-              recent_size=100)  # fmt: skip
-    await hub.start()
-    first, first_seen, writer = new_session()
-    try:
-        await hub.subscribe(first, "c")
-        for _ in range(10):
-            last = (await hub.publish("c", b'"small"')).position
-        await eventually(lambda: len(first_seen.offsets("c")) == 10)
+    async with relaying(10, b'"small"') as (hub, last, first_seen):
         small, small_writes = resuming()
         assert hub.subscribe_now(small, "c", since=StreamPosition(0, last.epoch)) is not None
         assert small_writes.offsets("c") == list(range(1, 11))
@@ -457,9 +469,6 @@ async def test_a_recovery_is_one_write_and_a_large_one_is_cut_into_bounded_batch
         assert hub.subscribe_now(large, "c", since=last) is not None
         assert large_writes.offsets("c") == list(range(11, 16))
         assert [len(getattr(item, "messages", [item])) for item in large_writes.calls] == [2, 2, 1]
-    finally:
-        writer.cancel()
-        await hub.close()
 
 
 async def test_sessions_resuming_from_one_position_are_pushed_the_same_replay() -> None:
@@ -467,15 +476,7 @@ async def test_sessions_resuming_from_one_position_are_pushed_the_same_replay() 
     is cut into batches once and each of them is pushed the same objects (each encoded
     once for all of them); a resume from elsewhere gets its own, and once the channel
     moves on, a resume from the first position gets the new publication too."""
-    hub = Hub(create_backend("memory://", BrokerOptions()), presence_enabled=lambda c: False,
-              recent_size=100)  # fmt: skip
-    await hub.start()
-    first, first_seen, writer = new_session()
-    try:
-        await hub.subscribe(first, "c")
-        for _ in range(5):
-            top = (await hub.publish("c", b"1")).position
-        await eventually(lambda: len(first_seen.offsets("c")) == 5)
+    async with relaying(5, b"1") as (hub, top, first_seen):
         since = StreamPosition(2, top.epoch)
         before = hub.stats.deliveries
         resumed = [resuming() for _ in range(3)]
@@ -498,9 +499,6 @@ async def test_sessions_resuming_from_one_position_are_pushed_the_same_replay() 
         assert hub.subscribe_now(later, "c", since=since) is not None
         assert later_writes.offsets("c") == [3, 4, 5, 6]
         assert all(writes.offsets("c") == [3, 4, 5, 6] for _, writes in resumed)  # live
-    finally:
-        writer.cancel()
-        await hub.close()
 
 
 def test_client_ids_are_random_and_not_a_forked_parents() -> None:

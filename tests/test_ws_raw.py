@@ -8,7 +8,9 @@ still deliver the same frames.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -165,20 +167,25 @@ def writable(port: UpgradedWebSocket) -> bool:
     return port.writable.flag
 
 
-async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
-    """A real socket whose peer does not read: once the transport pauses the protocol,
-    ``try_write`` writes nothing and ``write`` waits; once the peer reads, the waiting
-    write goes out whole, in order; after a close frame nothing more is written."""
-    import asyncio
-    import socket
-
-    loop = asyncio.get_running_loop()
+async def on_a_socketpair() -> tuple[UpgradedWebSocket, Any, socket.socket]:
+    """An ``UpgradedWebSocket`` (no keep-alive) on one end of a socket pair: the port,
+    its transport and the other end, not blocking."""
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     port = UpgradedWebSocket(
         connections=set(), max_size=1 << 20, ping_interval=None, ping_timeout=None, client=None
     )
-    transport, _ = await loop.connect_accepted_socket(lambda: port, ours)
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: port, ours)
+    return port, transport, theirs
+
+
+async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
+    """A real socket whose peer does not read: once the transport pauses the protocol,
+    ``try_write`` writes nothing and ``write`` waits; once the peer reads, the waiting
+    write goes out whole, in order; after a close frame nothing more is written."""
+
+    loop = asyncio.get_running_loop()
+    port, transport, theirs = await on_a_socketpair()
     try:
         frame = text_frame(b"x" * 60_000)
         written = 0
@@ -230,18 +237,9 @@ async def test_what_is_written_while_a_read_is_handled_goes_out_in_one_write() -
     socket write, in order with the protocol's own (a pong, a close frame); a frame
     written at any other time goes out at once; a read that breaks the protocol still
     sends what was answered before its close frame."""
-    import asyncio
-    import socket
-
     from gateway.server.frames import CLOSE, PONG, close_payload, control_frame
 
-    loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    theirs.setblocking(False)
-    port = UpgradedWebSocket(
-        connections=set(), max_size=1 << 20, ping_interval=None, ping_timeout=None, client=None
-    )
-    transport, _ = await loop.connect_accepted_socket(lambda: port, ours)
+    port, transport, theirs = await on_a_socketpair()
     counted = CountedWrites(port.transport)
     port.transport = counted  # type: ignore[assignment]
 
