@@ -269,12 +269,25 @@ async def test_delete_stream_closes_the_upstream_request_and_publishes_cancelled
         assert r.status_code == 404  # gone once finished
 
 
+class Absorbed:
+    """A relay's task as ``cancel()`` sees it: a cancellation that goes nowhere."""
+
+    def cancel(self) -> bool:
+        return True
+
+
+def absorb_cancels(relay: Any) -> Any:
+    """Have every cancellation of ``relay``'s task absorbed; its real task."""
+    task, relay.task = relay.task, Absorbed()
+    return task
+
+
 async def test_a_cancel_the_relays_task_never_sees_still_ends_it_at_the_next_chunk(
     upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:
     """Under load, a cancellation can land in the HTTP client's read where it is
     absorbed (CI saw a cancelled relay stream on to its natural end): the relay then
-    stops at the upstream's next chunk, publishing none of its tokens and the same
+    stops at the upstream's next chunk, publishing none of that chunk's tokens, the same
     error a cancel publishes, and closes the upstream request."""
     server = await start_gateway()
     channel = new_channel()
@@ -283,12 +296,7 @@ async def test_a_cancel_the_relays_task_never_sees_still_ends_it_at_the_next_chu
         stream_id = await start_relay(http, channel, fake_tokens=LONG, fake_delay=0.02)
         await c.publications(channel, 3)
         relay = server.app.state.relays.relays[stream_id]
-
-        class Absorbed:  # the task as cancel() sees it: a cancellation that goes nowhere
-            def cancel(self) -> bool:
-                return True
-
-        task, relay.task = relay.task, Absorbed()
+        task = absorb_cancels(relay)
         r = await http.delete(f"/api/streams/{stream_id}", headers=bearer())
         assert r.json() == {"stream_id": stream_id, "cancelled": True}
         call = upstream.last
@@ -299,6 +307,26 @@ async def test_a_cancel_the_relays_task_never_sees_still_ends_it_at_the_next_chu
         await asyncio.wait_for(task, CANCEL_BOUND)
         history = (await api_history(http, channel))["publications"]
         assert_one_final_last(history, "error")
+
+
+async def test_a_cancel_the_task_never_sees_while_the_upstream_is_silent_ends_as_cancelled(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """The same absorbed cancellation while the upstream sends nothing more: the relay
+    ends when the read gives up (the upstream's timeout), and the channel's end is
+    the cancel's error, which the ``DELETE`` promised, not the stall's."""
+    server = await start_gateway()
+    channel = new_channel()
+    async with api_client(server) as http, ws_client(server) as c:
+        await c.subscribe(channel)
+        stream_id = await start_relay(http, channel, "impatient", model="stall")
+        await c.publications(channel, 1)
+        relay = server.app.state.relays.relays[stream_id]
+        absorb_cancels(relay)
+        r = await http.delete(f"/api/streams/{stream_id}", headers=bearer())
+        assert r.json() == {"stream_id": stream_id, "cancelled": True}
+        rest = await ws_until_final(c, channel)
+        assert rest[-1]["data"] == {"type": "error", "message": "cancelled by request"}
 
 
 async def test_stream_nobody_subscribes_to_is_cancelled_after_idle_cancel_seconds(

@@ -21,7 +21,8 @@ Cancelling leaves the ``async with client.stream(...)`` block, which closes
 the upstream connection at once, so no more tokens are paid for. A cancellation the
 HTTP client's internals absorb (it landed in a part of its read that defers or
 swallows one) still ends the relay at the upstream's next chunk, which is checked for
-a cancel reason before its tokens are published.
+a cancel reason before its tokens are published; a cancelled relay ends with the
+cancel's error whatever its read raised meanwhile.
 
 Across workers: a relay runs on the worker that accepted its ``POST``, but the
 ``DELETE`` may reach any worker behind the load balancer. Each relay is in the
@@ -232,6 +233,10 @@ class RelayManager:
             final = {"type": "error", "message": "relay failed: internal error"}
         finally:
             watcher.cancel()
+        if relay.cancel_reason and final["type"] == "error":
+            # Cancelled, and the read ended otherwise meanwhile (a stall, a connection
+            # error the client's internals made of the cancellation): as cancelled.
+            final = {"type": "error", "message": relay.cancel_reason}
         relay.finishing = True
         try:
             await self._publish(relay.channel, final)
