@@ -275,6 +275,34 @@ async def test_what_is_written_while_a_read_is_handled_goes_out_in_one_write() -
         theirs.close()
 
 
+async def test_a_read_corks_a_sockets_worth_at_most() -> None:
+    """Replies past ``CORK_BYTES`` in one read are not held for the read's end: what was
+    corked goes out once it reaches the bound, and what follows is written at once,
+    under the socket's flow control again (and so under the session's queue bound)."""
+    from gateway.server.upgraded import CORK_BYTES
+
+    port, transport, theirs = await on_a_socketpair()
+    counted = CountedWrites(port.transport)
+    port.transport = counted  # type: ignore[assignment]
+    pad = "x" * (CORK_BYTES // 4)
+
+    def echo(message: dict[str, Any]) -> bool:
+        if message["type"] == "websocket.receive":
+            for prefix in ("re:", "and:"):
+                port.try_write(text_frame((prefix + message["text"] + pad).encode()))
+        return True
+
+    port.listen(lambda: None, take=echo)
+    try:
+        port.data_received(b"".join(client_text_frame(m) for m in (b"a", b"b", b"c")))
+        frames = [text_frame(f"{p}{m}{pad}".encode()) for m in "abc" for p in ("re:", "and:")]
+        assert counted.writes == [b"".join(frames[:4]), frames[4], frames[5]]
+        assert len(counted.writes[0]) - len(frames[3]) < CORK_BYTES
+    finally:
+        transport.abort()
+        theirs.close()
+
+
 async def test_a_resume_is_answered_and_replayed_in_one_write(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

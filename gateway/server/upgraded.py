@@ -49,6 +49,9 @@ logger = logging.getLogger("uvicorn.error")
 
 PAUSE_READING_AT = 32  # messages waiting for the owner
 CLOSE_TIMEOUT = 10.0  # uvicorn's: the client's answer to our close frame
+# What one read's replies may cork (a transport's default high-water mark): past it they
+# go out at once, and the socket's flow control (and so the session's bound) applies.
+CORK_BYTES = 65_536
 
 Message = dict[str, Any]
 ACCEPTED = '%s - "WebSocket %s" [accepted]'  # uvicorn's line
@@ -58,6 +61,7 @@ class UpgradedWebSocket(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_cork",
+        "_corked",
         "_fragments",
         "_fragments_size",
         "_fragments_text",
@@ -114,6 +118,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         self._fragments_text = False
         self._take: Callable[[Message], bool] | None = None  # the owner's (``listen``)
         self._cork: list[bytes] | None = None  # frames written while a read is handled
+        self._corked = 0  # their bytes
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -174,13 +179,13 @@ class UpgradedWebSocket(asyncio.Protocol):
         if self._buffer:
             data, self._buffer = self._buffer + data, b""
         cork: list[bytes] = []
-        self._cork = cork
+        self._cork, self._corked = cork, 0
         try:
             self._parse(data)
         except ProtocolViolation as exc:
             self._fail(exc.code, exc.reason)
         finally:
-            if self._cork is cork:  # (a close frame took it along already)
+            if self._cork is cork:  # (not written already: CORK_BYTES, a close frame)
                 self._cork = None
                 if cork and not self.transport.is_closing():
                     self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
@@ -189,9 +194,16 @@ class UpgradedWebSocket(asyncio.Protocol):
         """The protocol's own frames (pong, close), in order with the owner's."""
         cork = self._cork
         if cork is not None:
-            cork.append(data)
+            self._add_to(cork, data)
         else:
             self.transport.write(data)
+
+    def _add_to(self, cork: list[bytes], data: bytes) -> None:
+        cork.append(data)
+        self._corked += len(data)
+        if self._corked >= CORK_BYTES:  # a socket's worth: out now, flow control again
+            self._cork = None
+            self.transport.write(b"".join(cork))
 
     def _send_last(self, data: bytes) -> None:
         """A close frame before the transport closes: with what was corked, if anything
@@ -324,7 +336,7 @@ class UpgradedWebSocket(asyncio.Protocol):
             return False
         cork = self._cork
         if cork is not None:  # inside data_received: sent with the read's other frames
-            cork.append(frames)
+            self._add_to(cork, frames)
             return True
         self.transport.write(frames)
         return True
