@@ -50,10 +50,11 @@ CHANNELS = ("doomed", "kept", "moving", "other")
 
 @dataclass
 class Accepted:
-    at: float
+    at: float  # when the publish was answered
     channel: str
     epoch: str
     offset: int
+    sent: float  # when it was sent: a publish sent after the break is delivered after it
 
 
 @dataclass
@@ -127,12 +128,14 @@ async def publisher(
     n = 0
     while not stop.is_set():
         n += 1
+        started = time.monotonic()
         try:
             sent = await api.publish(channel, n)
         except (GatewayError, httpx.HTTPError):
             refused.append(time.monotonic())
         else:
-            accepted.append(Accepted(time.monotonic(), channel, sent.epoch, sent.offset))
+            answered = time.monotonic()
+            accepted.append(Accepted(answered, channel, sent.epoch, sent.offset, started))
         await asyncio.sleep(1 / rate)
 
 
@@ -157,13 +160,15 @@ def analyse(
     outcome: Outcome, clients: list[Client], accepted: list[Accepted], broke_at: float
 ) -> None:
     outcome.accepted = len(accepted)
-    published = {(a.channel, a.epoch, a.offset): a.at for a in accepted}
+    # When each was sent: one sent before the break and answered after it may have
+    # reached the clients before the break.
+    published = {(a.channel, a.epoch, a.offset): a.sent for a in accepted}
     waits: list[float] = []
     for client in clients:
         outcome.delivered += len(client.pushes)
         seen: set[tuple[str, str, int]] = set()
         last: dict[str, tuple[str, int]] = {}
-        back: dict[str, float] = {}  # channel -> first push published after the break
+        back: dict[str, float] = {}  # channel -> first push sent after the break
         silent = 0
         for at, channel, epoch, offset in client.pushes:
             key = (channel, epoch, offset)
