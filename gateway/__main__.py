@@ -18,7 +18,7 @@ import uvicorn
 from auth.tokens import make_token, new_dev_secret
 from gateway.demo_backend import hooks_config
 from gateway.server.draining import DrainingServer
-from gateway.server.heap import freeze_startup_heap
+from gateway.server.heap import prepare_heap
 from gateway.server.options import ServerChoice, server_choice, uvicorn_options
 from gateway.settings import Settings
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_choice(choice)
     if demo_hooks is not None:
         logger.info("dev mode: GATEWAY_HOOKS is the chat demo's backend: %s", demo_hooks)
-    freeze_startup_heap()
+    prepare_heap()
     server.run()
     return 0
 

@@ -33,7 +33,7 @@ from types import FrameType
 import uvicorn
 
 from gateway.server.draining import DrainingServer
-from gateway.server.heap import freeze_startup_heap
+from gateway.server.heap import prepare_heap
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _worker_main(config: uvicorn.Config, sock: socket.socket, parent_pid: int) -
     ).start()
     config.configure_logging()
     config.load()  # the app, built before the heap is frozen (the server skips it then)
-    freeze_startup_heap()
+    prepare_heap()
     DrainingServer(config).run(sockets=[sock])
 
 
