@@ -74,7 +74,8 @@ class Gateway:
         )
         self.connections = Connections(settings.max_connections)
         self.metrics = Metrics(self.hub, self.connections)
-        self.hub.observe_latency = self.metrics.latency.observe
+        # One bound method for the hub and every session (not one made per connection).
+        self._observe_latency = self.hub.observe_latency = self.metrics.latency.observe
         metrics = self.metrics
         self.hooks = Hooks(
             load_hooks(settings.hooks),
@@ -116,7 +117,7 @@ class Gateway:
             max_queue_bytes=settings.client_queue_bytes,
             send_timeout=settings.send_timeout,
             transport_name=transport_name,
-            observe_latency=self.metrics.latency.observe,
+            observe_latency=self._observe_latency,
         )
 
     def opened(self, session: Session) -> None:

@@ -133,10 +133,11 @@ class SSETransport:
 
 
 class Stream:
-    """One SSE client: its session, its transport and its timers (a heartbeat, and the
-    end of the stream at the token's expiry: a stream cannot refresh its token)."""
+    """One SSE client: its session, its transport and one timer, for its next heartbeat
+    or, when sooner, the end of the stream at the token's expiry (a stream cannot
+    refresh its token)."""
 
-    __slots__ = ("_beat", "_expiry", "_writer", "deadline", "gateway", "session", "transport")
+    __slots__ = ("_timer", "_writer", "deadline", "gateway", "session", "transport")
 
     def __init__(
         self, gateway: Gateway, claims: Claims, channels: list[str], client_id: str | None = None
@@ -145,8 +146,7 @@ class Stream:
         self.transport = SSETransport(channels)
         self.session = gateway.new_session(self.transport, claims, "sse", client_id)
         self.deadline = gateway.verifier.deadline(claims)
-        self._beat: Timer | None = None
-        self._expiry: Timer | None = None
+        self._timer: Timer | None = None
         self._writer: asyncio.Task[None] | None = None
 
     def opening(self) -> bytes:
@@ -161,22 +161,28 @@ class Stream:
 
     def start(self, port: StreamPort) -> None:
         """The response has started: write to ``port`` from now on."""
-        session = self.session
         self.transport.port = port
-        timers = loop_timers()  # idle streams are the common case: no uvloop timer each
-        self._beat = timers.call_later(self.gateway.settings.sse_heartbeat, self._heartbeat)
-        if self.deadline is not None:
-            self._expiry = timers.call_later(
-                self.deadline - time.time(), session.close, CloseCode.TOKEN_EXPIRED
-            )
+        self._arm()
         port.on_lost(self._lost)
-        session.writer_on_demand(self._start_writer)
+        self.session.writer_on_demand(self._start_writer)
+
+    def _arm(self) -> None:
+        """The stream's timer: its next heartbeat, or its token's expiry when that comes
+        first. On the loop's ``Timers`` (idle streams are the common case: no uvloop
+        timer each)."""
+        beat = self.gateway.settings.sse_heartbeat
+        deadline = self.deadline
+        if deadline is not None and (left := deadline - time.time()) < beat:
+            self._timer = loop_timers().call_later(left, self._expire)
+        else:
+            self._timer = loop_timers().call_later(beat, self._heartbeat)
 
     def _heartbeat(self) -> None:
         if self.session.push(wire.HEARTBEAT):
-            self._beat = loop_timers().call_later(
-                self.gateway.settings.sse_heartbeat, self._heartbeat
-            )
+            self._arm()
+
+    def _expire(self) -> None:
+        self.session.close(CloseCode.TOKEN_EXPIRED)
 
     def _lost(self) -> None:
         """The client left. With no writer running, the stream ends here and now when the
@@ -187,9 +193,8 @@ class Stream:
             session.writer_on_demand(None)
             session.close(Ending.CLIENT_GONE)
             if self.gateway.closed_now(session):
-                for timer in (self._beat, self._expiry):
-                    if timer is not None:
-                        timer.cancel()
+                if self._timer is not None:
+                    self._timer.cancel()
                 return
             session.writer_on_demand(self._start_writer)  # closed: it starts at once
         session.close(Ending.CLIENT_GONE)
@@ -204,9 +209,8 @@ class Stream:
         try:
             await session.run_writer()  # however it ends, the stream ends
         finally:
-            for timer in (self._beat, self._expiry):
-                if timer is not None:
-                    timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
             port.on_lost(None)
             session.close(Ending.CLIENT_GONE)
             await self.gateway.closed(session)  # without a wait when it can

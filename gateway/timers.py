@@ -26,24 +26,24 @@ logger = logging.getLogger(__name__)
 PER_PASS = 64  # timer callbacks run in one pass of the event loop, at most
 
 
-class Timer:
-    """One scheduled call of ``Timers``; ``cancel()`` drops its references at once."""
+WHEN, SEQ, CALLBACK, ARGS, OWNER = range(5)  # a ``Timer``'s items
 
-    __slots__ = ("args", "callback", "owner")
 
-    def __init__(self, owner: Timers, callback: Callable[..., object], args: Any) -> None:
-        self.owner = owner
-        self.callback: Callable[..., object] | None = callback
-        self.args = args
+class Timer(list[Any]):
+    """One scheduled call of ``Timers``, and its own heap entry: ``[when, seq, callback,
+    args, owner]``, ordered by lists' comparison, in C (``seq`` is unique: no comparison
+    goes past it). ``cancel()`` drops its references at once."""
+
+    __slots__ = ()
 
     def cancel(self) -> None:
-        if self.callback is not None:
-            self.callback = None
-            self.args = ()
-            self.owner.cancelled()
+        if self[CALLBACK] is not None:
+            self[CALLBACK] = None
+            self[ARGS] = ()
+            self[OWNER].cancelled()
 
     def cancelled(self) -> bool:
-        return self.callback is None
+        return self[CALLBACK] is None
 
 
 class Timers:
@@ -52,13 +52,15 @@ class Timers:
     A cancelled timer keeps only its place in the heap (no callback, no arguments);
     when cancelled ones are more than half of the heap it is rebuilt without them,
     as asyncio does with its own timers. Use ``loop_timers()`` for the running loop's.
-    The heap holds ``(when, seq, timer)``: ordered by tuples' comparison, in C (a
-    ``Timer.__lt__`` was a Python call for every step of every push and pop).
+    Each ``Timer`` is a list, its own heap entry, ordered in C (a ``Timer.__lt__`` was a
+    Python call for every step of every push and pop; a ``(when, seq, timer)`` tuple
+    per timer was one more object for the collector to traverse, for a connection's
+    whole life).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._heap: list[tuple[float, int, Timer]] = []
+        self._heap: list[Timer] = []
         self._seq = itertools.count()
         self._cancelled = 0
         self._timer: asyncio.Handle | None = None
@@ -70,8 +72,8 @@ class Timers:
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         when = self._loop.time() + max(0.0, delay)
-        timer = Timer(self, callback, args)
-        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        timer = Timer((when, next(self._seq), callback, args, self))
+        heapq.heappush(self._heap, timer)
         if when < self._timer_when:
             self._arm(when)
         return timer
@@ -80,7 +82,7 @@ class Timers:
         self._cancelled += 1
         heap = self._heap
         if self._cancelled > 64 and self._cancelled * 2 > len(heap):
-            self._heap = [entry for entry in heap if entry[2].callback is not None]
+            self._heap = [timer for timer in heap if timer[CALLBACK] is not None]
             heapq.heapify(self._heap)
             self._cancelled = 0
 
@@ -94,23 +96,23 @@ class Timers:
         self._timer, self._timer_when = None, math.inf
         heap, now = self._heap, self._loop.time()
         budget = PER_PASS
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][WHEN] <= now:
             if not budget:  # more are due: the rest in the next pass, after the I/O
                 self._timer, self._timer_when = self._loop.call_soon(self._run), now
                 return
-            timer = heapq.heappop(heap)[2]
-            callback, args = timer.callback, timer.args
+            timer = heapq.heappop(heap)
+            callback, args = timer[CALLBACK], timer[ARGS]
             if callback is None:
                 self._cancelled -= 1
                 continue
-            timer.callback, timer.args = None, ()  # ran: a later cancel() is a no-op
+            timer[CALLBACK], timer[ARGS] = None, ()  # ran: a later cancel() is a no-op
             budget -= 1
             try:
                 callback(*args)
             except Exception:
                 logger.exception("timer callback %r failed", callback)
         if heap:
-            self._arm(heap[0][0])
+            self._arm(heap[0][WHEN])
 
 
 _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = weakref.WeakKeyDictionary()

@@ -270,9 +270,10 @@ class Connection:
             self._expiry = None
         deadline = self.gateway.verifier.deadline(claims)
         if deadline is not None:
-            self._expiry = loop_timers().call_later(
-                deadline - time.time(), self.session.close, CloseCode.TOKEN_EXPIRED
-            )
+            self._expiry = loop_timers().call_later(deadline - time.time(), self._expire)
+
+    def _expire(self) -> None:
+        self.session.close(CloseCode.TOKEN_EXPIRED)
 
     async def _take(self, message: Message) -> None:
         """Handle one received message."""

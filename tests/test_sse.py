@@ -4,9 +4,11 @@ heartbeats, errors before the stream, presence events, CORS."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jwt
 import pytest
 
 from tests.conftest import eventually, token
@@ -368,6 +370,24 @@ async def test_sse_stream_ends_when_its_token_expires_and_resumes_with_a_new_one
             await opening(s2)
             [e2] = await s2.publications(1)
             assert e2["json"] == pub("exp", after["offset"], r["epoch"], "after")
+
+
+async def test_sse_heartbeats_run_until_the_token_expires_and_the_stream_ends_then_not_before(
+    make_server,
+):
+    """One timer per stream serves both: heartbeats every interval while the token is
+    valid, then the end at ``exp`` (leeway 0) when it comes before the next heartbeat."""
+    server = await make_server(jwt_leeway=0, sse_heartbeat=0.25)
+    tok = token(ttl=1.6)
+    exp = jwt.decode(tok, options={"verify_signature": False})["exp"]
+    async with api_client(server) as http, open_sse(http, ["beats"], tok) as s:
+        await opening(s)
+        rest = await s.until_end(timeout=6)
+        ended = time.time()
+    assert [i.get("comment") for i in rest] == ["ping"] * len(rest), rest
+    assert len(rest) >= 3, rest  # heartbeats all along, not only before a first expiry check
+    assert ended >= exp, (ended, exp)  # not a heartbeat early
+    await eventually(lambda: len(server.gateway.hub.sessions) == 0)
 
 
 # --------------------------------------------------------------------------- errors
