@@ -150,7 +150,9 @@ class Session:
         self.max_queue_bytes = max_queue_bytes
         self.send_timeout = send_timeout
         self.observe_latency = observe_latency
-        self._queue: list[Outgoing] = []  # written whole by the writer: no deque needed
+        # Written whole by the writer (no deque needed); made by the first item that
+        # queues: most sessions are written directly and never queue one.
+        self._queue: list[Outgoing] | None = None
         self._queued_bytes = 0
         self._writing = False  # the writer is inside transport.write
         # The writer waiting for work; idle sessions are the common case: no Event each.
@@ -202,7 +204,10 @@ class Session:
             self._too_slow()
             self.abort()  # its writer may be stuck on a full socket
             return False
-        self._queue.append(item)
+        if self._queue is None:
+            self._queue = [item]
+        else:
+            self._queue.append(item)
         self._wake_writer()
         return True
 
@@ -222,15 +227,14 @@ class Session:
         if writer is not None and not writer.done():
             writer.cancel()
 
-    def take_queued(self) -> list[Outgoing]:
+    def take_queued(self) -> list[Outgoing] | None:
         """What queued while the transport could not write yet (a resume's publications,
         before an SSE response started), handed to the caller to write first, with what
         opens the stream. Nothing while a writer runs or the session closes: the writer
         writes it then."""
         if self._writer is not None or self._writing or self.close_reason is not None:
-            return []
-        queued = list(self._queue)
-        self._queue.clear()
+            return None
+        queued, self._queue = self._queue, None
         self._queued_bytes = 0
         return queued
 
@@ -255,7 +259,7 @@ class Session:
             start()
 
     def _too_slow(self) -> None:
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
         self.close(Ending.SLOW_CONSUMER)
 
@@ -284,11 +288,11 @@ class Session:
         return True
 
     async def _drain_queue(self) -> None:
-        queue = self._queue
         loop = asyncio.get_running_loop()
         watch = _watch(loop) if self.send_timeout is not None else None
         while True:
-            if not queue:
+            batch = self._queue
+            if not batch:
                 if self.close_reason is not None:
                     return
                 waiter = self._waiter = loop.create_future()
@@ -297,8 +301,7 @@ class Session:
                 finally:
                     self._waiter = None
                 continue
-            batch = list(queue)
-            queue.clear()
+            self._queue = None  # (what is pushed meanwhile queues anew)
             self._queued_bytes = 0
             self._writing = True
             if watch is not None:

@@ -106,8 +106,8 @@ class FrontStream:
         self._door = door
         self._transport = door.transport
         self._on_lost: Callable[[], object] | None = None
-        self._writable = LiteEvent()
-        self._writable.set()
+        # Made when the transport first pauses writing: most streams never wait.
+        self._writable: LiteEvent | None = None
         self.write_paused = False
         self.complete = False  # the last chunk written
         self.gone = False  # the connection lost
@@ -128,16 +128,21 @@ class FrontStream:
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self._writable.clear()
+        if self._writable is None:
+            self._writable = LiteEvent()
+        else:
+            self._writable.clear()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._writable.set()
+        if self._writable is not None:
+            self._writable.set()
 
     def lost(self) -> None:
         """The connection is lost: tell the owner, once; a waiting write learns it."""
         self.gone = True
-        self._writable.set()
+        if self._writable is not None:
+            self._writable.set()
         callback, self._on_lost = self._on_lost, None
         if callback is not None:
             callback()
@@ -160,19 +165,25 @@ class FrontStream:
 
     async def write(self, chunk: bytes) -> None:
         while not self.try_write(chunk):
-            await self._writable.wait()  # also returns when the client leaves
+            await self._paused()  # also returns when the client leaves
 
     async def finish(self) -> None:
         """The last chunk, then the connection closed or kept alive, as uvicorn's cycle
         ends a chunked response; nothing once the client left."""
         while self.write_paused and not self.gone:
-            await self._writable.wait()  # as uvicorn's ``send`` drains first
+            await self._paused()  # as uvicorn's ``send`` drains first
         if self.gone or self.complete:
             return
         self.complete = True
         self._transport.write(b"0\r\n\r\n")
         self._door.stream_ended(self.pending, self.keep_alive)
         self.pending = b""
+
+    async def _paused(self) -> None:
+        """Until writing resumes or the client leaves (writing is paused: the event is
+        made)."""
+        assert self._writable is not None
+        await self._writable.wait()
 
     def abort(self) -> None:
         self._transport.close()
