@@ -25,7 +25,7 @@ from gateway.logs import REDACTED_ALREADY, redact
 from gateway.server.forwarded import forwarded_client
 from gateway.server.handover import HttpUpgrade
 from gateway.server.ports import Respond, Started
-from gateway.server.waiting import LiteEvent
+from gateway.server.waiting import WriteFlow
 
 
 class Door(Protocol):
@@ -85,7 +85,7 @@ async def outcome(answer: Started | Respond | None, failure: Exception | None) -
     return answer
 
 
-class FrontStream:
+class FrontStream(WriteFlow):
     """The port of a chunked response the front door started (``StreamPort``); made when
     the request is read, so that while the app opens the stream (``OpenLater``) it keeps
     what the client sends and the server's shutdown as it does once started."""
@@ -94,21 +94,17 @@ class FrontStream:
         "_door",
         "_on_lost",
         "_transport",
-        "_writable",
         "complete",
         "gone",
         "keep_alive",
         "pending",
-        "write_paused",
     )
 
     def __init__(self, door: Door) -> None:
         self._door = door
         self._transport = door.transport
         self._on_lost: Callable[[], object] | None = None
-        # Made when the transport first pauses writing: most streams never wait.
-        self._writable: LiteEvent | None = None
-        self.write_paused = False
+        self.write_paused, self._writable = False, None  # (``WriteFlow``)
         self.complete = False  # the last chunk written
         self.gone = False  # the connection lost
         self.keep_alive = True  # until the server shuts down
@@ -126,23 +122,10 @@ class FrontStream:
         self.pending += data
         self._transport.pause_reading()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self._writable is None:
-            self._writable = LiteEvent()
-        else:
-            self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self._writable is not None:
-            self._writable.set()
-
     def lost(self) -> None:
         """The connection is lost: tell the owner, once; a waiting write learns it."""
         self.gone = True
-        if self._writable is not None:
-            self._writable.set()
+        self.wake_writers()
         callback, self._on_lost = self._on_lost, None
         if callback is not None:
             callback()
@@ -165,25 +148,19 @@ class FrontStream:
 
     async def write(self, chunk: bytes) -> None:
         while not self.try_write(chunk):
-            await self._paused()  # also returns when the client leaves
+            await self.resumed()  # also returns when the client leaves
 
     async def finish(self) -> None:
         """The last chunk, then the connection closed or kept alive, as uvicorn's cycle
         ends a chunked response; nothing once the client left."""
         while self.write_paused and not self.gone:
-            await self._paused()  # as uvicorn's ``send`` drains first
+            await self.resumed()  # as uvicorn's ``send`` drains first
         if self.gone or self.complete:
             return
         self.complete = True
         self._transport.write(b"0\r\n\r\n")
         self._door.stream_ended(self.pending, self.keep_alive)
         self.pending = b""
-
-    async def _paused(self) -> None:
-        """Until writing resumes or the client leaves (writing is paused: the event is
-        made)."""
-        assert self._writable is not None
-        await self._writable.wait()
 
     def abort(self) -> None:
         self._transport.close()

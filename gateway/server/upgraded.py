@@ -26,6 +26,7 @@ import asyncio
 import logging
 import random
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ from gateway.server.frames import (
     read_frame,
 )
 from gateway.server.keepalive import Bucket, keepalive_for
-from gateway.server.waiting import LiteEvent, LiteQueue
+from gateway.server.waiting import WriteFlow
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -57,7 +58,7 @@ Message = dict[str, Any]
 ACCEPTED = '%s - "WebSocket %s" [accepted]'  # uvicorn's line
 
 
-class UpgradedWebSocket(asyncio.Protocol):
+class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_cork",
@@ -66,6 +67,8 @@ class UpgradedWebSocket(asyncio.Protocol):
         "_fragments_size",
         "_fragments_text",
         "_keepalive",
+        "_messages",
+        "_on_message",
         "_read_paused",
         "_take",
         "access_log",
@@ -81,9 +84,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         "ping_interval",
         "ping_sent_at",
         "ping_timeout",
-        "queue",
         "transport",
-        "writable",
     )
 
     def __init__(
@@ -104,9 +105,11 @@ class UpgradedWebSocket(asyncio.Protocol):
         self.client = client
         self.access_log = access_log
         self.transport: asyncio.Transport
-        self.queue: LiteQueue[Message] = LiteQueue()
-        self.writable = LiteEvent()
-        self.writable.set()
+        # Messages the owner has not taken, and its ``listen``: most are taken as they
+        # come, so the deque, like the event for a paused socket, is made on first use.
+        self._messages: deque[Message] | None = None
+        self._on_message: Callable[[], object] | None = None
+        self.write_paused, self._writable = False, None  # (``WriteFlow``)
         self.close_sent = self.ended = self._read_paused = False
         self.close_timer: asyncio.TimerHandle | None = None
         self.pending_ping: bytes | None = None
@@ -142,18 +145,12 @@ class UpgradedWebSocket(asyncio.Protocol):
         self._stop_keepalive()
         self.connections.discard(self)
         self._disconnect(1005, "")  # no close frame either way: uvicorn's code for it
-        self.writable.set()  # a writer waiting on a full socket learns it is gone
+        self.wake_writers()  # a writer waiting on a full socket learns it is gone
         if self.close_timer is not None:
             self.close_timer.cancel()
             self.close_timer = None
         if exc is None:
             self.transport.close()
-
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
 
     def refuse(self, code: int, reason: str) -> None:
         """A close frame right after the 101 (what ASGI ``websocket.close`` does then)."""
@@ -271,8 +268,8 @@ class UpgradedWebSocket(asyncio.Protocol):
             message = {"type": "websocket.receive", "bytes": payload}
         if self._taken(message):
             return
-        self.queue.put_nowait(message)
-        if not self._read_paused and self.queue.qsize() >= PAUSE_READING_AT:
+        self._queue(message)
+        if not self._read_paused and self._messages and len(self._messages) >= PAUSE_READING_AT:
             self._read_paused = True
             self.transport.pause_reading()
 
@@ -300,30 +297,41 @@ class UpgradedWebSocket(asyncio.Protocol):
             self.ended = True
             message = {"type": "websocket.disconnect", "code": code, "reason": reason}
             if not self._taken(message):
-                self.queue.put_nowait(message)
+                self._queue(message)
 
     def _taken(self, message: Message) -> bool:
         """Whether the owner took ``message`` as it came (``listen``'s ``take``, offered
         while none waits before it): then no queue and no wake-up."""
         take = self._take
-        return take is not None and self.queue.empty() and take(message)
+        return take is not None and not self._messages and take(message)
+
+    def _queue(self, message: Message) -> None:
+        """``message`` for the owner to ``take``; the owner told (``listen``)."""
+        if self._messages is None:
+            self._messages = deque()
+        self._messages.append(message)
+        if self._on_message is not None:
+            self._on_message()
 
     # -- the port (gateway.server.ports.WebSocketPort) ---------------------------------
 
     def listen(
         self, on_message: Callable[[], object], take: Callable[[Message], bool] | None = None
     ) -> None:
-        self.queue.on_put = on_message
+        self._on_message = on_message
         self._take = take
-        if not self.queue.empty():
+        if self._messages:
             on_message()
 
     def pending(self) -> bool:
-        return not self.queue.empty()
+        return bool(self._messages)
 
     def take(self) -> Message:
-        message = self.queue.get_nowait()
-        if self._read_paused and self.queue.empty():
+        messages = self._messages
+        if not messages:
+            raise asyncio.QueueEmpty
+        message = messages.popleft()
+        if self._read_paused and not messages:
             self._read_paused = False
             if not self.transport.is_closing():
                 self.transport.resume_reading()
@@ -332,7 +340,7 @@ class UpgradedWebSocket(asyncio.Protocol):
     def try_write(self, frames: bytes) -> bool:
         if self.close_sent or self.transport.is_closing():
             raise ConnectionError("websocket closed")
-        if not self.writable.flag:  # the fan-out's path: an attribute, not a call
+        if self.write_paused:
             return False
         cork = self._cork
         if cork is not None:  # inside data_received: sent with the read's other frames
@@ -343,13 +351,13 @@ class UpgradedWebSocket(asyncio.Protocol):
 
     async def write(self, frames: bytes) -> None:
         while not self.try_write(frames):
-            await self.writable.wait()
+            await self.resumed()
 
     async def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.transport.is_closing():
             return  # closed already (a protocol error, a keep-alive timeout, the client)
-        while not self.writable.is_set() and not self.transport.is_closing():
-            await self.writable.wait()  # whole frames only: behind what is queued
+        while self.write_paused and not self.transport.is_closing():
+            await self.resumed()  # whole frames only: behind what is queued
         if self.close_sent or self.transport.is_closing():
             return
         if self._read_paused:
@@ -364,7 +372,7 @@ class UpgradedWebSocket(asyncio.Protocol):
         """The owner is done with the connection: forget its listener, the one edge from
         this protocol back to the owner (which holds it as its port), so that both are
         freed as soon as the transport lets go, not at the collector's next full pass."""
-        self.queue.on_put = None
+        self._on_message = None
         self._take = None
 
     # -- keep-alive (``Keepalive``) ----------------------------------------------------

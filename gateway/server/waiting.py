@@ -62,6 +62,41 @@ class LiteEvent:
         return True
 
 
+class WriteFlow:
+    """A protocol's side of its transport's flow control (``pause_writing`` /
+    ``resume_writing``), for the paths that write without waiting: ``write_paused`` is an
+    attribute to read, and the event a waiting writer needs is made when writing first
+    pauses (most connections never wait). Subclasses set both in their ``__init__``
+    (no base call per connection)."""
+
+    __slots__ = ("_writable", "write_paused")
+
+    write_paused: bool
+    _writable: LiteEvent | None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self._writable is None:
+            self._writable = LiteEvent()
+        else:
+            self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._writable is not None:
+            self._writable.set()
+
+    def wake_writers(self) -> None:
+        """The connection is lost: a waiting writer returns (and learns it)."""
+        if self._writable is not None:
+            self._writable.set()
+
+    async def resumed(self) -> None:
+        """Until writing resumes or the connection is lost (writing is paused)."""
+        assert self._writable is not None, "wait only while writing is paused"
+        await self._writable.wait()
+
+
 class LiteQueue(Generic[T]):
     """An unbounded queue for one consumer; no buffers while empty.
 
