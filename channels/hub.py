@@ -70,8 +70,7 @@ class Hub(Fanout):
         self._signals = backend.signals
         self.max_channels_per_session = max_channels_per_session
         self.sessions: set[Session] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Event | None = None  # (``wait_idle``'s, made when it waits)
         self._presence = Presence(
             backend.presence,
             backend.broker,
@@ -132,11 +131,17 @@ class Hub(Fanout):
 
     def register(self, session: Session) -> None:
         self.sessions.add(session)
-        self._idle.clear()
 
     async def wait_idle(self) -> None:
         """Return once no session is registered."""
-        await self._idle.wait()
+        while self.sessions:
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def _maybe_idle(self) -> None:
+        if not self.sessions and self._idle is not None:
+            self._idle.set()
 
     def unregister_now(self, session: Session) -> bool:
         """``unregister`` when no channel needs a broker call to be left (each still has
@@ -149,8 +154,7 @@ class Hub(Fanout):
         self.sessions.discard(session)
         for channel in list(session.channels):
             self.unsubscribe_now(session, channel)
-        if not self.sessions:
-            self._idle.set()
+        self._maybe_idle()
         return True
 
     async def unregister(self, session: Session) -> None:
@@ -165,8 +169,7 @@ class Hub(Fanout):
                         "broker unavailable while %s left %s", session.client_id, channel
                     )
         finally:
-            if not self.sessions:
-                self._idle.set()
+            self._maybe_idle()
 
     # -- subscribe -------------------------------------------------------------
 
@@ -330,13 +333,14 @@ class Hub(Fanout):
         """Remove ``session`` from ``lc``; forget ``lc`` locally when it is empty."""
         removed = lc.remove(session)
         session.channels.discard(lc.name)
-        if not lc and self._channels.get(lc.name) is lc:
+        if not (lc.live or lc.joining or lc.catching_up) and self._channels.get(lc.name) is lc:
             del self._channels[lc.name]
         return removed
 
     def _leaves_now(self, lc: LocalChannel, session: Session) -> bool:
         """``session`` can leave ``lc`` with no broker call: others stay, no presence."""
-        return len(lc) > 1 and not self._presence.enabled(lc.name)
+        others = len(lc.live) + len(lc.joining) + len(lc.catching_up) > 1  # (no __len__ call)
+        return others and not self._presence.enabled(lc.name)
 
     def unsubscribe_now(self, session: Session, channel: str) -> bool | None:
         """``unsubscribe`` when it needs no broker call (``_leaves_now``); None, with

@@ -21,7 +21,7 @@ def refusal(
         return CloseCode.ORIGIN_NOT_ALLOWED
     if gateway.draining:
         return CloseCode.SERVICE_RESTART
-    if gateway.at_capacity:
+    if gateway.connections.at_capacity:
         return CloseCode.TRY_AGAIN_LATER
     if isinstance(claims, AuthError) and not (hooked and claims.missing):
         return CloseCode.TOKEN_EXPIRED if claims.expired else CloseCode.UNAUTHORIZED

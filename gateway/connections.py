@@ -14,19 +14,17 @@ class Connections:
         self.limit = limit
         self.open: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
         self.slow_closes: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
-
-    @property
-    def total(self) -> int:
-        return sum(self.open.values())
-
-    @property
-    def at_capacity(self) -> bool:
-        return self.total >= self.limit
+        self.total = 0  # of ``open``, kept as they change (read by every connect)
+        self.at_capacity = limit <= 0
 
     def opened(self, transport: str) -> None:
         self.open[transport] += 1
+        self.total += 1
+        self.at_capacity = self.total >= self.limit
 
     def closed(self, transport: str, *, slow: bool) -> None:
         self.open[transport] -= 1
+        self.total -= 1
+        self.at_capacity = self.total >= self.limit
         if slow:
             self.slow_closes[transport] += 1

@@ -95,10 +95,6 @@ class Gateway:
         """No ``Origin`` header means not a browser: allowed."""
         return origin is None or "*" in self.origins or origin in self.origins
 
-    @property
-    def at_capacity(self) -> bool:
-        return self.connections.at_capacity
-
     def new_session(
         self,
         transport: Transport,

@@ -285,7 +285,7 @@ def checked_request(
     if len(channels) > gateway.settings.max_channels_per_connection:
         raise GatewayError(ErrorCode.LIMIT_EXCEEDED, "too many channels on one stream")
     positions = _positions_from(last_event_id)
-    if gateway.draining or gateway.at_capacity:
+    if gateway.draining or gateway.connections.at_capacity:
         raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
     return channels, positions
 
@@ -303,7 +303,7 @@ async def sse_endpoint(request: Request, gateway: GatewayDep, claims: MaybeClaim
         return EventStream(await open_stream(gateway, claims, channels, positions))
     # The connect hook decides. Without a token it is the authentication, which comes
     # first as the token's check does; with one, a bad request is refused without it.
-    if gateway.draining or gateway.at_capacity:
+    if gateway.draining or gateway.connections.at_capacity:
         raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
     if isinstance(claims, Claims):
         for channel in requested:

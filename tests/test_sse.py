@@ -416,6 +416,28 @@ async def test_sse_bad_or_missing_token_is_401_before_the_stream(server, tok):
         _assert_error_body(status, headers, body, 401, "unauthorized")
 
 
+async def test_max_connections_counts_both_transports_and_frees_a_place_on_close(make_server):
+    """At ``max_connections`` a stream is refused with 503 ``unavailable`` before it
+    starts (and a WebSocket with 1013), WebSockets and streams counted together; a
+    connection that closes gives its place back to either transport."""
+    server = await make_server(max_connections=2)
+    async with api_client(server) as http, open_sse(http, ["full"]) as first:
+        await opening(first)
+        async with ws_client(server) as ws:
+            await ws.ping_ok()
+            status, headers, body = await sse_request(http, sse_params(["full"], token()))
+            _assert_error_body(status, headers, body, 503, "unavailable")
+            async with ws_client(server) as refused:
+                code, _, _ = await refused.expect_close()
+            assert code == 1013
+        await eventually(lambda: server.gateway.connections.total == 1)
+        async with open_sse(http, ["full"]) as second:  # the WebSocket's place
+            await opening(second)
+            assert server.gateway.connections.open == {"websocket": 0, "sse": 2}
+            status, _, _ = await sse_request(http, sse_params(["full"], token()))
+            assert status == 503
+
+
 async def test_sse_bad_bearer_header_is_401(server):
     async with api_client(server) as http:
         status, headers, body = await sse_request(
