@@ -35,7 +35,7 @@ class Client(Protocol):
     gateway: Gateway
     session: Session
     claims: Claims
-    publish_limiter: RateLimiter
+    publish_limiter: RateLimiter | None  # made by the first publish or RPC (``_allowed``)
 
     def refresh(self, claims: Claims) -> None: ...
 
@@ -130,7 +130,7 @@ def unsubscribe_now(client: Client, command: Command) -> bool:
 async def publish(client: Client, command: Command) -> dict[str, Any]:
     channel = command.channel
     require(client.claims.can_publish(channel), "publishing to", channel)
-    if not client.publish_limiter.allow():
+    if not _allowed(client):
         raise GatewayError(ErrorCode.RATE_LIMITED, "publishing too fast")
     gateway = client.gateway
     data = await gateway.hooks.check_publish(
@@ -142,8 +142,19 @@ async def publish(client: Client, command: Command) -> dict[str, Any]:
     return {"offset": publication.offset, "epoch": publication.epoch}
 
 
+def _allowed(client: Client) -> bool:
+    """A publish or an RPC within the client's rate. Its bucket is made by the first
+    one, full, as a bucket made at connect would be by then: most clients never
+    publish."""
+    limiter = client.publish_limiter
+    if limiter is None:
+        rate = client.gateway.settings.client_publish_rate
+        limiter = client.publish_limiter = RateLimiter(rate)
+    return limiter.allow()
+
+
 async def rpc(client: Client, command: Command) -> dict[str, Any]:
-    if not client.publish_limiter.allow():  # a call to the backend, as a publish is
+    if not _allowed(client):  # a call to the backend, as a publish is
         raise GatewayError(ErrorCode.RATE_LIMITED, "calling too fast")
     hooks = client.gateway.hooks
     data = await hooks.rpc(client.claims, client.session.client_id, command.channel, command.data)

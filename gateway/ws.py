@@ -116,7 +116,7 @@ class Connection:
         transport = WebSocketTransport(port)
         self.session = gateway.new_session(transport, claims, "websocket", client_id)
         self.bad_frames = 0
-        self.publish_limiter = RateLimiter(gateway.settings.client_publish_rate)
+        self.publish_limiter: RateLimiter | None = None  # (``dispatch._allowed``)
         self._expiry: Timer | None = None
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None

@@ -288,6 +288,30 @@ async def test_publish_replies_offset_and_epoch_and_every_subscriber_gets_the_pu
         assert list(a.backlog) == []
 
 
+async def test_publishing_over_the_clients_rate_is_refused_and_never_delivered(make_server):
+    """``client_publish_rate`` per connection: a burst of that many, then ``rate_limited``
+    replies whose data nobody receives; another client's bucket is its own, and the
+    first client may publish again once its bucket refills."""
+    server = await make_server(client_publish_rate=2)
+    async with ws_client(server) as fast, ws_client(server) as other, ws_client(server) as sub:
+        await sub.subscribe("rl")
+        replies = [await fast.call("publish", channel="rl", data=i) for i in range(6)]
+        codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
+        assert codes[:2] == ["ok", "ok"] and "rate_limited" in codes[2:], codes
+        assert all(r["ok"] or r["error"]["code"] == "rate_limited" for r in replies), replies
+        sent = [i for i, r in enumerate(replies) if r["ok"]]
+        assert (await other.publish("rl", "other"))["offset"] == len(sent) + 1
+        got = await sub.publications("rl", len(sent) + 1)
+        assert [p["data"] for p in got] == [*sent, "other"]  # no refused publish delivered
+
+        async def allowed_again() -> bool:
+            return bool((await fast.call("publish", channel="rl", data="later"))["ok"])
+
+        await poll(allowed_again, timeout=5, interval=0.1)
+        [later] = await sub.publications("rl", 1)
+        assert later["data"] == "later"
+
+
 async def test_publish_carries_any_json_value_unchanged(server):
     values: list[Any] = [
         None,
