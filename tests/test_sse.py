@@ -378,14 +378,17 @@ async def test_sse_heartbeats_run_until_the_token_expires_and_the_stream_ends_th
     """One timer per stream serves both: heartbeats every interval while the token is
     valid, then the end at ``exp`` (leeway 0) when it comes before the next heartbeat."""
     server = await make_server(jwt_leeway=0, sse_heartbeat=0.25)
-    tok = token(ttl=1.6)
-    exp = jwt.decode(tok, options={"verify_signature": False})["exp"]
+    tok = token(ttl=2)
+    exp = jwt.decode(tok, options={"verify_signature": False})["exp"]  # (whole seconds)
     async with api_client(server) as http, open_sse(http, ["beats"], tok) as s:
         await opening(s)
+        opened = time.time()
         rest = await s.until_end(timeout=6)
         ended = time.time()
     assert [i.get("comment") for i in rest] == ["ping"] * len(rest), rest
-    assert len(rest) >= 3, rest  # heartbeats all along, not only before a first expiry check
+    # Heartbeats all along (a late one or two allowed for a busy machine), not only
+    # before a first expiry check.
+    assert len(rest) >= max(2, int((exp - opened) / 0.25) - 2), (rest, exp - opened)
     assert ended >= exp, (ended, exp)  # not a heartbeat early
     await eventually(lambda: len(server.gateway.hub.sessions) == 0)
 
