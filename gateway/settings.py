@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     # from a request's first byte after a response): then 408 and closed. With the
     # gateway's own protocols only (gateway.server.headwait).
     request_head_timeout: float = Field(10.0, gt=0)
+    # The listen queue: connections the kernel has completed that no worker has accepted
+    # yet. When every client of a pod reconnects at once, a full queue drops their SYNs
+    # and each retries 1 s later (then 3 s, 7 s): with uvicorn's 2048, a fifth of 6,000
+    # clients arriving at once did (docs/benchmarks.md, "Every client at once").
+    # The kernel caps it at net.core.somaxconn (4096 by default since Linux 5.4).
+    listen_backlog: int = Field(65535, ge=1)
 
     presence_channels: str = "chat:*"
     presence_ttl: float = Field(30.0, gt=0)

@@ -107,6 +107,7 @@ def uvicorn_options(settings: Settings, choice: ServerChoice | None = None) -> d
         "timeout_graceful_shutdown": max(1.0, settings.drain_seconds),
         "log_level": settings.log_level,
         "access_log": settings.access_log,
+        "backlog": settings.listen_backlog,
         "log_config": log_config(settings.log_level),
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
     }
