@@ -1,5 +1,5 @@
-"""``python -m loadtest``: the scenarios, compare, sendfloor, hotpath, connectpath
-(loadtest/README.md)."""
+"""``python -m loadtest``: the scenarios, compare, sendfloor, hotpath, connectpath,
+arrival (loadtest/README.md)."""
 
 from __future__ import annotations
 
@@ -345,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Connects as fast as the server takes them: --concurrency is the only bound.
     p.set_defaults(connect_rate=1_000_000.0)
 
+    from loadtest.arrival import add_parser as add_arrival_parser
     from loadtest.compare import add_compare_parser
     from loadtest.connectpath import add_parser as add_connectpath_parser
     from loadtest.hotpath import add_parser as add_hotpath_parser
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sendfloor_parser(sub)
     add_hotpath_parser(sub)
     add_connectpath_parser(sub)
+    add_arrival_parser(sub)
     return parser
 
 
@@ -516,6 +518,19 @@ def main(argv: list[str] | None = None) -> int:
 
         stages = run_connectpath(cycles=args.cycles, rounds=args.rounds, recover=args.recover)
         return _emit(stages, connectpath_summary, as_json=args.json)
+    if args.command == "arrival":
+        from loadtest.arrival import run_arrival
+        from loadtest.arrival import summary as arrival_summary
+
+        arrival = run_arrival(
+            clients=args.clients,
+            transport=args.transport,
+            backlogs=[int(b) for b in args.backlogs.split(",") if b.strip()],
+            timeout=args.timeout,
+            server_cpus=cpus(args.server_cpus) or None,
+            loadgen_cpus=cpus(args.loadgen_cpus) or None,
+        )
+        return _emit(arrival, arrival_summary, as_json=args.json)
     if args.command == "sendfloor":
         from loadtest.sendfloor import run_sendfloor, summary
 

@@ -840,6 +840,19 @@ def test_sendfloor_times_one_send_per_connection() -> None:
     assert 0 < report["median_subscriber_ms"]["median"] <= wall["max"] * 20 / 1000
 
 
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+def test_arrival_subscribes_every_client_arriving_at_once(transport: str) -> None:
+    argv = ["arrival", "--clients", "40", "--transport", transport, "--backlogs", "64,128"]
+    report = loadtest_json([*argv, "--server-cpus", "", "--loadgen-cpus", "", "--json"])
+    assert (report["clients"], report["transport"]) == (40, transport)
+    assert [run["backlog"] for run in report["runs"]] == [64, 128]
+    for run in report["runs"]:
+        assert run["subscribed"] == 40, run
+        assert isinstance(run["syns_dropped"], int) and run["syns_dropped"] >= 0
+        ms = run["subscribed_ms"]
+        assert 0 < ms["p50"] <= ms["p95"] <= ms["p99"] <= ms["max"]
+
+
 def test_hotpath_times_the_gateways_own_work_per_delivery() -> None:
     report = loadtest_json(["hotpath", "--sessions", "20", "--publications", "10", "--json"])
     assert (report["sessions"], report["publications"]) == (20, 10)
