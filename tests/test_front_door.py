@@ -102,6 +102,25 @@ async def test_an_upgrade_answered_over_three_reads_works(server: RunningServer)
     await eventually(lambda: not server.server.server_state.connections)
 
 
+async def test_frames_sent_behind_the_upgrade_in_one_write_are_read(server: RunningServer) -> None:
+    """A client that does not wait for the 101 (RFC 6455 asks it to) and writes its first
+    frames with the head: they are read after the upgrade is answered, not dropped."""
+    frames = client_text_frame(b'{"id": 1, "op": "ping"}') + client_text_frame(
+        b'{"id": 2, "op": "subscribe", "channel": "pipelined"}'
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(upgrade(headers=standard()) + frames)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert status(head) == b"HTTP/1.1 101 Switching Protocols"
+        replies = [orjson.loads((await read_raw_frame(reader))[2:]) for _ in range(2)]
+        assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, True)]
+        await eventually(lambda: server.gateway.hub.local_subscribers("pipelined") == 1)
+    finally:
+        writer.close()
+    await eventually(lambda: server.gateway.connections.total == 0)
+
+
 async def test_a_request_before_the_upgrade_on_one_connection(server: RunningServer) -> None:
     """The first request is uvicorn's; the upgrade after it on the same connection is
     answered there (``AnswersUpgrades``), as before the front door."""

@@ -14,7 +14,8 @@ among the server's connections and the head deadlines. Its first read:
   uvicorn would hand to its WebSocket protocol, whose handshake websockets would accept
   as it is (``handover.websocket_key``) and which the app's opener answers at once, is
   answered here: the 101 written and the connection handed to the lean WebSocket
-  protocol, as ``AnswersUpgrades`` does;
+  protocol, as ``AnswersUpgrades`` does (with the frames the client sent behind the head,
+  which uvicorn's protocol drops);
 - is a whole ``GET /sse`` head and nothing more: read by the same parser, and a stream
   the app's stream opener opens, at once or once its subscribes are done
   (``_open_later``), is started here (``_stream_here``), on a ``FrontStream``; the
@@ -130,8 +131,8 @@ class FrontDoor(GatewayHttpToolsProtocol):
             if len(received) > FRONT_LIMIT:
                 raise httptools.HttpParserError
             parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._upgrade()
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data[upgrade.args[0] :] if upgrade.args else b"")
             return
         except httptools.HttpParserError:
             self._to_http()
@@ -139,8 +140,11 @@ class FrontDoor(GatewayHttpToolsProtocol):
         if head.complete:  # a request that is no upgrade
             self._to_http()
 
-    def _upgrade(self) -> None:
-        """A whole upgrade head is in: answer it here, or leave it to uvicorn's parser."""
+    def _upgrade(self, after: bytes) -> None:
+        """A whole upgrade head is in: answer it here, or leave it to uvicorn's parser.
+        ``after``: what the client sent behind the head in the same read (frames it did
+        not wait for the 101 to send, which RFC 6455 asks it to): the WebSocket reads
+        them, as websockets' own server does (uvicorn's protocol drops them)."""
         head, parser = self._head, self._parser
         assert head is not None and parser is not None
         opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
@@ -163,6 +167,8 @@ class FrontDoor(GatewayHttpToolsProtocol):
             self.head_deadlines.done(self)
         self.client = address(self.transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
         self._switch(key, head.url, decision)
+        if after:
+            self.data_received(after)  # (handed over now)
 
     def _stream_here(self, data: bytes) -> bool:
         """A first read holding a whole ``GET /sse`` head and nothing after it, which
