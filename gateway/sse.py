@@ -16,12 +16,18 @@ out, the ``Stream`` takes the response's port and the endpoint waits in
 ``port.hold()``, at once under the gateway's own protocol (an idle stream then runs
 no task) or for the stream's life elsewhere. The stream ends when its writer does:
 the session closed (drain, slow consumer, token expiry, the client gone).
+
+A stream ended by the drain is given a last ``retry:`` first, at random between
+``GATEWAY_SSE_RETRY_MS`` and three times it (``drained_retry``): a pod's streams all end
+in the same instant, and EventSource reconnects after exactly its reconnection time,
+so every browser of a drained pod would otherwise arrive at the other pods at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -217,6 +223,9 @@ class Stream:
         try:
             # A deadline on this task, not wait_for: no second task for every stream's end.
             async with asyncio.timeout(FINISH_TIMEOUT):
+                if session.close_reason is CloseCode.SERVICE_RESTART:  # the drain's
+                    retry = drained_retry(self.gateway.settings.sse_retry_ms)
+                    await port.write(wire.frame_chunk(wire.sse_retry(retry)))
                 await port.finish()
         except Exception:  # a client that does not read (slow consumer) or already gone
             port.abort()
@@ -225,6 +234,12 @@ class Stream:
         """The response never started (the client left): forget the session."""
         self.session.close(Ending.CLIENT_GONE)
         await self.gateway.closed(self.session)
+
+
+def drained_retry(retry_ms: int) -> int:
+    """The reconnect delay for a stream the drain ends: the usual one, plus up to twice
+    it at random (see the module docstring)."""
+    return retry_ms + random.randint(0, 2 * retry_ms)
 
 
 class EventStream(Response):

@@ -164,6 +164,11 @@ def sse_opening(retry_ms: int, position_cursor: str) -> bytes:
     return b"retry: %d\nid: %s\n\n" % (retry_ms, position_cursor.encode())
 
 
+def sse_retry(retry_ms: int) -> bytes:
+    """A block that only sets the client's reconnect delay (no event is dispatched)."""
+    return b"retry: %d\n\n" % retry_ms
+
+
 def sse_publication(stream_cursor: str, publication: Publication) -> bytes:
     return b"id: %s\ndata: %s\n\n" % (stream_cursor.encode(), push_json(publication))
 
