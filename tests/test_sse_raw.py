@@ -403,13 +403,18 @@ async def test_drain_ends_the_stream_with_a_chunked_terminator(server, raw_write
         pubs = [await publish(http, "raw:end", n) for n in range(2)]
         got = await s.chunks(2)
         await server.gateway.drain()
-        assert await s.chunk() == b""  # 0\r\n\r\n: the response is complete
+        # The drain's spread reconnect delay (tests/test_drain.py), then 0\r\n\r\n: the
+        # response is complete.
+        last = await s.chunk()
+        assert last.startswith(b"retry: ") and last.endswith(b"\n\n"), last
+        assert 2000 <= int(last[7:-2]) <= 6000
+        assert await s.chunk() == b""
         assert not s.buffer
         epoch = pubs[0]["epoch"]
         assert got == [
             publication_event({"raw:end": StreamPosition(p["offset"], epoch)}, p) for p in pubs
         ]
-        assert raw_writes["written"] == 2
+        assert raw_writes["written"] == 3  # the two publications and the retry
         # The connection is still a valid HTTP/1.1 keep-alive connection.
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(s.sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
