@@ -519,17 +519,19 @@ def main(argv: list[str] | None = None) -> int:
         stages = run_connectpath(cycles=args.cycles, rounds=args.rounds, recover=args.recover)
         return _emit(stages, connectpath_summary, as_json=args.json)
     if args.command == "arrival":
-        from loadtest.arrival import run_arrival
+        from loadtest.arrival import Crowd, run_arrival
         from loadtest.arrival import summary as arrival_summary
 
-        arrival = run_arrival(
+        crowd = Crowd(
             clients=args.clients,
             transport=args.transport,
-            backlogs=[int(b) for b in args.backlogs.split(",") if b.strip()],
+            distinct_channels=args.distinct_channels,
+            broker=args.broker,
             timeout=args.timeout,
             server_cpus=cpus(args.server_cpus) or None,
             loadgen_cpus=cpus(args.loadgen_cpus) or None,
         )
+        arrival = run_arrival(crowd, [int(b) for b in args.backlogs.split(",") if b.strip()])
         return _emit(arrival, arrival_summary, as_json=args.json)
     if args.command == "sendfloor":
         from loadtest.sendfloor import run_sendfloor, summary
