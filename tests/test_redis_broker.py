@@ -468,6 +468,51 @@ async def test_publish_each_is_one_pipeline_and_survives_a_flushed_script_cache(
     assert [p.offset for p in (await broker.history("a")).publications] == [1, 2]
 
 
+async def test_history_reads_of_one_loop_turn_go_in_one_pipeline(
+    start_worker: MakeWorker, admin: Redis
+) -> None:
+    """A crowd of subscribes to channels new to the worker reads each channel's position:
+    the reads of one loop turn go to Redis together, on one connection (``batched``),
+    each caller with its own channel's answer; after a flushed script cache (a Redis
+    restart) the script is loaded and the reads answered all the same."""
+    worker = await start_worker()
+    broker = worker.broker
+    channels = [f"c{n}" for n in range(8)]
+    for n, channel in enumerate(channels):
+        for _ in range(n):  # channel cN has N publications
+            await broker.publish(channel, b"x")
+    await broker.history("warm", limit=0)  # the script is loaded
+    name = worker.connection.client_name
+
+    async def connections() -> int:
+        return len([c for c in await admin.client_list() if c.get("name") == name])
+
+    held = await connections()  # the pub/sub reader's, and one the publishes took in turn
+    calls = await evalsha_calls(admin)
+    pages = await asyncio.gather(*(broker.history(c, limit=0) for c in channels))
+    assert [page.position.offset for page in pages] == list(range(8))
+    assert await evalsha_calls(admin) == calls + 8
+    assert await connections() == held  # one at a time each would have taken its own
+    await admin.script_flush()
+    pages = await asyncio.gather(*(broker.history(c) for c in channels))
+    assert [len(page.publications) for page in pages] == list(range(8))
+
+
+async def test_a_history_read_cancelled_in_its_batch_leaves_the_others_answered(
+    start_worker: MakeWorker,
+) -> None:
+    broker = (await start_worker()).broker
+    for channel in ("a", "b", "b"):
+        await broker.publish(channel, b"x")
+    left = asyncio.ensure_future(broker.history("a", limit=0))
+    kept = asyncio.ensure_future(broker.history("b", limit=0))
+    await asyncio.sleep(0)  # both wait in the same batch, not sent yet
+    left.cancel()
+    assert (await kept).position.offset == 2
+    with pytest.raises(asyncio.CancelledError):
+        await left
+
+
 async def test_a_malformed_batch_message_is_logged_and_dropped(
     start_worker: MakeWorker,
     admin: Redis,

@@ -12,6 +12,7 @@ from typing import Any
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
+from channels.backends.redis.batched import BatchedScript
 from channels.backends.redis.cluster import ClusterConnection
 from channels.backends.redis.connection import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
@@ -43,6 +44,11 @@ class RedisBroker:
         meta_ttl = max(options.history_meta_ttl, options.history_ttl)
         self._meta_ttl_ms = max(1, round(meta_ttl * 1000))
         self._on_message: MessageHandler | None = None
+        # A crowd's history reads of one loop turn in one pipeline (not a Cluster's:
+        # redis-py takes no script in its pipeline).
+        self._history: BatchedScript | None = None
+        if not isinstance(connection, ClusterConnection):
+            self._history = BatchedScript(connection.redis, scripts.history)
 
     @property
     def reconnects(self) -> int:
@@ -56,6 +62,8 @@ class RedisBroker:
 
     async def close(self) -> None:
         """Stop the reader and close every connection. Idempotent."""
+        if self._history is not None:
+            await self._history.close()
         await self.connection.close()
         self._on_message = None
 
@@ -175,7 +183,10 @@ class RedisBroker:
         ]
         keys = [self._keys.meta(channel), self._keys.history(channel)]
         try:
-            raw_epoch, top, status, entries = await self._scripts.history(keys=keys, args=args)
+            if self._history is not None:
+                raw_epoch, top, status, entries = await self._history(keys, args)
+            else:
+                raw_epoch, top, status, entries = await self._scripts.history(keys=keys, args=args)
         except REDIS_ERRORS as exc:
             raise unavailable("history", exc) from exc
         epoch = raw_epoch.decode()

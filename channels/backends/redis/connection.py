@@ -149,14 +149,16 @@ class Connection:
             return
         self._routes[topic] = handler
         try:
-            await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT)
+            if not self._connected.is_set():
+                await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT)
             pubsub = self._pubsub
             if pubsub is None:
                 raise RedisConnectionError("pub/sub connection lost")
             confirmed = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(topic, []).append(confirmed)
             await (pubsub.ssubscribe if self.sharded else pubsub.subscribe)(topic)
-            await asyncio.wait_for(confirmed, COMMAND_TIMEOUT)
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                await confirmed
         except BaseException as exc:
             if self._routes.get(topic) is handler:
                 del self._routes[topic]
