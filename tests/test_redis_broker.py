@@ -513,6 +513,17 @@ async def test_a_history_read_cancelled_in_its_batch_leaves_the_others_answered(
         await left
 
 
+async def test_history_reads_in_a_batch_fail_cleanly_when_the_broker_closes(
+    start_worker: MakeWorker,
+) -> None:
+    broker = (await start_worker()).broker
+    waiting = asyncio.ensure_future(broker.history("a", limit=0))
+    await asyncio.sleep(0)  # in the batch, not sent yet
+    await broker.close()
+    with pytest.raises(BrokerUnavailable):
+        await asyncio.wait_for(waiting, 5)
+
+
 async def test_a_malformed_batch_message_is_logged_and_dropped(
     start_worker: MakeWorker,
     admin: Redis,

@@ -21,6 +21,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
@@ -48,8 +49,13 @@ class BatchedScript:
         return await reply
 
     async def close(self) -> None:
-        """Cancel a batch not sent yet: its callers get ``CancelledError``."""
+        """Cancel the batches: their callers get a ``ConnectionError`` of redis-py's (one
+        whose task had not started yet never runs: told here)."""
+        batch, self._batch = self._batch, None
         await self._tasks.cancel()
+        for _keys, _args, reply in batch or ():
+            if not reply.done():
+                reply.set_exception(RedisConnectionError("closed"))
 
     async def _send(self, batch: list[Call]) -> None:
         self._batch = None  # what is called from here on goes in the next batch
@@ -61,11 +67,14 @@ class BatchedScript:
             elif calls:
                 await self._pipelined(calls)
         except BaseException as exc:
+            # Cancelled, the broker is closing: its callers are told as of a lost Redis
+            # (``BrokerUnavailable``), not cancelled themselves.
+            told = exc if isinstance(exc, Exception) else RedisConnectionError("closed")
             for _keys, _args, reply in calls:
                 if not reply.done():
-                    reply.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise  # cancelled (the broker closing): the callers were told
+                    reply.set_exception(told)
+            if told is not exc:
+                raise
 
     async def _pipelined(self, calls: list[Call]) -> None:
         script = self._script
