@@ -77,22 +77,33 @@ class BatchedScript:
                 raise
 
     async def _pipelined(self, calls: list[Call]) -> None:
-        script = self._script
-        for attempt in range(2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args, _reply in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-            lost = []
-            for call, result in zip(calls, results, strict=True):
-                if isinstance(result, NoScriptError) and attempt == 0:
-                    lost.append(call)
-                else:
-                    _settle(call[2], result)
-            if not lost:
-                return
-            await self._redis.script_load(script.script)
-            calls = lost
+        results = await evalsha_each(self._redis, self._script, [call[:2] for call in calls])
+        for (_keys, _args, reply), result in zip(calls, results, strict=True):
+            _settle(reply, result)
+
+
+async def evalsha_each(
+    redis: Redis, script: AsyncScript, calls: list[tuple[list[str], list[EncodableT]]]
+) -> list[Any]:
+    """``script`` called with each of ``calls`` (keys, arguments) in one pipeline: the
+    replies in order, an error reply as its exception. Where Redis lost the script (a
+    restart) it is loaded and the calls that met NOSCRIPT are sent again, once (a NOSCRIPT
+    call ran nothing). Raises what the exchange raises."""
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(2):
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in todo:
+                keys, args = calls[n]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+        for n, result in zip(todo, results, strict=True):
+            replies[n] = result
+        todo = [n for n in todo if isinstance(replies[n], NoScriptError)]
+        if not todo or attempt:
+            break
+        await redis.script_load(script.script)
+    return replies
 
 
 def _settle(reply: asyncio.Future[Any], result: Any) -> None:

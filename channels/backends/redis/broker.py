@@ -9,10 +9,9 @@ import secrets
 import time
 from typing import Any
 
-from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
-from channels.backends.redis.batched import BatchedScript
+from channels.backends.redis.batched import BatchedScript, evalsha_each
 from channels.backends.redis.cluster import ClusterConnection
 from channels.backends.redis.connection import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
@@ -137,22 +136,9 @@ class RedisBroker:
 
             return await gather_grouped(channels, lambda channel: channel, in_turn)
         stamp = f"{time.time():.6f}"
-        script = self._scripts.publish
-        replies: list[Any] = [None] * len(channels)
-        todo = list(range(len(channels)))
+        calls = [self._publish_call(channel, data, stamp) for channel in channels]
         try:
-            for _attempt in range(2):
-                async with self.connection.redis.pipeline(transaction=False) as pipe:
-                    for n in todo:
-                        keys, args = self._publish_call(channels[n], data, stamp)
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
-                for n, result in zip(todo, results, strict=True):
-                    replies[n] = result
-                todo = [n for n in todo if isinstance(replies[n], NoScriptError)]
-                if not todo:
-                    break
-                await self.connection.redis.script_load(script.script)
+            replies = await evalsha_each(self.connection.redis, self._scripts.publish, calls)
         except REDIS_ERRORS as exc:
             raise unavailable("publish_each", exc) from exc
         for reply in replies:
