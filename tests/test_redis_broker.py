@@ -5,6 +5,7 @@ its key layout, its connection pool, and its Lua scripts read once."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -522,6 +523,23 @@ async def test_history_reads_in_a_batch_fail_cleanly_when_the_broker_closes(
     await broker.close()
     with pytest.raises(BrokerUnavailable):
         await asyncio.wait_for(waiting, 5)
+
+
+async def test_new_connections_do_not_read_the_package_metadata(
+    start_worker: MakeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py left to itself reads and parses its package metadata for every new
+    connection (~0.3 ms each); the pools give it the driver info instead (``pools``)."""
+
+    def read(name: str) -> str:
+        raise AssertionError(f"package metadata of {name!r} read for a new connection")
+
+    monkeypatch.setattr(importlib.metadata, "version", read)
+    worker = await start_worker()  # the pub/sub reader's connection
+    await worker.start()
+    # Concurrent commands: the pool opens a connection each.
+    pubs = await asyncio.gather(*(worker.broker.publish(f"c{n}", b"x") for n in range(6)))
+    assert [p.offset for p in pubs] == [1] * 6
 
 
 async def test_a_malformed_batch_message_is_logged_and_dropped(

@@ -44,7 +44,13 @@ from channels.backends.redis.connection import (
     notify_resync,
     unavailable,
 )
-from channels.backends.redis.pools import COMMAND_TIMEOUT, CONNECT_TIMEOUT, address, display_name
+from channels.backends.redis.pools import (
+    COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
+    DRIVER_INFO,
+    address,
+    display_name,
+)
 from channels.broker import BrokerUnavailable
 from channels.tasks import Tasks
 
@@ -102,6 +108,7 @@ class ClusterConnection:
             retry=Retry(NoBackoff(), 0),
             max_connections=self.pool_size,
             client_name=client_name,
+            driver_info=DRIVER_INFO,  # (pools.py: no package metadata read per connection)
             require_full_coverage=False,
         )
         self._topics: dict[bytes, TopicHandler] = {}
