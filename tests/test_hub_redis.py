@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 from channels.backends import redis as redis_backend
 from channels.backends.redis import Connection, RedisBroker
+from channels.backends.redis.pubsub import PubSubLink
 from channels.broker import Backend, BrokerOptions, BrokerUnavailable, PresenceStore
 from channels.hub import Hub
 from channels.publication import PresenceEvent, Publication
@@ -65,7 +65,7 @@ class Gated:
         self.gate.set()
         open_pubsub = self.connection._open_pubsub
 
-        async def gated() -> PubSub:
+        async def gated() -> PubSubLink:
             await self.gate.wait()
             return await open_pubsub()
 

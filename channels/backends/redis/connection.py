@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.crc import key_slot
 from redis.exceptions import ClusterError, ReadOnlyError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,6 +33,7 @@ from channels.backends.redis.pools import (
     command_pool,
     display_name,
 )
+from channels.backends.redis.pubsub import PubSubLink
 from channels.broker import BrokerUnavailable
 from channels.tasks import Tasks
 
@@ -84,7 +85,9 @@ class Connection:
         self.redis: Redis = Redis.from_pool(command_pool(url, client_name, self.pool_size))
         self._routes: dict[bytes, TopicHandler] = {}  # subscribed topic -> its handler
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._pubsub: PubSub | None = None
+        self._link: PubSubLink | None = None
+        self._opening: set[bytes] = set()  # topics a new link has not had confirmed yet
+        self._opened: asyncio.Future[None] | None = None  # ... done when it has
         self._connected = asyncio.Event()
         self._ever_connected = False
         self._on_resync: TopicResync | None = None
@@ -104,14 +107,14 @@ class Connection:
         ready) and the reader keeps trying in the background. ``on_resync`` is called
         after each reconnect: what was published meanwhile was not delivered."""
         self._on_resync = on_resync
-        pubsub: PubSub | None = None
+        link: PubSubLink | None = None
         try:
-            pubsub = await self._open_pubsub()
+            link = await self._open_pubsub()
         except REDIS_ERRORS as exc:
             logger.warning(
                 "Redis %s unavailable at start (%s); retrying in the background", self.name, exc
             )
-        self._tasks.spawn(self._run(pubsub), "redis-pubsub-reader")
+        self._tasks.spawn(self._run(link), "redis-pubsub-reader")
 
     async def close(self) -> None:
         """Stop the reader and close every connection. Idempotent."""
@@ -151,12 +154,12 @@ class Connection:
         try:
             if not self._connected.is_set():
                 await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT)
-            pubsub = self._pubsub
-            if pubsub is None:
+            link = self._link
+            if link is None:
                 raise RedisConnectionError("pub/sub connection lost")
             confirmed = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(topic, []).append(confirmed)
-            await (pubsub.ssubscribe if self.sharded else pubsub.subscribe)(topic)
+            link.send(b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE", topic)
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 await confirmed
         except BaseException as exc:
@@ -170,12 +173,9 @@ class Connection:
         """Forget the topic; never raises (a lost connection resubscribes without it)."""
         if self._routes.pop(topic, None) is None:
             return
-        pubsub = self._pubsub
-        if pubsub is not None:
-            try:
-                await (pubsub.sunsubscribe if self.sharded else pubsub.unsubscribe)(topic)
-            except REDIS_ERRORS as exc:
-                logger.debug("UNSUBSCRIBE %r failed: %s", topic, exc)
+        link = self._link
+        if link is not None:
+            link.send(b"SUNSUBSCRIBE" if self.sharded else b"UNSUBSCRIBE", topic)
 
     async def publish(self, topic: bytes, payload: bytes) -> None:
         """PUBLISH (SPUBLISH when sharded) ``payload`` to ``topic``."""
@@ -194,7 +194,7 @@ class Connection:
 
     # -- the pub/sub reader ------------------------------------------------------------
 
-    async def _run(self, pubsub: PubSub | None) -> None:
+    async def _run(self, link: PubSubLink | None) -> None:
         """Read pub/sub until closed, reconnecting (and resyncing) whenever it is lost.
 
         A connection that fails to open, or dies within ``reconnect_cap`` seconds of
@@ -207,9 +207,9 @@ class Connection:
             if failures:
                 delay = min(self.reconnect_cap, self.reconnect_base * 2 ** (failures - 1))
                 await asyncio.sleep(random.uniform(delay / 2, delay))
-            if pubsub is None:
+            if link is None:
                 try:
-                    pubsub = await self._open_pubsub()
+                    link = await self._open_pubsub()
                 except REDIS_ERRORS as exc:
                     failures += 1
                     log = logger.warning if failures == 1 else logger.debug
@@ -218,7 +218,7 @@ class Connection:
             opened = loop.time()
             resync = self._ever_connected
             self._ever_connected = True
-            self._pubsub = pubsub
+            self._link = link
             self._connected.set()
             if resync:
                 self.reconnects += 1
@@ -227,57 +227,52 @@ class Connection:
                 )
                 notify_resync(self._on_resync, every_topic)
             try:
-                await self._read(pubsub)
+                await self._watch(link)
             except REDIS_ERRORS as exc:
                 logger.warning("Redis %s: connection lost (%s); reconnecting", self.name, exc)
             except Exception:
                 logger.exception("Redis %s: pub/sub reader failed; reconnecting", self.name)
             finally:
                 self._connected.clear()
-                self._pubsub = None
+                self._link = None
                 self._fail_waiters()
-                await _discard(pubsub)
+                await _discard(link)
                 if self._on_down is not None and not self._closed:
                     self._on_down()
-            pubsub = None
+            link = None
             failures = failures + 1 if loop.time() - opened < self.reconnect_cap else 0
 
-    async def _open_pubsub(self) -> PubSub:
-        """A connected PubSub subscribed to every topic, each SUBSCRIBE confirmed.
+    async def _open_pubsub(self) -> PubSubLink:
+        """A pub/sub connection subscribed to every topic, each SUBSCRIBE confirmed.
 
         Messages that arrive meanwhile are dispatched as usual (in order).
         """
-        pubsub = self.redis.pubsub()
+        link = await PubSubLink.open(self.redis.connection_pool, self._message, self._reply)
         try:
-            await pubsub.connect()  # type: ignore[no-untyped-call]
             topics = list(self._routes)
+            command = b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE"
             for batch in self._batches(topics):
-                if self.sharded:
-                    await pubsub.ssubscribe(*batch)
-                else:
-                    await pubsub.subscribe(*batch)
-            pending = set(topics)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + COMMAND_TIMEOUT
-            while pending:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise RedisTimeoutError("SUBSCRIBE not confirmed in time")
-                message = await pubsub.get_message(timeout=remaining)
-                if message is not None:
-                    self._dispatch(message)
-                    if message["type"] in ("subscribe", "ssubscribe"):
-                        pending.discard(message["channel"])
+                link.send(command, *batch)
+            if topics:
+                self._opening = set(topics)
+                self._opened = opened = asyncio.get_running_loop().create_future()
+                try:
+                    async with asyncio.timeout(COMMAND_TIMEOUT):
+                        await asyncio.wait((opened, link.lost), return_when=FIRST_COMPLETED)
+                except TimeoutError:
+                    raise RedisTimeoutError("SUBSCRIBE not confirmed in time") from None
+                if link.lost.done():
+                    raise link.lost.result()
             stale = [topic for topic in topics if topic not in self._routes]
+            command = b"SUNSUBSCRIBE" if self.sharded else b"UNSUBSCRIBE"
             for batch in self._batches(stale):  # unsubscribed while we were connecting
-                if self.sharded:
-                    await pubsub.sunsubscribe(*batch)
-                else:
-                    await pubsub.unsubscribe(*batch)
+                link.send(command, *batch)
         except BaseException:
-            await _discard(pubsub)
+            await _discard(link)
             raise
-        return pubsub
+        finally:
+            self._opening, self._opened = set(), None
+        return link
 
     def _batches(self, topics: list[bytes]) -> list[list[bytes]]:
         """Topics for one SUBSCRIBE each: ``subscribe_batch`` at a time, or one slot's
@@ -290,41 +285,49 @@ class Connection:
             slots.setdefault(key_slot(topic), []).append(topic)
         return list(slots.values())
 
-    async def _read(self, pubsub: PubSub) -> None:
+    async def _watch(self, link: PubSubLink) -> None:
+        """Return never: raise when ``link`` is lost, or silent for too long (its messages
+        are dispatched by the link itself as they arrive)."""
         loop = asyncio.get_running_loop()
-        last_seen = last_ping = loop.time()
+        last_ping = loop.time()
         while True:
-            message = await pubsub.get_message(timeout=1.0)
+            await asyncio.wait((link.lost,), timeout=1.0)
+            if link.lost.done():
+                raise link.lost.result()
             now = loop.time()
-            if message is not None:
-                last_seen = now
-                self._dispatch(message)
-                continue
-            idle = now - last_seen
+            idle = now - link.last_seen
             if idle > self.ping_interval + COMMAND_TIMEOUT:
                 raise RedisTimeoutError(f"no reply from Redis for {idle:.1f}s")
             if idle >= self.ping_interval and now - last_ping >= self.ping_interval:
                 last_ping = now
-                await pubsub.ping()
+                link.send(b"PING")
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "message" or kind == "smessage":
-            topic = message["channel"]
-            handler = self._routes.get(topic)
-            if handler is None:
-                return  # unsubscribed meanwhile
-            try:
-                handler(message["data"])
-            except Exception:
-                logger.exception("handler of %r failed", topic)
-        elif kind == "subscribe" or kind == "ssubscribe":
-            for waiter in self._waiters.pop(message["channel"], ()):
+    def _message(self, topic: bytes, payload: bytes) -> None:
+        handler = self._routes.get(topic)
+        if handler is None:
+            return  # unsubscribed meanwhile
+        try:
+            handler(payload)
+        except Exception:
+            logger.exception("handler of %r failed", topic)
+
+    def _reply(self, reply: Any) -> None:
+        """A reply that is not a message: a confirmation, or a PONG (ignored)."""
+        if not isinstance(reply, list) or len(reply) < 2:
+            return
+        kind, topic = reply[0], reply[1]
+        if kind == b"subscribe" or kind == b"ssubscribe":
+            for waiter in self._waiters.pop(topic, ()):
                 if not waiter.done():
                     waiter.set_result(None)
-        elif kind == "sunsubscribe" and self._on_moved and message["channel"] in self._routes:
+            opening = self._opening
+            if opening:
+                opening.discard(topic)
+                if not opening and self._opened is not None and not self._opened.done():
+                    self._opened.set_result(None)
+        elif kind == b"sunsubscribe" and self._on_moved and topic in self._routes:
             # Not ours (we forget a topic before unsubscribing): its slot moved away.
-            self._on_moved(message["channel"])
+            self._on_moved(topic)
 
     def _fail_waiters(self) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -362,8 +365,8 @@ def unavailable(operation: str, exc: BaseException) -> BrokerUnavailable:
     return BrokerUnavailable(f"Redis {operation} failed: {exc}")
 
 
-async def _discard(pubsub: PubSub) -> None:
+async def _discard(link: PubSubLink) -> None:
     try:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await link.close()
     except REDIS_ERRORS as exc:
         logger.debug("closing the pub/sub connection: %s", exc)

@@ -1,0 +1,202 @@
+"""The pub/sub connection read by hiredis (channels/backends/redis/pubsub.py) on the ways a
+deployment reaches Redis: RESP2 and RESP3, TLS; what one loop turn's subscribes cost Redis;
+a reply Redis refuses with an error."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from redis.asyncio import Redis
+
+from loadtest.ports import free_port
+from tests.conftest import eventually
+from tests.helpers import poll
+from tests.redis_server import RedisServer
+from tests.test_redis_broker import kill_connections, worker_factory
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
+    """A redis-server with a TLS port beside its plain one (which the admin client and the
+    readiness check use), and a ``rediss://`` URL that verifies its certificate."""
+    cert, key = self_signed(tmp_path)
+    tls_port = free_port()
+    server = RedisServer(
+        extra_args=[
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+        ]
+    )
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"this test needs a redis-server built with TLS (Debian's): {exc}")
+    yield server, f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+    server.close()
+
+
+@pytest.fixture
+async def admin_of(own_redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(own_redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def numsub(admin: Redis, topic: str) -> int:
+    return int((await admin.pubsub_numsub(topic))[0][1])
+
+
+async def test_over_tls_it_subscribes_receives_and_reconnects(
+    tls_server: tuple[RedisServer, str], redis_prefix: str
+) -> None:
+    server, url = tls_server
+    make, opened = worker_factory(url, redis_prefix)
+    admin = Redis.from_url(server.url)
+    try:
+        subscriber, publisher = await make(), await make()
+        await subscriber.broker.subscribe("c")
+        await publisher.broker.publish("c", b"1")
+        await eventually(lambda: len(subscriber.received.publications("c")) == 1)
+        # The server drops the connection: the reader sees it go (TLS's own close), and
+        # comes back subscribed over a new one.
+        assert await kill_connections(admin, subscriber.connection) >= 1
+        await eventually(lambda: subscriber.reconnects == 1 and subscriber.received.resyncs)
+        await publisher.broker.publish("c", b"2")
+        await eventually(lambda: len(subscriber.received.publications("c")) == 2)
+        assert [p.data for p in subscriber.received.publications("c")] == [b"1", b"2"]
+    finally:
+        for worker in opened:
+            await asyncio.wait_for(worker.broker.close(), 5)  # no close waits for good
+        await admin.aclose()
+
+
+async def calls(admin: Redis, command: str) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_both_protocol_versions(
+    protocol: int, own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+) -> None:
+    """RESP2 replies with arrays, RESP3 with pushes: messages, confirmations and PONGs
+    of either are read."""
+    make, opened = worker_factory(f"{own_redis_server.url}?protocol={protocol}", redis_prefix)
+    try:
+        subscriber, publisher = await make(), await make()
+        subscriber.connection.ping_interval = 0.05  # PINGed at each of the reader's checks
+        await subscriber.broker.subscribe("c")
+        topic = f"{redis_prefix}:t:{{c}}"
+        assert await numsub(admin_of, topic) == 1
+        await publisher.broker.publish("c", b"1")
+        await eventually(lambda: len(subscriber.received.publications("c")) == 1)
+        pings = await calls(admin_of, "ping")
+
+        async def pinged_twice() -> bool:
+            return await calls(admin_of, "ping") >= pings + 2
+
+        await poll(pinged_twice, timeout=10)
+        await publisher.broker.publish("c", b"2")
+        await eventually(lambda: len(subscriber.received.publications("c")) == 2)
+        assert subscriber.reconnects == 0  # the PONGs were read as such
+        await subscriber.broker.unsubscribe("c")
+
+        async def gone() -> bool:
+            return await numsub(admin_of, topic) == 0
+
+        await poll(gone)
+    finally:
+        for worker in opened:
+            await worker.broker.close()
+
+
+async def test_the_subscribes_of_one_loop_turn_are_one_command(
+    own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+) -> None:
+    make, opened = worker_factory(own_redis_server.url, redis_prefix)
+    try:
+        worker = await make()
+        before = await calls(admin_of, "subscribe")
+        await asyncio.gather(*(worker.broker.subscribe(f"c{i}") for i in range(50)))
+        assert await calls(admin_of, "subscribe") == before + 1
+        for i in (0, 49):
+            assert await numsub(admin_of, f"{redis_prefix}:t:{{c{i}}}") == 1
+        # A subscribe and an unsubscribe of one topic in one turn reach Redis in that order.
+        subscribing = asyncio.ensure_future(worker.broker.subscribe("x"))
+        await asyncio.sleep(0)  # the subscribe is queued, not yet written
+        await worker.broker.unsubscribe("x")
+        await subscribing
+        assert await numsub(admin_of, f"{redis_prefix}:t:{{x}}") == 0
+    finally:
+        for worker in opened:
+            await worker.broker.close()
+
+
+async def test_an_error_reply_ends_the_connection_and_it_comes_back(
+    own_redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis answers an error (in a cluster: MOVED for a slot that moved): the reader does not
+    guess which topic it was for, it reconnects, resubscribes everything and resyncs."""
+    make, opened = worker_factory(f"{own_redis_server.url}?protocol=2", redis_prefix)
+    try:
+        subscriber, publisher = await make(), await make()
+        await subscriber.broker.subscribe("c")
+        link = subscriber.connection._link
+        assert link is not None
+        link.send(b"GET", b"k")  # not allowed on a RESP2 connection in pub/sub mode
+        await eventually(lambda: subscriber.reconnects == 1 and subscriber.received.resyncs)
+        assert link.lost.done() and "only" in str(link.lost.result())
+        await publisher.broker.publish("c", b"1")
+        await eventually(lambda: subscriber.received.publications("c"))
+    finally:
+        for worker in opened:
+            await worker.broker.close()
