@@ -43,6 +43,14 @@ class HistoryPage:
 
 
 @dataclass(slots=True, frozen=True)
+class HistoryQuery:
+    """What ``Broker.history`` is given: ``since`` and ``limit``."""
+
+    since: StreamPosition | None = None
+    limit: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
 class BrokerOptions:
     history_size: int = 100
     history_ttl: float = 300.0
@@ -97,7 +105,10 @@ class Broker(Protocol):
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         """Fan out a presence event (join/leave) to subscribers; not stored."""
 
-    async def subscribe(self, channel: str) -> None: ...
+    async def subscribe(self, channel: str, read: HistoryQuery | None = None) -> HistoryPage | None:
+        """Returns once the subscription is live: a history read made after it cannot miss
+        a publication that the subscription did not see either. With ``read``, a backend
+        that can make that read in the same round trip returns its page; None: read apart."""
 
     async def unsubscribe(self, channel: str) -> None: ...
 

@@ -13,6 +13,7 @@ object to every live session, never awaiting one.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -53,6 +54,23 @@ class Fanout:
         self.observe_latency: Callable[[float], None] | None = None
         self._channels: dict[str, LocalChannel] = {}
         self._tasks = Tasks(logger)
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(len(lc) for lc in self._channels.values())
+
+    def busiest_channels(self, n: int) -> list[tuple[str, int]]:
+        """The ``n`` channels with the most subscribers on this worker, with their counts."""
+        counts = ((name, len(lc)) for name, lc in self._channels.items())
+        return heapq.nlargest(n, counts, key=lambda item: item[1])
+
+    def local_subscribers(self, channel: str) -> int:
+        lc = self._channels.get(channel)
+        return 0 if lc is None else len(lc)
 
     # -- delivery (hot path) -----------------------------------------------------
 

@@ -30,13 +30,12 @@ who joins and leaves; presence is ``channels.presence``.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from channels.broker import Backend, BrokerUnavailable, HistoryPage, Signals
+from channels.broker import Backend, BrokerUnavailable, HistoryPage, HistoryQuery, Signals
 from channels.coalescer import Coalescer
 from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
@@ -109,23 +108,6 @@ class Hub(Fanout):
     async def has_subscribers(self, channel: str) -> bool:
         """Whether any worker of the cluster is subscribed to ``channel`` right now."""
         return await self._broker.has_subscribers(channel)
-
-    @property
-    def channel_count(self) -> int:
-        return len(self._channels)
-
-    @property
-    def subscription_count(self) -> int:
-        return sum(len(lc) for lc in self._channels.values())
-
-    def busiest_channels(self, n: int) -> list[tuple[str, int]]:
-        """The ``n`` channels with the most subscribers on this worker, with their counts."""
-        counts = ((name, len(lc)) for name, lc in self._channels.items())
-        return heapq.nlargest(n, counts, key=lambda item: item[1])
-
-    def local_subscribers(self, channel: str) -> int:
-        lc = self._channels.get(channel)
-        return 0 if lc is None else len(lc)
 
     # -- sessions --------------------------------------------------------------
 
@@ -227,12 +209,17 @@ class Hub(Fanout):
             lc = self._channels[channel] = LocalChannel(channel)
         join = lc.joining[session] = Join()
         session.channels.add(channel)
+        limit = None if since else 0
         try:
-            if not lc.upstream:
-                await self._ensure_upstream(lc)
+            page = None
+            if not lc.upstream:  # (the read in the same round trip where the broker can)
+                page = await self._ensure_upstream(
+                    lc, None if presence else HistoryQuery(since, limit)
+                )
             if presence:
                 await self._presence.add(channel, session)
-            page = await self._broker.history(channel, since=since, limit=None if since else 0)
+            if page is None:
+                page = await self._broker.history(channel, since=since, limit=limit)
         except BaseException:
             self._drop(session, lc)
             lc.settle()
@@ -314,11 +301,15 @@ class Hub(Fanout):
         lc.live[session] = None
         return result
 
-    async def _ensure_upstream(self, lc: LocalChannel) -> None:
+    async def _ensure_upstream(
+        self, lc: LocalChannel, read: HistoryQuery | None = None
+    ) -> HistoryPage | None:
         async with self._lock(lc.name):
             if not lc.upstream and self._channels.get(lc.name) is lc:
-                await self._broker.subscribe(lc.name)
+                page = await self._broker.subscribe(lc.name, read)
                 lc.upstream = True
+                return page
+        return None
 
     async def _release_upstream(self, lc: LocalChannel) -> None:
         async with self._lock(lc.name):

@@ -31,6 +31,7 @@ from channels.broker import (
     Broker,
     ChannelFilter,
     HistoryPage,
+    HistoryQuery,
     MessageHandler,
     PresenceStore,
     ResyncHandler,
@@ -107,8 +108,8 @@ class ShardedBroker:
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         await self._of(channel).publish_event(channel, event, client)
 
-    async def subscribe(self, channel: str) -> None:
-        await self._of(channel).subscribe(channel)
+    async def subscribe(self, channel: str, read: HistoryQuery | None = None) -> HistoryPage | None:
+        return await self._of(channel).subscribe(channel, read)
 
     async def unsubscribe(self, channel: str) -> None:
         await self._of(channel).unsubscribe(channel)

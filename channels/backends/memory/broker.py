@@ -8,7 +8,7 @@ import time
 
 from channels.backends.memory.namespace import Namespace
 from channels.backends.memory.signals import MemorySignals
-from channels.broker import BrokerOptions, HistoryPage, MessageHandler, ResyncHandler
+from channels.broker import BrokerOptions, HistoryPage, HistoryQuery, MessageHandler, ResyncHandler
 from channels.publication import Message, PresenceEvent, Publication, StreamPosition
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class MemoryBroker:
     async def publish_event(self, channel: str, event: str, client: bytes) -> None:
         self._space.deliver(channel, PresenceEvent(channel, event, client))
 
-    async def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channel: str, read: HistoryQuery | None = None) -> None:
         self._space.subscribers.setdefault(channel, {})[self.receive] = None
 
     async def unsubscribe(self, channel: str) -> None:

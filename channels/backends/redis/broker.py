@@ -17,7 +17,13 @@ from channels.backends.redis.connection import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
 from channels.backends.redis.link import Link
 from channels.backends.redis.scripts import Scripts
-from channels.broker import BrokerOptions, HistoryPage, MessageHandler, ResyncHandler
+from channels.broker import (
+    BrokerOptions,
+    HistoryPage,
+    HistoryQuery,
+    MessageHandler,
+    ResyncHandler,
+)
 from channels.publication import Message, PresenceEvent, Publication, StreamPosition
 from channels.tasks import gather_grouped
 
@@ -157,9 +163,9 @@ class RedisBroker:
         except REDIS_ERRORS as exc:
             raise unavailable("publish_event", exc) from exc
 
-    async def history(
-        self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
-    ) -> HistoryPage:
+    def _history_call(
+        self, channel: str, since: StreamPosition | None, limit: int | None
+    ) -> tuple[list[str], list[EncodableT]]:
         args: list[EncodableT] = [
             new_epoch(),
             self._meta_ttl_ms,
@@ -167,28 +173,35 @@ class RedisBroker:
             "" if since is None else since.epoch,
             -1 if limit is None else limit,
         ]
-        keys = [self._keys.meta(channel), self._keys.history(channel)]
+        return [self._keys.meta(channel), self._keys.history(channel)], args
+
+    async def history(
+        self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryPage:
+        keys, args = self._history_call(channel, since, limit)
         try:
             if self._history is not None:
-                raw_epoch, top, status, entries = await self._history(keys, args)
+                reply = await self._history(keys, args)
             else:
-                raw_epoch, top, status, entries = await self._scripts.history(keys=keys, args=args)
+                reply = await self._scripts.history(keys=keys, args=args)
         except REDIS_ERRORS as exc:
             raise unavailable("history", exc) from exc
-        epoch = raw_epoch.decode()
-        position = StreamPosition(int(top), epoch)
-        if status == 0:
-            return HistoryPage([], position, complete=False)
-        publications = [_entry(channel, epoch, entry) for entry in entries]
-        if status == 2:
-            publications.reverse()
-        return HistoryPage(publications, position)
+        return _page(channel, reply)
 
-    async def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channel: str, read: HistoryQuery | None = None) -> HistoryPage | None:
         """Returns once Redis confirmed the SUBSCRIBE: a history read made after it cannot
-        miss a publication that the subscription did not see either."""
+        miss a publication that the subscription did not see either. With ``read``, on a
+        RESP3 connection, that read is the history script sent behind the SUBSCRIBE on the
+        pub/sub connection (``Connection.subscribe``'s ``then``): its page, one round trip."""
         handler = functools.partial(self._received, channel)
-        await self.connection.subscribe(self._keys.topic(channel), handler)
+        topic = self._keys.topic(channel)
+        if read is None or self._history is None:
+            await self.connection.subscribe(topic, handler)
+            return None
+        keys, args = self._history_call(channel, read.since, read.limit)
+        script = (b"EVALSHA", self._scripts.history.sha, len(keys), *keys, *args)
+        reply = await self.connection.subscribe(topic, handler, script)
+        return None if reply is None else _page(channel, reply)
 
     async def unsubscribe(self, channel: str) -> None:
         await self.connection.unsubscribe(self._keys.topic(channel))
@@ -244,6 +257,20 @@ def _decode_batch(channel: str, body: bytes) -> list[Publication]:
     if end != len(datas):
         raise ValueError("batch lengths do not add up")
     return publications
+
+
+def _page(channel: str, reply: list[Any]) -> HistoryPage:
+    """The history script's reply: epoch, top offset, status (0: not recoverable, 2:
+    newest first) and the stream entries."""
+    raw_epoch, top, status, entries = reply
+    epoch = raw_epoch.decode()
+    position = StreamPosition(int(top), epoch)
+    if status == 0:
+        return HistoryPage([], position, complete=False)
+    publications = [_entry(channel, epoch, entry) for entry in entries]
+    if status == 2:
+        publications.reverse()
+    return HistoryPage(publications, position)
 
 
 def _entry(channel: str, epoch: str, entry: list[Any]) -> Publication:

@@ -167,7 +167,10 @@ class ClusterConnection:
         """Have ``topic`` subscribed from ``start`` on; call it before ``start``."""
         self._topics[topic] = handler
 
-    async def subscribe(self, topic: bytes, handler: TopicHandler) -> None:
+    async def subscribe(
+        self, topic: bytes, handler: TopicHandler, then: tuple[Any, ...] | None = None
+    ) -> None:
+        """As ``Connection.subscribe``; ``then`` is never sent (a node's link is sharded)."""
         if topic in self._topics:
             return
         self._topics[topic] = handler

@@ -22,7 +22,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis.exceptions import ClusterError, ReadOnlyError, RedisClusterException, RedisError
+from redis.exceptions import (
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -142,14 +148,22 @@ class Connection:
         every worker always listens to); call it before ``start``."""
         self._routes[topic] = handler
 
-    async def subscribe(self, topic: bytes, handler: TopicHandler) -> None:
+    async def subscribe(
+        self, topic: bytes, handler: TopicHandler, then: tuple[Any, ...] | None = None
+    ) -> Any:
         """Subscribe once per topic; returns when Redis confirmed the SUBSCRIBE.
+
+        ``then``, a command (e.g. a script reading where the topic's channel is), is sent
+        right behind the SUBSCRIBE on the pub/sub connection where that speaks RESP3: Redis
+        runs it once the subscription is live, so its reply, returned, is the
+        confirmation (one round trip, not two). None where it was not sent (RESP2, a
+        topic already subscribed) or Redis refused it (e.g. NOSCRIPT): call it apart.
 
         Waits up to ``CONNECT_TIMEOUT`` for a pub/sub connection being re-established.
         Raises ``BrokerUnavailable`` (and forgets the topic) when it cannot be confirmed.
         """
         if topic in self._routes:
-            return
+            return None
         self._routes[topic] = handler
         try:
             if not self._connected.is_set():
@@ -157,11 +171,20 @@ class Connection:
             link = self._link
             if link is None:
                 raise RedisConnectionError("pub/sub connection lost")
+            link.send(b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE", topic)
+            if then is not None and link.resp3 and not self.sharded:
+                reply = link.call(*then)
+                async with asyncio.timeout(COMMAND_TIMEOUT):
+                    try:
+                        return await reply
+                    except ResponseError as exc:
+                        logger.debug("%r after SUBSCRIBE %r: %s", then[0], topic, exc)
+                        return None
             confirmed = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(topic, []).append(confirmed)
-            link.send(b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE", topic)
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 await confirmed
+            return None
         except BaseException as exc:
             if self._routes.get(topic) is handler:
                 del self._routes[topic]
@@ -300,7 +323,7 @@ class Connection:
                 raise RedisTimeoutError(f"no reply from Redis for {idle:.1f}s")
             if idle >= self.ping_interval and now - last_ping >= self.ping_interval:
                 last_ping = now
-                link.send(b"PING")
+                link.ping()
 
     def _message(self, topic: bytes, payload: bytes) -> None:
         handler = self._routes.get(topic)
