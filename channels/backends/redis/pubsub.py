@@ -7,10 +7,9 @@ per read, so a publication is fanned out in the loop turn it arrives in. Command
 in one loop turn go out in one write, consecutive SUBSCRIBEs as one command. On a RESP3
 connection (redis-py's default) other commands can follow a SUBSCRIBE in the same write
 (``call``): Redis runs them once the subscription is live, and their replies (not
-pushes) come back in order. Through
-redis-py's ``PubSub`` a message cost ~12 µs of CPU to read and a new topic ~75 µs to
-subscribe (its command machinery, then one ``get_message`` per confirmation); this way
-~1 µs and ~15 µs.
+pushes) come back in order. Through redis-py's ``PubSub`` a message cost ~12 µs of CPU
+to read and a new topic ~75 µs to subscribe (its command machinery, then one
+``get_message`` per confirmation); this way ~1 µs and ~15 µs.
 
 It reads redis-py's connection's stream writer (``_writer``), a private part: the
 ``redis`` pin in pyproject.toml is the range the suite has passed on.
@@ -31,6 +30,7 @@ from redis.exceptions import ResponseError
 MessageHandler = Callable[[bytes, bytes], None]  # topic, payload
 ReplyHandler = Callable[[Any], None]  # any other reply: confirmations, PONG
 MESSAGES = (b"message", b"smessage")
+PUSH = hiredis.PushNotification  # RESP3's out-of-band replies (RESP2 has only arrays)
 MERGED = (b"SUBSCRIBE", b"UNSUBSCRIBE")  # one command may name any topics (not S*: one slot)
 # Error replies that are about the connection's subscriptions, never a call's (ACLs, a
 # Cluster's slots): they end the connection.
@@ -54,7 +54,7 @@ class PubSubLink(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._reader = hiredis.Reader()
         self._queue: list[tuple[bytes, tuple[Any, ...]]] = []
-        # RESP3: what each reply that is not a push answers, in order (None: a PING).
+        # RESP3: what each reply that is not a push answers, in order (None: a PING's).
         self._calls: deque[asyncio.Future[Any] | None] = deque()
         self.resp3 = connection.get_protocol() in (3, "3")  # type: ignore[no-untyped-call]
         self.lost: asyncio.Future[BaseException] = self._loop.create_future()
@@ -126,6 +126,9 @@ class PubSubLink(asyncio.Protocol):
         reader = self._reader
         reader.feed(data)
         on_message = self._on_message
+        # RESP2 has no pushes: every array is a message or a confirmation; on RESP3 an
+        # array that is not a push is a call's reply.
+        pushes = PUSH if self.resp3 else list
         while True:
             try:
                 reply = reader.gets()
@@ -134,9 +137,12 @@ class PubSubLink(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if isinstance(reply, list) and reply[0] in MESSAGES and len(reply) == 3:
-                on_message(reply[1], reply[2])
-            elif self._calls and type(reply) is not hiredis.PushNotification:
+            if type(reply) is pushes:
+                if len(reply) == 3 and reply[0] in MESSAGES:
+                    on_message(reply[1], reply[2])
+                else:
+                    self._on_reply(reply)
+            elif self._calls:
                 if not self._answer(reply):
                     return
             elif isinstance(reply, hiredis.ReplyError):
