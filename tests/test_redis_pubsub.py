@@ -227,6 +227,13 @@ async def test_a_command_behind_a_subscribe_is_its_confirmation_on_resp3(
         assert await numsub(admin_of, "t2") == 1
         # A topic already subscribed: nothing sent, None.
         assert await connection.subscribe(b"t1", lambda payload: None, (b"ECHO", b"x")) is None
+        # A call's reply shaped like a message is the call's (on RESP3 only pushes are
+        # messages), not the handler's.
+        got: list[bytes] = []
+        looks_like = (b"EVAL", b"return {'message', 't3', 'x'}", 0)
+        reply = await connection.subscribe(b"t3", got.append, looks_like)
+        assert reply == ([b"message", b"t3", b"x"] if protocol == 3 else None)
+        assert got == []
     finally:
         for worker in opened:
             await worker.broker.close()
