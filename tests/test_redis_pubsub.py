@@ -335,3 +335,30 @@ async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_
         await hub.close()
         for worker in opened:
             await worker.broker.close()
+
+
+async def test_a_subscribe_cancelled_while_it_waits_leaves_nothing_subscribed(
+    own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+) -> None:
+    """A client gone while its first subscribe of a channel waits for Redis: the SUBSCRIBE
+    already went out, so an UNSUBSCRIBE follows it (else the worker would get the
+    channel's messages for good, for no one)."""
+    make, opened = worker_factory(own_redis_server.url, redis_prefix)
+    try:
+        connection = (await make()).connection
+        waiting = asyncio.create_task(connection.subscribe(b"gone", lambda payload: None))
+        await asyncio.sleep(0)  # the SUBSCRIBE is queued; its confirmation is awaited
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+        async def unsubscribed() -> bool:
+            return await calls(admin_of, "unsubscribe") == 1 and await numsub(admin_of, "gone") == 0
+
+        await poll(unsubscribed)
+        # Subscribed again, it stands (the UNSUBSCRIBE is not sent twice).
+        await connection.subscribe(b"gone", lambda payload: None)
+        assert await numsub(admin_of, "gone") == 1
+    finally:
+        for worker in opened:
+            await worker.broker.close()

@@ -165,6 +165,7 @@ class Connection:
         if topic in self._routes:
             return None
         self._routes[topic] = handler
+        sent_on: PubSubLink | None = None
         try:
             if not self._connected.is_set():
                 await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT)
@@ -172,6 +173,7 @@ class Connection:
             if link is None:
                 raise RedisConnectionError("pub/sub connection lost")
             link.send(b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE", topic)
+            sent_on = link
             if then is not None and link.resp3 and not self.sharded:
                 reply = link.call(*then)
                 async with asyncio.timeout(COMMAND_TIMEOUT):
@@ -188,6 +190,10 @@ class Connection:
         except BaseException as exc:
             if self._routes.get(topic) is handler:
                 del self._routes[topic]
+                if sent_on is not None and sent_on is self._link:
+                    # Redis has it (or will): a caller gone (cancelled) or timed out
+                    # would leave its messages coming for good.
+                    sent_on.send(b"SUNSUBSCRIBE" if self.sharded else b"UNSUBSCRIBE", topic)
             if isinstance(exc, (*REDIS_ERRORS, TimeoutError, BrokerUnavailable)):
                 raise unavailable("subscribe", exc) from exc
             raise
