@@ -213,9 +213,7 @@ class Hub(Fanout):
         try:
             page = None
             if not lc.upstream:  # (the read in the same round trip where the broker can)
-                page = await self._ensure_upstream(
-                    lc, None if presence else HistoryQuery(since, limit)
-                )
+                page = await self._ensure_upstream(lc, HistoryQuery(since, limit))
             if presence:
                 await self._presence.add(channel, session)
             if page is None:

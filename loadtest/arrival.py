@@ -156,6 +156,7 @@ class Crowd:
     timeout: float
     server_cpus: list[int] | None
     loadgen_cpus: list[int] | None
+    presence: bool = False  # presence (join/leave) on the crowd's channels, as chat rooms
 
     def requests(self, token: str) -> list[tuple[bytes, bytes, bytes]]:
         if not self.distinct_channels:
@@ -177,7 +178,12 @@ async def one_run(crowd: Crowd, backlog: int) -> dict[str, Any]:
             broker_url=redis.url if redis is not None else "memory://",
             secret=secret,
             cpus=crowd.server_cpus,
-            extra_env={"GATEWAY_LISTEN_BACKLOG": str(backlog), "GATEWAY_ACCESS_LOG": "false"},
+            extra_env={
+                "GATEWAY_LISTEN_BACKLOG": str(backlog),
+                "GATEWAY_ACCESS_LOG": "false",
+                # (default chat:*: none of the crowd's channels)
+                **({"GATEWAY_PRESENCE_CHANNELS": f"{CHANNEL}*"} if crowd.presence else {}),
+            },
         )
         server.start()
         await server.wait_ready()
@@ -218,6 +224,7 @@ def run_arrival(crowd: Crowd, backlogs: list[int]) -> dict[str, Any]:
         "transport": crowd.transport,
         "distinct_channels": crowd.distinct_channels,
         "broker": crowd.broker,
+        "presence": crowd.presence,
         "somaxconn": somaxconn,
         "server_cpus": crowd.server_cpus,
         "loadgen_cpus": crowd.loadgen_cpus,
@@ -229,6 +236,7 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"arrival: {report['clients']:,} {report['transport']} clients at once on one worker, "
         f"{'a channel each' if report['distinct_channels'] else 'one channel'}, "
+        f"{'with presence, ' if report.get('presence') else ''}"
         f"{report['broker']} broker (net.core.somaxconn {report['somaxconn']})"
     ]
     for run in report["runs"]:
@@ -256,6 +264,12 @@ def add_parser(sub: Any) -> None:
         help="a channel of its own for each client (per-user channels), not one for all",
     )
     p.add_argument("--broker", choices=["memory", "redis"], default="memory")
+    p.add_argument(
+        "--presence",
+        action="store_true",
+        help="presence on the crowd's channels (a join each, announced): chat rooms; "
+        "with --distinct-channels, rooms of one",
+    )
     p.add_argument(
         "--backlogs",
         default="2048,65535",

@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             server_cpus=cpus(args.server_cpus) or None,
             loadgen_cpus=cpus(args.loadgen_cpus) or None,
+            presence=args.presence,
         )
         arrival = run_arrival(crowd, [int(b) for b in args.backlogs.split(",") if b.strip()])
         return _emit(arrival, arrival_summary, as_json=args.json)

@@ -840,11 +840,15 @@ def test_sendfloor_times_one_send_per_connection() -> None:
     assert 0 < report["median_subscriber_ms"]["median"] <= wall["max"] * 20 / 1000
 
 
-@pytest.mark.parametrize("transport", ["ws", "sse"])
-def test_arrival_subscribes_every_client_arriving_at_once(transport: str) -> None:
+@pytest.mark.parametrize(
+    ("transport", "extra"),
+    [("ws", []), ("sse", []), ("ws", ["--distinct-channels", "--presence"])],
+)
+def test_arrival_subscribes_every_client_arriving_at_once(transport: str, extra: list[str]) -> None:
     argv = ["arrival", "--clients", "40", "--transport", transport, "--backlogs", "64,128"]
-    report = loadtest_json([*argv, "--server-cpus", "", "--loadgen-cpus", "", "--json"])
+    report = loadtest_json([*argv, *extra, "--server-cpus", "", "--loadgen-cpus", "", "--json"])
     assert (report["clients"], report["transport"]) == (40, transport)
+    assert report["presence"] == ("--presence" in extra)
     assert [run["backlog"] for run in report["runs"]] == [64, 128]
     for run in report["runs"]:
         assert run["subscribed"] == 40, run

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from channels.backends import redis as redis_backend
 from channels.broker import Broker, BrokerOptions, HistoryPage, HistoryQuery
 from channels.hub import Hub
-from channels.publication import StreamPosition
+from channels.publication import PresenceEvent, StreamPosition
 from loadtest.ports import free_port
 from tests.conftest import eventually
 from tests.helpers import poll
@@ -281,19 +281,22 @@ class CountingHistory:
         return await self._broker.history(channel, since=since, limit=limit)
 
 
-@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize(
+    ("protocol", "presence"), [(2, False), (3, False), (3, True)], ids=["resp2", "resp3", "chat"]
+)
 async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_order(
-    protocol: int, own_redis_server: RedisServer, redis_prefix: str
+    protocol: int, presence: bool, own_redis_server: RedisServer, redis_prefix: str
 ) -> None:
     """Each join is the worker's first on its channel (a SUBSCRIBE and a read of where the
     channel is) while another worker publishes to it: what the read gave, then live, each
-    offset once. On RESP3 the read goes behind the SUBSCRIBE (no separate history read)."""
+    offset once. On RESP3 the read goes behind the SUBSCRIBE (no separate history read),
+    on channels with presence too (whose joins add an entry and announce it)."""
     url = f"{own_redis_server.url}?protocol={protocol}"
     backend = redis_backend.create(url, BrokerOptions(key_prefix=redis_prefix))
     counting = CountingHistory(backend.broker)
     hub = Hub(
         dataclasses.replace(backend, broker=counting),
-        presence_enabled=lambda c: False,
+        presence_enabled=lambda c: presence,
     )
     make, opened = worker_factory(url, redis_prefix)
     await hub.start()
@@ -329,6 +332,14 @@ async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_
         # RESP3: no read apart, and no recovery either (a join that missed a publication
         # sees an offset gap and recovers from history: it would be counted here).
         assert counting.reads == (0 if protocol == 3 else len(channels))
+        if presence:  # each in its room's presence, its join announced
+            for channel, recorder, _result, _writer in joined[:3]:
+                assert len(await hub.presence(channel)) == 1
+
+                def announced(r: Recorder = recorder) -> bool:
+                    return any(isinstance(i, PresenceEvent) for i in r.items)
+
+                await eventually(announced)
         for *_rest, writer in joined:
             writer.cancel()
     finally:
@@ -359,6 +370,35 @@ async def test_a_subscribe_cancelled_while_it_waits_leaves_nothing_subscribed(
         # Subscribed again, it stands (the UNSUBSCRIBE is not sent twice).
         await connection.subscribe(b"gone", lambda payload: None)
         assert await numsub(admin_of, "gone") == 1
+    finally:
+        for worker in opened:
+            await worker.broker.close()
+
+
+async def test_presence_adds_and_events_ride_the_pubsub_connection_on_resp3(
+    own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+) -> None:
+    """A join's small calls (its presence entry, the join event's PUBLISH) go with the other
+    calls of their loop turn on the pub/sub connection; a Redis that lost its scripts still
+    takes the entry (through the pool, which loads the script)."""
+    make, opened = worker_factory(own_redis_server.url, redis_prefix)
+    try:
+        worker, listener = await make(), await make()
+        await listener.broker.subscribe("chat:r")
+        assert await worker.presence.add("chat:r", "c-1", b"{}") is True
+        assert await worker.presence.add("chat:r", "c-1", b"{}") is False  # refreshed
+
+        async def pubsub_commands() -> list[str]:
+            clients = await admin_of.client_list()
+            return [c["cmd"] for c in clients if int(c["sub"]) > 0]
+
+        assert "evalsha" in await pubsub_commands()
+        await worker.broker.publish_event("chat:r", "join", b"{}")
+        assert "publish" in await pubsub_commands()
+        await eventually(lambda: [e for e in listener.received.events() if e.channel == "chat:r"])
+        await admin_of.script_flush()
+        assert await worker.presence.add("chat:r", "c-2", b"{}") is True
+        assert sorted(await worker.presence.list("chat:r")) == [b"{}", b"{}"]
     finally:
         for worker in opened:
             await worker.broker.close()

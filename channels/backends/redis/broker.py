@@ -13,7 +13,7 @@ from redis.typing import EncodableT
 
 from channels.backends.redis.batched import BatchedScript, evalsha_each
 from channels.backends.redis.cluster import ClusterConnection
-from channels.backends.redis.connection import REDIS_ERRORS, unavailable
+from channels.backends.redis.errors import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
 from channels.backends.redis.link import Link
 from channels.backends.redis.scripts import Scripts

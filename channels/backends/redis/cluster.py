@@ -32,18 +32,18 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from redis.typing import EncodableT
 
 from channels.backends.redis.connection import (
-    REDIS_ERRORS,
     Connection,
     TopicFilter,
     TopicHandler,
     TopicResync,
     notify_resync,
-    unavailable,
 )
+from channels.backends.redis.errors import REDIS_ERRORS, unavailable
 from channels.backends.redis.pools import (
     COMMAND_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -194,6 +194,9 @@ class ClusterConnection:
 
     async def publish(self, topic: bytes, payload: bytes) -> None:
         await self.redis.spublish(topic, payload)
+
+    async def run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        return await script(keys=keys, args=args)
 
     async def subscriber_count(self, topic: bytes) -> int:
         node = self._owner(topic)

@@ -21,17 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import (
-    ClusterError,
-    ReadOnlyError,
-    RedisClusterException,
-    RedisError,
-    ResponseError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from channels.backends.redis.errors import REDIS_ERRORS, unavailable
 from channels.backends.redis.pools import (
     COMMAND_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -44,10 +40,6 @@ from channels.broker import BrokerUnavailable
 from channels.tasks import Tasks
 
 logger = logging.getLogger(__name__)
-
-# What a Redis call raises when Redis cannot answer (a Cluster without a node for a slot
-# raises the one that is not a RedisError).
-REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 TopicHandler = Callable[[bytes], None]  # called with the payload of each message
 TopicFilter = Callable[[bytes], bool]
@@ -210,8 +202,27 @@ class Connection:
         """PUBLISH (SPUBLISH when sharded) ``payload`` to ``topic``."""
         if self.sharded:
             await self.redis.spublish(topic, payload)
+        elif (link := self._quick_link()) is not None:
+            await _answered(link.call(b"PUBLISH", topic, payload))
         else:
             await self.redis.publish(topic, payload)
+
+    async def run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """``script`` with a small reply (a presence add): on the pub/sub connection where
+        it speaks RESP3, with the other calls of its loop turn in one write, no pooled
+        connection taken; through the pool otherwise, and where Redis lost the script
+        (redis-py's call loads it)."""
+        if (link := self._quick_link()) is not None:
+            try:
+                return await _answered(link.call(b"EVALSHA", script.sha, len(keys), *keys, *args))
+            except ResponseError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+        return await script(keys=keys, args=args)
+
+    def _quick_link(self) -> PubSubLink | None:
+        link = self._link
+        return link if link is not None and link.resp3 and not self.sharded else None
 
     async def subscriber_count(self, topic: bytes) -> int:
         """How many connections (one per worker) are subscribed to ``topic``."""
@@ -366,6 +377,11 @@ class Connection:
                     waiter.set_exception(BrokerUnavailable("Redis pub/sub connection lost"))
 
 
+async def _answered(call: asyncio.Future[Any]) -> Any:
+    async with asyncio.timeout(COMMAND_TIMEOUT):
+        return await call
+
+
 def notify_resync(on_resync: TopicResync | None, which: TopicFilter) -> None:
     """Tell ``on_resync`` (if any) that ``which`` topics may have missed messages; a
     handler that fails is logged, never the reader's problem."""
@@ -374,24 +390,6 @@ def notify_resync(on_resync: TopicResync | None, which: TopicFilter) -> None:
             on_resync(which)
         except Exception:
             logger.exception("resync handler failed")
-
-
-def unavailable(operation: str, exc: BaseException) -> BrokerUnavailable:
-    """``BrokerUnavailable`` for ``exc``; errors that are not about reachability are logged,
-    since they point at a bug or a misconfigured Redis rather than an outage."""
-    outage = (
-        RedisConnectionError,
-        RedisTimeoutError,
-        OSError,
-        TimeoutError,
-        BrokerUnavailable,
-        ClusterError,  # a Cluster failing over: CLUSTERDOWN, TRYAGAIN
-        RedisClusterException,  # no node known for a slot
-        ReadOnlyError,  # a master just demoted
-    )
-    if not isinstance(exc, outage):
-        logger.error("Redis %s failed: %r", operation, exc)
-    return BrokerUnavailable(f"Redis {operation} failed: {exc}")
 
 
 async def _discard(link: PubSubLink) -> None:

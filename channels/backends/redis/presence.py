@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from redis.typing import EncodableT
 
-from channels.backends.redis.connection import REDIS_ERRORS, unavailable
+from channels.backends.redis.errors import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
 from channels.backends.redis.link import Link
 from channels.backends.redis.scripts import Scripts
@@ -16,6 +16,7 @@ class RedisPresence:
     def __init__(
         self, connection: Link, keys: Keys, scripts: Scripts, options: BrokerOptions
     ) -> None:
+        self._connection = connection
         self._redis = connection.redis
         self._keys = keys
         self._scripts = scripts
@@ -25,7 +26,7 @@ class RedisPresence:
         args: list[EncodableT] = [client_id, entry, self._ttl_ms]
         keys = self._keys.presence(channel)
         try:
-            added = await self._scripts.presence_add(keys=keys, args=args)
+            added = await self._connection.run_script(self._scripts.presence_add, keys, args)
         except REDIS_ERRORS as exc:
             raise unavailable("presence add", exc) from exc
         return bool(added)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from channels.backends.redis.connection import REDIS_ERRORS, unavailable
+from channels.backends.redis.errors import REDIS_ERRORS, unavailable
 from channels.backends.redis.keys import Keys
 from channels.backends.redis.link import Link
 from channels.broker import SignalHandler
