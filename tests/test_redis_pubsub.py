@@ -378,9 +378,9 @@ async def test_a_subscribe_cancelled_while_it_waits_leaves_nothing_subscribed(
 async def test_presence_adds_and_events_ride_the_pubsub_connection_on_resp3(
     own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
 ) -> None:
-    """A join's small calls (its presence entry, the join event's PUBLISH) go with the other
-    calls of their loop turn on the pub/sub connection; a Redis that lost its scripts still
-    takes the entry (through the pool, which loads the script)."""
+    """A join's and a leave's small calls (the presence entry added or removed, the event's
+    PUBLISH) go with the other calls of their loop turn on the pub/sub connection; a Redis
+    that lost its scripts still takes them (through the pool, which loads the script)."""
     make, opened = worker_factory(own_redis_server.url, redis_prefix)
     try:
         worker, listener = await make(), await make()
@@ -399,6 +399,12 @@ async def test_presence_adds_and_events_ride_the_pubsub_connection_on_resp3(
         await admin_of.script_flush()
         assert await worker.presence.add("chat:r", "c-2", b"{}") is True
         assert sorted(await worker.presence.list("chat:r")) == [b"{}", b"{}"]
+        await worker.presence.remove("chat:r", "c-1")  # (its script loaded again too)
+        await worker.presence.remove("chat:r", "c-1")
+        assert await worker.presence.list("chat:r") == [b"{}"]
+        entries, expiry = f"{redis_prefix}:p:{{chat:r}}", f"{redis_prefix}:z:{{chat:r}}"
+        assert await admin_of.hkeys(entries) == [b"c-2"]
+        assert await admin_of.zrange(expiry, 0, -1) == [b"c-2"]
     finally:
         for worker in opened:
             await worker.broker.close()

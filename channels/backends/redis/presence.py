@@ -17,7 +17,6 @@ class RedisPresence:
         self, connection: Link, keys: Keys, scripts: Scripts, options: BrokerOptions
     ) -> None:
         self._connection = connection
-        self._redis = connection.redis
         self._keys = keys
         self._scripts = scripts
         self._ttl_ms = max(1, round(options.presence_ttl * 1000))
@@ -32,12 +31,9 @@ class RedisPresence:
         return bool(added)
 
     async def remove(self, channel: str, client_id: str) -> None:
-        entries, expiry = self._keys.presence(channel)
+        keys = self._keys.presence(channel)
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(entries, client_id)
-                pipe.zrem(expiry, client_id)
-                await pipe.execute()
+            await self._connection.run_script(self._scripts.presence_remove, keys, [client_id])
         except REDIS_ERRORS as exc:
             raise unavailable("presence remove", exc) from exc
 

@@ -22,6 +22,7 @@ PARTS = {
     "publish_many": ("stream_meta.lua", "publish_many.lua"),
     "history": ("stream_meta.lua", "history.lua"),
     "presence_add": ("server_clock.lua", "presence_add.lua"),
+    "presence_remove": ("presence_remove.lua",),
     "presence_list": ("server_clock.lua", "reap.lua", "presence_list.lua"),
     "presence_expire": ("server_clock.lua", "reap.lua", "presence_expire.lua"),
 }
@@ -50,6 +51,7 @@ class Scripts:
         "presence_add",
         "presence_expire",
         "presence_list",
+        "presence_remove",
         "publish",
         "publish_many",
     )
@@ -63,4 +65,5 @@ class Scripts:
         self.history = load("history")
         self.presence_add = load("presence_add")
         self.presence_list = load("presence_list")
+        self.presence_remove = load("presence_remove")
         self.presence_expire = load("presence_expire")
