@@ -12,7 +12,7 @@ import pytest
 
 from channels.backend_url import create_backend
 from channels.backends.redis import ClusterConnection, RedisBroker
-from channels.broker import BrokerOptions
+from channels.broker import BrokerOptions, HistoryQuery
 from tests.conftest import eventually
 from tests.contract import Worker
 from tests.redis_topologies import RedisClusterSetup, query
@@ -62,3 +62,26 @@ async def test_a_burst_of_commands_waits_for_connections_instead_of_failing(
     assert sorted(p.offset for p in published) == list(range(1, burst + 1))
     pages = await asyncio.gather(*(broker.history("kept", limit=1) for _ in range(burst)))
     assert all(page.position.offset == burst for page in pages)
+
+
+async def test_a_channels_position_is_read_behind_its_ssubscribe_on_its_master(
+    worker: Worker, redis_cluster: RedisClusterSetup, redis_prefix: str
+) -> None:
+    """One round trip per channel new to the worker on a Cluster too: the history script
+    goes behind the SSUBSCRIBE on the reader of the slot's master (the channel's keys are
+    there), for channels on every master."""
+    broker = worker.broker
+    names = ["doomed", "kept", "moving"]  # slots on three different masters
+    for name in names:
+        await broker.publish(name, b"1")
+        await broker.history(name)  # the history script loaded on that master
+    for name in names:
+        page = await broker.subscribe(name, HistoryQuery(limit=0))
+        assert page is not None, name
+        assert page.position.offset == 1 and page.publications == []
+        topic = f"{redis_prefix}:t:{{{name}}}"
+        owner = redis_cluster.master_of_slot(redis_cluster.slot_of(topic))
+        assert query(owner.port, "PUBSUB", "SHARDNUMSUB", topic) == [topic, 1]
+    for name in names:
+        await broker.publish(name, b"2")
+    await eventually(lambda: all(len(worker.received.publications(n)) == 1 for n in names))

@@ -195,7 +195,7 @@ class RedisBroker:
         pub/sub connection (``Connection.subscribe``'s ``then``): its page, one round trip."""
         handler = functools.partial(self._received, channel)
         topic = self._keys.topic(channel)
-        if read is None or self._history is None:
+        if read is None:
             await self.connection.subscribe(topic, handler)
             return None
         keys, args = self._history_call(channel, read.since, read.limit)

@@ -169,13 +169,14 @@ class ClusterConnection:
 
     async def subscribe(
         self, topic: bytes, handler: TopicHandler, then: tuple[Any, ...] | None = None
-    ) -> None:
-        """As ``Connection.subscribe``; ``then`` is never sent (a node's link is sharded)."""
+    ) -> Any:
+        """As ``Connection.subscribe``, on the reader of the master of ``topic``'s slot
+        (where ``then``'s keys are too: a channel's keys and topic share a hash tag)."""
         if topic in self._topics:
-            return
+            return None
         self._topics[topic] = handler
         try:
-            await self._place([topic])
+            return (await self._place_one(topic, then))[1]
         except BaseException as exc:
             if self._topics.get(topic) is handler:
                 del self._topics[topic]
@@ -208,23 +209,26 @@ class ClusterConnection:
     async def _place(self, topics: list[bytes]) -> list[bytes]:
         """Subscribe each of ``topics`` on the node that owns its slot now (moving it from
         the one it was on); the topics that moved."""
-        moved = []
-        for topic in topics:
-            handler = self._topics.get(topic)
-            if handler is None:
-                continue
-            node = self._owner(topic)
-            if node is None:
-                raise BrokerUnavailable(f"no node serves the slot of {topic!r}")
-            old = self._home.get(topic)
-            if old == node.name:
-                continue
-            await self._reader(node).subscribe(topic, handler)
-            self._home[topic] = node.name
-            if old is not None:
-                moved.append(topic)
-                await self._readers[old].unsubscribe(topic)
-        return moved
+        return [topic for topic in topics if (await self._place_one(topic))[0]]
+
+    async def _place_one(
+        self, topic: bytes, then: tuple[Any, ...] | None = None
+    ) -> tuple[bool, Any]:
+        """Whether ``topic`` moved, and ``then``'s reply (``Connection.subscribe``)."""
+        handler = self._topics.get(topic)
+        if handler is None:
+            return False, None
+        node = self._owner(topic)
+        if node is None:
+            raise BrokerUnavailable(f"no node serves the slot of {topic!r}")
+        old = self._home.get(topic)
+        if old == node.name:
+            return False, None
+        reply = await self._reader(node).subscribe(topic, handler, then)
+        self._home[topic] = node.name
+        if old is not None:
+            await self._readers[old].unsubscribe(topic)
+        return old is not None, reply
 
     def _owner(self, topic: bytes) -> ClusterNode | None:
         """The master serving ``topic``'s slot, as far as this worker knows."""

@@ -166,7 +166,7 @@ class Connection:
                 raise RedisConnectionError("pub/sub connection lost")
             link.send(b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE", topic)
             sent_on = link
-            if then is not None and link.resp3 and not self.sharded:
+            if then is not None and link.resp3:
                 reply = link.call(*then)
                 async with asyncio.timeout(COMMAND_TIMEOUT):
                     try:
