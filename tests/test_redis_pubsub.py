@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import datetime
 import ipaddress
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from tests.conftest import eventually
 from tests.helpers import poll
 from tests.redis_server import RedisServer
 from tests.test_hub import Recorder, new_session
-from tests.test_redis_broker import kill_connections, worker_factory
+from tests.test_redis_broker import MakeWorker, Worker, kill_connections, worker_factory
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -93,6 +93,22 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
 
 
 @pytest.fixture
+async def workers(redis_prefix: str) -> AsyncIterator[Callable[[str], MakeWorker]]:
+    """``workers(url)``: a factory of started workers on ``url``; all closed at teardown."""
+    opened: list[list[Worker]] = []
+
+    def on(url: str) -> MakeWorker:
+        make, made = worker_factory(url, redis_prefix)
+        opened.append(made)
+        return make
+
+    yield on
+    for made in opened:
+        for worker in made:
+            await worker.broker.close()
+
+
+@pytest.fixture
 async def admin_of(own_redis_server: RedisServer) -> AsyncIterator[Redis]:
     client = Redis.from_url(own_redis_server.url)
     yield client
@@ -134,134 +150,128 @@ async def calls(admin: Redis, command: str) -> int:
 
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_both_protocol_versions(
-    protocol: int, own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+    workers: Callable[[str], MakeWorker],
+    protocol: int,
+    own_redis_server: RedisServer,
+    admin_of: Redis,
+    redis_prefix: str,
 ) -> None:
     """RESP2 replies with arrays, RESP3 with pushes: messages, confirmations and PONGs
     of either are read."""
-    make, opened = worker_factory(f"{own_redis_server.url}?protocol={protocol}", redis_prefix)
-    try:
-        subscriber, publisher = await make(), await make()
-        subscriber.connection.ping_interval = 0.05  # PINGed at each of the reader's checks
-        await subscriber.broker.subscribe("c")
-        topic = f"{redis_prefix}:t:{{c}}"
-        assert await numsub(admin_of, topic) == 1
-        await publisher.broker.publish("c", b"1")
-        await eventually(lambda: len(subscriber.received.publications("c")) == 1)
-        pings = await calls(admin_of, "ping")
+    make = workers(f"{own_redis_server.url}?protocol={protocol}")
+    subscriber, publisher = await make(), await make()
+    subscriber.connection.ping_interval = 0.05  # PINGed at each of the reader's checks
+    await subscriber.broker.subscribe("c")
+    topic = f"{redis_prefix}:t:{{c}}"
+    assert await numsub(admin_of, topic) == 1
+    await publisher.broker.publish("c", b"1")
+    await eventually(lambda: len(subscriber.received.publications("c")) == 1)
+    pings = await calls(admin_of, "ping")
 
-        async def pinged_twice() -> bool:
-            return await calls(admin_of, "ping") >= pings + 2
+    async def pinged_twice() -> bool:
+        return await calls(admin_of, "ping") >= pings + 2
 
-        await poll(pinged_twice, timeout=10)
-        await publisher.broker.publish("c", b"2")
-        await eventually(lambda: len(subscriber.received.publications("c")) == 2)
-        assert subscriber.reconnects == 0  # the PONGs were read as such
-        await subscriber.broker.unsubscribe("c")
+    await poll(pinged_twice, timeout=10)
+    await publisher.broker.publish("c", b"2")
+    await eventually(lambda: len(subscriber.received.publications("c")) == 2)
+    assert subscriber.reconnects == 0  # the PONGs were read as such
+    await subscriber.broker.unsubscribe("c")
 
-        async def gone() -> bool:
-            return await numsub(admin_of, topic) == 0
+    async def gone() -> bool:
+        return await numsub(admin_of, topic) == 0
 
-        await poll(gone)
-    finally:
-        for worker in opened:
-            await worker.broker.close()
+    await poll(gone)
 
 
 async def test_the_subscribes_of_one_loop_turn_are_one_command(
-    own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+    workers: Callable[[str], MakeWorker],
+    own_redis_server: RedisServer,
+    admin_of: Redis,
+    redis_prefix: str,
 ) -> None:
-    make, opened = worker_factory(own_redis_server.url, redis_prefix)
-    try:
-        worker = await make()
-        before = await calls(admin_of, "subscribe")
-        await asyncio.gather(*(worker.broker.subscribe(f"c{i}") for i in range(50)))
-        assert await calls(admin_of, "subscribe") == before + 1
-        for i in (0, 49):
-            assert await numsub(admin_of, f"{redis_prefix}:t:{{c{i}}}") == 1
-        # A subscribe and an unsubscribe of one topic in one turn reach Redis in that order.
-        subscribing = asyncio.ensure_future(worker.broker.subscribe("x"))
-        await asyncio.sleep(0)  # the subscribe is queued, not yet written
-        await worker.broker.unsubscribe("x")
-        await subscribing
-        assert await numsub(admin_of, f"{redis_prefix}:t:{{x}}") == 0
-    finally:
-        for worker in opened:
-            await worker.broker.close()
+    make = workers(own_redis_server.url)
+    worker = await make()
+    before = await calls(admin_of, "subscribe")
+    await asyncio.gather(*(worker.broker.subscribe(f"c{i}") for i in range(50)))
+    assert await calls(admin_of, "subscribe") == before + 1
+    for i in (0, 49):
+        assert await numsub(admin_of, f"{redis_prefix}:t:{{c{i}}}") == 1
+    # A subscribe and an unsubscribe of one topic in one turn reach Redis in that order.
+    subscribing = asyncio.ensure_future(worker.broker.subscribe("x"))
+    await asyncio.sleep(0)  # the subscribe is queued, not yet written
+    await worker.broker.unsubscribe("x")
+    await subscribing
+    assert await numsub(admin_of, f"{redis_prefix}:t:{{x}}") == 0
 
 
 async def test_an_error_reply_ends_the_connection_and_it_comes_back(
-    own_redis_server: RedisServer, redis_prefix: str
+    workers: Callable[[str], MakeWorker], own_redis_server: RedisServer, redis_prefix: str
 ) -> None:
     """Redis answers an error (in a cluster: MOVED for a slot that moved): the reader does not
     guess which topic it was for, it reconnects, resubscribes everything and resyncs."""
-    make, opened = worker_factory(f"{own_redis_server.url}?protocol=2", redis_prefix)
-    try:
-        subscriber, publisher = await make(), await make()
-        await subscriber.broker.subscribe("c")
-        link = subscriber.connection._link
-        assert link is not None
-        link.send(b"GET", b"k")  # not allowed on a RESP2 connection in pub/sub mode
-        await eventually(lambda: subscriber.reconnects == 1 and subscriber.received.resyncs)
-        assert link.lost.done() and "only" in str(link.lost.result())
-        await publisher.broker.publish("c", b"1")
-        await eventually(lambda: subscriber.received.publications("c"))
-    finally:
-        for worker in opened:
-            await worker.broker.close()
+    make = workers(f"{own_redis_server.url}?protocol=2")
+    subscriber, publisher = await make(), await make()
+    await subscriber.broker.subscribe("c")
+    link = subscriber.connection._link
+    assert link is not None
+    link.send(b"GET", b"k")  # not allowed on a RESP2 connection in pub/sub mode
+    await eventually(lambda: subscriber.reconnects == 1 and subscriber.received.resyncs)
+    assert link.lost.done() and "only" in str(link.lost.result())
+    await publisher.broker.publish("c", b"1")
+    await eventually(lambda: subscriber.received.publications("c"))
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_a_command_behind_a_subscribe_is_its_confirmation_on_resp3(
-    protocol: int, own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+    workers: Callable[[str], MakeWorker],
+    protocol: int,
+    own_redis_server: RedisServer,
+    admin_of: Redis,
+    redis_prefix: str,
 ) -> None:
-    make, opened = worker_factory(f"{own_redis_server.url}?protocol={protocol}", redis_prefix)
-    try:
-        worker = await make()
-        connection = worker.connection
-        reply = await connection.subscribe(b"t1", lambda payload: None, (b"ECHO", b"after"))
-        assert reply == (b"after" if protocol == 3 else None)  # RESP2: not sent
-        assert await numsub(admin_of, "t1") == 1
-        # Refused by Redis: None (the caller makes it apart), the subscription stands.
-        refused = (b"EVALSHA", b"0" * 40, 0)
-        assert await connection.subscribe(b"t2", lambda payload: None, refused) is None
-        assert await numsub(admin_of, "t2") == 1
-        # A topic already subscribed: nothing sent, None.
-        assert await connection.subscribe(b"t1", lambda payload: None, (b"ECHO", b"x")) is None
-        # A call's reply shaped like a message is the call's (on RESP3 only pushes are
-        # messages), not the handler's.
-        got: list[bytes] = []
-        looks_like = (b"EVAL", b"return {'message', 't3', 'x'}", 0)
-        reply = await connection.subscribe(b"t3", got.append, looks_like)
-        assert reply == ([b"message", b"t3", b"x"] if protocol == 3 else None)
-        assert got == []
-    finally:
-        for worker in opened:
-            await worker.broker.close()
+    make = workers(f"{own_redis_server.url}?protocol={protocol}")
+    worker = await make()
+    connection = worker.connection
+    reply = await connection.subscribe(b"t1", lambda payload: None, (b"ECHO", b"after"))
+    assert reply == (b"after" if protocol == 3 else None)  # RESP2: not sent
+    assert await numsub(admin_of, "t1") == 1
+    # Refused by Redis: None (the caller makes it apart), the subscription stands.
+    refused = (b"EVALSHA", b"0" * 40, 0)
+    assert await connection.subscribe(b"t2", lambda payload: None, refused) is None
+    assert await numsub(admin_of, "t2") == 1
+    # A topic already subscribed: nothing sent, None.
+    assert await connection.subscribe(b"t1", lambda payload: None, (b"ECHO", b"x")) is None
+    # A call's reply shaped like a message is the call's (on RESP3 only pushes are
+    # messages), not the handler's.
+    got: list[bytes] = []
+    looks_like = (b"EVAL", b"return {'message', 't3', 'x'}", 0)
+    reply = await connection.subscribe(b"t3", got.append, looks_like)
+    assert reply == ([b"message", b"t3", b"x"] if protocol == 3 else None)
+    assert got == []
 
 
 async def test_a_history_read_rides_behind_the_subscribe_and_survives_a_flushed_cache(
-    own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+    workers: Callable[[str], MakeWorker],
+    own_redis_server: RedisServer,
+    admin_of: Redis,
+    redis_prefix: str,
 ) -> None:
-    make, opened = worker_factory(own_redis_server.url, redis_prefix)
-    try:
-        subscriber, publisher = await make(), await make()
-        published = [await publisher.broker.publish("c", b"%d" % i) for i in range(3)]
-        await publisher.broker.history("c")  # the history script loaded (as on a live Redis)
-        page = await subscriber.broker.subscribe("c", HistoryQuery(since=published[0].position))
-        assert page is not None and page.complete
-        assert page.position == published[-1].position
-        assert [p.offset for p in page.publications] == [2, 3]
-        # It ran on a pub/sub connection (one with a subscription): the subscriber's.
-        clients = await admin_of.client_list()
-        assert "evalsha" in [c["cmd"] for c in clients if int(c["sub"]) > 0]
-        await admin_of.script_flush()
-        assert await subscriber.broker.subscribe("d", HistoryQuery(limit=0)) is None
-        assert (await subscriber.broker.history("d")).position.offset == 0  # loads it again
-        await publisher.broker.publish("d", b"x")
-        await eventually(lambda: subscriber.received.publications("d"))
-    finally:
-        for worker in opened:
-            await worker.broker.close()
+    make = workers(own_redis_server.url)
+    subscriber, publisher = await make(), await make()
+    published = [await publisher.broker.publish("c", b"%d" % i) for i in range(3)]
+    await publisher.broker.history("c")  # the history script loaded (as on a live Redis)
+    page = await subscriber.broker.subscribe("c", HistoryQuery(since=published[0].position))
+    assert page is not None and page.complete
+    assert page.position == published[-1].position
+    assert [p.offset for p in page.publications] == [2, 3]
+    # It ran on a pub/sub connection (one with a subscription): the subscriber's.
+    clients = await admin_of.client_list()
+    assert "evalsha" in [c["cmd"] for c in clients if int(c["sub"]) > 0]
+    await admin_of.script_flush()
+    assert await subscriber.broker.subscribe("d", HistoryQuery(limit=0)) is None
+    assert (await subscriber.broker.history("d")).position.offset == 0  # loads it again
+    await publisher.broker.publish("d", b"x")
+    await eventually(lambda: subscriber.received.publications("d"))
 
 
 class CountingHistory:
@@ -285,7 +295,11 @@ class CountingHistory:
     ("protocol", "presence"), [(2, False), (3, False), (3, True)], ids=["resp2", "resp3", "chat"]
 )
 async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_order(
-    protocol: int, presence: bool, own_redis_server: RedisServer, redis_prefix: str
+    workers: Callable[[str], MakeWorker],
+    protocol: int,
+    presence: bool,
+    own_redis_server: RedisServer,
+    redis_prefix: str,
 ) -> None:
     """Each join is the worker's first on its channel (a SUBSCRIBE and a read of where the
     channel is) while another worker publishes to it: what the read gave, then live, each
@@ -298,7 +312,7 @@ async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_
         dataclasses.replace(backend, broker=counting),
         presence_enabled=lambda c: presence,
     )
-    make, opened = worker_factory(url, redis_prefix)
+    make = workers(url)
     await hub.start()
     channels = [f"c{i}" for i in range(40)]
     rounds = 60
@@ -344,67 +358,63 @@ async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_
             writer.cancel()
     finally:
         await hub.close()
-        for worker in opened:
-            await worker.broker.close()
 
 
 async def test_a_subscribe_cancelled_while_it_waits_leaves_nothing_subscribed(
-    own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+    workers: Callable[[str], MakeWorker],
+    own_redis_server: RedisServer,
+    admin_of: Redis,
+    redis_prefix: str,
 ) -> None:
     """A client gone while its first subscribe of a channel waits for Redis: the SUBSCRIBE
     already went out, so an UNSUBSCRIBE follows it (else the worker would get the
     channel's messages for good, for no one)."""
-    make, opened = worker_factory(own_redis_server.url, redis_prefix)
-    try:
-        connection = (await make()).connection
-        waiting = asyncio.create_task(connection.subscribe(b"gone", lambda payload: None))
-        await asyncio.sleep(0)  # the SUBSCRIBE is queued; its confirmation is awaited
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
+    make = workers(own_redis_server.url)
+    connection = (await make()).connection
+    waiting = asyncio.create_task(connection.subscribe(b"gone", lambda payload: None))
+    await asyncio.sleep(0)  # the SUBSCRIBE is queued; its confirmation is awaited
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
-        async def unsubscribed() -> bool:
-            return await calls(admin_of, "unsubscribe") == 1 and await numsub(admin_of, "gone") == 0
+    async def unsubscribed() -> bool:
+        return await calls(admin_of, "unsubscribe") == 1 and await numsub(admin_of, "gone") == 0
 
-        await poll(unsubscribed)
-        # Subscribed again, it stands (the UNSUBSCRIBE is not sent twice).
-        await connection.subscribe(b"gone", lambda payload: None)
-        assert await numsub(admin_of, "gone") == 1
-    finally:
-        for worker in opened:
-            await worker.broker.close()
+    await poll(unsubscribed)
+    # Subscribed again, it stands (the UNSUBSCRIBE is not sent twice).
+    await connection.subscribe(b"gone", lambda payload: None)
+    assert await numsub(admin_of, "gone") == 1
 
 
 async def test_presence_adds_and_events_ride_the_pubsub_connection_on_resp3(
-    own_redis_server: RedisServer, admin_of: Redis, redis_prefix: str
+    workers: Callable[[str], MakeWorker],
+    own_redis_server: RedisServer,
+    admin_of: Redis,
+    redis_prefix: str,
 ) -> None:
     """A join's and a leave's small calls (the presence entry added or removed, the event's
     PUBLISH) go with the other calls of their loop turn on the pub/sub connection; a Redis
     that lost its scripts still takes them (through the pool, which loads the script)."""
-    make, opened = worker_factory(own_redis_server.url, redis_prefix)
-    try:
-        worker, listener = await make(), await make()
-        await listener.broker.subscribe("chat:r")
-        assert await worker.presence.add("chat:r", "c-1", b"{}") is True
-        assert await worker.presence.add("chat:r", "c-1", b"{}") is False  # refreshed
+    make = workers(own_redis_server.url)
+    worker, listener = await make(), await make()
+    await listener.broker.subscribe("chat:r")
+    assert await worker.presence.add("chat:r", "c-1", b"{}") is True
+    assert await worker.presence.add("chat:r", "c-1", b"{}") is False  # refreshed
 
-        async def pubsub_commands() -> list[str]:
-            clients = await admin_of.client_list()
-            return [c["cmd"] for c in clients if int(c["sub"]) > 0]
+    async def pubsub_commands() -> list[str]:
+        clients = await admin_of.client_list()
+        return [c["cmd"] for c in clients if int(c["sub"]) > 0]
 
-        assert "evalsha" in await pubsub_commands()
-        await worker.broker.publish_event("chat:r", "join", b"{}")
-        assert "publish" in await pubsub_commands()
-        await eventually(lambda: [e for e in listener.received.events() if e.channel == "chat:r"])
-        await admin_of.script_flush()
-        assert await worker.presence.add("chat:r", "c-2", b"{}") is True
-        assert sorted(await worker.presence.list("chat:r")) == [b"{}", b"{}"]
-        await worker.presence.remove("chat:r", "c-1")  # (its script loaded again too)
-        await worker.presence.remove("chat:r", "c-1")
-        assert await worker.presence.list("chat:r") == [b"{}"]
-        entries, expiry = f"{redis_prefix}:p:{{chat:r}}", f"{redis_prefix}:z:{{chat:r}}"
-        assert await admin_of.hkeys(entries) == [b"c-2"]
-        assert await admin_of.zrange(expiry, 0, -1) == [b"c-2"]
-    finally:
-        for worker in opened:
-            await worker.broker.close()
+    assert "evalsha" in await pubsub_commands()
+    await worker.broker.publish_event("chat:r", "join", b"{}")
+    assert "publish" in await pubsub_commands()
+    await eventually(lambda: [e for e in listener.received.events() if e.channel == "chat:r"])
+    await admin_of.script_flush()
+    assert await worker.presence.add("chat:r", "c-2", b"{}") is True
+    assert sorted(await worker.presence.list("chat:r")) == [b"{}", b"{}"]
+    await worker.presence.remove("chat:r", "c-1")  # (its script loaded again too)
+    await worker.presence.remove("chat:r", "c-1")
+    assert await worker.presence.list("chat:r") == [b"{}"]
+    entries, expiry = f"{redis_prefix}:p:{{chat:r}}", f"{redis_prefix}:z:{{chat:r}}"
+    assert await admin_of.hkeys(entries) == [b"c-2"]
+    assert await admin_of.zrange(expiry, 0, -1) == [b"c-2"]
