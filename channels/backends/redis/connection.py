@@ -167,13 +167,11 @@ class Connection:
             link.send(b"SSUBSCRIBE" if self.sharded else b"SUBSCRIBE", topic)
             sent_on = link
             if then is not None and link.resp3:
-                reply = link.call(*then)
-                async with asyncio.timeout(COMMAND_TIMEOUT):
-                    try:
-                        return await reply
-                    except ResponseError as exc:
-                        logger.debug("%r after SUBSCRIBE %r: %s", then[0], topic, exc)
-                        return None
+                try:
+                    return await _answered(link.call(*then))
+                except ResponseError as exc:
+                    logger.debug("%r after SUBSCRIBE %r: %s", then[0], topic, exc)
+                    return None
             confirmed = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(topic, []).append(confirmed)
             async with asyncio.timeout(COMMAND_TIMEOUT):
