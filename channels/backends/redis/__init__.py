@@ -15,8 +15,8 @@ Delivery guarantees:
   before anyone can see it live. ``publish_many`` does the same for a list in one script
   call: consecutive offsets, one pub/sub message for them all.
 * Order: Redis runs scripts one at a time and delivers one connection's pub/sub messages in
-  publish order; one reader task hands them to ``on_message`` synchronously, so each
-  channel's publications arrive in offset order.
+  publish order; the connection's protocol hands them to ``on_message`` synchronously as
+  it reads them (``pubsub.py``), so each channel's publications arrive in offset order.
 * Pub/sub itself is at-most-once: what is published while this worker's pub/sub connection
   is down is not delivered. The reader then reconnects (exponential backoff with jitter),
   resubscribes every channel, waits for Redis to confirm, and only then calls
