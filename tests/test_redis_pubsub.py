@@ -93,12 +93,15 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
 
 
 @pytest.fixture
-async def workers(redis_prefix: str) -> AsyncIterator[Callable[[str], MakeWorker]]:
-    """``workers(url)``: a factory of started workers on ``url``; all closed at teardown."""
+async def workers(
+    own_redis_server: RedisServer, redis_prefix: str
+) -> AsyncIterator[Callable[..., MakeWorker]]:
+    """``workers(query)``: a factory of started workers on this test's own redis-server,
+    its URL ending with ``query`` (e.g. ``?protocol=2``); all closed at teardown."""
     opened: list[list[Worker]] = []
 
-    def on(url: str) -> MakeWorker:
-        make, made = worker_factory(url, redis_prefix)
+    def on(query: str = "") -> MakeWorker:
+        make, made = worker_factory(own_redis_server.url + query, redis_prefix)
         opened.append(made)
         return make
 
@@ -150,15 +153,11 @@ async def calls(admin: Redis, command: str) -> int:
 
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_both_protocol_versions(
-    workers: Callable[[str], MakeWorker],
-    protocol: int,
-    own_redis_server: RedisServer,
-    admin_of: Redis,
-    redis_prefix: str,
+    workers: Callable[..., MakeWorker], protocol: int, admin_of: Redis, redis_prefix: str
 ) -> None:
     """RESP2 replies with arrays, RESP3 with pushes: messages, confirmations and PONGs
     of either are read."""
-    make = workers(f"{own_redis_server.url}?protocol={protocol}")
+    make = workers(f"?protocol={protocol}")
     subscriber, publisher = await make(), await make()
     subscriber.connection.ping_interval = 0.05  # PINGed at each of the reader's checks
     await subscriber.broker.subscribe("c")
@@ -184,12 +183,9 @@ async def test_both_protocol_versions(
 
 
 async def test_the_subscribes_of_one_loop_turn_are_one_command(
-    workers: Callable[[str], MakeWorker],
-    own_redis_server: RedisServer,
-    admin_of: Redis,
-    redis_prefix: str,
+    workers: Callable[..., MakeWorker], admin_of: Redis, redis_prefix: str
 ) -> None:
-    make = workers(own_redis_server.url)
+    make = workers()
     worker = await make()
     before = await calls(admin_of, "subscribe")
     await asyncio.gather(*(worker.broker.subscribe(f"c{i}") for i in range(50)))
@@ -205,11 +201,11 @@ async def test_the_subscribes_of_one_loop_turn_are_one_command(
 
 
 async def test_an_error_reply_ends_the_connection_and_it_comes_back(
-    workers: Callable[[str], MakeWorker], own_redis_server: RedisServer, redis_prefix: str
+    workers: Callable[..., MakeWorker],
 ) -> None:
     """Redis answers an error (in a cluster: MOVED for a slot that moved): the reader does not
     guess which topic it was for, it reconnects, resubscribes everything and resyncs."""
-    make = workers(f"{own_redis_server.url}?protocol=2")
+    make = workers("?protocol=2")
     subscriber, publisher = await make(), await make()
     await subscriber.broker.subscribe("c")
     link = subscriber.connection._link
@@ -223,13 +219,9 @@ async def test_an_error_reply_ends_the_connection_and_it_comes_back(
 
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_a_command_behind_a_subscribe_is_its_confirmation_on_resp3(
-    workers: Callable[[str], MakeWorker],
-    protocol: int,
-    own_redis_server: RedisServer,
-    admin_of: Redis,
-    redis_prefix: str,
+    workers: Callable[..., MakeWorker], protocol: int, admin_of: Redis
 ) -> None:
-    make = workers(f"{own_redis_server.url}?protocol={protocol}")
+    make = workers(f"?protocol={protocol}")
     worker = await make()
     connection = worker.connection
     reply = await connection.subscribe(b"t1", lambda payload: None, (b"ECHO", b"after"))
@@ -251,12 +243,9 @@ async def test_a_command_behind_a_subscribe_is_its_confirmation_on_resp3(
 
 
 async def test_a_history_read_rides_behind_the_subscribe_and_survives_a_flushed_cache(
-    workers: Callable[[str], MakeWorker],
-    own_redis_server: RedisServer,
-    admin_of: Redis,
-    redis_prefix: str,
+    workers: Callable[..., MakeWorker], admin_of: Redis
 ) -> None:
-    make = workers(own_redis_server.url)
+    make = workers()
     subscriber, publisher = await make(), await make()
     published = [await publisher.broker.publish("c", b"%d" % i) for i in range(3)]
     await publisher.broker.history("c")  # the history script loaded (as on a live Redis)
@@ -295,7 +284,7 @@ class CountingHistory:
     ("protocol", "presence"), [(2, False), (3, False), (3, True)], ids=["resp2", "resp3", "chat"]
 )
 async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_order(
-    workers: Callable[[str], MakeWorker],
+    workers: Callable[..., MakeWorker],
     protocol: int,
     presence: bool,
     own_redis_server: RedisServer,
@@ -312,7 +301,7 @@ async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_
         dataclasses.replace(backend, broker=counting),
         presence_enabled=lambda c: presence,
     )
-    make = workers(url)
+    make = workers(f"?protocol={protocol}")
     await hub.start()
     channels = [f"c{i}" for i in range(40)]
     rounds = 60
@@ -361,15 +350,12 @@ async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_
 
 
 async def test_a_subscribe_cancelled_while_it_waits_leaves_nothing_subscribed(
-    workers: Callable[[str], MakeWorker],
-    own_redis_server: RedisServer,
-    admin_of: Redis,
-    redis_prefix: str,
+    workers: Callable[..., MakeWorker], admin_of: Redis
 ) -> None:
     """A client gone while its first subscribe of a channel waits for Redis: the SUBSCRIBE
     already went out, so an UNSUBSCRIBE follows it (else the worker would get the
     channel's messages for good, for no one)."""
-    make = workers(own_redis_server.url)
+    make = workers()
     connection = (await make()).connection
     waiting = asyncio.create_task(connection.subscribe(b"gone", lambda payload: None))
     await asyncio.sleep(0)  # the SUBSCRIBE is queued; its confirmation is awaited
@@ -387,15 +373,12 @@ async def test_a_subscribe_cancelled_while_it_waits_leaves_nothing_subscribed(
 
 
 async def test_presence_adds_and_events_ride_the_pubsub_connection_on_resp3(
-    workers: Callable[[str], MakeWorker],
-    own_redis_server: RedisServer,
-    admin_of: Redis,
-    redis_prefix: str,
+    workers: Callable[..., MakeWorker], admin_of: Redis, redis_prefix: str
 ) -> None:
     """A join's and a leave's small calls (the presence entry added or removed, the event's
     PUBLISH) go with the other calls of their loop turn on the pub/sub connection; a Redis
     that lost its scripts still takes them (through the pool, which loads the script)."""
-    make = workers(own_redis_server.url)
+    make = workers()
     worker, listener = await make(), await make()
     await listener.broker.subscribe("chat:r")
     assert await worker.presence.add("chat:r", "c-1", b"{}") is True
