@@ -299,9 +299,7 @@ class Hub(Fanout):
         lc.live[session] = None
         return result
 
-    async def _ensure_upstream(
-        self, lc: LocalChannel, read: HistoryQuery | None = None
-    ) -> HistoryPage | None:
+    async def _ensure_upstream(self, lc: LocalChannel, read: HistoryQuery) -> HistoryPage | None:
         async with self._lock(lc.name):
             if not lc.upstream and self._channels.get(lc.name) is lc:
                 page = await self._broker.subscribe(lc.name, read)
