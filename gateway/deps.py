@@ -63,6 +63,10 @@ def last_of(params: dict[str, list[str]], name: str) -> str | None:
 
 def query_value(query: bytes, name: str) -> str | None:
     """``QueryParams.get`` of a raw query string."""
+    text = query.decode("latin-1")
+    if "&" not in text and "%" not in text and "+" not in text:  # one plain parameter
+        key, _, value = text.partition("=")
+        return value if key == name and text else None
     return last_of(query_params(query), name)
 
 
