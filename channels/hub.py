@@ -171,15 +171,10 @@ class Hub(Fanout):
         if len(session.channels) >= self.max_channels_per_session:
             raise SubscribeError("limit_exceeded", "too many channels on one connection")
         lc = self._channels.get(channel)
-        if lc is None or not lc.relaying or self._presence.enabled(channel):
+        if lc is None or self._presence.enabled(channel):
             return None
-        replay: list[Publication | Batch] = []
-        if since is not None and since != lc.position:
-            relayed = lc.replay_since(since)
-            if relayed is None:
-                return None
-            replay = relayed
-        return self._join_live(session, lc, since, on_ready, replay)
+        replay = lc.owed(since)
+        return None if replay is None else self._join_live(session, lc, since, on_ready, replay)
 
     async def subscribe(
         self,
@@ -210,13 +205,17 @@ class Hub(Fanout):
         join = lc.joining[session] = Join()
         session.channels.add(channel)
         limit = None if since else 0
+        replay = None
         try:
             page = None
             if not lc.upstream:  # (the read in the same round trip where the broker can)
                 page = await self._ensure_upstream(lc, HistoryQuery(since, limit))
             if presence:
                 await self._presence.add(channel, session)
-            if page is None:
+                # A room this worker relays: joined from where it is, as ``subscribe_now``
+                # joins, once the entry is in (no read, and no await from here on).
+                replay = None if page is not None else lc.owed(since)
+            if page is None and replay is None:
                 page = await self._broker.history(channel, since=since, limit=limit)
         except BaseException:
             self._drop(session, lc)
@@ -227,6 +226,12 @@ class Hub(Fanout):
         if lc.joining.pop(session, None) is None:  # unsubscribed meanwhile
             lc.settle()
             raise SubscribeError("bad_request", f"unsubscribed from {channel} while subscribing")
+        if replay is not None:
+            result = self._join_live(session, lc, since, on_ready, replay)
+            lc.settle()
+            self._announce_join(session, channel)
+            return result
+        assert page is not None
 
         # From here to the end of the method there is no await: atomic w.r.t. deliveries.
         recovered = since is not None and page.complete
@@ -264,10 +269,11 @@ class Hub(Fanout):
             lc.catching_up[session] = last
         lc.settle()
         if presence:
-            self._tasks.spawn(
-                self._presence.announce(channel, "join", session.presence_entry), "join"
-            )
+            self._announce_join(session, channel)
         return result
+
+    def _announce_join(self, session: Session, channel: str) -> None:
+        self._tasks.spawn(self._presence.announce(channel, "join", session.presence_entry), "join")
 
     def _join_live(
         self,

@@ -75,6 +75,17 @@ class LocalChannel:
             self.upstream and self.epoch is not None and self.recovering is None and bool(self.live)
         )
 
+    def owed(self, since: StreamPosition | None) -> list[Publication | Batch] | None:
+        """What a session joining from ``since`` (None: from where the channel is) is
+        owed, from what this worker relayed (``Hub._join_live``); None when the worker
+        does not relay the channel, or what it relayed does not reach back to ``since``:
+        history must be read."""
+        if not self.relaying:
+            return None
+        if since is None or since == self.position:
+            return []
+        return self.replay_since(since)
+
     def remove(self, session: Session) -> bool:
         if session in self.live:
             del self.live[session]

@@ -92,7 +92,9 @@ def new_session(max_queue_bytes: int = 10_000_000) -> tuple[Session, Recorder, a
     return session, recorder, asyncio.create_task(session.run_writer())
 
 
-@pytest.mark.parametrize("channel", ["c", "chat:c"], ids=["joined-where-it-is", "history-read"])
+@pytest.mark.parametrize(
+    "channel", ["c", "chat:c"], ids=["joined-where-it-is", "joined-after-its-presence-entry"]
+)
 async def test_sessions_joining_during_a_burst_get_each_offset_once_in_order(
     hub: Hub, channel: str
 ) -> None:

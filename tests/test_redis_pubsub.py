@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from channels.backends import redis as redis_backend
 from channels.broker import Broker, BrokerOptions, HistoryPage, HistoryQuery
-from channels.hub import Hub
+from channels.hub import Hub, SubscribeResult
 from channels.publication import PresenceEvent, StreamPosition
 from loadtest.ports import free_port
 from tests.conftest import eventually
@@ -345,6 +345,66 @@ async def test_joins_of_new_channels_racing_a_publisher_get_each_offset_once_in_
                 await eventually(announced)
         for *_rest, writer in joined:
             writer.cancel()
+    finally:
+        await hub.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
+async def test_joins_of_a_room_this_worker_relays_read_no_history(
+    workers: Callable[..., MakeWorker],
+    protocol: int,
+    own_redis_server: RedisServer,
+    redis_prefix: str,
+) -> None:
+    """Joins of a channel with presence that the worker relays already (a chat room with
+    someone in it), racing a publisher on another worker: each adds its entry, then
+    joins from where the worker is, with no history read (the room's first join reads
+    it, apart on RESP2), and gets each offset after its position once, in order; each
+    is in the room's presence and its join announced to those there before it."""
+    url = f"{own_redis_server.url}?protocol={protocol}"
+    backend = redis_backend.create(url, BrokerOptions(key_prefix=redis_prefix))
+    counting = CountingHistory(backend.broker)
+    hub = Hub(dataclasses.replace(backend, broker=counting), presence_enabled=lambda c: True)
+    make = workers(f"?protocol={protocol}")
+    await hub.start()
+    rounds, joiners = 300, 30
+    try:
+        publisher = (await make()).broker
+        await publisher.history("room")  # the history script loaded (a fresh Redis: NOSCRIPT)
+        first, first_recorder, first_writer = new_session()
+        await hub.subscribe(first, "room")
+        reads = counting.reads  # the first join's: 0 on RESP3 (behind the SUBSCRIBE)
+
+        async def publish_all() -> None:
+            for n in range(rounds):
+                await publisher.publish("room", b"%d" % n)
+
+        publishing = asyncio.create_task(publish_all())
+        joined: list[tuple[Recorder, SubscribeResult, asyncio.Task[bool]]] = []
+        while len(joined) < joiners:
+            session, recorder, writer = new_session()
+            joined.append((recorder, await hub.subscribe(session, "room"), writer))
+            await asyncio.sleep(0.002)
+        await publishing
+        assert any(0 < result.position.offset < rounds for _r, result, _w in joined)  # raced
+        for recorder, result, _writer in joined:
+            expected = list(range(result.position.offset + 1, rounds + 1))
+
+            def caught_up(r: Recorder = recorder, e: list[int] = expected) -> bool:
+                return r.offsets("room") == e
+
+            await eventually(caught_up)
+        assert counting.reads == reads == (1 if protocol == 2 else 0)  # no recovery either
+        assert len(await hub.presence("room")) == joiners + 1
+
+        def announced() -> bool:
+            events = [i for i in first_recorder.items if isinstance(i, PresenceEvent)]
+            return len([e for e in events if e.event == "join"]) >= joiners
+
+        await eventually(announced)
+        for _recorder, _result, writer in joined:
+            writer.cancel()
+        first_writer.cancel()
     finally:
         await hub.close()
 
