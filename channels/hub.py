@@ -228,6 +228,9 @@ class Hub(Fanout):
             raise SubscribeError("bad_request", f"unsubscribed from {channel} while subscribing")
         if replay is not None:
             result = self._join_live(session, lc, since, on_ready, replay)
+            for message in join.buffer:  # joins and leaves meanwhile (no offset to be past)
+                if not isinstance(message, Publication):
+                    session.push(message)
             lc.settle()
             self._announce_join(session, channel)
             return result

@@ -18,7 +18,7 @@ import pytest
 from channels.backend_url import create_backend
 from channels.broker import Broker, BrokerOptions, HistoryPage
 from channels.hub import Hub, SubscribeResult
-from channels.publication import Batch, Publication, StreamPosition
+from channels.publication import Batch, PresenceEvent, Publication, StreamPosition
 from channels.session import Ending, Gap, Outgoing, Session
 from tests.conftest import eventually
 
@@ -76,8 +76,9 @@ def count_history_reads(broker: Any) -> list[StreamPosition | None]:
 async def hub() -> AsyncIterator[Hub]:
     backend = create_backend("memory://", BrokerOptions(history_size=1000))
     backend = dataclasses.replace(backend, broker=SlowHistory(backend.broker))
-    # Presence on "chat:*" only: a subscribe there always reads history (the join race);
-    # elsewhere a channel the hub already relays is joined from where it is.
+    # Presence on "chat:*" only: a subscribe there adds an entry first (an await), then
+    # reads history unless the hub relays the channel; elsewhere a channel the hub
+    # already relays is joined from where it is, at once.
     hub = Hub(backend, presence_enabled=lambda c: c.startswith("chat:"))
     await hub.start()
     yield hub
@@ -123,6 +124,56 @@ async def test_sessions_joining_during_a_burst_get_each_offset_once_in_order(
     assert len(joined) > 5
     for writer in writers:
         writer.cancel()
+
+
+class GatedPresence:
+    """A presence store whose ``add`` for one client waits until ``gate`` is set."""
+
+    def __init__(self, store: Any, held: str) -> None:
+        self._store, self.held = store, held
+        self.waiting, self.gate = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def add(self, channel: str, client_id: str, entry: bytes) -> bool:
+        if client_id == self.held:
+            self.waiting.set()
+            await self.gate.wait()
+        return bool(await self._store.add(channel, client_id, entry))
+
+
+async def test_a_join_of_a_relayed_room_gets_the_joins_that_came_while_it_joined() -> None:
+    """A join of a room the hub relays (joined from where the hub is once its entry is
+    in) still gets the presence events that arrived while its entry was being added,
+    after its reply, as a join that reads history does."""
+    backend = create_backend("memory://", BrokerOptions(history_size=100))
+    first, first_recorder, first_writer = new_session()
+    joining, recorder, joining_writer = new_session()
+    late, _late_recorder, late_writer = new_session()
+    gated = GatedPresence(backend.presence, held=joining.client_id)
+    hub = Hub(dataclasses.replace(backend, presence=gated), presence_enabled=lambda c: True)
+    await hub.start()
+    try:
+        await hub.subscribe(first, "room")
+        await hub.publish("room", b"1")
+        subscribing = asyncio.create_task(hub.subscribe(joining, "room"))
+        await gated.waiting.wait()
+        await hub.subscribe(late, "room")  # joined and announced while the other waits
+
+        def joins(r: Recorder) -> list[bytes]:
+            return [i.client for i in r.items if isinstance(i, PresenceEvent)]
+
+        await eventually(lambda: len(joins(first_recorder)) == 1)  # the late one's
+        gated.gate.set()
+        result = await subscribing
+        assert result.position.offset == 1
+        await eventually(lambda: len(joins(recorder)) == 2)  # the late one's, then its own
+        assert [late.client_id.encode() in c for c in joins(recorder)] == [True, False]
+    finally:
+        for writer in (first_writer, joining_writer, late_writer):
+            writer.cancel()
+        await hub.close()
 
 
 async def test_recovery_from_since_replays_history_then_live_without_duplicates(hub: Hub) -> None:
