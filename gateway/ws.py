@@ -34,7 +34,7 @@ from starlette.types import Message
 from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
-from channels.publication import Publication
+from channels.publication import Batch, PresenceEvent, Publication
 from channels.session import Ending, Gap, Outgoing
 from gateway import dispatch, wire
 from gateway.admission import ask_backend, refusal
@@ -68,13 +68,13 @@ class WebSocketTransport:
         self.port = port
 
     def write_now(self, item: Outgoing) -> bool:
-        if type(item) is Publication:  # the hot path: its frame is built once, for all
+        # The hot path: what the fan-out writes to every subscriber (a publication, those
+        # of one pass, a join or a leave), its frames built once, for all.
+        if type(item) is Publication or isinstance(item, Batch | PresenceEvent):
             cache = item.wire
             frames = cache.ws if cache is not None else None
             return self.port.try_write(frames if frames is not None else wire.ws_frames(item))
-        if isinstance(item, Gap):
-            return True
-        return self.port.try_write(wire.ws_frames(item))
+        return isinstance(item, Gap) or self.port.try_write(wire.ws_frames(item))
 
     async def write(self, batch: list[Outgoing]) -> None:
         frames = [wire.ws_frames(item) for item in batch if not isinstance(item, Gap)]
