@@ -21,7 +21,8 @@ from cryptography.x509.oid import NameOID
 from redis.asyncio import Redis
 
 from channels.backends import redis as redis_backend
-from channels.broker import Broker, BrokerOptions, HistoryPage, HistoryQuery
+from channels.backends.redis import connection
+from channels.broker import Broker, BrokerOptions, BrokerUnavailable, HistoryPage, HistoryQuery
 from channels.hub import Hub, SubscribeResult
 from channels.publication import PresenceEvent, StreamPosition
 from loadtest.ports import free_port
@@ -215,6 +216,28 @@ async def test_an_error_reply_ends_the_connection_and_it_comes_back(
     assert link.lost.done() and "only" in str(link.lost.result())
     await publisher.broker.publish("c", b"1")
     await eventually(lambda: subscriber.received.publications("c"))
+
+
+async def test_a_call_left_unanswered_gives_the_connection_up(
+    workers: Callable[..., MakeWorker], admin_of: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls on the pub/sub connection have no timer each: when none is answered for
+    ``COMMAND_TIMEOUT`` (Redis paused, a partition), the reader gives the connection up,
+    the waiting call fails (a presence add: ``BrokerUnavailable``) before Redis answers,
+    and the reader reconnects, resubscribed."""
+    monkeypatch.setattr(connection, "COMMAND_TIMEOUT", 0.5)
+    worker = await (workers("?protocol=3"))()
+    worker.connection.ping_interval = 60.0  # (the silence check out of it)
+    await worker.broker.subscribe("c")
+    loop = asyncio.get_running_loop()
+    await admin_of.client_pause(4000, all=True)  # every command
+    started = loop.time()
+    with pytest.raises(BrokerUnavailable):
+        await worker.presence.add("c", "c-1", b"{}")
+    assert loop.time() - started < 3.5  # given up, not answered at the pause's end
+    await eventually(lambda: worker.reconnects >= 1 and worker.received.resyncs >= 1, timeout=10)
+    await worker.broker.publish("c", b"1")
+    await eventually(lambda: worker.received.publications("c"))
 
 
 @pytest.mark.parametrize("protocol", [2, 3])

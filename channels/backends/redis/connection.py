@@ -7,9 +7,9 @@ only, so that a sharded deployment can hold one ``Connection`` per shard (or sen
 SSUBSCRIBE) without the broker changing.
 
 Every Redis call is bounded by socket timeouts (``CONNECT_TIMEOUT``, ``COMMAND_TIMEOUT``;
-``socket_timeout``/``socket_connect_timeout`` in the URL's query override them) and is
-never retried by redis-py, so nothing hangs or runs twice when Redis is gone.
-"""
+``socket_timeout``/``socket_connect_timeout`` in the URL's query override them), those on
+the pub/sub connection by its watch (``_watch``), and none is retried by redis-py, so
+nothing hangs or runs twice when Redis is gone."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ class Connection:
             sent_on = link
             if then is not None and link.resp3:
                 try:
-                    return await _answered(link.call(*then))
+                    return await link.call(*then)
                 except ResponseError as exc:
                     logger.debug("%r after SUBSCRIBE %r: %s", then[0], topic, exc)
                     return None
@@ -201,7 +201,7 @@ class Connection:
         if self.sharded:
             await self.redis.spublish(topic, payload)
         elif (link := self._quick_link()) is not None:
-            await _answered(link.call(b"PUBLISH", topic, payload))
+            await link.call(b"PUBLISH", topic, payload)
         else:
             await self.redis.publish(topic, payload)
 
@@ -212,7 +212,7 @@ class Connection:
         (redis-py's call loads it)."""
         if (link := self._quick_link()) is not None:
             try:
-                return await _answered(link.call(b"EVALSHA", script.sha, len(keys), *keys, *args))
+                return await link.call(b"EVALSHA", script.sha, len(keys), *keys, *args)
             except ResponseError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
@@ -324,10 +324,12 @@ class Connection:
         return list(slots.values())
 
     async def _watch(self, link: PubSubLink) -> None:
-        """Return never: raise when ``link`` is lost, or silent for too long (its messages
-        are dispatched by the link itself as they arrive)."""
+        """Return never: raise when ``link`` is lost, silent for too long, or stuck (calls
+        waiting, none answered for ``COMMAND_TIMEOUT``: replies come in order, so one
+        unanswered holds up all later ones; its calls then fail, not a timer each)."""
         loop = asyncio.get_running_loop()
         last_ping = loop.time()
+        answered, stuck_since = link.answered, None
         while True:
             await asyncio.wait((link.lost,), timeout=1.0)
             if link.lost.done():
@@ -336,6 +338,12 @@ class Connection:
             idle = now - link.last_seen
             if idle > self.ping_interval + COMMAND_TIMEOUT:
                 raise RedisTimeoutError(f"no reply from Redis for {idle:.1f}s")
+            if not link.waiting or link.answered != answered:
+                answered, stuck_since = link.answered, None
+            elif stuck_since is None:
+                stuck_since = now
+            elif now - stuck_since >= COMMAND_TIMEOUT:
+                raise RedisTimeoutError(f"no call answered for {now - stuck_since:.1f}s")
             if idle >= self.ping_interval and now - last_ping >= self.ping_interval:
                 last_ping = now
                 link.ping()
@@ -373,11 +381,6 @@ class Connection:
             for waiter in futures:
                 if not waiter.done():
                     waiter.set_exception(BrokerUnavailable("Redis pub/sub connection lost"))
-
-
-async def _answered(call: asyncio.Future[Any]) -> Any:
-    async with asyncio.timeout(COMMAND_TIMEOUT):
-        return await call
 
 
 def notify_resync(on_resync: TopicResync | None, which: TopicFilter) -> None:

@@ -56,6 +56,7 @@ class PubSubLink(asyncio.Protocol):
         self._queue: list[tuple[bytes, tuple[Any, ...]]] = []
         # RESP3: what each reply that is not a push answers, in order (None: a PING's).
         self._calls: deque[asyncio.Future[Any] | None] = deque()
+        self.answered = 0  # calls answered so far (the reader's watch: progress)
         self.resp3 = connection.get_protocol() in (3, "3")  # type: ignore[no-untyped-call]
         self.lost: asyncio.Future[BaseException] = self._loop.create_future()
         self.last_seen = self._loop.time()
@@ -103,6 +104,11 @@ class PubSubLink(asyncio.Protocol):
         self.send(command, *args)
         self._calls.append(reply)
         return reply
+
+    @property
+    def waiting(self) -> bool:
+        """Calls (or a PING) wait for their replies."""
+        return bool(self._calls)
 
     def _flush(self) -> None:
         queue, self._queue = self._queue, []
@@ -160,6 +166,7 @@ class PubSubLink(asyncio.Protocol):
                 return False
             reply = error
         waiter = self._calls.popleft()
+        self.answered += 1
         if waiter is not None and not waiter.done():
             if isinstance(reply, ResponseError):
                 waiter.set_exception(reply)
