@@ -41,7 +41,7 @@ from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
 from channels.presence import Presence
-from channels.publication import Batch, Publication, StreamPosition, compact
+from channels.publication import Batch, Message, Publication, StreamPosition, compact
 from channels.session import Gap, Session
 
 logger = logging.getLogger(__name__)
@@ -228,9 +228,10 @@ class Hub(Fanout):
             raise SubscribeError("bad_request", f"unsubscribed from {channel} while subscribing")
         if replay is not None:
             result = self._join_live(session, lc, since, on_ready, replay)
-            for message in join.buffer:  # joins and leaves meanwhile (no offset to be past)
-                if not isinstance(message, Publication):
-                    session.push(message)
+            # The joins and leaves that came meanwhile (no offset to be past), one write.
+            events: list[Message] = [m for m in join.buffer if not isinstance(m, Publication)]
+            if events:
+                session.push(events[0] if len(events) == 1 else Batch(events))
             lc.settle()
             self._announce_join(session, channel)
             return result
