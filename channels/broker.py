@@ -130,7 +130,13 @@ class PresenceStore(Protocol):
         """Add or refresh one client's entry; True when it was not there (new, or it had
         expired and been removed)."""
 
-    async def remove(self, channel: str, client_id: str) -> None: ...
+    async def remove(self, channel: str, client_id: str) -> None:
+        """Drop one client's entry, announcing nothing (a refresh's re-add undone)."""
+
+    async def leave(self, channel: str, client_id: str) -> None:
+        """Drop one client's entry and fan out its ``leave``, in one step: only when the
+        entry was there (one that lapsed had its leave announced when it was removed),
+        so that each leave goes out once."""
 
     async def list(self, channel: str) -> list[bytes]:
         """The live entries (those whose TTL passed are removed, as by ``expire``)."""

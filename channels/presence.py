@@ -40,9 +40,8 @@ class Presence:
         await self._store.add(channel, session.client_id, session.presence_entry)
 
     async def leave(self, channel: str, session: Session) -> None:
-        """Remove the session's entry and announce its ``leave``."""
-        await self._store.remove(channel, session.client_id)
-        await self.announce(channel, "leave", session.presence_entry)
+        """Remove the session's entry and announce its ``leave`` (once: ``PresenceStore``)."""
+        await self._store.leave(channel, session.client_id)
 
     async def announce(self, channel: str, event: str, entry: bytes) -> None:
         try:

@@ -47,6 +47,46 @@ async def test_presence_and_join_events_are_per_channel(make_worker: MakeWorker)
     assert await worker.presence.list("chat:b") == []
 
 
+async def test_a_leave_removes_the_entry_and_is_announced_once(make_worker: MakeWorker) -> None:
+    """``leave`` drops the entry and fans out its ``leave`` in one step; a second leave of
+    the same client, or a leave of one never there, announces nothing."""
+    worker = await make_worker()
+    await worker.broker.subscribe("chat:x")
+    await worker.presence.add("chat:x", "c-1", GONE)
+    await worker.presence.add("chat:x", "c-2", KEPT)
+    await worker.presence.leave("chat:x", "c-1")
+    assert await worker.presence.list("chat:x") == [KEPT]
+    await worker.presence.leave("chat:x", "c-1")
+    await worker.presence.leave("chat:x", "c-3")
+    await worker.broker.publish("chat:x", b"1")  # a marker: everything published before it arrived
+    await eventually(lambda: worker.received.publications("chat:x"))
+    assert [(m.channel, m.event, m.client) for m in worker.received.events()] == [
+        ("chat:x", "leave", GONE)
+    ]
+    await worker.presence.remove("chat:x", "c-2")  # (a remove announces nothing)
+    assert await worker.presence.list("chat:x") == []
+
+
+async def test_a_leave_after_the_entry_lapsed_and_was_announced_is_not_announced_again(
+    make_worker: MakeWorker,
+) -> None:
+    """A client whose entry lapsed (its worker out of reach for longer than the TTL) and
+    whose leave went out when it was expired, then leaves: no second leave."""
+    worker = await make_worker(presence_ttl=0.3)
+    await worker.broker.subscribe("chat:x")
+    await worker.presence.add("chat:x", "c-1", GONE)
+    deadline = asyncio.get_running_loop().time() + 5
+    while not worker.received.events():
+        await worker.presence.add("chat:x", "c-2", KEPT)  # kept: the room's keys stay
+        await worker.presence.expire("chat:x")
+        assert asyncio.get_running_loop().time() < deadline, "the entry never expired"
+        await asyncio.sleep(0.05)
+    await worker.presence.leave("chat:x", "c-1")
+    await worker.broker.publish("chat:x", b"1")  # a marker, as above
+    await eventually(lambda: worker.received.publications("chat:x"))
+    assert [(m.event, m.client) for m in worker.received.events()] == [("leave", GONE)]
+
+
 async def test_expired_presence_entries_leave_once_with_a_leave_event(
     make_worker: MakeWorker,
 ) -> None:

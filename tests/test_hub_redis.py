@@ -44,6 +44,9 @@ class FlakyPresence:
     async def remove(self, channel: str, client_id: str) -> None:
         await self._store.remove(channel, client_id)
 
+    async def leave(self, channel: str, client_id: str) -> None:
+        await self._store.leave(channel, client_id)
+
     async def expire(self, channel: str) -> None:
         await self._store.expire(channel)
 

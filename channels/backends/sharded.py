@@ -134,6 +134,9 @@ class ShardedPresence:
     async def remove(self, channel: str, client_id: str) -> None:
         await self.stores[self.shard(channel)].remove(channel, client_id)
 
+    async def leave(self, channel: str, client_id: str) -> None:
+        await self.stores[self.shard(channel)].leave(channel, client_id)
+
     async def list(self, channel: str) -> list[bytes]:
         return await self.stores[self.shard(channel)].list(channel)
 

@@ -6,6 +6,7 @@ import time
 
 from channels.backends.memory.namespace import ChannelPresence, Namespace, PresenceEntry
 from channels.broker import BrokerOptions
+from channels.publication import PresenceEvent
 
 
 class MemoryPresence:
@@ -32,6 +33,14 @@ class MemoryPresence:
             held.clients.pop(client_id, None)
             if not held.clients:
                 del self._space.presence[channel]
+
+    async def leave(self, channel: str, client_id: str) -> None:
+        held = self._space.present(channel, time.monotonic())
+        client = None if held is None else held.clients.pop(client_id, None)
+        if held is not None and not held.clients:
+            del self._space.presence[channel]
+        if client is not None:
+            self._space.deliver(channel, PresenceEvent(channel, "leave", client.entry))
 
     async def list(self, channel: str) -> list[bytes]:
         self._space.reap(channel, time.monotonic())

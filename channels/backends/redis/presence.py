@@ -37,6 +37,13 @@ class RedisPresence:
         except REDIS_ERRORS as exc:
             raise unavailable("presence remove", exc) from exc
 
+    async def leave(self, channel: str, client_id: str) -> None:
+        keys, args = self._keys.presence(channel), [client_id, self._keys.topic(channel)]
+        try:
+            await self._connection.run_script(self._scripts.presence_leave, keys, args)
+        except REDIS_ERRORS as exc:
+            raise unavailable("presence leave", exc) from exc
+
     async def list(self, channel: str) -> list[bytes]:
         keys, args = self._keys.presence(channel), [self._keys.topic(channel)]
         try:

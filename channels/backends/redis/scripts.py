@@ -23,6 +23,7 @@ PARTS = {
     "history": ("stream_meta.lua", "history.lua"),
     "presence_add": ("server_clock.lua", "presence_add.lua"),
     "presence_remove": ("presence_remove.lua",),
+    "presence_leave": ("presence_leave.lua",),
     "presence_list": ("server_clock.lua", "reap.lua", "presence_list.lua"),
     "presence_expire": ("server_clock.lua", "reap.lua", "presence_expire.lua"),
 }
@@ -50,6 +51,7 @@ class Scripts:
         "history",
         "presence_add",
         "presence_expire",
+        "presence_leave",
         "presence_list",
         "presence_remove",
         "publish",
@@ -66,4 +68,5 @@ class Scripts:
         self.presence_add = load("presence_add")
         self.presence_list = load("presence_list")
         self.presence_remove = load("presence_remove")
+        self.presence_leave = load("presence_leave")
         self.presence_expire = load("presence_expire")
