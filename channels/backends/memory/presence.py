@@ -28,19 +28,22 @@ class MemoryPresence:
         return added
 
     async def remove(self, channel: str, client_id: str) -> None:
-        held = self._space.present(channel, time.monotonic())
-        if held is not None:
-            held.clients.pop(client_id, None)
-            if not held.clients:
-                del self._space.presence[channel]
+        self._pop(channel, client_id)
 
     async def leave(self, channel: str, client_id: str) -> None:
-        held = self._space.present(channel, time.monotonic())
-        client = None if held is None else held.clients.pop(client_id, None)
-        if held is not None and not held.clients:
-            del self._space.presence[channel]
+        client = self._pop(channel, client_id)
         if client is not None:
             self._space.deliver(channel, PresenceEvent(channel, "leave", client.entry))
+
+    def _pop(self, channel: str, client_id: str) -> PresenceEntry | None:
+        """``client_id``'s entry, taken out of ``channel``'s presence (None: not there)."""
+        held = self._space.present(channel, time.monotonic())
+        if held is None:
+            return None
+        client = held.clients.pop(client_id, None)
+        if not held.clients:
+            del self._space.presence[channel]
+        return client
 
     async def list(self, channel: str) -> list[bytes]:
         self._space.reap(channel, time.monotonic())
