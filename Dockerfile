@@ -6,7 +6,8 @@
 #   docker run --rm -p 8000:8000 -e GATEWAY_ENV=production -e GATEWAY_JWT_SECRET=... gateway:0.1.0
 #
 # Two stages: the builder makes a virtual environment with `pip install .` (the runtime
-# dependencies of pyproject.toml, no test extra, no editable install); the final stage is a
+# dependencies of pyproject.toml, no test extra, no editable install; the compiled modules
+# built with the builder's C compiler); the final stage is a
 # fresh slim Python with that venv copied in and nothing else: no pip cache, no build
 # files, no tests, running as an unprivileged user. tests/test_deploy.py builds the same
 # venv from the same files, starts the same command and lints this file with hadolint.
@@ -19,14 +20,22 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# A C compiler for the compiled modules (setup.py); this stage only, the image gets the
+# venv alone.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 # Only what the package is built from (.dockerignore keeps caches and the rest out).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY auth/ ./auth/
 COPY channels/ ./channels/
 COPY gateway/ ./gateway/
+# Built with its compiled modules (the check fails the build if they are not).
 RUN /opt/venv/bin/pip install . \
-    && /opt/venv/bin/python -I -c "import gateway.__main__, uvloop, httptools"
+    && /opt/venv/bin/python -I -c "import gateway.__main__, uvloop, httptools" \
+    && /opt/venv/bin/python -I -c "import gateway.ws, sys; sys.exit(gateway.ws.__file__.endswith('.py'))"
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="gateway" \

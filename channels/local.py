@@ -22,22 +22,6 @@ class Join:
 
 
 class LocalChannel:
-    __slots__ = (
-        "_replays",
-        "_replays_at",
-        "catching_up",
-        "epoch",
-        "joining",
-        "live",
-        "name",
-        "offset",
-        "pending",
-        "recent",
-        "recovering",
-        "settled",
-        "upstream",
-    )
-
     def __init__(self, name: str) -> None:
         self.name = name
         self.live: dict[Session, None] = {}  # insertion-ordered set

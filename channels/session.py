@@ -107,27 +107,6 @@ def _size(item: Outgoing) -> int:
 
 
 class Session:
-    __slots__ = (
-        "_aborted",
-        "_presence_entry",
-        "_queue",
-        "_queued_bytes",
-        "_start_writer",
-        "_transport",
-        "_waiter",
-        "_writer",
-        "_writing",
-        "channels",
-        "client_id",
-        "close_reason",
-        "info",
-        "max_queue_bytes",
-        "observe_latency",
-        "send_timeout",
-        "transport_name",
-        "user",
-    )
-
     def __init__(
         self,
         transport: Transport,

@@ -16,6 +16,7 @@ import sys
 import uvicorn
 
 from auth.tokens import make_token, new_dev_secret
+from gateway import compiled
 from gateway.demo_backend import hooks_config
 from gateway.server.draining import DrainingServer
 from gateway.server.heap import prepare_heap
@@ -109,6 +110,7 @@ def _log_choice(choice: ServerChoice) -> None:
     for fallback in choice.fallbacks:
         logger.warning("%s", fallback)
     logger.info("%s", choice.summary)
+    logger.info("%s", compiled.summary())
 
 
 def _announce_dev(token: str, base: str) -> None:

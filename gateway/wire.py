@@ -38,8 +38,6 @@ _TEXT = 0x81  # FIN + text opcode
 class Encoded:
     """What the wire module built for one message (or batch); None until first needed."""
 
-    __slots__ = ("chunk", "json", "sse", "ws")
-
     def __init__(self) -> None:
         self.json: bytes | None = None
         self.ws: bytes | None = None

@@ -18,6 +18,8 @@ Anything that ends a session (slow consumer, token expiry, drain, too many bad
 frames, a frame too big) calls ``Session.close`` with the reason; the writer
 flushes what is queued (a slow consumer's queue is dropped) and sends the close
 frame; the reader then sees the disconnect and cleans up.
+
+The ASGI route (stock protocols, other servers) is ``gateway.ws_route``'s.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import contextlib
 import logging
 import time
 
-from fastapi import APIRouter, WebSocket
 from starlette.requests import cookie_parser
 from starlette.types import Message
 
@@ -39,7 +40,7 @@ from channels.session import Ending, Gap, Outgoing
 from gateway import dispatch, wire
 from gateway.admission import ask_backend, refusal
 from gateway.commands import BadFrame, Command, parse_command
-from gateway.deps import MaybeClaimsDep, hooked, query_value, token_of
+from gateway.deps import hooked, query_value, token_of
 from gateway.errors import Close, CloseCode, ErrorCode, close_for
 from gateway.hooks import Grant
 from gateway.ratelimit import RateLimiter
@@ -51,18 +52,14 @@ from gateway.server.ports import (
     Refuse,
     RequestHead,
     WebSocketPort,
-    websocket_port,
 )
 from gateway.timers import Timer, loop_timers
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
 
 
 class WebSocketTransport:
     """Writes pushes and replies as text frames; ``Gap`` markers are SSE-only and skipped."""
-
-    __slots__ = ("port",)
 
     def __init__(self, port: WebSocketPort) -> None:
         self.port = port
@@ -84,20 +81,6 @@ class WebSocketTransport:
 
 class Connection:
     """The command side of one WebSocket client: reads, dispatches, ends."""
-
-    __slots__ = (
-        "_expiry",
-        "_finished",
-        "_reader",
-        "_writer",
-        "bad_frames",
-        "claims",
-        "gateway",
-        "grant",
-        "port",
-        "publish_limiter",
-        "session",
-    )
 
     def __init__(
         self,
@@ -314,39 +297,6 @@ class Connection:
         self.session.push(wire.error_reply(exc.id, ErrorCode.BAD_REQUEST, exc.message))
 
 
-async def _refuse(websocket: WebSocket, close: Close) -> None:
-    """Accept, then close with ``close``: browsers can only read the code after a handshake."""
-    await websocket.accept()
-    await websocket.close(close.code, close.reason)
-
-
-@router.websocket("/ws")
-async def websocket_endpoint(websocket: WebSocket, claims: MaybeClaimsDep) -> None:
-    gateway: Gateway = websocket.app.state.gateway
-    by_hook = hooked(gateway, claims)
-    refused = refusal(gateway, websocket.headers.get("origin"), claims, by_hook)
-    if refused is not None:
-        return await _refuse(websocket, refused)
-    grant = client_id = None
-    if by_hook:
-        answer = await ask_backend(gateway, claims, websocket.cookies, websocket.headers)
-        if isinstance(answer, Close):
-            return await _refuse(websocket, answer)
-        claims, grant, client_id = answer.claims, answer.grant, answer.client_id
-    assert not isinstance(claims, AuthError)
-    await websocket.accept()
-    raw = gateway.settings.raw_writes
-    port = websocket_port(websocket.scope, websocket.receive, websocket.send, raw=raw)
-    connection = Connection(gateway, claims, port, grant, client_id)
-    connection.start()
-    try:
-        await port.hold()  # the gateway's protocol: at once, and the connection lives on
-    except BaseException:  # the server cancelled the call: end the connection
-        connection.session.close(Ending.CLIENT_GONE)
-        raise
-    return None
-
-
 def opener(gateway: Gateway) -> Opener:
     """``/ws`` answered below ASGI by the gateway's own protocol (``OPEN_WEBSOCKET``): the same
     checks, in the same order, as the endpoint and its token dependency, with no framework
@@ -376,8 +326,6 @@ def opener(gateway: Gateway) -> Opener:
 
 class _UpgradeHeaders:
     """An upgrade's headers as the connect hook reads them (``Opening.headers``)."""
-
-    __slots__ = ("_upgrade",)
 
     def __init__(self, upgrade: RequestHead) -> None:
         self._upgrade = upgrade

@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 
 from auth.tokens import make_token
+from gateway import compiled
 from gateway.app import create_app
 from gateway.settings import Settings
 from loadtest.ports import free_port as free_port  # below the ephemeral range, never twice
@@ -31,6 +32,29 @@ SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 # GATEWAY_TEST_RAW_WRITES=false runs the in-process servers on uvicorn's stock protocols
 # unless a test asks otherwise (scripts/test does so for the contract's end-to-end tests).
 RAW_WRITES = os.environ.get("GATEWAY_TEST_RAW_WRITES", "true").lower() != "false"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that patches a compiled class's methods to watch them would see only the
+    calls from interpreted code: it runs where the modules are interpreted."""
+    if not compiled.compiled_modules():
+        return
+    skip = pytest.mark.skip(reason="patches compiled internals: runs in the pure-Python pass")
+    for item in items:
+        if item.get_closest_marker("patches_internals"):
+            item.add_marker(skip)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test old code: a compiled module built before its source's last edit
+    runs the build, not the edit (setup.py; ``pip install -e .`` builds it again)."""
+    compiled.summary()  # (imports the connection and fan-out path)
+    stale = compiled.stale_modules()
+    if stale:
+        raise pytest.UsageError(
+            f"compiled before their sources changed: {', '.join(stale)}; "
+            "build them again: .venv/bin/pip install -e ."
+        )
 
 
 def token(

@@ -348,6 +348,7 @@ def _offsets(events: list[bytes]) -> list[int]:
     return [orjson.loads(e.split(b"\ndata: ", 1)[1])["offset"] for e in events if b"\ndata: " in e]
 
 
+@pytest.mark.patches_internals
 async def test_paused_socket_queues_then_batches_in_order_without_loss(make_server, raw_writes):
     count, pad = 400, "y" * 16000  # ~6.4 MB: more than the socket buffers hold
     server = await make_server(client_queue_bytes=64 * 1024 * 1024)
@@ -397,6 +398,7 @@ async def test_reader_that_stops_is_ended_as_slow_consumer_on_the_raw_path(make_
 # --------------------------------------------------------------------------- end of stream
 
 
+@pytest.mark.patches_internals
 async def test_drain_ends_the_stream_with_a_chunked_terminator(server, raw_writes):
     async with api_client(server) as http, raw_sse(server, ["raw:end"]) as s:
         await s.chunk()

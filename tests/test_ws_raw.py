@@ -77,6 +77,7 @@ async def test_publications_reach_the_socket_as_raw_frames(
             await writer.wait_closed()
 
 
+@pytest.mark.patches_internals
 async def test_one_frame_shared_by_all_subscribers(server: RunningServer) -> None:
     async with ws_client(server) as a, ws_client(server) as b:
         await a.subscribe("shared")
@@ -303,6 +304,7 @@ async def test_a_read_corks_a_sockets_worth_at_most() -> None:
         theirs.close()
 
 
+@pytest.mark.patches_internals
 async def test_a_resume_is_answered_and_replayed_in_one_write(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,8 +40,6 @@ class StreamRequest(HttpUpgrade):
     """What a ``StreamOpener`` sees of the request (``RequestHead``): its path as uvicorn
     puts it in the scope, its query, its headers."""
 
-    __slots__ = ("_path", "_query")
-
     def __init__(
         self, path: str, query: bytes, url: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
@@ -89,16 +87,6 @@ class FrontStream(WriteFlow):
     """The port of a chunked response the front door started (``StreamPort``); made when
     the request is read, so that while the app opens the stream (``OpenLater``) it keeps
     what the client sends and the server's shutdown as it does once started."""
-
-    __slots__ = (
-        "_door",
-        "_on_lost",
-        "_transport",
-        "complete",
-        "gone",
-        "keep_alive",
-        "pending",
-    )
 
     def __init__(self, door: Door) -> None:
         self._door = door

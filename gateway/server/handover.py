@@ -1,137 +1,23 @@
-"""WebSocket upgrades answered in the HTTP protocol that parsed them, and handed over.
-
-When the app's opener (``OPEN_WEBSOCKET``) takes an upgrade whose handshake websockets
-would accept as it is, the HTTP protocol answers it: the request was parsed once, there,
-so the 101 is written and the connection handed to the gateway's lean WebSocket
-protocol (``gateway.server.upgraded``), without uvicorn's rebuilding the request for a
-WebSocket protocol to parse again. Anything else (another path, a handshake websockets
-would refuse or answer differently, over its header limits) takes uvicorn's path and
-gets its answer.
-
-The HTTP protocol stays the transport's protocol and hands the socket's events on, its
-own state dropped: uvloop's ``transport.set_protocol`` stops and starts reading the
-socket to switch protocols, an epoll change each way for every connection
-(docs/benchmarks.md, "Connection cost", seventh round).
+"""A WebSocket upgrade answered where its request was parsed: the handshake's checks,
+the 101 written and the connection handed to the gateway's lean WebSocket protocol
+(``gateway.server.upgraded``). Its callers are the HTTP protocols that parse requests
+(``gateway.server.answers``, ``gateway.server.front``); compiled with the connection
+path (setup.py), so no class here is subclassed per server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
-import logging
 from urllib.parse import unquote
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
 from gateway.server.frames import switching_head
-from gateway.server.ports import OPEN_WEBSOCKET, Accept, Deferred, Opener, Refuse
+from gateway.server.ports import Accept, Refuse
 from gateway.server.upgraded import UpgradedWebSocket
-
-logger = logging.getLogger("uvicorn.error")
-
-
-class AnswersUpgrades(HttpToolsProtocol):
-    """uvicorn's HTTP protocol answering the upgrades the app's opener takes."""
-
-    upgraded: UpgradedWebSocket | None = None  # the protocol this one hands everything to
-    # The opener's answer, when it was asked before this protocol parsed the request
-    # (``gateway.server.front``): not asked again.
-    decided: Deferred | None = None
-
-    def handle_websocket_upgrade(self) -> None:
-        opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
-        # With the gateway's WebSocket protocol configured, the config's limits are the
-        # gateway's (the 1009 limit, pings): upgrades may skip it for the lean one.
-        ours = getattr(self.ws_protocol_class, "lends_upgrades", False)
-        key = self._websocket_key() if opener is not None and ours else None
-        decision: Accept | Refuse | Deferred | None = self.decided
-        self.decided = None
-        if decision is None and opener and key:
-            decision = opener(HttpUpgrade(self.url, self.headers))
-        if decision is None:
-            super().handle_websocket_upgrade()  # uvicorn: the WebSocket protocol parses it again
-            self._retire()
-            return
-        assert key is not None
-        if isinstance(decision, Deferred):
-            # The app answers later (a backend's say): read nothing meanwhile.
-            self.transport.pause_reading()
-            task = asyncio.ensure_future(decision.decide())
-            task.add_done_callback(lambda done: self._decided(key, self.url, done))
-            return
-        self._switch(key, self.url, decision)
-
-    def _decided(self, key: str, url: bytes, task: asyncio.Future[Accept | Refuse]) -> None:
-        """A deferred decision is in: switch, unless the client left (or the server
-        closed the connection, stopping) meanwhile."""
-        if task.cancelled() or self.transport.is_closing():
-            return
-        error = task.exception()
-        if error is not None:
-            logger.error("deciding a WebSocket upgrade failed", exc_info=error)
-            self.transport.close()
-            return
-        self.transport.resume_reading()
-        self._switch(key, url, task.result())
-
-    def _switch(self, key: str, url: bytes, decision: Accept | Refuse) -> None:
-        """Write the 101 and hand the connection to the gateway's WebSocket protocol."""
-        self.connections.discard(self)
-        upgraded = hand_over(
-            self.transport, self.config, self.server_state, self.client, key, url, decision
-        )
-        # Not ``transport.set_protocol``: uvloop's stops and starts reading the socket
-        # again to switch it (an epoll change each way, about 5 µs of a connect's CPU).
-        # This protocol stays the transport's and hands everything on; all of its own
-        # state goes (the parser with it, whose callbacks hold this protocol), so none
-        # of its methods may run but the hand-over's (``connection_lost`` included).
-        self.__dict__.clear()
-        self.upgraded = upgraded
-
-    # -- after an upgrade answered here: the WebSocket protocol's (``_switch``) ---------
-
-    def data_received(self, data: bytes) -> None:
-        upgraded = self.upgraded
-        if upgraded is not None:
-            upgraded.data_received(data)
-        else:
-            super().data_received(data)
-
-    def eof_received(self) -> None:
-        upgraded = self.upgraded
-        if upgraded is not None:
-            upgraded.eof_received()
-
-    def pause_writing(self) -> None:
-        upgraded = self.upgraded
-        if upgraded is not None:
-            upgraded.pause_writing()
-        else:
-            super().pause_writing()
-
-    def resume_writing(self) -> None:
-        upgraded = self.upgraded
-        if upgraded is not None:
-            upgraded.resume_writing()
-        else:
-            super().resume_writing()
-
-    def _retire(self) -> None:
-        """The connection is another protocol's now. Drop the parser, which holds this
-        protocol's callbacks (as uvicorn does in ``connection_lost``, which this protocol
-        no longer gets): otherwise each upgraded connection leaves a reference cycle that
-        only a full collection frees, and a reconnect storm leaves thousands of them."""
-        self.parser = None  # type: ignore[assignment]
-
-    def _websocket_key(self) -> str | None:
-        """The ``Sec-WebSocket-Key`` of a handshake that websockets would accept as it is;
-        None for anything else, which then takes uvicorn's path and gets its answer."""
-        if self.scope.get("method") != "GET" or self.parser.get_http_version() != "1.1":
-            return None
-        return websocket_key(self.url, self.headers)
 
 
 def hand_over(
@@ -197,8 +83,6 @@ def key_of(value: bytes) -> str | None:
 
 class HttpUpgrade:
     """What an ``Opener`` sees of an upgrade parsed by the HTTP protocol (``RequestHead``)."""
-
-    __slots__ = ("_headers", "_url")
 
     def __init__(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self._url = url

@@ -14,24 +14,6 @@ class Head:
     """The parser's callbacks: the URL and the headers, as uvicorn keeps them, and what a
     WebSocket handshake needs of them noted as they come (``websocket_key``)."""
 
-    __slots__ = (
-        "complete",
-        "connection",
-        "done",
-        "expects",
-        "headers",
-        "keep_alive",
-        "key",
-        "keys",
-        "long_line",
-        "parser",
-        "upgrade",
-        "upgrades",
-        "url",
-        "version",
-        "versions",
-    )
-
     def __init__(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []

@@ -25,7 +25,7 @@ because nothing in front of it changes a body (CORS only adds headers to the sta
 message); a body-rewriting middleware (gzip, say) needs ``GATEWAY_RAW_WRITES=false``.
 
 WebSocket upgrades the app's opener takes are answered here too
-(``gateway.server.handover``, the base class).
+(``gateway.server.answers``, the base class).
 
 Streams opened below ASGI: before a request's ASGI task starts, the app's stream opener
 (``OPEN_STREAM``) may take a plain HTTP/1.1 GET (the gateway's ``/sse``). It answers at
@@ -63,9 +63,9 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
+from gateway.server.answers import AnswersUpgrades
 from gateway.server.cycle import DetachableCycle, RawBody, log_failure
 from gateway.server.forwarded import forwarded_client
-from gateway.server.handover import AnswersUpgrades
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.perserver import server_class
 from gateway.server.ports import (

@@ -59,34 +59,6 @@ ACCEPTED = '%s - "WebSocket %s" [accepted]'  # uvicorn's line
 
 
 class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
-    __slots__ = (
-        "_buffer",
-        "_cork",
-        "_corked",
-        "_fragments",
-        "_fragments_size",
-        "_fragments_text",
-        "_keepalive",
-        "_messages",
-        "_on_message",
-        "_read_paused",
-        "_take",
-        "access_log",
-        "client",
-        "close_sent",
-        "close_timer",
-        "connections",
-        "ended",
-        "last_ping_rtt",
-        "loop",
-        "max_size",
-        "pending_ping",
-        "ping_interval",
-        "ping_sent_at",
-        "ping_timeout",
-        "transport",
-    )
-
     def __init__(
         self,
         *,
@@ -182,10 +154,15 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         except ProtocolViolation as exc:
             self._fail(exc.code, exc.reason)
         finally:
-            if self._cork is cork:  # (not written already: CORK_BYTES, a close frame)
-                self._cork = None
-                if cork and not self.transport.is_closing():
-                    self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+            self._uncork(cork)
+
+    def _uncork(self, cork: list[bytes]) -> None:
+        # (A method of its own: here ``self._cork`` is read as declared, None included,
+        # not as the list the caller set it to, which compiled code would insist on.)
+        if self._cork is cork:  # (not written already: CORK_BYTES, a close frame)
+            self._cork = None
+            if cork and not self.transport.is_closing():
+                self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def _send(self, data: bytes) -> None:
         """The protocol's own frames (pong, close), in order with the owner's."""

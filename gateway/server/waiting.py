@@ -22,8 +22,6 @@ T = TypeVar("T")
 class LiteEvent:
     """An ``asyncio.Event`` whose waiter list exists only while someone waits."""
 
-    __slots__ = ("_waiters", "flag")
-
     def __init__(self) -> None:
         self.flag = False  # ``is_set()``, as an attribute for the paths that read it often
         self._waiters: list[asyncio.Future[None]] | None = None
@@ -54,12 +52,17 @@ class LiteEvent:
         try:
             await waiter  # a cancelled waiter cancels only its own future
         finally:
-            waiters = self._waiters
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    self._waiters = None
+            self._forget(waiter)
         return True
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        # (A method of its own: ``self._waiters`` read as declared, None included, not
+        # as the list ``wait`` saw before its await, which compiled code would insist on.)
+        waiters = self._waiters
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                self._waiters = None
 
 
 class WriteFlow:
@@ -68,8 +71,6 @@ class WriteFlow:
     attribute to read, and the event a waiting writer needs is made when writing first
     pauses (most connections never wait). Subclasses set both in their ``__init__``
     (no base call per connection)."""
-
-    __slots__ = ("_writable", "write_paused")
 
     write_paused: bool
     _writable: LiteEvent | None
@@ -103,8 +104,6 @@ class LiteQueue(Generic[T]):
     ``on_put``, when set, is called after each ``put_nowait``: a consumer that runs
     no task while the queue is empty starts one from there.
     """
-
-    __slots__ = ("_items", "_waiter", "on_put")
 
     def __init__(self) -> None:
         self._items: deque[T] | None = None
