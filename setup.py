@@ -17,13 +17,18 @@ from setuptools import setup
 # The connection path (a WebSocket's and a stream's, from the first byte to the
 # subscription) and the fan-out's: what every connect and every delivery runs.
 COMPILED = [
+    "auth/permissions.py",
+    "auth/tokens.py",
     "channels/fanout.py",
     "channels/hub.py",
     "channels/local.py",
+    "channels/names.py",
     "channels/session.py",
+    "gateway/admission.py",
     "gateway/commands.py",
     "gateway/connections.py",
     "gateway/dispatch.py",
+    "gateway/query.py",
     "gateway/runtime.py",
     "gateway/server/frames.py",
     "gateway/server/front_stream.py",
@@ -33,6 +38,7 @@ COMPILED = [
     "gateway/server/keepalive.py",
     "gateway/server/upgraded.py",
     "gateway/server/waiting.py",
+    "gateway/timers.py",
     "gateway/wire.py",
     "gateway/ws.py",
 ]

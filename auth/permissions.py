@@ -10,8 +10,6 @@ class PatternSet:
     """A set of patterns. ``*`` matches any run of characters (``:`` included); nothing else
     is special, so ``chat:*`` allows ``chat:lobby`` and ``chat:a:b`` but not ``chatroom``."""
 
-    __slots__ = ("_regex", "patterns")
-
     def __init__(self, patterns: Iterable[str] = ()) -> None:
         self.patterns = tuple(patterns)
         parts = ["".join(".*" if c == "*" else re.escape(c) for c in p) for p in self.patterns]

@@ -8,13 +8,13 @@ thread hop per dependency per connection for work that takes microseconds.
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import unquote_plus
 
 from fastapi import Depends, Query
 from starlette.requests import HTTPConnection
 
 from auth import AuthError, Claims
 from gateway.errors import ErrorCode, GatewayError
+from gateway.query import token_of
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
 
@@ -22,52 +22,6 @@ from gateway.runtime import Gateway
 async def get_gateway(conn: HTTPConnection) -> Gateway:
     gateway: Gateway = conn.app.state.gateway
     return gateway
-
-
-def token_of(query_token: str | None, authorization: str | None) -> str | None:
-    """The token a request carries: ``?token=``, else ``Authorization: Bearer``."""
-    if query_token:
-        return query_token
-    scheme, _, credentials = (authorization or "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return None
-
-
-def query_params(query: bytes) -> dict[str, list[str]]:
-    """A raw query string's parameters exactly as starlette's ``QueryParams`` gives them
-    (``parse_qsl`` with blank values kept; ``getlist`` of each name), parsed once for
-    the paths that skip the framework."""
-    found: dict[str, list[str]] = {}
-    for part in query.decode("latin-1").split("&"):
-        if not part:
-            continue
-        key, _, value = part.partition("=")
-        if "%" in key or "+" in key:
-            key = unquote_plus(key)
-        if "%" in value or "+" in value:
-            value = unquote_plus(value)
-        values = found.get(key)
-        if values is None:
-            found[key] = [value]
-        else:
-            values.append(value)
-    return found
-
-
-def last_of(params: dict[str, list[str]], name: str) -> str | None:
-    """``QueryParams.get``: the last value of ``name``."""
-    values = params.get(name)
-    return values[-1] if values else None
-
-
-def query_value(query: bytes, name: str) -> str | None:
-    """``QueryParams.get`` of a raw query string."""
-    text = query.decode("latin-1")
-    if "&" not in text and "%" not in text and "+" not in text:  # one plain parameter
-        key, _, value = text.partition("=")
-        return value if key == name and text else None
-    return last_of(query_params(query), name)
 
 
 async def bearer_or_query_token(
@@ -86,13 +40,6 @@ async def verified_claims(
         return gateway.verifier.verify(token)
     except AuthError as exc:
         return exc
-
-
-def hooked(gateway: Gateway, claims: Claims | AuthError) -> bool:
-    """Whether the connect hook decides this connection (a bad token never gets there)."""
-    if isinstance(claims, AuthError):
-        return claims.missing and gateway.hooks.connects(has_token=False)
-    return gateway.hooks.connects(has_token=True)
 
 
 async def require_claims(claims: Annotated[Claims | AuthError, Depends(verified_claims)]) -> Claims:

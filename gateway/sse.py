@@ -43,12 +43,14 @@ from channels.publication import Batch, Publication, StreamPosition
 from channels.session import Ending, Gap, Outgoing, new_client_id
 from gateway import cursor, wire
 from gateway.access import checked_channel, require
-from gateway.deps import GatewayDep, MaybeClaimsDep, hooked
+from gateway.deps import GatewayDep, MaybeClaimsDep
 from gateway.errors import CloseCode, ErrorCode, GatewayError
 from gateway.hooks import Opening
+from gateway.query import hooked
 from gateway.runtime import Gateway
 from gateway.server.ports import StreamPort, stream_port
-from gateway.timers import Timer, loop_timers
+from gateway.timer_entry import Timer
+from gateway.timers import loop_timers
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

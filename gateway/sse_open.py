@@ -23,8 +23,8 @@ from auth import AuthError, Claims
 from channels.hub import SubscribeError
 from channels.publication import StreamPosition
 from gateway.cors import CorsHeaders
-from gateway.deps import hooked, last_of, query_params, token_of
 from gateway.errors import GatewayError, JSONBody
+from gateway.query import hooked, last_of, query_params, token_of
 from gateway.runtime import Gateway
 from gateway.server.ports import OpenLater, RequestHead, Respond, Started, StreamOpener, StreamPort
 from gateway.sse import (

@@ -21,29 +21,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from gateway.timer_entry import ARGS, CALLBACK, WHEN, Timer
+
 logger = logging.getLogger(__name__)
 
 PER_PASS = 64  # timer callbacks run in one pass of the event loop, at most
-
-
-WHEN, SEQ, CALLBACK, ARGS, OWNER = range(5)  # a ``Timer``'s items
-
-
-class Timer(list[Any]):
-    """One scheduled call of ``Timers``, and its own heap entry: ``[when, seq, callback,
-    args, owner]``, ordered by lists' comparison, in C (``seq`` is unique: no comparison
-    goes past it). ``cancel()`` drops its references at once."""
-
-    __slots__ = ()
-
-    def cancel(self) -> None:
-        if self[CALLBACK] is not None:
-            self[CALLBACK] = None
-            self[ARGS] = ()
-            self[OWNER].cancelled()
-
-    def cancelled(self) -> bool:
-        return self[CALLBACK] is None
 
 
 class Timers:

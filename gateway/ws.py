@@ -40,9 +40,9 @@ from channels.session import Ending, Gap, Outgoing
 from gateway import dispatch, wire
 from gateway.admission import ask_backend, refusal
 from gateway.commands import BadFrame, Command, parse_command
-from gateway.deps import hooked, query_value, token_of
 from gateway.errors import Close, CloseCode, ErrorCode, close_for
 from gateway.hooks import Grant
+from gateway.query import hooked, query_value, token_of
 from gateway.ratelimit import RateLimiter
 from gateway.runtime import Gateway
 from gateway.server.ports import (
@@ -53,7 +53,8 @@ from gateway.server.ports import (
     RequestHead,
     WebSocketPort,
 )
-from gateway.timers import Timer, loop_timers
+from gateway.timer_entry import Timer
+from gateway.timers import loop_timers
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ from fastapi import APIRouter, WebSocket
 from auth import AuthError
 from channels.session import Ending
 from gateway.admission import ask_backend, refusal
-from gateway.deps import MaybeClaimsDep, hooked
+from gateway.deps import MaybeClaimsDep
 from gateway.errors import Close
+from gateway.query import hooked
 from gateway.runtime import Gateway
 from gateway.server.ports import websocket_port
 from gateway.ws import Connection

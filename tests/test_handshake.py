@@ -234,7 +234,7 @@ def test_the_token_is_read_from_the_query_as_the_framework_reads_it() -> None:
     ``QueryParams``: the same values for any query."""
     from starlette.datastructures import QueryParams
 
-    from gateway.deps import query_params, query_value
+    from gateway.query import query_params, query_value
 
     pieces = ["token", "t%6Fken", "tok", "=", "==", "&", "&&", "+", "%", "%2", "%3D", "%26"]
     pieces += ["a", "é", "%C3%A9", "%FF", " ", ";", "x=y", "token=", "token=z"]
