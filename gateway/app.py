@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from gateway import admin, api, demo, llm, ops, sse, sse_open, ws, ws_route
+from gateway import admin, api, demo, llm, ops, sse_open, sse_route, ws, ws_route
 from gateway.cors import CorsHeaders, HTTPOnlyCORSMiddleware
 from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
 from gateway.logs import install_redaction
@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     cors_headers = CorsHeaders(HTTPOnlyCORSMiddleware(app, **cors))
     app.include_router(ws_route.router)
-    app.include_router(sse.router)
+    app.include_router(sse_route.router)
     app.include_router(api.router)
     app.include_router(ops.router)
     llm.install(app, gateway)

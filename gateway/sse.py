@@ -21,6 +21,9 @@ A stream ended by the drain is given a last ``retry:`` first, at random between
 ``GATEWAY_SSE_RETRY_MS`` and three times it (``drained_retry``): a pod's streams all end
 in the same instant, and EventSource reconnects after exactly its reconnection time,
 so every browser of a drained pod would otherwise arrive at the other pods at once.
+
+The FastAPI route and its response class are ``gateway.sse_route``'s (this module is
+compiled: setup.py).
 """
 
 from __future__ import annotations
@@ -30,30 +33,21 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
-from fastapi import APIRouter, Request
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
-
-from auth import AuthError, Claims
+from auth import Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError, SubscribeResult
 from channels.publication import Batch, Publication, StreamPosition
-from channels.session import Ending, Gap, Outgoing, new_client_id
+from channels.session import Ending, Gap, Outgoing
 from gateway import cursor, wire
 from gateway.access import checked_channel, require
-from gateway.deps import GatewayDep, MaybeClaimsDep
 from gateway.errors import CloseCode, ErrorCode, GatewayError
-from gateway.hooks import Opening
-from gateway.query import hooked
 from gateway.runtime import Gateway
-from gateway.server.ports import StreamPort, stream_port
+from gateway.server.ports import StreamPort
 from gateway.timer_entry import Timer
 from gateway.timers import loop_timers
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
 
 RAW_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -69,8 +63,6 @@ class SSETransport:
     Before the response has started (no ``port`` yet) nothing is written: items queue,
     and the opening's ``id:`` is the position the stream starts from.
     """
-
-    __slots__ = ("port", "positions", "single")
 
     def __init__(self, channels: list[str]) -> None:
         # Where the stream is on each channel: the last publication it was sent, or the
@@ -144,8 +136,6 @@ class Stream:
     """One SSE client: its session, its transport and one timer, for its next heartbeat
     or, when sooner, the end of the stream at the token's expiry (a stream cannot
     refresh its token)."""
-
-    __slots__ = ("_timer", "_writer", "deadline", "gateway", "session", "transport")
 
     def __init__(
         self, gateway: Gateway, claims: Claims, channels: list[str], client_id: str | None = None
@@ -244,34 +234,7 @@ def drained_retry(retry_ms: int) -> int:
     return retry_ms + random.randint(0, 2 * retry_ms)
 
 
-class EventStream(Response):
-    """The streaming response: the opening, then the stream on the response's port."""
-
-    def __init__(self, stream: Stream) -> None:
-        super().__init__(status_code=200)
-        self.raw_headers = list(RAW_HEADERS)  # no content-length: the body is a stream
-        self.stream = stream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stream = self.stream
-        settings = stream.gateway.settings
-        opening = stream.opening()
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            await send({"type": "http.response.body", "body": opening, "more_body": True})
-        except BaseException:
-            await stream.abandon()
-            raise
-        port = stream_port(scope, receive, send, raw=settings.raw_writes)
-        stream.start(port)
-        try:
-            await port.hold()  # the gateway's protocol: at once, and the stream lives on
-        except BaseException:  # the server cancelled the call: end the stream
-            stream.session.close(Ending.CLIENT_GONE)
-            raise
-
-
-def _positions_from(raw: str | None) -> dict[str, StreamPosition]:
+def positions_from(raw: str | None) -> dict[str, StreamPosition]:
     """The cursor a reconnecting client sent (``Last-Event-ID`` or ``?last_event_id=``)."""
     if not raw:
         return {}
@@ -301,39 +264,10 @@ def checked_request(
             require(claims.can_subscribe(channel), "subscribing to", channel)
     if len(channels) > gateway.settings.max_channels_per_connection:
         raise GatewayError(ErrorCode.LIMIT_EXCEEDED, "too many channels on one stream")
-    positions = _positions_from(last_event_id)
+    positions = positions_from(last_event_id)
     if gateway.draining or gateway.connections.at_capacity:
         raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
     return channels, positions
-
-
-@router.get("/sse", response_class=Response)
-async def sse_endpoint(request: Request, gateway: GatewayDep, claims: MaybeClaimsDep) -> Any:
-    last_event_id = request.headers.get("last-event-id") or request.query_params.get(
-        "last_event_id"
-    )
-    requested = request.query_params.getlist("channel")
-    if not hooked(gateway, claims):
-        if isinstance(claims, AuthError):
-            raise GatewayError(ErrorCode.UNAUTHORIZED, str(claims))
-        channels, positions = checked_request(gateway, claims, requested, last_event_id)
-        return EventStream(await open_stream(gateway, claims, channels, positions))
-    # The connect hook decides. Without a token it is the authentication, which comes
-    # first as the token's check does; with one, a bad request is refused without it.
-    if gateway.draining or gateway.connections.at_capacity:
-        raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
-    if isinstance(claims, Claims):
-        for channel in requested:
-            checked_channel(channel)
-        _positions_from(last_event_id)
-    client_id = new_client_id()
-    token_claims = None if isinstance(claims, AuthError) else claims
-    opening = Opening("sse", client_id, request.cookies, request.headers, requested)
-    grant = await gateway.hooks.connect(token_claims, opening)
-    claims = grant.apply(token_claims)
-    channels, positions = checked_request(gateway, claims, requested, last_event_id, grant.channels)
-    stream = await open_stream(gateway, claims, channels, positions, client_id, grant.channels)
-    return EventStream(stream)
 
 
 async def open_stream(

@@ -29,7 +29,6 @@ from gateway.runtime import Gateway
 from gateway.server.ports import OpenLater, RequestHead, Respond, Started, StreamOpener, StreamPort
 from gateway.sse import (
     RAW_HEADERS,
-    EventStream,
     Stream,
     checked_request,
     gateway_error_of,
@@ -37,6 +36,7 @@ from gateway.sse import (
     open_stream,
     subscribe_channels,
 )
+from gateway.sse_route import EventStream
 
 
 def passing(
