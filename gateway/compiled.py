@@ -37,9 +37,9 @@ def stale_modules() -> list[str]:
 
 
 def summary() -> str:
-    """One line for the start-up log; imports the connection and fan-out path."""
-    import channels.hub  # noqa: F401
-    import gateway.ws  # noqa: F401
+    """One line for the start-up log; imports the app and the server protocol (the path)."""
+    import gateway.app
+    import gateway.server.front  # noqa: F401
 
     count = len(compiled_modules())
     if count:

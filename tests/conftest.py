@@ -48,7 +48,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test old code: a compiled module built before its source's last edit
     runs the build, not the edit (setup.py; ``pip install -e .`` builds it again)."""
-    compiled.summary()  # (imports the connection and fan-out path)
     stale = compiled.stale_modules()
     if stale:
         raise pytest.UsageError(
