@@ -34,17 +34,6 @@ SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 RAW_WRITES = os.environ.get("GATEWAY_TEST_RAW_WRITES", "true").lower() != "false"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test that patches a compiled class's methods to watch them would see only the
-    calls from interpreted code: it runs where the modules are interpreted."""
-    if not compiled.compiled_modules():
-        return
-    skip = pytest.mark.skip(reason="patches compiled internals: runs in the pure-Python pass")
-    for item in items:
-        if item.get_closest_marker("patches_internals"):
-            item.add_marker(skip)
-
-
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test old code: a compiled module built before its source's last edit
     runs the build, not the edit (setup.py; ``pip install -e .`` builds it again)."""

@@ -25,11 +25,11 @@ from channels.publication import StreamPosition
 from gateway import cursor
 from gateway.server.cycle import RawBody
 from gateway.server.front import FrontDoor
-from gateway.server.front_stream import FrontStream
 from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.wire import frame_chunk
 from tests.conftest import RunningServer, eventually, token
 from tests.helpers import api_client, api_publish, bearer, sse_params
+from tests.socket_writes import SocketWrites, watch_socket_writes
 
 pytestmark = pytest.mark.gateway_protocols  # what these tests are about
 
@@ -129,20 +129,11 @@ async def raw_sse(
 
 
 @pytest.fixture
-def raw_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts the ports' ``try_write`` calls (``RawBody``'s, and ``FrontStream``'s for a
-    stream the front door opened): ``written`` and ``refused`` (nothing written)."""
-    counts = {"written": 0, "refused": 0}
-    for port in (RawBody, FrontStream):
-        original = port.try_write
-
-        def try_write(self: Any, chunk: bytes, original: Any = original) -> bool:
-            ok: bool = original(self, chunk)
-            counts["written" if ok else "refused"] += 1
-            return ok
-
-        monkeypatch.setattr(port, "try_write", try_write)
-    return counts
+def raw_writes(monkeypatch: pytest.MonkeyPatch) -> SocketWrites:
+    """The socket writes of every stream the gateway's protocol serves from now on:
+    ``written`` counts the body chunks (each a ``transport.write`` of its own),
+    ``paused`` the times a full socket stopped the writing."""
+    return watch_socket_writes(monkeypatch)
 
 
 def opening(channels: dict[str, str], retry_ms: int = 2000) -> bytes:
@@ -180,11 +171,11 @@ async def test_real_server_uses_the_gateway_protocol_and_writes_events_raw(serve
     assert issubclass(FrontDoor, GatewayHttpToolsProtocol)
     async with api_client(server) as http, raw_sse(server, ["raw:on"]) as s:
         await s.chunk()  # the opening block goes through ASGI
-        assert raw_writes == {"written": 0, "refused": 0}
+        assert (raw_writes.written, raw_writes.paused) == (0, 0)
         for n in range(3):
             await publish(http, "raw:on", n)
         await s.chunks(3)
-        assert raw_writes == {"written": 3, "refused": 0}
+        assert (raw_writes.written, raw_writes.paused) == (3, 0)
 
 
 async def test_heartbeat_comments_are_written_raw(make_server, raw_writes):
@@ -192,7 +183,7 @@ async def test_heartbeat_comments_are_written_raw(make_server, raw_writes):
     async with raw_sse(server, ["raw:beat"]) as s:
         await s.chunk()
         assert await s.chunks(2) == [b": ping\n\n", b": ping\n\n"]
-        assert raw_writes["written"] >= 2
+        assert raw_writes.written >= 2
 
 
 async def test_with_raw_writes_off_the_bytes_are_the_same_and_go_through_asgi(
@@ -207,10 +198,10 @@ async def test_with_raw_writes_off_the_bytes_are_the_same_and_go_through_asgi(
             return [c.replace(epoch, b"EPOCH") for c in [first, *await s.chunks(4)]]
 
     raw_on = await stream_bytes(await make_server())
-    assert raw_writes["written"] == 4
+    assert raw_writes.written == 4
     off = await make_server(raw_writes=False)  # GATEWAY_RAW_WRITES=false
     raw_off = await stream_bytes(off)
-    assert raw_writes["written"] == 4  # nothing more: the second server never used it
+    assert raw_writes.written == 4  # nothing more: the second server never used it
     assert raw_on == raw_off
 
 
@@ -229,7 +220,7 @@ async def test_single_channel_events_are_byte_exact_one_chunk_each(server, raw_w
         publication_event({"raw:one": StreamPosition(p["offset"], epoch)}, p) for p in pubs
     ]
     assert [p["offset"] for p in pubs] == [1, 2, 3, 4]
-    assert raw_writes["written"] == len(payloads)
+    assert raw_writes.written == len(payloads)
 
 
 async def test_one_publication_is_the_same_chunk_on_every_single_channel_stream(server):
@@ -266,7 +257,7 @@ async def test_multi_channel_events_carry_the_cursor_of_every_channel(server, ra
         positions[p["channel"]] = StreamPosition(p["offset"], p["epoch"])
         expected.append(publication_event(positions, p))
     assert got == expected
-    assert raw_writes["written"] == len(pubs)
+    assert raw_writes.written == len(pubs)
 
 
 async def test_gap_event_is_written_raw_and_exact(server, raw_writes):
@@ -275,7 +266,7 @@ async def test_gap_event_is_written_raw_and_exact(server, raw_writes):
         await live.chunk()
         pubs = [await publish(http, "raw:gap", n) for n in range(1, 3)]
         await live.chunks(2)
-        before = raw_writes["written"]
+        before = raw_writes.written
         # Resuming from an unknown epoch: the gap queued before the response started goes
         # out with the opening, in the response's first write (no writer, no raw write).
         async with raw_sse(server, ["raw:gap"], headers={"Last-Event-ID": stale}) as s:
@@ -284,7 +275,7 @@ async def test_gap_event_is_written_raw_and_exact(server, raw_writes):
     opening = b"retry: 2000\nid: %s\n\n" % now
     gap = b'event: gap\nid: %s\ndata: {"channel":"raw:gap"}\n\n' % now
     assert first == opening + gap
-    assert raw_writes["written"] == before
+    assert raw_writes.written == before
 
 
 async def test_a_resume_goes_out_with_the_opening_in_one_write(server, raw_writes):
@@ -298,7 +289,7 @@ async def test_a_resume_goes_out_with_the_opening_in_one_write(server, raw_write
             if channel == "raw:resume-live":
                 await live.chunks(4)
             since = {channel: StreamPosition(pubs[0]["offset"], pubs[0]["epoch"])}
-            before = raw_writes["written"]
+            before = raw_writes.written
             headers = {"Last-Event-ID": cursor.encode(since)}
             async with raw_sse(server, [channel], headers=headers) as s:
                 (first,) = await s.chunks(1)
@@ -313,7 +304,7 @@ async def test_a_resume_goes_out_with_the_opening_in_one_write(server, raw_write
             positions[channel] = StreamPosition(more["offset"], more["epoch"])
             assert after == publication_event(positions, more)
             # the later publication alone (to the live stream too, on its channel)
-            assert raw_writes["written"] == before + (2 if channel == "raw:resume-live" else 1)
+            assert raw_writes.written == before + (2 if channel == "raw:resume-live" else 1)
 
 
 # --------------------------------------------------------------------------- flow control
@@ -348,14 +339,13 @@ def _offsets(events: list[bytes]) -> list[int]:
     return [orjson.loads(e.split(b"\ndata: ", 1)[1])["offset"] for e in events if b"\ndata: " in e]
 
 
-@pytest.mark.patches_internals
 async def test_paused_socket_queues_then_batches_in_order_without_loss(make_server, raw_writes):
     count, pad = 400, "y" * 16000  # ~6.4 MB: more than the socket buffers hold
     server = await make_server(client_queue_bytes=64 * 1024 * 1024)
     async with api_client(server) as http, raw_sse(server, ["raw:burst"], rcvbuf=16384) as s:
         await s.chunk()
         await _publish_many(http, "raw:burst", count, pad)
-        await eventually(lambda: raw_writes["refused"] > 0, timeout=TIMEOUT)
+        await eventually(lambda: raw_writes.paused > 0, timeout=TIMEOUT)
         chunks: list[bytes] = []
         while len(_offsets(_events(chunks))) < count:
             chunks.append(await s.chunk())
@@ -364,7 +354,7 @@ async def test_paused_socket_queues_then_batches_in_order_without_loss(make_serv
     assert _offsets(_events(chunks)) == list(range(1, count + 1))
     # What queued while the socket was full went out as batches: fewer chunks than events.
     assert len(chunks) < count
-    assert raw_writes["written"] == len(chunks)
+    assert raw_writes.written == len(chunks)
 
 
 async def test_reader_that_stops_is_ended_as_slow_consumer_on_the_raw_path(make_server, raw_writes):
@@ -381,7 +371,7 @@ async def test_reader_that_stops_is_ended_as_slow_consumer_on_the_raw_path(make_
             with contextlib.suppress(asyncio.CancelledError):
                 await publisher
         assert session.slow, session.close_reason
-        assert raw_writes["written"] > 0 and raw_writes["refused"] > 0
+        assert raw_writes.written > 0 and raw_writes.paused > 0
         assert server.gateway.hub.local_subscribers("raw:slow") == 0
         # Reading again: whole chunks of whole events, an in-order prefix, then the end
         # (with the terminator if it could still be written, else the connection closes).
@@ -398,7 +388,6 @@ async def test_reader_that_stops_is_ended_as_slow_consumer_on_the_raw_path(make_
 # --------------------------------------------------------------------------- end of stream
 
 
-@pytest.mark.patches_internals
 async def test_drain_ends_the_stream_with_a_chunked_terminator(server, raw_writes):
     async with api_client(server) as http, raw_sse(server, ["raw:end"]) as s:
         await s.chunk()
@@ -416,7 +405,7 @@ async def test_drain_ends_the_stream_with_a_chunked_terminator(server, raw_write
         assert got == [
             publication_event({"raw:end": StreamPosition(p["offset"], epoch)}, p) for p in pubs
         ]
-        assert raw_writes["written"] == 3  # the two publications and the retry
+        assert raw_writes.written == 3  # the two publications and the retry
         # The connection is still a valid HTTP/1.1 keep-alive connection.
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(s.sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -34,6 +34,7 @@ from tests.helpers import (
     read_raw_frame,
     ws_client,
 )
+from tests.socket_writes import CountedWrites, watch_socket_writes
 
 pytestmark = pytest.mark.gateway_protocols  # what these tests are about
 
@@ -77,32 +78,31 @@ async def test_publications_reach_the_socket_as_raw_frames(
             await writer.wait_closed()
 
 
-@pytest.mark.patches_internals
-async def test_one_frame_shared_by_all_subscribers(server: RunningServer) -> None:
+async def test_one_frame_shared_by_all_subscribers(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watched = watch_socket_writes(monkeypatch)
     async with ws_client(server) as a, ws_client(server) as b:
         await a.subscribe("shared")
         await b.subscribe("shared")
-        seen: list[Any] = []
-        hub = server.gateway.hub
-        original = hub._deliver
-
-        def spy(lc: Any, message: Any) -> None:
-            original(lc, message)
-            seen.append(message)
-
-        hub._deliver = spy
-        try:
-            async with api_client(server) as http:
-                await api_publish(http, "shared", {"n": 1})
-            [pa] = await a.publications("shared", 1)
-            [pb] = await b.publications("shared", 1)
-        finally:
-            hub._deliver = original
-        assert pa == pb
-        [publication] = seen
-        # Built once, on the publication, for both subscribers.
-        assert publication.wire.ws == text_frame(orjson.dumps(pa))
-        assert wire.ws_frames(publication) is publication.wire.ws
+        async with api_client(server) as http:
+            await api_publish(http, "shared", {"n": 1})
+        [pa] = await a.publications("shared", 1)
+        [pb] = await b.publications("shared", 1)
+        # The publication as the worker relayed it (the channel keeps the last ones).
+        recent = server.gateway.hub._channels["shared"].recent
+        assert recent is not None
+        publication = recent[-1]
+    assert pa == pb
+    # Built once, on the publication, for both subscribers: each socket was given that
+    # very frame.
+    frame = publication.wire.ws
+    assert frame == text_frame(orjson.dumps(pa))
+    assert wire.ws_frames(publication) is frame
+    upgraded = [c for c in watched.connections if c.writes[0].startswith(b"HTTP/1.1 101 ")]
+    assert len(upgraded) == 2
+    for connection in upgraded:
+        assert [w for w in connection.writes if w is frame] == [frame]
 
 
 async def test_raw_writes_off_sends_through_asgi(
@@ -217,21 +217,6 @@ async def test_an_upgraded_port_follows_its_sockets_flow_control() -> None:
         theirs.close()
 
 
-class CountedWrites:
-    """A transport whose writes are kept, one entry per call; the rest is the real one's."""
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 async def test_what_is_written_while_a_read_is_handled_goes_out_in_one_write() -> None:
     """The frames the owner writes while the protocol hands it a read's messages (a
     subscribe's reply and its recovery, replies to commands sent together) are one
@@ -304,20 +289,12 @@ async def test_a_read_corks_a_sockets_worth_at_most() -> None:
         theirs.close()
 
 
-@pytest.mark.patches_internals
 async def test_a_resume_is_answered_and_replayed_in_one_write(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client back on a channel the worker relays: its subscribe's reply and the
     publications it missed leave in one socket write (and reach it in one read)."""
-    counted: list[CountedWrites] = []
-    made = UpgradedWebSocket.connection_made
-
-    def connection_made(self: UpgradedWebSocket, transport: Any) -> None:
-        counted.append(CountedWrites(transport))
-        made(self, counted[-1])  # type: ignore[arg-type]  # a stand-in
-
-    monkeypatch.setattr(UpgradedWebSocket, "connection_made", connection_made)
+    watched = watch_socket_writes(monkeypatch)
     async with ws_client(server) as keeper, api_client(server) as http:
         await keeper.subscribe("raw:resume")
         pubs = [await api_publish(http, "raw:resume", n) for n in range(4)]
@@ -330,7 +307,7 @@ async def test_a_resume_is_answered_and_replayed_in_one_write(
             frames = [orjson.loads((await read_raw_frame(reader))[2:]) for _ in range(4)]
             assert frames[0]["result"]["recovered"] is True
             assert [f["offset"] for f in frames[1:]] == [p["offset"] for p in pubs[1:]]
-            writes = counted[-1].writes
+            writes = watched.connections[-1].writes  # the last connection made: this one
             assert len(writes) == 2 and writes[0].startswith(b"HTTP/1.1 101 ")  # the 101, then
             assert writes[1].count(b'"channel":"raw:resume"') == 3  # the reply and the three
         finally:
