@@ -33,7 +33,7 @@ import asyncio
 import logging
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Final
 
 from channels.broker import Backend, BrokerUnavailable, HistoryPage, HistoryQuery, Signals
 from channels.coalescer import Coalescer
@@ -47,10 +47,24 @@ from channels.session import Gap, Session
 logger = logging.getLogger(__name__)
 
 
-@dataclass(slots=True, frozen=True)
 class SubscribeResult:
-    position: StreamPosition
-    recovered: bool
+    """Where a subscription starts, and whether ``since`` was recovered. (A plain class:
+    compiled, its ``__init__`` is native, not a dataclass's generated Python.)"""
+
+    def __init__(self, position: StreamPosition, recovered: bool) -> None:
+        self.position: Final = position
+        self.recovered: Final = recovered
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SubscribeResult):
+            return NotImplemented
+        return (self.position, self.recovered) == (other.position, other.recovered)
+
+    def __hash__(self) -> int:
+        return hash((self.position, self.recovered))
+
+    def __repr__(self) -> str:
+        return f"SubscribeResult(position={self.position!r}, recovered={self.recovered!r})"
 
 
 class Hub(Fanout):

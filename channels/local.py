@@ -40,15 +40,21 @@ class LocalChannel:
         # ``replay_since``'s answers for where the channel is now (``_replays_at``).
         self._replays: dict[StreamPosition, list[Publication | Batch]] | None = None
         self._replays_at: tuple[str | None, int] = (None, 0)
+        self._position: StreamPosition | None = None  # ``position``'s, while it holds
 
     def __len__(self) -> int:
         return len(self.live) + len(self.joining) + len(self.catching_up)
 
     @property
     def position(self) -> StreamPosition:
-        """The last publication this worker received of the channel (epoch set)."""
-        assert self.epoch is not None
-        return StreamPosition(self.offset, self.epoch)
+        """The last publication this worker received of the channel (epoch set): one
+        object while the channel stays there (each subscribe's reply holds it)."""
+        epoch = self.epoch
+        assert epoch is not None
+        kept = self._position
+        if kept is None or kept.offset != self.offset or kept.epoch != epoch:
+            kept = self._position = StreamPosition(self.offset, epoch)
+        return kept
 
     @property
     def relaying(self) -> bool:

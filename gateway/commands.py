@@ -10,8 +10,7 @@ docs/protocol.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -35,15 +34,47 @@ class BadFrame(Exception):
         self.malformed = malformed
 
 
-@dataclass(slots=True, frozen=True)
 class Command:
-    op: str
-    id: CommandId = None
-    channel: str = ""  # rpc: the method
-    since: StreamPosition | None = None
-    limit: int | None = None
-    data: bytes = b"null"  # publish: the payload, re-encoded once with orjson
-    token: str = ""
+    """One parsed command. A plain class, not a dataclass: compiled (setup.py), its
+    ``__init__`` is native, where a dataclass's is generated Python (a frozen one's sets
+    each field through ``object.__setattr__``: a tenth of a connect's instructions went
+    to the three made per connect)."""
+
+    def __init__(
+        self,
+        op: str,
+        id: CommandId = None,
+        channel: str = "",  # rpc: the method
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        data: bytes = b"null",  # publish: the payload, re-encoded once with orjson
+        token: str = "",
+    ) -> None:
+        self.op: Final = op
+        self.id: Final = id
+        self.channel: Final = channel
+        self.since: Final = since
+        self.limit: Final = limit
+        self.data: Final = data
+        self.token: Final = token
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.op, self.id, self.channel, self.since, self.limit, self.data, self.token)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Command):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        fields = zip(_FIELDS, self._fields(), strict=True)
+        return f"Command({', '.join(f'{name}={value!r}' for name, value in fields)})"
+
+
+_FIELDS = ("op", "id", "channel", "since", "limit", "data", "token")
 
 
 def _is_int(value: Any) -> bool:
