@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from channels.publication import Message, Publication, StreamPosition
 
@@ -42,12 +42,13 @@ class HistoryPage:
     complete: bool = True
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class HistoryQuery:
-    """What ``Broker.history`` is given: ``since`` and ``limit``."""
+    """What ``Broker.history`` is given: ``since`` and ``limit``. (Its fields ``Final``,
+    not ``frozen``: made per subscribe that reads history, see ``StreamPosition``.)"""
 
-    since: StreamPosition | None = None
-    limit: int | None = None
+    since: Final[StreamPosition | None] = None
+    limit: Final[int | None] = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
 
 from channels.publication import Batch, Message, Publication, StreamPosition, in_batches
 from channels.session import REPLAY_BATCH_BYTES, Session
@@ -14,11 +13,12 @@ from channels.session import REPLAY_BATCH_BYTES, Session
 MAX_REPLAYS = 8
 
 
-@dataclass(slots=True)
 class Join:
-    """A session whose subscribe is in flight: what arrives live meanwhile."""
+    """A session whose subscribe is in flight: what arrives live meanwhile. (A plain
+    class: compiled, its ``__init__`` is native, not a dataclass's generated Python.)"""
 
-    buffer: list[Message] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.buffer: list[Message] = []
 
 
 class LocalChannel:
