@@ -22,6 +22,7 @@ COMPILED = [
     "channels/fanout.py",
     "channels/hub.py",
     "channels/local.py",
+    "channels/lock.py",
     "channels/names.py",
     "channels/session.py",
     "gateway/access.py",

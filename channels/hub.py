@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from collections.abc import Callable
 from typing import Final
 
@@ -40,6 +39,7 @@ from channels.coalescer import Coalescer
 from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
+from channels.lock import ChannelLocks
 from channels.presence import Presence
 from channels.publication import Batch, Message, Publication, StreamPosition, compact
 from channels.session import Gap, Session
@@ -54,17 +54,6 @@ class SubscribeResult:
     def __init__(self, position: StreamPosition, recovered: bool) -> None:
         self.position: Final = position
         self.recovered: Final = recovered
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SubscribeResult):
-            return NotImplemented
-        return (self.position, self.recovered) == (other.position, other.recovered)
-
-    def __hash__(self) -> int:
-        return hash((self.position, self.recovered))
-
-    def __repr__(self) -> str:
-        return f"SubscribeResult(position={self.position!r}, recovered={self.recovered!r})"
 
 
 class Hub(Fanout):
@@ -91,7 +80,7 @@ class Hub(Fanout):
             enabled=presence_enabled,
             ttl=presence_ttl,
         )
-        self._locks = [asyncio.Lock() for _ in range(64)]
+        self._locks = ChannelLocks()
         self._publisher = Coalescer(backend.broker)
 
     # -- lifecycle -------------------------------------------------------------
@@ -324,7 +313,7 @@ class Hub(Fanout):
         return result
 
     async def _ensure_upstream(self, lc: LocalChannel, read: HistoryQuery) -> HistoryPage | None:
-        async with self._lock(lc.name):
+        async with self._locks.of(lc.name):
             if not lc.upstream and self._channels.get(lc.name) is lc:
                 page = await self._broker.subscribe(lc.name, read)
                 lc.upstream = True
@@ -332,13 +321,10 @@ class Hub(Fanout):
         return None
 
     async def _release_upstream(self, lc: LocalChannel) -> None:
-        async with self._lock(lc.name):
+        async with self._locks.of(lc.name):
             if lc.upstream and lc.name not in self._channels:
                 lc.upstream = False
                 await self._broker.unsubscribe(lc.name)
-
-    def _lock(self, channel: str) -> asyncio.Lock:
-        return self._locks[zlib.crc32(channel.encode()) % len(self._locks)]
 
     def _drop(self, session: Session, lc: LocalChannel) -> bool:
         """Remove ``session`` from ``lc``; forget ``lc`` locally when it is empty."""

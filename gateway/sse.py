@@ -199,7 +199,7 @@ class Stream:
 
     def _start_writer(self) -> None:
         name = f"sse:{self.session.client_id}"
-        self._writer = asyncio.create_task(self._write(), name=name)
+        self._writer = asyncio.get_running_loop().create_task(self._write(), name=name)
 
     async def _write(self) -> None:
         session, port = self.session, self.transport.port

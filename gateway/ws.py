@@ -113,7 +113,9 @@ class Connection:
         if self.grant is not None and self.grant.channels:
             # The connect hook's channels, before any command: the reader waits for them.
             name = f"ws-reader:{self.session.client_id}"
-            self._reader = asyncio.create_task(self._subscribe_granted(), name=name)
+            self._reader = asyncio.get_running_loop().create_task(
+                self._subscribe_granted(), name=name
+            )
         self.port.listen(self._wake_reader, self._take_direct)
 
     async def _subscribe_granted(self) -> None:
@@ -158,7 +160,9 @@ class Connection:
             self.session.close(CloseCode.INTERNAL_ERROR)
             return False
         name = f"ws-reader:{self.session.client_id}"
-        self._reader = asyncio.create_task(self._read_pending(message), name=name)
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read_pending(message), name=name
+        )
         return True
 
     def _take_now(self, message: Message) -> bool:
@@ -228,7 +232,7 @@ class Connection:
 
     def _start_writer(self) -> None:
         name = f"ws-writer:{self.session.client_id}"
-        self._writer = asyncio.create_task(self._write(), name=name)
+        self._writer = asyncio.get_running_loop().create_task(self._write(), name=name)
 
     async def _write(self) -> None:
         session = self.session
