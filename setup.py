@@ -19,6 +19,8 @@ from setuptools import setup
 COMPILED = [
     "auth/permissions.py",
     "auth/tokens.py",
+    "channels/backends/redis/keys.py",
+    "channels/backends/redis/pubsub.py",
     "channels/fanout.py",
     "channels/hub.py",
     "channels/local.py",
