@@ -214,7 +214,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
                 self.head_deadlines.done(self)
             self._stream = stream = FrontStream(self)
             opening = self._open_later(answer, stream, data, raw_path, query, head.headers)
-            task = asyncio.ensure_future(opening)
+            task = asyncio.get_running_loop().create_task(opening)  # (not ensure_future's 4 calls)
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             task.add_done_callback(log_failure)

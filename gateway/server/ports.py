@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -155,11 +155,12 @@ class Respond:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OpenLater:
-    """The stream opens once ``open()`` is done (a broker call, a backend's say)."""
+    """The stream opens once ``open()`` is done (a broker call, a backend's say). (Its
+    field ``Final``, not frozen: made per stream that waits, see ``StreamPosition``.)"""
 
-    open: Callable[[], Awaitable[Started | Respond]]
+    open: Final[Callable[[], Awaitable[Started | Respond]]]
 
 
 # The app's answer to a GET: a stream opened now, one opening later, or None: not one of
