@@ -22,6 +22,11 @@ async def _take(lock: Any, name: str, order: list[str], hold: asyncio.Event) -> 
         await hold.wait()
 
 
+def _state(kind: type) -> tuple[Any, list[str], asyncio.Event]:
+    """A lock of ``kind``, the order its holders took it in, and what they hold it until."""
+    return kind(), [], asyncio.Event()
+
+
 async def _settle() -> None:
     for _ in range(5):  # let woken tasks run their next step
         await asyncio.sleep(0)
@@ -41,7 +46,7 @@ async def test_a_free_lock_is_taken_at_once_and_given_back(kind: type) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_waiters_get_the_lock_in_the_order_they_came(kind: type) -> None:
-    lock, order, hold = kind(), [], asyncio.Event()
+    lock, order, hold = _state(kind)
     tasks = [asyncio.create_task(_take(lock, name, order, hold)) for name in "abcd"]
     await _settle()
     assert order == ["a"] and lock.locked()
@@ -53,7 +58,7 @@ async def test_waiters_get_the_lock_in_the_order_they_came(kind: type) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_cancelled_waiter_gives_up_its_place(kind: type) -> None:
-    lock, order, hold = kind(), [], asyncio.Event()
+    lock, order, hold = _state(kind)
     a, b, c = (asyncio.create_task(_take(lock, name, order, hold)) for name in "abc")
     await _settle()
     b.cancel()
@@ -67,7 +72,7 @@ async def test_a_cancelled_waiter_gives_up_its_place(kind: type) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_waiter_cancelled_after_it_was_woken_hands_its_turn_on(kind: type) -> None:
-    lock, order, hold = kind(), [], asyncio.Event()
+    lock, order, hold = _state(kind)
     await lock.acquire()
     b, c = (asyncio.create_task(_take(lock, name, order, hold)) for name in "bc")
     await _settle()
@@ -82,7 +87,7 @@ async def test_a_waiter_cancelled_after_it_was_woken_hands_its_turn_on(kind: typ
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_free_lock_with_only_cancelled_waiters_is_taken_at_once(kind: type) -> None:
-    lock, order, hold = kind(), [], asyncio.Event()
+    lock, order, hold = _state(kind)
     await lock.acquire()
     waiting = asyncio.create_task(_take(lock, "b", order, hold))
     await _settle()

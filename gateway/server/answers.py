@@ -54,7 +54,7 @@ class AnswersUpgrades(HttpToolsProtocol):
         if isinstance(decision, Deferred):
             # The app answers later (a backend's say): read nothing meanwhile.
             self.transport.pause_reading()
-            task = asyncio.ensure_future(decision.decide())
+            task = asyncio.get_running_loop().create_task(decision.decide())
             task.add_done_callback(lambda done: self._decided(key, self.url, done))
             return
         self._switch(key, self.url, decision)

@@ -19,7 +19,7 @@ Either way a transport has one lifecycle: set up, ``listen``/``on_lost``, write,
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -117,14 +117,15 @@ class Refuse:
 Accept = Callable[[WebSocketPort], object]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deferred:
     """The answer comes later (the app asks its backend first): the server reads
     nothing from the client until ``decide()`` is done, then takes or refuses the
     upgrade as if answered at once; a client that left meanwhile is forgotten. A
-    server that cannot wait runs the ASGI app instead (``decide`` is never called)."""
+    server that cannot wait runs the ASGI app instead (``decide`` is never called).
+    (Its field ``Final``, not frozen: made per connect the connect hook decides.)"""
 
-    decide: Callable[[], Awaitable[Accept | Refuse]]
+    decide: Final[Callable[[], Coroutine[Any, Any, Accept | Refuse]]]
 
 
 # The app's answer to an upgrade: take it (``Accept``), refuse it, decide later
