@@ -10,6 +10,8 @@ request parser lets through: it refuses spaces, control characters and DEL in a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import httptools
 
 
@@ -22,5 +24,8 @@ def request_target(url: bytes) -> tuple[bytes, bytes]:
     if url[:1] == b"/" and url.isascii() and url.find(b"#") < 0:
         path, _, query = url.partition(b"?")
         return path, query
-    parsed = httptools.parse_url(url)
-    return parsed.path, parsed.query or b""
+    # (Read as ``Any``: httptools' stub says ``query: bytes``, but it is None when there
+    # is none, and compiled code would insist on the stub's type.)
+    parsed: Any = httptools.parse_url(url)
+    parsed_query: bytes | None = parsed.query
+    return parsed.path, parsed_query or b""
