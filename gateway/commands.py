@@ -66,9 +66,6 @@ class Command:
             return NotImplemented
         return self._fields() == other._fields()
 
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
     def __repr__(self) -> str:
         fields = zip(_FIELDS, self._fields(), strict=True)
         return f"Command({', '.join(f'{name}={value!r}' for name, value in fields)})"
