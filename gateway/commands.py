@@ -59,7 +59,7 @@ class Command:
         self.token: Final = token
 
     def _fields(self) -> tuple[object, ...]:
-        return (self.op, self.id, self.channel, self.since, self.limit, self.data, self.token)
+        return tuple(getattr(self, name) for name in _FIELDS)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Command):
@@ -67,11 +67,10 @@ class Command:
         return self._fields() == other._fields()
 
     def __repr__(self) -> str:
-        fields = zip(_FIELDS, self._fields(), strict=True)
-        return f"Command({', '.join(f'{name}={value!r}' for name, value in fields)})"
+        return f"Command({', '.join(f'{name}={getattr(self, name)!r}' for name in _FIELDS)})"
 
 
-_FIELDS = ("op", "id", "channel", "since", "limit", "data", "token")
+_FIELDS = ("op", "id", "channel", "since", "limit", "data", "token")  # equality, repr
 
 
 def _is_int(value: Any) -> bool:
