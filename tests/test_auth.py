@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import jwt
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from auth import AuthError, PatternSet, TokenVerifier, make_token
+from auth.permissions import ANSWERS_KEPT
 
 K = "k" * 32
 
@@ -104,6 +106,21 @@ def test_none_algorithm_is_refused() -> None:
 )
 def test_patterns(patterns: list[str], name: str, allowed: bool) -> None:
     assert PatternSet(patterns)(name) is allowed
+
+
+def test_a_pattern_sets_remembered_answers_stay_right_and_bounded() -> None:
+    """A pattern set keeps its answers by name (bounded): asked again, before and after
+    it starts over, each name gets what a new set (nothing remembered) answers."""
+    patterns = ["chat:*", "a.b", "*:admin"]
+    kept = PatternSet(patterns)
+    rng = random.Random(5)
+    pool = ["chat:x", "chatroom", "a.b", "axb", "u:admin", "admin", "chat:", ""]
+    asked = [rng.choice(pool) + str(rng.randrange(3)) * rng.randrange(2) for _ in range(500)]
+    asked += [f"chat:{n}" for n in range(2 * ANSWERS_KEPT)] + asked
+    for name in asked:
+        assert kept(name) is PatternSet(patterns)(name), name
+        assert len(kept._answers) <= ANSWERS_KEPT
+    assert not PatternSet([])("x")
 
 
 # --------------------------------------------------------------------------- verified tokens

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from channels.names import is_valid_channel
+from channels import names
+from channels.names import CHANNEL_RE, VALID_KEPT, is_valid_channel
 from channels.publication import StreamPosition
 from gateway.commands import OPS, BadFrame, Command, parse_command
 
@@ -69,6 +70,24 @@ def test_any_json_value_is_parsed_or_rejected_with_bad_frame(value: Any) -> None
 def test_arbitrary_text_never_crashes_the_parser(text: str) -> None:
     with contextlib.suppress(BadFrame):
         parse_command(text)
+
+
+@given(names=st.lists(st.text(alphabet="ab:_-. é\n", max_size=130), min_size=1, max_size=50))
+def test_channel_names_are_judged_by_the_expression_whatever_was_asked_before(
+    names: list[str],
+) -> None:
+    """Valid names are remembered (a set instead of the expression at every connect):
+    asked again, in any order, each name still gets the expression's answer."""
+    for name in [*names, *reversed(names), *names]:
+        assert is_valid_channel(name) is (CHANNEL_RE.fullmatch(name) is not None), name
+
+
+def test_the_names_remembered_are_bounded() -> None:
+    for n in range(2 * VALID_KEPT + 10):
+        assert is_valid_channel(f"c{n}")
+        assert is_valid_channel(f"c{n}") and not is_valid_channel(f"c{n} ")
+    assert 0 < len(names._VALID) <= VALID_KEPT
+    assert is_valid_channel("c0") and not is_valid_channel(7) and not is_valid_channel("")
 
 
 @given(channel=st.text(max_size=140).filter(lambda c: not is_valid_channel(c)))
