@@ -1,5 +1,5 @@
 """A request's token and query parameters, read from its raw bytes: for the paths that
-open a connection without the framework (``gateway.ws``, ``gateway.sse_open``) and for
+open a connection without the framework (``gateway.ws``, ``gateway.sse_opener``) and for
 the dependencies that read them through it (``gateway.deps``). Compiled (setup.py).
 """
 
@@ -59,6 +59,8 @@ def query_value(query: bytes, name: str) -> str | None:
 
 def hooked(gateway: Gateway, claims: Claims | AuthError) -> bool:
     """Whether the connect hook decides this connection (a bad token never gets there)."""
+    if not gateway.connect_hooked:
+        return False
     if isinstance(claims, AuthError):
         return claims.missing and gateway.hooks.connects(has_token=False)
     return gateway.hooks.connects(has_token=True)

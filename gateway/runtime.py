@@ -83,6 +83,10 @@ class Gateway:
             metrics.hook_outcomes,
             max_channels=settings.max_channels_per_connection,
         )
+        # Whether a subscribe or connect hook is configured at all: a connect asks these
+        # (native attributes) before it asks the hooks themselves (an interpreted call).
+        self.subscribe_hooked = "subscribe" in self.hooks.hooks
+        self.connect_hooked = "connect" in self.hooks.hooks
         self.draining = False
         self._features: list[Feature] = []
         self._drain: asyncio.Task[None] | None = None
