@@ -174,6 +174,55 @@ async def test_a_kept_head_that_stalls_gets_the_408(make_server: MakeServer) -> 
     writer.close()
 
 
+def fed(request: bytes) -> tuple[Head, httptools.HttpRequestParser] | None:
+    """A ``Head`` and its parser fed ``request``; None when the parser refuses it."""
+    head = Head()
+    parser = httptools.HttpRequestParser(head)
+    try:
+        parser.feed_data(request)
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError:
+        return None
+    return head, parser
+
+
+def test_the_version_read_from_the_request_line_is_the_parsers() -> None:
+    """``Head.http11`` reads HTTP/1.1 from a plain request line and asks the parser for
+    anything else: its answer is the parser's for every head the parser takes."""
+    rng = random.Random(20261205)
+    versions = ["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/0.9", "HTTP/1.2", " HTTP/1.1"]
+    targets = ["/ws", "/ws?token=" + token(), "/ws?v=HTTP/1.1", "/ws?v=%20HTTP/1.1", "*"]
+    parsed = {True: 0, False: 0}
+    for _ in range(400):
+        request = upgrade(rng.choice(targets), version=rng.choice(versions), headers=standard())
+        if rng.random() < 0.2:
+            request = request.replace(b"\r\n", b"\n", rng.choice([1, -1]))
+        if rng.random() < 0.1:
+            request = request.replace(b"GET ", b"GET  ", 1)
+        got = fed(request)
+        if got is None:
+            continue
+        head, parser = got
+        expected = parser.get_http_version() == "1.1"
+        assert head.http11(request, parser) is expected, request
+        parsed[expected] += 1
+    assert parsed[True] > 50 and parsed[False] > 20  # both answers came often
+
+
+def test_header_values_lose_trailing_blanks_as_uvicorn_strips_them() -> None:
+    request = b"GET /ws HTTP/1.1\r\nHost: h\r\nX-A: v \t\r\nX-B: w\r\nX-C:\r\nX-D: \tx\t \r\n\r\n"
+    got = fed(request)
+    assert got is not None
+    assert got[0].headers == [
+        (b"host", b"h"),
+        (b"x-a", b"v"),
+        (b"x-b", b"w"),
+        (b"x-c", b""),
+        (b"x-d", b"x"),
+    ]
+
+
 def test_the_key_noted_as_headers_come_is_uvicorns_and_websockets_answer() -> None:
     """``Head.websocket_key`` (what a head's callbacks noted) against what uvicorn and
     websockets make of its header list: uvicorn's ``_get_upgrade`` is ``websocket`` and

@@ -156,6 +156,15 @@ MALFORMED = {
     "upgrade to something else": upgrade(headers=standard(Upgrade="h2c")),
     "no connection upgrade": upgrade(headers=standard(Connection="keep-alive")),
     "HTTP/1.0": upgrade(version="HTTP/1.0", headers=standard()),
+    # (The front door reads HTTP/1.1 from the request line when the line is plain, and
+    # asks the parser otherwise: ``Head.http11``.)
+    "HTTP/2.0": upgrade(version="HTTP/2.0", headers=standard()),
+    "HTTP/1.1 in lines ended by LF alone": upgrade(headers=standard()).replace(b"\r\n", b"\n"),
+    "request line ended by LF alone": upgrade(headers=standard()).replace(b"\r\n", b"\n", 1),
+    "two spaces before the version": upgrade(version=" HTTP/1.1", headers=standard()),
+    "a target naming a version": upgrade(
+        f"/ws?token={token()}&v=HTTP/1.0", version="HTTP/1.0", headers=standard()
+    ),
     "POST": upgrade(method="POST", headers=standard()),
     "a path with no WebSocket": upgrade("/api/publish", headers=standard()),
     "unknown path": upgrade("/nowhere", headers=standard()),

@@ -28,7 +28,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from gateway.server import cycle, http, ports, websocket
+from gateway.server import addresses, cycle, http, ports, websocket
 from gateway.server.cycle import DetachableCycle
 from gateway.server.front import FrontDoor
 from gateway.server.http import GatewayHttpToolsProtocol
@@ -301,8 +301,8 @@ def test_the_protocol_names_both_ends_as_uvicorn_does(host: str) -> None:
         _, writer = await asyncio.open_connection(host, port)
         transport = await asyncio.wait_for(made, 5)
         ours = (
-            http.address(transport.get_extra_info("sockname"), local=True),
-            http.address(transport.get_extra_info("peername"), local=False),
+            addresses.address(transport.get_extra_info("sockname"), local=True),
+            addresses.address(transport.get_extra_info("peername"), local=False),
         )
         writer.close()
         server.close()

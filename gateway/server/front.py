@@ -44,12 +44,13 @@ from urllib.parse import unquote
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.server.addresses import address
 from gateway.server.cycle import log_failure, stream_head, valid_headers
 from gateway.server.front_stream import FrontStream, StreamRequest, log_stream, outcome
 from gateway.server.handover import HttpUpgrade
 from gateway.server.head import Head
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
-from gateway.server.http import GatewayHttpToolsProtocol, address
+from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.server.ports import (
     OPEN_STREAM,
     OPEN_WEBSOCKET,
@@ -153,7 +154,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
             opener is not None
             and getattr(self.ws_protocol_class, "lends_upgrades", False)
             and parser.get_method() == b"GET"
-            and parser.get_http_version() == "1.1"
+            and head.http11(self._received, parser)
         ):
             key = head.websocket_key()
         decision = opener(HttpUpgrade(head.url, head.headers)) if opener and key else None
@@ -199,7 +200,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
             or head.expects
             or head.upgrades
             or parser.get_method() != b"GET"
-            or parser.get_http_version() != "1.1"
+            or not head.http11(data, parser)
         ):
             return False
         raw_path, query = request_target(head.url)

@@ -35,7 +35,8 @@ class Head:
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         # uvicorn's: llhttp keeps the trailing whitespace that RFC 9110 excludes
-        value = value.rstrip(b" \t")
+        if value and value[-1] in b" \t":  # (rarely: a call saved)
+            value = value.rstrip(b" \t")
         self.headers.append((name, value))
         if len(name) + len(value) > LINE_LIMIT:
             self.long_line = True
@@ -65,6 +66,15 @@ class Head:
 
     def on_message_complete(self) -> None:
         self.done = True
+
+    def http11(self, received: bytes, parser: httptools.HttpRequestParser) -> bool:
+        """Whether the ``GET`` whose head is ``received`` (from its first byte) is HTTP/1.1:
+        read from its request line when that is ``GET <url> HTTP/1.1`` CRLF, else asked
+        of ``parser`` (which makes a string of the version each time). A URL holds no
+        space, so the bytes after it are the version's."""
+        if received.startswith(b" HTTP/1.1\r\n", 4 + len(self.url)):
+            return True
+        return bool(parser.get_http_version() == "1.1")
 
     def websocket_key(self) -> str | None:
         """The key of a handshake uvicorn would hand to its WebSocket protocol (a

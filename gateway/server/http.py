@@ -63,6 +63,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
+from gateway.server.addresses import address
 from gateway.server.answers import AnswersUpgrades
 from gateway.server.cycle import DetachableCycle, RawBody, log_failure
 from gateway.server.forwarded import forwarded_client
@@ -336,17 +337,6 @@ def _flow_control(transport: asyncio.Transport) -> FlowControl:
     writable.set()
     flow._is_writable_event = writable  # type: ignore[assignment]
     return flow
-
-
-def address(info: Any, *, local: bool) -> tuple[str, int | None] | None:
-    """What uvicorn's ``get_local_addr`` / ``get_remote_addr`` make of the socket's
-    ``getsockname()`` / ``getpeername()``: host and port (IPv6's four-tuple too), a
-    Unix socket's path for the local end only."""
-    if isinstance(info, tuple | list) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
-    if local and isinstance(info, str):
-        return (info, None)
-    return None
 
 
 class _ScopeHead:
