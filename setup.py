@@ -36,6 +36,7 @@ COMPILED = [
     "gateway/query.py",
     "gateway/runtime.py",
     "gateway/sse.py",
+    "gateway/sse_opener.py",
     "gateway/server/addresses.py",
     "gateway/server/frames.py",
     "gateway/server/front_stream.py",

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from gateway import admin, api, demo, llm, ops, sse_open, sse_route, ws, ws_route
+from gateway import admin, api, demo, llm, ops, sse_open, sse_opener, sse_route, ws, ws_route
 from gateway.cors import CorsHeaders, HTTPOnlyCORSMiddleware
 from gateway.errors import HTTP_STATUS, ErrorCode, GatewayError, JSONBody
 from gateway.logs import install_redaction
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state: dict[str, Any] = {DRAIN: gateway.drain}
             if settings.raw_writes:  # /ws and /sse below ASGI, under the gateway's protocols
                 state[OPEN_WEBSOCKET] = ws.opener(gateway)
-                state[OPEN_STREAM] = sse_open.opener(gateway, cors_headers)
+                state[OPEN_STREAM] = sse_opener.opener(gateway, cors_headers)
                 loop = asyncio.get_running_loop()
                 deadlines = HeadDeadlines(loop, settings.request_head_timeout)
                 state[HEAD_DEADLINES] = deadlines

@@ -2,7 +2,7 @@
 without the framework.
 
 ``HTTPOnlyCORSMiddleware`` is Starlette's middleware, for HTTP scopes only. Streams that
-the gateway's own server protocol opens below ASGI (``gateway.sse_open.opener``) never pass
+the gateway's own server protocol opens below ASGI (``gateway.sse_opener.opener``) never pass
 through it, yet must carry the very headers it would add: ``CorsHeaders`` asks the
 middleware itself (its ``send`` on a start message), once per origin.
 """

@@ -252,7 +252,7 @@ def checked_request(
     granted: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, StreamPosition]]:
     """The channels and resume positions of a ``GET /sse``, or the ``GatewayError`` it
-    gets, in the endpoint's order of checks (the endpoint's and ``gateway.sse_open``'s).
+    gets, in the endpoint's order of checks (the endpoint's and ``gateway.sse_opener``'s).
     ``granted``: the connect hook's channels, which need no permission."""
     channels = list(dict.fromkeys([*requested, *granted]))
     if not channels:

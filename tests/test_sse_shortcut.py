@@ -1,5 +1,5 @@
 """``GET /sse`` opened below the framework: by the gateway's protocols
-(``sse_open.opener``, ``OPEN_STREAM``: asked by the front door, or by uvicorn's HTTP
+(``sse_opener.opener``, ``OPEN_STREAM``: asked by the front door, or by uvicorn's HTTP
 protocol) or by ``sse_open.Shortcut`` in front of the app.
 
 Each takes a request only when every check of the endpoint passes, and must then
