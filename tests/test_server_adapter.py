@@ -222,7 +222,7 @@ def test_raw_writes_installs_the_gateways_protocols() -> None:
     choice = server_choice(settings)
     options = uvicorn_options(settings, choice)
     assert options["ws"] is GatewayWebSocketProtocol
-    assert options["http"] is FrontDoor
+    assert options["http"].cls is FrontDoor  # (made by ``perserver.Protocols``)
     assert issubclass(FrontDoor, GatewayHttpToolsProtocol)
     assert options["ws_max_size"] == settings.max_message_bytes
     assert choice.fallbacks == [] and "gateway's protocols" in choice.summary
@@ -397,6 +397,37 @@ async def test_a_servers_connections_share_its_settings_on_their_class() -> None
     assert len({type(first), type(again), type(other)}) == 3
     assert again.app_state == {"n": 2} and other.server_state is not server_state
     theirs.connections.discard(theirs)
+
+
+async def test_the_protocols_uvicorn_is_given_are_the_ones_the_class_makes() -> None:
+    """uvicorn calls ``config.http_protocol_class`` with keywords per connection; the
+    gateway gives it ``Protocols``, which makes an instance of the server's class without
+    calling the class: the same class and the same state as the class makes, with or
+    without a loop given, for each server in turn."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from gateway.app import create_app
+    from gateway.server.perserver import Protocols
+
+    loop = asyncio.get_running_loop()
+    config = Config(create_app(Settings(jwt_secret=SECRET)))
+    config.load()
+    server_state, app_state = ServerState(), {"n": 1}
+    for cls in (FrontDoor, GatewayHttpToolsProtocol):
+        made = Protocols(cls)
+        for state in (server_state, ServerState(), server_state):
+            for given in (None, loop):
+                ours = made(config=config, server_state=state, app_state=app_state, _loop=given)
+                theirs = cls(config=config, server_state=state, app_state=app_state, _loop=given)
+                assert type(ours) is type(theirs) and ours.server_state is state
+                mine, yours = vars(ours), vars(theirs)
+                assert mine.keys() == yours.keys()
+                assert {k: v for k, v in mine.items() if k not in ("parser", "pipeline")} == {
+                    k: v for k, v in yours.items() if k not in ("parser", "pipeline")
+                }
+                assert type(mine.get("parser")) is type(yours.get("parser"))
+        assert len({type(made(config, s, app_state)) for s in (server_state, ServerState())}) == 2
 
 
 def test_request_targets_split_as_httptools_splits_them() -> None:

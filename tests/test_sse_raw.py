@@ -167,7 +167,7 @@ def sessions_of(server: RunningServer, user: str) -> list[Any]:
 
 
 async def test_real_server_uses_the_gateway_protocol_and_writes_events_raw(server, raw_writes):
-    assert server.server.config.http_protocol_class is FrontDoor
+    assert server.server.config.http_protocol_class.cls is FrontDoor
     assert issubclass(FrontDoor, GatewayHttpToolsProtocol)
     async with api_client(server) as http, raw_sse(server, ["raw:on"]) as s:
         await s.chunk()  # the opening block goes through ASGI

@@ -122,8 +122,9 @@ def uvicorn_options(settings: Settings, choice: ServerChoice | None = None) -> d
         options["ws_max_size"] = max(STOCK_PARSER_LIMIT, settings.max_message_bytes)
     if choice.http:
         from gateway.server.front import FrontDoor
+        from gateway.server.perserver import Protocols
 
-        options["http"] = FrontDoor
+        options["http"] = Protocols(FrontDoor)
     else:
         options["http"] = "httptools" if choice.httptools else "h11"
     return options
