@@ -45,6 +45,7 @@ COMPILED = [
     "gateway/server/headwait.py",
     "gateway/server/keepalive.py",
     "gateway/server/perserver.py",
+    "gateway/server/response_head.py",
     "gateway/server/upgraded.py",
     "gateway/server/target.py",
     "gateway/server/waiting.py",

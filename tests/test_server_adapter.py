@@ -487,7 +487,7 @@ def test_a_streams_headers_are_checked_as_uvicorns_send_checks_them() -> None:
     a refused header is never remembered."""
     from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
-    from gateway.server.cycle import _VALID_HEADERS, valid_headers
+    from gateway.server.response_head import _VALID_HEADERS, valid_headers
 
     def uvicorns(headers: list[tuple[bytes, bytes]]) -> bool:
         return not any(HEADER_RE.search(n) or HEADER_VALUE_RE.search(v) for n, v in headers)

@@ -45,7 +45,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.server.addresses import address
-from gateway.server.cycle import log_failure, stream_head, valid_headers
+from gateway.server.cycle import log_failure
 from gateway.server.front_stream import FrontStream, StreamRequest, log_stream, outcome
 from gateway.server.handover import HttpUpgrade
 from gateway.server.head import Head
@@ -60,6 +60,7 @@ from gateway.server.ports import (
     Respond,
     Started,
 )
+from gateway.server.response_head import stream_head, valid_headers
 from gateway.server.target import request_target
 
 # A head larger than this is left to uvicorn's protocol (which parses as it reads, not
