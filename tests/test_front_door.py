@@ -21,9 +21,9 @@ import orjson
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.server.front import FRONT_LIMIT, FrontDoor
+from gateway.server.front import FrontDoor
 from gateway.server.handover import websocket_key
-from gateway.server.head import Head
+from gateway.server.head import FRONT_LIMIT, Head
 from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.helpers import client_text_frame, read_raw_frame
 from tests.test_handshake import (

@@ -302,7 +302,7 @@ def test_the_protocol_names_both_ends_as_uvicorn_does(host: str) -> None:
         transport = await asyncio.wait_for(made, 5)
         ours = (
             addresses.address(transport.get_extra_info("sockname"), local=True),
-            addresses.address(transport.get_extra_info("peername"), local=False),
+            addresses.peer(transport.get_extra_info("peername")),
         )
         writer.close()
         server.close()

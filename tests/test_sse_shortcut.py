@@ -23,7 +23,8 @@ import pytest
 
 from gateway import sse_open
 from gateway.server.cycle import DetachableCycle
-from gateway.server.front import FRONT_LIMIT, FrontDoor
+from gateway.server.front import FrontDoor
+from gateway.server.head import FRONT_LIMIT
 from gateway.server.http import GatewayHttpToolsProtocol
 from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.fake_backend import FakeBackend

@@ -12,8 +12,13 @@ def address(info: Any, *, local: bool) -> tuple[str, int | None] | None:
     """What uvicorn's ``get_local_addr`` / ``get_remote_addr`` make of the socket's
     ``getsockname()`` / ``getpeername()``: host and port (IPv6's four-tuple too), a
     Unix socket's path for the local end only."""
-    if isinstance(info, tuple | list) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
     if local and isinstance(info, str):
         return (info, None)
+    return peer(info)
+
+
+def peer(info: Any) -> tuple[str, int] | None:
+    """The remote end (``getpeername()``): host and port, or None (a Unix socket)."""
+    if isinstance(info, tuple | list) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
     return None

@@ -37,35 +37,23 @@ this class.
 from __future__ import annotations
 
 import asyncio
-import logging
 from functools import partial
-from urllib.parse import unquote
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.server.addresses import address
-from gateway.server.cycle import log_failure
-from gateway.server.front_stream import FrontStream, StreamRequest, log_stream, outcome
-from gateway.server.handover import HttpUpgrade
-from gateway.server.head import Head
+from gateway.server.front_sse import start_here, stream_here
+from gateway.server.front_stream import FrontStream, outcome
+from gateway.server.front_upgrade import answer_upgrade
+from gateway.server.head import FRONT_LIMIT, Head
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
 from gateway.server.http import GatewayHttpToolsProtocol
 from gateway.server.ports import (
-    OPEN_STREAM,
-    OPEN_WEBSOCKET,
     Deferred,
-    Opener,
     OpenLater,
     Respond,
     Started,
 )
-from gateway.server.response_head import stream_head, valid_headers
-from gateway.server.target import request_target
-
-# A head larger than this is left to uvicorn's protocol (which parses as it reads, not
-# keeping the bytes): websockets refuses a handshake this large anyway.
-FRONT_LIMIT = 16 * 1024
 
 
 class FrontDoor(GatewayHttpToolsProtocol):
@@ -134,7 +122,9 @@ class FrontDoor(GatewayHttpToolsProtocol):
                 raise httptools.HttpParserError
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgrade(data[upgrade.args[0] :] if upgrade.args else b"")
+            # A whole upgrade head: answered here, or left to uvicorn's parser.
+            after = data[upgrade.args[0] :] if upgrade.args else b""
+            answer_upgrade(self, head, parser, received, after)
             return
         except httptools.HttpParserError:
             self._to_http()
@@ -142,89 +132,13 @@ class FrontDoor(GatewayHttpToolsProtocol):
         if head.complete:  # a request that is no upgrade
             self._to_http()
 
-    def _upgrade(self, after: bytes) -> None:
-        """A whole upgrade head is in: answer it here, or leave it to uvicorn's parser.
-        ``after``: what the client sent behind the head in the same read (frames it did
-        not wait for the 101 to send, which RFC 6455 asks it to): the WebSocket reads
-        them, as websockets' own server does (uvicorn's protocol drops them)."""
-        head, parser = self._head, self._parser
-        assert head is not None and parser is not None
-        opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
-        key = None
-        if (
-            opener is not None
-            and getattr(self.ws_protocol_class, "lends_upgrades", False)
-            and parser.get_method() == b"GET"
-            and head.http11(self._received, parser)
-        ):
-            key = head.websocket_key()
-        decision = opener(HttpUpgrade(head.url, head.headers)) if opener and key else None
-        if decision is None or isinstance(decision, Deferred):
-            # Not the app's, or answered later (a backend's say): uvicorn's, told the
-            # opener's answer so that it does not ask again.
-            self._to_http(decision)
-            return
-        assert key is not None
-        if self.head_deadlines is not None:
-            self.head_deadlines.done(self)
-        self.client = address(self.transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
-        self._switch(key, head.url, decision)
-        if after:
-            self.data_received(after)  # (handed over now)
-
     def _stream_here(self, data: bytes) -> bool:
         """A first read holding a whole ``GET /sse`` head and nothing after it, which
         uvicorn would hand to the app's stream opener as it is: the opener asked here,
         and a stream it opens at once started here (``FrontStream``), written as
         ``DetachableCycle.start_stream`` writes it. False when uvicorn's protocol is to
         read it: told the opener's answer, if it was asked (``stream_asked``)."""
-        opener = self.app_state.get(OPEN_STREAM)
-        if (
-            opener is None
-            or self.limit_concurrency is not None
-            or self.root_path
-            or len(data) > FRONT_LIMIT
-            or data.find(b"\r\n\r\n") != len(data) - 4
-        ):
-            return False
-        head = Head()
-        parser = head.parser = httptools.HttpRequestParser(head)
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserError:
-            return False
-        finally:
-            head.parser = None  # (it holds the head's callbacks)
-        if (
-            not head.done
-            or not head.keep_alive
-            or head.expects
-            or head.upgrades
-            or parser.get_method() != b"GET"
-            or not head.http11(data, parser)
-        ):
-            return False
-        raw_path, query = request_target(head.url)
-        if not raw_path.isascii():
-            return False
-        path = raw_path.decode("ascii")
-        if "%" in path:
-            path = unquote(path)
-        answer = opener(StreamRequest(path, query, head.url, head.headers))
-        if isinstance(answer, OpenLater):  # once the app's subscribes are done
-            if self.head_deadlines is not None:
-                self.head_deadlines.done(self)
-            self._stream = stream = FrontStream(self)
-            opening = self._open_later(answer, stream, data, raw_path, query, head.headers)
-            task = asyncio.get_running_loop().create_task(opening)  # (not ensure_future's 4 calls)
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-            task.add_done_callback(log_failure)
-            return True
-        if answer is not None and self._start_here(answer, raw_path, query, head.headers):
-            return True
-        self.stream_asked, self.stream_answer = True, answer  # uvicorn's answers as told
-        return False
+        return stream_here(self, data)
 
     def _start_here(
         self,
@@ -237,20 +151,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
         """Start ``answer``'s stream here, as ``DetachableCycle.start_stream`` starts one;
         False, with nothing done, when its headers are not ones uvicorn would write (its
         cycle then answers)."""
-        lines = [*self.server_state.default_headers, *answer.headers]
-        if not valid_headers(lines):
-            return False
-        if self.head_deadlines is not None:
-            self.head_deadlines.done(self)
-        access = self.access_logger
-        if access.isEnabledFor(logging.INFO) and access.hasHandlers():
-            client = address(self.transport.get_extra_info("peername"), local=False)
-            log_stream(access, self.app, client, raw_path, query, headers)  # type: ignore[arg-type]
-        if stream is None:  # (one that waited has its own: ``_open_later``)
-            self._stream = stream = FrontStream(self)
-        self.transport.write(stream_head(lines, True, answer.opening))
-        answer.start(stream)
-        return True
+        return start_here(self, answer, raw_path, query, headers, stream)
 
     async def _open_later(
         self,

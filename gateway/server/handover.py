@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+from typing import Any
 from urllib.parse import unquote
 
 from uvicorn.config import Config
@@ -47,6 +48,28 @@ def hand_over(
     else:
         decision(protocol)
     return protocol
+
+
+def switch_over(
+    protocol: Any,
+    transport: asyncio.Transport,
+    config: Config,
+    server_state: ServerState,
+    client: tuple[str, int] | None,
+    key: str,
+    url: bytes,
+    decision: Accept | Refuse,
+) -> UpgradedWebSocket:
+    """``hand_over`` for the HTTP ``protocol`` that parsed the upgrade, which stays the
+    transport's protocol and hands the socket's events on (``AnswersUpgrades``): out of
+    the server's connections (the WebSocket protocol is in them now), all of its own
+    state dropped (the parser with it, whose callbacks hold the protocol), so none of
+    its methods may run but the hand-over's (``connection_lost`` included)."""
+    server_state.connections.discard(protocol)
+    upgraded = hand_over(transport, config, server_state, client, key, url, decision)
+    protocol.__dict__.clear()
+    protocol.upgraded = upgraded
+    return upgraded
 
 
 def websocket_key(url: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:

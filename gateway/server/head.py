@@ -98,6 +98,10 @@ class Head:
         return key_of(self.key)
 
 
+# A head larger than this is left to uvicorn's protocol (which parses as it reads, not
+# keeping the bytes): websockets refuses a handshake this large anyway.
+FRONT_LIMIT = 16 * 1024
+
 # The headers a handshake needs, noted by ``Head`` as they come.
 _NOTED = {
     b"connection": 0,

@@ -63,7 +63,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
 
-from gateway.server.addresses import address
+from gateway.server.addresses import address, peer
 from gateway.server.answers import AnswersUpgrades
 from gateway.server.cycle import DetachableCycle, RawBody, log_failure
 from gateway.server.forwarded import forwarded_client
@@ -171,7 +171,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         """The rest of uvicorn's ``connection_made``: what responses need."""
         self.flow = _flow_control(transport)
         self.server = address(transport.get_extra_info("sockname"), local=True)
-        self.client = address(transport.get_extra_info("peername"), local=False)  # type: ignore[assignment]
+        self.client = peer(transport.get_extra_info("peername"))
         self.scheme = "https" if is_ssl(transport) else "http"
         if self.logger.level <= TRACE_LOG_LEVEL:
             prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
