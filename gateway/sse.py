@@ -44,8 +44,7 @@ from gateway.access import checked_channel, require
 from gateway.errors import CloseCode, ErrorCode, GatewayError
 from gateway.runtime import Gateway
 from gateway.server.ports import StreamPort
-from gateway.timer_entry import Timer
-from gateway.timers import loop_timers
+from gateway.timers import Timer, loop_timers
 
 logger = logging.getLogger(__name__)
 

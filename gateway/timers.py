@@ -14,18 +14,47 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import logging
 import math
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from gateway.timer_entry import ARGS, CALLBACK, WHEN, Timer
-
 logger = logging.getLogger(__name__)
 
 PER_PASS = 64  # timer callbacks run in one pass of the event loop, at most
+
+
+class Timer:
+    """One scheduled call of ``Timers``, and its own heap entry, ordered by its deadline
+    and then by when it was added (``seq`` is unique: no two compare equal), in
+    compiled code. ``cancel()`` drops its references at once."""
+
+    def __init__(
+        self,
+        when: float,
+        seq: int,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+        owner: Timers,
+    ) -> None:
+        self.when = when
+        self.seq = seq
+        self.callback: Callable[..., object] | None = callback
+        self.args = args
+        self.owner = owner
+
+    def __lt__(self, other: Timer) -> bool:
+        return self.when < other.when or (self.when == other.when and self.seq < other.seq)
+
+    def cancel(self) -> None:
+        if self.callback is not None:
+            self.callback = None
+            self.args = ()
+            self.owner.cancelled()
+
+    def cancelled(self) -> bool:
+        return self.callback is None
 
 
 class Timers:
@@ -34,16 +63,16 @@ class Timers:
     A cancelled timer keeps only its place in the heap (no callback, no arguments);
     when cancelled ones are more than half of the heap it is rebuilt without them,
     as asyncio does with its own timers. Use ``loop_timers()`` for the running loop's.
-    Each ``Timer`` is a list, its own heap entry, ordered in C (a ``Timer.__lt__`` was a
-    Python call for every step of every push and pop; a ``(when, seq, timer)`` tuple
-    per timer was one more object for the collector to traverse, for a connection's
-    whole life).
+    Each ``Timer`` is its own heap entry, compared in compiled code (interpreted, a
+    ``Timer.__lt__`` is a Python call for every step of a push and a pop; a ``(when,
+    seq, timer)`` tuple per timer was one more object for the collector to traverse,
+    for a connection's whole life).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._heap: list[Timer] = []
-        self._seq = itertools.count()
+        self._seq = 0
         self._cancelled = 0
         self._timer: asyncio.Handle | None = None
         self._timer_when = math.inf
@@ -54,7 +83,8 @@ class Timers:
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         when = self._loop.time() + max(0.0, delay)
-        timer = Timer((when, next(self._seq), callback, args, self))
+        self._seq += 1
+        timer = Timer(when, self._seq, callback, args, self)
         heapq.heappush(self._heap, timer)
         if when < self._timer_when:
             self._arm(when)
@@ -64,7 +94,7 @@ class Timers:
         self._cancelled += 1
         heap = self._heap
         if self._cancelled > 64 and self._cancelled * 2 > len(heap):
-            self._heap = [timer for timer in heap if timer[CALLBACK] is not None]
+            self._heap = [timer for timer in heap if timer.callback is not None]
             heapq.heapify(self._heap)
             self._cancelled = 0
 
@@ -78,23 +108,23 @@ class Timers:
         self._timer, self._timer_when = None, math.inf
         heap, now = self._heap, self._loop.time()
         budget = PER_PASS
-        while heap and heap[0][WHEN] <= now:
+        while heap and heap[0].when <= now:
             if not budget:  # more are due: the rest in the next pass, after the I/O
                 self._timer, self._timer_when = self._loop.call_soon(self._run), now
                 return
             timer = heapq.heappop(heap)
-            callback, args = timer[CALLBACK], timer[ARGS]
+            callback, args = timer.callback, timer.args
             if callback is None:
                 self._cancelled -= 1
                 continue
-            timer[CALLBACK], timer[ARGS] = None, ()  # ran: a later cancel() is a no-op
+            timer.callback, timer.args = None, ()  # ran: a later cancel() is a no-op
             budget -= 1
             try:
                 callback(*args)
             except Exception:
                 logger.exception("timer callback %r failed", callback)
         if heap:
-            self._arm(heap[0][WHEN])
+            self._arm(heap[0].when)
 
 
 _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = weakref.WeakKeyDictionary()

@@ -53,8 +53,7 @@ from gateway.server.ports import (
     RequestHead,
     WebSocketPort,
 )
-from gateway.timer_entry import Timer
-from gateway.timers import loop_timers
+from gateway.timers import Timer, loop_timers
 
 logger = logging.getLogger(__name__)
 
