@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+import pickle
 import random
 import re
 import textwrap
@@ -428,6 +429,11 @@ async def test_the_protocols_uvicorn_is_given_are_the_ones_the_class_makes() -> 
                 }
                 assert type(mine.get("parser")) is type(yours.get("parser"))
         assert len({type(made(config, s, app_state)) for s in (server_state, ServerState())}) == 2
+        copy = pickle.loads(pickle.dumps(made))  # as ``--workers`` gives each child the config
+        assert type(copy) is Protocols and copy.cls is cls
+        assert type(copy(config, server_state, app_state)) is type(
+            made(config, server_state, app_state)
+        )
 
 
 def test_request_targets_split_as_httptools_splits_them() -> None:

@@ -76,6 +76,10 @@ class Protocols:
         self._for: tuple[Config, ServerState, dict[str, Any]] | None = None
         self._made: type = cls
 
+    def __reduce__(self) -> tuple[type[Protocols], tuple[type]]:
+        """Pickled as its class (``--workers``: each child is given the config)."""
+        return Protocols, (self.cls,)
+
     def __call__(
         self,
         config: Config,
