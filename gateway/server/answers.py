@@ -21,7 +21,7 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.server.handover import HttpUpgrade, switch_over, websocket_key
+from gateway.server.handover import HttpUpgrade, hand_over, websocket_key
 from gateway.server.ports import OPEN_WEBSOCKET, Accept, Deferred, Opener, Refuse
 from gateway.server.upgraded import UpgradedWebSocket
 
@@ -76,7 +76,7 @@ class AnswersUpgrades(HttpToolsProtocol):
         """Write the 101 and hand the connection to the gateway's WebSocket protocol.
         Not ``transport.set_protocol``: uvloop's stops and starts reading the socket
         again to switch it (an epoll change each way, about 5 µs of a connect's CPU)."""
-        switch_over(
+        hand_over(
             self, self.transport, self.config, self.server_state, self.client, key, url, decision
         )
 

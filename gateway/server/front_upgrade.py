@@ -13,7 +13,7 @@ from typing import Any
 import httptools
 
 from gateway.server.addresses import peer
-from gateway.server.handover import HttpUpgrade, switch_over
+from gateway.server.handover import HttpUpgrade, hand_over
 from gateway.server.head import Head
 from gateway.server.ports import OPEN_WEBSOCKET, Deferred, Opener
 from gateway.server.upgraded import UpgradedWebSocket
@@ -47,7 +47,7 @@ def answer_upgrade(
     if deadlines is not None:
         deadlines.done(door)
     client = door.client = peer(transport.get_extra_info("peername"))
-    upgraded = switch_over(
+    upgraded = hand_over(
         door, transport, door.config, door.server_state, client, key, head.url, decision
     )
     if after:

@@ -22,6 +22,7 @@ from gateway.server.upgraded import UpgradedWebSocket
 
 
 def hand_over(
+    http: Any,
     transport: asyncio.Transport,
     config: Config,
     server_state: ServerState,
@@ -31,8 +32,13 @@ def hand_over(
     decision: Accept | Refuse,
 ) -> UpgradedWebSocket:
     """Write the 101 for a handshake with ``key`` and give the connection to the gateway's
-    WebSocket protocol (which the caller then hands the socket's events to); the
-    opener's ``decision`` opens or refuses it."""
+    WebSocket protocol; the opener's ``decision`` opens or refuses it. The HTTP protocol
+    that parsed the upgrade (``http``) stays the transport's protocol and hands the
+    socket's events on (``AnswersUpgrades``): out of the server's connections (the
+    WebSocket protocol is in them now), all of its own state dropped (the parser with
+    it, whose callbacks hold it), so none of its methods may run but the hand-over's
+    (``connection_lost`` included)."""
+    server_state.connections.discard(http)
     protocol = UpgradedWebSocket(
         connections=server_state.connections,
         max_size=config.ws_max_size,
@@ -47,29 +53,9 @@ def hand_over(
         protocol.refuse(decision.code, decision.reason)
     else:
         decision(protocol)
+    http.__dict__.clear()
+    http.upgraded = protocol
     return protocol
-
-
-def switch_over(
-    protocol: Any,
-    transport: asyncio.Transport,
-    config: Config,
-    server_state: ServerState,
-    client: tuple[str, int] | None,
-    key: str,
-    url: bytes,
-    decision: Accept | Refuse,
-) -> UpgradedWebSocket:
-    """``hand_over`` for the HTTP ``protocol`` that parsed the upgrade, which stays the
-    transport's protocol and hands the socket's events on (``AnswersUpgrades``): out of
-    the server's connections (the WebSocket protocol is in them now), all of its own
-    state dropped (the parser with it, whose callbacks hold the protocol), so none of
-    its methods may run but the hand-over's (``connection_lost`` included)."""
-    server_state.connections.discard(protocol)
-    upgraded = hand_over(transport, config, server_state, client, key, url, decision)
-    protocol.__dict__.clear()
-    protocol.upgraded = upgraded
-    return upgraded
 
 
 def websocket_key(url: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
