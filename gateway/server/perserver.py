@@ -67,14 +67,12 @@ class Protocols:
     """What uvicorn is given as its HTTP protocol class (``config.http``) for the gateway's
     ``cls``: uvicorn's ``create_protocol`` calls it once per connection, with the same
     keywords it would give the class, and it makes an instance of ``cls``'s class for the
-    server (``server_class``, looked up again only when the server changes), without
-    the Python ``__new__`` and ``__init__`` calling the class costs: ``__init__`` only
-    when it has something to do (``parses_at_once``, or a loop given)."""
+    server (``server_class``) without the Python ``__new__`` and ``__init__`` calling
+    the class costs: ``__init__`` only when it has something to do (``parses_at_once``,
+    or a loop given)."""
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
-        self._for: tuple[Config, ServerState, dict[str, Any]] | None = None
-        self._made: type = cls
 
     def __reduce__(self) -> tuple[type[Protocols], tuple[type]]:
         """Pickled as its class (``--workers``: each child is given the config)."""
@@ -87,16 +85,7 @@ class Protocols:
         app_state: dict[str, Any],
         _loop: Any = None,
     ) -> Any:
-        kept = self._for
-        if (
-            kept is None
-            or kept[0] is not config
-            or kept[1] is not server_state
-            or kept[2] is not app_state
-        ):
-            self._made = server_class(self.cls, config, server_state, app_state)
-            self._for = (config, server_state, app_state)
-        made = self._made
+        made = server_class(self.cls, config, server_state, app_state)
         protocol: Any = object.__new__(made)
         if _loop is not None or made.parses_at_once:  # type: ignore[attr-defined]
             protocol.__init__(config, server_state, app_state, _loop)
