@@ -506,3 +506,32 @@ def test_a_streams_headers_are_checked_as_uvicorns_send_checks_them() -> None:
         assert valid_headers(headers) is uvicorns(headers), headers
     assert _VALID_HEADERS.issuperset(good)
     assert not any(_VALID_HEADERS.issuperset(headers) for headers in bad)
+
+
+def test_a_front_door_streams_head_is_the_one_uvicorn_writes_and_is_remembered_per_second() -> None:
+    """``stream_start`` + ``chunk`` write the bytes ``stream_head`` writes (uvicorn's
+    ``send``, tested above) for every opening size; the head is made once per header
+    list while uvicorn's default headers are the same list, made again when the server
+    makes a new one (its date, once a second), and a list with a header uvicorn refuses
+    gets None, then and later."""
+    from gateway.server.response_head import _HEADS, chunk, stream_head, stream_start
+
+    defaults = [(b"date", b"Sat, 05 Dec 2026 17:00:00 GMT"), (b"server", b"uvicorn")]
+    headers = [(b"Content-Type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+    for size in [0, 1, 15, 16, 1023, 1024, 1025, 70_000]:
+        opening = b"r" * size
+        head = stream_start(defaults, headers)
+        assert head is not None
+        assert head + chunk(opening) == stream_head([*defaults, *headers], True, opening)
+    assert stream_start(defaults, list(headers)) is stream_start(defaults, headers)
+    assert len(_HEADS) == 1
+
+    later = [(b"date", b"Sat, 05 Dec 2026 17:00:01 GMT"), (b"server", b"uvicorn")]
+    again = stream_start(later, headers)
+    assert again is not None and b"17:00:01" in again and b"17:00:00" not in again
+    assert len(_HEADS) == 1  # the last second's heads are gone
+
+    refused = [*headers, (b"x-origin", b"a\r\nset-cookie: x")]
+    assert stream_start(later, refused) is None
+    assert stream_start(later, refused) is None
+    assert tuple(refused) not in _HEADS

@@ -22,7 +22,7 @@ from gateway.server.cycle import log_failure
 from gateway.server.front_stream import FrontStream, StreamRequest, log_stream
 from gateway.server.head import FRONT_LIMIT, Head
 from gateway.server.ports import OPEN_STREAM, OpenLater, Started
-from gateway.server.response_head import stream_head, valid_headers
+from gateway.server.response_head import chunk, stream_start
 from gateway.server.target import request_target
 
 
@@ -93,8 +93,8 @@ def start_here(
     """Start ``answer``'s stream on ``door``, as ``DetachableCycle.start_stream`` starts
     one; False, with nothing done, when its headers are not ones uvicorn would write (its
     cycle then answers)."""
-    lines = [*door.server_state.default_headers, *answer.headers]
-    if not valid_headers(lines):
+    head = stream_start(door.server_state.default_headers, answer.headers)
+    if head is None:
         return False
     transport = door.transport
     deadlines = door.head_deadlines
@@ -106,6 +106,6 @@ def start_here(
         log_stream(access, door.app, client, raw_path, query, headers)
     if stream is None:  # (one that waited has its own: ``_open_later``)
         stream = door._stream = FrontStream(door)
-    transport.write(stream_head(lines, True, answer.opening))
+    transport.write(head + chunk(answer.opening))
     answer.start(stream)
     return True

@@ -1,6 +1,7 @@
 """A stream's response head as uvicorn's ``send`` writes a chunked 200, and uvicorn's
 checks of its headers, remembered (``DetachableCycle.start_stream``, and the front
-door's streams). Compiled (setup.py): every SSE connect writes one.
+door's streams, whose heads are remembered whole: ``stream_start``). Compiled
+(setup.py): every SSE connect writes one.
 """
 
 from __future__ import annotations
@@ -15,15 +16,55 @@ OK_LINE: Final = STATUS_LINE[200]
 def stream_head(headers: list[tuple[bytes, bytes]], keep_alive: bool, opening: bytes) -> bytes:
     """A chunked 200's head with ``headers`` and ``opening`` as its first chunk, as
     uvicorn's ``send`` writes them."""
+    return _head(headers, keep_alive) + chunk(opening)
+
+
+def _head(headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
     content = [OK_LINE]
     for name, value in headers:
         content += [name.lower(), b": ", value, b"\r\n"]
     if not keep_alive:
         content.append(b"connection: close\r\n")
-    content += [b"transfer-encoding: chunked\r\n\r\n", b"%x\r\n" % len(opening), opening]
-    content.append(b"\r\n")
+    content.append(b"transfer-encoding: chunked\r\n\r\n")
     return b"".join(content)
 
+
+def stream_start(
+    default_headers: list[tuple[bytes, bytes]], headers: list[tuple[bytes, bytes]]
+) -> bytes | None:
+    """The head of a kept-alive chunked 200 with uvicorn's ``default_headers`` and then
+    ``headers``, through its blank line, as ``stream_head`` writes it; None when
+    uvicorn's ``send`` would refuse one of them (``valid_headers``). Remembered: a
+    stream's headers are the same few, and uvicorn's change once a second (a new list,
+    its date in it), which starts the heads over."""
+    kept = _heads_of
+    if kept[0] is not default_headers:
+        kept[0] = default_headers  # held: its id is not another list's while it is kept
+        _HEADS.clear()
+    key = tuple(headers)
+    head = _HEADS.get(key)
+    if head is None:
+        lines = [*default_headers, *headers]
+        if not valid_headers(lines):
+            return None
+        if len(_HEADS) >= _HEADS_LIMIT:
+            _HEADS.clear()
+        head = _HEADS[key] = _head(lines, True)
+    return head
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body."""
+    size = len(data)
+    line = _SIZE_LINES[size] if size < _SIZE_LINES_KEPT else b"%x\r\n" % size
+    return line + data + b"\r\n"
+
+
+_HEADS: Final[dict[tuple[tuple[bytes, bytes], ...], bytes]] = {}
+_HEADS_LIMIT: Final = 256  # heads of one second: one per origin the CORS headers name
+_heads_of: Final[list[object]] = [None]  # the default headers ``_HEADS`` were made with
+_SIZE_LINES_KEPT: Final = 1024  # an opening's size line, made once
+_SIZE_LINES: Final = [b"%x\r\n" % size for size in range(_SIZE_LINES_KEPT)]
 
 _VALID_HEADERS: Final[set[tuple[bytes, bytes]]] = set()  # checked already: the same each stream
 _VALID_HEADERS_LIMIT: Final = 1024
