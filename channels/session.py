@@ -26,7 +26,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import orjson
 
@@ -55,11 +55,11 @@ class Gap:
 
 Outgoing = Publication | PresenceEvent | Batch | Gap | str  # str: an encoded reply
 
-_GAP_SIZE = 64
+_GAP_SIZE: Final = 64
 # Recovered publications go out in batches of about this many bytes: a few small ones are
 # one socket write, and a large recovery still queues (and counts towards the session's
 # GATEWAY_CLIENT_QUEUE_BYTES) behind a socket that is full, instead of one huge write.
-REPLAY_BATCH_BYTES = 16_384
+REPLAY_BATCH_BYTES: Final = 16_384
 
 
 class Transport(Protocol):
@@ -76,22 +76,26 @@ class Transport(Protocol):
 # Client ids are 8 random bytes (``secrets.token_hex(8)``) taken from the kernel 4 KiB at a
 # time: a system call per 512 connections, not one each. A forked child starts with none
 # of its parent's bytes, which would repeat its parent's ids.
-_random_hex = ""
-_random_at = 0
+class _RandomHex:
+    def __init__(self) -> None:
+        self.hex = ""
+        self.at = 0
+
+
+_random: Final = _RandomHex()  # (an object's attributes: no module dictionary per id)
 
 
 def new_client_id() -> str:
-    global _random_hex, _random_at
-    at = _random_at
-    if at >= len(_random_hex):
-        _random_hex, at = os.urandom(4096).hex(), 0
-    _random_at = at + 16
-    return "c-" + _random_hex[at : at + 16]
+    random = _random
+    at = random.at
+    if at >= len(random.hex):
+        random.hex, at = os.urandom(4096).hex(), 0
+    random.at = at + 16
+    return "c-" + random.hex[at : at + 16]
 
 
 def _forget_random_hex() -> None:
-    global _random_hex, _random_at
-    _random_hex, _random_at = "", 0
+    _random.hex, _random.at = "", 0
 
 
 if hasattr(os, "register_at_fork"):

@@ -19,11 +19,11 @@ from channels.publication import StreamPosition
 
 CommandId = int | str | None
 
-OPS = frozenset(
+OPS: Final = frozenset(
     {"subscribe", "unsubscribe", "publish", "presence", "history", "ping", "refresh", "rpc"}
 )
-CHANNEL_OPS = frozenset({"subscribe", "unsubscribe", "publish", "presence", "history"})
-MAX_OFFSET = 2**63 - 1
+CHANNEL_OPS: Final = frozenset({"subscribe", "unsubscribe", "publish", "presence", "history"})
+MAX_OFFSET: Final = 2**63 - 1
 
 
 class BadFrame(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -198,7 +198,7 @@ async def refresh(client: Client, command: Command) -> dict[str, Any]:
     return {}
 
 
-OPS: dict[str, Op] = {
+OPS: Final[dict[str, Op]] = {
     "subscribe": subscribe,
     "unsubscribe": unsubscribe,
     "publish": publish,
@@ -209,7 +209,7 @@ OPS: dict[str, Op] = {
     "rpc": rpc,
 }
 # The ops that can complete without a wait, when their state allows (``handle_now``).
-NOW: dict[str, Callable[[Client, Command], bool]] = {
+NOW: Final[dict[str, Callable[[Client, Command], bool]]] = {
     "subscribe": subscribe_now,
     "unsubscribe": unsubscribe_now,
     "ping": ping_now,

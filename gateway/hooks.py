@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -52,7 +52,7 @@ HOOK_KEYS = {
 REFUSAL_CODES = frozenset(code for code in ErrorCode if code is not ErrorCode.UNAVAILABLE)
 DEFAULT_TIMEOUT = 2.0
 JSON_HEADERS = {"content-type": "application/json"}
-NO_INFO: Any = object()  # a subscribe hook's allow that attached nothing
+NO_INFO: Final[Any] = object()  # a subscribe hook's allow that attached nothing
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,14 +13,14 @@ import functools
 import http
 import logging
 import re
-from typing import Any
+from typing import Any, Final
 
 from uvicorn.logging import AccessFormatter, DefaultFormatter
 
 REDACTED = "[redacted]"
 # A record's attribute (``extra={REDACTED_ALREADY: True}``): its message and arguments
 # hold no token, or were redacted by the caller; the filters leave it as it is.
-REDACTED_ALREADY = "gateway_redacted"
+REDACTED_ALREADY: Final = "gateway_redacted"
 _TOKEN_PARAM = re.compile(r"(?i)((?:^|[?&;\s])(?:access_)?token=)[^&\s\"']*")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _TOKEN_KEY = re.compile(r"(\"(?:access_)?token\"\s*:\s*\")[^\"]*")

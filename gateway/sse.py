@@ -33,6 +33,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Final
 
 from auth import Claims
 from channels.broker import BrokerUnavailable
@@ -47,6 +48,8 @@ from gateway.server.ports import StreamPort
 from gateway.timers import Timer, loop_timers
 
 logger = logging.getLogger(__name__)
+
+_PUBLICATION: Final = Publication  # (a constant: not read from the module's dict per item)
 
 RAW_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -77,7 +80,7 @@ class SSETransport:
         port = self.port
         if port is None:
             return False
-        if self.single and type(item) is Publication:  # the hot path, as ``_chunk``'s
+        if self.single and type(item) is _PUBLICATION:  # the hot path, as ``_chunk``'s
             self.positions[item.channel] = item  # a publication is its own position
             cache = item.wire
             chunk = cache.chunk if cache is not None else None
@@ -96,12 +99,12 @@ class SSETransport:
     def _chunk(self, item: Outgoing) -> bytes:
         """``item``'s event as one HTTP chunk; framed once per publication when single."""
         if self.single:
-            if type(item) is Publication:  # the hot path: the same chunk for every stream
+            if type(item) is _PUBLICATION:  # the hot path: the same chunk for every stream
                 self.positions[item.channel] = item
                 return wire.single_chunk(item)
             if type(item) is Batch:
                 for message in item.messages:
-                    if type(message) is Publication:
+                    if type(message) is _PUBLICATION:
                         self.positions[message.channel] = message
                 return wire.single_chunk(item)
         return wire.frame_chunk(self._event(item))
@@ -119,7 +122,7 @@ class SSETransport:
         if isinstance(item, Batch):
             if self.single:  # the same events for every stream: the last one's position
                 for message in reversed(item.messages):
-                    if type(message) is Publication:
+                    if type(message) is _PUBLICATION:
                         self.positions[message.channel] = message
                         break
                 return wire.single_events(item)

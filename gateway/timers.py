@@ -18,11 +18,11 @@ import logging
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 logger = logging.getLogger(__name__)
 
-PER_PASS = 64  # timer callbacks run in one pass of the event loop, at most
+PER_PASS: Final = 64  # timer callbacks run in one pass of the event loop, at most
 
 
 class Timer:
@@ -130,18 +130,25 @@ class Timers:
 _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = weakref.WeakKeyDictionary()
 
 
-_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Timers] | None = None  # the last asked
+class _Last:
+    """The last loop asked of and its ``Timers`` (no weak key made and dropped per call)."""
+
+    def __init__(self) -> None:
+        self.loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self.timers: Timers | None = None
+
+
+_last: Final = _Last()
 
 
 def loop_timers() -> Timers:
     """The running loop's ``Timers``."""
-    global _last
     loop = asyncio.get_running_loop()
     last = _last
-    if last is not None and last[0]() is loop:  # (no weak key made and dropped per call)
-        return last[1]
+    if last.loop is not None and last.loop() is loop and last.timers is not None:
+        return last.timers
     timers = _timers.get(loop)
     if timers is None:
         timers = _timers[loop] = Timers(loop)
-    _last = (weakref.ref(loop), timers)
+    last.loop, last.timers = weakref.ref(loop), timers
     return timers

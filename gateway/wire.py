@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -31,8 +31,8 @@ from gateway.commands import CommandId
 
 Push = Publication | PresenceEvent
 
-HEARTBEAT = ": ping\n\n"
-_TEXT = 0x81  # FIN + text opcode
+HEARTBEAT: Final = ": ping\n\n"
+_TEXT: Final = 0x81  # FIN + text opcode
 
 
 class Encoded:

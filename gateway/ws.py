@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Final
 
 from starlette.requests import cookie_parser
 from starlette.types import Message
@@ -57,6 +58,11 @@ from gateway.timers import Timer, loop_timers
 
 logger = logging.getLogger(__name__)
 
+# What ``write_now`` asks of every item, as constants (not read from the module's dict)
+_PUBLICATION: Final = Publication
+_SHARED: Final = (Batch, PresenceEvent)  # built once for all subscribers, like a publication
+_GAP: Final = Gap
+
 
 class WebSocketTransport:
     """Writes pushes and replies as text frames; ``Gap`` markers are SSE-only and skipped."""
@@ -67,11 +73,11 @@ class WebSocketTransport:
     def write_now(self, item: Outgoing) -> bool:
         # The hot path: what the fan-out writes to every subscriber (a publication, those
         # of one pass, a join or a leave), its frames built once, for all.
-        if type(item) is Publication or isinstance(item, Batch | PresenceEvent):
+        if type(item) is _PUBLICATION or isinstance(item, _SHARED):
             cache = item.wire
             frames = cache.ws if cache is not None else None
             return self.port.try_write(frames if frames is not None else wire.ws_frames(item))
-        return isinstance(item, Gap) or self.port.try_write(wire.ws_frames(item))
+        return isinstance(item, _GAP) or self.port.try_write(wire.ws_frames(item))
 
     async def write(self, batch: list[Outgoing]) -> None:
         frames = [wire.ws_frames(item) for item in batch if not isinstance(item, Gap)]

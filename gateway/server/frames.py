@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 from binascii import b2a_base64
 from hashlib import sha1
-from typing import Any
+from typing import Any, Final
 
 from websockets.frames import EXTERNAL_CLOSE_CODES
 
@@ -18,19 +18,28 @@ try:  # websockets' C extension, as its own parser uses it
 except ImportError:  # pragma: no cover - a websockets build without it
     from websockets.utils import apply_mask
 
-CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-DATA_OPCODES = (CONT, TEXT, BINARY)
-CONTROL_OPCODES = (CLOSE, PING, PONG)
+# (Final: compiled code reads them as constants, not from the module's dictionary.)
+CONT: Final = 0x0
+TEXT: Final = 0x1
+BINARY: Final = 0x2
+CLOSE: Final = 0x8
+PING: Final = 0x9
+PONG: Final = 0xA
+DATA_OPCODES: Final = (CONT, TEXT, BINARY)
+CONTROL_OPCODES: Final = (CLOSE, PING, PONG)
 
 
 # The 101 as uvicorn writes it on websocket.accept, up to the accept key; uvicorn's default
 # headers (date, server) follow it.
-SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's
+SWITCHING: Final = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+)
+GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's
+_ACCEPT_LINE: Final = SWITCHING + b"Sec-WebSocket-Accept: "
 
 # uvicorn's default headers as the head's last lines, for the list they were made from:
 # the server makes a new list once a second (the date), the same for every 101 meanwhile.
-_defaults: list[Any] = [None, b""]  # [the list, its lines]
+_defaults: Final[list[Any]] = [None, b""]  # [the list, its lines]
 
 
 def switching_head(key: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -43,7 +52,7 @@ def switching_head(key: str, default_headers: list[tuple[bytes, bytes]]) -> byte
         kept[1] = b"".join(lines) + b"\r\n"
         kept[0] = default_headers  # held: its id is not another list's while it is kept
     ending: bytes = kept[1]
-    return SWITCHING + b"Sec-WebSocket-Accept: " + accept + b"\r\n" + ending
+    return b"".join((_ACCEPT_LINE, accept, b"\r\n", ending))
 
 
 class ProtocolViolation(Exception):

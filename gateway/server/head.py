@@ -4,8 +4,10 @@ headers come, what a WebSocket handshake and a stream's keep-alive need."""
 
 from __future__ import annotations
 
+from typing import Final
+
 import httptools
-from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+from websockets import http11
 
 from gateway.server.handover import key_of
 
@@ -35,8 +37,10 @@ class Head:
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         # uvicorn's: llhttp keeps the trailing whitespace that RFC 9110 excludes
-        if value and value[-1] in b" \t":  # (rarely: a call saved)
-            value = value.rstrip(b" \t")
+        if value:
+            last = value[-1]
+            if last == 32 or last == 9:  # a blank or a tab (rarely: a call saved)
+                value = value.rstrip(b" \t")
         self.headers.append((name, value))
         if len(name) + len(value) > LINE_LIMIT:
             self.long_line = True
@@ -90,24 +94,33 @@ class Head:
             or self.versions != 1
             or self.version != b"13"
             or self.long_line
-            or len(self.headers) > MAX_NUM_HEADERS
-            or len(self.url) + 16 > MAX_LINE_LENGTH
-            or b"upgrade" not in [token.lower().strip() for token in connection.split(b",")]
+            or len(self.headers) > MAX_HEADERS
+            or len(self.url) + 16 > MAX_LINE
+            or not _lists_upgrade(connection)
         ):
             return None
         return key_of(self.key)
 
 
+def _lists_upgrade(connection: bytes) -> bool:
+    """Whether a ``Connection`` header's value lists ``upgrade`` (as most are: only it)."""
+    lowered = connection.lower()
+    return lowered == b"upgrade" or b"upgrade" in [token.strip() for token in lowered.split(b",")]
+
+
 # A head larger than this is left to uvicorn's protocol (which parses as it reads, not
 # keeping the bytes): websockets refuses a handshake this large anyway.
-FRONT_LIMIT = 16 * 1024
+FRONT_LIMIT: Final = 16 * 1024
 
 # The headers a handshake needs, noted by ``Head`` as they come.
-_NOTED = {
+_NOTED: Final = {
     b"connection": 0,
     b"upgrade": 1,
     b"sec-websocket-key": 2,
     b"sec-websocket-version": 3,
     b"expect": 4,
 }
-LINE_LIMIT = MAX_LINE_LENGTH - 4  # websockets' limit on "name: value" (CRLF included)
+# websockets' limits on the request it parses (431 / 414 when over)
+MAX_HEADERS: Final = http11.MAX_NUM_HEADERS
+MAX_LINE: Final = http11.MAX_LINE_LENGTH
+LINE_LIMIT: Final = MAX_LINE - 4  # websockets' limit on "name: value" (CRLF included)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Protocol
+from typing import Final, Protocol
 
-SLICE_SECONDS = 0.05  # between two ticks: the period is cut into buckets this long
+SLICE_SECONDS: Final = 0.05  # between two ticks: the period is cut into buckets this long
 
 
 class Member(Protocol):
@@ -72,22 +72,29 @@ _keepalives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Keepalive] = (
 )
 
 
-_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Keepalive] | None = None  # the last asked
+class _Last:
+    """The last loop asked of and its ``Keepalive`` (no weak key made and dropped per call)."""
+
+    def __init__(self) -> None:
+        self.loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self.keepalive: Keepalive | None = None
+
+
+_last: Final = _Last()
 
 
 def keepalive_for(
     loop: asyncio.AbstractEventLoop, interval: float, timeout: float | None
 ) -> Keepalive:
     """The loop's ``Keepalive`` (made on first use, with the period of the first caller)."""
-    global _last
     last = _last
-    if last is not None and last[0]() is loop:  # (no weak key made and dropped per call)
-        return last[1]
+    if last.loop is not None and last.loop() is loop and last.keepalive is not None:
+        return last.keepalive
     keepalive = _keepalives.get(loop)
     if keepalive is None:
         period = max(0.02, min(interval, timeout or interval) / 4)
         keepalive = _keepalives[loop] = Keepalive(loop, period)
-    _last = (weakref.ref(loop), keepalive)
+    last.loop, last.keepalive = weakref.ref(loop), keepalive
     return keepalive
 
 

@@ -28,7 +28,7 @@ import random
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from gateway.logs import REDACTED_ALREADY, redact
 from gateway.server.frames import (
@@ -48,14 +48,14 @@ from gateway.server.waiting import WriteFlow
 
 logger = logging.getLogger("uvicorn.error")
 
-PAUSE_READING_AT = 32  # messages waiting for the owner
-CLOSE_TIMEOUT = 10.0  # uvicorn's: the client's answer to our close frame
+PAUSE_READING_AT: Final = 32  # messages waiting for the owner
+CLOSE_TIMEOUT: Final = 10.0  # uvicorn's: the client's answer to our close frame
 # What one read's replies may cork (a transport's default high-water mark): past it they
 # go out at once, and the socket's flow control (and so the session's bound) applies.
-CORK_BYTES = 65_536
+CORK_BYTES: Final = 65_536
 
 Message = dict[str, Any]
-ACCEPTED = '%s - "WebSocket %s" [accepted]'  # uvicorn's line
+ACCEPTED: Final = '%s - "WebSocket %s" [accepted]'  # uvicorn's line
 
 
 class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
