@@ -32,7 +32,10 @@ class Position(Protocol):
 
 
 def encode(positions: Mapping[str, Position]) -> str:
-    return ",".join(f"{ch}~{p.epoch}~{p.offset}" for ch, p in positions.items())
+    if len(positions) == 1:  # (most streams: one channel, no list to join)
+        for ch, p in positions.items():
+            return f"{ch}~{p.epoch}~{p.offset}"
+    return ",".join([f"{ch}~{p.epoch}~{p.offset}" for ch, p in positions.items()])
 
 
 def decode(cursor: str) -> dict[str, StreamPosition]:

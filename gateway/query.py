@@ -26,14 +26,21 @@ def query_params(query: bytes) -> dict[str, list[str]]:
     (``parse_qsl`` with blank values kept; ``getlist`` of each name), parsed once for
     the paths that skip the framework."""
     found: dict[str, list[str]] = {}
-    for part in query.decode("latin-1").split("&"):
+    text = query.decode("latin-1")
+    quoted = "%" in text or "+" in text  # (most are not: each part is looked at once)
+    for part in text.split("&"):
         if not part:
             continue
-        key, _, value = part.partition("=")
-        if "%" in key or "+" in key:
-            key = unquote_plus(key)
-        if "%" in value or "+" in value:
-            value = unquote_plus(value)
+        at = part.find("=")
+        if at < 0:
+            key, value = part, ""
+        else:
+            key, value = part[:at], part[at + 1 :]
+        if quoted:
+            if "%" in key or "+" in key:
+                key = unquote_plus(key)
+            if "%" in value or "+" in value:
+                value = unquote_plus(value)
         values = found.get(key)
         if values is None:
             found[key] = [value]

@@ -63,7 +63,7 @@ def stream_here(door: Any, data: bytes) -> bool:
     path = raw_path.decode("ascii")
     if "%" in path:
         path = unquote(path)
-    answer = opener(StreamRequest(path, query, head.url, head.headers))
+    answer = opener(StreamRequest(path, query, head.headers))
     if isinstance(answer, OpenLater):  # once the app's subscribes are done
         deadlines = door.head_deadlines
         if deadlines is not None:

@@ -40,20 +40,11 @@ class StreamRequest(HttpUpgrade):
     """What a ``StreamOpener`` sees of the request (``RequestHead``): its path as uvicorn
     puts it in the scope, its query, its headers."""
 
-    def __init__(
-        self, path: str, query: bytes, url: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None:
-        super().__init__(url, headers)
-        self._path = path
-        self._query = query
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    @property
-    def query_string(self) -> bytes:
-        return self._query
+    def __init__(self, path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        # (not ``HttpUpgrade``'s: the path and query are read already)
+        self._headers = headers
+        self.path = path
+        self.query_string = query
 
 
 def log_stream(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
 
 from uvicorn.config import Config
@@ -91,24 +91,27 @@ def key_of(value: bytes) -> str | None:
 
 
 class HttpUpgrade:
-    """What an ``Opener`` sees of an upgrade parsed by the HTTP protocol (``RequestHead``)."""
+    """What an ``Opener`` sees of an upgrade parsed by the HTTP protocol (``RequestHead``):
+    its path and query read once, as attributes (the opener reads each once, through the
+    protocol's type: a property would be a call more)."""
 
     def __init__(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self._url = url
         self._headers = headers
-
-    @property
-    def path(self) -> str:
-        path = self._url.partition(b"?")[0].decode("latin-1")
-        return unquote(path) if "%" in path else path
-
-    @property
-    def query_string(self) -> bytes:
-        return self._url.partition(b"?")[2]
+        at = url.find(b"?")
+        path = (url if at < 0 else url[:at]).decode("latin-1")
+        self.path = unquote(path) if "%" in path else path
+        self.query_string = b"" if at < 0 else url[at + 1 :]
 
     def header(self, name: str) -> str | None:
-        wanted = name.lower().encode("latin-1")
+        wanted = _HEADER_NAMES.get(name)
+        if wanted is None:
+            wanted = name.lower().encode("latin-1")
+            if len(_HEADER_NAMES) < 64:  # the few names the openers ask for
+                _HEADER_NAMES[name] = wanted
         for key, value in self._headers:
             if key == wanted:
                 return value.decode("latin-1")
         return None
+
+
+_HEADER_NAMES: Final[dict[str, bytes]] = {}  # a name as asked -> as uvicorn keeps it

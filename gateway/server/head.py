@@ -4,7 +4,7 @@ headers come, what a WebSocket handshake and a stream's keep-alive need."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import ClassVar, Final
 
 import httptools
 from websockets import http11
@@ -15,6 +15,13 @@ from gateway.server.handover import key_of
 class Head:
     """The parser's callbacks: the URL and the headers, as uvicorn keeps them, and what a
     WebSocket handshake needs of them noted as they come (``websocket_key``)."""
+
+    # The callbacks httptools asks for and a head does not need: found (as None) in the
+    # class, not missed through the instance on every parser made.
+    on_message_begin: ClassVar[None] = None
+    on_body: ClassVar[None] = None
+    on_chunk_header: ClassVar[None] = None
+    on_chunk_complete: ClassVar[None] = None
 
     def __init__(self) -> None:
         self.url = b""
