@@ -253,3 +253,24 @@ def test_the_key_noted_as_headers_come_is_uvicorns_and_websockets_answer() -> No
         assert head.websocket_key() == expected, (n, fields)
         keys += expected is not None
     assert 300 < keys < 2900  # both answers came often
+
+
+def test_header_names_are_kept_lower_case_past_what_is_remembered_of_them() -> None:
+    """``Head`` remembers how clients write header names (a bounded number, short ones
+    only): every name is kept as ``lower()`` gives it and noted by its lower-case form,
+    for more distinct names than are remembered, long ones and every casing of the
+    handshake's own."""
+    rng = random.Random(20261205)
+    noted = ["Connection", "Upgrade", "Sec-WebSocket-Key", "Sec-WebSocket-Version"]
+    for n in range(3000):
+        head = Head()
+        names = [
+            "".join(rng.choice("aBcD-xYz") for _ in range(rng.choice([1, 5, 20, 70, 200])))
+            for _ in range(rng.randint(1, 4))
+        ]
+        names += ["".join(rng.choice([c.lower(), c.upper()]) for c in rng.choice(noted))]
+        for name in names:
+            head.on_header(name.encode(), b"v%d" % n)
+        assert [name for name, _ in head.headers] == [name.lower().encode() for name in names]
+        counted = head.upgrades + head.keys + head.versions + (head.connection is not None)
+        assert counted == 1, names

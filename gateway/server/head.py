@@ -42,7 +42,10 @@ class Head:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
+        known = _NAMES.get(name)
+        if known is None:
+            known = _name_of(name)
+        name, kind = known
         # uvicorn's: llhttp keeps the trailing whitespace that RFC 9110 excludes
         if value:
             last = value[-1]
@@ -51,8 +54,7 @@ class Head:
         self.headers.append((name, value))
         if len(name) + len(value) > LINE_LIMIT:
             self.long_line = True
-        kind = _NOTED.get(name)
-        if kind is None:
+        if kind < 0:
             return
         if kind == 0:
             self.connection = value
@@ -115,6 +117,18 @@ def _lists_upgrade(connection: bytes) -> bool:
     return lowered == b"upgrade" or b"upgrade" in [token.strip() for token in lowered.split(b",")]
 
 
+def _name_of(name: bytes) -> tuple[bytes, int]:
+    """A header name as uvicorn keeps it (lower case) and what ``Head`` notes of it (the
+    kind in ``_NOTED``, -1: nothing); remembered for the next head, when short."""
+    lowered = name.lower()
+    known = (lowered, _NOTED.get(lowered, -1))
+    if len(name) <= _NAME_KEPT_BYTES:
+        if len(_NAMES) >= _NAMES_KEPT:
+            _NAMES.clear()
+        _NAMES[name] = known
+    return known
+
+
 # A head larger than this is left to uvicorn's protocol (which parses as it reads, not
 # keeping the bytes): websockets refuses a handshake this large anyway.
 FRONT_LIMIT: Final = 16 * 1024
@@ -127,6 +141,12 @@ _NOTED: Final = {
     b"sec-websocket-version": 3,
     b"expect": 4,
 }
+# Header names as clients write them ("Host", "Sec-WebSocket-Key") -> ``_name_of`` them:
+# a few dozen in practice, one dictionary look-up per header instead of ``lower()`` and
+# another. Bounded (full, it starts over), and long names are not kept.
+_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {}
+_NAMES_KEPT: Final = 512
+_NAME_KEPT_BYTES: Final = 64
 # websockets' limits on the request it parses (431 / 414 when over)
 MAX_HEADERS: Final = http11.MAX_NUM_HEADERS
 MAX_LINE: Final = http11.MAX_LINE_LENGTH
