@@ -132,6 +132,8 @@ async def test_tokens_never_appear_in_logs(procs: list[GatewayProcess]) -> None:
     output = proc.output()
     assert "GET /sse?channel=x&token=[redacted]" in output
     assert '"WebSocket /ws?token=[redacted]" [accepted]' in output  # answered below ASGI
+    # with the client's address, as uvicorn writes it (asked of the socket for this line)
+    assert re.search(r'127\.0\.0\.1:\d+ - "WebSocket /ws\?token=\[redacted\]" \[accepted\]', output)
     for tok in [*secret_tokens, "not-a-valid-token-but-secret"]:
         assert tok not in output
 

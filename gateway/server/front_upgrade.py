@@ -12,7 +12,6 @@ from typing import Any
 
 import httptools
 
-from gateway.server.addresses import peer
 from gateway.server.handover import HttpUpgrade, hand_over
 from gateway.server.head import Head
 from gateway.server.ports import OPEN_WEBSOCKET, Deferred, Opener
@@ -46,9 +45,10 @@ def answer_upgrade(
     deadlines = door.head_deadlines
     if deadlines is not None:
         deadlines.done(door)
-    client = door.client = peer(transport.get_extra_info("peername"))
+    # The peer's address: made by the WebSocket protocol if its access log line is
+    # written (uvloop formats it from the socket's, a thousand instructions or more).
     upgraded = hand_over(
-        door, transport, door.config, door.server_state, client, key, head.url, decision
+        door, transport, door.config, door.server_state, None, key, head.url, decision
     )
     if after:
         upgraded.data_received(after)

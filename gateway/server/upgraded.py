@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from gateway.logs import REDACTED_ALREADY, redact
+from gateway.server.addresses import peer
 from gateway.server.frames import (
     CLOSE,
     CONT,
@@ -104,9 +105,12 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
     def open(self, head: bytes, target: bytes) -> None:
         """Write the 101 ``head``: from here the connection speaks WebSocket."""
         if self.access_log and logger.isEnabledFor(logging.INFO):
-            peer = f"{self.client[0]}:{self.client[1]}" if self.client else ""
+            client = self.client
+            if client is None:  # (the front door's: asked only for this line)
+                client = self.client = peer(self.transport.get_extra_info("peername"))
+            peer_text = f"{client[0]}:{client[1]}" if client else ""
             target_text = redact(target.decode("latin-1"))  # once, here, not in each filter
-            logger.info(ACCEPTED, peer, target_text, extra={REDACTED_ALREADY: True})
+            logger.info(ACCEPTED, peer_text, target_text, extra={REDACTED_ALREADY: True})
         self.transport.write(head)
         interval = self.ping_interval
         if interval is not None and interval > 0:
