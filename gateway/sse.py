@@ -256,7 +256,10 @@ def checked_request(
     """The channels and resume positions of a ``GET /sse``, or the ``GatewayError`` it
     gets, in the endpoint's order of checks (the endpoint's and ``gateway.sse_opener``'s).
     ``granted``: the connect hook's channels, which need no permission."""
-    channels = list(dict.fromkeys([*requested, *granted]))
+    if len(requested) == 1 and not granted:  # (most streams: no duplicates to drop)
+        channels = [requested[0]]
+    else:
+        channels = list(dict.fromkeys([*requested, *granted]))
     if not channels:
         raise GatewayError(ErrorCode.BAD_REQUEST, "at least one ?channel= is required")
     for channel in channels:
