@@ -53,7 +53,9 @@ class Gap:
     channel: str
 
 
-Outgoing = Publication | PresenceEvent | Batch | Gap | str  # str: an encoded reply
+# bytes: a command's reply as JSON, for one WebSocket client; str: a piece of an SSE
+# stream written as it is (a heartbeat)
+Outgoing = Publication | PresenceEvent | Batch | Gap | bytes | str
 
 _GAP_SIZE: Final = 64
 # Recovered publications go out in batches of about this many bytes: a few small ones are
@@ -103,7 +105,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _size(item: Outgoing) -> int:
-    if isinstance(item, str):
+    if isinstance(item, bytes | str):
         return len(item)
     if isinstance(item, Gap):
         return _GAP_SIZE

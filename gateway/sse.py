@@ -131,6 +131,8 @@ class SSETransport:
             return wire.sse_gap(self.cursor(), item.channel)
         if isinstance(item, str):
             return item.encode()
+        if isinstance(item, bytes):  # a command's reply: a WebSocket's, never a stream's
+            raise TypeError("an SSE stream takes no command replies")
         return wire.sse_presence(item)
 
 

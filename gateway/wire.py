@@ -77,20 +77,20 @@ def push_json(message: Push) -> bytes:
     return data
 
 
-def reply(id: CommandId, result: Any) -> str:
-    """A command's successful reply."""
+def reply(id: CommandId, result: Any) -> bytes:
+    """A command's successful reply (JSON: the payload of its text frame)."""
     body: dict[str, Any] = {} if id is None else {"id": id}
     body["ok"] = True
     body["result"] = result
-    return orjson.dumps(body).decode()
+    return orjson.dumps(body)
 
 
-def error_reply(id: CommandId, code: str, message: str) -> str:
+def error_reply(id: CommandId, code: str, message: str) -> bytes:
     """A command's error reply: ``{"id", "ok": false, "error": {"code", "message"}}``."""
     body: dict[str, Any] = {} if id is None else {"id": id}
     body["ok"] = False
     body["error"] = {"code": code, "message": message}
-    return orjson.dumps(body).decode()
+    return orjson.dumps(body)
 
 
 # -- WebSocket -------------------------------------------------------------------------
@@ -106,9 +106,11 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", _TEXT, 127, size) + payload
 
 
-def ws_frames(item: Push | Batch | str) -> bytes:
+def ws_frames(item: Push | Batch | bytes | str) -> bytes:
     """``item``'s text frame(s): a push's and a batch's are built once and shared."""
-    if isinstance(item, str):  # a reply, for one client
+    if isinstance(item, bytes):  # a reply, for one client
+        return text_frame(item)
+    if isinstance(item, str):  # a text as it is
         return text_frame(item.encode())
     cache = item.wire
     if cache is not None and cache.ws is not None:  # the hot path: built already

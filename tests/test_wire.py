@@ -90,3 +90,21 @@ def test_a_one_channel_stream_resuming_over_a_shared_batch_keeps_its_position() 
     several.positions["d"] = StreamPosition(9, "e1")
     assert several.events([batch]).count(b"id: d~e1~9,c~e1~") == 2
     assert several.cursor() == cursor.encode({"d": StreamPosition(9, "e1"), "c": publication(4)})
+
+
+def test_a_reply_is_its_json_bytes_framed_once() -> None:
+    """A command's reply is the JSON of its frame (no text round trip on the way to the
+    socket); a text pushed as it is is framed as its UTF-8."""
+    ok, refused = (
+        wire.reply(7, {"offset": 3, "epoch": "é1"}),
+        wire.error_reply("x", "forbidden", "no"),
+    )
+    assert orjson.loads(ok) == {"id": 7, "ok": True, "result": {"offset": 3, "epoch": "é1"}}
+    assert orjson.loads(refused) == {
+        "id": "x",
+        "ok": False,
+        "error": {"code": "forbidden", "message": "no"},
+    }
+    assert orjson.loads(wire.reply(None, {})) == {"ok": True, "result": {}}
+    assert wire.ws_frames(ok) == wire.text_frame(ok)
+    assert list(wire.text_payloads(wire.ws_frames(ok) + wire.ws_frames("é"))) == [ok, "é".encode()]
