@@ -76,9 +76,8 @@ class AnswersUpgrades(HttpToolsProtocol):
         """Write the 101 and hand the connection to the gateway's WebSocket protocol.
         Not ``transport.set_protocol``: uvloop's stops and starts reading the socket
         again to switch it (an epoll change each way, about 5 µs of a connect's CPU)."""
-        hand_over(
-            self, self.transport, self.config, self.server_state, self.client, key, url, decision
-        )
+        transport, config, state = self.transport, self.config, self.server_state
+        hand_over(self, transport, config, state, self.client, key, url, decision, self.loop)
 
     # -- after an upgrade answered here: the WebSocket protocol's (``_switch``) ---------
 

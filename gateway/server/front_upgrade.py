@@ -14,6 +14,7 @@ import httptools
 
 from gateway.server.handover import HttpUpgrade, hand_over
 from gateway.server.head import Head
+from gateway.server.headwait import HeadDeadlines
 from gateway.server.ports import OPEN_WEBSOCKET, Deferred, Opener
 from gateway.server.upgraded import UpgradedWebSocket
 
@@ -42,14 +43,15 @@ def answer_upgrade(
         door._to_http(decision)  # not the app's, or answered later (a backend's say)
         return None
     transport = door.transport
-    deadlines = door.head_deadlines
+    deadlines: HeadDeadlines | None = door.head_deadlines
+    loop = None
     if deadlines is not None:
         deadlines.done(door)
+        loop = deadlines.loop  # the server's, which runs this
     # The peer's address: made by the WebSocket protocol if its access log line is
     # written (uvloop formats it from the socket's, a thousand instructions or more).
-    upgraded = hand_over(
-        door, transport, door.config, door.server_state, None, key, head.url, decision
-    )
+    config, server_state = door.config, door.server_state
+    upgraded = hand_over(door, transport, config, server_state, None, key, head.url, decision, loop)
     if after:
         upgraded.data_received(after)
     return upgraded

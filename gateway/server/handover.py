@@ -30,6 +30,7 @@ def hand_over(
     key: str,
     url: bytes,
     decision: Accept | Refuse,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> UpgradedWebSocket:
     """Write the 101 for a handshake with ``key`` and give the connection to the gateway's
     WebSocket protocol; the opener's ``decision`` opens or refuses it. The HTTP protocol
@@ -37,7 +38,7 @@ def hand_over(
     socket's events on (``AnswersUpgrades``): out of the server's connections (the
     WebSocket protocol is in them now), all of its own state dropped (the parser with
     it, whose callbacks hold it), so none of its methods may run but the hand-over's
-    (``connection_lost`` included)."""
+    (``connection_lost`` included). ``loop``: the running one, if the caller has it."""
     server_state.connections.discard(http)
     protocol = UpgradedWebSocket(
         connections=server_state.connections,
@@ -46,6 +47,7 @@ def hand_over(
         ping_timeout=config.ws_ping_timeout,
         client=client,
         access_log=config.access_log,
+        loop=loop,
     )
     protocol.connection_made(transport)
     protocol.open(switching_head(key, server_state.default_headers), url)

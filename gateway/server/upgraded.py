@@ -69,8 +69,10 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         ping_timeout: float | None,
         client: tuple[str, int] | None,
         access_log: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        # (the running one, given when the caller has it: asking asyncio costs a getpid)
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.connections = connections
         self.max_size = max_size
         self.ping_interval = ping_interval
