@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - a websockets build without it
     from websockets.utils import apply_mask
 
 # (Final: compiled code reads them as constants, not from the module's dictionary.)
+_EXTERNAL_CLOSE_CODES: Final = EXTERNAL_CLOSE_CODES  # the codes a client may send
 CONT: Final = 0x0
 TEXT: Final = 0x1
 BINARY: Final = 0x2
@@ -104,11 +105,11 @@ def parse_close(payload: bytes) -> tuple[int, str]:
         return 1005, ""
     if len(payload) == 1:
         raise ProtocolViolation(1002, "close frame too short")
-    (code,) = struct.unpack_from("!H", payload)
+    code = payload[0] << 8 | payload[1]  # big-endian, as struct's "!H"
     try:
         reason = payload[2:].decode()
     except UnicodeDecodeError as exc:
         raise ProtocolViolation(1007, f"{exc.reason} at position {exc.start}") from None
-    if not (code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000):
+    if not (code in _EXTERNAL_CLOSE_CODES or 3000 <= code < 5000):
         raise ProtocolViolation(1002, "invalid status code")
     return code, reason
