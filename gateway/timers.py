@@ -18,9 +18,11 @@ import logging
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PER_PASS: Final = 64  # timer callbacks run in one pass of the event loop, at most
 
@@ -127,28 +129,38 @@ class Timers:
             self._arm(heap[0].when)
 
 
-_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = weakref.WeakKeyDictionary()
-
-
-class _Last:
-    """The last loop asked of and its ``Timers`` (no weak key made and dropped per call)."""
+class PerLoop(Generic[T]):
+    """One object per event loop (its ``Timers``, its ``Keepalive``), held no longer than
+    the loop, and the last one asked for kept at hand: no weak key is made and dropped
+    per call."""
 
     def __init__(self) -> None:
-        self.loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
-        self.timers: Timers | None = None
+        self._of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._last_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._last: T | None = None
+
+    def get(self, loop: asyncio.AbstractEventLoop) -> T | None:
+        last_loop = self._last_loop
+        if last_loop is not None and last_loop() is loop and self._last is not None:
+            return self._last
+        found = self._of.get(loop)
+        if found is not None:
+            self._last_loop, self._last = weakref.ref(loop), found
+        return found
+
+    def put(self, loop: asyncio.AbstractEventLoop, value: T) -> T:
+        self._of[loop] = value
+        self._last_loop, self._last = weakref.ref(loop), value
+        return value
 
 
-_last: Final = _Last()
+_timers: Final[PerLoop[Timers]] = PerLoop()
 
 
 def loop_timers() -> Timers:
     """The running loop's ``Timers``."""
     loop = asyncio.get_running_loop()
-    last = _last
-    if last.loop is not None and last.loop() is loop and last.timers is not None:
-        return last.timers
     timers = _timers.get(loop)
-    if timers is None:
-        timers = _timers[loop] = Timers(loop)
-    last.loop, last.timers = weakref.ref(loop), timers
-    return timers
+    return timers if timers is not None else _timers.put(loop, Timers(loop))

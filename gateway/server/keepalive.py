@@ -16,8 +16,9 @@ pause that every publication fanned out behind it would wait for.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import Final, Protocol
+
+from gateway.timers import PerLoop
 
 SLICE_SECONDS: Final = 0.05  # between two ticks: the period is cut into buckets this long
 
@@ -67,34 +68,17 @@ class Keepalive:
         self._timer = self.loop.call_later(self.tick, self._tick) if more else None
 
 
-_keepalives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Keepalive] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-class _Last:
-    """The last loop asked of and its ``Keepalive`` (no weak key made and dropped per call)."""
-
-    def __init__(self) -> None:
-        self.loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
-        self.keepalive: Keepalive | None = None
-
-
-_last: Final = _Last()
+_keepalives: Final[PerLoop[Keepalive]] = PerLoop()
 
 
 def keepalive_for(
     loop: asyncio.AbstractEventLoop, interval: float, timeout: float | None
 ) -> Keepalive:
     """The loop's ``Keepalive`` (made on first use, with the period of the first caller)."""
-    last = _last
-    if last.loop is not None and last.loop() is loop and last.keepalive is not None:
-        return last.keepalive
     keepalive = _keepalives.get(loop)
     if keepalive is None:
         period = max(0.02, min(interval, timeout or interval) / 4)
-        keepalive = _keepalives[loop] = Keepalive(loop, period)
-    last.loop, last.keepalive = weakref.ref(loop), keepalive
+        keepalive = _keepalives.put(loop, Keepalive(loop, period))
     return keepalive
 
 
