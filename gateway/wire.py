@@ -28,6 +28,7 @@ from channels.broker import HistoryPage
 from channels.publication import Batch, Message, PresenceEvent, Publication, compact
 from gateway import cursor
 from gateway.commands import CommandId
+from gateway.server.response_head import chunk
 
 Push = Publication | PresenceEvent
 
@@ -140,11 +141,11 @@ def text_payloads(frames: bytes) -> Iterator[bytes]:
 
 
 def frame_chunk(data: bytes) -> bytes:
-    """``data`` as one HTTP/1.1 chunk: hex size line, the bytes, CRLF.
+    """``data`` as one HTTP/1.1 chunk (``response_head.chunk``).
 
     Empty data gives no bytes at all: a zero-size chunk would end the response.
     """
-    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+    return chunk(data) if data else b""
 
 
 def chunk_payloads(chunks: bytes) -> bytes:

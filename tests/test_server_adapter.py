@@ -514,7 +514,8 @@ def test_a_front_door_streams_head_is_the_one_uvicorn_writes_and_is_remembered_p
     list while uvicorn's default headers are the same list, made again when the server
     makes a new one (its date, once a second), and a list with a header uvicorn refuses
     gets None, then and later."""
-    from gateway.server.response_head import _HEADS, chunk, stream_head, stream_start
+    from gateway.server.response_head import _HEADS, stream_head, stream_start
+    from gateway.wire import frame_chunk
 
     defaults = [(b"date", b"Sat, 05 Dec 2026 17:00:00 GMT"), (b"server", b"uvicorn")]
     headers = [(b"Content-Type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -522,16 +523,16 @@ def test_a_front_door_streams_head_is_the_one_uvicorn_writes_and_is_remembered_p
         opening = b"r" * size
         head = stream_start(defaults, headers)
         assert head is not None
-        assert head + chunk(opening) == stream_head([*defaults, *headers], True, opening)
+        assert head + frame_chunk(opening) == stream_head([*defaults, *headers], True, opening)
     assert stream_start(defaults, list(headers)) is stream_start(defaults, headers)
-    assert len(_HEADS) == 1
+    assert len(_HEADS.get(defaults)) == 1
 
     later = [(b"date", b"Sat, 05 Dec 2026 17:00:01 GMT"), (b"server", b"uvicorn")]
     again = stream_start(later, headers)
     assert again is not None and b"17:00:01" in again and b"17:00:00" not in again
-    assert len(_HEADS) == 1  # the last second's heads are gone
+    assert len(_HEADS.get(later)) == 1  # the last second's heads are gone
 
     refused = [*headers, (b"x-origin", b"a\r\nset-cookie: x")]
     assert stream_start(later, refused) is None
     assert stream_start(later, refused) is None
-    assert tuple(refused) not in _HEADS
+    assert tuple(refused) not in _HEADS.get(later)

@@ -55,6 +55,9 @@ def test_text_payloads_unwrap_consecutive_frames(sizes: list[int]) -> None:
 def test_chunks_never_hold_a_terminator_and_unwrap_exactly() -> None:
     assert wire.frame_chunk(b"x" * 300) == b"12c\r\n" + b"x" * 300 + b"\r\n"
     assert wire.frame_chunk(b"") == b""
+    for size in [1, 15, 16, 255, 1023, 1024, 1025, 70_000]:  # size lines from a table below 1024
+        data = b"y" * size
+        assert wire.frame_chunk(data) == b"%x\r\n%s\r\n" % (size, data)
     parts = [b"a", b"\r\n\r\n", b"y" * 4097]
     assert wire.chunk_payloads(b"".join(wire.frame_chunk(p) for p in parts)) == b"".join(parts)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import struct
 from binascii import b2a_base64
 from hashlib import sha1
-from typing import Any, Final
+from typing import Final
 
 from websockets.frames import EXTERNAL_CLOSE_CODES
 
 from gateway.errors import CloseCode
+from gateway.server.response_head import DefaultHeaders, MadeFrom
 
 try:  # websockets' C extension, as its own parser uses it
     from websockets.speedups import apply_mask
@@ -38,22 +39,21 @@ SWITCHING: Final = (
 GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's
 _ACCEPT_LINE: Final = SWITCHING + b"Sec-WebSocket-Accept: "
 
-# uvicorn's default headers as the head's last lines, for the list they were made from:
-# the server makes a new list once a second (the date), the same for every 101 meanwhile.
-_defaults: Final[list[Any]] = [None, b""]  # [the list, its lines]
+
+def _ending(default_headers: DefaultHeaders) -> bytes:
+    """uvicorn's default headers as a 101's last lines, through its blank line."""
+    lines = [name.lower() + b": " + value + b"\r\n" for name, value in default_headers]
+    return b"".join(lines) + b"\r\n"
+
+
+_ENDING: Final = MadeFrom(_ending)
 
 
 def switching_head(key: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     """The 101 for a handshake whose (valid) ``Sec-WebSocket-Key`` is ``key``: websockets'
     ``accept_key`` of it, with neither its text round trip nor a list joined per head."""
     accept = b2a_base64(sha1(key.encode() + GUID).digest(), newline=False)
-    kept = _defaults
-    if kept[0] is not default_headers:
-        lines = [name.lower() + b": " + value + b"\r\n" for name, value in default_headers]
-        kept[1] = b"".join(lines) + b"\r\n"
-        kept[0] = default_headers  # held: its id is not another list's while it is kept
-    ending: bytes = kept[1]
-    return b"".join((_ACCEPT_LINE, accept, b"\r\n", ending))
+    return b"".join((_ACCEPT_LINE, accept, b"\r\n", _ENDING.get(default_headers)))
 
 
 class ProtocolViolation(Exception):

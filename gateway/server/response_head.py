@@ -6,17 +6,40 @@ door's streams, whose heads are remembered whole: ``stream_start``). Compiled
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Final, Generic, TypeVar
 
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
 
 OK_LINE: Final = STATUS_LINE[200]
 
+T = TypeVar("T")
+DefaultHeaders = list[tuple[bytes, bytes]]
+
+
+class MadeFrom(Generic[T]):
+    """What a head makes of uvicorn's default headers (the 101's last lines, a stream's
+    heads), kept for the list it was made from: the server makes a new list once a
+    second (its date in it), the same list for every response meanwhile."""
+
+    def __init__(self, make: Callable[[DefaultHeaders], T]) -> None:
+        self._make = make
+        self._of: object = None  # held: its id is not another list's while it is kept
+        self._made: T | None = None
+
+    def get(self, default_headers: DefaultHeaders) -> T:
+        made = self._made
+        if made is None or self._of is not default_headers:
+            made = self._made = self._make(default_headers)
+            self._of = default_headers
+        return made
+
 
 def stream_head(headers: list[tuple[bytes, bytes]], keep_alive: bool, opening: bytes) -> bytes:
     """A chunked 200's head with ``headers`` and ``opening`` as its first chunk, as
     uvicorn's ``send`` writes them."""
-    return _head(headers, keep_alive) + chunk(opening)
+    head = _head(headers, keep_alive)
+    return head + chunk(opening) if opening else head
 
 
 def _head(headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
@@ -37,33 +60,34 @@ def stream_start(
     uvicorn's ``send`` would refuse one of them (``valid_headers``). Remembered: a
     stream's headers are the same few, and uvicorn's change once a second (a new list,
     its date in it), which starts the heads over."""
-    kept = _heads_of
-    if kept[0] is not default_headers:
-        kept[0] = default_headers  # held: its id is not another list's while it is kept
-        _HEADS.clear()
+    heads = _HEADS.get(default_headers)
     key = tuple(headers)
-    head = _HEADS.get(key)
+    head = heads.get(key)
     if head is None:
         lines = [*default_headers, *headers]
         if not valid_headers(lines):
             return None
-        if len(_HEADS) >= _HEADS_LIMIT:
-            _HEADS.clear()
-        head = _HEADS[key] = _head(lines, True)
+        if len(heads) >= _HEADS_LIMIT:
+            heads.clear()
+        head = heads[key] = _head(lines, True)
     return head
 
 
 def chunk(data: bytes) -> bytes:
-    """``data`` as one chunk of a chunked body."""
+    """``data`` (not empty: a zero-size chunk ends a body) as one chunk of a chunked
+    body: hex size line, the bytes, CRLF."""
     size = len(data)
     line = _SIZE_LINES[size] if size < _SIZE_LINES_KEPT else b"%x\r\n" % size
     return line + data + b"\r\n"
 
 
-_HEADS: Final[dict[tuple[tuple[bytes, bytes], ...], bytes]] = {}
+def _no_heads(default_headers: DefaultHeaders) -> dict[tuple[tuple[bytes, bytes], ...], bytes]:
+    return {}
+
+
+_HEADS: Final = MadeFrom(_no_heads)  # a stream's headers -> its whole head
 _HEADS_LIMIT: Final = 256  # heads of one second: one per origin the CORS headers name
-_heads_of: Final[list[object]] = [None]  # the default headers ``_HEADS`` were made with
-_SIZE_LINES_KEPT: Final = 1024  # an opening's size line, made once
+_SIZE_LINES_KEPT: Final = 1024  # a size line of an event (or of a batch of them), made once
 _SIZE_LINES: Final = [b"%x\r\n" % size for size in range(_SIZE_LINES_KEPT)]
 
 _VALID_HEADERS: Final[set[tuple[bytes, bytes]]] = set()  # checked already: the same each stream
