@@ -94,7 +94,7 @@ class Fanout:
             elif lc.epoch is not None:
                 # A new epoch: announce the gap; what the new epoch held before this
                 # publication is news to the subscribers too, so recover it first.
-                self._push_all(lc, Gap(lc.name))
+                self._push_all(lc, Gap(lc.name, StreamPosition(0, message.epoch)))
                 if message.offset > 1:
                     lc.epoch, lc.offset = message.epoch, 0
                     lc.recovering = [message]
@@ -146,7 +146,7 @@ class Fanout:
                 if message.offset <= last.offset:
                     continue
             else:
-                session.push(Gap(lc.name))
+                session.push(Gap(lc.name, StreamPosition(message.offset - 1, message.epoch)))
             session.push(message)
             self.stats.deliveries += 1
             del lc.catching_up[session]
@@ -187,7 +187,7 @@ class Fanout:
                 self._on_message(pub)
         else:
             logger.warning("channel %s: history no longer covers a hole in the stream", lc.name)
-            self._push_all(lc, Gap(lc.name))
+            self._push_all(lc, Gap(lc.name, gone_on_from(page, restarted, pending)))
             lc.epoch, lc.recent = None, None
             if restarted is not None and restarted.complete:
                 lc.epoch, lc.offset = restarted.position.epoch, 0
@@ -205,3 +205,20 @@ class Fanout:
             except BrokerUnavailable:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def gone_on_from(
+    page: HistoryPage, restarted: HistoryPage | None, pending: list[Message]
+) -> StreamPosition:
+    """Where a channel whose hole history no longer covers goes on from: the start of
+    its new epoch when that was read whole, else just before the first publication that
+    arrived meanwhile, or the stream's top when none did (what comes next follows it)."""
+    if restarted is not None and restarted.complete:
+        return StreamPosition(0, restarted.position.epoch)
+    top = page.position
+    for message in pending:
+        if isinstance(message, Publication) and message.epoch == top.epoch:
+            if message.offset <= top.offset:
+                return StreamPosition(message.offset - 1, top.epoch)
+            break
+    return top

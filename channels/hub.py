@@ -259,7 +259,7 @@ class Hub(Fanout):
                     if message.offset <= last.offset:
                         continue
                 else:
-                    session.push(Gap(channel))
+                    session.push(Gap(channel, StreamPosition(message.offset - 1, message.epoch)))
                 last = message.position
                 self.stats.deliveries += 1
             session.push(message)

@@ -34,6 +34,7 @@ from channels.publication import (
     Batch,
     PresenceEvent,
     Publication,
+    StreamPosition,
     compact,
     in_batches,
 )
@@ -48,9 +49,15 @@ class Ending(enum.Enum):
 
 @dataclass(slots=True, frozen=True)
 class Gap:
-    """Marks that a channel's history was lost (new epoch) before the next push."""
+    """Marks that a channel's history was lost (new epoch) before the next push.
+
+    ``position`` is where the channel goes on from (the next push is the first after
+    it): an SSE stream's cursor holds it from the gap on, so that a client that
+    reconnects with the gap's id resumes there instead of from the lost position. None:
+    the stream's own position for the channel is that already."""
 
     channel: str
+    position: StreamPosition | None = None
 
 
 # bytes: a command's reply as JSON, for one WebSocket client; str: a piece of an SSE

@@ -128,6 +128,8 @@ class SSETransport:
                 return wire.single_events(item)
             return b"".join([self._event(message) for message in item.messages])
         if isinstance(item, Gap):
+            if item.position is not None:  # the channel goes on from there
+                self.positions[item.channel] = item.position
             return wire.sse_gap(self.cursor(), item.channel)
         if isinstance(item, str):
             return item.encode()

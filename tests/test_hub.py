@@ -17,6 +17,7 @@ import pytest
 
 from channels.backend_url import create_backend
 from channels.broker import Broker, BrokerOptions, HistoryPage
+from channels.fanout import gone_on_from
 from channels.hub import Hub, SubscribeResult
 from channels.publication import Batch, PresenceEvent, Publication, StreamPosition
 from channels.session import Ending, Gap, Outgoing, Session
@@ -265,7 +266,7 @@ async def test_epoch_change_gives_live_sessions_a_gap_first(hub: Hub) -> None:
     await eventually(lambda: recorder.offsets("c") == [1])
     hub._on_message(Publication("c", 1, "new-epoch", b"2"))
     await eventually(lambda: len(recorder.items) == 3)
-    assert recorder.items[1] == Gap("c")
+    assert recorder.items[1] == Gap("c", StreamPosition(0, "new-epoch"))
     assert isinstance(recorder.items[2], Publication) and recorder.items[2].epoch == "new-epoch"
     writer.cancel()
 
@@ -576,3 +577,23 @@ def test_client_ids_are_random_and_not_a_forked_parents() -> None:
     os.close(read)
     parent = [new_client_id() for _ in range(5)]
     assert len(child) == 5 and not set(child) & set(parent)
+
+
+def test_a_channel_whose_hole_is_lost_goes_on_from_the_first_thing_its_gap_precedes() -> None:
+    """The position a gap carries (an SSE stream's cursor from the gap on): the new
+    epoch's start when it was read whole, else just before the first publication that
+    arrived while history was read, or the stream's top when none had."""
+    top = StreamPosition(40, "e1")
+    lost = HistoryPage([], top, complete=False)
+    whole = HistoryPage([Publication("c", 1, "e2", b"1")], StreamPosition(1, "e2"))
+    partial = HistoryPage([], StreamPosition(9, "e2"), complete=False)
+
+    def pub(offset: int, epoch: str = "e1") -> Publication:
+        return Publication("c", offset, epoch, b"x")
+
+    assert gone_on_from(lost, whole, [pub(38)]) == StreamPosition(0, "e2")
+    assert gone_on_from(lost, partial, []) == top
+    assert gone_on_from(lost, None, []) == top
+    assert gone_on_from(lost, None, [pub(38), pub(39)]) == StreamPosition(37, "e1")
+    assert gone_on_from(lost, None, [pub(41), pub(42)]) == top
+    assert gone_on_from(lost, None, [pub(3, "e0"), pub(40)]) == StreamPosition(39, "e1")
