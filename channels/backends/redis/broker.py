@@ -171,7 +171,9 @@ class RedisBroker:
             self._meta_ttl_ms,
             -1 if since is None else since.offset,
             "" if since is None else since.epoch,
-            -1 if limit is None else limit,
+            # History holds no more than its size: a larger limit (any integer a client
+            # sends) is that, and never a number the script cannot take.
+            -1 if limit is None else min(limit, self._options.history_size),
         ]
         return [self._keys.meta(channel), self._keys.history(channel)], args
 
