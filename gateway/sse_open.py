@@ -44,13 +44,16 @@ class Shortcut:
         return self._opening(scope, receive, send)
 
     def _checked(self, scope: Scope) -> Checked | None:
-        authorization = last_event_id = None
+        authorization = last_event_id = origin = None
         for name, value in scope["headers"]:  # the first of each, as starlette's Headers
             if name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
             elif name == b"last-event-id" and last_event_id is None:
                 last_event_id = value.decode("latin-1")
-        return passing(self.gateway, scope["query_string"], authorization, last_event_id)
+            elif name == b"origin" and origin is None:
+                origin = value.decode("latin-1")
+        query = scope["query_string"]
+        return passing(self.gateway, query, authorization, last_event_id, origin)
 
     async def _open(self, scope: Scope, receive: Receive, send: Send) -> None:
         claims, channels, positions = scope.pop(CHECKED)

@@ -33,10 +33,16 @@ Checked = tuple[Claims, list[str], dict[str, StreamPosition]]
 
 
 def passing(
-    gateway: Gateway, query: bytes, authorization: str | None, last_event_id: str | None
+    gateway: Gateway,
+    query: bytes,
+    authorization: str | None,
+    last_event_id: str | None,
+    origin: str | None,
 ) -> Checked | None:
     """The claims, channels and positions of a ``GET /sse`` that passes every check of the
     endpoint and needs no connect hook; None for anything else (the endpoint answers it)."""
+    if origin is not None and not gateway.origin_allowed(origin):
+        return None
     try:
         params = query_params(query)  # once, for the three it reads
         claims = gateway.verifier.verify(token_of(last_of(params, "token"), authorization))
@@ -64,14 +70,14 @@ def opener(gateway: Gateway, cors: CorsHeaders) -> StreamOpener:
     def open_sse(request: RequestHead) -> Started | OpenLater | None:
         if request.path != "/sse":
             return None
-        authorization, last_event_id = (
+        authorization, last_event_id, origin = (
             request.header("authorization"),
             request.header("last-event-id"),
+            request.header("origin"),
         )
-        checked = passing(gateway, request.query_string, authorization, last_event_id)
+        checked = passing(gateway, request.query_string, authorization, last_event_id, origin)
         if checked is None:
             return None
-        origin = request.header("origin")
         claims, channels, positions = checked
         for channel in channels:
             if gateway.subscribe_hooked and gateway.hooks.applies("subscribe", channel):

@@ -55,6 +55,10 @@ class EventStream(Response):
 
 @router.get("/sse", response_class=Response)
 async def sse_endpoint(request: Request, gateway: GatewayDep, claims: MaybeClaimsDep) -> Any:
+    if not gateway.origin_allowed(request.headers.get("origin")):
+        # As a WebSocket's 1008, before anything else: a page of another origin could
+        # not read the stream, but it would be subscribed (and join presence) all the same.
+        raise GatewayError(ErrorCode.FORBIDDEN, "origin not allowed")
     last_event_id = request.headers.get("last-event-id") or request.query_params.get(
         "last_event_id"
     )

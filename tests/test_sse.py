@@ -579,6 +579,27 @@ async def test_cors_headers_on_sse_stream_and_api_response_for_allowed_origin(ma
         assert r.headers["access-control-allow-origin"] == "https://good.example"
 
 
+async def test_sse_from_an_origin_not_allowed_is_refused_before_it_subscribes(make_server):
+    """A page of another origin could not read the stream, but it would be subscribed
+    and join presence all the same (with a cookie-authenticating connect hook, as its
+    user): refused with 403 as a WebSocket is with 1008, before anything else, with no
+    CORS header. Requests without ``Origin`` (not a browser) and allowed origins stream."""
+    server = await make_server(allowed_origins="https://good.example")
+    async with api_client(server) as http:
+        for params in [sse_params(["chat:x"], token()), sse_params(["chat:x"], "bad-token")]:
+            status, headers, body = await sse_request(
+                http, params, headers={"Origin": "https://evil.example"}
+            )
+            _assert_error_body(status, headers, body, 403, "forbidden")
+            assert body["error"]["message"] == "origin not allowed"
+            assert "access-control-allow-origin" not in headers
+        assert len(server.gateway.hub.sessions) == 0
+        assert server.gateway.connections.open["sse"] == 0
+        for sent in [{"Origin": "https://good.example"}, {}]:
+            async with open_sse(http, ["chat:x"], headers=sent) as s:
+                await opening(s)
+
+
 async def test_sse_stream_is_flushed_per_publication_not_buffered(server):
     async with api_client(server) as http, open_sse(http, ["flush"]) as s:
         await opening(s)
