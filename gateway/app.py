@@ -37,7 +37,10 @@ def error_response(code: ErrorCode, message: str, status: int | None = None) -> 
 
 async def _gateway_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, GatewayError)
-    return error_response(exc.code, exc.message)
+    response = error_response(exc.code, exc.message, exc.status)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONBody:
@@ -50,8 +53,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONBody:
 
 async def _http_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, HTTPException)
-    code = STATUS_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
-    return error_response(code, str(exc.detail), exc.status_code)
+    status = exc.status_code
+    code = STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
+    response = error_response(code, str(exc.detail), status)
+    if exc.headers:  # a 405's Allow
+        response.headers.update(exc.headers)
+    return response
 
 
 class GatewayApp(FastAPI):
@@ -113,7 +120,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     cors: dict[str, Any] = {
         "allow_origins": settings.origins,
         "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
-        "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID"],
+        # Cache-Control and X-Requested-With: what EventSource polyfills send with a stream.
+        "allow_headers": [
+            "Authorization",
+            "Content-Type",
+            "Last-Event-ID",
+            "Cache-Control",
+            "X-Requested-With",
+        ],
         "max_age": 600,
         # Cookie authentication (a connect hook) from pages of the origins listed, never
         # from any origin: with "*" a cross-origin request's cookies are not honoured.

@@ -7,6 +7,7 @@ thread hop per dependency per connection for work that takes microseconds.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from fastapi import Depends, Query
@@ -67,7 +68,10 @@ class ApiRateLimit:
                 self._buckets.clear()
             bucket = self._buckets.setdefault(claims.user, RateLimiter(rate))
             if not bucket.allow():
-                raise GatewayError(ErrorCode.RATE_LIMITED, "publishing too fast")
+                retry = str(max(1, math.ceil(bucket.wait())))  # whole seconds (RFC 9110)
+                raise GatewayError(
+                    ErrorCode.RATE_LIMITED, "publishing too fast", headers={"retry-after": retry}
+                )
         return claims
 
 

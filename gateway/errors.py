@@ -20,7 +20,6 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     LIMIT_EXCEEDED = "limit_exceeded"
     INTERNAL = "internal"
-    UNAVAILABLE = "unavailable"  # HTTP 503 only: the broker cannot be reached
 
 
 HTTP_STATUS = {
@@ -32,26 +31,30 @@ HTTP_STATUS = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.LIMIT_EXCEEDED: 400,
     ErrorCode.INTERNAL: 500,
-    ErrorCode.UNAVAILABLE: 503,
 }
 
 
 class GatewayError(Exception):
     """An error a client sees: a WebSocket error reply or an HTTP error body."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = HTTP_STATUS[code] if status is None else status
+        self.headers = headers  # of an HTTP answer (a 429's Retry-After)
 
     @classmethod
-    def unavailable(cls) -> GatewayError:
-        """The broker cannot be reached (HTTP 503)."""
-        return cls(ErrorCode.UNAVAILABLE, "broker unavailable")
-
-    @property
-    def status(self) -> int:
-        return HTTP_STATUS[self.code]
+    def unavailable(cls, message: str = "broker unavailable") -> GatewayError:
+        """HTTP 503, for a while: the broker cannot be reached, or this worker drains or
+        is full. Its code is the contract's ``internal`` (its codes are a closed list)."""
+        return cls(ErrorCode.INTERNAL, message, 503)
 
     def body(self) -> dict[str, dict[str, str]]:
         return {"error": {"code": str(self.code), "message": self.message}}

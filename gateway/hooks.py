@@ -49,7 +49,7 @@ HOOK_KEYS = {
     "rpc": ("url", "timeout", "methods"),
 }
 # The codes a refusal may carry: the contract's WebSocket error codes.
-REFUSAL_CODES = frozenset(code for code in ErrorCode if code is not ErrorCode.UNAVAILABLE)
+REFUSAL_CODES = frozenset(ErrorCode)
 DEFAULT_TIMEOUT = 2.0
 JSON_HEADERS = {"content-type": "application/json"}
 NO_INFO: Final[Any] = object()  # a subscribe hook's allow that attached nothing

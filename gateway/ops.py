@@ -1,4 +1,5 @@
-"""Operations: liveness, readiness, Prometheus metrics."""
+"""Operations: liveness, readiness, Prometheus metrics (GET, and HEAD for probes that
+ask for the status alone)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from gateway.deps import GatewayDep
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.api_route("/readyz", methods=["GET", "HEAD"])
 async def readyz(gateway: GatewayDep) -> Response:
     if gateway.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
@@ -25,6 +26,6 @@ async def readyz(gateway: GatewayDep) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+@router.api_route("/metrics", methods=["GET", "HEAD"])
 async def metrics(gateway: GatewayDep) -> Response:
     return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -24,3 +24,10 @@ class RateLimiter:
             return False
         self._allowance -= 1.0
         return True
+
+    def wait(self) -> float:
+        """Seconds until ``allow`` next says yes (0 when it would now)."""
+        if not self.rate:
+            return 0.0
+        since = time.monotonic() - self._last
+        return max(0.0, (1.0 - self._allowance) / self.rate - since)

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 _PUBLICATION: Final = Publication  # (a constant: not read from the module's dict per item)
 
 RAW_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"content-type", b"text/event-stream"),  # as the contract names it: UTF-8 always
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
@@ -275,7 +275,7 @@ def checked_request(
         raise GatewayError(ErrorCode.LIMIT_EXCEEDED, "too many channels on one stream")
     positions = positions_from(last_event_id)
     if gateway.draining or gateway.connections.at_capacity:
-        raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
+        raise GatewayError.unavailable("gateway is draining or full, retry elsewhere")
     return channels, positions
 
 

@@ -71,7 +71,7 @@ async def sse_endpoint(request: Request, gateway: GatewayDep, claims: MaybeClaim
     # The connect hook decides. Without a token it is the authentication, which comes
     # first as the token's check does; with one, a bad request is refused without it.
     if gateway.draining or gateway.connections.at_capacity:
-        raise GatewayError(ErrorCode.UNAVAILABLE, "gateway is draining or full, retry elsewhere")
+        raise GatewayError.unavailable("gateway is draining or full, retry elsewhere")
     if isinstance(claims, Claims):
         for channel in requested:
             checked_channel(channel)

@@ -425,6 +425,27 @@ async def test_healthz_and_readyz_are_200(server):
         assert (await http.get("/readyz")).status_code == 200
 
 
+async def test_probes_answer_head_and_a_wrong_method_is_405_naming_the_allowed_ones(server):
+    """HEAD on the probes and metrics (a status alone, no body); a method a path does
+    not take is a 405 with ``Allow`` (RFC 9110) and the contract's error body."""
+    async with api_client(server) as http:
+        for path in ["/healthz", "/readyz", "/metrics"]:
+            r = await http.head(path)
+            assert (r.status_code, r.content) == (200, b""), path
+        for method, path, allowed in [
+            ("POST", "/healthz", "GET, HEAD"),
+            ("DELETE", "/metrics", "GET, HEAD"),
+            ("GET", "/api/publish", "POST"),
+            ("POST", "/sse", "GET"),
+            ("HEAD", "/sse", "GET"),
+        ]:
+            r = await http.request(method, path, headers=bearer())
+            named = {m.strip() for m in r.headers.get("allow", "").split(",")}
+            assert (r.status_code, named) == (405, set(allowed.split(", "))), (method, path)
+            if method != "HEAD":
+                assert r.json()["error"]["code"] == "bad_request", (method, path)
+
+
 def _families(text: str) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
@@ -481,3 +502,56 @@ async def test_metrics_count_slow_consumer_closes_family_exists(server):
     async with api_client(server) as http:
         fams = _families((await http.get("/metrics")).text)
         assert any(n.startswith("gateway_") and "slow" in n for n in fams), list(fams)
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_a_history_limit_past_any_history_is_all_of_it_on_either_broker(
+    broker: str, make_server: Any, request: pytest.FixtureRequest
+) -> None:
+    """A limit is any integer ≥ 0: one past what the broker keeps (or past what Redis's
+    scripts take as a number) answers what history holds, never a broker error."""
+    kw: dict[str, Any] = {}
+    if broker == "redis":
+        redis_server = request.getfixturevalue("redis_server")
+        kw = {
+            "broker_url": redis_server.url,
+            "broker_prefix": request.getfixturevalue("redis_prefix"),
+        }
+    server = await make_server(**kw)
+    async with api_client(server) as http, ws_client(server) as ws:
+        results = [await api_publish(http, "big", n) for n in range(1, 4)]
+        whole = {
+            "publications": [{"offset": n, "data": n} for n in (1, 2, 3)],
+            "offset": 3,
+            "epoch": results[0]["epoch"],
+        }
+        for limit in [3, 101, 2**53 + 1, 10**17, 2**63 - 1]:
+            assert await api_history(http, "big", limit=limit) == whole, limit
+            await ws.send({"id": 1, "op": "history", "channel": "big", "limit": limit})
+            assert await ws.recv() == {"id": 1, "ok": True, "result": whole}, limit
+
+
+async def test_the_api_publish_rate_is_per_user_and_a_429_says_when_to_retry(make_server):
+    """``api_publish_rate`` per token ``sub``: a burst of that many, then 429
+    ``rate_limited`` with ``Retry-After`` in whole seconds; another user is not held back,
+    and the first one publishes again once its bucket refilled."""
+    server = await make_server(api_publish_rate=2)
+    body = {"channel": "rl", "data": 1}
+    async with api_client(server) as http:
+        codes = [
+            (await http.post("/api/publish", json=body, headers=bearer())).status_code
+            for _ in range(3)
+        ]
+        assert codes == [200, 200, 429]
+        r = await http.post("/api/publish", json=body, headers=bearer())
+        assert_error(r, 429, "rate_limited")
+        assert r.headers["retry-after"] == "1"
+        other = bearer(token("other-backend"))
+        assert (await http.post("/api/publish", json=body, headers=other)).status_code == 200
+
+        async def published_again() -> bool:
+            r = await http.post("/api/publish", json=body, headers=bearer())
+            assert r.status_code in (200, 429), r.text
+            return r.status_code == 200
+
+        await poll(published_again, timeout=5, interval=0.1)

@@ -750,6 +750,25 @@ async def test_streamed_publish_line_over_max_message_bytes_is_413_naming_the_li
         assert [p["data"] for p in history["publications"]] == [{"n": 1}, {"n": 2}]
 
 
+@pytest.mark.parametrize("chunk_size", [10_000, 7], ids=["line-in-one-chunk", "line-split"])
+async def test_a_line_of_the_size_limit_is_published_whatever_its_line_ending(
+    make_server: Any, chunk_size: int
+) -> None:
+    """The limit is the line's data: a CRLF line's CR does not count; a byte more does."""
+    server = await make_server(max_message_bytes=100)
+    channel = new_channel()
+    exact = b'"' + b"x" * 98 + b'"'  # 100 bytes of JSON
+    async with api_client(server) as http:
+        body = exact + b"\r\n" + exact + b"\n" + exact
+        r = await publish_stream(http, channel, gen(split_oddly(body, [chunk_size])))
+        assert r.status_code == 200, r.text
+        assert r.json()["published"] == 3
+        over = b'"' + b"x" * 99 + b'"'
+        r = await publish_stream(http, channel, gen(split_oddly(over + b"\r\n", [chunk_size])))
+        assert r.status_code == 413, r.text
+        assert "line 1" in r.json()["error"]["message"]
+
+
 async def test_streamed_publish_to_a_forbidden_channel_is_403_and_bad_token_is_401(
     server: RunningServer,
 ) -> None:

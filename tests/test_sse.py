@@ -72,7 +72,7 @@ async def test_sse_response_has_event_stream_headers(server):
     async with api_client(server) as http, open_sse(http, ["prices"]) as s:
         h = s.response.headers
         assert s.response.status_code == 200
-        assert h["content-type"].split(";")[0].strip() == "text/event-stream"
+        assert h["content-type"] == "text/event-stream"  # exactly (the format is UTF-8 always)
         assert "no-cache" in [v.strip() for v in h["cache-control"].split(",")]
         assert h["x-accel-buffering"] == "no"
         assert "content-encoding" not in h  # no compression even when the client accepts gzip
@@ -420,7 +420,7 @@ async def test_sse_bad_or_missing_token_is_401_before_the_stream(server, tok):
 
 
 async def test_max_connections_counts_both_transports_and_frees_a_place_on_close(make_server):
-    """At ``max_connections`` a stream is refused with 503 ``unavailable`` before it
+    """At ``max_connections`` a stream is refused with 503 (code ``internal``) before it
     starts (and a WebSocket with 1013), WebSockets and streams counted together; a
     connection that closes gives its place back to either transport."""
     server = await make_server(max_connections=2)
@@ -429,7 +429,7 @@ async def test_max_connections_counts_both_transports_and_frees_a_place_on_close
         async with ws_client(server) as ws:
             await ws.ping_ok()
             status, headers, body = await sse_request(http, sse_params(["full"], token()))
-            _assert_error_body(status, headers, body, 503, "unavailable")
+            _assert_error_body(status, headers, body, 503, "internal")
             async with ws_client(server) as refused:
                 code, _, _ = await refused.expect_close()
             assert code == 1013

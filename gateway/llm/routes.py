@@ -64,7 +64,7 @@ async def publish_stream(
         """The line's JSON re-encoded; None for a blank line."""
         if not line.strip():
             return None
-        if len(line) > limit:
+        if len(line) - line.endswith(b"\r") > limit:  # a CRLF line's CR is not its data's
             raise GatewayError(ErrorCode.TOO_LARGE, f"line {line_no}: over {limit} bytes")
         try:
             value = orjson.loads(line)
@@ -84,7 +84,7 @@ async def publish_stream(
                     datas.append(data)
                 start = end + 1
             del pending[:start]
-            if len(pending) > limit:
+            if len(pending) > limit + 1:  # more than a line and its CR can be
                 line_no += 1
                 raise GatewayError(ErrorCode.TOO_LARGE, f"line {line_no}: over {limit} bytes")
         except GatewayError as exc:
