@@ -361,3 +361,62 @@ def test_switching_head_is_websockets_accept_with_the_servers_headers() -> None:
             lines = b"".join(name.lower() + b": " + value + b"\r\n" for name, value in defaults)
             expected = SWITCHING + f"Sec-WebSocket-Accept: {accept_key(key)}\r\n".encode()
             assert switching_head(key, defaults) == expected + lines + b"\r\n"
+
+
+def _refused_while_sending(port: int, first: list[bytes], more: int) -> tuple[bytes, bool]:
+    """A client in a thread of its own (so that it writes while the server reads, as a
+    client in another process does): handshake, ``first``, then ``more`` frames of 60 KB
+    written whatever happens; then everything it can still read (until the server's end,
+    or two seconds of silence). And whether the connection was reset on the way."""
+    import socket
+
+    reset = False
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(upgrade(headers=standard()))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        received = head.partition(b"\r\n\r\n")[2]
+        try:
+            for chunk in first:
+                sock.sendall(chunk)
+            for _ in range(more):
+                sock.sendall(frame(TEXT, b"x" * 60_000))
+        except (ConnectionResetError, BrokenPipeError):
+            reset = True
+        sock.settimeout(2.0)
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except ConnectionResetError:
+            reset = True
+        except TimeoutError:
+            pass  # no end from the server (stock uvicorn waits for the client's close frame)
+    return received, reset
+
+
+async def test_a_client_that_goes_on_writing_past_the_limit_reads_its_1009_and_no_reset(
+    stock_pair: tuple[RunningServer, RunningServer],
+) -> None:
+    """A message over the limit, and the client goes on writing (pipelined frames, the
+    rest of a fragmented message): the server must not close with the client's bytes
+    unread, or the kernel answers them with a reset, which can destroy the close frame
+    before the client reads it (a 1006 where 1009 is owed). Here, as in stock uvicorn's
+    websockets protocol, the close frame is followed by the server's end of the
+    connection (FIN), and what the client still sends is read and dropped. Fragments:
+    the gateway's protocol only (stock uvicorn's refuses a message once it ended)."""
+    limit = stock_pair[0].settings.max_message_bytes
+    one_frame = [frame(TEXT, b"x" * (limit + 1))]
+    fragments = [frame(TEXT, b"x" * 1000, fin=False)]
+    fragments += [frame(CONT, b"y" * 1000, fin=False) for _ in range(limit // 1000 + 1)]
+    too_big = frame(CLOSE, close_payload(1009, b"message too big"), masked=False)
+    fast, stock = stock_pair
+    for server, first in [(fast, one_frame), (fast, fragments), (stock, one_frame)]:
+        for _ in range(3):
+            received, reset = await asyncio.to_thread(
+                _refused_while_sending, server.port, first, 50
+            )
+            assert received.endswith(too_big), (server.settings.raw_writes, received[-40:])
+            assert not reset, server.settings.raw_writes
+        gateway = server.gateway
+        await eventually(lambda: gateway.connections.total == 0)  # noqa: B023 (awaited here)

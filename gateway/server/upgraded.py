@@ -97,6 +97,7 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         self._take: Callable[[Message], bool] | None = None  # the owner's (``listen``)
         self._cork: list[bytes] | None = None  # frames written while a read is handled
         self._corked = 0  # their bytes
+        self._dropping = False  # past a protocol error: what the client sends is dropped
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -151,6 +152,8 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         """Handle what the client sent; the frames the owner writes meanwhile (a
         subscribe's reply and what it recovers, the replies to several commands sent
         together) go out in one socket write when it is done."""
+        if self._dropping:
+            return
         if self._buffer:
             data, self._buffer = self._buffer + data, b""
         cork: list[bytes] = []
@@ -158,7 +161,7 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         try:
             self._parse(data)
         except ProtocolViolation as exc:
-            self._fail(exc.code, exc.reason)
+            self._refuse_client(exc.code, exc.reason)
         finally:
             self._uncork(cork)
 
@@ -265,6 +268,29 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         self._send_last(control_frame(CLOSE, payload))  # echoed, as websockets does
         self.close_sent = True
         self.transport.close()
+
+    def _refuse_client(self, code: int, reason: str) -> None:
+        """A client that broke the protocol (a message too big, a bad frame): our close
+        frame, then our end of the connection (FIN), and what it still sends is read and
+        dropped until it closes its end, for ``CLOSE_TIMEOUT`` at most. Closing at once
+        would leave its bytes unread in the socket, and the kernel would answer them with
+        a reset that destroys the close frame before the client reads it (a 1006 where
+        it is owed a 1009)."""
+        self._disconnect(code, reason)
+        self._dropping = True
+        self._buffer, self._fragments = b"", None
+        transport = self.transport
+        if self.close_sent or transport.is_closing():
+            transport.close()
+            return
+        self._send_last(control_frame(CLOSE, close_payload(code, reason)))
+        self.close_sent = True
+        if not transport.can_write_eof():  # pragma: no cover - TCP transports can
+            transport.close()
+            return
+        transport.write_eof()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(CLOSE_TIMEOUT, transport.close)
 
     def _fail(self, code: int, reason: str) -> None:
         """Close at once with ``code``: a client that broke the protocol, a shutdown."""

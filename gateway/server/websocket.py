@@ -280,13 +280,25 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     # -- oversized frames --------------------------------------------------------
 
     def handle_parser_exception(self) -> None:
-        if not isinstance(self.conn.parser_exc, PayloadTooBig):
-            super().handle_parser_exception()
+        """A client that broke the protocol: the close frame (ours for a message too big,
+        websockets' otherwise), then our end of the connection (FIN); what the client
+        still sends is dropped (the parser discards it) until it closes its end, for the
+        close timeout at most. uvicorn closes at once, and the client's unread bytes make
+        the kernel answer with a reset that destroys the close frame (a 1006 instead)."""
+        if self.close_sent:  # called again for each later read: dropped
+            self.conn.data_to_send()
             return
-        code, reason = CloseCode.MESSAGE_TOO_BIG
-        self.conn.data_to_send()  # drop the parser's own close frame
+        if isinstance(self.conn.parser_exc, PayloadTooBig):
+            code, reason = CloseCode.MESSAGE_TOO_BIG
+            self.conn.data_to_send()  # drop the parser's own close frame
+            close = Frame(Opcode.CLOSE, Close(code, reason).serialize()).serialize(mask=False)
+        else:
+            assert self.conn.close_sent is not None
+            code, reason = self.conn.close_sent.code, self.conn.close_sent.reason
+            close = b"".join(self.conn.data_to_send())
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
-        close = Frame(Opcode.CLOSE, Close(code, reason).serialize())
-        self.transport.write(close.serialize(mask=False))
+        self.transport.write(close)
         self.close_sent = True
-        self.transport.close()
+        self.transport.write_eof()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
