@@ -5,9 +5,9 @@ needs nothing of uvicorn's WebSocket protocol: no scope, no ASGI call, no handsh
 parser. ``UpgradedWebSocket`` is what is left, a ``WebSocketPort`` on the socket:
 
 - frames in, parsed here (RFC 6455 section 5) as websockets parses them, with the
-  same answers to a client that breaks the protocol (a close frame, 1002 and
-  websockets' wording; 1007 for text that is not UTF-8; 1009 ``message too big``
-  for a message over ``ws_max_size``, refused from its header); pings answered;
+  same answers to a client that breaks the protocol (1002 and websockets' wording;
+  1007 for text that is not UTF-8; 1009 ``message too big`` for a message over
+  ``ws_max_size``, from its header), then a half-close; pings answered;
 - messages out to the owner as ASGI ``websocket.*`` dicts (``listen``/``receive``),
   reading paused while too many wait, as uvicorn pauses while one does;
 - frames out as built by ``gateway.wire`` (``try_write``/``write``, with the
@@ -270,12 +270,8 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         self.transport.close()
 
     def _refuse_client(self, code: int, reason: str) -> None:
-        """A client that broke the protocol (a message too big, a bad frame): our close
-        frame, then our end of the connection (FIN), and what it still sends is read and
-        dropped until it closes its end, for ``CLOSE_TIMEOUT`` at most. Closing at once
-        would leave its bytes unread in the socket, and the kernel would answer them with
-        a reset that destroys the close frame before the client reads it (a 1006 where
-        it is owed a 1009)."""
+        """A client that broke the protocol: our close frame, our end (FIN), then what it
+        sends is dropped until it closes (closing now would reset it: a 1006 instead)."""
         self._disconnect(code, reason)
         self._dropping = True
         self._buffer, self._fragments = b"", None
@@ -285,9 +281,6 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
             return
         self._send_last(control_frame(CLOSE, close_payload(code, reason)))
         self.close_sent = True
-        if not transport.can_write_eof():  # pragma: no cover - TCP transports can
-            transport.close()
-            return
         transport.write_eof()
         if self.close_timer is None:
             self.close_timer = self.loop.call_later(CLOSE_TIMEOUT, transport.close)
