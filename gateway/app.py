@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,19 +28,22 @@ logger = logging.getLogger(__name__)
 STATUS_CODES = {status: code for code, status in HTTP_STATUS.items() if code != "limit_exceeded"}
 
 
-def error_response(code: ErrorCode, message: str, status: int | None = None) -> JSONBody:
+def error_response(
+    code: ErrorCode,
+    message: str,
+    status: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONBody:
     return JSONBody(
         {"error": {"code": str(code), "message": message}},
         status_code=status or HTTP_STATUS[code],
+        headers=headers,
     )
 
 
 async def _gateway_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, GatewayError)
-    response = error_response(exc.code, exc.message, exc.status)
-    if exc.headers:
-        response.headers.update(exc.headers)
-    return response
+    return error_response(exc.code, exc.message, exc.status, exc.headers)  # (a 429's Retry-After)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONBody:
@@ -55,10 +58,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, HTTPException)
     status = exc.status_code
     code = STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
-    response = error_response(code, str(exc.detail), status)
-    if exc.headers:  # a 405's Allow
-        response.headers.update(exc.headers)
-    return response
+    return error_response(code, str(exc.detail), status, exc.headers)  # (a 405's Allow)
 
 
 class GatewayApp(FastAPI):
