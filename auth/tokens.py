@@ -30,10 +30,11 @@ class AuthError(Exception):
 @dataclass(slots=True, frozen=True)
 class Claims:
     user: str
-    expires_at: float | None = None
+    expires_at: float | None = None  # the token's ``exp``: honoured with the leeway
     subscribe: PatternSet = field(default_factory=PatternSet)
     publish: PatternSet = field(default_factory=PatternSet)
     info: dict[str, Any] = field(default_factory=dict)
+    ends_at: float | None = None  # a moment the connection ends, no leeway (a backend's)
 
     def can_subscribe(self, channel: str) -> bool:
         return self.subscribe(channel)
@@ -128,8 +129,13 @@ class TokenVerifier:
         )
 
     def deadline(self, claims: Claims) -> float | None:
-        """Wall-clock time after which a connection holding these claims must close."""
-        return None if claims.expires_at is None else claims.expires_at + self.leeway
+        """Wall-clock time after which a connection holding these claims must close: the
+        token's ``exp`` and the leeway, or ``ends_at`` when that comes first."""
+        exp, ends = claims.expires_at, claims.ends_at
+        deadline = None if exp is None else exp + self.leeway
+        if ends is not None and (deadline is None or ends < deadline):
+            return ends
+        return deadline
 
 
 def make_token(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from auth import AuthError, Claims
 from channels.session import new_client_id
 from gateway.errors import MAX_CLOSE_REASON, Close, CloseCode, ErrorCode, GatewayError
-from gateway.hooks import Cookies, Grant, HeaderLookup, Opening
+from gateway.hooks import Cookies, Grant, HeaderLookup, Opening, Refusal
 from gateway.runtime import Gateway
 
 
@@ -32,7 +32,7 @@ def hook_close(exc: GatewayError) -> Close:
     """The close frame for a connect hook's refusal or failure."""
     if exc.code is ErrorCode.UNAUTHORIZED:
         return CloseCode.UNAUTHORIZED
-    if exc.code is ErrorCode.INTERNAL:
+    if not isinstance(exc, Refusal):  # no answer (a refusal coded internal is a refusal)
         return CloseCode.CONNECT_HOOK_FAILED
     reason = exc.message.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
     return Close(CloseCode.REFUSED.code, reason or CloseCode.REFUSED.reason)

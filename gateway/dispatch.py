@@ -96,9 +96,16 @@ def _subscribe_reply(
     return reply
 
 
+def _may_subscribe(client: Client, channel: str) -> None:
+    """The token's permission; a channel the connection holds already (a connect hook's
+    server-side one, which no pattern need cover) is the hub's ``already subscribed``."""
+    if channel not in client.session.channels:
+        require(client.claims.can_subscribe(channel), "subscribing to", channel)
+
+
 async def subscribe(client: Client, command: Command) -> None:
     channel = command.channel
-    require(client.claims.can_subscribe(channel), "subscribing to", channel)
+    _may_subscribe(client, channel)
     hooks = client.gateway.hooks
     info = await hooks.check_subscribe(client.claims, client.session.client_id, channel)
     reply = _subscribe_reply(client.session, command, info)
@@ -107,7 +114,7 @@ async def subscribe(client: Client, command: Command) -> None:
 
 def subscribe_now(client: Client, command: Command) -> bool:
     channel = command.channel
-    require(client.claims.can_subscribe(channel), "subscribing to", channel)
+    _may_subscribe(client, channel)
     gateway = client.gateway
     if gateway.subscribe_hooked and gateway.hooks.applies("subscribe", channel):
         return False  # the backend decides: a wait

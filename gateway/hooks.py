@@ -117,6 +117,10 @@ def load_hooks(raw: str) -> dict[str, Hook]:
     return hooks
 
 
+class Refusal(GatewayError):
+    """A hook's ``refuse`` (not a failure to get an answer): its code and message."""
+
+
 class HookFailed(Exception):
     """A call that did not get a usable answer; ``outcome`` is its metrics label."""
 
@@ -127,9 +131,11 @@ class HookFailed(Exception):
 
 def claims_body(claims: Claims) -> dict[str, Any]:
     """What a hook is told of the client's token."""
+    ends = [t for t in (claims.expires_at, claims.ends_at) if t is not None]
+    exp = min(ends) if ends else None
     return {
         "sub": claims.user,
-        "exp": claims.expires_at,
+        "exp": int(exp) if exp is not None and exp == int(exp) else exp,  # Unix seconds
         "subscribe": list(claims.subscribe.patterns),
         "publish": list(claims.publish.patterns),
         "info": claims.info,
@@ -170,17 +176,16 @@ class Grant:
         """The connection's claims: the token's (if any) with this grant on top."""
         user = self.user or (claims.user if claims is not None else None)
         assert user, "a grant for a connection without a token names its user"
-        token_exp = claims.expires_at if claims is not None else None
-        expiries = [t for t in (token_exp, self.expire_at) if t is not None]
         base_sub = claims.subscribe.patterns if claims is not None else ()
         base_pub = claims.publish.patterns if claims is not None else ()
         info = self.info if self.info is not None else (claims.info if claims is not None else {})
         return Claims(
             user=user,
-            expires_at=min(expiries) if expiries else None,
+            expires_at=claims.expires_at if claims is not None else None,
             subscribe=PatternSet(base_sub + self.subscribe),
             publish=PatternSet(base_pub + self.publish),
             info=info,
+            ends_at=self.expire_at,  # then, to the second: no clock skew to allow for
         )
 
 
@@ -319,12 +324,12 @@ class Hooks:
 
     def _refusal(self, name: str, reply: dict[str, Any]) -> GatewayError:
         code = reply.get("code", ErrorCode.FORBIDDEN)
-        if code not in REFUSAL_CODES:
+        if not isinstance(code, str) or code not in REFUSAL_CODES:  # (a list: unhashable)
             code = ErrorCode.FORBIDDEN
         message = reply.get("message")
         if not isinstance(message, str) or not message:
             message = f"refused by the {name} hook"
-        return GatewayError(ErrorCode(code), message)
+        return Refusal(ErrorCode(code), message)
 
     async def _call(
         self, hook: Hook, body: bytes, accepted: str, parse: Callable[[dict[str, Any]], T]
@@ -358,7 +363,9 @@ class Hooks:
         except TimeoutError:
             raise HookFailed("timeout", f"no answer within {hook.timeout:g}s") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise HookFailed("unreachable", f"{type(exc).__name__}: {exc}"[:200]) from None
+            # The exception's text (the backend's address) for the log, not for clients.
+            logger.warning("%s hook: %s: %s", hook.name, type(exc).__name__, str(exc)[:200])
+            raise HookFailed("unreachable", "the backend could not be reached") from None
         if not 200 <= status < 300:
             raise HookFailed("bad_status", f"HTTP {status}")
         try:

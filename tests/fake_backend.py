@@ -133,6 +133,10 @@ class FakeBackend:
             reply = {"result": "allow"}
         elif kind == "longrefusal":
             reply = {"result": "refuse", "message": "é" * 150}
+        elif kind == "refuselist":  # a code that is not a string: forbidden, not a crash
+            reply = {"result": "refuse", "code": ["unauthorized"], "message": REFUSAL}
+        elif kind == "refuseinternal":  # a refusal all the same, not a failure
+            reply = {"result": "refuse", "code": "internal", "message": REFUSAL}
         return await self._answer("connect", request, reply, body, kind)
 
     async def _answer(

@@ -143,6 +143,8 @@ async def test_headers_are_sent_only_from_the_allow_list_with_the_origin(make_se
     [
         ("refuse", (4003, REFUSAL)),
         ("longrefusal", (4003, "é" * 61)),  # cut to 123 bytes, on a character boundary
+        ("refuselist", (4003, REFUSAL)),
+        ("refuseinternal", (4003, REFUSAL)),
         ("hang", (1011, "connect hook failed")),
         ("http500", (1011, "connect hook failed")),
         ("badjson", (1011, "connect hook failed")),
@@ -159,7 +161,8 @@ async def test_a_refusing_or_failing_connect_hook_closes_the_websocket(
     assert hooked.gateway.connections.total == 0
     async with api_client(hooked) as http:
         text = (await http.get("/metrics")).text
-    outcome = {"refuse": "refuse", "longrefusal": "refuse", "hang": "timeout"}.get(kind)
+    refusals = ("refuse", "longrefusal", "refuselist", "refuseinternal")
+    outcome = "refuse" if kind in refusals else {"hang": "timeout"}.get(kind)
     outcome = outcome or {"http500": "bad_status"}.get(kind, "bad_reply")
     assert f'gateway_hook_outcomes_total{{hook="connect",outcome="{outcome}"}} 1.0' in text
 
@@ -176,13 +179,21 @@ async def test_server_side_channels_deliver_without_a_subscribe(hooked, backend)
         again = await c.call("subscribe", channel="room:ivy")
         assert again["error"]["code"] == "bad_request"
         assert "already subscribed" in again["error"]["message"]
+        # One no pattern covers (the grant's are room:*): already subscribed all the same.
+        alerts = await c.call("subscribe", channel="alerts:ivy")
+        assert alerts["error"]["code"] == "bad_request", alerts
+        assert "already subscribed" in alerts["error"]["message"]
         assert (await c.call("unsubscribe", channel="alerts:ivy"))["ok"] is True
 
 
 async def test_the_grants_expiry_ends_the_connection(hooked, backend):
+    """At ``expire_at`` itself: the token's leeway (5 s) is for clock skew between
+    the token's issuer and the gateway, not for a moment the backend chose."""
+    started = time.monotonic()
     async with tokenless(hooked, session="jo", ttl="0.5") as c:
         code, reason, _ = await c.expect_close(timeout=10)
     assert (code, reason) == (4001, "token expired")
+    assert hooked.settings.jwt_leeway == 5 and time.monotonic() - started < 5
 
 
 async def test_a_refreshed_token_keeps_what_the_hook_granted(hooked, backend):
