@@ -73,6 +73,7 @@ class Hub(Fanout):
         self.max_channels_per_session = max_channels_per_session
         self.sessions: set[Session] = set()
         self._idle: asyncio.Event | None = None  # (``wait_idle``'s, made when it waits)
+        self._leaving = 0  # sessions still leaving their channels (a presence leave)
         self._presence = Presence(
             backend.presence,
             backend.broker,
@@ -118,14 +119,14 @@ class Hub(Fanout):
         self.sessions.add(session)
 
     async def wait_idle(self) -> None:
-        """Return once no session is registered."""
-        while self.sessions:
+        """Return once no session is registered, nor still leaving its channels."""
+        while self.sessions or self._leaving:
             if self._idle is None or self._idle.is_set():
                 self._idle = asyncio.Event()
             await self._idle.wait()
 
     def _maybe_idle(self) -> None:
-        if not self.sessions and self._idle is not None:
+        if not self.sessions and not self._leaving and self._idle is not None:
             self._idle.set()
 
     def unregister_now(self, session: Session) -> bool:
@@ -145,6 +146,7 @@ class Hub(Fanout):
     async def unregister(self, session: Session) -> None:
         """Leave every channel (presence leave included). Safe to call more than once."""
         self.sessions.discard(session)
+        self._leaving += 1
         try:
             for channel in list(session.channels):
                 try:
@@ -154,6 +156,7 @@ class Hub(Fanout):
                         "broker unavailable while %s left %s", session.client_id, channel
                     )
         finally:
+            self._leaving -= 1
             self._maybe_idle()
 
     # -- subscribe -------------------------------------------------------------

@@ -219,6 +219,43 @@ async def test_two_workers_with_redis_serve_one_port_and_each_drains_on_sigterm(
     assert not any(running(pid) for pid in workers)
 
 
+async def test_a_drain_on_a_presence_channel_closes_with_1012_and_leaves_presence_empty(
+    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A presence channel's leave is a Redis call: the drain waits for every session
+    still leaving, so each gets its 1012 ``service restart`` (not the server's bare 1012
+    after the drain) and no entry outlives the workers (until the presence TTL)."""
+    proc, _ = await start_workers(procs, redis_server, redis_prefix)
+    url = f"{proc.ws_url}/ws?token={token()}"
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(connect(url)) for _ in range(6)]
+        for client in clients:
+            await client.send('{"id": 1, "op": "subscribe", "channel": "chat:drain"}')
+            while "ok" not in (frame := orjson.loads(await asyncio.wait_for(client.recv(), 5))):
+                pass  # the others' joins
+            assert frame["ok"] is True
+        proc.proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(client.recv(), 10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "service restart")
+    assert await proc.wait_exit(15) == 0
+    env = {
+        "GATEWAY_JWT_SECRET": SECRET,
+        "GATEWAY_BROKER_URL": redis_server.url,
+        "GATEWAY_BROKER_PREFIX": redis_prefix,
+    }
+    after = GatewayProcess(env)
+    procs.append(after)
+    await after.wait_ready()
+    async with httpx.AsyncClient(base_url=after.url, timeout=5) as http:
+        headers = {"Authorization": f"Bearer {token()}"}
+        r = await http.get("/api/channels/chat:drain/presence", headers=headers)
+    assert r.json() == {"clients": []}
+
+
 async def test_a_worker_that_dies_unasked_stops_the_group_with_an_error(
     procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
 ) -> None:
