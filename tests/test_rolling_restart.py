@@ -460,3 +460,82 @@ async def test_a_client_that_stops_reading_cannot_stretch_the_exit_past_the_drai
         for sock in sockets:
             sock.close()
         proc.stop()
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The (unmasked) frames a server wrote, as (opcode, payload); a cut last one left out."""
+    frames, at = [], 0
+    while at + 2 <= len(data):
+        size, start = data[at + 1] & 0x7F, at + 2
+        if size == 126:
+            size, start = int.from_bytes(data[at + 2 : at + 4], "big"), at + 4
+        elif size == 127:
+            size, start = int.from_bytes(data[at + 2 : at + 10], "big"), at + 10
+        if start + size > len(data):
+            break
+        frames.append((data[at] & 0x0F, data[start : start + size]))
+        at = start + size
+    return frames
+
+
+async def test_a_slow_reader_gets_what_was_queued_for_it_and_its_1012_before_the_exit() -> None:
+    """Regression: the drain counted a session done once its messages were in the
+    transport's buffer, and the process exited with them there (and its close frame):
+    a client reading slowly got a part of them and no close frame. The server now waits,
+    within the drain budget, until its sockets' buffers (its own and the kernel's) are
+    sent."""
+    proc = GatewayProcess(
+        {
+            "GATEWAY_JWT_SECRET": SECRET,
+            "GATEWAY_DRAIN_SECONDS": "10",
+            "GATEWAY_LOG_LEVEL": "warning",
+            "GATEWAY_CLIENT_QUEUE_BYTES": str(64 * 1024 * 1024),
+        }
+    )
+    sockets: list[socket.socket] = []
+    try:
+        await proc.wait_ready()
+        from tests.test_frames import TEXT, frame
+        from tests.test_handshake import standard, upgrade
+
+        slow = small_rcvbuf_socket(proc.port, 4096)
+        sockets.append(slow)
+        slow.setblocking(True)
+        slow.sendall(upgrade(headers=standard()))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += slow.recv(4096)
+        subscribe = orjson.dumps({"id": 1, "op": "subscribe", "channel": "big"})
+        slow.sendall(frame(TEXT, subscribe))
+        received = head.partition(b"\r\n\r\n")[2]
+        while b'"ok":true' not in received:
+            received += slow.recv(4096)
+        async with httpx.AsyncClient(base_url=proc.url, trust_env=False, timeout=10) as http:
+            for _ in range(40):  # 2.4 MB: more than the kernel's buffers hold for it
+                body = {"channel": "big", "data": "x" * 60_000}
+                response = await http.post("/api/publish", json=body, headers=bearer())
+                assert response.status_code == 200, response.text
+        proc.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)  # the scenario: a client that reads again a second later
+        # Its messages are unsent, in the kernel's queue at least: the worker waits for
+        # them (an exited process's socket is the kernel's to give up, reset and all).
+        assert proc.proc.poll() is None, "exited with its client's messages unsent"
+        slow.settimeout(10)
+
+        def read_all() -> bytes:
+            data = b""
+            with contextlib.suppress(OSError):
+                while chunk := slow.recv(65536):
+                    data += chunk
+            return data
+
+        received += await asyncio.to_thread(read_all)
+        frames = _server_frames(received)
+        pushes = [p for op, p in frames if op == TEXT and p.startswith(b'{"channel":"big"')]
+        assert len(pushes) == 40, len(pushes)
+        assert frames[-1] == (0x8, (1012).to_bytes(2, "big") + b"service restart")
+        assert await proc.wait_exit(15) in (0, -signal.SIGTERM)
+    finally:
+        for sock in sockets:
+            sock.close()
+        proc.stop()

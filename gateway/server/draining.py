@@ -1,8 +1,9 @@
 """uvicorn's server with the contract's shutdown order.
 
 On SIGTERM: stop accepting, then the app's drain (not ready, WebSockets closed with
-1012, SSE streams ended, a bounded wait for them), then uvicorn's own shutdown and
-the app's lifespan end, which closes the broker.
+1012, SSE streams ended, a bounded wait for them), a wait for what that left in the
+sockets' buffers to be sent, then uvicorn's own shutdown and the app's lifespan end,
+which closes the broker.
 
 The app hands its drain to the server through the lifespan state (the ASGI way for
 an app to share something with its server): ``DRAIN`` names a coroutine function
@@ -14,8 +15,11 @@ stuck client cannot make the exit take twice as long.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import socket
+import termios
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,7 +45,10 @@ class DrainingServer(uvicorn.Server):
                 await drain()
             except Exception:
                 logger.exception("the app's drain failed")
-        # 3. uvicorn closes idle keep-alive connections and waits for in-flight requests
+        # 3. What the drain's last writes left in the sockets' buffers (a client that
+        #    reads slowly: its queued messages, its 1012) goes out before the exit.
+        await flushed(self.server_state.connections, started + budget)
+        # 4. uvicorn closes idle keep-alive connections and waits for in-flight requests
         #    (a streamed publish, say) with what is left of the budget, then cancels them;
         #    then the lifespan shutdown closes the broker.
         remaining = max(0.0, started + budget - loop.time())
@@ -53,3 +60,35 @@ class DrainingServer(uvicorn.Server):
         state: dict[str, Any] = getattr(getattr(self, "lifespan", None), "state", None) or {}
         drain = state.get(DRAIN)
         return drain if callable(drain) else None
+
+
+FLUSH_POLL = 0.05  # seconds between looks at the sockets' buffers while the drain flushes
+
+
+async def flushed(connections: set[Any], deadline: float) -> None:
+    """Return once no connection has bytes waiting to be sent, in the transport's
+    buffer or the kernel's (a process that exits with them loses them: the kernel
+    gives up a closed socket that its client does not read, and resets it), or at
+    ``deadline`` (the loop's clock): a client that stopped reading holds no exit."""
+    loop = asyncio.get_running_loop()
+    while any(unsent(connection) for connection in list(connections)):
+        if loop.time() >= deadline:
+            return
+        await asyncio.sleep(FLUSH_POLL)
+
+
+def unsent(connection: Any) -> int:
+    """Bytes of ``connection`` not yet sent: its transport's buffer, then the kernel's
+    send queue (``TIOCOUTQ``); 0 once it is closed or when it cannot be asked."""
+    transport = getattr(connection, "transport", None)
+    if transport is None or transport.is_closing():
+        return 0
+    waiting = int(transport.get_write_buffer_size())
+    sock = transport.get_extra_info("socket")
+    if waiting or sock is None:
+        return waiting
+    with contextlib.suppress(OSError, ValueError):
+        queued = bytearray(4)
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)
+        return int.from_bytes(queued, "little")
+    return 0
