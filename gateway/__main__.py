@@ -21,7 +21,7 @@ from gateway.demo_backend import hooks_config
 from gateway.server.draining import DrainingServer
 from gateway.server.heap import prepare_heap
 from gateway.server.options import ServerChoice, server_choice, uvicorn_options
-from gateway.settings import Settings
+from gateway.settings import DEV_WARNING, Settings
 
 logger = logging.getLogger("gateway.server")
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             token = make_token(
                 os.environ["GATEWAY_JWT_SECRET"], "dev", subscribe=["*"], publish=["*"]
             )
-            _announce_dev(token, base)
+            _announce_dev(token, base, settings.demo)
         # Each worker process builds its own app (gateway.server.workers): same socket,
         # same drain on SIGTERM as a single worker.
         from gateway.server.workers import APP_FACTORY, run_workers
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             APP_FACTORY, factory=True, host=args.host, port=args.port, **options
         )
         _log_choice(choice)  # once uvicorn's Config has set up logging
+        if settings.dev_mode:  # (the workers are given the secret: not in dev mode there)
+            logger.warning(DEV_WARNING)
         return run_workers(config, args.workers, settings.drain_seconds)
 
     from gateway.app import create_app
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     gateway = app.state.gateway
     if gateway.dev_token is not None:
-        _announce_dev(gateway.dev_token, base)
+        _announce_dev(gateway.dev_token, base, settings.demo)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, **options))
     _log_choice(choice)
     if demo_hooks is not None:
@@ -113,9 +115,9 @@ def _log_choice(choice: ServerChoice) -> None:
     logger.info("%s", compiled.summary())
 
 
-def _announce_dev(token: str, base: str) -> None:
+def _announce_dev(token: str, base: str, demo: bool) -> None:
     sys.stdout.write(
-        "\n  Gateway in DEV MODE (ephemeral secret, demo publisher on).\n"
+        f"\n  Gateway in DEV MODE (ephemeral secret, demo publisher {'on' if demo else 'off'}).\n"
         f"  Dashboard: {base}/   Chat: {base}/chat\n"
         f"  Dev token (subscribe and publish anywhere, 24 h):\n\n{token}\n\n"
         f"  Try: websocat '{base.replace('http', 'ws')}/ws?token=<token>'\n\n"

@@ -21,7 +21,7 @@ from gateway.connections import Connections
 from gateway.errors import CloseCode
 from gateway.hooks import Hooks, load_hooks
 from gateway.metrics import Metrics
-from gateway.settings import Settings
+from gateway.settings import DEV_WARNING, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,7 @@ class Gateway:
                     "GATEWAY_ENV=production needs GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY"
                 )
             secret = self.dev_secret = new_dev_secret()
-            logger.warning(
-                "no GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY: dev mode with an ephemeral "
-                "secret; tokens die with this process. Never run this in production."
-            )
+            logger.warning(DEV_WARNING)
             self.dev_token = make_token(secret, "dev", subscribe=["*"], publish=["*"])
         self.verifier = TokenVerifier(
             secret=secret, public_key=settings.jwt_public_key, leeway=settings.jwt_leeway

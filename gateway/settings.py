@@ -30,6 +30,12 @@ def split_csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+DEV_WARNING = (
+    "no GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY: dev mode with an ephemeral secret; "
+    "tokens die with this process. Never run this in production."
+)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
 

@@ -68,6 +68,30 @@ async def test_dev_mode_prints_a_working_token_and_serves_the_demo(
         assert push["channel"] == "demo:ticker" and set(push["data"]) == {"symbol", "price", "ts"}
 
 
+async def test_dev_mode_with_workers_warns_once_and_its_token_works_on_each(
+    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The workers are given the parent's ephemeral secret, so they are not in dev mode
+    themselves: the parent says so (once), and its banner says whether a demo runs."""
+    env = {
+        "GATEWAY_BROKER_URL": redis_server.url,
+        "GATEWAY_BROKER_PREFIX": redis_prefix,
+        "GATEWAY_DEMO": "false",
+    }
+    proc = GatewayProcess(env, args=["--workers", "2"])
+    procs.append(proc)
+    await proc.wait_ready()
+    output = proc.output()
+    assert output.count("Never run this in production") == 1, output
+    assert "demo publisher off" in output
+    dev_token = JWT.search(output)
+    assert dev_token, output
+    for _ in range(6):  # whichever worker the kernel hands each to
+        async with connect(f"{proc.ws_url}/ws?token={dev_token.group(1)}") as ws:
+            await ws.send('{"id": 1, "op": "ping"}')
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["ok"] is True
+
+
 def test_production_without_a_key_refuses_to_start() -> None:
     result = run_cli({"GATEWAY_ENV": "production"}, "--port", "1")
     assert result.returncode != 0
