@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -197,15 +198,27 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
-async def start_workers(
-    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
-) -> tuple[GatewayProcess, list[int]]:
-    env = {
+def redis_env(redis_server: RedisServer, redis_prefix: str) -> dict[str, str]:
+    return {
         "GATEWAY_JWT_SECRET": SECRET,
         "GATEWAY_BROKER_URL": redis_server.url,
         "GATEWAY_BROKER_PREFIX": redis_prefix,
-        "GATEWAY_DRAIN_SECONDS": "5",
     }
+
+
+async def close_of(client: Any) -> tuple[int, str] | None:
+    """Read until the server closes: its close frame's code and reason (None: no frame)."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(client.recv(), 10)
+    rcvd = closed.value.rcvd
+    return None if rcvd is None else (rcvd.code, rcvd.reason)
+
+
+async def start_workers(
+    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
+) -> tuple[GatewayProcess, list[int]]:
+    env = {**redis_env(redis_server, redis_prefix), "GATEWAY_DRAIN_SECONDS": "5"}
     proc = GatewayProcess(env, args=["--workers", "2"])
     procs.append(proc)
     await proc.wait_ready()
@@ -234,11 +247,7 @@ async def test_two_workers_with_redis_serve_one_port_and_each_drains_on_sigterm(
 
         proc.proc.send_signal(signal.SIGTERM)
         for client in clients:
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await asyncio.wait_for(client.recv(), 10)
-            assert closed.value.rcvd is not None
-            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "service restart")
+            assert await close_of(client) == (1012, "service restart")
     assert await proc.wait_exit(15) == 0
     assert not any(running(pid) for pid in workers)
 
@@ -260,18 +269,9 @@ async def test_a_drain_on_a_presence_channel_closes_with_1012_and_leaves_presenc
             assert frame["ok"] is True
         proc.proc.send_signal(signal.SIGTERM)
         for client in clients:
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await asyncio.wait_for(client.recv(), 10)
-            assert closed.value.rcvd is not None
-            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "service restart")
+            assert await close_of(client) == (1012, "service restart")
     assert await proc.wait_exit(15) == 0
-    env = {
-        "GATEWAY_JWT_SECRET": SECRET,
-        "GATEWAY_BROKER_URL": redis_server.url,
-        "GATEWAY_BROKER_PREFIX": redis_prefix,
-    }
-    after = GatewayProcess(env)
+    after = GatewayProcess(redis_env(redis_server, redis_prefix))
     procs.append(after)
     await after.wait_ready()
     async with httpx.AsyncClient(base_url=after.url, timeout=5) as http:
