@@ -9,8 +9,11 @@ the behaviour (the relay passes it through, plus ``"stream": true``):
   then silence longer than any test's timeout), ``no-done`` (the response ends
   without ``[DONE]``), ``bad-json`` (invalid JSON in a data line after two tokens),
   ``drop`` (the connection breaks after two tokens: the chunked body never ends),
-  ``odd-shapes`` (valid JSON lines that are not chunks, before every token);
-- ``"fake_tokens"``: the token texts to send (default ``TOKENS``);
+  ``odd-shapes`` (valid JSON lines that are not chunks, before every token),
+  ``endless-line`` (after the tokens, a data line that never ends: ``ENDLESS_BYTES`` of
+  it, then silence);
+- ``"fake_tokens"``: the token texts to send (default ``TOKENS``); ``"fake_times"``: how
+  many times each is repeated in its token (so that a request names a long token);
 - ``"fake_delay"``: seconds before each token (default 0.01);
 - ``"fake_burst"``: true to write every token line in one chunk, after one delay.
 
@@ -41,6 +44,7 @@ from tests.conftest import free_port
 TOKENS = ["Hello", ",", " world", "!", " How", " can", " I", " help", "?"]
 USAGE = {"prompt_tokens": 5, "completion_tokens": len(TOKENS), "total_tokens": 5 + len(TOKENS)}
 STALL_SECONDS = 30.0
+ENDLESS_BYTES = 3 << 20  # past the relay's line limit (1 MiB for the default message size)
 ODD_SHAPES: list[Any] = [
     {"choices": 7},
     {"choices": [7, None, {"index": 0, "delta": "text"}, {"index": 1, "delta": {"content": "x"}}]},
@@ -115,6 +119,8 @@ class CompletionStream(Response):
     async def _write(self, send: Send) -> None:
         call, body = self.call, self.call.body
         tokens = [str(t) for t in body.get("fake_tokens", TOKENS)]
+        times = body.get("fake_times", [1] * len(tokens))
+        tokens = [text * count for text, count in zip(tokens, times, strict=True)]
         delay = float(body.get("fake_delay", 0.01))
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
@@ -142,6 +148,11 @@ class CompletionStream(Response):
         elif call.scenario == "bad-json":
             await chunk(b'data: {"choices": [{"index": 0, "delta": {"content": "x"\n\n')
             await asyncio.sleep(STALL_SECONDS)  # the relay must stop at the bad line
+        elif call.scenario == "endless-line":
+            await chunk(b'data: {"choices": [{"index": 0, "delta": {"content": "')
+            for _ in range(ENDLESS_BYTES >> 16):
+                await chunk(b"x" * (1 << 16))
+            await asyncio.sleep(STALL_SECONDS)
         elif call.scenario == "drop":
             # The response is left incomplete: uvicorn closes the connection without the
             # chunked body's terminator (and logs that the app did not complete it).

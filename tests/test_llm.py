@@ -429,6 +429,7 @@ FAULTS = [
     pytest.param("fake", "no-done", ["without [DONE]"], id="no-done"),
     pytest.param("fake", "bad-json", ["invalid JSON"], id="bad-json"),
     pytest.param("fake", "drop", ["connection failed", "RemoteProtocolError"], id="dropped"),
+    pytest.param("fake", "endless-line", ["a line over 1048576 characters"], id="endless-line"),
 ]
 
 
@@ -455,7 +456,7 @@ async def test_upstream_fault_publishes_exactly_one_error_with_a_useful_message(
         history = (await api_history(http, channel))["publications"][:-1]
         assert not [p for p in history if p["data"]["type"] == "end"]
         assert_one_final_last(history, "error")
-    if scenario in ("stall", "bad-json"):  # the upstream kept the request open: it was closed
+    if scenario in ("stall", "bad-json", "endless-line"):  # the upstream kept it open: closed
         await asyncio.wait_for(upstream.last.disconnected.wait(), CANCEL_BOUND)
 
 
@@ -472,6 +473,58 @@ async def test_relay_skips_json_lines_that_are_not_chunks(
         got = await ws_until_final(c, channel)
         assert joined(got) == "".join(TOKENS)
         assert got[-1]["data"] == {"type": "end", "finish_reason": "stop", "usage": USAGE}
+
+
+async def test_a_token_over_the_message_size_is_published_in_pieces_that_fit(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """Each publication of a relay stays within ``GATEWAY_MAX_MESSAGE_BYTES`` (as one from
+    a backend must): a longer token's text is cut, between characters, into as many token
+    publications as it takes, in order, and nothing of it is lost. Escapes count (a
+    control character is six bytes of JSON), and so do characters past the BMP."""
+    limit = 256
+    server = await start_gateway(max_message_bytes=limit)
+    parts = ["Hi", 'long text é\x01\n🙂"q" ', "!", "x"]
+    envelope = len(orjson.dumps({"type": "token", "text": ""}))
+    times = [1, 60, 1, limit - envelope]  # the last one fits exactly
+    tokens = [text * count for text, count in zip(parts, times, strict=True)]
+    channel = new_channel()
+    async with api_client(server) as http, ws_client(server) as c:
+        await c.subscribe(channel)
+        await start_relay(http, channel, fake_tokens=parts, fake_times=times)
+        got = await ws_until_final(c, channel)
+        assert got[-1]["data"]["type"] == "end", got[-1]
+        texts = [p["data"]["text"] for p in got[:-1]]
+        assert "".join(texts) == "".join(tokens)
+        assert texts[0] == "Hi" and texts[-2:] == ["!", tokens[-1]], texts
+        assert len(texts) > 4  # the big one was cut
+        sizes = [len(orjson.dumps(p["data"])) for p in got[:-1]]
+        assert max(sizes) <= limit, sizes
+        assert sizes[-1] == limit
+        assert_consecutive([p["offset"] for p in got])
+        history = (await api_history(http, channel))["publications"]
+        assert [p["data"] for p in history] == [p["data"] for p in got]
+
+
+async def test_starting_a_relay_counts_against_the_api_publish_rate(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A relay publishes through the API (and costs the upstream's tokens): its start is
+    under ``GATEWAY_API_PUBLISH_RATE`` per token ``sub`` as a publish is, 429 with
+    ``Retry-After``, and no upstream call for the refused one."""
+    server = await start_gateway(api_publish_rate=1)
+    body = {"channel": new_channel(), "upstream": "fake", "request": chat_request()}
+    async with api_client(server) as http:
+        first = await http.post("/api/streams", json=body, headers=bearer())
+        assert first.status_code == 202, first.text
+        r = await http.post("/api/streams", json=body, headers=bearer())
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "rate_limited"
+        assert r.headers["retry-after"] == "1"
+        other = await http.post("/api/streams", json=body, headers=bearer(token("other-app")))
+        assert other.status_code == 202, other.text
+        await relays_done(server)
+    assert len(upstream.calls) == 2
 
 
 async def test_relay_that_fails_unexpectedly_still_publishes_one_error(

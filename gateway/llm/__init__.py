@@ -24,7 +24,11 @@ def install(app: FastAPI, gateway: Gateway) -> None:
         upstreams.setdefault("demo", Upstream("demo", "fake://demo/v1", timeout=10))
     client = httpx.AsyncClient(mounts=mounts, follow_redirects=False)
     relays = RelayManager(
-        gateway.hub, upstreams, idle_cancel=settings.llm_idle_cancel, client=client
+        gateway.hub,
+        upstreams,
+        idle_cancel=settings.llm_idle_cancel,
+        client=client,
+        max_bytes=settings.max_message_bytes,
     )
     app.state.relays = relays
     app.include_router(routes.router)

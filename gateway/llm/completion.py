@@ -24,14 +24,28 @@ class UpstreamError(Exception):
     """The upstream misbehaved; the message is published to subscribers."""
 
 
+def token_publications(text: str, limit: int) -> list[bytes]:
+    """``{"type": "token", "text": …}`` for ``text``, in as many pieces as keep each
+    publication within ``limit`` bytes (cut between characters, halves of halves: the
+    pieces' texts joined are ``text``). ``limit`` must leave room for one character's
+    publication (the settings' minimum, 64 bytes, does)."""
+    data = orjson.dumps({"type": "token", "text": text})
+    if len(data) <= limit or len(text) < 2:
+        return [data]
+    half = len(text) // 2
+    return token_publications(text[:half], limit) + token_publications(text[half:], limit)
+
+
 class Completion:
     """What the upstream said so far: ``feed`` it text, it returns tokens; ``done`` once
-    ``data: [DONE]`` was read, then ``end()`` is the final publication."""
+    ``data: [DONE]`` was read, then ``end()`` is the final publication. A line longer than
+    ``line_limit`` characters is an ``UpstreamError`` (not kept waiting for its end)."""
 
-    __slots__ = ("_rest", "done", "finish_reason", "upstream", "usage")
+    __slots__ = ("_rest", "done", "finish_reason", "line_limit", "upstream", "usage")
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, line_limit: int = 1 << 20) -> None:
         self.upstream = upstream
+        self.line_limit = line_limit
         self.finish_reason: str | None = None
         self.usage: Any = None
         self.done = False
@@ -50,6 +64,8 @@ class Completion:
         lines = _LINE_END.split(text[:cut])
         self._rest = "" if last else lines.pop() + text[cut:]
         for line in lines:
+            if len(line) > self.line_limit:
+                raise self._too_long()
             if not line.startswith("data:"):
                 continue
             payload = line[5:].strip()
@@ -74,3 +90,11 @@ class Completion:
                 if isinstance(content, str) and content:
                     tokens.append(content)
                 self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        if len(self._rest) > self.line_limit:  # a line that never ends is not kept growing
+            raise self._too_long()
+
+    def _too_long(self) -> UpstreamError:
+        self._rest = ""
+        return UpstreamError(
+            f"upstream {self.upstream!r} sent a line over {self.line_limit} characters"
+        )

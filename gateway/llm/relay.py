@@ -1,7 +1,8 @@
 """The relay: call an OpenAI-compatible upstream with streaming on, publish each delta.
 
 Publications on the channel, in order: ``{"type": "token", "text": …}`` per
-non-empty content delta, then exactly one of ``{"type": "end",
+non-empty content delta (in pieces, when one would be over the message size limit:
+``completion.token_publications``), then exactly one of ``{"type": "end",
 "finish_reason": …, "usage": …}`` or ``{"type": "error", "message": …}``.
 The deltas of one piece of the response body (``gateway.llm.completion`` parses
 them) are published together, in one broker call; a lone token goes out at once.
@@ -50,7 +51,7 @@ import orjson
 from channels.broker import BrokerUnavailable
 from channels.coalescer import batches
 from channels.hub import Hub
-from gateway.llm.completion import Completion, UpstreamError
+from gateway.llm.completion import Completion, UpstreamError, token_publications
 from gateway.llm.upstreams import Upstream
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 REGISTRY_TTL = 30.0  # a dead worker's relays leave the registry this long after
 REGISTRY_REFRESH = REGISTRY_TTL / 3
 STREAM_ID = re.compile(r"s-[0-9a-f]{16}")
+# An upstream's line may be this long (or 8 token publications' worth, escaped), no longer.
+LINE_LIMIT = 1 << 20
 
 
 class Cancelled(Exception):
@@ -90,10 +93,12 @@ class RelayManager:
         *,
         idle_cancel: float,
         client: httpx.AsyncClient,
+        max_bytes: int = 65_536,
     ) -> None:
         self.hub = hub
         self.upstreams = upstreams
         self.idle_cancel = idle_cancel
+        self.max_bytes = max_bytes  # a token publication's limit: longer texts are split
         self.client = client
         self.relays: dict[str, Relay] = {}
         hub.signals.listen(self._on_signal)
@@ -186,7 +191,7 @@ class RelayManager:
         try:
             completion.feed(text, tokens, last=last)
         finally:
-            datas = [orjson.dumps({"type": "token", "text": token}) for token in tokens]
+            datas = [data for token in tokens for data in token_publications(token, self.max_bytes)]
             for batch in batches(datas):
                 await self.hub.publish_many(relay.channel, batch)
                 relay.tokens += len(batch)
@@ -262,7 +267,7 @@ class RelayManager:
                 raise UpstreamError(
                     f"upstream {upstream.name!r} answered HTTP {response.status_code}: {detail}"
                 )
-            completion = Completion(upstream.name)
+            completion = Completion(upstream.name, line_limit=max(LINE_LIMIT, 8 * self.max_bytes))
             async for text in response.aiter_text():  # one HTTP chunk (or read)
                 if relay.cancel_reason:  # cancelled, and the task did not see it
                     raise Cancelled

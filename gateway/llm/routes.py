@@ -124,8 +124,9 @@ async def publish_stream(
 
 @router.post("/streams", status_code=202)
 async def start_stream(
-    request: Request, gateway: GatewayDep, relays: RelaysDep, claims: ClaimsDep
+    request: Request, gateway: GatewayDep, relays: RelaysDep, claims: PublisherDep
 ) -> JSONBody:
+    """A relay is publishing through the API: ``GATEWAY_API_PUBLISH_RATE`` counts its start."""
     body = await json_object(request, gateway.settings.max_message_bytes)
     channel = checked_channel(body.get("channel"))
     require(claims.can_publish(channel), "publishing to", channel)
