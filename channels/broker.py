@@ -61,6 +61,8 @@ class BrokerOptions:
     history_meta_ttl: float = 86400.0
     presence_ttl: float = 30.0
     key_prefix: str = "gw"
+    # How long a publish's idempotency key is remembered (``Broker.publish_once``).
+    idempotency_ttl: float = 300.0
 
 
 MessageHandler = Callable[[Message], None]
@@ -97,6 +99,12 @@ class Broker(Protocol):
         """``publish`` each of ``datas`` in one step: consecutive offsets in list order, all
         published or none, nothing of the channel published in between. Subscribers receive
         them in order as for separate publishes. Raises ``BrokerUnavailable``."""
+
+    async def publish_once(self, channel: str, data: bytes, key: str) -> tuple[Publication, bool]:
+        """``publish``, unless a publication of ``channel`` was made with the idempotency
+        ``key`` within ``idempotency_ttl``: then that one's offset and epoch (with
+        ``data``) and False, nothing published. Checked and published atomically (two
+        at once publish once). Raises ``BrokerUnavailable``."""
 
     async def publish_each(self, channels: list[str], data: bytes) -> list[Publication]:
         """``publish`` ``data`` to each of ``channels`` (in order), in one round trip per

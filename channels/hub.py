@@ -32,28 +32,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final
 
 from channels.broker import Backend, BrokerUnavailable, HistoryPage, HistoryQuery, Signals
 from channels.coalescer import Coalescer
 from channels.errors import SubscribeError as SubscribeError
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
+from channels.local import SubscribeResult as SubscribeResult
 from channels.lock import ChannelLocks
 from channels.presence import Presence
 from channels.publication import Batch, Message, Publication, StreamPosition, compact
 from channels.session import Gap, Session
 
 logger = logging.getLogger(__name__)
-
-
-class SubscribeResult:
-    """Where a subscription starts, and whether ``since`` was recovered. (A plain class:
-    compiled, its ``__init__`` is native, not a dataclass's generated Python.)"""
-
-    def __init__(self, position: StreamPosition, recovered: bool) -> None:
-        self.position: Final = position
-        self.recovered: Final = recovered
 
 
 class Hub(Fanout):
@@ -370,10 +361,15 @@ class Hub(Fanout):
 
     # -- publish, history, presence ----------------------------------------------
 
-    async def publish(self, channel: str, data: bytes) -> Publication:
-        """Publishes to one channel that meet share a broker call (``channels.coalescer``)."""
-        publication = await self._publisher.publish(channel, compact(data))
-        self.stats.publications_in += 1
+    async def publish(self, channel: str, data: bytes, once: str | None = None) -> Publication:
+        """Publishes to one channel that meet share a broker call (``channels.coalescer``);
+        one with an idempotency key (``once``) goes alone (``Broker.publish_once``): where
+        the channel had it already, the publication that had it, not published again."""
+        if once is None:
+            publication, new = await self._publisher.publish(channel, compact(data)), True
+        else:
+            publication, new = await self._broker.publish_once(channel, compact(data), once)
+        self.stats.publications_in += new
         return publication
 
     async def publish_many(self, channel: str, datas: list[bytes]) -> list[Publication]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from typing import Final
 
 from channels.publication import Batch, Message, Publication, StreamPosition, in_batches
 from channels.session import REPLAY_BATCH_BYTES, Session
@@ -19,6 +20,15 @@ class Join:
 
     def __init__(self) -> None:
         self.buffer: list[Message] = []
+
+
+class SubscribeResult:
+    """Where a subscription starts, and whether ``since`` was recovered. (A plain class:
+    compiled, its ``__init__`` is native, not a dataclass's generated Python.)"""
+
+    def __init__(self, position: StreamPosition, recovered: bool) -> None:
+        self.position: Final = position
+        self.recovered: Final = recovered
 
 
 class LocalChannel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import orjson
@@ -11,7 +12,7 @@ from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
 from gateway import wire
 from gateway.access import checked_channel, require
-from gateway.bodies import json_object
+from gateway.bodies import idempotency_key, json_object
 from gateway.deps import ClaimsDep, GatewayDep, PublisherDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
 
@@ -25,8 +26,9 @@ async def publish(request: Request, gateway: GatewayDep, claims: PublisherDep) -
     if "data" not in body:
         raise GatewayError(ErrorCode.BAD_REQUEST, "'data' is required")
     require(claims.can_publish(channel), "publishing to", channel)
+    once = idempotency_key(body)
     try:
-        publication = await gateway.hub.publish(channel, orjson.dumps(body["data"]))
+        publication = await gateway.hub.publish(channel, orjson.dumps(body["data"]), once)
     except BrokerUnavailable:
         raise GatewayError.unavailable() from None
     return JSONBody({"offset": publication.offset, "epoch": publication.epoch})
@@ -47,9 +49,13 @@ async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep)
     for channel in names:  # every check before anything is published
         require(claims.can_publish(channel), "publishing to", channel)
     data = orjson.dumps(body["data"])
+    once = idempotency_key(body)
     try:
-        # One round trip per Redis server, not one per channel.
-        publications = await gateway.hub.publish_each(names, data)
+        if once is None:  # one round trip per Redis server, not one per channel
+            publications = await gateway.hub.publish_each(names, data)
+        else:  # each channel's key checked where the channel is: a call each, at once
+            calls = [gateway.hub.publish(name, data, once) for name in names]
+            publications = list(await asyncio.gather(*calls))
     except BrokerUnavailable:
         raise GatewayError.unavailable() from None
     results = [{"channel": p.channel, "offset": p.offset, "epoch": p.epoch} for p in publications]

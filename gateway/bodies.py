@@ -38,3 +38,20 @@ async def json_object(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise GatewayError(ErrorCode.BAD_REQUEST, "body must be a JSON object")
     return value
+
+
+MAX_IDEMPOTENCY_KEY = 128  # characters
+
+
+def idempotency_key(body: dict[str, Any]) -> str | None:
+    """The body's ``idempotency_key``: absent (or null) is None, else a string of 1 to
+    ``MAX_IDEMPOTENCY_KEY`` characters."""
+    key = body.get("idempotency_key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise GatewayError(
+            ErrorCode.BAD_REQUEST,
+            f"'idempotency_key' must be a string of 1 to {MAX_IDEMPOTENCY_KEY} characters",
+        )
+    return key

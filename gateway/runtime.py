@@ -60,6 +60,7 @@ class Gateway:
                 history_meta_ttl=settings.history_meta_ttl,
                 presence_ttl=settings.presence_ttl,
                 key_prefix=settings.broker_prefix,
+                idempotency_ttl=settings.idempotency_ttl,
             ),
         )
         self.hub = Hub(

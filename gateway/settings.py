@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     client_publish_rate: float = Field(0.0, ge=0)
     api_publish_rate: float = Field(0.0, ge=0)
     max_broadcast_channels: int = Field(1000, ge=1)
+    # How long an API publish's ``idempotency_key`` is remembered per channel.
+    idempotency_ttl: float = Field(300.0, gt=0)
     allowed_origins: str = "*"
 
     ping_interval: float = Field(20.0, gt=0)

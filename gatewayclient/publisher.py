@@ -88,21 +88,35 @@ class Publisher:
             raise http_error(response, body)
         return body
 
-    async def publish(self, channel: str, data: Any) -> PublishResult:
+    async def publish(
+        self, channel: str, data: Any, *, idempotency_key: str | None = None
+    ) -> PublishResult:
+        """With ``idempotency_key``, a retry (same key, same channel, within the gateway's
+        ``GATEWAY_IDEMPOTENCY_TTL``) is answered with the first publish's result and not
+        published again."""
+        body = {"channel": channel, "data": data}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
         response = await self.http.post(
             f"{self.base}/api/publish",
-            content=orjson.dumps({"channel": channel, "data": data}),
+            content=orjson.dumps(body),
             headers={**self.headers, "Content-Type": "application/json"},
         )
         body = await self._json(response)
         return PublishResult(int(body["offset"]), str(body["epoch"]))
 
-    async def broadcast(self, channels: Iterable[str], data: Any) -> list[PublishResult]:
+    async def broadcast(
+        self, channels: Iterable[str], data: Any, *, idempotency_key: str | None = None
+    ) -> list[PublishResult]:
         """Publish ``data`` to every channel (all checked before any is published); the
-        results are in the order of ``channels``."""
+        results are in the order of ``channels``. ``idempotency_key``: as for ``publish``,
+        per channel."""
+        body = {"channels": list(channels), "data": data}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
         response = await self.http.post(
             f"{self.base}/api/broadcast",
-            content=orjson.dumps({"channels": list(channels), "data": data}),
+            content=orjson.dumps(body),
             headers={**self.headers, "Content-Type": "application/json"},
         )
         body = await self._json(response)

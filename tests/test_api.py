@@ -504,20 +504,22 @@ async def test_metrics_count_slow_consumer_closes_family_exists(server):
         assert any(n.startswith("gateway_") and "slow" in n for n in fams), list(fams)
 
 
+def broker_settings(broker: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if broker == "memory":
+        return {}
+    return {
+        "broker_url": request.getfixturevalue("redis_server").url,
+        "broker_prefix": request.getfixturevalue("redis_prefix"),
+    }
+
+
 @pytest.mark.parametrize("broker", ["memory", "redis"])
 async def test_a_history_limit_past_any_history_is_all_of_it_on_either_broker(
     broker: str, make_server: Any, request: pytest.FixtureRequest
 ) -> None:
     """A limit is any integer ≥ 0: one past what the broker keeps (or past what Redis's
     scripts take as a number) answers what history holds, never a broker error."""
-    kw: dict[str, Any] = {}
-    if broker == "redis":
-        redis_server = request.getfixturevalue("redis_server")
-        kw = {
-            "broker_url": redis_server.url,
-            "broker_prefix": request.getfixturevalue("redis_prefix"),
-        }
-    server = await make_server(**kw)
+    server = await make_server(**broker_settings(broker, request))
     async with api_client(server) as http, ws_client(server) as ws:
         results = [await api_publish(http, "big", n) for n in range(1, 4)]
         whole = {
@@ -529,6 +531,58 @@ async def test_a_history_limit_past_any_history_is_all_of_it_on_either_broker(
             assert await api_history(http, "big", limit=limit) == whole, limit
             await ws.send({"id": 1, "op": "history", "channel": "big", "limit": limit})
             assert await ws.recv() == {"id": 1, "ok": True, "result": whole}, limit
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_a_publish_retried_with_its_idempotency_key_is_published_once(
+    broker: str, make_server: Any, request: pytest.FixtureRequest
+) -> None:
+    """A backend that retries a publish (its first answer lost, a 503 after a slow Redis
+    that published anyway) sends the same ``idempotency_key``: the retry is answered
+    with the first one's offset and epoch and nothing is published again, for
+    subscribers or history. Per channel: a broadcast with a key publishes to the
+    channels that have not had it."""
+    server = await make_server(**broker_settings(broker, request))
+    async with api_client(server) as http, ws_client(server) as ws:
+        await ws.subscribe("once")
+        body = {"channel": "once", "data": {"n": 1}, "idempotency_key": "order-7"}
+        first = await http.post("/api/publish", json=body, headers=bearer())
+        assert first.status_code == 200, first.text
+        for data in [{"n": 1}, {"n": "changed"}]:
+            again = await http.post("/api/publish", json=body | {"data": data}, headers=bearer())
+            assert again.status_code == 200 and again.json() == first.json(), again.text
+        later = await api_publish(http, "once", {"n": 2})
+        assert later["offset"] == first.json()["offset"] + 1
+        pushes = await ws.publications("once", 2)
+        assert [p["data"] for p in pushes] == [{"n": 1}, {"n": 2}]
+        history = await api_history(http, "once")
+        assert [p["data"] for p in history["publications"]] == [{"n": 1}, {"n": 2}]
+
+        broadcast = {"channels": ["once", "b2"], "data": 3, "idempotency_key": "order-7"}
+        r = await http.post("/api/broadcast", json=broadcast, headers=bearer())
+        assert r.status_code == 200, r.text
+        once, b2 = r.json()["results"]
+        assert (once["channel"], once["offset"]) == ("once", first.json()["offset"])
+        assert (b2["channel"], b2["offset"]) == ("b2", 1)
+        r = await http.post("/api/broadcast", json=broadcast, headers=bearer())
+        assert r.json()["results"] == [once, b2]
+        assert len((await api_history(http, "b2"))["publications"]) == 1
+        assert len((await api_history(http, "once"))["publications"]) == 2
+
+
+@pytest.mark.parametrize("key", ["", "x" * 129, 7, ["k"], {"k": 1}, True])
+async def test_an_idempotency_key_that_is_not_a_short_string_is_400(server, key):
+    async with api_client(server) as http:
+        for path, body in [
+            ("/api/publish", {"channel": "k", "data": 1, "idempotency_key": key}),
+            ("/api/broadcast", {"channels": ["k"], "data": 1, "idempotency_key": key}),
+        ]:
+            r = await http.post(path, json=body, headers=bearer())
+            assert_error(r, 400, "bad_request")
+            assert "idempotency_key" in r.json()["error"]["message"]
+        assert (await api_history(http, "k"))["publications"] == []
+        body = {"channel": "k", "data": 1, "idempotency_key": "x" * 128}
+        assert (await http.post("/api/publish", json=body, headers=bearer())).status_code == 200
 
 
 async def test_the_api_publish_rate_is_per_user_and_a_429_says_when_to_retry(make_server):

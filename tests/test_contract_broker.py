@@ -12,6 +12,7 @@ from channels.broker import Broker
 from channels.publication import StreamPosition
 from tests.conftest import eventually
 from tests.contract import MakeWorker, Received, Worker
+from tests.helpers import poll
 
 
 @pytest.fixture
@@ -334,3 +335,38 @@ async def test_publish_each_publishes_the_data_to_each_channel_in_order(
     await eventually(lambda: len(there.received.publications("b")) == 2)
     assert [p.offset for p in (await here.broker.history("c")).publications] == [1]
     assert await here.broker.publish_each([], b"1") == []
+
+
+async def test_publish_once_publishes_a_key_once_per_channel_across_workers(
+    make_worker: MakeWorker,
+) -> None:
+    """An idempotency key: the first publish with it publishes; a repeat (from any worker,
+    or several at once) gets the first one's offset and epoch and publishes nothing; the
+    same key on another channel is another key; it is forgotten after the ttl."""
+    here, there = await make_worker(idempotency_ttl=1.0), await make_worker(idempotency_ttl=1.0)
+    await there.broker.subscribe("c")
+    first, new = await here.broker.publish_once("c", b'{"n": 1}', "k-1")
+    assert new and (first.offset, first.data) == (1, b'{"n": 1}')
+    again, new = await there.broker.publish_once("c", b'{"n": 2}', "k-1")
+    assert not new and (again.offset, again.epoch) == (first.offset, first.epoch)
+    racing = await asyncio.gather(*(here.broker.publish_once("c", b"3", "k-2") for _ in range(5)))
+    assert [new for _, new in racing].count(True) == 1
+    assert {p.offset for p, _ in racing} == {2}
+    other, new = await here.broker.publish_once("other", b"4", "k-1")
+    assert new and other.offset == 1
+    plain = await here.broker.publish("c", b"5")
+    assert plain.offset == 3
+    await eventually(lambda: len(there.received.publications("c")) == 3)
+    assert [p.data for p in (await here.broker.history("c")).publications] == [
+        b'{"n": 1}',
+        b"3",
+        b"5",
+    ]
+    assert [p.offset for p in there.received.publications("c")] == [1, 2, 3]
+
+    async def republished() -> bool:  # forgotten after the ttl: published again
+        publication, new = await here.broker.publish_once("c", b"6", "k-1")
+        assert new or publication.offset == 1
+        return new
+
+    await poll(republished, timeout=10, interval=0.1)

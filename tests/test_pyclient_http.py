@@ -221,6 +221,17 @@ async def test_publish_broadcast_history_and_presence_over_http(server):
         assert (await limited.history("other")).offset == 1  # nothing more was published
 
 
+async def test_a_publish_retried_with_an_idempotency_key_is_published_once(server):
+    async with Publisher(server.url, token("backend")) as api:
+        first = await api.publish("once", {"n": 1}, idempotency_key="job-1")
+        assert await api.publish("once", {"n": 1}, idempotency_key="job-1") == first
+        results = await api.broadcast(["once", "also"], 2, idempotency_key="job-1")
+        assert [r.offset for r in results] == [first.offset, 1]
+        assert await api.broadcast(["once", "also"], 2, idempotency_key="job-1") == results
+        assert (await api.history("once")).offset == first.offset == 1
+        assert (await api.publish("once", 3)).offset == 2
+
+
 async def test_publish_stream_publishes_each_item_as_it_is_produced(server):
     """The generator waits until the subscriber received each item before producing the
     next: the stream would hang if the publisher buffered the body."""

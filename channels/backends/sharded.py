@@ -97,6 +97,9 @@ class ShardedBroker:
     async def publish_many(self, channel: str, datas: list[bytes]) -> list[Publication]:
         return await self._of(channel).publish_many(channel, datas)
 
+    async def publish_once(self, channel: str, data: bytes, key: str) -> tuple[Publication, bool]:
+        return await self._of(channel).publish_once(channel, data, key)
+
     async def publish_each(self, channels: list[str], data: bytes) -> list[Publication]:
         """Each shard's channels in one call to it, the shards at once."""
 

@@ -66,6 +66,19 @@ class MemoryBroker:
     async def publish_each(self, channels: list[str], data: bytes) -> list[Publication]:
         return [self._publish(channel, data) for channel in channels]
 
+    async def publish_once(self, channel: str, data: bytes, key: str) -> tuple[Publication, bool]:
+        """The key in the namespace's registry (``once:<channel>:<key>``), as Redis keeps it."""
+        registry, now = self._space.registry, time.monotonic()
+        name = f"once:{channel}:{key}"
+        seen = registry.get(name)
+        if seen is not None and seen[1] > now:
+            offset, epoch = seen[0].split(b" ")
+            return Publication(channel, int(offset), epoch.decode(), data), False
+        publication = self._publish(channel, data)
+        value = f"{publication.offset} {publication.epoch}".encode()
+        registry[name] = (value, now + self._options.idempotency_ttl)
+        return publication, True
+
     def _publish(self, channel: str, data: bytes) -> Publication:
         options, space = self._options, self._space
         now = time.monotonic()

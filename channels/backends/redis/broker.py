@@ -48,6 +48,7 @@ class RedisBroker:
         self._history_ttl_ms = max(1, round(options.history_ttl * 1000))
         meta_ttl = max(options.history_meta_ttl, options.history_ttl)
         self._meta_ttl_ms = max(1, round(meta_ttl * 1000))
+        self._once_ttl_ms = max(1, round(options.idempotency_ttl * 1000))
         self._on_message: MessageHandler | None = None
         # A crowd's history reads of one loop turn in one pipeline (not a Cluster's:
         # redis-py takes no script in its pipeline).
@@ -99,6 +100,19 @@ class RedisBroker:
         except REDIS_ERRORS as exc:
             raise unavailable("publish", exc) from exc
         return Publication(channel, int(offset), epoch.decode(), data, published_at=float(stamp))
+
+    async def publish_once(self, channel: str, data: bytes, key: str) -> tuple[Publication, bool]:
+        """The publish script after a look for the key (``publish_seen.lua``), in one call."""
+        stamp = f"{time.time():.6f}"
+        keys, args = self._publish_call(channel, data, stamp)
+        keys.append(self._keys.once(channel, key))
+        args.append(self._once_ttl_ms)
+        try:
+            reply = await self._scripts.publish_once(keys=keys, args=args)
+        except REDIS_ERRORS as exc:
+            raise unavailable("publish_once", exc) from exc
+        offset, epoch = int(reply[0]), reply[1].decode()
+        return Publication(channel, offset, epoch, data, published_at=float(stamp)), len(reply) < 3
 
     async def publish_many(self, channel: str, datas: list[bytes]) -> list[Publication]:
         """One script call and one pub/sub message for them all (a ``b`` message, see

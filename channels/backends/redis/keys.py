@@ -24,6 +24,8 @@ scripts need that):
   first, one time for all. A worker that predates this kind logs it as malformed and
   drops it; the next publication of the channel then shows it a hole in the offsets and
   it recovers the batch from history (``channels.fanout``).
+* ``P:i:{C}:<key>`` string ``<offset> <epoch>``: a publication made with the idempotency
+  key ``<key>`` (``publish_once.lua``), expiring ``idempotency_ttl`` after it.
 * Between workers: pub/sub topic ``P:signals`` (every worker's reader is subscribed to it
   from the start, whatever its channels), and registry keys ``P:r:{K}`` (plain strings
   with an expiry).
@@ -60,3 +62,7 @@ class Keys:
 
     def registry(self, key: str) -> str:
         return self._key("r", key)
+
+    def once(self, channel: str, key: str) -> str:
+        """A publish's idempotency key: in the channel's slot (its hash tag first)."""
+        return f"{self._key('i', channel)}:{key}"

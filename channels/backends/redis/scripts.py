@@ -2,8 +2,9 @@
 
 A script is made of parts, composed at load time: the presence scripts start with the
 shared ``server_clock.lua`` (and ``reap.lua``), publish, publish_many and history with
-``stream_meta.lua``. ``Scripts`` registers them on one client: EVALSHA, with SCRIPT LOAD
-when Redis does not know one (after a restart).
+``stream_meta.lua``; publish_once is publish after ``publish_seen.lua``. ``Scripts``
+registers them on one client: EVALSHA, with SCRIPT LOAD when Redis does not know one
+(after a restart).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _PACKAGE = __name__.rpartition(".")[0]
 # script -> its files, in order
 PARTS = {
     "publish": ("stream_meta.lua", "publish.lua"),
+    "publish_once": ("publish_seen.lua", "stream_meta.lua", "publish.lua"),
     "publish_many": ("stream_meta.lua", "publish_many.lua"),
     "history": ("stream_meta.lua", "history.lua"),
     "presence_add": ("server_clock.lua", "presence_add.lua"),
@@ -56,6 +58,7 @@ class Scripts:
         "presence_remove",
         "publish",
         "publish_many",
+        "publish_once",
     )
 
     def __init__(self, redis: Redis | RedisCluster, sharded: bool = False) -> None:
@@ -64,6 +67,7 @@ class Scripts:
 
         self.publish = load("publish")
         self.publish_many = load("publish_many")
+        self.publish_once = load("publish_once")
         self.history = load("history")
         self.presence_add = load("presence_add")
         self.presence_list = load("presence_list")
