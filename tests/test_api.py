@@ -545,6 +545,8 @@ async def test_a_publish_retried_with_its_idempotency_key_is_published_once(
     server = await make_server(**broker_settings(broker, request))
     async with api_client(server) as http, ws_client(server) as ws:
         await ws.subscribe("once")
+        stats = server.gateway.hub.stats
+        counted = stats.publications_in
         body = {"channel": "once", "data": {"n": 1}, "idempotency_key": "order-7"}
         first = await http.post("/api/publish", json=body, headers=bearer())
         assert first.status_code == 200, first.text
@@ -553,6 +555,7 @@ async def test_a_publish_retried_with_its_idempotency_key_is_published_once(
             assert again.status_code == 200 and again.json() == first.json(), again.text
         later = await api_publish(http, "once", {"n": 2})
         assert later["offset"] == first.json()["offset"] + 1
+        assert stats.publications_in == counted + 2  # a repeat is not a publication
         pushes = await ws.publications("once", 2)
         assert [p["data"] for p in pushes] == [{"n": 1}, {"n": 2}]
         history = await api_history(http, "once")
