@@ -354,6 +354,9 @@ async def test_publish_once_publishes_a_key_once_per_channel_across_workers(
     assert {p.offset for p, _ in racing} == {2}
     other, new = await here.broker.publish_once("other", b"4", "k-1")
     assert new and other.offset == 1
+    for channel, key in [("x", "b:c"), ("x:b", "c")]:  # a key is the channel's and its own
+        publication, new = await here.broker.publish_once(channel, b"7", key)
+        assert new and publication.offset == 1, (channel, key)
     plain = await here.broker.publish("c", b"5")
     assert plain.offset == 3
     await eventually(lambda: len(there.received.publications("c")) == 3)

@@ -67,9 +67,10 @@ class MemoryBroker:
         return [self._publish(channel, data) for channel in channels]
 
     async def publish_once(self, channel: str, data: bytes, key: str) -> tuple[Publication, bool]:
-        """The key in the namespace's registry (``once:<channel>:<key>``), as Redis keeps it."""
+        """The key in the namespace's registry (``once:{<channel>}:<key>``: a channel name
+        has no braces, so that ``a`` with ``b:c`` is not ``a:b`` with ``c``), as Redis keeps it."""
         registry, now = self._space.registry, time.monotonic()
-        name = f"once:{channel}:{key}"
+        name = f"once:{{{channel}}}:{key}"
         seen = registry.get(name)
         if seen is not None and seen[1] > now:
             offset, epoch = seen[0].split(b" ")
