@@ -187,7 +187,8 @@ class Fanout:
                 self._on_message(pub)
         else:
             logger.warning("channel %s: history no longer covers a hole in the stream", lc.name)
-            self._push_all(lc, Gap(lc.name, gone_on_from(page, restarted, pending)))
+            position = gone_on_from(page, restarted, pending)
+            self._push_all(lc, Gap(lc.name, position, lost=position.epoch == since.epoch))
             lc.epoch, lc.recent = None, None
             if restarted is not None and restarted.complete:
                 lc.epoch, lc.offset = restarted.position.epoch, 0

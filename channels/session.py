@@ -54,10 +54,13 @@ class Gap:
     ``position`` is where the channel goes on from (the next push is the first after
     it): an SSE stream's cursor holds it from the gap on, so that a client that
     reconnects with the gap's id resumes there instead of from the lost position. None:
-    the stream's own position for the channel is that already."""
+    the stream's own position for the channel is that already. ``lost``: the channel
+    goes on in the same epoch, past publications nobody can recover (only an offset that
+    jumps would show it: a transport with no gap to tell must end the connection)."""
 
     channel: str
     position: StreamPosition | None = None
+    lost: bool = False
 
 
 # bytes: a command's reply as JSON, for one WebSocket client; str: a piece of an SSE
@@ -251,9 +254,13 @@ class Session:
             start()
 
     def _too_slow(self) -> None:
+        self.cut(Ending.SLOW_CONSUMER)
+
+    def cut(self, reason: object) -> None:
+        """``close`` with what is queued dropped: nothing more reaches the client."""
         self._queue = None
         self._queued_bytes = 0
-        self.close(Ending.SLOW_CONSUMER)
+        self.close(reason)
 
     def _write_timed_out(self) -> None:
         self._too_slow()

@@ -73,6 +73,10 @@ class CloseCode:
     TOKEN_EXPIRED = Close(4001, "token expired")
     BAD_REQUEST = Close(4002, "bad request")
     SLOW_CONSUMER = Close(4008, "slow consumer")
+    # Publications of a channel were lost for good on their way to this worker (it was
+    # cut off from the broker longer than history covers): reconnect and resubscribe
+    # from your positions, to be told ``recovered: false`` (Centrifugo's 3010).
+    INSUFFICIENT_STATE = Close(4009, "insufficient state")
     ORIGIN_NOT_ALLOWED = Close(1008, "origin not allowed")
     MESSAGE_TOO_BIG = Close(1009, "message too big")
     SERVICE_RESTART = Close(1012, "service restart")

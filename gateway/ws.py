@@ -37,7 +37,7 @@ from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
 from channels.publication import Batch, PresenceEvent, Publication
-from channels.session import Ending, Gap, Outgoing
+from channels.session import Ending, Gap, Outgoing, Session
 from gateway import dispatch, wire
 from gateway.admission import ask_backend, refusal
 from gateway.commands import BadFrame, Command, parse_command
@@ -65,10 +65,20 @@ _GAP: Final = Gap
 
 
 class WebSocketTransport:
-    """Writes pushes and replies as text frames; ``Gap`` markers are SSE-only and skipped."""
+    """Writes pushes and replies as text frames. A ``Gap`` is not told (the contract has
+    no push for it: a new epoch on the pushes is how a client sees one), but one whose
+    channel goes on in the same epoch (``lost``) ends the connection, nothing after it
+    written (``insufficient state``): the client's resubscribe answers ``recovered:
+    false``, where otherwise it would have seen an offset jump and nothing else."""
 
     def __init__(self, port: WebSocketPort) -> None:
         self.port = port
+        self.session: Session | None = None  # (set once it exists: ``Connection``)
+
+    def _lost(self) -> bool:
+        if self.session is not None:
+            self.session.cut(CloseCode.INSUFFICIENT_STATE)
+        return True
 
     def write_now(self, item: Outgoing) -> bool:
         # The hot path: what the fan-out writes to every subscriber (a publication, those
@@ -77,10 +87,19 @@ class WebSocketTransport:
             cache = item.wire
             frames = cache.ws if cache is not None else None
             return self.port.try_write(frames if frames is not None else wire.ws_frames(item))
-        return isinstance(item, _GAP) or self.port.try_write(wire.ws_frames(item))
+        if isinstance(item, _GAP):
+            return not item.lost or self._lost()
+        return self.port.try_write(wire.ws_frames(item))
 
     async def write(self, batch: list[Outgoing]) -> None:
-        frames = [wire.ws_frames(item) for item in batch if not isinstance(item, Gap)]
+        frames = []
+        for item in batch:
+            if isinstance(item, Gap):
+                if item.lost:  # what follows it is not written
+                    self._lost()
+                    break
+            else:
+                frames.append(wire.ws_frames(item))
         if frames:
             await self.port.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
@@ -103,7 +122,9 @@ class Connection:
         self.port = port
         self.grant = grant
         transport = WebSocketTransport(port)
-        self.session = gateway.new_session(transport, claims, "websocket", client_id)
+        self.session = transport.session = gateway.new_session(
+            transport, claims, "websocket", client_id
+        )
         self.bad_frames = 0
         self.publish_limiter: RateLimiter | None = None  # (``dispatch._allowed``)
         self._expiry: Timer | None = None

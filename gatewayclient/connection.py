@@ -33,6 +33,7 @@ from gatewayclient.models import Position, StateChange, SubscriptionEvent
 from gatewayclient.subscription import Subscription
 from gatewayclient.tokens import TokenFactory, TokenSource, backoff, refresh_delay
 from gatewayclient.wire import (
+    INSUFFICIENT_STATE,
     QUICK_RECONNECT,
     SERVICE_RESTART,
     SLOW_CONSUMER,
@@ -193,7 +194,7 @@ class Client(Commands):
                     error = GatewayError("unauthorized", reason or "unauthorized")
                     self._stop(error, code, error.message)
                     return
-            if code in (SERVICE_RESTART, SLOW_CONSUMER) and opened:
+            if code in (SERVICE_RESTART, SLOW_CONSUMER, INSUFFICIENT_STATE) and opened:
                 delay = random.uniform(0, QUICK_RECONNECT)
             else:
                 delay = backoff(attempt, self.min_reconnect_delay, self.max_reconnect_delay)

@@ -12,7 +12,8 @@ SERVICE_RESTART = 1012
 TRY_AGAIN_LATER = 1013
 UNAUTHORIZED = 4001
 SLOW_CONSUMER = 4008
-QUICK_RECONNECT = 1.0  # after 1012 / 4008: within a second, to another worker or the same
+INSUFFICIENT_STATE = 4009  # publications lost on their way to the worker: resubscribe
+QUICK_RECONNECT = 1.0  # after 1012 / 4008 / 4009: within a second, to a worker or the same
 
 
 def websocket_url(base: str, token: str) -> str:

@@ -219,3 +219,33 @@ async def test_presence_refresh_survives_a_broker_outage(
     await eventually(lambda: len(joins()) == 2)
     assert joins()[1].client == session.presence_entry
     writer.cancel()
+
+
+async def test_a_hole_history_no_longer_covers_is_a_lost_gap_in_the_same_epoch(
+    redis_server: RedisServer, admin: Redis, redis_prefix: str
+) -> None:
+    """Cut off while more was published than history keeps, the worker cannot recover
+    the hole: its sessions get a gap marked ``lost`` (the channel goes on in the epoch
+    they have; a WebSocket ends on it), then what follows, from history's top."""
+    small = Gated(redis_server.url, BrokerOptions(key_prefix=redis_prefix, history_size=3))
+    hub = Hub(small.backend, presence_enabled=lambda c: False)
+    await hub.start()
+    try:
+        session, recorder, writer = new_session()
+        await hub.subscribe(session, "c")
+        first = await hub.publish("c", b"1")
+        await eventually(lambda: recorder.offsets("c") == [1])
+        await cut_off(small, admin)
+        for n in range(2, 10):  # history keeps 7, 8, 9
+            await hub.publish("c", b"%d" % n)
+        small.gate.set()
+        await eventually(lambda: small.reconnects == 1)
+        await hub.publish("c", b"10")
+        await eventually(lambda: recorder.offsets("c")[-1:] == [10])
+        gaps = [item for item in recorder.items if isinstance(item, Gap)]
+        assert gaps == [Gap("c", StreamPosition(9, first.epoch), lost=True)]
+        assert recorder.offsets("c") == [1, 10]
+        writer.cancel()
+    finally:
+        await hub.close()
+        await small.backend.broker.close()

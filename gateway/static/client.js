@@ -52,6 +52,7 @@ var GatewayClient = (function () {
     UNAUTHORIZED: 4001,
     BAD_REQUEST: 4002,
     SLOW_CONSUMER: 4008,
+    INSUFFICIENT_STATE: 4009, // publications lost on their way to the worker: resubscribe
   };
 
   // HTTP status -> error code, for the HTTP API (SSE mode).
@@ -858,7 +859,7 @@ var GatewayClient = (function () {
           return this._stop('unauthorized', info, err);
         }
         if (ready) delay = jitter(500); // a new token, then straight back
-      } else if (code === CLOSE.SERVICE_RESTART || code === CLOSE.SLOW_CONSUMER) {
+      } else if (code === CLOSE.SERVICE_RESTART || code === CLOSE.SLOW_CONSUMER || code === CLOSE.INSUFFICIENT_STATE) {
         if (ready) delay = jitter(1000); // come back soon (elsewhere) and recover from history
       } else if (code === CLOSE.TRY_AGAIN_LATER) {
         delay = Math.max(delay, jitter(this.options.busyReconnectDelay));
