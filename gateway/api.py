@@ -12,7 +12,7 @@ from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
 from gateway import wire
 from gateway.access import checked_channel, require
-from gateway.bodies import idempotency_key, json_object
+from gateway.bodies import encoded, idempotency_key, json_object
 from gateway.deps import ClaimsDep, GatewayDep, PublisherDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
 
@@ -28,7 +28,7 @@ async def publish(request: Request, gateway: GatewayDep, claims: PublisherDep) -
     require(claims.can_publish(channel), "publishing to", channel)
     once = idempotency_key(body)
     try:
-        publication = await gateway.hub.publish(channel, orjson.dumps(body["data"]), once)
+        publication = await gateway.hub.publish(channel, encoded(body["data"]), once)
     except BrokerUnavailable:
         raise GatewayError.unavailable() from None
     return JSONBody({"offset": publication.offset, "epoch": publication.epoch})
@@ -48,7 +48,7 @@ async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep)
     names = [checked_channel(channel) for channel in channels]
     for channel in names:  # every check before anything is published
         require(claims.can_publish(channel), "publishing to", channel)
-    data = orjson.dumps(body["data"])
+    data = encoded(body["data"])
     once = idempotency_key(body)
     try:
         if once is None:  # one round trip per Redis server, not one per channel

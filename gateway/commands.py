@@ -34,6 +34,14 @@ class BadFrame(Exception):
         self.malformed = malformed
 
 
+def _encoded(data: object, id: CommandId) -> bytes:
+    """``data`` as JSON again: orjson reads 1,024 levels of nesting, writes 254."""
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        raise BadFrame("'data' is nested too deeply", id) from None
+
+
 class Command:
     """One parsed command. A plain class, not a dataclass: compiled (setup.py), its
     ``__init__`` is native, where a dataclass's is generated Python (a frozen one's sets
@@ -121,7 +129,7 @@ def parse_command(frame: str | bytes) -> Command:
             raise BadFrame("'method' is required and must be a string", id)
         if not is_valid_channel(method):
             raise BadFrame("invalid method name", id, malformed=False)
-        return Command(op, id, method, data=orjson.dumps(message.get("data")))
+        return Command(op, id, method, data=_encoded(message.get("data"), id))
 
     channel = message.get("channel")
     if not isinstance(channel, str):
@@ -132,7 +140,7 @@ def parse_command(frame: str | bytes) -> Command:
     if op == "publish":
         if "data" not in message:
             raise BadFrame("'data' is required", id)
-        return Command(op, id, channel, data=orjson.dumps(message["data"]))
+        return Command(op, id, channel, data=_encoded(message["data"], id))
     since = _parse_since(message.get("since"), id) if op in ("subscribe", "history") else None
     limit = None
     if op == "history":

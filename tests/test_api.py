@@ -588,6 +588,25 @@ async def test_an_idempotency_key_that_is_not_a_short_string_is_400(server, key)
         assert (await http.post("/api/publish", json=body, headers=bearer())).status_code == 200
 
 
+async def test_data_nested_deeper_than_json_is_written_back_is_400(server):
+    """orjson reads 1,024 levels of nesting and writes 254: a 400 between the two (it was
+    a text 500), on every way in, and nothing published."""
+    deep = "[" * 300 + "]" * 300
+    headers = {**bearer(), "content-type": "application/json"}
+    async with api_client(server) as http:
+        for path, body in [
+            ("/api/publish", f'{{"channel": "deep", "data": {deep}}}'),
+            ("/api/broadcast", f'{{"channels": ["deep"], "data": {deep}}}'),
+            ("/api/publish/stream?channel=deep", f"1\n{deep}\n"),
+        ]:
+            r = await http.post(path, content=body, headers=headers)
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["error"]["code"] == "bad_request", r.text
+            assert "nested too deeply" in r.json()["error"]["message"], r.text
+        assert r.json()["published"] == 1 and "line 2" in r.json()["error"]["message"]
+        assert [p["data"] for p in (await api_history(http, "deep"))["publications"]] == [1]
+
+
 async def test_the_api_publish_rate_is_per_user_and_a_429_says_when_to_retry(make_server):
     """``api_publish_rate`` per token ``sub``: a burst of that many, then 429
     ``rate_limited`` with ``Retry-After`` in whole seconds; another user is not held back,

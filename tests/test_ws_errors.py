@@ -113,6 +113,22 @@ async def test_command_of_wrong_shape_gets_bad_request_with_its_id(server, comma
         await c.ping_ok()
 
 
+@pytest.mark.parametrize("op", ["publish", "rpc"])
+async def test_data_nested_deeper_than_json_is_written_back_gets_bad_request(server, op):
+    """orjson reads 1,024 levels of nesting and writes 254: data between the two is a
+    ``bad_request`` reply (it was a 1011 close), and nothing is published."""
+    deep = "[" * 300 + "]" * 300
+    async with ws_client(server) as c:
+        await c.subscribe("deep")
+        raw = f'{{"id": 30, "op": "{op}", "channel": "deep", "method": "m", "data": {deep}}}'
+        await c.send_raw(raw)
+        reply = await c.recv()
+        assert_error(reply, "bad_request", 30)
+        assert "nested too deeply" in reply["error"]["message"]
+        await c.ping_ok()
+        assert (await c.call("history", channel="deep"))["result"]["publications"] == []
+
+
 BAD_IDS = {"list": [1], "object": {"a": 1}, "float": 1.5, "bool": True}
 
 

@@ -13,7 +13,7 @@ from channels.broker import BrokerUnavailable
 from channels.coalescer import batches
 from channels.publication import Publication
 from gateway.access import checked_channel, require
-from gateway.bodies import json_object
+from gateway.bodies import encoded, json_object
 from gateway.deps import ClaimsDep, GatewayDep, PublisherDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
 from gateway.llm.relay import RelayManager
@@ -70,7 +70,7 @@ async def publish_stream(
             value = orjson.loads(line)
         except orjson.JSONDecodeError:
             raise GatewayError(ErrorCode.BAD_REQUEST, f"line {line_no}: not valid JSON") from None
-        return orjson.dumps(value)
+        return encoded(value, f"line {line_no}")
 
     def complete_lines() -> tuple[list[bytes], GatewayError | None]:
         """The complete lines of ``pending``, checked, up to the first bad one and its error."""
