@@ -7,7 +7,7 @@ parser. ``UpgradedWebSocket`` is what is left, a ``WebSocketPort`` on the socket
 - frames in, parsed here (RFC 6455 section 5) as websockets parses them, with the
   same answers to a client that breaks the protocol (1002 and websockets' wording;
   1007 for text that is not UTF-8; 1009 ``message too big`` for a message over
-  ``ws_max_size``, from its header), then a half-close; pings answered;
+  ``ws_max_size``, from its header), then a half-close; pings answered while it reads;
 - messages out to the owner as ASGI ``websocket.*`` dicts (``listen``/``receive``),
   reading paused while too many wait, as uvicorn pauses while one does;
 - frames out as built by ``gateway.wire`` (``try_write``/``write``, with the
@@ -16,8 +16,8 @@ parser. ``UpgradedWebSocket`` is what is left, a ``WebSocketPort`` on the socket
   same keep-alive (``Keepalive``: one timer per loop);
 - uvicorn's server still sees it among its connections (``shutdown``: 1012).
 
-One object per connection, no generator; ``GatewayWebSocketProtocol`` (websockets'
-state machine) remains for the handshakes uvicorn answers (h11, a refused one).
+One object per connection; ``GatewayWebSocketProtocol`` (websockets' state machine)
+is for the handshakes uvicorn answers (h11, a refused one).
 """
 
 from __future__ import annotations
@@ -92,8 +92,7 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         self._keepalive: Bucket | None = None  # where ``Keepalive`` holds this connection
         self._buffer = b""
         self._fragments: list[bytes] | None = None
-        self._fragments_size = 0
-        self._fragments_text = False
+        self._fragments_size, self._fragments_text = 0, False
         self._take: Callable[[Message], bool] | None = None  # the owner's (``listen``)
         self._cork: list[bytes] | None = None  # frames written while a read is handled
         self._corked = 0  # their bytes
@@ -214,8 +213,8 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
                 raise ProtocolViolation(1002, "control frame too long")
             if not fin:
                 raise ProtocolViolation(1002, "fragmented control frame")
-            if opcode == PING:
-                if not self.close_sent:
+            if opcode == PING:  # no pong to a client that does not read (RFC 6455 5.5.3)
+                if not self.close_sent and not self.write_paused:
                     self._send(control_frame(PONG, payload))
             elif opcode == PONG:
                 if payload == self.pending_ping:
@@ -228,7 +227,8 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         if opcode == CONT:
             if fragments is None:
                 raise ProtocolViolation(1002, "unexpected continuation frame")
-            fragments.append(payload)
+            if payload:  # (an empty one adds nothing: a flood of them is no memory)
+                fragments.append(payload)
             self._fragments_size += len(payload)
             if fin:
                 text = self._fragments_text
