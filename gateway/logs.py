@@ -14,6 +14,7 @@ import http
 import logging
 import re
 from typing import Any, Final
+from urllib.parse import unquote_plus
 
 from uvicorn.logging import AccessFormatter, DefaultFormatter
 
@@ -26,6 +27,12 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _TOKEN_KEY = re.compile(r"(\"(?:access_)?token\"\s*:\s*\")[^\"]*")
 # JWTs anywhere, whole or truncated by a frame logger ("eyJhbGc...Zk2"): header onwards.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}[A-Za-z0-9_.~+/=-]*(?:\.\.\.|…)?[A-Za-z0-9_.~+/=-]*")
+# A query parameter whose name has percent-escapes (``%74oken=`` is ``token=`` to the
+# gateway's query parser): redacted when its decoded name is a token's.
+_ESCAPED_PARAM = re.compile(
+    r"(?i)((?:^|[?&;\s])((?:[a-z0-9_]|%[0-9a-f]{2})*%[0-9a-f]{2}(?:[a-z0-9_]|%[0-9a-f]{2})*)=)([^&\s\"']*)"
+)
+_TOKEN_NAMES: Final = frozenset({"token", "access_token"})
 
 
 def redact(text: str) -> str:
@@ -41,6 +48,8 @@ def redact(text: str) -> str:
         text = _TOKEN_KEY.sub(_keep_name, text)
     if "eyJ" in text:  # what is left of a JWT once the named ones are gone
         text = _JWT.sub(REDACTED, text)
+    if "%" in text and "=" in text:
+        text = _ESCAPED_PARAM.sub(_escaped_token, text)
     return text
 
 
@@ -48,9 +57,40 @@ def _keep_name(match: re.Match[str]) -> str:
     return match.group(1) + REDACTED
 
 
+def _escaped_token(match: re.Match[str]) -> str:
+    name = unquote_plus(match.group(2)).lower()
+    return match.group(1) + REDACTED if name in _TOKEN_NAMES else match.group(0)
+
+
+class _Redacted:
+    """A log argument that is not text (a dict such as an ASGI scope, bytes, a frame):
+    formatted as itself, redacted."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return redact(str(self.value))
+
+    def __repr__(self) -> str:
+        return redact(repr(self.value))
+
+
+_PLAIN: Final = (int, float, type(None))  # arguments that cannot hold a token
+
+
+def _redacted(arg: object) -> object:
+    if isinstance(arg, str):
+        return redact(arg)
+    return arg if isinstance(arg, _PLAIN) else _Redacted(arg)
+
+
 class RedactTokens(logging.Filter):
-    """Redacts the message template and each string argument (formatters such as
-    uvicorn's access formatter read ``record.args`` themselves)."""
+    """Redacts the message template and each argument (formatters such as uvicorn's
+    access formatter read ``record.args`` themselves): strings at once, anything else
+    (an ASGI scope at uvicorn's trace level, a websockets frame) when it is formatted."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.__dict__.get(REDACTED_ALREADY):
@@ -59,10 +99,9 @@ class RedactTokens(logging.Filter):
         if isinstance(record.msg, str):
             record.msg = redact(record.msg)
         if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(_redacted(a) for a in record.args)
         elif isinstance(record.args, dict):
-            args = record.args.items()
-            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in args}
+            record.args = {k: _redacted(v) for k, v in record.args.items()}
         return True
 
 

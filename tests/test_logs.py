@@ -27,6 +27,10 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
         ('{"access_token":"opaque-secret-7"}', "opaque-secret-7"),
         (f"frame {JWT[:20]}...{JWT[-6:]}", JWT[:20]),
         (f"bare {JWT} in text", JWT),
+        # a name in percent-escapes is a token to the query parser: in the log line too
+        ("GET /ws?%74oken=%65%79%4Aopaque-8&x=1 HTTP/1.1", "opaque-8"),
+        ("GET /ws?a=1&t%6F%4Ben=opaque-9", "opaque-9"),
+        ("GET /ws?access%5Ftoken=opaque-10", "opaque-10"),
     ],
 )
 def test_every_shape_of_a_token_is_redacted(line: str, secret: str) -> None:
@@ -41,6 +45,7 @@ def test_every_shape_of_a_token_is_redacted(line: str, secret: str) -> None:
         'GET /api/channels/prices/history?limit=5 HTTP/1.1" 200',
         '127.0.0.1:5000 - "WebSocket /ws" [accepted]',
         "tokens: 3 published, offsets 1-3",  # "token" without "=" and no credential
+        "GET /sse?last_event_id=a%3A1%2Cb&channel=%61 HTTP/1.1",
         "",
     ],
 )
@@ -54,6 +59,25 @@ def test_the_filter_redacts_the_template_and_every_string_argument() -> None:
     record.msg = f"Bearer {JWT} " + record.msg
     assert RedactTokens().filter(record)
     assert record.getMessage() == f"Bearer {REDACTED} peer - GET /ws?token={REDACTED} 101"
+
+
+def test_arguments_that_are_not_text_are_redacted_when_formatted() -> None:
+    """uvicorn logs an ASGI scope (a dict) at its trace level, websockets a frame object
+    at debug: formatted, as themselves, without the token (``%s`` and ``%r`` alike)."""
+    scope = {"type": "websocket", "query_string": f"token={JWT}".encode()}
+
+    class Frame:
+        def __str__(self) -> str:
+            return f'TEXT \'{{"op": "refresh", "token": "{JWT[:12]}...{JWT[-21:]}"}}\''
+
+    args = (scope, Frame(), 7, None, 2.5)
+    record = logging.LogRecord("uvicorn", 5, __file__, 1, "%s %s %d %s %.1f %r", args, None)
+    record.args = (*args, scope)
+    assert RedactTokens().filter(record)
+    message = record.getMessage()
+    assert JWT[:12] not in message and JWT[-21:] not in message, message
+    assert message.startswith("{'type': 'websocket', 'query_string': b'token=[redacted]'}")
+    assert message.endswith(" 7 None 2.5 " + redact(repr(scope)))
 
 
 def test_a_record_is_redacted_once_whatever_the_filters_it_passes() -> None:
