@@ -47,7 +47,7 @@ from gateway.server.front_stream import FrontStream, outcome
 from gateway.server.front_upgrade import answer_upgrade
 from gateway.server.head import FRONT_LIMIT, Head
 from gateway.server.headwait import HEAD_DEADLINES, HeadDeadlines
-from gateway.server.http import GatewayHttpToolsProtocol
+from gateway.server.http import MAX_HEAD, GatewayHttpToolsProtocol
 from gateway.server.ports import (
     Deferred,
     OpenLater,
@@ -86,7 +86,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.begun:  # uvicorn's (not ``super()``: in a call per read, it costs)
-            HttpToolsProtocol.data_received(self, data)
+            self._parse_http(data)
             return
         upgraded = self.upgraded
         if upgraded is not None:  # handed over here (``AnswersUpgrades._switch``)
@@ -112,7 +112,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
             # here at all. (One split over reads, or written "UPGRADE:", is uvicorn's,
             # whose protocol answers upgrades too: ``AnswersUpgrades``.)
             self._begin()
-            HttpToolsProtocol.data_received(self, data)
+            self._parse_http(data)
             return
         self._received = received
         head = self._head
@@ -131,6 +131,17 @@ class FrontDoor(GatewayHttpToolsProtocol):
             return
         if head.complete:  # a request that is no upgrade
             self._to_http()
+
+    def _parse_http(self, data: bytes) -> None:
+        """uvicorn's parser, with a bound on a request head (``MAX_HEAD``)."""
+        if self.head_refused:
+            return
+        if self.reading_head:
+            self.head_read += len(data)
+            if self.head_read > MAX_HEAD:
+                self.head_too_large()
+                return
+        HttpToolsProtocol.data_received(self, data)
 
     def _stream_here(self, data: bytes) -> bool:
         """A first read holding a whole ``GET /sse`` head and nothing after it, which
@@ -188,7 +199,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
         self._begin()
         if stream.pending:
             self.transport.resume_reading()
-        HttpToolsProtocol.data_received(self, request + stream.pending)
+        self._parse_http(request + stream.pending)
         if not stream.keep_alive and self.cycle is not None:
             self.cycle.keep_alive = False  # the server shut down meanwhile
 
@@ -204,7 +215,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
         self.on_response_complete()  # counted, and the keep-alive timeout armed
         if pending:
             self.transport.resume_reading()
-            HttpToolsProtocol.data_received(self, pending)
+            self._parse_http(pending)
 
     def shutdown(self) -> None:
         stream = self._stream
@@ -221,7 +232,7 @@ class FrontDoor(GatewayHttpToolsProtocol):
         self._begin()
         if decided is not None:
             self.decided = decided
-        HttpToolsProtocol.data_received(self, received)
+        self._parse_http(received)
 
     def head_timed_out(self) -> None:
         if not self.begun:

@@ -81,6 +81,11 @@ from gateway.server.waiting import LiteEvent
 
 logger = logging.getLogger("uvicorn.error")
 
+# What a request head may take, its target and headers (the front door reads the first
+# ``FRONT_LIMIT`` of an upgrade or stream itself): 64 KiB, past Node's 16 and nginx's 32.
+MAX_HEAD = 65_536
+LINGER = 10.0  # seconds a refused client may go on sending before it is closed
+
 # What was copied from uvicorn and the sha256 (first 16 hex digits) of the original's
 # dedented source when it was copied; tests/test_server_adapter.py compares.
 COPIED_FROM_UVICORN = {
@@ -112,6 +117,10 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     cycle: RequestResponseCycle = None  # type: ignore[assignment]
     timeout_keep_alive_task: asyncio.TimerHandle | None = None
     upgrade_answer: bool | None = None  # ``_should_upgrade``'s, for the current request
+    # Bytes read while a request head is awaited (``MAX_HEAD``; from its first byte on).
+    reading_head = True
+    head_read = 0
+    head_refused = False  # answered 431: what the client still sends is dropped
     # The app's stream opener's answer for the request being read, when the front door
     # asked it already (``FrontDoor._stream_here``).
     stream_asked = False
@@ -180,6 +189,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.upgrade_answer = None
+        self.reading_head, self.head_read = True, 0
         if self.head_deadlines is not None:  # a request after a response: its own wait
             self.head_deadlines.start(self)
 
@@ -195,14 +205,25 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     def head_timed_out(self) -> None:
         """No whole request head in time (``gateway.server.headwait``): a 408, written as
         uvicorn writes its 400 for a request it cannot parse, and the connection closed."""
+        self._refuse_head(408, b"Request Timeout")
+
+    def head_too_large(self) -> None:
+        """More than ``MAX_HEAD`` bytes read and no whole request head: a 431 and the
+        connection closed (httptools sets no limit; each header would be kept whole)."""
+        self._refuse_head(431, b"Request Header Fields Too Large", linger=True)
+
+    def _refuse_head(self, status: int, message: bytes, linger: bool = False) -> None:
+        """The answer, then the connection closed; ``linger``: a client likely still
+        sending, whose bytes closing now would answer with a reset (destroying the
+        answer on its way): our end (FIN), its bytes dropped until it closes, 10 s at
+        most."""
         if self.transport.is_closing():
             return
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             self.transport.close()  # a request pipelined behind a response still going
             return
-        message = b"Request Timeout"
-        content = [STATUS_LINE[408]]
+        content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content += [name, b": ", value, b"\r\n"]
         content += [
@@ -212,7 +233,12 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
             message,
         ]
         self.transport.write(b"".join(content))
-        self.transport.close()
+        if linger and self.transport.can_write_eof():
+            self.head_refused = True
+            self.transport.write_eof()
+            self.loop.call_later(LINGER, self.transport.close)
+        else:
+            self.transport.close()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # uvicorn builds the cycle inline in on_headers_complete (or takes a pipelined
@@ -259,6 +285,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         # long stream keeps neither, nor the token in the URL.
         if self.head_deadlines is not None:
             self.head_deadlines.done(self)
+        self.reading_head = False
         parser, scope = self.parser, self.scope
         http_version = parser.get_http_version()
         scope["method"] = parser.get_method().decode("ascii")
