@@ -512,7 +512,7 @@ async def test_starting_a_relay_counts_against_the_api_publish_rate(
     """A relay publishes through the API (and costs the upstream's tokens): its start is
     under ``GATEWAY_API_PUBLISH_RATE`` per token ``sub`` as a publish is, 429 with
     ``Retry-After``, and no upstream call for the refused one."""
-    server = await start_gateway(api_publish_rate=1)
+    server = await start_gateway(api_publish_rate=0.05)  # one, then one per 20 s
     body = {"channel": new_channel(), "upstream": "fake", "request": chat_request()}
     async with api_client(server) as http:
         first = await http.post("/api/streams", json=body, headers=bearer())
@@ -520,7 +520,7 @@ async def test_starting_a_relay_counts_against_the_api_publish_rate(
         r = await http.post("/api/streams", json=body, headers=bearer())
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "rate_limited"
-        assert r.headers["retry-after"] == "1"
+        assert 1 <= int(r.headers["retry-after"]) <= 20
         other = await http.post("/api/streams", json=body, headers=bearer(token("other-app")))
         assert other.status_code == 202, other.text
         await relays_done(server)
