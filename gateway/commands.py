@@ -92,7 +92,7 @@ def _parse_since(value: Any, id: CommandId) -> StreamPosition | None:
         raise BadFrame("'since' must be an object {offset, epoch}", id)
     offset, epoch = value.get("offset"), value.get("epoch")
     if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_OFFSET:
-        raise BadFrame("'since.offset' must be a non-negative integer", id)
+        raise BadFrame("'since.offset' must be an integer from 0 to 2^63-1", id)
     if not isinstance(epoch, str):
         raise BadFrame("'since.epoch' must be a string", id)
     return StreamPosition(offset, epoch)
