@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+import orjson
 
 from auth.permissions import PatternSet
 
@@ -119,6 +120,8 @@ class TokenVerifier:
         info = payload.get("info", {})
         if not isinstance(info, dict):
             raise AuthError("claim 'info' must be a JSON object")
+        if info and len(orjson.dumps(info)) > MAX_INFO_BYTES:  # told to every member
+            raise AuthError(f"claim 'info' is over {MAX_INFO_BYTES} bytes")
         exp = payload.get("exp")
         return Claims(
             user=sub,

@@ -64,11 +64,18 @@ def test_hs256_token_with_claims() -> None:
         {"sub": 5},
         {"sub": "a", "info": [1]},
         {"sub": "a", "subscribe": "x", "publish": [1]},
+        {"sub": "a", "info": {"bio": "x" * 4096}},  # presence tells it to every member
     ],
 )
 def test_tokens_with_bad_claims_are_refused(payload: dict[str, object]) -> None:
     with pytest.raises(AuthError):
         TokenVerifier(secret=K).verify(jwt.encode(payload, K, algorithm="HS256"))
+
+
+def test_an_info_claim_of_the_limit_is_accepted() -> None:
+    info = {"bio": "x" * (4096 - len('{"bio":""}'))}
+    claims = TokenVerifier(secret=K).verify(jwt.encode({"sub": "a", "info": info}, K))
+    assert claims.info == info
 
 
 def test_expiry_has_at_most_five_seconds_of_leeway() -> None:
