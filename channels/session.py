@@ -63,6 +63,15 @@ class Gap:
     lost: bool = False
 
 
+class Unrecoverable(Exception):
+    """What a transport raises at a ``lost`` gap it cannot tell its client of: the
+    session ends with ``reason``, nothing more written (``Session.cut``)."""
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 # bytes: a command's reply as JSON, for one WebSocket client; str: a piece of an SSE
 # stream written as it is (a heartbeat)
 Outgoing = Publication | PresenceEvent | Batch | Gap | bytes | str
@@ -79,10 +88,12 @@ class Transport(Protocol):
 
     def write_now(self, item: Outgoing) -> bool:
         """Write ``item`` at once if the client's socket can take it; False: not now
-        (the session queues it). Raises ``OSError`` when the client is gone."""
+        (the session queues it). Raises ``OSError`` when the client is gone, and
+        ``Unrecoverable`` at a ``lost`` gap it cannot tell its client of."""
 
     async def write(self, batch: list[Outgoing]) -> None:
-        """Write ``batch``, waiting for the socket as long as it takes."""
+        """Write ``batch``, waiting for the socket as long as it takes (up to a ``lost``
+        gap it cannot tell: then ``Unrecoverable``)."""
 
 
 # Client ids are 8 random bytes (``secrets.token_hex(8)``) taken from the kernel 4 KiB at a
@@ -193,6 +204,9 @@ class Session:
                     return True
             except OSError:  # the client is gone (ConnectionError); its reader sees it too
                 self.close(Ending.CLIENT_GONE)
+                return False
+            except Unrecoverable as lost:
+                self.cut(lost.reason)
                 return False
         self._queued_bytes += _size(item)
         if self._queued_bytes > self.max_queue_bytes:
@@ -307,6 +321,8 @@ class Session:
                 watch.add(self)
             try:
                 await self._transport.write(batch)
+            except Unrecoverable as lost:  # (what came before it is written)
+                self.cut(lost.reason)
             finally:
                 self._writing = False
                 if watch is not None:

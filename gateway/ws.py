@@ -37,7 +37,7 @@ from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
 from channels.publication import Batch, PresenceEvent, Publication
-from channels.session import Ending, Gap, Outgoing, Session
+from channels.session import Ending, Gap, Outgoing, Unrecoverable
 from gateway import dispatch, wire
 from gateway.admission import ask_backend, refusal
 from gateway.commands import BadFrame, Command, parse_command
@@ -73,12 +73,6 @@ class WebSocketTransport:
 
     def __init__(self, port: WebSocketPort) -> None:
         self.port = port
-        self.session: Session | None = None  # (set once it exists: ``Connection``)
-
-    def _lost(self) -> bool:
-        if self.session is not None:
-            self.session.cut(CloseCode.INSUFFICIENT_STATE)
-        return True
 
     def write_now(self, item: Outgoing) -> bool:
         # The hot path: what the fan-out writes to every subscriber (a publication, those
@@ -88,20 +82,25 @@ class WebSocketTransport:
             frames = cache.ws if cache is not None else None
             return self.port.try_write(frames if frames is not None else wire.ws_frames(item))
         if isinstance(item, _GAP):
-            return not item.lost or self._lost()
+            if item.lost:
+                raise Unrecoverable(CloseCode.INSUFFICIENT_STATE)
+            return True
         return self.port.try_write(wire.ws_frames(item))
 
     async def write(self, batch: list[Outgoing]) -> None:
         frames = []
+        lost = False
         for item in batch:
             if isinstance(item, Gap):
                 if item.lost:  # what follows it is not written
-                    self._lost()
+                    lost = True
                     break
             else:
                 frames.append(wire.ws_frames(item))
         if frames:
             await self.port.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if lost:
+            raise Unrecoverable(CloseCode.INSUFFICIENT_STATE)
 
 
 class Connection:
@@ -122,9 +121,7 @@ class Connection:
         self.port = port
         self.grant = grant
         transport = WebSocketTransport(port)
-        self.session = transport.session = gateway.new_session(
-            transport, claims, "websocket", client_id
-        )
+        self.session = gateway.new_session(transport, claims, "websocket", client_id)
         self.bad_frames = 0
         self.publish_limiter: RateLimiter | None = None  # (``dispatch._allowed``)
         self._expiry: Timer | None = None
