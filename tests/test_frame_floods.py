@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import struct
 import termios
 from typing import Any
 
 import pytest
 
 from tests.conftest import MakeServer, RunningServer, eventually
-from tests.test_frames import CONT, PING, TEXT, frame
+from tests.test_frames import CONT, PING, TEXT, frame, server_frame
 from tests.test_handshake import TIMEOUT, standard, status, upgrade
 
 pytestmark = pytest.mark.gateway_protocols
@@ -53,14 +52,8 @@ async def reply_to(reader: asyncio.StreamReader, cmd_id: int) -> bytes:
     """Read frames (pongs included) until the reply to ``cmd_id``."""
     needle = b'"id":%d' % cmd_id
     while True:
-        first = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
-        size = first[1] & 0x7F
-        if size == 126:
-            size = struct.unpack("!H", await reader.readexactly(2))[0]
-        elif size == 127:
-            size = struct.unpack("!Q", await reader.readexactly(8))[0]
-        payload = await reader.readexactly(size)
-        if first[0] & 0x0F == TEXT and needle in payload:
+        opcode, payload = await server_frame(reader)
+        if opcode == TEXT and needle in payload:
             return payload
 
 

@@ -77,6 +77,17 @@ def readable(opcode: int, payload: bytes) -> tuple[int, object]:
     return opcode, payload
 
 
+async def server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next frame the server writes (unmasked): its opcode and payload."""
+    first = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    size = first[1] & 0x7F
+    if size == 126:
+        size = struct.unpack("!H", await reader.readexactly(2))[0]
+    elif size == 127:
+        size = struct.unpack("!Q", await reader.readexactly(8))[0]
+    return first[0] & 0x0F, await reader.readexactly(size)
+
+
 async def exchange(
     port: int,
     writes: list[bytes],
@@ -100,16 +111,10 @@ async def exchange(
                 await writer.drain()
         while True:
             try:
-                first = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
-                size = first[1] & 0x7F
-                if size == 126:
-                    size = struct.unpack("!H", await reader.readexactly(2))[0]
-                elif size == 127:
-                    size = struct.unpack("!Q", await reader.readexactly(8))[0]
-                payload = await reader.readexactly(size)
+                opcode, payload = await server_frame(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return frames, True
-            seen = readable(first[0] & 0x0F, payload)
+            seen = readable(opcode, payload)
             if seen == end:
                 return frames, False
             frames.append(seen)
