@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from channels.backends.redis import Connection
-from tests.conftest import MakeServer, RunningServer, eventually
+from gatewayclient import Gap, Publication, connect
+from tests.conftest import MakeServer, RunningServer, eventually, token
 from tests.helpers import api_client, api_publish, open_sse, ws_client
 from tests.redis_server import RedisServer
 from tests.test_redis_broker import kill_connections
@@ -107,3 +108,26 @@ async def test_an_sse_stream_that_missed_publications_for_good_gets_a_gap_and_st
         assert (gap.get("event"), gap["json"]) == ("gap", {"channel": "lost"})
         [after] = await sse.publications(1)
         assert after["json"]["offset"] == last["offset"] and event["json"]["offset"] == 1
+
+
+async def test_the_python_client_comes_back_after_4009_with_a_gap_then_live(
+    make_server: MakeServer, redis_server: RedisServer, redis_prefix: str, admin: Redis
+) -> None:
+    """What the repository's client makes of it: the close, a reconnect within a second,
+    a ``Gap`` for the lost publications (its position to the channel's), then live ones."""
+    server = await gateway(make_server, redis_server, redis_prefix)
+    async with connect(server.url, token=token()) as client, api_client(server) as http:
+        sub = await client.subscribe("lost")
+        await api_publish(http, "lost", 1)
+        assert isinstance(first := await sub.get(5), Publication) and first.offset == 1
+        gate = await cut_off(server, admin)
+        for n in range(2, 2 + 3 * HISTORY):
+            await api_publish(http, "lost", n)
+        gate.set()
+        gap = await sub.get(10)
+        assert isinstance(gap, Gap), gap
+        assert (gap.reason, gap.last_offset, gap.offset) == ("history", 1, 1 + 3 * HISTORY)
+        assert client.last_close == (4009, "insufficient state")
+        last = await api_publish(http, "lost", "after")
+        after = await sub.get(5)
+        assert isinstance(after, Publication) and after.offset == last["offset"]
