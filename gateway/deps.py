@@ -56,17 +56,18 @@ MaybeClaimsDep = Annotated[Claims | AuthError, Depends(verified_claims)]
 
 
 class ApiRateLimit:
-    """Per-user token buckets for publishing through the API (off when the rate is 0)."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, RateLimiter] = {}
+    """Per-user token buckets for publishing through the API (off when the rate is 0),
+    the gateway's own (``Gateway.api_buckets``: one app's rate is not another's)."""
 
     async def __call__(self, gateway: GatewayDep, claims: ClaimsDep) -> Claims:
         rate = gateway.settings.api_publish_rate
         if rate:
-            if len(self._buckets) > 100_000:
-                self._buckets.clear()
-            bucket = self._buckets.setdefault(claims.user, RateLimiter(rate))
+            buckets = gateway.api_buckets
+            if len(buckets) > 100_000:
+                buckets.clear()
+            bucket = buckets.get(claims.user)
+            if bucket is None:
+                bucket = buckets[claims.user] = RateLimiter(rate)
             if not bucket.allow():
                 retry = str(max(1, math.ceil(bucket.wait())))  # whole seconds (RFC 9110)
                 raise GatewayError(

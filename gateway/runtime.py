@@ -21,6 +21,7 @@ from gateway.connections import Connections
 from gateway.errors import CloseCode
 from gateway.hooks import Hooks, load_hooks
 from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
 from gateway.settings import DEV_WARNING, Settings
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class Gateway:
         self.subscribe_hooked = "subscribe" in self.hooks.hooks
         self.connect_hooked = "connect" in self.hooks.hooks
         self.draining = False
+        # GATEWAY_API_PUBLISH_RATE's token buckets, per token ``sub`` (``deps.ApiRateLimit``)
+        self.api_buckets: dict[str, RateLimiter] = {}
         self._features: list[Feature] = []
         self._drain: asyncio.Task[None] | None = None
 

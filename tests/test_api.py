@@ -607,6 +607,23 @@ async def test_data_nested_deeper_than_json_is_written_back_is_400(server):
         assert [p["data"] for p in (await api_history(http, "deep"))["publications"]] == [1]
 
 
+async def test_each_gateway_has_its_own_api_publish_rate(make_server):
+    """Regression: the buckets were one process-wide dict, made with the first app's
+    rate; a second app in the process (tests; an embedding) got the first one's."""
+    body = {"channel": "own", "data": 1}
+    generous = await make_server(api_publish_rate=1000)
+    async with api_client(generous) as http:
+        for _ in range(3):
+            assert (await http.post("/api/publish", json=body, headers=bearer())).status_code == 200
+    strict = await make_server(api_publish_rate=0.05)  # one, then one per 20 s
+    async with api_client(strict) as http:
+        codes = [
+            (await http.post("/api/publish", json=body, headers=bearer())).status_code
+            for _ in range(2)
+        ]
+        assert codes == [200, 429]
+
+
 async def test_the_api_publish_rate_is_per_user_and_a_429_says_when_to_retry(make_server):
     """``api_publish_rate`` per token ``sub``: a burst of that many, then 429
     ``rate_limited`` with ``Retry-After`` in whole seconds; another user is not held back,
