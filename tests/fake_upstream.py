@@ -5,7 +5,10 @@
 ``finish_reason`` and ``usage``, then ``data: [DONE]``. The request body picks
 the behaviour (the relay passes it through, plus ``"stream": true``):
 
-- ``"model"``: ``ok`` (default), ``http-500``, ``http-401``, ``stall`` (one token,
+- ``"model"``: ``ok`` (default), ``http-500`` (a text body), ``http-401`` and
+  ``http-400`` (OpenAI's JSON error, its message echoing the key it was sent),
+  ``http-503-endless`` (an error body that never ends), ``stream-error`` (an
+  in-stream ``{"error": …}`` line, then silence), ``stall`` (one token,
   then silence longer than any test's timeout), ``no-done`` (the response ends
   without ``[DONE]``), ``bad-json`` (invalid JSON in a data line after two tokens),
   ``drop`` (the connection breaks after two tokens: the chunked body never ends),
@@ -35,7 +38,7 @@ import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -57,6 +60,13 @@ ODD_SHAPES: list[Any] = [
 
 def data_line(value: Any) -> bytes:
     return b"data: " + orjson.dumps(value) + b"\n\n"
+
+
+async def endless_text() -> AsyncIterator[bytes]:
+    """``ENDLESS_BYTES`` of an error text, then silence: a body that does not end."""
+    for _ in range(ENDLESS_BYTES >> 16):
+        yield b"overloaded " * 5957 + b"x" * 9
+    await asyncio.sleep(STALL_SECONDS)
 
 
 def token_chunk(text: str) -> bytes:
@@ -148,6 +158,9 @@ class CompletionStream(Response):
         elif call.scenario == "bad-json":
             await chunk(b'data: {"choices": [{"index": 0, "delta": {"content": "x"\n\n')
             await asyncio.sleep(STALL_SECONDS)  # the relay must stop at the bad line
+        elif call.scenario == "stream-error":
+            await chunk(data_line({"error": {"message": "content filtered", "code": 7}}))
+            await asyncio.sleep(STALL_SECONDS)
         elif call.scenario == "endless-line":
             await chunk(b'data: {"choices": [{"index": 0, "delta": {"content": "')
             for _ in range(ENDLESS_BYTES >> 16):
@@ -188,13 +201,20 @@ class FakeUpstream:
         if call.scenario == "http-500":
             call.finished.set()
             return Response("model overloaded, try later", status_code=500)
-        if call.scenario == "http-401":
+        key = call.headers.get("authorization", "").removeprefix("Bearer ")
+        if call.scenario in ("http-401", "http-400"):  # as OpenAI's: the key echoed back
             call.finished.set()
+            said = f"Incorrect API key provided: {key}"
+            if call.scenario == "http-400":
+                said = f"This model's maximum context length is 8 tokens (key {key})"
             return Response(
-                orjson.dumps({"error": {"message": "Incorrect API key provided"}}),
-                status_code=401,
+                orjson.dumps({"error": {"message": said, "type": "invalid_request_error"}}),
+                status_code=int(call.scenario[5:]),
                 media_type="application/json",
             )
+        if call.scenario == "http-503-endless":  # an error body that never ends
+            call.finished.set()
+            return StreamingResponse(endless_text(), status_code=503)
         return CompletionStream(call)
 
     @property

@@ -422,42 +422,84 @@ async def test_cancel_while_the_end_is_being_published_still_publishes_exactly_o
 
 
 FAULTS = [
-    pytest.param("closed", "ok", ["unreachable", "ConnectError"], id="connect-refused"),
-    pytest.param("fake", "http-500", ["HTTP 500", "model overloaded"], id="http-500"),
-    pytest.param("fake", "http-401", ["HTTP 401", "Incorrect API key"], id="http-401"),
-    pytest.param("impatient", "stall", ["stalled", "0.5 s"], id="stall"),
-    pytest.param("fake", "no-done", ["without [DONE]"], id="no-done"),
-    pytest.param("fake", "bad-json", ["invalid JSON"], id="bad-json"),
-    pytest.param("fake", "drop", ["connection failed", "RemoteProtocolError"], id="dropped"),
-    pytest.param("fake", "endless-line", ["a line over 1048576 characters"], id="endless-line"),
+    pytest.param("closed", "ok", ["unreachable (ConnectError)"], [], id="connect-refused"),
+    pytest.param("fake", "http-500", ["HTTP 500"], ["overloaded"], id="http-500"),
+    pytest.param("fake", "http-401", ["HTTP 401"], ["Incorrect"], id="http-401"),
+    pytest.param("fake", "http-400", ["HTTP 400: This model's maximum context"], [], id="http-400"),
+    pytest.param("fake", "http-503-endless", ["HTTP 503"], ["overloaded"], id="http-503-endless"),
+    pytest.param("fake", "stream-error", ["error: content filtered"], ["code"], id="stream-error"),
+    pytest.param("impatient", "stall", ["stalled", "0.5 s"], [], id="stall"),
+    pytest.param("fake", "no-done", ["without [DONE]"], [], id="no-done"),
+    pytest.param("fake", "bad-json", ["invalid JSON"], [], id="bad-json"),
+    pytest.param("fake", "drop", ["connection failed (RemoteProtocolError)"], [], id="dropped"),
+    pytest.param("fake", "endless-line", ["a line over 1048576 characters"], [], id="endless-line"),
 ]
 
 
-@pytest.mark.parametrize(("name", "scenario", "words"), FAULTS)
+@pytest.mark.parametrize(("name", "scenario", "words", "absent"), FAULTS)
 async def test_upstream_fault_publishes_exactly_one_error_with_a_useful_message(
     upstream: FakeUpstream,
     start_gateway: StartGateway,
+    caplog: pytest.LogCaptureFixture,
     name: str,
     scenario: str,
     words: list[str],
+    absent: list[str],
 ) -> None:
+    """The message says what failed; what the upstream said about itself (a 5xx's
+    text, a 401's account, its error body's other fields) is logged, not published."""
     server = await start_gateway()
     channel = new_channel()
     async with api_client(server) as http, ws_client(server) as c:
         await c.subscribe(channel)
-        await start_relay(http, channel, name, model=scenario)
-        got = await ws_until_final(c, channel, timeout=STALL_TIMEOUT + 4)
+        with caplog.at_level(logging.WARNING, logger="gateway.llm.relay"):
+            await start_relay(http, channel, name, model=scenario)
+            got = await ws_until_final(c, channel, timeout=STALL_TIMEOUT + 4)
         error = got[-1]["data"]
         assert error["type"] == "error", got
         for word in words:
             assert word in error["message"], error
+        for word in absent:
+            assert word not in error["message"], error
+            assert word in caplog.text, caplog.text  # for the operator
         await relays_done(server)
         await assert_nothing_after(http, c, channel, got[-1]["offset"])
         history = (await api_history(http, channel))["publications"][:-1]
         assert not [p for p in history if p["data"]["type"] == "end"]
         assert_one_final_last(history, "error")
-    if scenario in ("stall", "bad-json", "endless-line"):  # the upstream kept it open: closed
+    if scenario in ("stall", "bad-json", "endless-line", "stream-error"):  # kept open: closed
         await asyncio.wait_for(upstream.last.disconnected.wait(), CANCEL_BOUND)
+
+
+@pytest.mark.parametrize("scenario", ["http-401", "http-400"])
+async def test_an_upstream_error_never_publishes_the_key_it_was_sent(
+    upstream: FakeUpstream,
+    start_gateway: StartGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    scenario: str,
+) -> None:
+    """An upstream that echoes the API key in its error (as OpenAI's 401 does, in part):
+    neither the published error nor the log line carries it."""
+    key = "sk-test-" + secrets.token_hex(12)
+    monkeypatch.setenv("FAKE_LLM_KEY", key)
+    server = await start_gateway(
+        {"keyed": {"url": upstream.url, "api_key_env": "FAKE_LLM_KEY", "timeout": 2}}
+    )
+    async with api_client(server) as http, ws_client(server) as c:
+        channel = new_channel()
+        await c.subscribe(channel)
+        with caplog.at_level(logging.DEBUG):
+            await start_relay(http, channel, "keyed", model=scenario)
+            [*_, final] = await ws_until_final(c, channel)
+        assert upstream.last.headers["authorization"] == f"Bearer {key}"
+        assert final["data"]["type"] == "error", final
+        assert f"HTTP {scenario[5:]}" in final["data"]["message"], final
+        assert key not in final["data"]["message"], final
+        assert "[redacted]" in caplog.text, caplog.text  # the body was logged, without it
+        assert key not in caplog.text
+        if scenario == "http-400":  # about the request: its message is shown, key cut
+            assert final["data"]["message"].endswith("(key [redacted])"), final
 
 
 async def test_relay_skips_json_lines_that_are_not_chunks(

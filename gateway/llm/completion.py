@@ -21,7 +21,41 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 class UpstreamError(Exception):
-    """The upstream misbehaved; the message is published to subscribers."""
+    """The upstream misbehaved; the message is published to subscribers, ``detail``
+    (what the upstream said that subscribers are not shown) only logged."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+# Statuses whose error message is about the request (too long, unknown model, rate
+# limited), and so worth showing to the subscribers of its answer. Any other status is
+# about the upstream or the gateway's own key (401, 403, 5xx): its text may name
+# accounts, keys, hosts, and tells a subscriber nothing they could act on.
+_REQUEST_STATUSES = frozenset({400, 404, 408, 409, 413, 422, 429})
+_DETAIL_CHARS = 300
+
+
+def error_message(error: Any) -> str:
+    """The text of an OpenAI-style ``error`` (``{"message": …}`` or a string)."""
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])[:_DETAIL_CHARS]
+    return error[:_DETAIL_CHARS] if isinstance(error, str) else "error"
+
+
+def http_error(upstream: str, status: int, body: bytes) -> UpstreamError:
+    """An upstream's HTTP error answer: the status for everyone, its message only when
+    it is about the request; the body (cut) for the log either way."""
+    detail = body[:_DETAIL_CHARS].decode(errors="replace")
+    message = f"upstream {upstream!r} answered HTTP {status}"
+    if status in _REQUEST_STATUSES:
+        try:
+            said = error_message(orjson.loads(body).get("error"))
+        except (orjson.JSONDecodeError, AttributeError):
+            said = detail
+        message = f"{message}: {said}"
+    return UpstreamError(message, detail)
 
 
 def token_publications(text: str, limit: int) -> list[bytes]:
@@ -79,7 +113,8 @@ class Completion:
             if not isinstance(chunk, dict):
                 continue
             if isinstance(chunk.get("error"), dict | str):
-                raise UpstreamError(f"upstream {self.upstream!r} error: {chunk['error']}")
+                said = error_message(chunk["error"])
+                raise UpstreamError(f"upstream {self.upstream!r} error: {said}", payload)
             self.usage = chunk.get("usage") or self.usage
             choices = chunk.get("choices")
             for choice in choices if isinstance(choices, list) else ():

@@ -51,7 +51,7 @@ import orjson
 from channels.broker import BrokerUnavailable
 from channels.coalescer import batches
 from channels.hub import Hub
-from gateway.llm.completion import Completion, UpstreamError, token_publications
+from gateway.llm.completion import Completion, UpstreamError, http_error, token_publications
 from gateway.llm.upstreams import Upstream
 
 logger = logging.getLogger(__name__)
@@ -61,10 +61,15 @@ REGISTRY_REFRESH = REGISTRY_TTL / 3
 STREAM_ID = re.compile(r"s-[0-9a-f]{16}")
 # An upstream's line may be this long (or 8 token publications' worth, escaped), no longer.
 LINE_LIMIT = 1 << 20
+ERROR_BODY_LIMIT = 4096  # of an upstream's error answer, read for its message
 
 
 class Cancelled(Exception):
     """The relay was cancelled and its task went on: it stops at the next chunk."""
+
+
+def _redacted(text: str, key: str | None) -> str:
+    return text.replace(key, "[redacted]") if key else text
 
 
 def registry_key(stream_id: str) -> str:
@@ -222,14 +227,17 @@ class RelayManager:
                 f"{relay.upstream.timeout:g} s",
             }
         except httpx.HTTPError as exc:
+            # The exception's text (addresses, the client's internals) goes to the log.
             what = "unreachable" if isinstance(exc, httpx.ConnectError) else "connection failed"
-            final = {
-                "type": "error",
-                "message": f"upstream {relay.upstream.name!r} {what}: "
-                f"{exc.__class__.__name__}: {exc}",
-            }
+            message = f"upstream {relay.upstream.name!r} {what} ({exc.__class__.__name__})"
+            logger.warning("relay %s: %s: %s", relay.stream_id, message, exc)
+            final = {"type": "error", "message": message}
         except UpstreamError as exc:
-            final = {"type": "error", "message": str(exc)}
+            message = _redacted(str(exc), relay.upstream.api_key)
+            if exc.detail:  # an upstream may echo the key it was sent
+                said = _redacted(exc.detail, relay.upstream.api_key)
+                logger.warning("relay %s: %s; it said: %s", relay.stream_id, message, said)
+            final = {"type": "error", "message": message}
         except BrokerUnavailable:
             logger.warning("relay %s: broker unavailable, stream abandoned", relay.stream_id)
             return
@@ -263,10 +271,12 @@ class RelayManager:
             timeout=timeout,
         ) as response:
             if response.status_code >= 400:
-                detail = (await response.aread())[:300].decode(errors="replace")
-                raise UpstreamError(
-                    f"upstream {upstream.name!r} answered HTTP {response.status_code}: {detail}"
-                )
+                said = b""
+                async for piece in response.aiter_bytes():  # not a body without bound
+                    said += piece
+                    if len(said) >= ERROR_BODY_LIMIT:
+                        break
+                raise http_error(upstream.name, response.status_code, said[:ERROR_BODY_LIMIT])
             completion = Completion(upstream.name, line_limit=max(LINE_LIMIT, 8 * self.max_bytes))
             async for text in response.aiter_text():  # one HTTP chunk (or read)
                 if relay.cancel_reason:  # cancelled, and the task did not see it
