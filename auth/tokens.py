@@ -112,7 +112,9 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired", expired=True) from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
+            # Any of PyJWT's refusals: InvalidTokenError's, and InvalidKeyError's for a
+            # token whose algorithm is not the key's kind (ES256 against an RSA key).
             raise AuthError(f"invalid token: {exc.__class__.__name__}") from None
         sub = payload.get("sub")
         if not isinstance(sub, str) or not sub:
@@ -123,9 +125,15 @@ class TokenVerifier:
         if info and len(orjson.dumps(info)) > MAX_INFO_BYTES:  # told to every member
             raise AuthError(f"claim 'info' is over {MAX_INFO_BYTES} bytes")
         exp = payload.get("exp")
+        # A NumericDate is a JSON number (RFC 7519); PyJWT also takes "1796000000", which
+        # would then never be held to: refused, as the other claims of the wrong type.
+        for claim in ("exp", "nbf", "iat"):
+            value = payload.get(claim)
+            if value is not None and (type(value) is bool or not isinstance(value, int | float)):
+                raise AuthError(f"claim {claim!r} must be a number")
         return Claims(
             user=sub,
-            expires_at=float(exp) if isinstance(exp, int | float) else None,
+            expires_at=None if exp is None else float(exp),
             subscribe=_patterns(payload, "subscribe"),
             publish=_patterns(payload, "publish"),
             info=info,

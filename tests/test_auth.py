@@ -46,6 +46,28 @@ def test_public_key_tokens_are_verified(
         verifier.verify(forged)
 
 
+@pytest.mark.parametrize(
+    ("key", "claimed"),
+    [
+        (rsa.generate_private_key(public_exponent=65537, key_size=2048), "ES256"),
+        (ec.generate_private_key(ec.SECP256R1()), "RS256"),
+    ],
+)
+def test_a_token_claiming_the_other_keys_algorithm_is_refused(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, claimed: str
+) -> None:
+    """Regression: PyJWT raises InvalidKeyError (not an InvalidTokenError) for an ES256
+    token against an RSA key, and anyone could send one (a junk signature will do): it
+    escaped the verifier, a 500 on the API and a dropped WebSocket handshake."""
+    _, public = pem_pair(key)
+    header = jwt.utils.base64url_encode(f'{{"alg":"{claimed}","typ":"JWT"}}'.encode())
+    body = jwt.utils.base64url_encode(b'{"sub":"mallory"}')
+    forged = b".".join([header, body, jwt.utils.base64url_encode(b"x" * 64)]).decode()
+    with pytest.raises(AuthError) as refused:
+        TokenVerifier(public_key=public).verify(forged)
+    assert str(refused.value) == "invalid token: InvalidKeyError"
+
+
 def test_hs256_token_with_claims() -> None:
     verifier = TokenVerifier(secret=K)
     claims = verifier.verify(
@@ -65,6 +87,12 @@ def test_hs256_token_with_claims() -> None:
         {"sub": "a", "info": [1]},
         {"sub": "a", "subscribe": "x", "publish": [1]},
         {"sub": "a", "info": {"bio": "x" * 4096}},  # presence tells it to every member
+        # A NumericDate is a number: PyJWT takes a string of one, which the gateway then
+        # never held to (the connection outlived it, a remembered token too).
+        {"sub": "a", "exp": str(int(time.time()) + 60)},
+        {"sub": "a", "exp": True},
+        {"sub": "a", "nbf": "0"},
+        {"sub": "a", "iat": "0"},
     ],
 )
 def test_tokens_with_bad_claims_are_refused(payload: dict[str, object]) -> None:
