@@ -22,15 +22,16 @@ REDACTED = "[redacted]"
 # A record's attribute (``extra={REDACTED_ALREADY: True}``): its message and arguments
 # hold no token, or were redacted by the caller; the filters leave it as it is.
 REDACTED_ALREADY: Final = "gateway_redacted"
-_TOKEN_PARAM = re.compile(r"(?i)((?:^|[?&;\s])(?:access_)?token=)[^&\s\"']*")
+# Its name after a separator, a blank or a quote (a query string's repr: ``b'token=…``).
+_TOKEN_PARAM = re.compile(r"(?i)((?:^|[?&;\s'\"])(?:access_)?token=)[^&\s\"']*")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
-_TOKEN_KEY = re.compile(r"(\"(?:access_)?token\"\s*:\s*\")[^\"]*")
+_TOKEN_KEY = re.compile(r"([\"'](?:access_)?token[\"']\s*:\s*[\"'])[^\"']*")  # JSON, a dict
 # JWTs anywhere, whole or truncated by a frame logger ("eyJhbGc...Zk2"): header onwards.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}[A-Za-z0-9_.~+/=-]*(?:\.\.\.|…)?[A-Za-z0-9_.~+/=-]*")
 # A query parameter whose name has percent-escapes (``%74oken=`` is ``token=`` to the
 # gateway's query parser): redacted when its decoded name is a token's.
 _ESCAPED_PARAM = re.compile(
-    r"(?i)((?:^|[?&;\s])((?:[a-z0-9_]|%[0-9a-f]{2})*%[0-9a-f]{2}(?:[a-z0-9_]|%[0-9a-f]{2})*)=)([^&\s\"']*)"
+    r"(?i)((?:^|[?&;\s'\"])((?:[a-z0-9_]|%[0-9a-f]{2})*%[0-9a-f]{2}(?:[a-z0-9_]|%[0-9a-f]{2})*)=)([^&\s\"']*)"
 )
 _TOKEN_NAMES: Final = frozenset({"token", "access_token"})
 
@@ -44,7 +45,7 @@ def redact(text: str) -> str:
         text = _TOKEN_PARAM.sub(_keep_name, text)
     if "bearer" in lowered:
         text = _BEARER.sub(_keep_name, text)
-    if 'token"' in lowered:
+    if 'token"' in lowered or "token'" in lowered:
         text = _TOKEN_KEY.sub(_keep_name, text)
     if "eyJ" in text:  # what is left of a JWT once the named ones are gone
         text = _JWT.sub(REDACTED, text)

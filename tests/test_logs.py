@@ -31,6 +31,11 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
         ("GET /ws?%74oken=%65%79%4Aopaque-8&x=1 HTTP/1.1", "opaque-8"),
         ("GET /ws?a=1&t%6F%4Ben=opaque-9", "opaque-9"),
         ("GET /ws?access%5Ftoken=opaque-10", "opaque-10"),
+        # the query string's repr in an ASGI scope (uvicorn's trace level), first in it: a
+        # token that is not a JWT's usual ``eyJ`` (a space after its header's brace)
+        ("{'query_string': b'token=ey7opaque-11&channel=a'}", "ey7opaque-11"),
+        ("{'query_string': b'%74oken=opaque-12'}", "opaque-12"),
+        ("{'token': 'opaque-13'}", "opaque-13"),  # a dict's repr
     ],
 )
 def test_every_shape_of_a_token_is_redacted(line: str, secret: str) -> None:
@@ -115,6 +120,8 @@ def test_no_token_survives_whatever_surrounds_it() -> None:
             f"&ACCESS_TOKEN={secret}",
             f" Bearer {secret}",
             f'"token": "{secret}"',
+            f"b'token={secret}",
+            f"'token': '{secret}'",
             jwt,
             jwt[:24] + "...",
         ]
