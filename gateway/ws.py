@@ -130,9 +130,19 @@ class Connection:
         self._finished = False
 
     def start(self) -> None:
-        self.gateway.opened(self.session)
+        gateway = self.gateway
+        # Checked before the handshake too; again here for those let in meanwhile (a
+        # connect hook's wait, or stock uvicorn's accept): at most the limit get in.
+        refused = CloseCode.TRY_AGAIN_LATER if gateway.connections.at_capacity else None
+        if gateway.draining:
+            refused = CloseCode.SERVICE_RESTART
+        gateway.opened(self.session)
         self._hold(self.claims)
         self.session.writer_on_demand(self._start_writer)  # idle connections need no task
+        if refused is not None:
+            self.port.listen(self._wake_reader, self._take_direct)
+            self.session.close(refused)
+            return
         if self.grant is not None and self.grant.channels:
             # The connect hook's channels, before any command: the reader waits for them.
             name = f"ws-reader:{self.session.client_id}"

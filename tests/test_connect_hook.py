@@ -5,6 +5,7 @@ command and the subscribe hook's ``info``: a real gateway calling a real backend
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 import orjson
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from gateway.hooks import load_hooks
 from tests.conftest import MakeServer, RunningServer, eventually, token
@@ -307,6 +309,29 @@ async def test_a_burst_of_a_thousand_connects_through_the_hook(make_server, back
     assert len(calls) == 1000
     assert len({c["client"] for c in calls}) == 1000
     await eventually(lambda: hooked.gateway.connections.total == 0, timeout=30)
+
+
+async def test_connections_let_in_while_the_hook_waits_keep_to_the_limit(make_server, backend):
+    """Regression: the limit was checked before the hook only, so every client that
+    arrived while it waited was let in (50 of them, with a limit of 10). Now the ones
+    past it are closed 1013 as soon as the hook answers, in both server modes."""
+    gw = await make_server(hooks=backend.hooks(connect=30), max_connections=3)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [tokenless(gw, session=f"cap{i}", hook="hang") for i in range(8)]
+        entering = [asyncio.ensure_future(stack.enter_async_context(c)) for c in clients]
+        await eventually(lambda: backend.pending == 8)  # all eight asked at once
+        backend.release.set()
+        outcomes: list[object] = []
+        for c in await asyncio.gather(*entering):
+            try:
+                await c.ping_ok()
+                outcomes.append("open")
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None, exc
+                outcomes.append((exc.rcvd.code, exc.rcvd.reason))
+        assert sorted(outcomes, key=str) == [(1013, "try again later")] * 5 + ["open"] * 3
+        assert gw.gateway.connections.total == 3
+    await eventually(lambda: gw.gateway.connections.total == 0)
 
 
 # --------------------------------------------------------------------------- subscribe info
