@@ -374,6 +374,10 @@ class Hooks:
             raise HookFailed("bad_reply", "the reply is not JSON") from None
         if not isinstance(reply, dict):
             raise HookFailed("bad_reply", "the reply is not a JSON object")
+        try:  # what the gateway writes of it (data, info) must be writable: orjson
+            orjson.dumps(reply)  # reads 1,024 levels of nesting, writes 254
+        except orjson.JSONEncodeError:
+            raise HookFailed("bad_reply", "the reply is nested too deeply") from None
         return reply
 
     def _observe(self, hook: Hook, started: float, outcome: str) -> None:

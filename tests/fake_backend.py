@@ -14,7 +14,8 @@ first ``:`` up to a ``.`` is the behaviour (``chat:rewrite.1`` → ``rewrite``):
 - ``http500``: a 500; ``badjson``: a 200 with a body that is not JSON;
   ``unknown``: ``{"result": "maybe"}``;
 - ``info`` (subscribe): allowed with ``{"info": INFO}``; ``huge`` (publish): accepted
-  with data of ``HUGE`` bytes.
+  with data of ``HUGE`` bytes; ``deep``: allowed (accepted, ok) with ``data`` and
+  ``info`` nested 300 levels deep, which orjson reads but does not write.
 
 ``POST /hooks/rpc`` does the same by the method's name (``rpc:echo`` → ``echo``); an
 allowed call answers ``{"result": "ok", "data": {"echo": <data>, "user": <user>}}``.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -55,6 +57,13 @@ HUGE = 70_000
 class HookCall:
     hook: str
     body: dict[str, Any]
+
+
+def nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def behaviour(channel: str) -> str:
@@ -165,8 +174,11 @@ class FakeBackend:
             reply = {"result": "allow", "info": INFO}
         elif kind == "huge" and hook == "publish":
             reply = {"result": "accept", "data": "x" * HUGE}
-        elif hook == "rpc" and kind not in ("hang", "http500", "badjson", "unknown"):
+        elif hook == "rpc" and kind not in ("hang", "http500", "badjson", "unknown", "deep"):
             reply = {"result": "ok", "data": {"echo": body["data"], "user": body["user"]}}
+        elif kind == "deep":  # JSON that orjson reads (1,024 levels) but cannot write
+            deep = {**ok, "data": nested(300), "info": nested(300)}
+            return Response(json.dumps(deep), media_type="application/json")
         elif kind == "unknown":
             reply = {"result": "maybe"}
         elif kind == "http500":

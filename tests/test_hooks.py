@@ -220,6 +220,10 @@ async def test_channels_outside_the_patterns_never_call_the_hooks(hooked, backen
         ("http500", "HTTP 500"),
         ("badjson", "not JSON"),
         ("unknown", "unknown result 'maybe'"),
+        # a reply orjson reads and the gateway could not write (its info, its data): a
+        # bad reply, where it was a 1011 (rpc), an unexplained internal error (publish) or
+        # a channel left half subscribed ("already subscribed" to the retry)
+        ("deep", "the reply is nested too deeply"),
     ],
 )
 @pytest.mark.parametrize("op", ["subscribe", "publish"])
@@ -239,9 +243,11 @@ async def test_a_failing_hook_is_an_internal_error_and_the_client_goes_on(
         assert f"{op} hook failed" in reply["error"]["message"]
         assert problem in reply["error"]["message"]
         assert len(backend.calls_of(op, channel)) == 1
-        # The same client's next commands work.
+        # The same client's next commands work, the same one again too (nothing half done).
         await c.ping_ok()
         await c.subscribe("news")
+        again = await c.call(op, timeout=10, **fields)
+        assert again["error"] == reply["error"], again
 
 
 async def test_a_backend_that_is_down_is_an_internal_error(make_server):
