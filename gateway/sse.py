@@ -199,6 +199,9 @@ class Stream:
             if self.gateway.closed_now(session):
                 if self._timer is not None:
                     self._timer.cancel()
+                port = self.transport.port
+                if port is not None:  # over ASGI: its call ends (it waits for this)
+                    port.abort()
                 return
             session.writer_on_demand(self._start_writer)  # closed: it starts at once
         session.close(Ending.CLIENT_GONE)

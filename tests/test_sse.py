@@ -611,11 +611,20 @@ async def test_sse_stream_is_flushed_per_publication_not_buffered(server):
 
 
 async def test_sse_disconnect_removes_the_session(server):
-    async with api_client(server) as http:
-        async with open_sse(http, ["gone"]) as s:
+    """And the request's task ends: over ASGI (stock uvicorn) a stream whose client left
+    while idle, on a channel that others here still read, kept its call waiting for good
+    (its task, its memory: 990 of 1,000 such streams at the server's shutdown, which
+    then waited for them), until its session's end released it."""
+    state = server.server.server_state
+    async with api_client(server) as http, ws_client(server) as stays:
+        await stays.subscribe("gone")
+        async with open_sse(http, ["gone"]) as s, open_sse(http, ["gone"]) as t:
             await opening(s)
-            await eventually(lambda: len(server.gateway.hub.sessions) == 1)
-        await eventually(lambda: len(server.gateway.hub.sessions) == 0)
+            await opening(t)
+            await eventually(lambda: len(server.gateway.hub.sessions) == 3)
+        await eventually(lambda: len(server.gateway.hub.sessions) == 1)
+        await eventually(lambda: len(state.tasks) <= 1)  # the WebSocket's, over ASGI
+    await eventually(lambda: not state.connections)
 
 
 async def test_sse_reconnecting_with_cursor_during_live_publishing_loses_and_repeats_nothing(
