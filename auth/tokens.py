@@ -36,6 +36,9 @@ class Claims:
     publish: PatternSet = field(default_factory=PatternSet)
     info: dict[str, Any] = field(default_factory=dict)
     ends_at: float | None = None  # a moment the connection ends, no leeway (a backend's)
+    # The ``sub`` of the token a connection opened with, where the connect hook named
+    # another user (``user``); a refreshed token is for this one.
+    token_user: str | None = None
 
     def can_subscribe(self, channel: str) -> bool:
         return self.subscribe(channel)

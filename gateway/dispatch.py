@@ -199,7 +199,8 @@ async def refresh(client: Client, command: Command) -> dict[str, Any]:
         claims = client.gateway.verifier.verify(command.token)
     except AuthError as exc:
         raise GatewayError(ErrorCode.UNAUTHORIZED, str(exc)) from None
-    if claims.user != client.claims.user:
+    held = client.claims
+    if claims.user != (held.token_user or held.user):  # the token's, if a hook renamed it
         raise GatewayError(ErrorCode.FORBIDDEN, "a refreshed token must be for the same user")
     client.refresh(claims)
     return {}

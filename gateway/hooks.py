@@ -186,6 +186,7 @@ class Grant:
             publish=PatternSet(base_pub + self.publish),
             info=info,
             ends_at=self.expire_at,  # then, to the second: no clock skew to allow for
+            token_user=claims.user if claims is not None and claims.user != user else None,
         )
 
 

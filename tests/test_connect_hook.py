@@ -208,6 +208,24 @@ async def test_a_refreshed_token_keeps_what_the_hook_granted(hooked, backend):
         assert other["error"]["code"] == "forbidden"
 
 
+async def test_a_token_whose_user_the_hook_renamed_refreshes_with_the_tokens_user(hooked, backend):
+    """The hook made ``alice``'s connection ``bob``'s: a fresh token for ``alice`` is the
+    refresh of the one it opened with (it was refused: a connection whose hook renames
+    its user could not refresh, and ended at its token's expiry); one for ``bob``, who
+    never had a token on it, is not."""
+    cookies = cookie_header(session="bob")
+    async with ws_client(hooked, token("alice", ttl=60), additional_headers=cookies) as c:
+        await c.subscribe("room:6")  # the grant's: the connection is bob's
+        reply = await c.call("refresh", token=token("alice", subscribe=["news"]))
+        assert reply["ok"] is True, reply
+        await c.subscribe("news")
+        await c.subscribe("room:7")  # still granted
+        bobs = await c.call("refresh", token=token("bob"))
+        assert bobs["error"]["code"] == "forbidden", bobs
+        reply = await c.call("refresh", token=token("alice"))  # and again
+        assert reply["ok"] is True, reply
+
+
 async def test_sse_with_a_cookie_alone_and_the_hooks_channels_in_the_cursor(hooked, backend):
     async with api_client(hooked) as http:
         headers = cookie_header(session="lee", channels="alerts:lee")
