@@ -20,6 +20,7 @@ from tests.helpers import (
     poll,
     ws_client,
 )
+from tests.redis_server import RedisServer
 
 OTHER_SECRET = "another-secret-0123456789abcdef0123456789abcdef"
 
@@ -511,6 +512,25 @@ def broker_settings(broker: str, request: pytest.FixtureRequest) -> dict[str, An
         "broker_url": request.getfixturevalue("redis_server").url,
         "broker_prefix": request.getfixturevalue("redis_prefix"),
     }
+
+
+async def test_readyz_is_503_at_once_while_redis_does_not_answer(
+    make_server: Any, own_redis_server: RedisServer
+) -> None:
+    """A Redis that stops answering (paused, a partition): the probe is answered 503 in
+    under a second, not after the 5 s command timeout (a probe's own timeout first: it
+    saw no 503), and 200 again once Redis answers."""
+    server = await make_server(broker_url=own_redis_server.url)
+    async with api_client(server) as http:
+        assert (await http.get("/readyz")).status_code == 200
+        own_redis_server.command("CLIENT", "PAUSE", "4000", "ALL")
+        r = await http.get("/readyz", timeout=3)  # within 3 s: the command timeout is 5
+        assert (r.status_code, r.json()) == (503, {"status": "broker not answering"})
+
+        async def ready() -> bool:
+            return (await http.get("/readyz", timeout=3)).status_code == 200
+
+        await poll(ready, timeout=15)
 
 
 @pytest.mark.parametrize("broker", ["memory", "redis"])
