@@ -79,3 +79,35 @@ async def test_a_head_near_the_limit_and_large_bodies_are_served(make_server: Ma
         r = await http.post("/api/publish/stream?channel=big", content=lines, headers=bearer())
         assert r.status_code == 200 and r.json()["published"] == 300, r.text
         assert len((await api_history(http, "big", limit=1000))["publications"]) == 100
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "status"),
+    [
+        ("/api/publish", 65_536, 200),  # the message limit
+        ("/api/publish", 65_537, 413),
+        ("/api/publish/stream?channel=one", None, 200),  # 100 lines, 100 KB
+    ],
+)
+async def test_a_body_sent_with_its_head_in_one_write_is_no_head(
+    make_server: MakeServer, path: str, size: int | None, status: int
+) -> None:
+    """Regression: every byte read while the head was awaited counted against it, the
+    body's too when it came in the same read as the head, so a 65,536-byte publish (the
+    message limit) or a 100 KB NDJSON stream sent in one write was refused 431."""
+    server = await make_server()
+    if size is not None:
+        frame = b'{"channel": "one", "data": ""}'
+        body = frame[:-2] + b"z" * (size - len(frame)) + frame[-2:]
+        assert len(body) == size
+    else:
+        body = b"".join(b'"%s"\n' % (b"w" * 1000) for _ in range(100))
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: {bearer()['Authorization']}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode()
+    answer = await answer_to(server, head + body)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    if size is None:
+        assert b'"published":100' in answer, answer[-200:]

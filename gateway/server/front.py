@@ -137,11 +137,19 @@ class FrontDoor(GatewayHttpToolsProtocol):
         if self.head_refused:
             return
         if self.reading_head:
+            before = self.head_read
             self.head_read += len(data)
-            if self.head_read > MAX_HEAD:
+            # What follows the head in the same read (a body) is not the head's.
+            end = data.find(b"\r\n\r\n") if self.head_read > MAX_HEAD else -1
+            if end >= 0 and before + end + 4 > MAX_HEAD:
                 self.head_too_large()
                 return
         HttpToolsProtocol.data_received(self, data)
+        # A head still not whole past the limit (its end not in this read; one read more at
+        # most is parsed). A request begun in this read after another counts from its
+        # first byte: 0 here.
+        if self.reading_head and self.head_read > MAX_HEAD and not self.head_refused:
+            self.head_too_large()
 
     def _stream_here(self, data: bytes) -> bool:
         """A first read holding a whole ``GET /sse`` head and nothing after it, which

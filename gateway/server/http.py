@@ -189,7 +189,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.upgrade_answer = None
-        self.reading_head, self.head_read = True, 0
+        self.reading_head = True  # (its bytes counted from the read it began in)
         if self.head_deadlines is not None:  # a request after a response: its own wait
             self.head_deadlines.start(self)
 
@@ -285,7 +285,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
         # long stream keeps neither, nor the token in the URL.
         if self.head_deadlines is not None:
             self.head_deadlines.done(self)
-        self.reading_head = False
+        self.reading_head, self.head_read = False, 0
         parser, scope = self.parser, self.scope
         http_version = parser.get_http_version()
         scope["method"] = parser.get_method().decode("ascii")
