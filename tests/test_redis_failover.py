@@ -18,7 +18,7 @@ from tests.conftest import eventually
 from tests.contract import Worker
 from tests.helpers import poll
 from tests.redis_server import RedisServer
-from tests.redis_topologies import RedisClusterSetup, RedisSentinelSetup
+from tests.redis_topologies import HOST, RedisClusterSetup, RedisSentinelSetup, query
 
 MakeWorker = Callable[[str], Awaitable[Worker]]
 
@@ -153,3 +153,30 @@ async def test_a_sentinel_down_leaves_the_others_to_name_the_master(
     published = await publish_when_back(worker, "c", b"1")
     await eventually(lambda: worker.received.publications("c")[-1:] == [published])
     assert await worker.broker.ready()
+
+
+async def test_a_master_the_sentinels_no_longer_name_is_left_at_once(
+    own_redis_sentinel: RedisSentinelSetup, make_worker: MakeWorker, own_redis_server: RedisServer
+) -> None:
+    """The Sentinels name another master while the old one goes on answering as one, as
+    in a planned failover until they turn it into a replica (up to their INFO period, 10
+    s, later): a worker left its connections on the old master all that while (redis-py
+    asks the Sentinels only when a connection opens), its publishes landing there to be
+    thrown away. Here the old master is never turned (the Sentinels are told to watch
+    another server): the worker must leave it by itself, within a couple of seconds."""
+    setup = own_redis_sentinel
+    worker = await make_worker(setup.url)
+    await worker.broker.subscribe("c")
+    first = await worker.broker.publish("c", b"1")
+    old, new = setup.master(), own_redis_server
+    for sentinel in setup.sentinels:  # an operator's move: another server is the master
+        query(sentinel.port, "SENTINEL", "REMOVE", setup.service_name)
+        query(sentinel.port, "SENTINEL", "MONITOR", setup.service_name, HOST, new.port, 2)
+    assert setup.master_address() == (HOST, new.port)
+    await eventually(lambda: worker.received.resyncs >= 1, timeout=10)
+    after = await publish_when_back(worker, "c", b"2")
+    assert (after.offset, after.epoch != first.epoch) == (1, True)  # on the new one: fresh
+    await eventually(lambda: worker.received.publications("c")[-1:] == [after])
+    assert query(old.port, "ROLE")[0] == "master"  # still answering, as a master
+    clients = query(old.port, "CLIENT", "LIST")
+    assert "gateway:" not in clients, clients  # and nothing of the worker's is left there

@@ -36,6 +36,7 @@ from channels.backends.redis.pools import (
     display_name,
 )
 from channels.backends.redis.pubsub import PubSubLink
+from channels.backends.redis.sentinel_watch import master_watch
 from channels.broker import BrokerUnavailable
 from channels.tasks import Tasks
 
@@ -113,6 +114,9 @@ class Connection:
                 "Redis %s unavailable at start (%s); retrying in the background", self.name, exc
             )
         self._tasks.spawn(self._run(link), "redis-pubsub-reader")
+        watch = master_watch(self.redis.connection_pool, lambda: self._link)
+        if watch is not None:  # a Sentinel service's master: follow it when it moves
+            self._tasks.spawn(watch, "redis-sentinel-watch")
 
     async def close(self) -> None:
         """Stop the reader and close every connection. Idempotent."""
@@ -274,7 +278,7 @@ class Connection:
                 self._connected.clear()
                 self._link = None
                 self._fail_waiters()
-                await _discard(link)
+                await link.discard()
                 if self._on_down is not None and not self._closed:
                     self._on_down()
             link = None
@@ -306,7 +310,7 @@ class Connection:
             for batch in self._batches(stale):  # unsubscribed while we were connecting
                 link.send(command, *batch)
         except BaseException:
-            await _discard(link)
+            await link.discard()
             raise
         finally:
             self._opening, self._opened = set(), None
@@ -391,10 +395,3 @@ def notify_resync(on_resync: TopicResync | None, which: TopicFilter) -> None:
             on_resync(which)
         except Exception:
             logger.exception("resync handler failed")
-
-
-async def _discard(link: PubSubLink) -> None:
-    try:
-        await link.close()
-    except REDIS_ERRORS as exc:
-        logger.debug("closing the pub/sub connection: %s", exc)

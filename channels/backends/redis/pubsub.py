@@ -18,6 +18,7 @@ It reads redis-py's connection's stream writer (``_writer``), a private part: th
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -26,6 +27,10 @@ import hiredis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+
+from channels.backends.redis.errors import REDIS_ERRORS
+
+logger = logging.getLogger(__name__)
 
 MessageHandler = Callable[[bytes, bytes], None]  # topic, payload
 ReplyHandler = Callable[[Any], None]  # any other reply: confirmations, PONG
@@ -203,6 +208,19 @@ class PubSubLink(asyncio.Protocol):
         for waiter in calls:
             if waiter is not None and not waiter.done():
                 waiter.set_exception(RedisConnectionError(str(error)))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The Redis it is connected to (a Sentinel service's master: which one)."""
+        connection: Any = self._connection
+        return connection.host, connection.port
+
+    async def discard(self) -> None:
+        """``close``, a failure to close logged, not raised."""
+        try:
+            await self.close()
+        except REDIS_ERRORS as exc:
+            logger.debug("closing the pub/sub connection: %s", exc)
 
     async def close(self) -> None:
         """Close the connection and give it back to the pool. Idempotent."""
