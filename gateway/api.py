@@ -15,6 +15,7 @@ from gateway.access import checked_channel, require
 from gateway.bodies import encoded, idempotency_key, json_object
 from gateway.deps import ClaimsDep, GatewayDep, PublisherDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
+from gateway.paths import CHANNEL
 
 router = APIRouter(prefix="/api", default_response_class=JSONBody)
 
@@ -62,7 +63,7 @@ async def broadcast(request: Request, gateway: GatewayDep, claims: PublisherDep)
     return JSONBody({"results": results})
 
 
-@router.get("/channels/{channel}/history")
+@router.get(f"/channels/{{channel:{CHANNEL}}}/history")
 async def history(
     channel: str,
     gateway: GatewayDep,
@@ -84,7 +85,7 @@ async def history(
     return JSONBody(wire.history_body(page))
 
 
-@router.get("/channels/{channel}/presence")
+@router.get(f"/channels/{{channel:{CHANNEL}}}/presence")
 async def presence(channel: str, gateway: GatewayDep, claims: ClaimsDep) -> JSONBody:
     checked_channel(channel)
     require(claims.can_subscribe(channel), "reading presence of", channel)

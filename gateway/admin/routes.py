@@ -19,6 +19,7 @@ from gateway.admin.stats import ClusterStats
 from gateway.bodies import json_object
 from gateway.deps import GatewayDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
+from gateway.paths import CHANNEL
 
 PAGE = resources.files("gateway") / "static" / "admin.html"
 
@@ -74,7 +75,7 @@ async def publish(request: Request, gateway: GatewayDep) -> JSONBody:
     return JSONBody({"offset": publication.offset, "epoch": publication.epoch})
 
 
-@api.get("/channels/{channel}/history")
+@api.get(f"/channels/{{channel:{CHANNEL}}}/history")
 async def history(
     channel: str, gateway: GatewayDep, limit: Annotated[int, Query(ge=1, le=1000)] = 20
 ) -> JSONBody:
@@ -86,7 +87,7 @@ async def history(
     return JSONBody(wire.history_body(page))
 
 
-@api.get("/channels/{channel}/presence")
+@api.get(f"/channels/{{channel:{CHANNEL}}}/presence")
 async def presence(channel: str, gateway: GatewayDep) -> JSONBody:
     checked_channel(channel)
     subscribers = gateway.hub.local_subscribers(channel)
