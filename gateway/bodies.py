@@ -6,12 +6,19 @@ huge body is refused with 413 without being held in memory.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 
 from gateway.errors import ErrorCode, GatewayError
+from gateway.runtime import Gateway
+
+
+class Draining(Exception):
+    """The server's shutdown deadline is near: the body is not read any further."""
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -64,3 +71,50 @@ def idempotency_key(body: dict[str, Any]) -> str | None:
             f"'idempotency_key' must be a string of 1 to {MAX_IDEMPOTENCY_KEY} characters",
         )
     return key
+
+
+class _BodyReader:
+    """One request's entry in ``Gateway.body_readers``: called, it stops the reading."""
+
+    __slots__ = ("reading", "stopped", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task, self.reading, self.stopped = task, False, False
+
+    def asked(self) -> bool:
+        return self.stopped
+
+    def __call__(self) -> None:
+        self.stopped = True
+        if self.reading:  # waiting for the next chunk: cut short
+            self.task.cancel("the gateway is shutting down")
+
+
+async def chunks_until_drained(request: Request, gateway: Gateway) -> AsyncIterator[bytes]:
+    """``request.stream()``'s chunks, until the gateway's drain asks body readers to stop
+    (``Gateway.body_readers``, a second before the server cuts what still runs, with no
+    answer): then ``Draining``, so that the caller answers with what it did. A wait for
+    the next chunk is cut short; a chunk being handled is handled first."""
+    task = asyncio.current_task()
+    assert task is not None
+    reader = _BodyReader(task)
+    gateway.body_readers.add(reader)
+    try:
+        chunks = request.stream()
+        while not reader.stopped:
+            reader.reading = True
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                # (read again after the wait: ``stop`` may have run meanwhile)
+                if reader.asked() and task.uncancel() == 0:  # ours, no one else's as well
+                    raise Draining from None
+                raise
+            finally:
+                reader.reading = False
+            yield chunk
+        raise Draining
+    finally:
+        gateway.body_readers.discard(reader)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from auth import Claims, PatternSet, TokenVerifier
@@ -25,6 +26,10 @@ from gateway.ratelimit import RateLimiter
 from gateway.settings import DEV_WARNING, Settings
 
 logger = logging.getLogger(__name__)
+
+# Seconds before the shutdown's deadline (GATEWAY_DRAIN_SECONDS) that a request still
+# reading its body (``Gateway.body_readers``) is stopped, for its answer to go out.
+BODY_MARGIN = 1.0
 
 
 class Feature(Protocol):
@@ -91,6 +96,9 @@ class Gateway:
         self.api_buckets: dict[str, RateLimiter] = {}
         self._features: list[Feature] = []
         self._drain: asyncio.Task[None] | None = None
+        # Requests that read their body for long (a streamed publish), each's way to be
+        # ended with an answer before the server's shutdown deadline cuts it (``drain``).
+        self.body_readers: set[Callable[[], None]] = set()
 
     def add_feature(self, feature: Feature) -> None:
         """Start ``feature`` after the hub, close it before (in reverse order of adding)."""
@@ -163,6 +171,10 @@ class Gateway:
 
     async def _drain_sessions(self) -> None:
         self.draining = True
+        # A second before the server's deadline (it cancels what still runs, with no
+        # answer), requests still reading a body stop and say what they did.
+        later = max(0.0, self.settings.drain_seconds - BODY_MARGIN)
+        asyncio.get_running_loop().call_later(later, self._stop_body_readers)
         sessions = list(self.hub.sessions)
         if sessions:
             logger.info("draining %d connections", len(sessions))
@@ -179,6 +191,10 @@ class Gateway:
             )
             for session in stuck:
                 session.abort()
+
+    def _stop_body_readers(self) -> None:
+        for stop in list(self.body_readers):
+            stop()
 
     async def close(self) -> None:
         for feature in reversed(self._features):

@@ -9,12 +9,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import httpx
+import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from gateway.server.draining import DRAIN, DrainingServer
 from tests.conftest import RunningServer
-from tests.helpers import open_sse, ws_client
+from tests.helpers import api_history, bearer, open_sse, poll, ws_client
 
 
 async def test_the_server_and_the_lifespan_share_one_drain(
@@ -58,3 +59,40 @@ async def test_streams_ended_by_the_drain_come_back_at_spread_times(
         retries.append(int(blocks[-1]["retry"]))
     assert all(1000 <= retry <= 3000 for retry in retries), retries
     assert len(set(retries)) > 1, retries  # spread (twelve equal draws: one in 10^34)
+
+
+async def test_a_streamed_publish_under_way_is_answered_before_the_shutdown_cuts_it(
+    make_server: Callable[..., Awaitable[RunningServer]],
+) -> None:
+    """A backend still sending an NDJSON body when the pod shuts down: a second before
+    the server's deadline (it cancels what still runs, and the backend got a bare close,
+    not knowing how much was published) the request stops reading and answers 503 with
+    what it published, so that the backend sends the rest to another pod."""
+    server = await make_server(server_class=DrainingServer, drain_seconds=2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /api/publish/stream?channel=piped HTTP/1.1\r\nhost: x\r\n"
+        + f"authorization: {bearer()['Authorization']}\r\n".encode()
+        + b"content-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    for n in (1, 2, 3):
+        line = b'{"n": %d}\n' % n
+        writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+    await writer.drain()
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        await poll(lambda: history_size(http), timeout=10)  # the three are published
+    server.server.should_exit = True  # and the body never ends
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    reply = orjson.loads(body)
+    assert reply["published"] == 3 and reply["offset"] == 3, reply
+    assert reply["error"] == {
+        "code": "internal",
+        "message": "the gateway is shutting down: send the rest elsewhere",
+    }
+
+
+async def history_size(http: httpx.AsyncClient) -> bool:
+    return len((await api_history(http, "piped"))["publications"]) == 3

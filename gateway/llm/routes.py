@@ -13,7 +13,7 @@ from channels.broker import BrokerUnavailable
 from channels.coalescer import batches
 from channels.publication import Publication
 from gateway.access import checked_channel, require
-from gateway.bodies import encoded, json_object
+from gateway.bodies import Draining, chunks_until_drained, encoded, json_object
 from gateway.deps import ClaimsDep, GatewayDep, PublisherDep
 from gateway.errors import ErrorCode, GatewayError, JSONBody
 from gateway.llm.relay import RelayManager
@@ -99,7 +99,7 @@ async def publish_stream(
             last = publications[-1]
 
     try:
-        async for chunk in request.stream():
+        async for chunk in chunks_until_drained(request, gateway):
             pending += chunk
             datas, error = complete_lines()
             await publish(datas)  # the lines before a bad one too
@@ -114,6 +114,9 @@ async def publish_stream(
         return JSONBody(body, status_code=exc.status)
     except BrokerUnavailable:
         error = GatewayError.unavailable()
+        return JSONBody(error.body() | _stream_result(published, last), status_code=503)
+    except Draining:  # the lines after these were not read: the backend sends them elsewhere
+        error = GatewayError.unavailable("the gateway is shutting down: send the rest elsewhere")
         return JSONBody(error.body() | _stream_result(published, last), status_code=503)
     except ClientDisconnect:
         # The backend went away mid-body: what it sent stays published, nobody reads a reply.
