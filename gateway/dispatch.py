@@ -106,10 +106,12 @@ def _may_subscribe(client: Client, channel: str) -> None:
 async def subscribe(client: Client, command: Command) -> None:
     channel = command.channel
     _may_subscribe(client, channel)
-    hooks = client.gateway.hooks
-    info = await hooks.check_subscribe(client.claims, client.session.client_id, channel)
-    reply = _subscribe_reply(client.session, command, info)
-    await client.gateway.hub.subscribe(client.session, channel, command.since, on_ready=reply)
+    session = client.session
+    info: Any = NO_INFO  # held already: the hub's "already subscribed", no backend asked
+    if channel not in session.channels:
+        info = await client.gateway.hooks.check_subscribe(client.claims, session.client_id, channel)
+    reply = _subscribe_reply(session, command, info)
+    await client.gateway.hub.subscribe(session, channel, command.since, on_ready=reply)
 
 
 def subscribe_now(client: Client, command: Command) -> bool:

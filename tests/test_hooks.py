@@ -90,6 +90,11 @@ async def test_subscribe_hook_allows_with_channel_user_client_and_claims(hooked,
         )
         [push] = await c.publications("private:allow.1", 1)
         assert push["data"] == {"n": 1}
+        # Subscribed already: the hub's answer, the backend not asked again for nothing.
+        again = await c.call("subscribe", channel="private:allow.1")
+        assert again["error"]["code"] == "bad_request", again
+        assert "already subscribed" in again["error"]["message"], again
+        assert len(backend.calls_of("subscribe")) == 1
 
 
 @pytest.mark.parametrize(
