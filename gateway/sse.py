@@ -201,7 +201,7 @@ class Stream:
                     self._timer.cancel()
                 port = self.transport.port
                 if port is not None:  # over ASGI: its call ends (it waits for this)
-                    port.abort()
+                    port.release()
                 return
             session.writer_on_demand(self._start_writer)  # closed: it starts at once
         session.close(Ending.CLIENT_GONE)
