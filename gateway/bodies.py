@@ -7,7 +7,7 @@ huge body is refused with 413 without being held in memory.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -90,7 +90,7 @@ class _BodyReader:
             self.task.cancel("the gateway is shutting down")
 
 
-async def chunks_until_drained(request: Request, gateway: Gateway) -> AsyncIterator[bytes]:
+async def chunks_until_drained(request: Request, gateway: Gateway) -> AsyncGenerator[bytes, None]:
     """``request.stream()``'s chunks, until the gateway's drain asks body readers to stop
     (``Gateway.body_readers``, a second before the server cuts what still runs, with no
     answer): then ``Draining``, so that the caller answers with what it did. A wait for

@@ -825,6 +825,8 @@ async def test_streamed_publish_reports_a_malformed_line_by_number_and_keeps_ear
         history = await api_history(http, channel)
         assert [p["data"] for p in history["publications"]] == [{"n": 1}, {"n": 2}, {"n": 4}]
         assert history["epoch"] == reply["epoch"]
+    # Answered: no longer a body the drain would stop (its reader closed with it).
+    assert not server.gateway.body_readers
 
 
 @pytest.mark.parametrize("chunk_size", [10_000, 50], ids=["line-in-one-chunk", "line-split"])

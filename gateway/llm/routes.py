@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Annotated, Any
 
@@ -99,12 +100,13 @@ async def publish_stream(
             last = publications[-1]
 
     try:
-        async for chunk in chunks_until_drained(request, gateway):
-            pending += chunk
-            datas, error = complete_lines()
-            await publish(datas)  # the lines before a bad one too
-            if error is not None:
-                raise error
+        async with contextlib.aclosing(chunks_until_drained(request, gateway)) as chunks:
+            async for chunk in chunks:  # (closed when a bad line ends it: no longer a reader)
+                pending += chunk
+                datas, error = complete_lines()
+                await publish(datas)  # the lines before a bad one too
+                if error is not None:
+                    raise error
         if pending:
             line_no += 1
             if (data := checked(bytes(pending))) is not None:
