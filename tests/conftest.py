@@ -102,14 +102,16 @@ async def make_server(
         *,
         uvicorn_options: dict[str, Any] | None = None,
         server_class: type[uvicorn.Server] = uvicorn.Server,
+        port: int | None = None,
         **overrides: Any,
     ) -> RunningServer:
-        """``overrides`` are settings; ``uvicorn_options`` replace the gateway's own."""
+        """``overrides`` are settings; ``uvicorn_options`` replace the gateway's own;
+        ``port``: this one (say, one a client was told before the server existed)."""
         values: dict[str, Any] = {"jwt_secret": SECRET, "demo": False, "raw_writes": raw_writes}
         values.update(overrides)
         settings = Settings(**values)
         app = create_app(settings)
-        port = free_port()
+        port = port or free_port()
         config = uvicorn_config(app, settings, port, log_config=None, **(uvicorn_options or {}))
         server = server_class(config)
         task = asyncio.create_task(server.serve())

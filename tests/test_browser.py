@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.browser_helpers import Publisher, RestartableGateway, chromium, join_chat
-from tests.conftest import SECRET, eventually, token
+from tests.conftest import SECRET, eventually, free_port, token
 from tests.procs import GatewayProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -393,6 +393,34 @@ async def test_client_falls_back_to_sse_and_publishes_over_http_when_websockets_
         (room, 3),
     ]
     assert await page.evaluate("window.client.state") == "connected"
+
+
+async def test_a_gateway_down_when_the_page_loads_is_waited_for_on_websocket(
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+) -> None:
+    """Handshakes that fail because the gateway is down are no proxy blocking upgrades:
+    the client asks the gateway over HTTP before it falls back to SSE (it used to, after
+    three failures, and stayed on SSE for good: no rpc, commands over HTTP), and here
+    keeps trying WebSocket until the gateway is up."""
+    pages = await make_server()
+    port = free_port()  # the gateway's, not started yet
+    room = unique_channel("chat")
+    page = await new_page()
+    url = f"http://127.0.0.1:{port}"
+    await page.goto(
+        f"{pages.url}/static/test-client.html?channel={room}&token={token('viewer')}&url={url}"
+    )
+    await page.wait_for_function(
+        "window.events.filter((e) => e.type === 'retry').length >= 5", timeout=30_000
+    )
+    gateway = await make_server(port=port)
+    await page.wait_for_function(
+        "window.subscribed === true && window.client.transport === 'websocket'", timeout=30_000
+    )
+    assert [e for e in await page.evaluate("window.events") if e["type"] == "transport"] == []
+    r = await page.evaluate("window.client.rpc('nothing', 1).catch((e) => e.code)")
+    assert r == "not_found"  # a WebSocket's command: no hook configured
+    assert gateway.gateway.connections.total == 1
 
 
 async def page_minting_tokens(new_page: PageFactory) -> tuple[Any, list[str]]:

@@ -842,10 +842,9 @@ var GatewayClient = (function () {
       if (!opened) {
         this._wsFailures += 1;
         if (this.options.transport === 'auto' && !this._wsEverOpened && this._wsFailures >= this.options.wsFailuresBeforeSse) {
-          // Never opened, N times in a row: WebSockets are blocked here (proxy, firewall).
-          this._mode = 'sse';
-          this._emit('transport', { transport: 'sse', reason: 'WebSocket failed ' + this._wsFailures + ' times' });
-          return this._retry(info, 0);
+          // Never opened, N times in a row: WebSockets are blocked here (proxy, firewall),
+          // if the gateway answers HTTP; a gateway that is down is waited for, on WebSocket.
+          return this._fallBackIfReachable(info);
         }
       }
       let delay = this._backoff();
@@ -862,9 +861,35 @@ var GatewayClient = (function () {
       } else if (code === CLOSE.SERVICE_RESTART || code === CLOSE.SLOW_CONSUMER || code === CLOSE.INSUFFICIENT_STATE) {
         if (ready) delay = jitter(1000); // come back soon (elsewhere) and recover from history
       } else if (code === CLOSE.TRY_AGAIN_LATER) {
-        delay = Math.max(delay, jitter(this.options.busyReconnectDelay));
+        // At least busyReconnectDelay (jitter above it, never below), spread over half as much.
+        const busy = this.options.busyReconnectDelay;
+        delay = Math.max(delay, Math.round(busy + Math.random() * (busy / 2)));
       }
       this._retry(info, delay);
+    }
+
+    /** WebSocket handshakes keep failing: switch to SSE if the gateway answers HTTP
+     * (something between blocks upgrades), else keep trying WebSocket with backoff. */
+    _fallBackIfReachable(info) {
+      const switchToSse = () => {
+        this._mode = 'sse';
+        this._emit('transport', { transport: 'sse', reason: 'WebSocket failed ' + this._wsFailures + ' times' });
+        this._retry(info, 0);
+      };
+      let f = null;
+      try {
+        f = this._fetch();
+      } catch (e) {
+        return switchToSse(); // no way to tell: as before
+      }
+      const scope = typeof globalThis !== 'undefined' ? globalThis : undefined;
+      this._setState(this._everConnected ? 'reconnecting' : 'connecting', info);
+      Promise.resolve()
+        .then(() => f.call(scope, this._urls.http + '/healthz', { cache: 'no-store', mode: 'no-cors' }))
+        .then(
+          () => this._active && this._mode !== 'sse' && switchToSse(),
+          () => this._active && this._retry(info, this._backoff()), // down: not a proxy's doing
+        );
     }
 
     // -------------------------------------------------------------- pushes
