@@ -45,6 +45,8 @@ from gatewayclient.wire import (
 
 logger = logging.getLogger(__name__)
 
+RESUBSCRIBE_RETRY = 2.0  # seconds (half to one and a half of it) before a resubscribe again
+
 
 class Client(Commands):
     """An asyncio client of the gateway's WebSocket. Use ``connect()``."""
@@ -72,7 +74,9 @@ class Client(Commands):
         self.busy_reconnect_delay = busy_reconnect_delay
         self.refresh_before_expiry = refresh_before_expiry
         self.command_timeout = command_timeout
-        self.websocket_options = {"max_size": 2**24, **(websocket_options or {})}
+        # close_timeout: a connection dead unseen (a black hole) holds a close 2 s, not 10.
+        options = {"max_size": 2**24, "close_timeout": 2.0, **(websocket_options or {})}
+        self.websocket_options = options
         self.on_state = on_state
         self.subscriptions: dict[str, Subscription] = {}
         self.url: str | None = None  # the gateway URL of the current connection
@@ -86,6 +90,7 @@ class Client(Commands):
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._subscribing: dict[int, Subscription] = {}
         self._sent_on: dict[str, ClientConnection] = {}
+        self._retries: set[asyncio.Task[None]] = set()  # resubscribes tried again later
         self._runner: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -115,7 +120,8 @@ class Client(Commands):
             return
         if self._stopped.is_set():
             raise self._fatal or GatewayError(CLOSED, "the client is closed")
-        raise GatewayError(TIMEOUT, f"not connected within {timeout}s")
+        last = "" if self.last_close is None else " (last attempt: {} {})".format(*self.last_close)
+        raise GatewayError(TIMEOUT, f"not connected within {timeout}s{last}")
 
     async def close(self) -> None:
         """Close the connection and stop; every subscription's iteration ends. Idempotent."""
@@ -132,6 +138,8 @@ class Client(Commands):
         self._state("closed", self.url, code, reason or (error.message if error else ""))
         if self._runner is not None and self._runner is not asyncio.current_task():
             self._runner.cancel()
+        for task in self._retries:
+            task.cancel()
         for sub in self.subscriptions.values():
             if error is not None:
                 sub.fail(error)
@@ -272,9 +280,25 @@ class Client(Commands):
             sub.on_subscribed(reply.get("result") or {})
             if not sub.ready.done():
                 sub.ready.set_result(None)
-        else:
-            del self.subscriptions[sub.channel]
-            sub.fail(error_of(reply))
+            return
+        error = error_of(reply)
+        if sub.ready.done() and error.code == "internal":
+            # A resubscription the gateway cannot make just now (its broker is down, a
+            # hook failed): again a little later on this connection, from the same
+            # position (a new connection resubscribes anyway). A refusal is final.
+            ws = self._sent_on.get(sub.channel)
+            task = asyncio.get_running_loop().create_task(self._resubscribe_later(ws, sub))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+            return
+        del self.subscriptions[sub.channel]
+        sub.fail(error)
+
+    async def _resubscribe_later(self, ws: ClientConnection | None, sub: Subscription) -> None:
+        await asyncio.sleep(random.uniform(0.5, 1.5) * RESUBSCRIBE_RETRY)
+        if ws is not None and self._ws is ws and self.subscriptions.get(sub.channel) is sub:
+            with contextlib.suppress(ConnectionClosed):
+                await self._send_subscribe(ws, sub)
 
     async def _send_subscribe(self, ws: ClientConnection, sub: Subscription) -> None:
         self._sent_on[sub.channel] = ws
@@ -370,6 +394,7 @@ class Client(Commands):
         if sub is None:
             return
         sub.end()
-        if self._connected.is_set():
+        ws = self._ws  # connected, or resubscribing (its subscribe may be sent already)
+        if ws is not None:
             with contextlib.suppress(GatewayError):
-                await self._call("unsubscribe", channel=channel)
+                await self._call_on(ws, "unsubscribe", {"channel": channel})

@@ -95,6 +95,7 @@ class SseClient:
         refresh_before_expiry: float = 30.0,
         on_state: Callable[[StateChange], object] | None = None,
         http: httpx.AsyncClient | None = None,
+        stall_timeout: float = 45.0,
     ) -> None:
         self.base = url.rstrip("/")
         self.channels = list(dict.fromkeys(channels))
@@ -109,7 +110,10 @@ class SseClient:
         self.repeats = 0  # publications dropped as already delivered (the gateway sends none)
         self.positions: dict[str, Position] = {}  # of the last publication delivered
         self._own = http is None
-        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
+        # A stream silent for stall_timeout is dead (the gateway writes a ": ping" every
+        # GATEWAY_SSE_HEARTBEAT, 15 s): a proxy that stopped forwarding, a paused pod, a
+        # server that accepted and never answered. Reopened, from the cursor.
+        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=stall_timeout))
         self._items = ItemQueue("the stream was closed")
         self._opened = asyncio.Event()
         self._reading = asyncio.Event()  # cleared while a switch opens the next stream
@@ -147,7 +151,11 @@ class SseClient:
             await self.http.aclose()
 
     async def __aenter__(self) -> SseClient:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:  # not opened: nothing left trying, nothing left open
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from gatewayclient.errors import GatewayError
+from gatewayclient.errors import CLOSED, GatewayError
 from gatewayclient.items import ItemQueue, notify
 from gatewayclient.models import (
     Gap,
@@ -116,6 +116,8 @@ class Subscription:
             self._items.fail(error)
 
     def end(self) -> None:
+        if not self.ready.done():  # a subscribe() still waiting for its reply ends too
+            self.ready.set_exception(GatewayError(CLOSED, f"subscription to {self.channel} ended"))
         if self.active:
             self.active = False
             self._items.end()

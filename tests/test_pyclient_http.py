@@ -128,6 +128,48 @@ async def test_sse_refusal_is_raised(server):
     assert changes(states) == [("connecting", None), ("closed", 403)]
 
 
+async def test_async_with_closes_a_client_whose_stream_did_not_open(server):
+    """``async with`` that raised left the client's own HTTP client open (and, for a
+    stream that was still trying, its task retrying for good)."""
+    sse = SseClient(server.url, ["secret"], token=token(subscribe=["public"]))
+    with pytest.raises(GatewayError):
+        async with sse:
+            raise AssertionError("opened")
+    assert sse.http.is_closed
+
+
+async def test_a_silent_stream_is_reopened_after_the_stall_timeout() -> None:
+    """A server that accepted the connection and never answers (or a proxy that stopped
+    forwarding): the client waited on it for good (its read timeout was None); now it
+    gives up after ``stall_timeout`` and tries again."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # never answered
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    sse = SseClient(
+        f"http://127.0.0.1:{port}",
+        ["news"],
+        token=token(),
+        stall_timeout=0.3,
+        min_reconnect_delay=0.05,
+        max_reconnect_delay=0.1,
+    )
+    try:
+        opening = asyncio.ensure_future(sse.start(timeout=30))
+        await eventually(lambda: len(accepted) >= 3, timeout=10)
+        assert not opening.done()
+    finally:
+        await sse.close()
+        opening.cancel()
+        for writer in accepted:
+            writer.close()
+        listener.close()
+
+
 async def test_sse_switches_to_a_new_token_before_expiry_losing_and_repeating_nothing(
     make_server: MakeServer,
 ) -> None:

@@ -3,6 +3,7 @@ commands, rpc, reconnects that resume every channel, and gaps surfaced as ``Gap`
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -309,3 +310,52 @@ async def test_a_failing_callback_is_logged_and_the_client_goes_on(server, caplo
         await client.publish("news", 1)
         assert isinstance(await sub.get(5), Publication)
     assert "a gatewayclient callback failed" in caplog.text
+
+
+# --------------------------------------------------------------------------- while resubscribing
+
+
+async def test_a_resubscribe_the_gateway_cannot_make_now_is_made_later(
+    make_server: MakeServer, backend: FakeBackend
+) -> None:
+    """After a reconnect the subscribe hook does not answer (``internal``, as a broker
+    down would be): the subscription is sent again a little later, not dropped (it was,
+    and its iteration ended with ``internal`` once the gateway was fine again)."""
+    gw = await make_server(hooks=backend.hooks(subscribe=1))
+    backend.release.set()  # "hang" channels answer at once while it is set
+    async with connect(gw.url, token=token()) as client:
+        sub = await client.subscribe("chat:hang.1")
+        backend.release.clear()
+        kick(gw, CloseCode.SERVICE_RESTART)
+        timeouts = gw.gateway.metrics.hook_outcomes.labels("subscribe", "timeout")
+        await eventually(lambda: timeouts._value.get() >= 1, timeout=10)  # resubscribe failed
+        backend.release.set()  # answered from now on: the retry is made
+        await eventually(lambda: len(backend.calls_of("subscribe")) >= 3, timeout=10)
+        await eventually(
+            lambda: (
+                bool(gw.gateway.hub.sessions)
+                and all("chat:hang.1" in s.channels for s in gw.gateway.hub.sessions)
+            ),
+            timeout=10,
+        )
+        assert client.subscriptions.get("chat:hang.1") is sub and sub.active
+        async with Publisher(gw.url, token("backend")) as api:
+            published = await api.publish("chat:hang.1", "after")
+        item = await sub.get(5)
+        while isinstance(item, PresenceEvent):  # (chat:* has presence: its own joins)
+            item = await sub.get(5)
+        assert isinstance(item, Publication) and item.offset == published.offset, item
+
+
+async def test_close_ends_a_subscribe_still_waiting_for_its_reply(
+    make_server: MakeServer, backend: FakeBackend
+) -> None:
+    gw = await make_server(hooks=backend.hooks(subscribe=30))
+    client = await connect(gw.url, token=token(), command_timeout=30)
+    waiting = asyncio.ensure_future(client.subscribe("chat:hang.2"))
+    await eventually(lambda: backend.pending == 1)
+    await client.close()
+    with pytest.raises(GatewayError) as ended:
+        await asyncio.wait_for(waiting, 5)  # not the 30 s command timeout
+    assert ended.value.code == "closed"
+    backend.release.set()
