@@ -423,6 +423,35 @@ async def test_a_gateway_down_when_the_page_loads_is_waited_for_on_websocket(
     assert gateway.gateway.connections.total == 1
 
 
+async def test_a_handshake_never_answered_is_given_up_and_tried_again(
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+) -> None:
+    """A server that accepts the connection and never answers the upgrade: the browser
+    waits for minutes and the client with it (no retry, no event); now the attempt is
+    given up after ``commandTimeout`` and made again."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    pages = await make_server()
+    page = await new_page()
+    try:
+        await page.goto(
+            f"{pages.url}/static/test-client.html?channel=x&token={token('viewer')}"
+            f"&url=http://127.0.0.1:{port}&commandTimeout=1000&transport=websocket"
+        )
+        await eventually(lambda: len(accepted) >= 3, timeout=20)
+    finally:
+        await page.close()
+        for writer in accepted:
+            writer.close()
+        listener.close()
+
+
 async def page_minting_tokens(new_page: PageFactory) -> tuple[Any, list[str]]:
     """A page whose ``window.mintToken()`` (test-client.html's ``mint=1``) returns a new
     4 s token each call, and the list of the tokens it got."""

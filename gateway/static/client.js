@@ -678,14 +678,23 @@ var GatewayClient = (function () {
         return;
       }
       this._ws = ws;
+      // A server that accepts the connection and never answers the handshake: the
+      // browser would wait for minutes. Given up after commandTimeout, and tried again.
+      const handshake = setTimeout(() => {
+        if (this._ws === ws && !this._wsOpened) this._abortWs(ws, 'no handshake answer');
+      }, this.options.commandTimeout);
       ws.onopen = () => {
+        clearTimeout(handshake);
         if (this._ws === ws) this._wsOpen(ws);
       };
       ws.onmessage = (ev) => {
         if (this._ws === ws) this._wsMessage(ev.data);
       };
       ws.onerror = () => {}; // a close event follows
-      ws.onclose = (ev) => this._wsClosed(ws, ev.code, ev.reason);
+      ws.onclose = (ev) => {
+        clearTimeout(handshake);
+        this._wsClosed(ws, ev.code, ev.reason);
+      };
     }
 
     _wsOpen(ws) {
