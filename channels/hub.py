@@ -135,9 +135,14 @@ class Hub(Fanout):
         return True
 
     async def unregister(self, session: Session) -> None:
-        """Leave every channel (presence leave included). Safe to call more than once."""
+        """Leave every channel (presence leave included). Safe to call more than once.
+        In a task of its own, which a caller cancelled meanwhile does not stop half way
+        (a session kept in the channels not left yet, a Redis subscription nobody reads)."""
         self.sessions.discard(session)
         self._leaving += 1
+        await asyncio.shield(self._tasks.spawn(self._unregister(session), "unregister"))
+
+    async def _unregister(self, session: Session) -> None:
         try:
             for channel in list(session.channels):
                 try:

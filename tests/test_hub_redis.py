@@ -22,6 +22,7 @@ from channels.hub import Hub
 from channels.publication import PresenceEvent, Publication, StreamPosition
 from channels.session import Gap
 from tests.conftest import eventually
+from tests.helpers import poll
 from tests.redis_server import RedisServer
 from tests.test_hub import new_session
 from tests.test_redis_broker import kill_connections
@@ -249,3 +250,31 @@ async def test_a_hole_history_no_longer_covers_is_a_lost_gap_in_the_same_epoch(
     finally:
         await hub.close()
         await small.backend.broker.close()
+
+
+async def test_an_unregister_whose_caller_is_cancelled_still_leaves_every_channel(
+    hub: Hub, broker: Gated, admin: Redis, redis_prefix: str
+) -> None:
+    """Regression: a WebSocket's writer unregistering its session (presence leaves,
+    unsubscribes: Redis calls) was cancelled when the client's close came meanwhile,
+    and the loop stopped half way: the session stayed in the channels not left yet and
+    the worker subscribed in Redis to channels nobody here read (44 a second under a
+    churn of bad-frame closes). The leaving goes on whatever happens to its caller."""
+    session, _, writer = new_session()
+    channels = ["chat:a", "chat:b", "d:1", "d:2", "d:3"]
+    for channel in channels:
+        await hub.subscribe(session, channel)
+    await admin.client_pause(300, "WRITE")  # the presence leave waits on Redis
+    leaving = asyncio.ensure_future(hub.unregister(session))
+    await asyncio.sleep(0)  # (it started)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await eventually(lambda: not session.channels and not hub._channels, timeout=10)
+    topics = [f"{redis_prefix}:t:{{{channel}}}" for channel in channels]
+    await poll(lambda: all_unsubscribed(admin, topics), timeout=10)
+    writer.cancel()
+
+
+async def all_unsubscribed(admin: Redis, topics: list[str]) -> bool:
+    return all(count == 0 for _, count in await admin.pubsub_numsub(*topics))
