@@ -264,7 +264,7 @@ async def test_an_unregister_whose_caller_is_cancelled_still_leaves_every_channe
     channels = ["chat:a", "chat:b", "d:1", "d:2", "d:3"]
     for channel in channels:
         await hub.subscribe(session, channel)
-    await admin.client_pause(300, "WRITE")  # the presence leave waits on Redis
+    await admin.client_pause(300, all=False)  # (WRITE) the presence leave waits on Redis
     leaving = asyncio.ensure_future(hub.unregister(session))
     await asyncio.sleep(0)  # (it started)
     leaving.cancel()
