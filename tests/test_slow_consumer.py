@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from tests.conftest import RunningServer, eventually, token
 from tests.helpers import (
@@ -284,3 +285,44 @@ async def test_an_sse_stream_whose_socket_stays_full_is_ended_after_the_send_tim
         await stream.chunk()
         await _publish_until_gone(server, http, "raw")
     assert server.gateway.connections.slow_closes["sse"] == 1
+
+
+@pytest.mark.parametrize("close", ["close_transport", "transport.close"])
+async def test_a_closed_connection_whose_client_never_reads_is_let_go(close: str) -> None:
+    """A connection closed with bytes its client never reads (a slow consumer's close
+    frame, what was queued before it): a transport's ``close`` waits to send them, and
+    held the socket, its descriptor and megabytes of buffer for as long as the client
+    kept the connection (minutes in an audit). ``close_transport`` aborts it once the
+    grace is over; plain ``close`` (shown for contrast) is still holding it then."""
+    from gateway.server import waiting
+
+    lost = asyncio.Event()
+    transports: list[asyncio.Transport] = []
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transports.append(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set()
+
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(Server, "127.0.0.1", 0)
+    client = small_rcvbuf_socket(listener.sockets[0].getsockname()[1], 4096)
+    try:
+        await eventually(lambda: bool(transports))
+        transport = transports[0]
+        transport.write(b"x" * (16 << 20))  # far more than the kernel's buffers take
+        assert transport.get_write_buffer_size() > 0
+        if close == "close_transport":
+            waiting.close_transport(transport, grace=0.2)
+            await asyncio.wait_for(lost.wait(), 5)
+        else:
+            transport.close()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(lost.wait(), 1)
+            transport.abort()
+    finally:
+        client.close()
+        listener.close()

@@ -17,6 +17,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from gateway.logs import REDACTED_ALREADY, redact
 from gateway.server.ports import RAW_BODY, OpenLater, Respond, Started
 from gateway.server.response_head import stream_head, valid_headers
+from gateway.server.waiting import close_transport
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -91,7 +92,7 @@ class RawBody:
     def abort(self) -> None:
         """Close the connection without finishing the response (what uvicorn does when an
         app returns from an unfinished one): the client sees the stream end."""
-        self._cycle.transport.close()
+        close_transport(self._cycle.transport)  # (a client that does not read: bounded)
 
     async def hold(self) -> None:
         """Detach: the ASGI call may return, the response stays open."""

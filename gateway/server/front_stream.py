@@ -25,7 +25,7 @@ from gateway.logs import REDACTED_ALREADY, redact
 from gateway.server.forwarded import forwarded_client
 from gateway.server.handover import HttpUpgrade
 from gateway.server.ports import Respond, Started
-from gateway.server.waiting import WriteFlow
+from gateway.server.waiting import WriteFlow, close_transport
 
 
 class Door(Protocol):
@@ -142,7 +142,7 @@ class FrontStream(WriteFlow):
         self.pending = b""
 
     def abort(self) -> None:
-        self._transport.close()
+        close_transport(self._transport)  # (a client that does not read: bounded)
 
     async def hold(self) -> None:
         """Nothing to wait for: the response was never an ASGI call's."""

@@ -45,7 +45,7 @@ from gateway.server.frames import (
     read_frame,
 )
 from gateway.server.keepalive import Bucket, keepalive_for
-from gateway.server.waiting import WriteFlow
+from gateway.server.waiting import WriteFlow, close_transport
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -135,13 +135,13 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         self._disconnect(code, reason)
         self._send(control_frame(CLOSE, close_payload(code, reason)))
         self.close_sent = True
-        self.close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.close)
+        self.close_timer = self.loop.call_later(CLOSE_TIMEOUT, close_transport, self.transport)
 
     def shutdown(self) -> None:
         """uvicorn's server is stopping (after the app's drain closed its sessions)."""
         self._stop_keepalive()
         if self.close_sent:
-            self.transport.close()
+            close_transport(self.transport)
             return
         self._fail(1012, "")
 
@@ -261,13 +261,13 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
 
     def _close_received(self, payload: bytes) -> None:
         if self.close_sent:  # the client's answer: the closing handshake is done
-            self.transport.close()
+            close_transport(self.transport)
             return
         code, reason = parse_close(payload)
         self._disconnect(code, reason)
         self._send_last(control_frame(CLOSE, payload))  # echoed, as websockets does
         self.close_sent = True
-        self.transport.close()
+        close_transport(self.transport)
 
     def _refuse_client(self, code: int, reason: str) -> None:
         """A client that broke the protocol: our close frame, our end (FIN), then what it
@@ -277,13 +277,13 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         self._buffer, self._fragments = b"", None
         transport = self.transport
         if self.close_sent or transport.is_closing():
-            transport.close()
+            close_transport(transport)
             return
         self._send_last(control_frame(CLOSE, close_payload(code, reason)))
         self.close_sent = True
         transport.write_eof()
         if self.close_timer is None:
-            self.close_timer = self.loop.call_later(CLOSE_TIMEOUT, transport.close)
+            self.close_timer = self.loop.call_later(CLOSE_TIMEOUT, close_transport, transport)
 
     def _fail(self, code: int, reason: str) -> None:
         """Close at once with ``code``: a client that broke the protocol, a shutdown."""
@@ -291,7 +291,7 @@ class UpgradedWebSocket(WriteFlow, asyncio.Protocol):
         if not self.close_sent and not self.transport.is_closing():
             self._send_last(control_frame(CLOSE, close_payload(code, reason)))
         self.close_sent = True
-        self.transport.close()
+        close_transport(self.transport)
 
     def _disconnect(self, code: int, reason: str) -> None:
         """Tell the owner the connection ended (once)."""

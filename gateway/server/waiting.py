@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -146,3 +146,16 @@ class LiteQueue(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<LiteQueue size={self.qsize()}>"
+
+
+UNSENT_GRACE: Final = 5.0  # seconds a closed connection may take to send what it holds
+
+
+def close_transport(transport: asyncio.Transport, grace: float = UNSENT_GRACE) -> None:
+    """Close ``transport`` once what it holds is sent, and abort it if that has not
+    happened ``grace`` seconds later: a client that does not read (a slow
+    consumer cut, a keep-alive timed out) would otherwise hold the socket, its file
+    descriptor and its buffer for as long as it keeps the connection open."""
+    transport.close()
+    if transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(grace, transport.abort)
