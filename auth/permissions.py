@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-ANSWERS_KEPT: Final = 1024  # names whose answer a pattern set keeps
+# Names whose answer a pattern set keeps. Few: a token's sets live as long as the
+# verified-token cache keeps it (up to 4,096 tokens, two sets each), and a match is a few
+# string comparisons now; what they save is a connection's channels asked again.
+ANSWERS_KEPT: Final = 64
+SETS_KEPT: Final = 1024  # distinct pattern lists whose set is shared (``pattern_set``)
 
 
 class PatternSet:
@@ -59,3 +63,19 @@ def _matches(parts: tuple[str, ...], name: str) -> bool:
             return False
         at = found + len(part)
     return True
+
+
+_shared: dict[tuple[str, ...], PatternSet] = {}
+
+
+def pattern_set(patterns: list[str]) -> PatternSet:
+    """The ``PatternSet`` of ``patterns``, one for every token that has the same list (a
+    role's tokens share one, and its remembered answers): at most ``SETS_KEPT`` lists
+    are remembered; full, it starts over."""
+    key = tuple(patterns)
+    found = _shared.get(key)
+    if found is None:
+        if len(_shared) >= SETS_KEPT:
+            _shared.clear()
+        found = _shared[key] = PatternSet(key)
+    return found

@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 import orjson
 
-from auth.permissions import PatternSet
+from auth.permissions import PatternSet, pattern_set
 
 MAX_INFO_BYTES = 4096
 
@@ -53,7 +53,7 @@ def _patterns(payload: dict[str, Any], claim: str) -> PatternSet:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise AuthError(f"claim {claim!r} must be a list of channel patterns")
-    return PatternSet(value)
+    return pattern_set(value)
 
 
 class TokenVerifier:
