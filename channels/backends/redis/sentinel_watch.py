@@ -75,5 +75,6 @@ async def _watch(
             await pool.disconnect(inuse_connections=True)  # their calls fail: 503, retried
         except REDIS_ERRORS as exc:
             logger.debug("closing the old master's connections: %s", exc)
+        pool.master_address = master  # (said once, not again until a connection asks)
         if linked is not None:
             linked.fail(RedisConnectionError("the master moved"))
