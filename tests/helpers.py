@@ -16,6 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -274,6 +275,33 @@ def small_rcvbuf_socket(port: int, size: int = 65536) -> socket.socket:
     sock.connect(("127.0.0.1", port))
     sock.setblocking(False)
     return sock
+
+
+@dataclass
+class SilentServer:
+    """A TCP server that accepts connections and never answers (``silent_server``)."""
+
+    url: str
+    accepted: list[asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[SilentServer]:
+    """A server on 127.0.0.1 that accepts every connection, reads, and never writes (a
+    gateway that hangs, a proxy that stopped forwarding); ``accepted`` grows with each."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # never answered
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield SilentServer(f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}", accepted)
+    finally:
+        for writer in accepted:
+            writer.close()
+        listener.close()
 
 
 # --------------------------------------------------------------------------- HTTP API

@@ -25,6 +25,7 @@ import pytest
 
 from tests.browser_helpers import Publisher, RestartableGateway, chromium, join_chat
 from tests.conftest import SECRET, eventually, free_port, token
+from tests.helpers import silent_server
 from tests.procs import GatewayProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -429,27 +430,17 @@ async def test_a_handshake_never_answered_is_given_up_and_tried_again(
     """A server that accepts the connection and never answers the upgrade: the browser
     waits for minutes and the client with it (no retry, no event); now the attempt is
     given up after ``commandTimeout`` and made again."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        await reader.read()
-
-    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
     pages = await make_server()
     page = await new_page()
-    try:
-        await page.goto(
-            f"{pages.url}/static/test-client.html?channel=x&token={token('viewer')}"
-            f"&url=http://127.0.0.1:{port}&commandTimeout=1000&transport=websocket"
-        )
-        await eventually(lambda: len(accepted) >= 3, timeout=20)
-    finally:
-        await page.close()
-        for writer in accepted:
-            writer.close()
-        listener.close()
+    async with silent_server() as silent:
+        try:
+            await page.goto(
+                f"{pages.url}/static/test-client.html?channel=x&token={token('viewer')}"
+                f"&url={silent.url}&commandTimeout=1000&transport=websocket"
+            )
+            await eventually(lambda: len(silent.accepted) >= 3, timeout=20)
+        finally:
+            await page.close()
 
 
 async def page_minting_tokens(new_page: PageFactory) -> tuple[Any, list[str]]:

@@ -23,6 +23,7 @@ from gatewayclient import (
 )
 from gatewayclient.tokens import token_exp
 from tests.conftest import MakeServer, eventually, token
+from tests.helpers import silent_server
 
 
 async def take(source: SseClient, count: int, timeout: float = 5.0) -> list[Item]:
@@ -142,32 +143,22 @@ async def test_a_silent_stream_is_reopened_after_the_stall_timeout() -> None:
     """A server that accepted the connection and never answers (or a proxy that stopped
     forwarding): the client waited on it for good (its read timeout was None); now it
     gives up after ``stall_timeout`` and tries again."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        await reader.read()  # never answered
-
-    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    sse = SseClient(
-        f"http://127.0.0.1:{port}",
-        ["news"],
-        token=token(),
-        stall_timeout=0.3,
-        min_reconnect_delay=0.05,
-        max_reconnect_delay=0.1,
-    )
-    try:
+    async with silent_server() as silent:
+        sse = SseClient(
+            silent.url,
+            ["news"],
+            token=token(),
+            stall_timeout=0.3,
+            min_reconnect_delay=0.05,
+            max_reconnect_delay=0.1,
+        )
         opening = asyncio.ensure_future(sse.start(timeout=30))
-        await eventually(lambda: len(accepted) >= 3, timeout=10)
-        assert not opening.done()
-    finally:
-        await sse.close()
-        opening.cancel()
-        for writer in accepted:
-            writer.close()
-        listener.close()
+        try:
+            await eventually(lambda: len(silent.accepted) >= 3, timeout=10)
+            assert not opening.done()
+        finally:
+            await sse.close()
+            opening.cancel()
 
 
 async def test_sse_switches_to_a_new_token_before_expiry_losing_and_repeating_nothing(
