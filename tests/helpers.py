@@ -304,6 +304,74 @@ async def silent_server() -> AsyncIterator[SilentServer]:
         listener.close()
 
 
+class FreezingProxy:
+    """A TCP proxy to a local port (``freezing_proxy``) that can go silent as a dead
+    network path does: ``freeze(prefix)`` stops forwarding, both ways, on every open
+    connection whose latest request began with ``prefix``, and keeps their sockets open
+    (no FIN, no RST). Connections opened later are forwarded as usual."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.heads: list[bytes] = []  # the start of every request, in order
+        self.frozen: set[int] = set()  # connections, by number
+        self._latest: dict[int, bytes] = {}  # an open connection's latest request
+
+    def freeze(self, prefix: bytes) -> int:
+        """Freeze the open connections whose latest request began with ``prefix``; how many."""
+        hits = {i for i, head in self._latest.items() if head.startswith(prefix)}
+        self.frozen |= hits
+        return len(hits)
+
+    def _request(self, number: int, data: bytes) -> None:
+        if data[:1].isupper():  # a request line (keep-alive: one of several)
+            self.heads.append(data[:200])
+            self._latest[number] = data
+
+
+@contextlib.asynccontextmanager
+async def freezing_proxy(port: int) -> AsyncIterator[FreezingProxy]:
+    """A ``FreezingProxy`` on 127.0.0.1 to ``127.0.0.1:port``."""
+    writers: list[asyncio.StreamWriter] = []
+    numbers = itertools.count()
+
+    async def pipe(
+        number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+    ) -> None:
+        while data := await reader.read(65536):
+            if upstream:
+                proxy._request(number, data)
+            if number not in proxy.frozen:
+                writer.write(data)
+                await writer.drain()
+        if number not in proxy.frozen:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        number = next(numbers)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.close()
+            return
+        writers.append(up_writer)
+        await asyncio.gather(
+            pipe(number, reader, up_writer, True),
+            pipe(number, up_reader, writer, False),
+            return_exceptions=True,
+        )
+        proxy._latest.pop(number, None)
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    proxy = FreezingProxy(f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}")
+    try:
+        yield proxy
+    finally:
+        listener.close()
+        for w in writers:
+            w.close()
+
+
 # --------------------------------------------------------------------------- HTTP API
 
 

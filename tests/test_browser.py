@@ -25,7 +25,7 @@ import pytest
 
 from tests.browser_helpers import Publisher, RestartableGateway, chromium, join_chat
 from tests.conftest import SECRET, eventually, free_port, token
-from tests.helpers import silent_server
+from tests.helpers import api_publish, freezing_proxy, silent_server
 from tests.procs import GatewayProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -342,14 +342,19 @@ window.WebSocket = class BlockedWebSocket {
 """
 
 
+@pytest.mark.parametrize("reader", ["fetch", "EventSource"])
 async def test_client_falls_back_to_sse_and_publishes_over_http_when_websockets_are_blocked(
-    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory, reader: str
 ) -> None:
+    """Over fetch() (the default where it streams) and over the browser's EventSource."""
     server = await make_server()
     room, feed = unique_channel("chat"), unique_channel("feed")
     page = await new_page()
     await page.add_init_script(BLOCK_WEBSOCKETS)
-    await page.goto(f"{server.url}/static/test-client.html?channel={room}&token={token('viewer')}")
+    native = "&nativeSse=1" if reader == "EventSource" else ""
+    await page.goto(
+        f"{server.url}/static/test-client.html?channel={room}&token={token('viewer')}{native}"
+    )
     await page.wait_for_function(
         "window.subscribed === true && window.client.transport === 'sse'", timeout=15_000
     )
@@ -523,3 +528,133 @@ async def test_client_on_sse_reopens_its_stream_with_each_refreshed_token(
     assert await page.evaluate("window.states") == ["connecting", "connected"]
     assert await page.evaluate("window.client.transport") == "sse"
     assert len(minted) >= 4  # the first token and three refreshes
+
+
+# --------------------------------------------------------------------------- SSE over fetch()
+
+
+async def test_client_on_sse_reopens_a_stream_that_went_silent(
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+) -> None:
+    """A stream whose path died without a FIN (a proxy that stopped forwarding, a phone
+    that changed networks): EventSource waits on it for good, as it never shows the
+    gateway's ``: ping``. The client reads the stream with fetch(), sees the pings stop,
+    and after ``sseStallTimeout`` opens a new stream from its positions: what was
+    published meanwhile arrives, once each, in order."""
+    server = await make_server(sse_heartbeat=0.3)
+    channel = unique_channel()
+    async with (
+        freezing_proxy(server.port) as proxy,
+        httpx.AsyncClient(base_url=server.url, trust_env=False) as http,
+    ):
+        page = await new_page(
+            f"{server.url}/static/test-client.html?transport=sse&sseStallTimeout=1500"
+            f"&channel={channel}&token={token('viewer')}&url={proxy.url}"
+        )
+        await page.wait_for_function("window.client.state === 'connected'", timeout=10_000)
+        await api_publish(http, channel, {"n": 1})
+        await received_up_to(page, 1)
+        assert proxy.freeze(b"GET /sse") == 1
+        for n in (2, 3):
+            await api_publish(http, channel, {"n": n})
+        received = await received_up_to(page, 3)
+        events = await page.evaluate("window.events")
+        assert await page.evaluate("window.client.state") == "connected"
+    assert [p["offset"] for p in received] == [1, 2, 3]
+    retries = [e["reason"] for e in events if e["type"] == "retry"]
+    assert retries == ["stream closed: silent for 1500 ms"], events
+    assert sum(head.startswith(b"GET /sse") for head in proxy.heads) == 2
+
+
+async def test_client_on_sse_asks_for_a_new_token_when_the_stream_is_refused(
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+) -> None:
+    """A 401 on the stream (a revoked token, one signed with an old key) is a WebSocket's
+    4001: getToken() is asked for a new one. EventSource cannot see a status, so the
+    client used to open the refused token's stream again and again."""
+    server = await make_server()
+    channel = unique_channel()
+    async with httpx.AsyncClient(base_url=server.url, trust_env=False) as http:
+        first = await api_publish(http, channel, {"n": 1})
+        page, minted = await page_minting_tokens(new_page)
+        bad = token("viewer", secret="not-the-gateway-secret-0123456789abcdef")
+        await page.goto(f"{server.url}/static/test-client.html?mint=1&transport=sse&token={bad}")
+        # From a position: no HTTP request first, the stream is the first to meet the token.
+        await page.evaluate(
+            "since => window.client.subscribe(window.channel = since.channel, {since})",
+            {"channel": channel, "epoch": first["epoch"], "offset": 0},
+        )
+        received = await received_up_to(page, 1)
+    assert [p["offset"] for p in received] == [1]
+    retries = [e for e in await page.evaluate("window.events") if e["type"] == "retry"]
+    assert [e.get("status") for e in retries] == [401], retries
+    assert retries[0]["reason"].startswith("stream refused: invalid token"), retries
+    assert len(minted) == 1
+
+
+async def test_client_on_sse_stops_when_the_token_is_refused_and_it_has_no_other(
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+) -> None:
+    """No getToken(): nothing can make the next stream succeed, so the client stops with
+    ``unauthorized``, as after a WebSocket's 4001, instead of retrying for good."""
+    server = await make_server()
+    bad = token("viewer", secret="not-the-gateway-secret-0123456789abcdef")
+    page = await new_page(
+        f"{server.url}/static/test-client.html?transport=sse&channel=news&token={bad}"
+    )
+    await page.wait_for_function("window.client.state === 'disconnected'", timeout=10_000)
+    events = await page.evaluate("window.events")
+    assert [e.get("code") for e in events if e["type"] == "error"] == ["unauthorized"], events
+    assert [e for e in events if e["type"] == "retry"] == []
+
+
+SSE_CHUNKS = [
+    "\ufeffretry: 300\r",  # a BOM; "\r\n" split across two reads
+    "\n: ping\r\n\r\nid: a~e~1\r\ndata: {\"x\":",
+    "1}\r\rid: b\n:\ndata\ndata:  two\n\n",  # "\r" alone ends a line too
+    "event: gap\ndata: {\"channel\":\"c\"}\n\nid: c\n\nid: x\u0000y\ndata: after id\n\n",
+    "data: never dispatched, no blank line",
+]
+
+
+async def test_fetch_event_source_reads_streams_as_the_standard_says(
+    make_server: Callable[..., Awaitable[Any]], new_page: PageFactory
+) -> None:
+    """The fetch() reader's parser, fed awkward reads: line ends of every kind, a line end
+    split across reads, comments, multi-line data, an ``id`` with no data, a field with
+    no colon, a leading space kept after the first, an unfinished event at the end."""
+    server = await make_server()
+    page = await new_page(f"{server.url}/static/test-client.html?transport=sse")
+    await page.wait_for_function("window.client !== undefined", timeout=10_000)
+    result = await page.evaluate(
+        """async (chunks) => {
+          const fetch = async () => new Response(new ReadableStream({
+            async start(c) {
+              for (const chunk of chunks) {
+                c.enqueue(new TextEncoder().encode(chunk));
+                await new Promise((r) => setTimeout(r, 5));
+              }
+              c.close();
+            },
+          }), { headers: { 'content-type': 'text/event-stream; charset=utf-8' } });
+          const es = new window.GatewayClient.FetchEventSource('/sse', { fetch });
+          const seen = [];
+          es.onopen = () => seen.push(['open', es.readyState]);
+          es.onmessage = (e) => seen.push(['message', e.data, e.lastEventId]);
+          es.addEventListener('gap', (e) => seen.push(['gap', e.data, e.lastEventId]));
+          await new Promise((resolve) => {
+            es.onerror = (e) => { seen.push(['error', e.reason, es.readyState]); resolve(); };
+          });
+          return { seen, retry: es.retry };
+        }""",
+        SSE_CHUNKS,
+    )
+    assert result["seen"] == [
+        ["open", 1],
+        ["message", '{"x":1}', "a~e~1"],
+        ["message", "\n two", "b"],
+        ["gap", '{"channel":"c"}', "b"],
+        ["message", "after id", "c"],
+        ["error", "stream ended", 2],
+    ]
+    assert result["retry"] == 300

@@ -18,7 +18,7 @@
 var GatewayClient = (function () {
   'use strict';
 
-  const VERSION = '1.1.0';
+  const VERSION = '1.2.0';
   const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,128}$/;
   const METHOD_RE = CHANNEL_RE; // rpc method names are spelled as channel names
   const EPOCH_RE = /^[A-Za-z0-9_-]{1,64}$/;
@@ -40,8 +40,12 @@ var GatewayClient = (function () {
     refreshBeforeExpiry: 30, // s before `exp` to call getToken()
     commandTimeout: 10000, // ms to wait for a reply (or for a connection)
     pingInterval: 25000, // ms between `ping` commands that detect dead sockets; 0 = off
+    sseStallTimeout: 45000, // ms: an SSE stream silent this long (no `: ping` either) is
+    //                         reopened; keep it above the gateway's GATEWAY_SSE_HEARTBEAT
+    //                         (15 s); 0 = off. Needs the fetch() stream (see EventSource)
     WebSocket: null, // implementations, for tests or non-browser runtimes
-    EventSource: null,
+    EventSource: null, // null: SSE is read with fetch() where it streams (every modern
+    //                    browser), else with the browser's EventSource
     fetch: null,
   };
 
@@ -248,6 +252,189 @@ var GatewayClient = (function () {
       this._reject(err);
     }
   }
+
+  // ------------------------------------------------------------------ SSE over fetch
+
+  const EOL = /\r\n|\r|\n/g;
+
+  /**
+   * An SSE stream read with `fetch()`, with the part of EventSource's interface the client
+   * uses (`onopen`, `onmessage`, `onerror`, `addEventListener`, `readyState`, `close`;
+   * events carry `type`, `data`, `lastEventId`). Unlike EventSource it sees every byte,
+   * the gateway's `: ping` comments included, so a stream that went silent (a connection
+   * that died without a FIN, a proxy that stopped forwarding) is given up after
+   * `stallTimeout` ms; and a refused stream's HTTP status and error reach `onerror`
+   * (`{status, code, reason}`). It never reconnects by itself: it ends CLOSED and the
+   * client opens the next one, with its own positions as the cursor and a fresh token.
+   */
+  class FetchEventSource {
+    constructor(url, init) {
+      init = init || {};
+      this.url = url;
+      this.readyState = 0; // CONNECTING, OPEN, CLOSED as EventSource's
+      this.retry = null; // ms, from the stream's `retry:` field
+      this.onopen = this.onmessage = this.onerror = null;
+      this._listeners = new Map();
+      this._abort = new AbortController();
+      this._stallTimeout = init.stallTimeout > 0 ? init.stallTimeout : 0;
+      this._timer = null;
+      this._last = 0;
+      // The parser's state (the HTML standard's "event stream interpretation").
+      this._rest = '';
+      this._data = null;
+      this._type = '';
+      this._id = '';
+      if (init.openTimeout > 0) this._timer = setTimeout(() => this._check(), init.openTimeout);
+      this._run(init.fetch || fetch);
+    }
+
+    /** Whether this runtime can read a response as a stream (else: EventSource). */
+    static supported(f) {
+      return (
+        !FetchEventSource.unsupported &&
+        typeof (f || (typeof fetch !== 'undefined' ? fetch : null)) === 'function' &&
+        typeof AbortController === 'function' &&
+        typeof TextDecoder === 'function'
+      );
+    }
+
+    addEventListener(type, fn) {
+      if (!this._listeners.has(type)) this._listeners.set(type, new Set());
+      this._listeners.get(type).add(fn);
+    }
+
+    removeEventListener(type, fn) {
+      const set = this._listeners.get(type);
+      if (set) set.delete(fn);
+    }
+
+    close() {
+      if (this.readyState === ES_CLOSED) return;
+      this.readyState = ES_CLOSED;
+      clearTimeout(this._timer);
+      this._abort.abort();
+    }
+
+    _fail(info) {
+      if (this.readyState === ES_CLOSED) return;
+      this.close();
+      if (this.onerror) this._call(this.onerror, Object.assign({ type: 'error' }, info));
+    }
+
+    _call(fn, ev) {
+      try {
+        fn.call(this, ev);
+      } catch (err) {
+        reportLater(err); // as EventSource: a throwing handler does not end the stream
+      }
+    }
+
+    /** The open's deadline, then the stall watch: re-armed for what is left. */
+    _check() {
+      this._timer = null;
+      if (this.readyState === ES_CLOSED) return;
+      if (this.readyState === 0) return this._fail({ reason: 'no answer' });
+      const left = this._stallTimeout - (Date.now() - this._last);
+      if (left <= 0) return this._fail({ reason: 'silent for ' + this._stallTimeout + ' ms' });
+      this._timer = setTimeout(() => this._check(), left);
+    }
+
+    async _run(f) {
+      const scope = typeof globalThis !== 'undefined' ? globalThis : undefined;
+      let res;
+      try {
+        res = await f.call(scope, this.url, {
+          headers: { Accept: 'text/event-stream' },
+          cache: 'no-store',
+          signal: this._abort.signal,
+        });
+      } catch (err) {
+        return this._fail({ reason: String((err && err.message) || err) });
+      }
+      if (this.readyState === ES_CLOSED) return;
+      const type = (res.headers && res.headers.get('content-type')) || '';
+      if (res.status !== 200 || !/^text\/event-stream/i.test(type)) {
+        let body = null;
+        try {
+          body = await res.json();
+        } catch (err) {
+          /* not the gateway's JSON */
+        }
+        const e = (body && body.error) || {};
+        return this._fail({ status: res.status, code: e.code, reason: e.message || 'HTTP ' + res.status });
+      }
+      if (!res.body || typeof res.body.getReader !== 'function') {
+        FetchEventSource.unsupported = true; // no streamed bodies here: EventSource from now on
+        return this._fail({ reason: 'fetch() cannot stream in this runtime' });
+      }
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder(); // UTF-8; drops a leading BOM, as the standard asks
+      clearTimeout(this._timer);
+      this.readyState = 1;
+      this._last = Date.now();
+      if (this._stallTimeout) this._timer = setTimeout(() => this._check(), this._stallTimeout);
+      if (this.onopen) this._call(this.onopen, { type: 'open' });
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (this.readyState === ES_CLOSED) return;
+          if (done) break;
+          this._last = Date.now();
+          this._feed(decoder.decode(value, { stream: true }));
+        }
+      } catch (err) {
+        return this._fail({ reason: String((err && err.message) || err) });
+      }
+      this._fail({ reason: 'stream ended' });
+    }
+
+    _feed(text) {
+      const s = this._rest + text;
+      let start = 0;
+      // The rest holds no line end but maybe a last "\r" (the first half of "\r\n").
+      EOL.lastIndex = Math.max(0, this._rest.length - 1);
+      let m;
+      while ((m = EOL.exec(s)) !== null) {
+        if (m[0] === '\r' && m.index === s.length - 1) break; // wait for what follows
+        this._line(s.slice(start, m.index));
+        start = EOL.lastIndex;
+        if (this.readyState === ES_CLOSED) return; // a handler closed it
+      }
+      this._rest = s.slice(start);
+    }
+
+    _line(line) {
+      if (line === '') return this._dispatch();
+      if (line.charCodeAt(0) === 58) return; // ':' a comment (the gateway's ping)
+      const colon = line.indexOf(':');
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? '' : line.slice(colon + 1);
+      if (value.charCodeAt(0) === 32) value = value.slice(1);
+      if (field === 'data') {
+        if (this._data === null) this._data = [];
+        this._data.push(value);
+      } else if (field === 'event') {
+        this._type = value;
+      } else if (field === 'id') {
+        if (value.indexOf('\0') < 0) this._id = value;
+      } else if (field === 'retry') {
+        if (/^\d+$/.test(value)) this.retry = parseInt(value, 10);
+      }
+    }
+
+    _dispatch() {
+      const data = this._data;
+      const type = this._type || 'message';
+      this._data = null;
+      this._type = '';
+      if (data === null) return;
+      const ev = { type, data: data.join('\n'), lastEventId: this._id };
+      if (type === 'message' && this.onmessage) this._call(this.onmessage, ev);
+      const set = this._listeners.get(type);
+      if (set) for (const fn of Array.from(set)) this._call(fn, ev);
+    }
+  }
+  FetchEventSource.unsupported = false;
 
   // ------------------------------------------------------------------ client
 
@@ -1005,7 +1192,9 @@ var GatewayClient = (function () {
           })
       );
       if (seq !== this._seq || !this._active) return;
-      const ES = this.options.EventSource || (typeof EventSource !== 'undefined' ? EventSource : null);
+      // A request above had the token refused and got a new one: the stream takes that.
+      if (token && this._token !== token && !this._tokenRejected) token = this._token;
+      const ES = this._eventSourceClass();
       if (!ES) {
         const err = new GatewayError('unavailable', 'neither WebSocket nor EventSource is available');
         return this._stop('unavailable', { transport: 'sse' }, err);
@@ -1021,7 +1210,15 @@ var GatewayClient = (function () {
       const resuming = new Map(subs.map((s) => [s.channel, s._everSubscribed || s.position !== null]));
       let es;
       try {
-        es = new ES(this._urls.http + '/sse?' + q.toString());
+        const url = this._urls.http + '/sse?' + q.toString();
+        es =
+          ES === FetchEventSource
+            ? new FetchEventSource(url, {
+                fetch: this.options.fetch,
+                stallTimeout: this.options.sseStallTimeout,
+                openTimeout: this.options.commandTimeout,
+              })
+            : new ES(url);
       } catch (err) {
         this._retry({ transport: 'sse', reason: String(err && err.message) });
         return;
@@ -1074,20 +1271,51 @@ var GatewayClient = (function () {
         const pos = parseCursor(ev.lastEventId)[channel] || { epoch: null, offset: null };
         this._recoveryFailed(sub, pos.epoch !== sub.epoch ? 'epoch' : 'history', pos.epoch, pos.offset);
       });
-      es.onerror = () => {
+      es.onerror = (ev) => {
         if (this._es !== es) return;
         for (const s of this._subs.values()) if (s.state === 'subscribed') s.state = 'pending';
         if (es.readyState === ES_CLOSED) {
-          // Refused (401 after expiry, 503 while draining…): reopen ourselves, with a
-          // fresh token if needed and our own positions as the cursor.
+          // Refused (401 after expiry, 503 while draining…), ended or gone silent:
+          // reopen ourselves, with a fresh token if needed and our own positions as
+          // the cursor.
           this._es = null;
-          this._retry({ transport: 'sse', reason: opened ? 'stream closed' : 'stream refused' });
+          this._sseClosed(es, opened, ev || {});
         } else if (this.state === 'connected') {
           // The browser reconnects by itself and sends Last-Event-ID.
           this.transport = null;
           this._setState('reconnecting', { transport: 'sse' });
         }
       };
+    }
+
+    /** What reads the stream: the `EventSource` option, else fetch() where it streams,
+     * else the browser's EventSource (null: neither). */
+    _eventSourceClass() {
+      if (this.options.EventSource) return this.options.EventSource;
+      if (FetchEventSource.supported(this.options.fetch)) return FetchEventSource;
+      return typeof EventSource !== 'undefined' ? EventSource : null;
+    }
+
+    /** A stream ended CLOSED: `ev` says why where fetch() read it ({status, code, reason}). */
+    _sseClosed(es, opened, ev) {
+      const info = { transport: 'sse', reason: (opened ? 'stream closed' : 'stream refused') + (ev.reason ? ': ' + ev.reason : '') };
+      if (ev.status) info.status = ev.status;
+      if (ev.status === 401) {
+        // As a WebSocket's 4001: a new token, if there is a way to get one.
+        this._tokenRejected = true;
+        if (typeof this.options.getToken !== 'function' || this.options.tokenless) {
+          const err = new GatewayError('unauthorized', 'the gateway refused the ' + (this.options.tokenless ? 'stream' : 'token') + ' (' + (ev.reason || 401) + ')');
+          return this._stop('unauthorized', info, err);
+        }
+        return this._retry(info, jitter(500));
+      }
+      if (ev.status === 400 || ev.status === 403) {
+        // A channel refused (name or permission): say so; a new token may allow it.
+        this._emit('error', new GatewayError(ev.code || HTTP_CODES[ev.status], ev.reason || 'HTTP ' + ev.status, { status: ev.status }));
+      }
+      // An open stream that ended (a drain, the token's expiry) comes back after the
+      // gateway's `retry:`, spread; everything else with the backoff.
+      this._retry(info, opened && es.retry != null && !ev.status ? jitter(es.retry) : undefined);
     }
 
     _queueSseReopen() {
@@ -1159,6 +1387,7 @@ var GatewayClient = (function () {
   GatewayClient.GatewayError = GatewayError;
   GatewayClient.Subscription = Subscription;
   GatewayClient.tokenExpiry = tokenExpiry;
+  GatewayClient.FetchEventSource = FetchEventSource;
   GatewayClient.version = VERSION;
   return GatewayClient;
 })();
