@@ -36,7 +36,7 @@ from auth import Claims, PatternSet
 from auth.tokens import MAX_INFO_BYTES
 from channels.names import is_valid_channel
 from gateway.errors import ErrorCode, GatewayError
-from gateway.pooled_http import PooledClient
+from gateway.pooled_http import PooledClient, ReplyTooLarge
 from gateway.settings import json_object
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ HOOK_KEYS = {
 REFUSAL_CODES = frozenset(ErrorCode)
 DEFAULT_TIMEOUT = 2.0
 JSON_HEADERS = {"content-type": "application/json"}
+# A reply's body, read at most: what a backend sends is parsed on the worker's loop
+# (and an rpc's data or a subscribe's info goes on to the client in one frame).
+MAX_REPLY_BYTES: Final = 1 << 20
 NO_INFO: Final[Any] = object()  # a subscribe hook's allow that attached nothing
 
 
@@ -360,9 +363,11 @@ class Hooks:
         assert client is not None, "hooks configured: the client exists"
         try:
             async with asyncio.timeout(hook.timeout):  # the whole call
-                status, content = await client.post(hook.url, body, JSON_HEADERS)
+                status, content = await client.post(hook.url, body, JSON_HEADERS, MAX_REPLY_BYTES)
         except TimeoutError:
             raise HookFailed("timeout", f"no answer within {hook.timeout:g}s") from None
+        except ReplyTooLarge:
+            raise HookFailed("bad_reply", "the reply is over 1 MiB") from None
         except (aiohttp.ClientError, OSError) as exc:
             # The exception's text (the backend's address) for the log, not for clients.
             logger.warning("%s hook: %s: %s", hook.name, type(exc).__name__, str(exc)[:200])

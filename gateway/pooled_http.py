@@ -18,6 +18,10 @@ import aiohttp
 CONNECTIONS = 256  # to the backend; more calls at once wait for one (within their timeout)
 
 
+class ReplyTooLarge(Exception):
+    """The reply's body is over the caller's ``limit``: not read further."""
+
+
 class PooledClient:
     """One ``aiohttp.ClientSession``, made in the running loop on first use."""
 
@@ -34,12 +38,22 @@ class PooledClient:
         )
         return self._session
 
-    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    async def post(
+        self, url: str, content: bytes, headers: dict[str, str], limit: int
+    ) -> tuple[int, bytes]:
         """The status and body of a POST of ``content``; raises ``aiohttp.ClientError``
-        (or ``OSError``) when the backend cannot be reached or breaks the exchange."""
+        (or ``OSError``) when the backend cannot be reached or breaks the exchange, and
+        ``ReplyTooLarge`` for a body over ``limit`` bytes (said or sent: the rest unread)."""
         session = self._session or self._open()
         async with session.post(url, data=content, headers=headers, allow_redirects=False) as r:
-            return r.status, await r.read()
+            if r.content_length is not None and r.content_length > limit:
+                raise ReplyTooLarge
+            body = bytearray()
+            async for chunk in r.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise ReplyTooLarge
+            return r.status, bytes(body)
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -15,7 +15,8 @@ first ``:`` up to a ``.`` is the behaviour (``chat:rewrite.1`` → ``rewrite``):
   ``unknown``: ``{"result": "maybe"}``;
 - ``info`` (subscribe): allowed with ``{"info": INFO}``; ``huge`` (publish): accepted
   with data of ``HUGE`` bytes; ``deep``: allowed (accepted, ok) with ``data`` and
-  ``info`` nested 300 levels deep, which orjson reads but does not write.
+  ``info`` nested 300 levels deep, which orjson reads but does not write;
+``toobig``: 1.06 MiB streamed, no content-length.
 
 ``POST /hooks/rpc`` does the same by the method's name (``rpc:echo`` → ``echo``); an
 allowed call answers ``{"result": "ok", "data": {"echo": <data>, "user": <user>}}``.
@@ -42,7 +43,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.fake_upstream import serve_app
@@ -174,8 +175,13 @@ class FakeBackend:
             reply = {"result": "allow", "info": INFO}
         elif kind == "huge" and hook == "publish":
             reply = {"result": "accept", "data": "x" * HUGE}
-        elif hook == "rpc" and kind not in ("hang", "http500", "badjson", "unknown", "deep"):
+        elif hook == "rpc" and kind not in ("hang", "http500", "badjson", "unknown", "deep", "toobig"):
             reply = {"result": "ok", "data": {"echo": body["data"], "user": body["user"]}}
+        elif kind == "toobig":  # over the gateway's 1 MiB, streamed (no content-length)
+            filler = b"x" * 65536
+            head = b'{"result": "%s", "data": "' % ok["result"].encode()
+            chunks = [head, *[filler] * 17, b'"}']
+            return StreamingResponse(iter(chunks), media_type="application/json")
         elif kind == "deep":  # JSON that orjson reads (1,024 levels) but cannot write
             deep = {**ok, "data": nested(300), "info": nested(300)}
             return Response(json.dumps(deep), media_type="application/json")

@@ -229,6 +229,8 @@ async def test_channels_outside_the_patterns_never_call_the_hooks(hooked, backen
         # bad reply, where it was a 1011 (rpc), an unexplained internal error (publish) or
         # a channel left half subscribed ("already subscribed" to the retry)
         ("deep", "the reply is nested too deeply"),
+        # read and parsed on the worker's loop: 100 MB was taken whole
+        ("toobig", "the reply is over 1 MiB"),
     ],
 )
 @pytest.mark.parametrize("op", ["subscribe", "publish"])
