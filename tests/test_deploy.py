@@ -203,7 +203,8 @@ async def test_probes_point_at_real_routes_of_the_app() -> None:
                     assert routed(app, path["path"]) or routed(app, path["path"], "websocket")
                 else:  # the HTTP API for backends and apps
                     assert routed(app, path["path"].rstrip("/") + "/publish", method="POST")
-    assert {"/ws", "/sse"} <= set(exposed)
+    # and the browser client, which docs/client.md has pages load from the gateway
+    assert {"/ws", "/sse", "/client.js", "/client.mjs"} <= set(exposed)
     assert "/metrics" not in exposed  # operations stay inside the cluster
 
 
