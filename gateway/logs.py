@@ -81,6 +81,58 @@ class _Redacted:
 
 _PLAIN: Final = (int, float, type(None))  # arguments that cannot hold a token
 
+# websockets at debug (under stock uvicorn it logs through "uvicorn.error"): each frame
+# ("< %s": "TEXT '{…}' [n bytes]", cut to its head and tail, so a token's tail can be
+# left with neither its name nor its "eyJ") and each handshake header (a session
+# cookie, an API key). A frame is written as its kind and size; a header's value only
+# for the headers of the handshake itself.
+_FRAME_LINES: Final = frozenset({"< %s", "> %s"})
+_HEADER_LINES: Final = frozenset({"< %s: %s", "> %s: %s"})
+_SHOWN_HEADERS: Final = frozenset(
+    {
+        "host",
+        "upgrade",
+        "connection",
+        "origin",
+        "user-agent",
+        "date",
+        "server",
+        "content-type",
+        "content-length",
+        "cache-control",
+        "pragma",
+        "accept-encoding",
+        "accept-language",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+        "sec-websocket-protocol",
+    }
+)
+
+
+def _frame(arg: object) -> object:
+    opcode, data = getattr(arg, "opcode", None), getattr(arg, "data", None)
+    if opcode is None or not isinstance(data, bytes | bytearray | memoryview):
+        return _redacted(arg)
+    return f"{getattr(opcode, 'name', opcode)} [{len(data)} bytes]"
+
+
+def _websockets_line(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is a websockets frame or header line, made safe if so."""
+    msg, args = record.msg, record.args
+    if not isinstance(msg, str) or not isinstance(args, tuple):
+        return False
+    if msg in _FRAME_LINES and len(args) == 1:
+        record.args = (_frame(args[0]),)
+        return True
+    if msg in _HEADER_LINES and len(args) == 2:
+        name, value = args
+        shown = isinstance(name, str) and name.lower() in _SHOWN_HEADERS
+        record.args = (_redacted(name), _redacted(value) if shown else REDACTED)
+        return True
+    return False
+
 
 def _redacted(arg: object) -> object:
     if isinstance(arg, str):
@@ -97,6 +149,8 @@ class RedactTokens(logging.Filter):
         if record.__dict__.get(REDACTED_ALREADY):
             return True
         record.__dict__[REDACTED_ALREADY] = True  # one pass per record, whatever filters
+        if _websockets_line(record):
+            return True
         if isinstance(record.msg, str):
             record.msg = redact(record.msg)
         if isinstance(record.args, tuple):

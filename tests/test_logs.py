@@ -85,6 +85,42 @@ def test_arguments_that_are_not_text_are_redacted_when_formatted() -> None:
     assert message.endswith(" 7 None 2.5 " + redact(repr(scope)))
 
 
+def test_websockets_frames_and_handshake_headers_keep_no_secret() -> None:
+    """Under stock uvicorn, websockets logs each frame and each handshake header at
+    debug. A frame logged as its head and tail lost the token's name and ``eyJ``
+    ("note": "xx...<the signature's last 21 characters>") and a session cookie was
+    written whole: now a frame is its kind and size, a header's value is shown only
+    for the handshake's own headers."""
+    from websockets.frames import Frame, Opcode
+
+    payload = f'{{"id": 4, "op": "refresh", "note": "{"x" * 80}", "token": "{JWT}"}}'
+    frame = Frame(Opcode.TEXT, payload.encode())
+    assert JWT[-21:] in str(frame) and "eyJ" not in str(frame)  # what was logged
+    lines = [
+        ("< %s", (frame,)),
+        ("> %s", (Frame(Opcode.CLOSE, b"\x03\xe8"),)),
+        ("< %s: %s", ("Cookie", "session=SESSION-SECRET")),
+        ("< %s: %s", ("X-Api-Key", "API-SECRET")),
+        ("< %s: %s", ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")),
+        ("< %s: %s", ("Host", "gateway.example.com")),
+        ("< %s: %s", ("Authorization", f"Bearer {JWT}")),
+    ]
+    out = []
+    for msg, args in lines:
+        record = logging.LogRecord("uvicorn.error", logging.DEBUG, __file__, 1, msg, args, None)
+        assert RedactTokens().filter(record)
+        out.append(record.getMessage())
+    assert out == [
+        f"< TEXT [{len(payload)} bytes]",
+        "> CLOSE [2 bytes]",
+        f"< Cookie: {REDACTED}",
+        f"< X-Api-Key: {REDACTED}",
+        f"< Sec-WebSocket-Key: {REDACTED}",
+        "< Host: gateway.example.com",
+        f"< Authorization: {REDACTED}",
+    ]
+
+
 def test_a_record_is_redacted_once_whatever_the_filters_it_passes() -> None:
     logger = logging.getLogger("tests.redaction")
     logger.propagate = False
