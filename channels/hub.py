@@ -40,11 +40,13 @@ from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
 from channels.local import SubscribeResult as SubscribeResult
 from channels.lock import ChannelLocks
+from channels.log_throttle import LogThrottle
 from channels.presence import Presence
 from channels.publication import Batch, Message, Publication, StreamPosition, compact
 from channels.session import Gap, Session
 
 logger = logging.getLogger(__name__)
+_NO_BROKER = LogThrottle(logger)  # (a global read on a rare path)
 
 
 class Hub(Fanout):
@@ -147,10 +149,8 @@ class Hub(Fanout):
             for channel in list(session.channels):
                 try:
                     await self.unsubscribe(session, channel)
-                except BrokerUnavailable:
-                    logger.warning(
-                        "broker unavailable while %s left %s", session.client_id, channel
-                    )
+                except BrokerUnavailable:  # every client leaving meanwhile: a line a while
+                    _NO_BROKER.warning("broker unavailable while %s left %s", session, channel)
         finally:
             self._leaving -= 1
             self._maybe_idle()

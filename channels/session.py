@@ -133,6 +133,14 @@ def _size(item: Outgoing) -> int:
     return item.size
 
 
+def _messages(item: Outgoing) -> int:
+    """The deliveries ``item`` was counted as: a batch's messages, a publication or a
+    presence event one (a reply, a gap: none)."""
+    if isinstance(item, Batch):
+        return len(item.messages)
+    return 1 if isinstance(item, (Publication, PresenceEvent)) else 0
+
+
 class Session:
     def __init__(
         self,
@@ -167,6 +175,9 @@ class Session:
         self._aborted = False
         self._start_writer: Callable[[], object] | None = None
         self.close_reason: object = None
+        # Messages counted as deliveries and never written: a slow consumer's queue,
+        # dropped when it was cut (the metrics' drops).
+        self.dropped = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.user!r} {self.transport_name}>"
@@ -210,6 +221,7 @@ class Session:
                 return False
         self._queued_bytes += _size(item)
         if self._queued_bytes > self.max_queue_bytes:
+            self.dropped += _messages(item)
             self._too_slow()
             self.abort()  # its writer may be stuck on a full socket
             return False
@@ -272,6 +284,10 @@ class Session:
 
     def cut(self, reason: object) -> None:
         """``close`` with what is queued dropped: nothing more reaches the client."""
+        queue = self._queue
+        if queue:
+            for item in queue:
+                self.dropped += _messages(item)
         self._queue = None
         self._queued_bytes = 0
         self.close(reason)

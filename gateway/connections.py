@@ -14,6 +14,7 @@ class Connections:
         self.limit = limit
         self.open: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
         self.slow_closes: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
+        self.dropped = 0  # deliveries never written: slow consumers' queues, dropped
         self.total = 0  # of ``open``, kept as they change (read by every connect)
         self.at_capacity = limit <= 0
 
@@ -22,9 +23,10 @@ class Connections:
         self.total += 1
         self.at_capacity = self.total >= self.limit
 
-    def closed(self, transport: str, *, slow: bool) -> None:
+    def closed(self, transport: str, *, slow: bool, dropped: int = 0) -> None:
         self.open[transport] -= 1
         self.total -= 1
         self.at_capacity = self.total >= self.limit
         if slow:
             self.slow_closes[transport] += 1
+        self.dropped += dropped

@@ -34,6 +34,7 @@ from prometheus_client import Counter, Histogram
 
 from auth import Claims, PatternSet
 from auth.tokens import MAX_INFO_BYTES
+from channels.log_throttle import LogThrottles
 from channels.names import is_valid_channel
 from gateway.errors import ErrorCode, GatewayError
 from gateway.pooled_http import PooledClient, ReplyTooLarge
@@ -253,6 +254,9 @@ class Hooks:
         self._seconds = seconds
         self._outcomes = outcomes
         self._client = PooledClient() if hooks else None
+        # A backend that is down fails every call (a reconnect storm through the connect
+        # hook: two lines per client): a line a while per hook and kind of line.
+        self._failure_logs = LogThrottles(logger)
 
     def applies(self, name: str, channel: str) -> bool:
         """Whether hook ``name`` runs for ``channel`` (False when it is not configured)."""
@@ -351,7 +355,7 @@ class Hooks:
                 raise HookFailed("bad_reply", f"unknown result {str(result)[:40]!r}")
         except HookFailed as exc:
             self._observe(hook, started, exc.outcome)
-            logger.warning("%s hook failed: %s", hook.name, exc)
+            self._failure_logs[hook.name, "failed"].warning("%s hook failed: %s", hook.name, exc)
             raise GatewayError(ErrorCode.INTERNAL, f"{hook.name} hook failed: {exc}") from None
         self._observe(hook, started, str(result))
         if result != accepted:
@@ -370,7 +374,9 @@ class Hooks:
             raise HookFailed("bad_reply", "the reply is over 1 MiB") from None
         except (aiohttp.ClientError, OSError) as exc:
             # The exception's text (the backend's address) for the log, not for clients.
-            logger.warning("%s hook: %s: %s", hook.name, type(exc).__name__, str(exc)[:200])
+            self._failure_logs[hook.name, "error"].warning(
+                "%s hook: %s: %s", hook.name, type(exc).__name__, str(exc)[:200]
+            )
             raise HookFailed("unreachable", "the backend could not be reached") from None
         if not 200 <= status < 300:
             raise HookFailed("bad_status", f"HTTP {status}")

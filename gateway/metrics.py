@@ -51,7 +51,10 @@ class GatewayCollector(Collector):
             "gateway_deliveries", "Messages queued to clients", stats.deliveries
         )
         yield CounterMetricFamily(
-            "gateway_drops", "Duplicate or stale messages dropped", stats.drops
+            "gateway_drops",
+            "Messages not delivered: duplicate or stale ones from the broker, and those "
+            "dropped with a slow consumer's queue when it was closed",
+            stats.drops + counts.dropped,
         )
         slow = CounterMetricFamily(
             "gateway_slow_consumer_closes",

@@ -4,6 +4,7 @@ ask for the status alone)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -15,6 +16,11 @@ router = APIRouter(include_in_schema=False)
 # A broker that does not answer within this is not ready: a probe gets its 503 before
 # its own timeout (Kubernetes' default is 1 s), not after the broker's command timeout.
 READY_TIMEOUT = 0.8
+
+logger = logging.getLogger(__name__)
+# What each gateway's /readyz last answered (by the gateway's id): a change is logged,
+# once, so that a pod taken out of its Service for a broker that stalled says why.
+_last_answer: dict[int, str] = {}
 
 
 @router.api_route("/healthz", methods=["GET", "HEAD"])
@@ -28,12 +34,16 @@ async def readyz(gateway: GatewayDep) -> Response:
         return JSONResponse({"status": "draining"}, status_code=503)
     try:
         async with asyncio.timeout(READY_TIMEOUT):
-            ready = await gateway.hub.ready()
+            status = "ready" if await gateway.hub.ready() else "broker unavailable"
     except TimeoutError:
-        return JSONResponse({"status": "broker not answering"}, status_code=503)
-    if not ready:
-        return JSONResponse({"status": "broker unavailable"}, status_code=503)
-    return JSONResponse({"status": "ready"})
+        status = "broker not answering"
+    if _last_answer.get(id(gateway), "ready") != status:
+        _last_answer[id(gateway)] = status
+        if status == "ready":
+            logger.warning("ready again: the broker answers")
+        else:
+            logger.warning("not ready: %s (/readyz answers 503)", status)
+    return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
 
 @router.api_route("/metrics", methods=["GET", "HEAD"])

@@ -17,6 +17,7 @@ from auth.tokens import make_token, new_dev_secret
 from channels.backend_url import create_backend
 from channels.broker import BrokerOptions
 from channels.hub import Hub
+from channels.log_throttle import LogThrottle
 from channels.session import Session, Transport
 from gateway.connections import Connections
 from gateway.errors import CloseCode
@@ -26,6 +27,8 @@ from gateway.ratelimit import RateLimiter
 from gateway.settings import DEV_WARNING, Settings
 
 logger = logging.getLogger(__name__)
+# When a network path stalls, many clients stop reading at once: a line a while.
+_SLOW_CONSUMERS = LogThrottle(logger)
 
 # Seconds before the shutdown's deadline (GATEWAY_DRAIN_SECONDS) that a request still
 # reading its body (``Gateway.body_readers``) is stopped, for its answer to go out.
@@ -140,15 +143,23 @@ class Gateway:
             return True
         if not self.hub.unregister_now(session):
             return False
-        self.connections.closed(session.transport_name, slow=session.slow)
+        self._count_closed(session)
         return True
 
     async def closed(self, session: Session) -> None:
         """The session leaves every channel and stops counting. Idempotent."""
         if self.closed_now(session):
             return
-        self.connections.closed(session.transport_name, slow=session.slow)
+        self._count_closed(session)
         await self.hub.unregister(session)
+
+    def _count_closed(self, session: Session) -> None:
+        slow = session.slow
+        self.connections.closed(session.transport_name, slow=slow, dropped=session.dropped)
+        if slow:
+            _SLOW_CONSUMERS.info(
+                "closed a slow consumer: %s (%d queued messages dropped)", session, session.dropped
+            )
 
     async def start(self) -> None:
         await self.hub.start()
@@ -176,14 +187,14 @@ class Gateway:
         later = max(0.0, self.settings.drain_seconds - BODY_MARGIN)
         asyncio.get_running_loop().call_later(later, self._stop_body_readers)
         sessions = list(self.hub.sessions)
-        if sessions:
-            logger.info("draining %d connections", len(sessions))
+        logger.info("draining: closing %d connections (1012 / end of stream)", len(sessions))
         for session in sessions:
             session.close(CloseCode.SERVICE_RESTART)
-        if not self.hub.sessions:
-            return
+        started = asyncio.get_running_loop().time()
         try:
             await asyncio.wait_for(self.hub.wait_idle(), self.settings.drain_seconds)
+            waited = asyncio.get_running_loop().time() - started
+            logger.info("drained: every connection closed in %.2fs", waited)
         except TimeoutError:
             stuck = list(self.hub.sessions)
             logger.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -516,22 +517,29 @@ def broker_settings(broker: str, request: pytest.FixtureRequest) -> dict[str, An
 
 
 async def test_readyz_is_503_at_once_while_redis_does_not_answer(
-    make_server: Any, own_redis_server: RedisServer
+    make_server: Any, own_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A Redis that stops answering (paused, a partition): the probe is answered 503 in
     under a second, not after the 5 s command timeout (a probe's own timeout first: it
-    saw no 503), and 200 again once Redis answers."""
+    saw no 503), and 200 again once Redis answers. Each change is logged once (the pod
+    left its Service with nothing in its log to say why)."""
     server = await make_server(broker_url=own_redis_server.url)
     async with api_client(server) as http:
         assert (await http.get("/readyz")).status_code == 200
         own_redis_server.command("CLIENT", "PAUSE", "4000", "ALL")
-        r = await http.get("/readyz", timeout=3)  # within 3 s: the command timeout is 5
-        assert (r.status_code, r.json()) == (503, {"status": "broker not answering"})
+        with caplog.at_level(logging.WARNING, logger="gateway.ops"):
+            r = await http.get("/readyz", timeout=3)  # within 3 s: the command timeout is 5
+            assert (r.status_code, r.json()) == (503, {"status": "broker not answering"})
 
-        async def ready() -> bool:
-            return (await http.get("/readyz", timeout=3)).status_code == 200
+            async def ready() -> bool:
+                return (await http.get("/readyz", timeout=3)).status_code == 200
 
-        await poll(ready, timeout=15)
+            await poll(ready, timeout=15)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.ops"]
+    assert lines == [
+        "not ready: broker not answering (/readyz answers 503)",
+        "ready again: the broker answers",
+    ], lines
 
 
 @pytest.mark.parametrize("broker", ["memory", "redis"])

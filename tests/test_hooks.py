@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -270,6 +271,23 @@ async def test_a_backend_that_is_down_is_an_internal_error(make_server):
             assert reply["error"]["code"] == "internal", reply
             assert f"{op} hook failed" in reply["error"]["message"]
         await c.ping_ok()
+
+
+async def test_a_backend_that_is_down_is_not_a_log_line_per_call(make_server, caplog):
+    """Every connect of a reconnect storm through a hook whose backend is down failed
+    with two warnings; now a line of each kind a while, then how many were held back."""
+    dead = f"http://127.0.0.1:{free_port()}/hooks/subscribe"
+    hooks = {"subscribe": {"url": dead, "channels": ["chat:*"], "timeout": 2}}
+    gw = await make_server(hooks=orjson.dumps(hooks).decode())
+    with caplog.at_level(logging.WARNING, logger="gateway.hooks"):
+        async with ws_client(gw) as c:
+            for i in range(20):
+                reply = await c.call("subscribe", channel=f"chat:down.{i}", timeout=10)
+                assert reply["error"]["code"] == "internal", reply
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.hooks"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("subscribe hook: ClientConnectorError"), lines
+    assert lines[1] == "subscribe hook failed: the backend could not be reached", lines
 
 
 async def test_a_hung_publish_hook_delays_no_other_channel(make_server, backend):

@@ -84,6 +84,16 @@ class QueueWatch:
             await self._task
 
 
+def metric(text: str, name: str) -> float:
+    """``gateway_<name>_total`` of a /metrics page."""
+    [value] = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(f"gateway_{name}_total ")
+    ]
+    return value
+
+
 def _assert_in_order_prefix(offsets: list[int]) -> None:
     assert offsets == list(range(1, len(offsets) + 1)), offsets[:20]
 
@@ -126,6 +136,13 @@ async def test_slow_ws_consumer_is_closed_with_4008_while_fast_readers_get_every
         _assert_in_order_prefix([f["offset"] for f in pushes])
         await eventually(lambda: not _sessions_of(server, "slow"))
         assert {s.user for s in server.gateway.hub.sessions} == {"fast1", "fast2"}
+
+        # What its queue held when it was cut was counted as delivered and never
+        # written: drops (they stayed at 0, the deliveries counting them as sent).
+        metrics = (await http.get("/metrics")).text
+        drops, deliveries = (metric(metrics, n) for n in ("drops", "deliveries"))
+        assert 0 < drops <= MESSAGES - len(pushes), (drops, len(pushes))
+        assert deliveries - drops >= 2 * MESSAGES + len(pushes)
 
     await eventually(lambda: len(server.gateway.hub.sessions) == 0)
 

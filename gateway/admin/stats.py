@@ -85,7 +85,7 @@ class ClusterStats:
                 "publications": stats.publications_in,
                 "broker_messages": stats.messages_received,
                 "deliveries": stats.deliveries,
-                "drops": stats.drops,
+                "drops": stats.drops + connections.dropped,
                 "recoveries": stats.recoveries,
             },
             "slow_consumer_closes": {t: connections.slow_closes[t] for t in TRANSPORTS},

@@ -48,10 +48,18 @@ class DrainingServer(uvicorn.Server):
         # 3. What the drain's last writes left in the sockets' buffers (a client that
         #    reads slowly: its queued messages, its 1012) goes out before the exit.
         await flushed(self.server_state.connections, started + budget)
+        #    Those whose client stopped reading are reset now: uvicorn would wait for
+        #    them with what is left of the budget, then cancel and log an error.
+        for connection in list(self.server_state.connections):
+            if unsent(connection):
+                connection.transport.abort()
         # 4. uvicorn closes idle keep-alive connections and waits for in-flight requests
         #    (a streamed publish, say) with what is left of the budget, then cancels them;
         #    then the lifespan shutdown closes the broker.
-        remaining = max(0.0, started + budget - loop.time())
+        #    At least a moment for what was just reset to be gone: with no time at all,
+        #    uvicorn logs an error ("timeout graceful shutdown exceeded") even when
+        #    nothing is left to wait for.
+        remaining = max(0.5, started + budget - loop.time())
         # uvicorn annotates it ``int`` but only hands it to ``asyncio.wait_for``.
         self.config.timeout_graceful_shutdown = remaining  # type: ignore[assignment]
         await super().shutdown(sockets=sockets)
