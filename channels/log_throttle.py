@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable
 class LogThrottle:
     """One ``logger`` line per ``interval`` seconds; the rest counted, not written."""
 
-    __slots__ = ("logger", "interval", "_clock", "_last", "_held")
+    __slots__ = ("_clock", "_held", "_last", "interval", "logger")
 
     def __init__(
         self,
@@ -55,7 +55,7 @@ class LogThrottle:
 class LogThrottles:
     """A ``LogThrottle`` per key (a hook's name and its kind of line, say), made on first use."""
 
-    __slots__ = ("logger", "interval", "_by_key")
+    __slots__ = ("_by_key", "interval", "logger")
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
         self.logger = logger

@@ -175,7 +175,14 @@ class FakeBackend:
             reply = {"result": "allow", "info": INFO}
         elif kind == "huge" and hook == "publish":
             reply = {"result": "accept", "data": "x" * HUGE}
-        elif hook == "rpc" and kind not in ("hang", "http500", "badjson", "unknown", "deep", "toobig"):
+        elif hook == "rpc" and kind not in (
+            "hang",
+            "http500",
+            "badjson",
+            "unknown",
+            "deep",
+            "toobig",
+        ):
             reply = {"result": "ok", "data": {"echo": body["data"], "user": body["user"]}}
         elif kind == "toobig":  # over the gateway's 1 MiB, streamed (no content-length)
             filler = b"x" * 65536

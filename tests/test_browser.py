@@ -610,9 +610,9 @@ async def test_client_on_sse_stops_when_the_token_is_refused_and_it_has_no_other
 
 SSE_CHUNKS = [
     "\ufeffretry: 300\r",  # a BOM; "\r\n" split across two reads
-    "\n: ping\r\n\r\nid: a~e~1\r\ndata: {\"x\":",
+    '\n: ping\r\n\r\nid: a~e~1\r\ndata: {"x":',
     "1}\r\rid: b\n:\ndata\ndata:  two\n\n",  # "\r" alone ends a line too
-    "event: gap\ndata: {\"channel\":\"c\"}\n\nid: c\n\nid: x\u0000y\ndata: after id\n\n",
+    'event: gap\ndata: {"channel":"c"}\n\nid: c\n\nid: x\u0000y\ndata: after id\n\n',
     "data: never dispatched, no blank line",
 ]
 
