@@ -80,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     install_redaction()
     gateway = Gateway(settings)
+    if gateway.metrics.shared is not None:  # --workers N: its figures for the others
+        gateway.add_feature(gateway.metrics.shared)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:

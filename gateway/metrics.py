@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from channels.hub import Hub
+from gateway import metrics_shared
 from gateway.connections import TRANSPORTS, Connections
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -78,6 +85,9 @@ class Metrics:
     def __init__(self, hub: Hub, connections: Connections) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(hub, connections))
+        # process_open_fds (a descriptor per client), _resident_memory_bytes, _cpu_...:
+        # read from /proc at scrape time only.
+        ProcessCollector(registry=self.registry)
         self.latency = Histogram(
             "gateway_publish_to_send_seconds",
             "Time from publication to its first write to a client socket (sampled per batch)",
@@ -99,5 +109,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        # With --workers N: every worker's figures summed (gateway.metrics_shared).
+        shared = metrics_shared.directory
+        self.shared = (
+            None if shared is None else metrics_shared.SharedMetrics(self.registry, shared)
+        )
+
     def render(self) -> bytes:
+        if self.shared is not None:
+            return self.shared.render()
         return generate_latest(self.registry)

@@ -507,6 +507,17 @@ async def test_metrics_count_slow_consumer_closes_family_exists(server):
         assert any(n.startswith("gateway_") and "slow" in n for n in fams), list(fams)
 
 
+async def test_metrics_have_the_process_figures(server):
+    """Open descriptors (one per client, against the process's limit), memory, CPU."""
+    async with api_client(server) as http, ws_client(server) as c:
+        await c.ping_ok()
+        fams = _families((await http.get("/metrics")).text)
+    for name in ("process_open_fds", "process_max_fds", "process_resident_memory_bytes"):
+        assert name in fams, list(fams)
+    [open_fds] = fams["process_open_fds"].samples
+    assert open_fds.value >= 2  # this client's socket and the API client's at least
+
+
 def broker_settings(broker: str, request: pytest.FixtureRequest) -> dict[str, Any]:
     if broker == "memory":
         return {}

@@ -252,6 +252,69 @@ async def test_two_workers_with_redis_serve_one_port_and_each_drains_on_sigterm(
     assert not any(running(pid) for pid in workers)
 
 
+def sockets_of(pid: int) -> int:
+    """How many sockets process ``pid`` holds open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def scraped(text: str, sample: str) -> float:
+    [value] = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")
+    ]
+    return value
+
+
+async def test_two_workers_answer_metrics_for_the_whole_process(
+    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A scrape reaches whichever worker takes its connection: each answered with its own
+    figures (9 connections from one, 1 from the other, counters going back and forth,
+    which Prometheus reads as resets). Every scrape answers for both now."""
+    proc, workers = await start_workers(procs, redis_server, redis_prefix)
+    url = f"{proc.ws_url}/ws?token={token()}"
+    before = {pid: sockets_of(pid) for pid in workers}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        while len(clients) < 60 and not all(sockets_of(p) > before[p] for p in workers):
+            for _ in range(4):  # which worker accepts each is up to the kernel
+                client = await stack.enter_async_context(connect(url))
+                await client.send('{"id": 1, "op": "subscribe", "channel": "news"}')
+                assert orjson.loads(await asyncio.wait_for(client.recv(), 5))["ok"] is True
+                clients.append(client)
+        assert all(sockets_of(p) > before[p] for p in workers), "every client on one worker"
+        await clients[0].send('{"id": 2, "op": "publish", "channel": "news", "data": "hi"}')
+        for client in clients:
+            while "channel" not in orjson.loads(await asyncio.wait_for(client.recv(), 5)):
+                pass  # the publisher's reply
+
+        async def scrape() -> str:
+            async with httpx.AsyncClient(base_url=proc.url, timeout=5) as fresh:
+                return (await fresh.get("/metrics")).text
+
+        open_ws = 'gateway_connections{transport="websocket"}'
+
+        # The other worker's figures are at most a second old.
+        async def summed() -> bool:
+            text = await scrape()
+            return scraped(text, open_ws) == len(clients) and scraped(
+                text, "gateway_deliveries_total"
+            ) == len(clients)
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await summed():
+            assert asyncio.get_running_loop().time() < deadline, await scrape()
+            await asyncio.sleep(0.1)
+        for _ in range(10):  # fresh connections: both workers answer some of them
+            text = await scrape()
+            assert scraped(text, open_ws) == len(clients), text
+            assert scraped(text, "gateway_deliveries_total") == len(clients), text
+            assert scraped(text, "gateway_publications_total") == 1, text
+            # a process's descriptors are summed, its limit not
+            assert scraped(text, "process_open_fds") > len(clients), text
+            assert scraped(text, "process_max_fds") == os.sysconf("SC_OPEN_MAX"), text
+
+
 async def test_a_drain_on_a_presence_channel_closes_with_1012_and_leaves_presence_empty(
     procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
 ) -> None:

@@ -23,8 +23,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.context import SpawnProcess
@@ -32,6 +34,7 @@ from types import FrameType
 
 import uvicorn
 
+from gateway import metrics_shared
 from gateway.server.draining import DrainingServer
 from gateway.server.heap import prepare_heap
 
@@ -46,6 +49,7 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def run_workers(config: uvicorn.Config, workers: int, drain_seconds: float) -> int:
     """Run ``workers`` children serving ``config`` (an app factory string) until signalled."""
     sock = config.bind_socket()
+    metrics = tempfile.mkdtemp(prefix="gateway-metrics-")  # each worker's figures
     context = multiprocessing.get_context("spawn")
     children: list[SpawnProcess] = []
     requested: list[int] = []  # signals received, in order
@@ -61,7 +65,7 @@ def run_workers(config: uvicorn.Config, workers: int, drain_seconds: float) -> i
         for index in range(workers):
             child = context.Process(
                 target=_worker_main,
-                args=(config, sock, os.getpid()),
+                args=(config, sock, os.getpid(), metrics),
                 name=f"gateway-worker-{index}",
             )
             children.append(child)
@@ -78,6 +82,7 @@ def run_workers(config: uvicorn.Config, workers: int, drain_seconds: float) -> i
             if child.exitcode is None:
                 child.kill()
                 child.join(5)
+        shutil.rmtree(metrics, ignore_errors=True)
 
 
 def _supervise(children: list[SpawnProcess], requested: list[int], drain_seconds: float) -> int:
@@ -115,9 +120,13 @@ def _signal_child(child: SpawnProcess, signum: int) -> None:
             os.kill(child.pid, signum)
 
 
-def _worker_main(config: uvicorn.Config, sock: socket.socket, parent_pid: int) -> None:
-    """A child: own process group, a watchdog on the parent, then ``DrainingServer``."""
+def _worker_main(
+    config: uvicorn.Config, sock: socket.socket, parent_pid: int, metrics: str
+) -> None:
+    """A child: own process group, a watchdog on the parent, its figures summed with the
+    others' for /metrics, then ``DrainingServer``."""
     os.setpgid(0, 0)
+    metrics_shared.directory = metrics
     threading.Thread(
         target=_watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True
     ).start()
