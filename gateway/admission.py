@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from auth import AuthError, Claims
 from channels.session import new_client_id
-from gateway.errors import MAX_CLOSE_REASON, Close, CloseCode, ErrorCode, GatewayError
+from gateway.errors import (
+    MAX_CLOSE_REASON,
+    Close,
+    CloseCode,
+    ErrorCode,
+    GatewayError,
+    refusal_name,
+)
 from gateway.hooks import Cookies, Grant, HeaderLookup, Opening, Refusal
 from gateway.runtime import Gateway
 
@@ -15,17 +22,24 @@ from gateway.runtime import Gateway
 def refusal(
     gateway: Gateway, origin: str | None, claims: Claims | AuthError, hooked: bool = False
 ) -> Close | None:
-    """Why a WebSocket must be closed right after its handshake; None: it may open.
-    ``hooked``: the connect hook decides a connection without a token."""
+    """Why a WebSocket must be closed right after its handshake (counted); None: it may
+    open. ``hooked``: the connect hook decides a connection without a token."""
     if not gateway.origin_allowed(origin):
-        return CloseCode.ORIGIN_NOT_ALLOWED
+        return refused(gateway, CloseCode.ORIGIN_NOT_ALLOWED)
     if gateway.draining:
-        return CloseCode.SERVICE_RESTART
+        return refused(gateway, CloseCode.SERVICE_RESTART)
     if gateway.connections.at_capacity:
-        return CloseCode.TRY_AGAIN_LATER
+        return refused(gateway, CloseCode.TRY_AGAIN_LATER)
     if isinstance(claims, AuthError) and not (hooked and claims.missing):
-        return CloseCode.TOKEN_EXPIRED if claims.expired else CloseCode.UNAUTHORIZED
+        close = CloseCode.TOKEN_EXPIRED if claims.expired else CloseCode.UNAUTHORIZED
+        return refused(gateway, close)
     return None
+
+
+def refused(gateway: Gateway, close: Close) -> Close:
+    """``close``, counted as a WebSocket refused (gateway_connections_refused_total)."""
+    gateway.connections.refuse("websocket", refusal_name(close))
+    return close
 
 
 def hook_close(exc: GatewayError) -> Close:
@@ -58,7 +72,7 @@ async def ask_backend(
     try:
         grant = await gateway.hooks.connect(token_claims, opening)
     except GatewayError as exc:
-        return hook_close(exc)
+        return refused(gateway, hook_close(exc))
     if gateway.draining:  # while the backend answered
-        return CloseCode.SERVICE_RESTART
+        return refused(gateway, CloseCode.SERVICE_RESTART)
     return Admitted(grant.apply(token_claims), grant, client_id)

@@ -15,6 +15,7 @@ class Connections:
         self.open: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
         self.slow_closes: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
         self.dropped = 0  # deliveries never written: slow consumers' queues, dropped
+        self.refused: Counter[tuple[str, str]] = Counter()  # by transport and reason
         self.total = 0  # of ``open``, kept as they change (read by every connect)
         self.at_capacity = limit <= 0
 
@@ -22,6 +23,10 @@ class Connections:
         self.open[transport] += 1
         self.total += 1
         self.at_capacity = self.total >= self.limit
+
+    def refuse(self, transport: str, reason: str) -> None:
+        """A connection refused before it opened (``gateway.errors.refusal_name``)."""
+        self.refused[transport, reason] += 1
 
     def closed(self, transport: str, *, slow: bool, dropped: int = 0) -> None:
         self.open[transport] -= 1

@@ -87,6 +87,24 @@ class CloseCode:
     NORMAL = Close(1000, "")
 
 
+# A refused connection's reason in the metrics (gateway_connections_refused_total).
+_REFUSAL_NAMES = {
+    1008: "origin_not_allowed",
+    1011: "connect_hook_failed",
+    1012: "service_restart",
+    1013: "try_again_later",
+    4001: "unauthorized",
+    4003: "refused_by_hook",
+}
+
+
+def refusal_name(refusal: Close | GatewayError) -> str:
+    """How a refused WebSocket (its close) or SSE request (its error) is counted."""
+    if isinstance(refusal, Close):
+        return _REFUSAL_NAMES.get(refusal.code, f"close_{refusal.code}")
+    return "unavailable" if refusal.status == 503 else str(refusal.code)
+
+
 def close_for(reason: object) -> Close | None:
     """The close frame for why a session ended; None when the client is already gone."""
     if reason is Ending.CLIENT_GONE:

@@ -63,6 +63,17 @@ class GatewayCollector(Collector):
             "dropped with a slow consumer's queue when it was closed",
             stats.drops + counts.dropped,
         )
+        refused = CounterMetricFamily(
+            "gateway_connections_refused",
+            "Connections refused before they opened: a WebSocket by its close "
+            "(try_again_later at GATEWAY_MAX_CONNECTIONS, unauthorized, origin_not_allowed, "
+            "service_restart, refused_by_hook, connect_hook_failed), an SSE request by its "
+            "error (unavailable, unauthorized, forbidden, bad_request, ...)",
+            labels=["transport", "reason"],
+        )
+        for (transport, reason), count in sorted(counts.refused.items()):
+            refused.add_metric([transport, reason], count)
+        yield refused
         slow = CounterMetricFamily(
             "gateway_slow_consumer_closes",
             "Connections closed because they did not read",

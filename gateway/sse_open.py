@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import GatewayError, JSONBody
+from gateway.errors import GatewayError, JSONBody, refusal_name
 from gateway.runtime import Gateway
 from gateway.sse import open_stream
 from gateway.sse_opener import Checked, passing
@@ -60,6 +60,7 @@ class Shortcut:
         try:
             stream = await open_stream(self.gateway, claims, channels, positions)
         except GatewayError as exc:  # the broker, while subscribing: as the app answers it
+            self.gateway.connections.refuse("sse", refusal_name(exc))
             await JSONBody(exc.body(), status_code=exc.status)(scope, receive, send)
             return
         await EventStream(stream)(scope, receive, send)

@@ -15,7 +15,7 @@ from auth import AuthError, Claims
 from channels.hub import SubscribeError
 from channels.publication import StreamPosition
 from gateway.cors import CorsHeaders
-from gateway.errors import GatewayError, JSONBody
+from gateway.errors import GatewayError, JSONBody, refusal_name
 from gateway.query import hooked, last_of, query_params, token_of
 from gateway.runtime import Gateway
 from gateway.server.ports import OpenLater, RequestHead, Respond, Started, StreamOpener, StreamPort
@@ -123,7 +123,7 @@ async def _open_later(
     try:
         stream = await open_stream(gateway, *checked)
     except GatewayError as exc:
-        return _respond(cors, origin, exc)
+        return _respond(gateway, cors, origin, exc)
     return Opened(stream, cors.headers(RAW_HEADERS, origin))
 
 
@@ -148,10 +148,14 @@ async def _refused(
     error = gateway_error_of(exc)
     if not isinstance(error, GatewayError):
         raise error
-    return _respond(cors, origin, error)
+    return _respond(stream.gateway, cors, origin, error)
 
 
-def _respond(cors: CorsHeaders, origin: str | None, error: GatewayError) -> Respond:
-    """The route's answer to ``error`` (``JSONBody``, through the CORS middleware)."""
+def _respond(
+    gateway: Gateway, cors: CorsHeaders, origin: str | None, error: GatewayError
+) -> Respond:
+    """The route's answer to ``error`` (``JSONBody``, through the CORS middleware),
+    counted as a stream refused."""
+    gateway.connections.refuse("sse", refusal_name(error))
     body = JSONBody(error.body(), status_code=error.status)
     return Respond(error.status, cors.headers(list(body.raw_headers), origin), bytes(body.body))

@@ -17,9 +17,10 @@ from auth import AuthError, Claims
 from channels.session import Ending, new_client_id
 from gateway.access import checked_channel
 from gateway.deps import GatewayDep, MaybeClaimsDep
-from gateway.errors import ErrorCode, GatewayError
+from gateway.errors import ErrorCode, GatewayError, refusal_name
 from gateway.hooks import Opening
 from gateway.query import hooked
+from gateway.runtime import Gateway
 from gateway.server.ports import stream_port
 from gateway.sse import RAW_HEADERS, Stream, checked_request, open_stream, positions_from
 
@@ -55,6 +56,14 @@ class EventStream(Response):
 
 @router.get("/sse", response_class=Response)
 async def sse_endpoint(request: Request, gateway: GatewayDep, claims: MaybeClaimsDep) -> Any:
+    try:
+        return await _open(request, gateway, claims)
+    except GatewayError as exc:  # answered by the app's handler; counted here
+        gateway.connections.refuse("sse", refusal_name(exc))
+        raise
+
+
+async def _open(request: Request, gateway: Gateway, claims: Claims | AuthError) -> EventStream:
     if not gateway.origin_allowed(request.headers.get("origin")):
         # As a WebSocket's 1008, before anything else: a page of another origin could
         # not read the stream, but it would be subscribed (and join presence) all the same.

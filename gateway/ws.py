@@ -41,7 +41,7 @@ from channels.session import Ending, Gap, Outgoing, Unrecoverable
 from gateway import dispatch, wire
 from gateway.admission import ask_backend, refusal
 from gateway.commands import BadFrame, Command, parse_command
-from gateway.errors import Close, CloseCode, ErrorCode, close_for
+from gateway.errors import Close, CloseCode, ErrorCode, close_for, refusal_name
 from gateway.hooks import Grant
 from gateway.query import hooked, query_value, token_of
 from gateway.ratelimit import RateLimiter
@@ -140,6 +140,7 @@ class Connection:
         self._hold(self.claims)
         self.session.writer_on_demand(self._start_writer)  # idle connections need no task
         if refused is not None:
+            gateway.connections.refuse("websocket", refusal_name(refused))
             self.port.listen(self._wake_reader, self._take_direct)
             self.session.close(refused)
             return
