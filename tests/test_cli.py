@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SECRET, eventually, token
@@ -275,7 +275,7 @@ async def test_two_workers_answer_metrics_for_the_whole_process(
     url = f"{proc.ws_url}/ws?token={token()}"
     before = {pid: sockets_of(pid) for pid in workers}
     async with contextlib.AsyncExitStack() as stack:
-        clients = []
+        clients: list[ClientConnection] = []
         while len(clients) < 60 and not all(sockets_of(p) > before[p] for p in workers):
             for _ in range(4):  # which worker accepts each is up to the kernel
                 client = await stack.enter_async_context(connect(url))
