@@ -221,6 +221,11 @@ def test_the_grace_period_covers_the_prestop_sleep_and_the_drain() -> None:
     assert sleep >= 1  # endpoints and proxies must see the pod go before it stops accepting
     # A few seconds of margin beyond the drain: interpreter shutdown, broker close.
     assert spec["terminationGracePeriodSeconds"] >= sleep + drain + 5
+    # Once the drain starts the port is closed, so liveness probes fail too: the kubelet
+    # must not count the drain as a dead container and kill it half way.
+    liveness = gateway_container()["livenessProbe"]
+    window = liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3)
+    assert window > drain, (window, drain)
 
 
 def test_one_worker_per_pod() -> None:
