@@ -40,7 +40,10 @@ RUN /opt/venv/bin/pip install . \
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="gateway" \
       org.opencontainers.image.description="Real-time streaming gateway: WebSocket and SSE fan-out"
-ENV PATH=/opt/venv/bin:$PATH \
+# Production: without GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY the image refuses to
+# start, instead of an open dev mode on every interface (-e GATEWAY_ENV=development for it).
+ENV GATEWAY_ENV=production \
+    PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -9,6 +9,7 @@ server (gateway.demo_backend).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         _log_choice(choice)  # once uvicorn's Config has set up logging
         if settings.dev_mode:  # (the workers are given the secret: not in dev mode there)
             logger.warning(DEV_WARNING)
+            _warn_if_exposed(args.host)
         return run_workers(config, args.workers, settings.drain_seconds)
 
     from gateway.app import create_app
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         _announce_dev(gateway.dev_token, base, settings.demo)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, **options))
     _log_choice(choice)
+    if settings.dev_mode:
+        _warn_if_exposed(args.host)
     if demo_hooks is not None:
         logger.info("dev mode: GATEWAY_HOOKS is the chat demo's backend: %s", demo_hooks)
     prepare_heap()
@@ -106,6 +110,21 @@ def _local_url(host: str, port: int) -> str:
     """Where this machine reaches a server bound to ``host`` (a wildcard: on loopback)."""
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _warn_if_exposed(host: str) -> None:
+    """Dev mode mints tokens for whoever asks: say so when more than this machine can."""
+    try:
+        local = ipaddress.ip_address(host or "0.0.0.0").is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if not local:
+        logger.warning(
+            "dev mode listening on %s: anyone who reaches this port can take a token for "
+            "anything (/dev/token) and use /admin. Set GATEWAY_JWT_SECRET (and "
+            "GATEWAY_ENV=production) before serving a network.",
+            host,
+        )
 
 
 def _log_choice(choice: ServerChoice) -> None:

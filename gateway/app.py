@@ -112,7 +112,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Streaming gateway",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        # FastAPI's pages load Swagger's script from a CDN onto the gateway's origin:
+        # while developing only.
+        docs_url=None if settings.env == "production" else "/docs",
+        openapi_url=None if settings.env == "production" else "/openapi.json",
         redoc_url=None,
     )
     app.state.gateway = gateway
@@ -135,6 +138,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # from any origin: with "*" a cross-origin request's cookies are not honoured.
         "allow_credentials": "connect" in gateway.hooks.hooks and "*" not in settings.origins,
     }
+    if "connect" in gateway.hooks.hooks and "*" in settings.origins:
+        logger.warning(
+            "a connect hook with GATEWAY_ALLOWED_ORIGINS=*: a browser sends its cookies with "
+            "a WebSocket handshake from any page, so a cookie-authenticating hook must check "
+            "`origin` itself, or set GATEWAY_ALLOWED_ORIGINS to your pages' origins"
+        )
     app.add_middleware(HTTPOnlyCORSMiddleware, **cors)
     app.sse_shortcut = sse_open.Shortcut(
         gateway, lambda inner: HTTPOnlyCORSMiddleware(inner, **cors)

@@ -17,17 +17,26 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Message, Receive, Scope, Send
 
 Header = tuple[bytes, bytes]
+CLIENT_SCRIPTS = frozenset({"/client.js", "/client.mjs"})
+
+
+def cors_path(path: str) -> bool:
+    """Whether CORS answers requests for ``path``: the contract's ``/sse`` and HTTP API,
+    and the client script (a page of another origin loads it as a module, which is a
+    CORS request). Not the pages, the admin view or dev mode's token route
+    (``gateway.dev_guard``)."""
+    return path == "/sse" or path.startswith("/api/") or path in CLIENT_SCRIPTS
 
 
 class HTTPOnlyCORSMiddleware(CORSMiddleware):
-    """CORS concerns HTTP only. A WebSocket scope is handed on as a tail call (this
-    ``__call__`` is not ``async``), so a connection does not keep one more coroutine
-    frame parked here for its whole life."""
+    """CORS concerns HTTP only, and the paths of ``cors_path``. A WebSocket scope is
+    handed on as a tail call (this ``__call__`` is not ``async``), so a connection does
+    not keep one more coroutine frame parked here for its whole life."""
 
     def __call__(  # type: ignore[override]
         self, scope: Scope, receive: Receive, send: Send
     ) -> Awaitable[None]:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not cors_path(scope["path"]):
             return self.app(scope, receive, send)
         return super().__call__(scope, receive, send)
 

@@ -12,14 +12,14 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, FastAPI, Query
+from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse, Response
-from fastapi.staticfiles import StaticFiles
 
 from auth.tokens import make_token
 from channels.broker import BrokerUnavailable
 from gateway import demo_backend
 from gateway.deps import GatewayDep
+from gateway.dev_guard import PAGE_HEADERS, PageFiles, dev_request
 from gateway.errors import ErrorCode, GatewayError
 from gateway.runtime import Gateway
 
@@ -33,14 +33,14 @@ def install(app: FastAPI, gateway: Gateway) -> None:
     """The pages and the client script; in dev mode with ``GATEWAY_DEMO`` the publisher and
     the chat's backend."""
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.mount("/static", PageFiles(directory=str(STATIC)), name="static")
     if gateway.dev_secret is not None and gateway.settings.demo:
         gateway.add_feature(DemoPublisher(gateway))
         demo_backend.install(app, gateway)
 
 
 def _page(name: str) -> HTMLResponse:
-    return HTMLResponse((STATIC / name).read_text(encoding="utf-8"))
+    return HTMLResponse((STATIC / name).read_text(encoding="utf-8"), headers=PAGE_HEADERS)
 
 
 # The JavaScript client: one source, served as a classic script (``window.GatewayClient``)
@@ -78,7 +78,7 @@ async def llm() -> HTMLResponse:
     return _page("llm.html")
 
 
-@router.get("/dev/token")
+@router.get("/dev/token", dependencies=[Depends(dev_request)])
 async def dev_token(
     gateway: GatewayDep, user: str = Query("guest", min_length=1, max_length=64)
 ) -> dict[str, Any]:

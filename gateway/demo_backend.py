@@ -71,7 +71,7 @@ MAX_PAGE = 50
 def hooks_config(base: str) -> str:
     """``GATEWAY_HOOKS`` for this backend served at ``base`` (``http://host:port``)."""
     config = {
-        "connect": {"url": base + HOOK_PATHS["connect"], "with_token": False},
+        "connect": {"url": base + HOOK_PATHS["connect"], "with_token": False, "headers": ["host"]},
         "publish": {"url": base + HOOK_PATHS["publish"], "channels": ROOMS},
         "rpc": {"url": base + HOOK_PATHS["rpc"], "methods": [HISTORY_METHOD]},
     }
@@ -229,8 +229,16 @@ class ChatBackend:
             fields = dict(parse_qsl((await request.body()).decode(errors="replace")))
         cookie, login = self.sessions.issue(display_name(fields.get("name")))
         response = JSONBody(self._state(login.user))
+        # Secure where the page came over https (directly, or behind a proxy saying so).
+        secure = "https" in (request.url.scheme, request.headers.get("x-forwarded-proto"))
         response.set_cookie(
-            COOKIE, cookie, max_age=SESSION_SECONDS, path="/", httponly=True, samesite="lax"
+            COOKIE,
+            cookie,
+            max_age=SESSION_SECONDS,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=secure,
         )
         return response
 
@@ -247,6 +255,12 @@ class ChatBackend:
         body = await json_object(request)
         if body.get("claims") is not None:
             return JSONBody({"result": "allow"})  # a token speaks for itself
+        # A browser sends the cookie with a handshake from any page (another port of the
+        # same host too): only the chat's own pages may use it.
+        origin, headers = body.get("origin"), body.get("headers")
+        host = headers.get("host") if isinstance(headers, dict) else None
+        if isinstance(origin, str) and urlsplit(origin).netloc != host:
+            return refuse(ErrorCode.FORBIDDEN, "the chat's session is for its own pages")
         cookies = body.get("cookies")
         login = self.sessions.check(cookies.get(COOKIE) if isinstance(cookies, dict) else None)
         if login is None:

@@ -18,6 +18,7 @@ from gateway.access import checked_channel
 from gateway.admin.stats import ClusterStats
 from gateway.bodies import json_object
 from gateway.deps import GatewayDep
+from gateway.dev_guard import PAGE_HEADERS, dev_request, json_request
 from gateway.errors import ErrorCode, GatewayError, JSONBody
 from gateway.paths import CHANNEL
 
@@ -31,9 +32,11 @@ async def admin_enabled(gateway: GatewayDep) -> None:
 
 
 async def admin_only(request: Request, gateway: GatewayDep) -> None:
-    """The admin token as a bearer token, when one is set (compared in constant time)."""
+    """The admin token as a bearer token, when one is set (compared in constant time);
+    in dev mode without one, a request at a local host (``gateway.dev_guard``)."""
     expected = gateway.settings.admin_token
     if not expected:
+        await dev_request(request, gateway)
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -51,7 +54,8 @@ api = APIRouter(
 @router.get("/admin")
 async def page() -> HTMLResponse:
     """The page holds no figures: it fetches them from the API with the token."""
-    return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", **PAGE_HEADERS}
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers=headers)
 
 
 @api.get("/stats")
@@ -62,7 +66,7 @@ async def stats(request: Request, gateway: GatewayDep) -> JSONBody:
     return JSONBody(body)
 
 
-@api.post("/publish")
+@api.post("/publish", dependencies=[Depends(json_request)])
 async def publish(request: Request, gateway: GatewayDep) -> JSONBody:
     body = await json_object(request, gateway.settings.max_message_bytes)
     channel = checked_channel(body.get("channel"))
