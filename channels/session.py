@@ -134,8 +134,7 @@ def _size(item: Outgoing) -> int:
 
 
 def _messages(item: Outgoing) -> int:
-    """The deliveries ``item`` was counted as: a batch's messages, a publication or a
-    presence event one (a reply, a gap: none)."""
+    """The deliveries ``item`` was counted as (a reply, a gap: none)."""
     if isinstance(item, Batch):
         return len(item.messages)
     return 1 if isinstance(item, (Publication, PresenceEvent)) else 0
@@ -175,9 +174,7 @@ class Session:
         self._aborted = False
         self._start_writer: Callable[[], object] | None = None
         self.close_reason: object = None
-        # Messages counted as deliveries and never written: a slow consumer's queue,
-        # dropped when it was cut (the metrics' drops).
-        self.dropped = 0
+        self.dropped = 0  # messages counted as delivered and never written (``cut``)
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} user={self.user!r} {self.transport_name}>"
@@ -284,10 +281,8 @@ class Session:
 
     def cut(self, reason: object) -> None:
         """``close`` with what is queued dropped: nothing more reaches the client."""
-        queue = self._queue
-        if queue:
-            for item in queue:
-                self.dropped += _messages(item)
+        for item in self._queue or ():
+            self.dropped += _messages(item)
         self._queue = None
         self._queued_bytes = 0
         self.close(reason)
