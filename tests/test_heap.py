@@ -49,10 +49,11 @@ def test_python_m_gateway_freezes_the_heap_with_its_app_built() -> None:
 
 def test_each_worker_freezes_the_heap_with_its_app_built() -> None:
     output = python(
-        REPORT + "import os, socket, uvicorn\n"
+        REPORT + "import os, socket, tempfile, uvicorn\n"
         "from gateway.server.workers import APP_FACTORY, _worker_main\n"
         "config = uvicorn.Config(APP_FACTORY, factory=True, log_config=None)\n"
-        "_worker_main(config, socket.socket(), os.getppid())\n"
+        "with tempfile.TemporaryDirectory() as metrics:\n"
+        "    _worker_main(config, socket.socket(), os.getppid(), metrics)\n"
     )
     count, app, young = frozen(output)
     assert count > 20_000 and app, output
