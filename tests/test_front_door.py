@@ -25,7 +25,7 @@ from gateway.server.front import FrontDoor
 from gateway.server.handover import websocket_key
 from gateway.server.head import FRONT_LIMIT, Head
 from tests.conftest import MakeServer, RunningServer, eventually, token
-from tests.helpers import client_text_frame, read_raw_frame
+from tests.helpers import client_text_frame, read_raw_frame, ws_client
 from tests.test_handshake import (
     TIMEOUT,
     answer,
@@ -135,6 +135,102 @@ async def test_a_request_before_the_upgrade_on_one_connection(server: RunningSer
     finally:
         writer.close()
     await eventually(lambda: server.gateway.connections.total == 0)
+
+
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP response with a content-length, head and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head + await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+
+
+@pytest.mark.parametrize("pace", ["one write", "a byte a write"])
+async def test_an_upgrade_pipelined_behind_a_request_waits_for_its_response(
+    server: RunningServer, pace: str
+) -> None:
+    """A request and an upgrade in one write (or trickled): the 101 went out before the
+    first request's 200, whose bytes then landed in the WebSocket stream (read as frames:
+    "close 21584"), and the socket was dead. Responses go out in request order."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + upgrade(headers=standard())
+        if pace == "one write":
+            writer.write(request)
+        else:
+            for byte in request:
+                writer.write(bytes([byte]))
+                await writer.drain()
+        first = await read_response(reader)
+        assert status(first) == b"HTTP/1.1 200 OK", first
+        assert first.endswith(b'{"status":"ok"}'), first
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert status(head) == b"HTTP/1.1 101 Switching Protocols", head
+        writer.write(client_text_frame(b'{"id": 1, "op": "ping"}'))
+        assert orjson.loads((await read_raw_frame(reader))[2:])["ok"] is True
+    finally:
+        writer.close()
+    await eventually(lambda: server.gateway.connections.total == 0)
+
+
+async def test_a_bad_request_behind_a_stream_does_not_break_into_it(
+    server: RunningServer,
+) -> None:
+    """A ``GET /sse`` and a request httptools refuses, in one write: a 400 was written in
+    the middle of the stream's chunked body (its channel live on the worker: the stream
+    starts as the head is parsed). The stream is never cut into: either it does not
+    start (uvicorn's 400 alone) or the connection ends after its own bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    async with ws_client(server) as live:
+        await live.subscribe("a")
+        writer.write(
+            f"GET /sse?channel=a&token={token()}&last_event_id= HTTP/1.1\r\n"
+            "Host: 127.0.0.1\r\n\r\nGET / TTP/1.1\r\n\r\n".encode()
+        )
+        got = b""
+        try:
+            while chunk := await asyncio.wait_for(reader.read(65536), TIMEOUT):
+                got += chunk
+        finally:
+            writer.close()
+    assert got.count(b"HTTP/1.1 ") == 1, got
+    assert got.startswith((b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request")), got
+
+
+@pytest.mark.parametrize(
+    ("extra", "body"),
+    [
+        ([("Content-Length", "36")], client_text_frame(b'{"id":"from-body","op":"ping"}')),
+        ([("Content-Length", "0")], b""),
+        ([("Transfer-Encoding", "chunked")], b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+    ids=["a frame as its body", "an empty body", "a chunked body"],
+)
+async def test_an_upgrade_with_a_body_is_refused_as_stock_uvicorn_refuses_it(
+    stock_pair: tuple[RunningServer, RunningServer],
+    extra: list[tuple[str, str]],
+    body: bytes,
+) -> None:
+    """A body on a handshake was read as WebSocket frames (a command answered before any
+    frame was sent). websockets refuses a request with a body: 400, in both modes."""
+    statuses = []
+    for server in stock_pair:
+        head, _ = await answer(server.port, upgrade(headers=standard() + extra) + body)
+        statuses.append(status(head))
+    assert statuses[0] == statuses[1], statuses
+    if body:
+        assert statuses[0] == b"HTTP/1.1 400 Bad Request", statuses
+
+
+async def test_two_origins_on_an_upgrade_are_refused_as_stock_uvicorn_refuses_them(
+    make_server: MakeServer,
+) -> None:
+    """The first of two Origin headers was the one checked: allowed, then evil, got in."""
+    for raw in (True, False):
+        server = await make_server(allowed_origins="https://ok.example", raw_writes=raw)
+        for origins in (["https://ok.example", "https://evil.example"], ["https://ok.example"] * 2):
+            fields = standard() + [("Origin", origin) for origin in origins]
+            head, _ = await answer(server.port, upgrade(headers=fields))
+            assert status(head) == b"HTTP/1.1 400 Bad Request", (raw, origins, head)
 
 
 async def test_a_client_leaving_inside_a_head_leaves_nothing(server: RunningServer) -> None:

@@ -35,8 +35,18 @@ class AnswersUpgrades(HttpToolsProtocol):
     # The opener's answer, when it was asked before this protocol parsed the request
     # (``gateway.server.front``): not asked again.
     decided: Deferred | None = None
+    upgrade_waits = False  # behind a request read before it, still being answered
 
     def handle_websocket_upgrade(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # Pipelined behind a request still being answered (in the same read, say):
+            # responses go out in order, so the 101 waits for that one's; nothing is
+            # read meanwhile. (It was written first, the other's bytes then in the
+            # WebSocket stream.)
+            self.upgrade_waits = True
+            self.flow.pause_reading()
+            return
         opener: Opener | None = self.app_state.get(OPEN_WEBSOCKET)
         # With the gateway's WebSocket protocol configured, the config's limits are the
         # gateway's (the 1009 limit, pings): upgrades may skip it for the lean one.
@@ -78,6 +88,13 @@ class AnswersUpgrades(HttpToolsProtocol):
         again to switch it (an epoll change each way, about 5 µs of a connect's CPU)."""
         transport, config, state = self.transport, self.config, self.server_state
         hand_over(self, transport, config, state, self.client, key, url, decision, self.loop)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.upgrade_waits and not self.transport.is_closing():
+            self.upgrade_waits = False
+            self._unset_keepalive_if_required()  # (armed by the response just ended)
+            self.handle_websocket_upgrade()
 
     # -- after an upgrade answered here: the WebSocket protocol's (``_switch``) ---------
 

@@ -122,6 +122,9 @@ class FrontDoor(GatewayHttpToolsProtocol):
                 raise httptools.HttpParserError
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            if head.pipelined:  # behind another request: uvicorn's, which answers in order
+                self._to_http()
+                return
             # A whole upgrade head: answered here, or left to uvicorn's parser.
             after = data[upgrade.args[0] :] if upgrade.args else b""
             answer_upgrade(self, head, parser, received, after)

@@ -67,6 +67,7 @@ def websocket_key(url: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
     if len(headers) > MAX_NUM_HEADERS or len(url) + 16 > MAX_LINE_LENGTH:
         return None
     keys, versions, upgrades = [], [], []
+    origins = 0
     for name, value in headers:
         if len(name) + len(value) + 4 > MAX_LINE_LENGTH:
             return None
@@ -76,8 +77,12 @@ def websocket_key(url: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
             versions.append(value)
         elif name == b"upgrade":
             upgrades.append(value.lower())
-    if len(keys) != 1 or versions != [b"13"] or upgrades != [b"websocket"]:
-        return None
+        elif name == b"origin":
+            origins += 1
+        elif name == b"content-length" or name == b"transfer-encoding":
+            return None  # a body: websockets refuses it (400), never read as frames
+    if len(keys) != 1 or versions != [b"13"] or upgrades != [b"websocket"] or origins > 1:
+        return None  # (two Origins: websockets' 400, not the first one's check alone)
     return key_of(keys[0])
 
 

@@ -31,7 +31,10 @@ class Head:
         self.connection: bytes | None = None  # the last Connection header
         self.long_line = False  # a header line past websockets' limit
         self.expects = False  # an Expect header came
+        self.origins = 0  # how many Origin headers came
+        self.body = False  # a Content-Length or Transfer-Encoding header came
         self.complete = False  # the head is in
+        self.pipelined = False  # a request came before the one read last
         self.done = False  # the whole request is in
         # The parser's keep-alive answer when the head was in (llhttp forgets the request's
         # Connection header once the request is whole), with ``parser`` set to ask it.
@@ -67,12 +70,18 @@ class Head:
         elif kind == 3:
             self.version = value
             self.versions += 1
-        else:
+        elif kind == 4:
             self.expects = True
+        elif kind == 5:
+            self.origins += 1
+        else:
+            self.body = True
 
     def on_headers_complete(self) -> None:
         # (Not an exception to stop the parser early: httptools wraps one in another,
         # each with a traceback through its frames, several µs.)
+        if self.complete:  # a second request in the same read (pipelined)
+            self.pipelined = True
         self.complete = True
         if self.parser is not None:
             self.keep_alive = self.parser.should_keep_alive()
@@ -102,6 +111,8 @@ class Head:
             or self.keys != 1
             or self.versions != 1
             or self.version != b"13"
+            or self.origins > 1  # websockets' 400, not the first one's check alone
+            or self.body  # websockets' 400: a body is never read as frames
             or self.long_line
             or len(self.headers) > MAX_HEADERS
             or len(self.url) + 16 > MAX_LINE
@@ -140,6 +151,9 @@ _NOTED: Final = {
     b"sec-websocket-key": 2,
     b"sec-websocket-version": 3,
     b"expect": 4,
+    b"origin": 5,
+    b"content-length": 6,
+    b"transfer-encoding": 6,
 }
 # Header names as clients write them ("Host", "Sec-WebSocket-Key") -> ``_name_of`` them:
 # a few dozen in practice, one dictionary look-up per header instead of ``lower()`` and

@@ -125,9 +125,7 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
     # asked it already (``FrontDoor._stream_here``).
     stream_asked = False
     stream_answer: Started | OpenLater | None = None
-    # Whether a new protocol is made ready to parse at once (``_parsing``); the front door
-    # makes that part when its first read needs it.
-    parses_at_once = True
+    parses_at_once = True  # ``_parsing`` at once (the front door: when its read needs it)
 
     def __new__(
         cls,
@@ -239,6 +237,14 @@ class GatewayHttpToolsProtocol(AnswersUpgrades):
             self.loop.call_later(LINGER, self.transport.close)
         else:
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        # Not into a response already going (a stream, read with this in one read): closed.
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()
+            return
+        super().send_400_response(msg)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # uvicorn builds the cycle inline in on_headers_complete (or takes a pipelined
