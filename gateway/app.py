@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from gateway import admin, api, demo, llm, ops, sse_open, sse_opener, sse_route, ws, ws_route
@@ -59,6 +60,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONBody:
     status = exc.status_code
     code = STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
     return error_response(code, str(exc.detail), status, exc.headers)  # (a 405's Allow)
+
+
+async def _client_gone(request: Request, exc: Exception) -> JSONBody:
+    """A client that left while its body was read (a publish cut mid-body): nobody reads
+    this answer, and it is no error of the server's (it was one, with a traceback, per
+    such client: a log anyone could fill)."""
+    assert isinstance(exc, ClientDisconnect)
+    return error_response(ErrorCode.BAD_REQUEST, "the client left before its body was in")
 
 
 class GatewayApp(FastAPI):
@@ -122,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     cors: dict[str, Any] = {
         "allow_origins": settings.origins,
         "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],

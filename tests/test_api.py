@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from auth.tokens import make_token
-from tests.conftest import SECRET, token
+from tests.conftest import SECRET, eventually, token
 from tests.helpers import (
     api_client,
     api_history,
@@ -688,3 +689,26 @@ async def test_the_api_publish_rate_is_per_user_and_a_429_says_when_to_retry(mak
             return r.status_code == 200
 
         await poll(published_again, timeout=5, interval=0.1)
+
+
+async def test_a_client_leaving_mid_body_is_no_server_error(
+    server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publish whose client left before its body was in: an ERROR with a traceback
+    (starlette's ClientDisconnect) per such client, which anyone could use to fill the
+    log; quietly answered now, and the worker goes on."""
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                f"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token()}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                '{"channel": "news"'.encode()
+            )
+            await writer.drain()
+            writer.close()
+        # Each request's end (the server saw its client leave) closes its connection.
+        await eventually(lambda: not server.server.server_state.connections)
+        async with api_client(server) as http:
+            assert (await http.get("/healthz")).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
