@@ -375,6 +375,16 @@ async def freezing_proxy(port: int) -> AsyncIterator[FreezingProxy]:
 # --------------------------------------------------------------------------- HTTP API
 
 
+def sample_value(metrics: str, sample: str) -> float:
+    """The value of ``sample`` (a name with its labels, as written) on a /metrics page."""
+    [value] = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith(sample + " ")
+    ]
+    return value
+
+
 def bearer(tok: str | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok if tok is not None else token('backend')}"}
 

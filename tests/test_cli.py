@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SECRET, eventually, token
+from tests.helpers import sample_value
 from tests.procs import ROOT, GatewayProcess
 from tests.redis_server import RedisServer
 
@@ -258,13 +259,6 @@ def sockets_of(pid: int) -> int:
     return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
 
 
-def scraped(text: str, sample: str) -> float:
-    [value] = [
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")
-    ]
-    return value
-
-
 async def test_two_workers_answer_metrics_for_the_whole_process(
     procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
 ) -> None:
@@ -297,7 +291,7 @@ async def test_two_workers_answer_metrics_for_the_whole_process(
         # The other worker's figures are at most a second old.
         async def summed() -> bool:
             text = await scrape()
-            return scraped(text, open_ws) == len(clients) and scraped(
+            return sample_value(text, open_ws) == len(clients) and sample_value(
                 text, "gateway_deliveries_total"
             ) == len(clients)
 
@@ -307,12 +301,12 @@ async def test_two_workers_answer_metrics_for_the_whole_process(
             await asyncio.sleep(0.1)
         for _ in range(10):  # fresh connections: both workers answer some of them
             text = await scrape()
-            assert scraped(text, open_ws) == len(clients), text
-            assert scraped(text, "gateway_deliveries_total") == len(clients), text
-            assert scraped(text, "gateway_publications_total") == 1, text
+            assert sample_value(text, open_ws) == len(clients), text
+            assert sample_value(text, "gateway_deliveries_total") == len(clients), text
+            assert sample_value(text, "gateway_publications_total") == 1, text
             # a process's descriptors are summed, its limit not
-            assert scraped(text, "process_open_fds") > len(clients), text
-            assert scraped(text, "process_max_fds") == os.sysconf("SC_OPEN_MAX"), text
+            assert sample_value(text, "process_open_fds") > len(clients), text
+            assert sample_value(text, "process_max_fds") == os.sysconf("SC_OPEN_MAX"), text
 
 
 async def test_a_drain_on_a_presence_channel_closes_with_1012_and_leaves_presence_empty(

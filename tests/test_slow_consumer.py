@@ -17,6 +17,7 @@ from tests.helpers import (
     WsClient,
     api_client,
     parse_sse,
+    sample_value,
     small_rcvbuf_socket,
     sse_params,
     ws_client,
@@ -84,16 +85,6 @@ class QueueWatch:
             await self._task
 
 
-def metric(text: str, name: str) -> float:
-    """``gateway_<name>_total`` of a /metrics page."""
-    [value] = [
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(f"gateway_{name}_total ")
-    ]
-    return value
-
-
 def _assert_in_order_prefix(offsets: list[int]) -> None:
     assert offsets == list(range(1, len(offsets) + 1)), offsets[:20]
 
@@ -140,7 +131,9 @@ async def test_slow_ws_consumer_is_closed_with_4008_while_fast_readers_get_every
         # What its queue held when it was cut was counted as delivered and never
         # written: drops (they stayed at 0, the deliveries counting them as sent).
         metrics = (await http.get("/metrics")).text
-        drops, deliveries = (metric(metrics, n) for n in ("drops", "deliveries"))
+        drops, deliveries = (
+            sample_value(metrics, f"gateway_{n}_total") for n in ("drops", "deliveries")
+        )
         assert 0 < drops <= MESSAGES - len(pushes), (drops, len(pushes))
         assert deliveries - drops >= 2 * MESSAGES + len(pushes)
 
