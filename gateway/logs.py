@@ -111,6 +111,18 @@ _SHOWN_HEADERS: Final = frozenset(
 )
 
 
+# What uvicorn logs as the server's error, with a traceback, that is a client's doing (a
+# text frame that is not UTF-8, under stock uvicorn's WebSocket protocol, which closes it
+# 1007): a warning without the traceback, or any client could fill the error log.
+_CLIENT_FAULTS: Final = frozenset({"Invalid UTF-8 sequence received from client."})
+
+
+def _as_client_fault(record: logging.LogRecord) -> None:
+    if record.levelno >= logging.ERROR and record.msg in _CLIENT_FAULTS:
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+
+
 def _frame(arg: object) -> object:
     opcode, data = getattr(arg, "opcode", None), getattr(arg, "data", None)
     if opcode is None or not isinstance(data, bytes | bytearray | memoryview):
@@ -149,6 +161,8 @@ class RedactTokens(logging.Filter):
         if record.__dict__.get(REDACTED_ALREADY):
             return True
         record.__dict__[REDACTED_ALREADY] = True  # one pass per record, whatever filters
+        if isinstance(record.msg, str):
+            _as_client_fault(record)
         if _websockets_line(record):
             return True
         if isinstance(record.msg, str):

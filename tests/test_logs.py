@@ -8,8 +8,11 @@ import random
 
 import pytest
 from uvicorn.logging import AccessFormatter
+from websockets.frames import Frame, Opcode
 
 from gateway.logs import REDACTED, REDACTED_ALREADY, LeanAccessFormatter, RedactTokens, redact
+from tests.conftest import MakeServer, token
+from tests.helpers import raw_ws_handshake, read_raw_frame
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
 
@@ -189,3 +192,22 @@ def test_the_lean_access_formatter_writes_uvicorns_line(status: int) -> None:
     assert kept.getMessage() == record().getMessage()
     coloured = LeanAccessFormatter(fmt=fmt, use_colors=True)
     assert coloured.format(record()) == AccessFormatter(fmt=fmt, use_colors=True).format(record())
+
+
+async def test_a_client_fault_uvicorn_logs_as_an_error_is_a_warning_without_traceback(
+    make_server: MakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under stock uvicorn, a text frame that is not UTF-8 was an ERROR with a traceback
+    per connection (uvicorn closes it 1007): any client could fill the error log."""
+    server = await make_server(raw_writes=False)
+    with caplog.at_level(logging.INFO):
+        reader, writer = await raw_ws_handshake(server.port, token())
+        try:
+            writer.write(Frame(Opcode.TEXT, b'{"op": "\xff"}').serialize(mask=True))
+            close = await read_raw_frame(reader)
+            assert close[0] == 0x88 and int.from_bytes(close[2:4], "big") == 1007, close
+        finally:
+            writer.close()
+    faults = [r for r in caplog.records if "Invalid UTF-8" in r.getMessage()]
+    assert [(r.levelname, r.exc_info) for r in faults] == [("WARNING", None)], caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
