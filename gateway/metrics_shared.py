@@ -30,8 +30,10 @@ from prometheus_client.registry import Collector
 
 PERIOD = 1.0  # seconds between a worker's writes of its figures
 
-# Set in each worker by the supervisor (``gateway.server.workers``) before the app is made.
+# Set in each worker by the supervisor (``gateway.server.workers``) before the app is made:
+# the run's directory, and the supervisor's process id.
 directory: str | None = None
+supervisor: int | None = None
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name and labels
 # Figures of each process that a sum would make wrong: the earliest stands for all.
@@ -85,12 +87,25 @@ class SharedMetrics:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if supervisor is not None and os.getppid() != supervisor:
+            leave(str(self.directory))  # the supervisor was killed: nobody else will
 
     async def _keep_writing(self) -> None:
         while True:
             await asyncio.sleep(PERIOD)
             with contextlib.suppress(OSError):  # the run's directory removed at its end
                 self.write()
+
+
+def leave(path: str) -> None:
+    """A worker shutting down after its supervisor was killed (SIGKILL; the supervisor
+    removes the run's directory at every other exit): remove this worker's file, then the
+    directory if no other worker's is left in it, so the last worker out leaves nothing."""
+    for name in (f"worker-{os.getpid()}.json", f"worker-{os.getpid()}.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, name))
+    with contextlib.suppress(OSError):  # not empty: another worker is still running
+        os.rmdir(path)
 
 
 class _Summed(Collector):

@@ -254,9 +254,14 @@ async def test_two_workers_with_redis_serve_one_port_and_each_drains_on_sigterm(
     assert not any(running(pid) for pid in workers)
 
 
+def figures_files(pid: int) -> list[Path]:
+    """Worker ``pid``'s figures file, if it has one (``gateway.metrics_shared``)."""
+    return list(Path(tempfile.gettempdir()).glob(f"gateway-metrics-*/worker-{pid}.json"))
+
+
 def figures_file(pid: int) -> bool:
-    """Whether worker ``pid`` has its figures file (``gateway.metrics_shared``)."""
-    return len(list(Path(tempfile.gettempdir()).glob(f"gateway-metrics-*/worker-{pid}.json"))) == 1
+    """Whether worker ``pid`` has its figures file."""
+    return len(figures_files(pid)) == 1
 
 
 async def test_two_workers_answer_metrics_for_the_whole_process(
@@ -309,6 +314,24 @@ async def test_two_workers_answer_metrics_for_the_whole_process(
             # a process's descriptors are summed, its limit not
             assert sample_value(text, "process_open_fds") > len(clients), text
             assert sample_value(text, "process_max_fds") == os.sysconf("SC_OPEN_MAX"), text
+
+
+async def test_workers_of_a_killed_supervisor_close_with_1012_and_leave_no_files(
+    procs: list[GatewayProcess], redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A supervisor killed with SIGKILL cannot stop its workers nor remove the run's
+    figures directory: each worker sees it gone (its watchdog), drains (a client gets
+    1012) and exits, and the last one out removes the directory."""
+    proc, workers = await start_workers(procs, redis_server, redis_prefix)
+    await eventually(lambda: all(figures_file(pid) for pid in workers), timeout=10)
+    (directory,) = {path.parent for pid in workers for path in figures_files(pid)}
+    async with connect(f"{proc.ws_url}/ws?token={token()}") as client:
+        await client.send('{"id": 1, "op": "subscribe", "channel": "news"}')
+        assert orjson.loads(await asyncio.wait_for(client.recv(), 5))["ok"] is True
+        proc.proc.send_signal(signal.SIGKILL)
+        assert await close_of(client) == (1012, "service restart")
+    assert await eventually(lambda: not any(running(pid) for pid in workers), timeout=15)
+    assert not directory.exists(), sorted(directory.iterdir())
 
 
 async def test_a_drain_on_a_presence_channel_closes_with_1012_and_leaves_presence_empty(

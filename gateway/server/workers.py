@@ -126,7 +126,7 @@ def _worker_main(
     """A child: own process group, a watchdog on the parent, its figures summed with the
     others' for /metrics, then ``DrainingServer``."""
     os.setpgid(0, 0)
-    metrics_shared.directory = metrics
+    metrics_shared.directory, metrics_shared.supervisor = metrics, parent_pid
     threading.Thread(
         target=_watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True
     ).start()
