@@ -36,6 +36,11 @@ def compact(data: bytes) -> bytes:
     return bytes(memoryview(data))
 
 
+# The highest offset anything takes from a client (a WebSocket's ``since``, a stream's
+# cursor, the history API's ``since_offset``): Redis counts a channel's offsets in a
+# signed 64-bit integer.
+MAX_OFFSET: Final = 2**63 - 1
+
 # What a push adds to its payload on the wire, roughly (names, offset, epoch, framing):
 # used to count a queue's bytes without encoding anything.
 _OVERHEAD = 64

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
+from channels.publication import MAX_OFFSET
 from gateway import wire
 from gateway.access import checked_channel, require
 from gateway.bodies import encoded, idempotency_key, json_object
@@ -68,21 +69,34 @@ async def history(
     channel: str,
     gateway: GatewayDep,
     claims: ClaimsDep,
-    since_offset: Annotated[int | None, Query(ge=0)] = None,
-    limit: Annotated[int | None, Query(ge=0)] = None,
+    since_offset: Annotated[str | None, Query()] = None,
+    limit: Annotated[str | None, Query()] = None,
 ) -> JSONBody:
+    since, count = _whole_number("since_offset", since_offset), _whole_number("limit", limit)
     checked_channel(channel)
     require(claims.can_subscribe(channel), "reading history of", channel)
     try:
-        if since_offset is None:
-            page = await gateway.hub.history(channel, limit=limit)
+        if since is None:
+            page = await gateway.hub.history(channel, limit=count)
         else:  # what history still holds after since_offset, oldest first
             page = await gateway.hub.history(channel)
-            after = [pub for pub in page.publications if pub.offset > since_offset]
-            page.publications = after if limit is None else after[:limit]
+            after = [pub for pub in page.publications if pub.offset > since]
+            page.publications = after if count is None else after[:count]
     except BrokerUnavailable:
         raise GatewayError.unavailable() from None
     return JSONBody(wire.history_body(page))
+
+
+def _whole_number(name: str, value: str | None) -> int | None:
+    """A query parameter as the WebSocket's ``since`` and a stream's cursor take an
+    offset: decimal digits, 0 to 2^63-1 (not pydantic's lax "+1", " 1" or "1_0")."""
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_OFFSET:
+        raise GatewayError(
+            ErrorCode.BAD_REQUEST, f"{name}: a whole number from 0 to {MAX_OFFSET} expected"
+        )
+    return int(value)
 
 
 @router.get(f"/channels/{{channel:{CHANNEL}}}/presence")

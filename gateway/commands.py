@@ -15,7 +15,7 @@ from typing import Any, Final
 import orjson
 
 from channels.names import is_valid_channel
-from channels.publication import StreamPosition
+from channels.publication import MAX_OFFSET, StreamPosition
 
 CommandId = int | str | None
 
@@ -23,7 +23,6 @@ OPS: Final = frozenset(
     {"subscribe", "unsubscribe", "publish", "presence", "history", "ping", "refresh", "rpc"}
 )
 CHANNEL_OPS: Final = frozenset({"subscribe", "unsubscribe", "publish", "presence", "history"})
-MAX_OFFSET: Final = 2**63 - 1
 
 
 class BadFrame(Exception):

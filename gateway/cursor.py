@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from channels.names import is_valid_channel
-from channels.publication import StreamPosition
+from channels.publication import MAX_OFFSET, StreamPosition
 
 EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CURSOR_CHARS = 64 * 1024
@@ -53,5 +53,8 @@ def decode(cursor: str) -> dict[str, StreamPosition]:
             raise ValueError("malformed cursor entry")
         if not offset.isascii() or not offset.isdigit() or len(offset) > 19:
             raise ValueError("malformed cursor offset")
-        positions[channel] = StreamPosition(int(offset), epoch)
+        number = int(offset)
+        if number > MAX_OFFSET:
+            raise ValueError("malformed cursor offset")
+        positions[channel] = StreamPosition(number, epoch)
     return positions

@@ -306,13 +306,50 @@ async def test_history_and_presence_invalid_channel_is_400(server, name):
 
 @pytest.mark.parametrize(
     "params",
-    [{"since_offset": "abc"}, {"limit": "x"}, {"since_offset": "1.5"}],
-    ids=["since_text", "limit_text", "since_float"],
+    [
+        {"since_offset": "abc"},
+        {"limit": "x"},
+        {"since_offset": "1.5"},
+        {"since_offset": "-1"},
+        # Only decimal digits, as a WebSocket's since and a stream's cursor take them:
+        # pydantic alone took these as 1, 1, 10 and 1.
+        {"since_offset": "+1"},
+        {"limit": " 1"},
+        {"limit": "1_0"},
+        {"since_offset": "\u0661"},  # an Arabic-Indic one: a digit to str.isdigit()
+        # Offsets are signed 64-bit integers; 5,000 digits is past int()'s own limit.
+        {"since_offset": str(2**63)},
+        {"limit": "9" * 5000},
+    ],
+    ids=[
+        "since_text",
+        "limit_text",
+        "since_float",
+        "since_negative",
+        "since_plus",
+        "limit_space",
+        "limit_underscore",
+        "since_other_digit",
+        "since_2_63",
+        "limit_5000_digits",
+    ],
 )
 async def test_history_bad_query_parameters_are_400(server, params):
     async with api_client(server) as http:
         r = await http.get("/api/channels/h/history", params=params, headers=bearer())
         assert_error(r, 400, "bad_request")
+
+
+async def test_history_takes_the_highest_offset_and_leading_zeros(server):
+    async with api_client(server) as http:
+        await api_publish(http, "h", {"n": 1})
+        r = await http.get(
+            "/api/channels/h/history", params={"since_offset": str(2**63 - 1)}, headers=bearer()
+        )
+        assert r.status_code == 200 and r.json()["publications"] == []
+        params = {"since_offset": "00", "limit": "01"}
+        r = await http.get("/api/channels/h/history", params=params, headers=bearer())
+        assert [p["data"] for p in r.json()["publications"]] == [{"n": 1}]
 
 
 def _bad_auth(kind: str) -> dict[str, str]:

@@ -45,8 +45,15 @@ def test_decode_returns_positions_or_raises_value_error(text: str) -> None:
         "a~e~1~2",
         "a~e f~1",
         "a~e~99999999999999999999",
+        # 19 digits but past a signed 64-bit offset (the WebSocket's since refuses it too)
+        f"a~e~{2**63}",
+        "a~e~9999999999999999999",
     ],
 )
 def test_malformed_cursors_are_rejected(bad: str) -> None:
     with pytest.raises(ValueError):
         cursor.decode(bad)
+
+
+def test_the_highest_offset_is_taken() -> None:
+    assert cursor.decode(f"a~e~{2**63 - 1}") == {"a": StreamPosition(2**63 - 1, "e")}
