@@ -12,7 +12,13 @@ uvicorn sets) from a receiver process (pinned to ``--receiver-cpus``) that only 
 and discards; then, ``--rounds`` times at ``--rate`` rounds/s, sends one
 ``--payload-bytes`` message to every connection in a plain loop. Reported per round
 (median and max over the rounds): µs of wall and CPU time per ``send()``, and the time
-until the N/2-th send returned (the floor of a fan-out's p50 latency at that size).
+until the N/2-th send returned (the floor of a fan-out's p50 latency at that size),
+and each round's time (``round_ms``) with the median of the first ``WARM_UP_ROUNDS``
+against the rest's: a connection's receiver acknowledges its first 16 segments at
+once, and again every segment after a pause longer than its retransmission timeout
+(200 ms at least), so the first rounds at any rate, and every round below 5/s, are
+sent while the acknowledgements of earlier ones arrive (docs/benchmarks.md, "The
+floor, and the receivers' acknowledgements").
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 from typing import Any
 
 RECEIVER_FLAG = "--receive"
+WARM_UP_ROUNDS = 16
 
 
 def receive(port: int, clients: int) -> None:
@@ -118,6 +125,7 @@ def run_sendfloor(
             "max": round(max(values) / clients * 1e6, 2),
         }
 
+    first, rest = wall[:WARM_UP_ROUNDS], wall[WARM_UP_ROUNDS:]
     return {
         "scenario": "sendfloor",
         "clients": clients,
@@ -132,6 +140,9 @@ def run_sendfloor(
             "median": round(statistics.median(half) * 1e3, 2),
             "max": round(max(half) * 1e3, 2),
         },
+        "round_ms": [round(value * 1e3, 2) for value in wall],
+        "first_rounds_ms": round(statistics.median(first) * 1e3, 2),
+        "later_rounds_ms": round(statistics.median(rest) * 1e3, 2) if rest else None,
     }
 
 
@@ -144,7 +155,9 @@ def summary(report: dict[str, Any]) -> str:
         f"  per send(): wall {wall['median']} us (max round {wall['max']}), "
         f"cpu {cpu['median']} us (max round {cpu['max']})\n"
         f"  the median connection's send returned {half['median']} ms after the round "
-        f"started (max {half['max']} ms): the p50 floor of a fan-out to this many"
+        f"started (max {half['max']} ms): the p50 floor of a fan-out to this many\n"
+        f"  a round took {report['first_rounds_ms']} ms (median) in the first "
+        f"{WARM_UP_ROUNDS}, {report['later_rounds_ms']} ms after them"
     )
 
 

@@ -838,6 +838,10 @@ def test_sendfloor_times_one_send_per_connection() -> None:
     assert 0 < cpu["median"] <= cpu["max"]
     # The median connection's send returns within the round: at most 20 sends' time.
     assert 0 < report["median_subscriber_ms"]["median"] <= wall["max"] * 20 / 1000
+    # Every round's time, and the first rounds' median (fewer rounds than the warm-up's).
+    assert len(report["round_ms"]) == 3 and all(ms > 0 for ms in report["round_ms"])
+    assert report["first_rounds_ms"] == pytest.approx(sorted(report["round_ms"])[1], abs=0.01)
+    assert report["later_rounds_ms"] is None
 
 
 @pytest.mark.parametrize(
