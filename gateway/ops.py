@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -18,9 +18,6 @@ router = APIRouter(include_in_schema=False)
 READY_TIMEOUT = 0.8
 
 logger = logging.getLogger(__name__)
-# What each gateway's /readyz last answered (by the gateway's id): a change is logged,
-# once, so that a pod taken out of its Service for a broker that stalled says why.
-_last_answer: dict[int, str] = {}
 
 
 @router.api_route("/healthz", methods=["GET", "HEAD"])
@@ -29,7 +26,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.api_route("/readyz", methods=["GET", "HEAD"])
-async def readyz(gateway: GatewayDep) -> Response:
+async def readyz(request: Request, gateway: GatewayDep) -> Response:
     if gateway.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     try:
@@ -37,8 +34,11 @@ async def readyz(gateway: GatewayDep) -> Response:
             status = "ready" if await gateway.hub.ready() else "broker unavailable"
     except TimeoutError:
         status = "broker not answering"
-    if _last_answer.get(id(gateway), "ready") != status:
-        _last_answer[id(gateway)] = status
+    # What the app's /readyz last answered: a change is logged, once, so that a pod taken
+    # out of its Service for a broker that stalled says why.
+    state = request.app.state
+    if getattr(state, "last_readiness", "ready") != status:
+        state.last_readiness = status
         if status == "ready":
             logger.warning("ready again: the broker answers")
         else:
