@@ -41,6 +41,17 @@ def compact(data: bytes) -> bytes:
 # signed 64-bit integer.
 MAX_OFFSET: Final = 2**63 - 1
 
+
+def offset_from_text(text: str) -> int | None:
+    """An offset written as text (a stream's cursor, an HTTP query): decimal digits from 0
+    to ``MAX_OFFSET``; None for anything else (a sign, a space, ``_``, another script's
+    digits, which ``int()`` would take)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    number = int(text)
+    return number if number <= MAX_OFFSET else None
+
+
 # What a push adds to its payload on the wire, roughly (names, offset, epoch, framing):
 # used to count a queue's bytes without encoding anything.
 _OVERHEAD = 64

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from channels.broker import BrokerUnavailable
 from channels.hub import SubscribeError
-from channels.publication import MAX_OFFSET
+from channels.publication import MAX_OFFSET, offset_from_text
 from gateway import wire
 from gateway.access import checked_channel, require
 from gateway.bodies import encoded, idempotency_key, json_object
@@ -92,11 +92,12 @@ def _whole_number(name: str, value: str | None) -> int | None:
     offset: decimal digits, 0 to 2^63-1 (not pydantic's lax "+1", " 1" or "1_0")."""
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_OFFSET:
+    number = offset_from_text(value)
+    if number is None:
         raise GatewayError(
             ErrorCode.BAD_REQUEST, f"{name}: a whole number from 0 to {MAX_OFFSET} expected"
         )
-    return int(value)
+    return number
 
 
 @router.get(f"/channels/{{channel:{CHANNEL}}}/presence")

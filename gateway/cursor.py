@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from channels.names import is_valid_channel
-from channels.publication import MAX_OFFSET, StreamPosition
+from channels.publication import StreamPosition, offset_from_text
 
 EPOCH_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CURSOR_CHARS = 64 * 1024
@@ -51,10 +51,8 @@ def decode(cursor: str) -> dict[str, StreamPosition]:
         channel, epoch, offset = parts
         if not is_valid_channel(channel) or not EPOCH_RE.fullmatch(epoch):
             raise ValueError("malformed cursor entry")
-        if not offset.isascii() or not offset.isdigit() or len(offset) > 19:
-            raise ValueError("malformed cursor offset")
-        number = int(offset)
-        if number > MAX_OFFSET:
+        number = offset_from_text(offset)
+        if number is None:
             raise ValueError("malformed cursor offset")
         positions[channel] = StreamPosition(number, epoch)
     return positions
