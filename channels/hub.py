@@ -7,7 +7,8 @@ Delivery rules, for each session and channel:
   once, in offset order; recovered history first, then live ones;
 * the subscribe result is handed to ``on_ready`` *before* any of the channel's
   publications are queued, so a transport can put its reply (or SSE gap event)
-  in front of them;
+  in front of them; if it raises, the session leaves the channel again (others
+  waiting on the channel's join are let go) and the error is the caller's;
 * fan-out never awaits a client: the same message object is offered to each
   session's bounded queue (``Session.push``), so whatever a transport builds
   from it is built once (``gateway.wire``).
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from channels.broker import Backend, BrokerUnavailable, HistoryPage, HistoryQuery, Signals
 from channels.coalescer import Coalescer
 from channels.errors import SubscribeError as SubscribeError
+from channels.errors import check_room
 from channels.fanout import Fanout
 from channels.local import Join, LocalChannel
 from channels.local import SubscribeResult as SubscribeResult
@@ -168,10 +170,7 @@ class Hub(Fanout):
         presence, and ``since`` is none, where the worker is, or a position the
         publications it relayed reach back to (``_join_live``). None, with nothing done,
         when ``subscribe`` must be awaited. Raises as it does."""
-        if channel in session.channels:
-            raise SubscribeError("bad_request", f"already subscribed to {channel}")
-        if len(session.channels) >= self.max_channels_per_session:
-            raise SubscribeError("limit_exceeded", "too many channels on one connection")
+        check_room(session.channels, channel, self.max_channels_per_session)
         lc = self._channels.get(channel)
         if lc is None or self._presence.enabled(channel):
             return None
@@ -219,64 +218,65 @@ class Hub(Fanout):
                 replay = None if page is not None else lc.owed(since)
             if page is None and replay is None:
                 page = await self._broker.history(channel, since=since, limit=limit)
+            if lc.joining.pop(session, None) is None:  # unsubscribed meanwhile
+                raise SubscribeError("bad_request", f"left {channel} while subscribing")
+            if replay is not None:
+                result = self._join_live(session, lc, since, on_ready, replay)
+                # The joins and leaves that came meanwhile (no offset to be past), one write.
+                events: list[Message] = [m for m in join.buffer if not isinstance(m, Publication)]
+                if events:
+                    session.push(events[0] if len(events) == 1 else Batch(events))
+                lc.settle()
+                self._announce_join(session, channel)
+                return result
+            assert page is not None
+
+            # From here to the end of the method there is no await: atomic w.r.t. deliveries.
+            recovered = since is not None and page.complete
+            result = SubscribeResult(page.position, recovered)
+            if on_ready is not None:
+                on_ready(result)
+            last = since if recovered and since is not None else page.position
+            if recovered:
+                publications = page.publications
+                session.push_replay(publications)
+                if publications:
+                    last = publications[-1].position
+                self.stats.deliveries += len(publications)
+                last = page.position if page.position.epoch == last.epoch else last
+            for message in join.buffer:
+                if isinstance(message, Publication):
+                    if message.epoch == last.epoch:
+                        if message.offset <= last.offset:
+                            continue
+                    else:
+                        session.push(
+                            Gap(channel, StreamPosition(message.offset - 1, message.epoch))
+                        )
+                    last = message.position
+                    self.stats.deliveries += 1
+                session.push(message)
+            if lc.epoch is None:
+                # Nothing has arrived live yet: remember where this subscriber starts, so that
+                # a later gap or a broker resync can recover the channel from here.
+                lc.epoch, lc.offset = last.epoch, last.offset
+            if recovered:
+                lc.seed(page.publications, self.recent_size)
+            if lc.epoch == last.epoch and lc.offset >= last.offset:
+                self._flush(lc)  # pending messages are in what this session was given
+                lc.live[session] = None
+            else:
+                lc.catching_up[session] = last
+            lc.settle()
+            if presence:
+                self._announce_join(session, channel)
+            return result
         except BaseException:
             self._drop(session, lc)
             lc.settle()
             if not lc:
                 self._tasks.spawn(self._release_upstream(lc), f"unsubscribe:{channel}")
             raise
-        if lc.joining.pop(session, None) is None:  # unsubscribed meanwhile
-            lc.settle()
-            raise SubscribeError("bad_request", f"unsubscribed from {channel} while subscribing")
-        if replay is not None:
-            result = self._join_live(session, lc, since, on_ready, replay)
-            # The joins and leaves that came meanwhile (no offset to be past), one write.
-            events: list[Message] = [m for m in join.buffer if not isinstance(m, Publication)]
-            if events:
-                session.push(events[0] if len(events) == 1 else Batch(events))
-            lc.settle()
-            self._announce_join(session, channel)
-            return result
-        assert page is not None
-
-        # From here to the end of the method there is no await: atomic w.r.t. deliveries.
-        recovered = since is not None and page.complete
-        result = SubscribeResult(page.position, recovered)
-        if on_ready is not None:
-            on_ready(result)
-        last = since if recovered and since is not None else page.position
-        if recovered:
-            publications = page.publications
-            session.push_replay(publications)
-            if publications:
-                last = publications[-1].position
-            self.stats.deliveries += len(publications)
-            last = page.position if page.position.epoch == last.epoch else last
-        for message in join.buffer:
-            if isinstance(message, Publication):
-                if message.epoch == last.epoch:
-                    if message.offset <= last.offset:
-                        continue
-                else:
-                    session.push(Gap(channel, StreamPosition(message.offset - 1, message.epoch)))
-                last = message.position
-                self.stats.deliveries += 1
-            session.push(message)
-        if lc.epoch is None:
-            # Nothing has arrived live yet: remember where this subscriber starts, so that
-            # a later gap or a broker resync can recover the channel from here.
-            lc.epoch, lc.offset = last.epoch, last.offset
-        if recovered:
-            lc.seed(page.publications, self.recent_size)
-        if lc.epoch == last.epoch and lc.offset >= last.offset:
-            self._flush(lc)  # pending messages are in what this session was given
-            lc.live[session] = None
-        else:
-            lc.catching_up[session] = last
-        lc.settle()
-        if presence:
-            self._announce_join(session, channel)
-        return result
 
     def _announce_join(self, session: Session, channel: str) -> None:
         self._tasks.spawn(self._presence.announce(channel, "join", session.presence_entry), "join")
@@ -300,9 +300,9 @@ class Hub(Fanout):
         would have given it.
         """
         result = SubscribeResult(lc.position, since is not None)
-        session.channels.add(lc.name)
         if on_ready is not None:
             on_ready(result)
+        session.channels.add(lc.name)
         if replay and since is not None:  # publications since.offset + 1 to lc.offset
             for item in replay:
                 session.push(item)

@@ -16,6 +16,7 @@ import orjson
 
 from auth import AuthError, Claims
 from channels.broker import BrokerUnavailable
+from channels.errors import check_room
 from channels.hub import SubscribeError, SubscribeResult
 from channels.session import Session
 from gateway import wire
@@ -109,6 +110,8 @@ async def subscribe(client: Client, command: Command) -> None:
     session = client.session
     info: Any = NO_INFO  # held already: the hub's "already subscribed", no backend asked
     if channel not in session.channels:
+        # One the hub would refuse (the connection's channel limit) is not put to the backend.
+        check_room(session.channels, channel, client.gateway.hub.max_channels_per_session)
         info = await client.gateway.hooks.check_subscribe(client.claims, session.client_id, channel)
     reply = _subscribe_reply(session, command, info)
     await client.gateway.hub.subscribe(session, channel, command.since, on_ready=reply)

@@ -124,6 +124,18 @@ async def test_token_permission_is_checked_before_the_hook(hooked, backend):
     assert backend.calls_of("subscribe") == []
 
 
+async def test_a_channel_past_the_connections_limit_is_not_put_to_the_backend(make_server, backend):
+    """The backend is asked only of a subscribe the gateway would then make: at the
+    channel limit it was asked (and may have recorded a member) before the client got
+    ``limit_exceeded``."""
+    server = await make_server(hooks=backend.hooks(subscribe=1), max_channels_per_connection=1)
+    async with ws_client(server) as c:
+        await c.subscribe("private:allow.1")
+        reply = await c.call("subscribe", channel="private:allow.2")
+        assert reply["error"]["code"] == "limit_exceeded"
+    assert [call["channel"] for call in backend.calls_of("subscribe")] == ["private:allow.1"]
+
+
 async def test_sse_stream_asks_the_subscribe_hook(hooked, backend):
     async with api_client(hooked) as http:
         async with open_sse(http, ["private:allow.3", "news"], token("carol")) as stream:
@@ -230,6 +242,10 @@ async def test_channels_outside_the_patterns_never_call_the_hooks(hooked, backen
         # bad reply, where it was a 1011 (rpc), an unexplained internal error (publish) or
         # a channel left half subscribed ("already subscribed" to the retry)
         ("deep", "the reply is nested too deeply"),
+        # one that orjson writes whole, but not inside the client's reply (an rpc's
+        # connection closed 1011; a subscribe half done, and other subscribers of the
+        # channel waiting on it for good)
+        ("edge", "the reply is nested too deeply"),
         # read and parsed on the worker's loop: 100 MB was taken whole
         ("toobig", "the reply is over 1 MiB"),
     ],

@@ -597,3 +597,45 @@ def test_a_channel_whose_hole_is_lost_goes_on_from_the_first_thing_its_gap_prece
     assert gone_on_from(lost, None, [pub(38), pub(39)]) == StreamPosition(37, "e1")
     assert gone_on_from(lost, None, [pub(41), pub(42)]) == top
     assert gone_on_from(lost, None, [pub(3, "e0"), pub(40)]) == StreamPosition(39, "e1")
+
+
+@pytest.mark.parametrize("resuming", [False, True], ids=["history-read", "joined-where-it-is"])
+async def test_a_subscribe_whose_reply_fails_leaves_and_lets_the_channels_other_joiners_go(
+    resuming: bool,
+) -> None:
+    """The first subscriber back to a channel reads history and the others wait for it
+    (a storm's one read). If its ``on_ready`` raises (its reply could not be written),
+    it leaves the channel again and the others join: they waited on it for good, a
+    subscribe never answered, and it stayed half subscribed ("already subscribed", no
+    publications)."""
+    backend = create_backend("memory://", BrokerOptions(history_size=1000))
+    hub = Hub(dataclasses.replace(backend, broker=SlowHistory(backend.broker)),
+              presence_enabled=lambda c: c.startswith("chat:"), recent_size=50)  # fmt: skip
+    await hub.start()
+    sessions = [new_session() for _ in range(3)]
+    try:
+        top = (await hub.publish("c", b"1")).position
+        since = top if resuming else None
+
+        def fail(result: SubscribeResult) -> None:
+            raise RuntimeError("the reply could not be encoded")
+
+        (first, first_seen, _), *others = sessions
+        failing = asyncio.create_task(hub.subscribe(first, "c", since, on_ready=fail))
+        joining = [asyncio.create_task(hub.subscribe(s, "c", since)) for s, _, _ in others]
+        with pytest.raises(RuntimeError):
+            await failing
+        results = await asyncio.wait_for(asyncio.gather(*joining), 5)
+        assert all(r.position == top for r in results)
+        assert "c" not in first.channels and hub.local_subscribers("c") == 2
+        await hub.publish("c", b"2")
+        for _, seen, _ in others:
+            await eventually(lambda s=seen: s.offsets("c")[-1:] == [2])  # type: ignore[misc]
+        # The session that failed is not subscribed, and may subscribe again.
+        assert first_seen.offsets("c") == []
+        again = await hub.subscribe(first, "c")
+        assert again.position.offset == 2 and hub.local_subscribers("c") == 3
+    finally:
+        for _, _, writer in sessions:
+            writer.cancel()
+        await hub.close()
