@@ -130,9 +130,15 @@ class TokenVerifier:
         exp = payload.get("exp")
         # A NumericDate is a JSON number (RFC 7519); PyJWT also takes "1796000000", which
         # would then never be held to: refused, as the other claims of the wrong type.
+        # Nor NaN or an infinity (Python's JSON reads them), nor a number past what a date
+        # needs: a hook's request could not carry it, a float of it could overflow.
         for claim in ("exp", "nbf", "iat"):
             value = payload.get(claim)
-            if value is not None and (type(value) is bool or not isinstance(value, int | float)):
+            if value is not None and (
+                type(value) is bool
+                or not isinstance(value, int | float)
+                or not -(2**63) <= value < 2**63
+            ):
                 raise AuthError(f"claim {claim!r} must be a number")
         return Claims(
             user=sub,

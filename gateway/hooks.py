@@ -139,7 +139,7 @@ def claims_body(claims: Claims) -> dict[str, Any]:
     exp = min(ends) if ends else None
     return {
         "sub": claims.user,
-        "exp": int(exp) if exp is not None and exp == int(exp) else exp,  # Unix seconds
+        "exp": int(exp) if exp is not None and exp < 2**63 and exp == int(exp) else exp,
         "subscribe": list(claims.subscribe.patterns),
         "publish": list(claims.publish.patterns),
         "info": claims.info,
@@ -387,7 +387,10 @@ class Hooks:
         if not isinstance(reply, dict):
             raise HookFailed("bad_reply", "the reply is not a JSON object")
         try:  # what the gateway writes of it (data, info) must be writable: orjson
-            orjson.dumps(reply)  # reads 1,024 levels of nesting, writes 254
+            # reads 1,024 levels of nesting, writes 254, and a reply's data or info is
+            # written up to two levels deeper than in the reply (an rpc's or subscribe's
+            # result, a presence entry in its list)
+            orjson.dumps([[reply]])
         except orjson.JSONEncodeError:
             raise HookFailed("bad_reply", "the reply is nested too deeply") from None
         return reply

@@ -15,7 +15,9 @@ first ``:`` up to a ``.`` is the behaviour (``chat:rewrite.1`` → ``rewrite``):
   ``unknown``: ``{"result": "maybe"}``;
 - ``info`` (subscribe): allowed with ``{"info": INFO}``; ``huge`` (publish): accepted
   with data of ``HUGE`` bytes; ``deep``: allowed (accepted, ok) with ``data`` and
-  ``info`` nested 300 levels deep, which orjson reads but does not write;
+  ``info`` nested 300 levels deep, which orjson reads but does not write; ``edge``:
+  the same 253 levels deep, a reply orjson writes whole (254 levels) but not the
+  client's reply holding it one level deeper;
 ``toobig``: 1.06 MiB streamed, no content-length.
 
 ``POST /hooks/rpc`` does the same by the method's name (``rpc:echo`` → ``echo``); an
@@ -181,6 +183,7 @@ class FakeBackend:
             "badjson",
             "unknown",
             "deep",
+            "edge",
             "toobig",
         ):
             reply = {"result": "ok", "data": {"echo": body["data"], "user": body["user"]}}
@@ -189,8 +192,9 @@ class FakeBackend:
             head = b'{"result": "%s", "data": "' % ok["result"].encode()
             chunks = [head, *[filler] * 17, b'"}']
             return StreamingResponse(iter(chunks), media_type="application/json")
-        elif kind == "deep":  # JSON that orjson reads (1,024 levels) but cannot write
-            deep = {**ok, "data": nested(300), "info": nested(300)}
+        elif kind in ("deep", "edge"):  # JSON orjson reads (1,024 levels), cannot write
+            depth = 300 if kind == "deep" else 253
+            deep = {**ok, "data": nested(depth), "info": nested(depth)}
             return Response(json.dumps(deep), media_type="application/json")
         elif kind == "unknown":
             reply = {"result": "maybe"}

@@ -94,6 +94,15 @@ def test_hs256_token_with_claims() -> None:
         {"sub": "a", "exp": True},
         {"sub": "a", "nbf": "0"},
         {"sub": "a", "iat": "0"},
+        # Python's JSON writes and reads NaN and infinities (PyJWT refuses some of them).
+        {"sub": "a", "exp": float("nan")},
+        {"sub": "a", "exp": float("inf")},
+        {"sub": "a", "nbf": float("-inf")},
+        {"sub": "a", "iat": float("nan")},
+        # Past a signed 64-bit integer: no date; a hook's request could not carry it (every
+        # hooked command failed), and past a float's range the check itself raised.
+        {"sub": "a", "exp": 2**64},
+        {"sub": "a", "exp": 10**400},
     ],
 )
 def test_tokens_with_bad_claims_are_refused(payload: dict[str, object]) -> None:
