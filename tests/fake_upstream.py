@@ -7,6 +7,7 @@ the behaviour (the relay passes it through, plus ``"stream": true``):
 
 - ``"model"``: ``ok`` (default), ``http-500`` (a text body), ``http-401`` and
   ``http-400`` (OpenAI's JSON error, its message echoing the key it was sent),
+  ``http-400-far`` (the same, the key 270 characters in, across where an error is cut),
   ``http-503-endless`` (an error body that never ends), ``stream-error`` (an
   in-stream ``{"error": …}`` line, then silence), ``stall`` (one token,
   then silence longer than any test's timeout), ``no-done`` (the response ends
@@ -202,14 +203,16 @@ class FakeUpstream:
             call.finished.set()
             return Response("model overloaded, try later", status_code=500)
         key = call.headers.get("authorization", "").removeprefix("Bearer ")
-        if call.scenario in ("http-401", "http-400"):  # as OpenAI's: the key echoed back
+        if call.scenario in ("http-401", "http-400", "http-400-far"):  # the key echoed back
             call.finished.set()
             said = f"Incorrect API key provided: {key}"
             if call.scenario == "http-400":
                 said = f"This model's maximum context length is 8 tokens (key {key})"
+            elif call.scenario == "http-400-far":  # the key across where a message is cut
+                said = f"{'context too long; ' * 15}(key {key})"
             return Response(
                 orjson.dumps({"error": {"message": said, "type": "invalid_request_error"}}),
-                status_code=int(call.scenario[5:]),
+                status_code=int(call.scenario[5:8]),
                 media_type="application/json",
             )
         if call.scenario == "http-503-endless":  # an error body that never ends

@@ -471,7 +471,7 @@ async def test_upstream_fault_publishes_exactly_one_error_with_a_useful_message(
         await asyncio.wait_for(upstream.last.disconnected.wait(), CANCEL_BOUND)
 
 
-@pytest.mark.parametrize("scenario", ["http-401", "http-400"])
+@pytest.mark.parametrize("scenario", ["http-401", "http-400", "http-400-far"])
 async def test_an_upstream_error_never_publishes_the_key_it_was_sent(
     upstream: FakeUpstream,
     start_gateway: StartGateway,
@@ -480,7 +480,8 @@ async def test_an_upstream_error_never_publishes_the_key_it_was_sent(
     scenario: str,
 ) -> None:
     """An upstream that echoes the API key in its error (as OpenAI's 401 does, in part):
-    neither the published error nor the log line carries it."""
+    neither the published error nor the log line carries it, nor its head (the message
+    was cut to 300 characters before the key was taken out: 35 of its 41 were shown)."""
     key = "sk-test-" + secrets.token_hex(12)
     monkeypatch.setenv("FAKE_LLM_KEY", key)
     server = await start_gateway(
@@ -494,12 +495,28 @@ async def test_an_upstream_error_never_publishes_the_key_it_was_sent(
             [*_, final] = await ws_until_final(c, channel)
         assert upstream.last.headers["authorization"] == f"Bearer {key}"
         assert final["data"]["type"] == "error", final
-        assert f"HTTP {scenario[5:]}" in final["data"]["message"], final
-        assert key not in final["data"]["message"], final
+        assert f"HTTP {scenario[5:8]}" in final["data"]["message"], final
+        head = key[:12]  # "sk-test-" and 4 of its own
+        assert head not in final["data"]["message"], final
         assert "[redacted]" in caplog.text, caplog.text  # the body was logged, without it
-        assert key not in caplog.text
-        if scenario == "http-400":  # about the request: its message is shown, key cut
+        assert head not in caplog.text
+        if scenario != "http-401":  # about the request: its message is shown, key cut
             assert final["data"]["message"].endswith("(key [redacted])"), final
+
+
+async def test_relays_at_once_are_not_held_to_an_http_clients_pool(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """Each relay holds its upstream request for the whole answer. The relays' client
+    kept httpx's default pool of 100 connections: from the 101st relay on, a relay
+    waited for another to end, then failed as if the upstream had stalled."""
+    # (no relay cancelled for want of subscribers meanwhile, which let the 101st start)
+    patient = {"patient": {"url": upstream.url, "timeout": 30}}
+    server = await start_gateway(patient, llm_idle_cancel=60)
+    async with api_client(server) as http:
+        channels = [new_channel() for _ in range(110)]
+        await asyncio.gather(*(start_relay(http, ch, "patient", model="stall") for ch in channels))
+        assert await eventually(lambda: len(upstream.calls) == len(channels), timeout=10)
 
 
 async def test_relay_skips_json_lines_that_are_not_chunks(
@@ -604,6 +621,26 @@ async def test_start_stream_with_an_unknown_upstream_is_400(
             assert r.status_code == 400, (name, r.text)
             assert r.json()["error"]["code"] == "bad_request"
             assert "unknown upstream" in r.json()["error"]["message"]
+    assert upstream.calls == []
+
+
+async def test_start_stream_with_a_request_json_cannot_carry_on_is_400(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """A ``request`` nested deeper than JSON is written back (orjson reads 1,024 levels,
+    writes 254) was accepted 202, then its relay failed with an internal error and an
+    ERROR with a traceback, where a publish of the same is a 400 up front."""
+    server = await start_gateway()
+    deep = "[" * 300 + "]" * 300
+    async with api_client(server) as http:
+        request = f'{{"messages": {deep}}}'
+        content = f'{{"channel": "{new_channel()}", "upstream": "fake", "request": {request}}}'
+        r = await http.post("/api/streams", content=content, headers=bearer())
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == {
+            "code": "bad_request",
+            "message": "'request' is nested too deeply",
+        }
     assert upstream.calls == []
 
 

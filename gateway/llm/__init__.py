@@ -22,7 +22,10 @@ def install(app: FastAPI, gateway: Gateway) -> None:
     if dev:  # the /llm demo works with no network and no key
         mounts["fake://"] = FakeLLMTransport()
         upstreams.setdefault("demo", Upstream("demo", "fake://demo/v1", timeout=10))
-    client = httpx.AsyncClient(mounts=mounts, follow_redirects=False)
+    # A relay holds its connection for the whole answer: no cap on how many at once
+    # (httpx's default, 100, held the 101st relay until another ended).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+    client = httpx.AsyncClient(mounts=mounts, follow_redirects=False, limits=limits)
     relays = RelayManager(
         gateway.hub,
         upstreams,

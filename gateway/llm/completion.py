@@ -34,20 +34,20 @@ class UpstreamError(Exception):
 # about the upstream or the gateway's own key (401, 403, 5xx): its text may name
 # accounts, keys, hosts, and tells a subscriber nothing they could act on.
 _REQUEST_STATUSES = frozenset({400, 404, 408, 409, 413, 422, 429})
-_DETAIL_CHARS = 300
 
 
 def error_message(error: Any) -> str:
-    """The text of an OpenAI-style ``error`` (``{"message": …}`` or a string)."""
+    """The text of an OpenAI-style ``error`` (``{"message": …}`` or a string), whole: it
+    may echo the key the gateway sent, which the relay takes out before it cuts it."""
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])[:_DETAIL_CHARS]
-    return error[:_DETAIL_CHARS] if isinstance(error, str) else "error"
+        return str(error["message"])
+    return error if isinstance(error, str) else "error"
 
 
 def http_error(upstream: str, status: int, body: bytes) -> UpstreamError:
     """An upstream's HTTP error answer: the status for everyone, its message only when
-    it is about the request; the body (cut) for the log either way."""
-    detail = body[:_DETAIL_CHARS].decode(errors="replace")
+    it is about the request; the body for the log either way."""
+    detail = body.decode(errors="replace")
     message = f"upstream {upstream!r} answered HTTP {status}"
     if status in _REQUEST_STATUSES:
         try:

@@ -62,14 +62,17 @@ STREAM_ID = re.compile(r"s-[0-9a-f]{16}")
 # An upstream's line may be this long (or 8 token publications' worth, escaped), no longer.
 LINE_LIMIT = 1 << 20
 ERROR_BODY_LIMIT = 4096  # of an upstream's error answer, read for its message
+SHOWN_CHARS = 400  # of an error an upstream gave, as published and logged
 
 
 class Cancelled(Exception):
     """The relay was cancelled and its task went on: it stops at the next chunk."""
 
 
-def _redacted(text: str, key: str | None) -> str:
-    return text.replace(key, "[redacted]") if key else text
+def _shown(text: str, key: str | None) -> str:
+    """An upstream's words as they are published or logged: without the key it was sent
+    (it may echo it), then cut to ``SHOWN_CHARS`` (cut first, the key's head would stay)."""
+    return (text.replace(key, "[redacted]") if key else text)[:SHOWN_CHARS]
 
 
 def registry_key(stream_id: str) -> str:
@@ -233,9 +236,9 @@ class RelayManager:
             logger.warning("relay %s: %s: %s", relay.stream_id, message, exc)
             final = {"type": "error", "message": message}
         except UpstreamError as exc:
-            message = _redacted(str(exc), relay.upstream.api_key)
+            message = _shown(str(exc), relay.upstream.api_key)
             if exc.detail:  # an upstream may echo the key it was sent
-                said = _redacted(exc.detail, relay.upstream.api_key)
+                said = _shown(exc.detail, relay.upstream.api_key)
                 logger.warning("relay %s: %s; it said: %s", relay.stream_id, message, said)
             final = {"type": "error", "message": message}
         except BrokerUnavailable:

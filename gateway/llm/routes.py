@@ -142,6 +142,7 @@ async def start_stream(
     llm_request = body.get("request", {})
     if not isinstance(llm_request, dict):
         raise GatewayError(ErrorCode.BAD_REQUEST, "'request' must be a JSON object")
+    encoded(llm_request, "'request'")  # sent on as JSON: a 400 now, not the relay's error
     try:
         relay = await relays.spawn(channel, upstream, llm_request)
     except BrokerUnavailable:
