@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Literal
 
@@ -51,6 +52,26 @@ def cursor_positions(cursor: str) -> dict[str, Position]:
         if len(parts) == 3 and parts[2].isdigit():
             found[parts[0]] = Position(parts[1], int(parts[2]))
     return found
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_lines(text: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The stream's lines, ended as the SSE standard ends them: CRLF, LF or CR, and
+    nothing else. (httpx's ``aiter_lines`` also ends one at U+2028, U+2029, U+0085 and
+    the other breaks ``str.splitlines`` knows: a token holding one had its JSON cut in
+    two, its event dropped, and the cursor moved past it.) A last line with no end is
+    not one: no event is complete without the blank line after it."""
+    rest = ""
+    async for piece in text:
+        rest += piece
+        # A CR at the very end may be the first half of a CRLF: kept for the next piece.
+        cut = len(rest) - 1 if rest.endswith("\r") else len(rest)
+        lines = _LINE_END.split(rest[:cut])
+        rest = lines.pop() + rest[cut:]
+        for line in lines:
+            yield line
 
 
 async def sse_blocks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, str]]:
@@ -279,7 +300,7 @@ class SseClient:
             await response.aclose()
 
     async def _read(self, response: httpx.Response) -> None:
-        async for block in sse_blocks(response.aiter_lines()):
+        async for block in sse_blocks(sse_lines(response.aiter_text())):
             await self._reading.wait()  # (a switch is opening the next stream)
             self._on_block(block)
             self._opened.set()

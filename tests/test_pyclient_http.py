@@ -65,6 +65,19 @@ async def test_sse_resumes_from_a_stored_cursor(server):
             assert offsets(await take(again, 1), "a") == [(4, 4)]
 
 
+async def test_sse_delivers_text_with_the_line_breaks_json_strings_hold_raw(server):
+    """U+2028, U+2029 and U+0085 are written raw in a JSON string (the gateway's events
+    hold them so): httpx's line reader ended a line at each, the event's JSON was cut
+    in two and dropped, and the cursor moved past it."""
+    texts = ["a", "line\u2028sep", "para\u2029sep", "nel\u0085x", "ff\x0cx", "z"]
+    reader = SseClient(server.url, ["llm"], token=token("reader"))
+    async with Publisher(server.url, token("backend")) as api, reader as sse:
+        for text in texts:
+            await api.publish("llm", {"text": text})
+        items = await take(sse, len(texts))
+    assert [data["text"] for _, data in offsets(items, "llm")] == texts
+
+
 async def test_sse_reconnects_by_itself_with_last_event_id(server):
     """The server ends the stream; the client reopens it with its cursor, and what was
     published in between arrives once, in order; ``on_state`` saw the stream go and come

@@ -4,6 +4,7 @@ deduplication."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,7 @@ import pytest
 
 from gatewayclient import Gap, GatewayError, Position, Publication
 from gatewayclient.items import ItemQueue
-from gatewayclient.sse import cursor_positions, sse_blocks
+from gatewayclient.sse import cursor_positions, sse_blocks, sse_lines
 from gatewayclient.subscription import Subscription
 from gatewayclient.tokens import backoff, refresh_delay, token_exp
 from gatewayclient.wire import websocket_url
@@ -69,6 +70,20 @@ async def test_sse_blocks_and_cursor() -> None:
         "b.c": Position("e2", 0),
     }
     assert cursor_positions("opaque") == {}
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_sse_lines_end_at_crlf_lf_and_cr_only_however_the_stream_is_cut(seed: int) -> None:
+    """Split as the SSE standard splits (not at U+2028, U+2029, U+0085, a form feed or
+    any other break ``str.splitlines`` knows, which JSON strings may hold raw), with
+    a CRLF across two reads one line end, and a last line with no end left out."""
+    rng = random.Random(seed)
+    inside = "a\u2028b\u2029c\u0085d\x0ce\x1cf"
+    stream = f"data: {inside}\r\nid: 1\r\rdata: x\ndata: y\n\n: ping\r\ntail"
+    cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 12)))
+    pieces = [stream[i:j] for i, j in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    got = [line async for line in sse_lines(lines(*pieces))]
+    assert got == [f"data: {inside}", "id: 1", "", "data: x", "data: y", "", ": ping"]
 
 
 async def test_a_subscription_drops_repeats_and_reports_a_new_epoch() -> None:
