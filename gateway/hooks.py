@@ -12,9 +12,9 @@ token) and sends the request's cookies and the headers it names:
      "rpc":       {"url": "http://app/hooks/rpc",       "methods": ["history"]}}
 
 A hook runs only after the gateway's own checks passed; other channels never wait
-on it. Every call goes through one pool of keep-alive connections (``PooledClient``)
-and has a deadline of the hook's timeout for the whole exchange. Whatever goes wrong
-with a call (timeout, connection refused, a status other than 2xx, a body that is not
+on it. Each hook's calls go through a pool of keep-alive connections of its own
+(``PooledClient``), each call with its hook's timeout for the whole exchange. Whatever
+goes wrong with a call (timeout, connection refused, a status other than 2xx, a body not
 the expected JSON) fails that one command with ``internal``: a backend down never
 hangs a client nor delays anyone else. The request and reply shapes are in docs/protocol.md.
 """
@@ -253,7 +253,8 @@ class Hooks:
         self.max_channels = max_channels
         self._seconds = seconds
         self._outcomes = outcomes
-        self._client = PooledClient() if hooks else None
+        # A pool a hook: a slow rpc method's calls by the hundred starve no connect.
+        self._clients = {name: PooledClient() for name in hooks}
         # A backend that is down fails every call (a reconnect storm through the connect
         # hook: two lines per client): a line a while per hook and kind of line.
         self._failure_logs = LogThrottles(logger)
@@ -269,8 +270,8 @@ class Hooks:
         return hook is not None and (hook.with_token or not has_token)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        for client in self._clients.values():
+            await client.aclose()
 
     async def connect(self, claims: Claims | None, opening: Opening) -> Grant:
         """The backend's grant for a connection holding ``claims`` (None: no token); else
@@ -363,8 +364,7 @@ class Hooks:
         return value
 
     async def _post(self, hook: Hook, body: bytes) -> dict[str, Any]:
-        client = self._client
-        assert client is not None, "hooks configured: the client exists"
+        client = self._clients[hook.name]
         try:
             async with asyncio.timeout(hook.timeout):  # the whole call
                 status, content = await client.post(hook.url, body, JSON_HEADERS, MAX_REPLY_BYTES)

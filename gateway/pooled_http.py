@@ -25,8 +25,8 @@ class ReplyTooLarge(Exception):
 class PooledClient:
     """One ``aiohttp.ClientSession``, made in the running loop on first use."""
 
-    def __init__(self, connections: int = CONNECTIONS) -> None:
-        self._connections = connections
+    def __init__(self, connections: int | None = None) -> None:
+        self._connections = CONNECTIONS if connections is None else connections
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway import pooled_http
 from gateway.app import create_app
 from gateway.hooks import load_hooks
 from gateway.settings import Settings
@@ -304,6 +305,24 @@ async def test_a_backend_that_is_down_is_not_a_log_line_per_call(make_server, ca
     assert len(lines) == 2, lines
     assert lines[0].startswith("subscribe hook: ClientConnectorError"), lines
     assert lines[1] == "subscribe hook failed: the backend could not be reached", lines
+
+
+async def test_rpc_calls_holding_every_connection_of_their_pool_starve_no_other_hook(
+    make_server, backend, monkeypatch
+):
+    """Every hook shared one pool (256 connections): that many slow rpc calls at once,
+    from any clients, left a subscribe's or a connect's hook call waiting for a
+    connection until its timeout ("no answer within 1s", the backend never asked).
+    Each hook has a pool of its own; here of 2 connections, both held by rpc calls."""
+    monkeypatch.setattr(pooled_http, "CONNECTIONS", 2)
+    gw = await make_server(hooks=backend.hooks(subscribe=1, rpc=30))
+    async with ws_client(gw) as one, ws_client(gw) as two, ws_client(gw) as other:
+        for c in (one, two):
+            await c.send({"id": c.next_id(), "op": "rpc", "method": "rpc:hang", "data": 1})
+        await eventually(lambda: backend.pending == 2)
+        reply = await other.call("subscribe", channel="private:allow.9", timeout=10)
+        assert reply["ok"] is True, reply
+        backend.release.set()
 
 
 async def test_a_hung_publish_hook_delays_no_other_channel(make_server, backend):
