@@ -19,7 +19,8 @@ the behaviour (the relay passes it through, plus ``"stream": true``):
 - ``"fake_tokens"``: the token texts to send (default ``TOKENS``); ``"fake_times"``: how
   many times each is repeated in its token (so that a request names a long token);
 - ``"fake_delay"``: seconds before each token (default 0.01);
-- ``"fake_burst"``: true to write every token line in one chunk, after one delay.
+- ``"fake_burst"``: true to write every token line in one chunk, after one delay;
+- ``"fake_usage_bytes"``: a ``usage`` of about that many bytes instead of ``USAGE``.
 
 Every request is recorded as a ``Call`` with its body and headers, and with
 events for the moments its client disconnected (``disconnected``: the gateway
@@ -176,7 +177,9 @@ class CompletionStream(Response):
                 "id": "chatcmpl-fake",
                 "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                "usage": USAGE,
+                "usage": {"note": "x" * body["fake_usage_bytes"]}
+                if "fake_usage_bytes" in body
+                else USAGE,
             }
             await chunk(data_line(final))
             if call.scenario != "no-done":

@@ -903,6 +903,36 @@ async def test_a_line_of_the_size_limit_is_published_whatever_its_line_ending(
         assert "line 1" in r.json()["error"]["message"]
 
 
+async def test_a_line_the_limit_holds_only_as_sent_is_413(make_server: Any) -> None:
+    """The limit is the data as published, JSON written again: a line of ``1e5`` within
+    the limit as sent was published at more than twice it (``100000.0``)."""
+    server = await make_server(max_message_bytes=100)
+    channel = new_channel()
+    line = b"[" + b",".join([b"1e5"] * 20) + b"]"  # 80 bytes; 181 once written again
+    async with api_client(server) as http:
+        r = await publish_stream(http, channel, gen([b'{"n": 1}\n' + line + b"\n"]))
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["message"] == "line 2: over 100 bytes"
+        assert r.json()["published"] == 1
+        history = await api_history(http, channel)
+        assert [p["data"] for p in history["publications"]] == [{"n": 1}]
+
+
+async def test_a_relays_end_is_within_the_size_limit_whatever_the_upstream_said(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """The final publication too (the docs say every one): an upstream's ``usage`` of
+    6 KiB made a 6 KiB end under a 4 KiB limit; it is left out past the limit."""
+    server = await start_gateway(max_message_bytes=1024)
+    channel = new_channel()
+    async with api_client(server) as http, ws_client(server) as c:
+        await c.subscribe(channel)
+        await start_relay(http, channel, fake_usage_bytes=6000)
+        got = await ws_until_final(c, channel)
+    assert joined(got) == "".join(TOKENS)
+    assert got[-1]["data"] == {"type": "end", "finish_reason": None, "usage": {}}
+
+
 async def test_streamed_publish_to_a_forbidden_channel_is_403_and_bad_token_is_401(
     server: RunningServer,
 ) -> None:

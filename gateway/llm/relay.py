@@ -253,6 +253,9 @@ class RelayManager:
             # Cancelled, and the read ended otherwise meanwhile (a stall, a connection
             # error the client's internals made of the cancellation): as cancelled.
             final = {"type": "error", "message": relay.cancel_reason}
+        if final["type"] == "end" and len(orjson.dumps(final)) > self.max_bytes:
+            # An upstream's usage (or finish reason) past the size limit: not published.
+            final = {"type": "end", "finish_reason": None, "usage": {}}
         relay.finishing = True
         try:
             await self._publish(relay.channel, final)

@@ -71,7 +71,10 @@ async def publish_stream(
             value = orjson.loads(line)
         except orjson.JSONDecodeError:
             raise GatewayError(ErrorCode.BAD_REQUEST, f"line {line_no}: not valid JSON") from None
-        return encoded(value, f"line {line_no}")
+        data = encoded(value, f"line {line_no}")
+        if len(data) > limit:  # as written again: 1e5 is 100000.0
+            raise GatewayError(ErrorCode.TOO_LARGE, f"line {line_no}: over {limit} bytes")
+        return data
 
     def complete_lines() -> tuple[list[bytes], GatewayError | None]:
         """The complete lines of ``pending``, checked, up to the first bad one and its error."""
