@@ -13,9 +13,28 @@ LLM relay (long streams, where a call's set-up cost does not matter).
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 
 CONNECTIONS = 256  # to the backend; more calls at once wait for one (within their timeout)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's, but a kept-alive connection that received anything while it sat idle
+    in the pool is closed, not handed to the next call: aiohttp parses what arrives then
+    as a response and gives it to the next request on that connection as its answer
+    (aio-libs/aiohttp#13656), so a backend (or whatever is between) that sent one
+    unasked made one client's hook call answer another's (a connect hook's user).
+    Overrides the private ``_get`` (pyproject bounds aiohttp to the releases tested)."""
+
+    async def _get(self, key: Any, traces: list[Any]) -> Any:
+        while (connection := await super()._get(key, traces)) is not None:
+            protocol = connection.protocol
+            if protocol is not None and not protocol.should_close:  # nothing came meanwhile
+                return connection
+            connection.close()
+        return None
 
 
 class ReplyTooLarge(Exception):
@@ -30,7 +49,7 @@ class PooledClient:
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=self._connections, limit_per_host=0)
+        connector = _Connector(limit=self._connections, limit_per_host=0)
         # The caller's deadline bounds each call (``asyncio.timeout``): none of aiohttp's.
         timeout = aiohttp.ClientTimeout(total=None)
         self._session = aiohttp.ClientSession(

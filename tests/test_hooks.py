@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -323,6 +326,61 @@ async def test_rpc_calls_holding_every_connection_of_their_pool_starve_no_other_
         reply = await other.call("subscribe", channel="private:allow.9", timeout=10)
         assert reply["ok"] is True, reply
         backend.release.set()
+
+
+class UnaskedAnswers:
+    """A backend answering each hook call with ``{"result": "allow", "info": {"n": N}}``,
+    N counting the calls, and then, on the same kept-alive connection, an answer nobody
+    asked for (``{"stale": true}``), as a broken backend or proxy might."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.unasked = asyncio.Event()
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                assert length is not None, head
+                await reader.readexactly(int(length[1]))
+                self.calls += 1
+                writer.write(self.answer({"n": self.calls}))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(self.answer({"stale": True}))
+                await writer.drain()
+                self.unasked.set()
+        writer.close()
+
+    @staticmethod
+    def answer(info: dict[str, Any]) -> bytes:
+        body = orjson.dumps({"result": "allow", "info": info})
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+        return head % len(body) + body
+
+
+async def test_an_answer_no_call_asked_for_is_never_another_calls_answer(make_server):
+    """aiohttp kept a kept-alive connection's unasked answer and gave it to the next call
+    on that connection: one client's subscribe was answered with what the backend sent
+    nobody (with a connect hook, a login admitted as another user)."""
+    backend = UnaskedAnswers()
+    server = await asyncio.start_server(backend.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hooks = {"subscribe": {"url": f"http://127.0.0.1:{port}/h", "channels": ["private:*"]}}
+    try:
+        gw = await make_server(hooks=orjson.dumps(hooks).decode())
+        async with ws_client(gw) as c:
+            first = await c.subscribe("private:one")
+            assert first["info"] == {"n": 1}
+            await asyncio.wait_for(backend.unasked.wait(), 5)
+            second = await c.subscribe("private:two")
+            assert second["info"] == {"n": 2}, second  # not {"stale": true}
+        assert backend.connections == 2  # the first connection was not used again
+    finally:
+        server.close()
 
 
 async def test_a_hung_publish_hook_delays_no_other_channel(make_server, backend):
