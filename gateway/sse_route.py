@@ -7,6 +7,7 @@ reads this endpoint's signature, and ``EventStream`` derives from starlette's
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -90,6 +91,9 @@ async def _open(request: Request, gateway: Gateway, claims: Claims | AuthError) 
     opening = Opening("sse", client_id, request.cookies, request.headers, requested)
     grant = await gateway.hooks.connect(token_claims, opening)
     claims = grant.apply(token_claims)
+    deadline = gateway.verifier.deadline(claims)
+    if deadline is not None and deadline <= time.time():  # (a WebSocket is closed 4001)
+        raise GatewayError(ErrorCode.UNAUTHORIZED, "token expired")  # no stream to end at once
     channels, positions = checked_request(gateway, claims, requested, last_event_id, grant.channels)
     stream = await open_stream(gateway, claims, channels, positions, client_id, grant.channels)
     return EventStream(stream)

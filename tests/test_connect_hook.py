@@ -280,6 +280,17 @@ async def test_sse_refused_by_the_connect_hook_is_an_http_error(
     await eventually(lambda: not hooked.gateway.hub.sessions)
 
 
+async def test_sse_whose_grant_has_expired_already_is_a_401(hooked, backend):
+    """An ``expire_at`` already past (a WebSocket gets 4001 ``token expired``): the
+    stream opened 200 and ended at once, and EventSource reopened it every retry, asking
+    the backend again each time, for good."""
+    async with api_client(hooked) as http:
+        cookies = cookie_header(session="uma", ttl="-1")
+        got, _, body = await sse_request(http, [("channel", "room:1")], cookies)
+    assert (got, body["error"]) == (401, {"code": "unauthorized", "message": "token expired"})
+    await eventually(lambda: not hooked.gateway.hub.sessions)
+
+
 async def test_sse_bad_requests_are_refused_without_asking_the_hook(hooked, backend):
     async with api_client(hooked) as http:
         cookies = cookie_header(session="n")
