@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(20.0, ge=0)
     llm_idle_cancel: float = Field(10.0, gt=0)
     llm_upstreams: str = "{}"
+    # POST /api/streams: a chat request (the whole conversation) is not a publication.
+    llm_max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # Backend hooks deciding subscriptions and client publications (gateway.hooks).
     hooks: str = "{}"
 

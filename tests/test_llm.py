@@ -644,6 +644,25 @@ async def test_start_stream_with_a_request_json_cannot_carry_on_is_400(
     assert upstream.calls == []
 
 
+async def test_a_relays_request_is_held_to_its_own_limit_not_a_publications(
+    upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """The chat request (a whole conversation) was held to GATEWAY_MAX_MESSAGE_BYTES,
+    a publication's limit (64 KiB by default): a long prompt got 413. Its own limit is
+    GATEWAY_LLM_MAX_REQUEST_BYTES."""
+    server = await start_gateway(max_message_bytes=1024, llm_max_request_bytes=20_000)
+    prompt = [{"role": "user", "content": "x" * 10_000}]
+    async with api_client(server) as http:
+        await start_relay(http, new_channel(), messages=prompt)  # 202
+        assert await eventually(lambda: len(upstream.calls) == 1)
+        assert upstream.last.body["messages"] == prompt
+        long = chat_request(messages=[{"role": "user", "content": "x" * 30_000}])
+        body = {"channel": new_channel(), "upstream": "fake", "request": long}
+        r = await http.post("/api/streams", json=body, headers=bearer())
+        assert r.status_code == 413, r.text
+        assert r.json()["error"] == {"code": "too_large", "message": "body over 20000 bytes"}
+
+
 async def test_start_stream_ignores_a_url_in_the_request_body(
     upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:

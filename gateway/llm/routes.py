@@ -135,7 +135,7 @@ async def start_stream(
     request: Request, gateway: GatewayDep, relays: RelaysDep, claims: PublisherDep
 ) -> JSONBody:
     """A relay is publishing through the API: ``GATEWAY_API_PUBLISH_RATE`` counts its start."""
-    body = await json_object(request, gateway.settings.max_message_bytes)
+    body = await json_object(request, gateway.settings.llm_max_request_bytes)
     channel = checked_channel(body.get("channel"))
     require(claims.can_publish(channel), "publishing to", channel)
     name = body.get("upstream", "default")
