@@ -182,7 +182,7 @@ class RelayManager:
         """Cancel every relay (each still publishes its end), then close the HTTP client."""
         tasks = [r.task for r in self.relays.values() if r.task is not None]
         for stream_id in list(self.relays):
-            self.cancel(stream_id, "gateway shutting down")
+            self.cancel(stream_id, "cancelled: gateway shutting down")
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.aclose()
