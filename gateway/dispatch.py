@@ -111,8 +111,11 @@ async def subscribe(client: Client, command: Command) -> None:
     info: Any = NO_INFO  # held already: the hub's "already subscribed", no backend asked
     if channel not in session.channels:
         # One the hub would refuse (the connection's channel limit) is not put to the backend.
-        check_room(session.channels, channel, client.gateway.hub.max_channels_per_session)
-        info = await client.gateway.hooks.check_subscribe(client.claims, session.client_id, channel)
+        gateway = client.gateway
+        check_room(session.channels, channel, gateway.hub.max_channels_per_session)
+        if gateway.hooks.applies("subscribe", channel) and not _allowed(client):
+            raise GatewayError(ErrorCode.RATE_LIMITED, "subscribing too fast")  # as an rpc
+        info = await gateway.hooks.check_subscribe(client.claims, session.client_id, channel)
     reply = _subscribe_reply(session, command, info)
     await client.gateway.hub.subscribe(session, channel, command.since, on_ready=reply)
 

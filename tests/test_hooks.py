@@ -140,6 +140,23 @@ async def test_a_channel_past_the_connections_limit_is_not_put_to_the_backend(ma
     assert [call["channel"] for call in backend.calls_of("subscribe")] == ["private:allow.1"]
 
 
+async def test_hooked_subscribes_count_toward_the_connections_rate_as_an_rpc_does(
+    make_server, backend
+):
+    """Each is a call to the backend: subscribing and unsubscribing in a loop cost the
+    backend a request each time, with no bound. Past the rate, ``rate_limited`` and no
+    call; a channel no hook decides is not counted."""
+    server = await make_server(hooks=backend.hooks(subscribe=1), client_publish_rate=2)
+    async with ws_client(server) as c:
+        for _ in range(2):  # the burst: the rate's worth
+            await c.subscribe("private:allow.1")
+            assert (await c.call("unsubscribe", channel="private:allow.1"))["ok"] is True
+        reply = await c.call("subscribe", channel="private:allow.1")
+        assert reply["error"] == {"code": "rate_limited", "message": "subscribing too fast"}
+        await c.subscribe("news")  # no hook: not counted
+    assert len(backend.calls_of("subscribe")) == 2
+
+
 async def test_sse_stream_asks_the_subscribe_hook(hooked, backend):
     async with api_client(hooked) as http:
         async with open_sse(http, ["private:allow.3", "news"], token("carol")) as stream:
