@@ -952,6 +952,25 @@ async def test_a_relays_end_is_within_the_size_limit_whatever_the_upstream_said(
     assert got[-1]["data"] == {"type": "end", "finish_reason": None, "usage": {}}
 
 
+async def test_a_streamed_publish_naming_two_channels_is_400(server: RunningServer) -> None:
+    """``?channel=a&channel=b`` published to b, the last, and said nothing."""
+    first, second = new_channel(), new_channel()
+    async with api_client(server) as http:
+        r = await http.post(
+            "/api/publish/stream",
+            params=[("channel", first), ("channel", second)],
+            content=b'{"n": 1}\n',
+            headers={**bearer(), "content-type": "application/x-ndjson"},
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == {
+            "code": "bad_request",
+            "message": "one 'channel' per streamed publish",
+        }
+        for channel in (first, second):
+            assert (await api_history(http, channel))["publications"] == []
+
+
 async def test_streamed_publish_to_a_forbidden_channel_is_403_and_bad_token_is_401(
     server: RunningServer,
 ) -> None:

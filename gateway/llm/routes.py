@@ -54,6 +54,8 @@ async def publish_stream(
     stream with an error naming its line number; the lines before it stay published
     (those of its chunk too) and the body says how many.
     """
+    if len(request.query_params.getlist("channel")) > 1:  # not the last one, silently
+        raise GatewayError(ErrorCode.BAD_REQUEST, "one 'channel' per streamed publish")
     checked_channel(channel)
     require(claims.can_publish(channel), "publishing to", channel)
     limit = gateway.settings.max_message_bytes
