@@ -88,24 +88,22 @@ class SharedMetrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if supervisor is not None and os.getppid() != supervisor:
-            leave(str(self.directory))  # the supervisor was killed: nobody else will
+            self._leave()  # the supervisor was killed: nobody else will
+
+    def _leave(self) -> None:
+        """A worker shutting down after its supervisor was killed (SIGKILL; the supervisor
+        removes the run's directory at every other exit): remove this worker's file, then
+        the directory if no other worker's is left in it: the last worker out leaves none."""
+        for file in (self.file, self.file.with_suffix(".partial")):
+            file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: another worker is still running
+            self.directory.rmdir()
 
     async def _keep_writing(self) -> None:
         while True:
             await asyncio.sleep(PERIOD)
             with contextlib.suppress(OSError):  # the run's directory removed at its end
                 self.write()
-
-
-def leave(path: str) -> None:
-    """A worker shutting down after its supervisor was killed (SIGKILL; the supervisor
-    removes the run's directory at every other exit): remove this worker's file, then the
-    directory if no other worker's is left in it, so the last worker out leaves nothing."""
-    for name in (f"worker-{os.getpid()}.json", f"worker-{os.getpid()}.partial"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, name))
-    with contextlib.suppress(OSError):  # not empty: another worker is still running
-        os.rmdir(path)
 
 
 class _Summed(Collector):
